@@ -1,0 +1,168 @@
+"""The ``batcher`` command: thin; turns a ``BatcherError`` into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from batcher import __version__
+from batcher.errors import BatcherError
+
+RUN_EPILOG = """\
+exit codes:
+  0  every request succeeded
+  1  the run finished, but some requests failed or input lines were rejected
+  2  usage or configuration error: nothing was sent
+  3  stopped early (Ctrl+C, SIGTERM)
+
+The API key is read from $OPENAI_API_KEY (or the variable named by the job's
+endpoint.api_key_env) and is never written anywhere. --base-url sim runs the built-in
+simulator in-process: no key, no network.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batcher",
+        description="Run large batches of chat-completion requests against any "
+        "OpenAI-compatible endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"batcher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a job: JSONL prompts in, responses and usage out",
+        description="Run a job. Flags override the job file; without a job file, "
+        "--input, --output and --model are enough.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("job", nargs="?", type=Path, help="job file (TOML), e.g. jobs/demo.toml")
+    run.add_argument("--input", "-i", help="input JSONL file (.jsonl, .jsonl.gz, or - for stdin)")
+    run.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
+    run.add_argument("--model", "-m", help="default model for lines that name none")
+    run.add_argument("--base-url", help='endpoint base URL, e.g. https://api.openai.com/v1, or "sim"')
+    run.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
+    run.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
+    run.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
+    run.add_argument("--max-attempts", type=_positive_int, help="attempts per request")
+    run.add_argument("--timeout", type=_positive_float, help="seconds per attempt")
+    run.add_argument(
+        "--no-progress", action="store_true", help="log lines instead of a progress bar"
+    )
+
+    sim = sub.add_parser(
+        "sim",
+        help="serve the OpenAI-compatible simulator",
+        description="Serve the simulator: POST /v1/chat/completions, GET /v1/models, GET /stats.",
+    )
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--latency-ms", type=_non_negative_float, default=0.0)
+    sim.add_argument("--latency-jitter-ms", type=_non_negative_float, default=0.0)
+    sim.add_argument("--rpm", type=_positive_int, help="requests-per-minute limit (429 beyond)")
+    sim.add_argument("--tpm", type=_positive_int, help="tokens-per-minute limit (429 beyond)")
+    sim.add_argument("--error-rate", type=_non_negative_float, default=0.0, help="0..1")
+    sim.add_argument(
+        "--error-kinds",
+        default="500,502,503,malformed",
+        help="comma-separated: 500,502,503,malformed,no_usage",
+    )
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--max-completion-tokens", type=_positive_int, default=64)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``batcher`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _sim(args)
+    except BatcherError as exc:
+        print(f"batcher: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("batcher: interrupted", file=sys.stderr)
+        return 3
+
+
+def _run(args: argparse.Namespace) -> int:
+    from batcher.config import JobConfig, load_job, with_overrides
+    from batcher.runner import run_job
+
+    job = load_job(args.job) if args.job else JobConfig()
+    job = with_overrides(
+        job,
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        base_url=args.base_url,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_attempts=args.max_attempts,
+        timeout_s=args.timeout,
+        progress=False if args.no_progress else None,
+    )
+    report = run_job(job, handle_signals=True)
+    return report.exit_code
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from batcher.errors import ConfigError
+    from batcher.sim import SimConfig, serve
+
+    try:
+        config = SimConfig(
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            error_rate=args.error_rate,
+            error_kinds=tuple(k.strip() for k in args.error_kinds.split(",") if k.strip()),
+            seed=args.seed,
+            max_completion_tokens=args.max_completion_tokens,
+        )
+    except ValueError as exc:
+        raise ConfigError("sim", str(exc)) from None
+    print(
+        f"batcher sim: serving http://{args.host}:{args.port}/v1 (Ctrl+C to stop)",
+        file=sys.stderr,
+    )
+    serve(config, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,220 @@
+"""One POST to ``/chat/completions`` and the mapping of its outcome to an ``Attempt``.
+
+``ChatClient.post`` never raises for what a server or network can do wrong: every HTTP status,
+connection error, timeout and malformed body becomes an ``Attempt`` that says whether it is
+final, retryable, and how long the server asked us to wait.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+from batcher.records import Usage
+
+#: Statuses worth another attempt (the rules openai-python settled on).
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+_TEXT_SNIPPET = 200
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """The outcome of one HTTP attempt."""
+
+    ok: bool
+    retryable: bool
+    latency_s: float
+    status_code: int | None = None
+    body: Any = None
+    usage: Usage | None = None
+    request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None
+    headers: Mapping[str, str] | None = None
+
+
+class ChatClient:
+    """A shared HTTP client for one endpoint.
+
+    ``transport`` is injectable (``httpx.ASGITransport``, ``MockTransport``) for tests; by
+    default the aiohttp transport is used because httpx's own pool slows to a crawl with
+    hundreds of requests in flight (encode/httpx#3215; figures in DESIGN notes).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 600.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        all_headers = {"content-type": "application/json", "accept": "application/json"}
+        all_headers.update(headers or {})
+        if api_key:
+            all_headers["authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        if transport is None:
+            transport = default_transport(limits)
+        self._timeout_s = timeout_s
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._client = httpx.AsyncClient(
+            headers=all_headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
+            transport=transport,
+        )
+
+    async def post(self, body: Mapping[str, Any]) -> Attempt:
+        """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
+        content = json.dumps(body, separators=(",", ":")).encode()
+        start = time.perf_counter()
+        try:
+            # fail_after covers what httpx's timeouts do not: a body that trickles forever.
+            with anyio.fail_after(self._timeout_s):
+                response = await self._client.post(self._url, content=content)
+        except TimeoutError:
+            return _transport_failure("timeout", f"no answer within {self._timeout_s:g} s", start)
+        except httpx.TimeoutException as exc:
+            return _transport_failure("timeout", _describe(exc), start)
+        except (httpx.TransportError, OSError) as exc:
+            return _transport_failure("connection_error", _describe(exc), start)
+        return classify(response, time.perf_counter() - start)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def default_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
+    """The production transport: aiohttp's connection pool behind httpx's API."""
+    from httpx_aiohttp import AiohttpTransport
+
+    return AiohttpTransport(limits=limits)  # type: ignore[no-any-return]
+
+
+def classify(response: httpx.Response, latency_s: float) -> Attempt:
+    """Map an HTTP response to an ``Attempt``: ok, retryable, or final error."""
+    status = response.status_code
+    headers = response.headers
+    request_id = headers.get("x-request-id")
+    body, is_json = _parse_body(response)
+    if 200 <= status < 300:
+        if not is_json:
+            return Attempt(
+                ok=False, retryable=True, latency_s=latency_s, status_code=status, body=body,
+                request_id=request_id, error_code="invalid_response",
+                error_message=f"{status} with a body that is not JSON: {_snippet(body)}",
+                headers=headers,
+            )  # fmt: skip
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+            return Attempt(
+                ok=False, retryable=True, latency_s=latency_s, status_code=status, body=body,
+                request_id=request_id, error_code="invalid_response",
+                error_message=f"{status} with a JSON body that has no 'choices' list",
+                headers=headers,
+            )  # fmt: skip
+        return Attempt(
+            ok=True, retryable=False, latency_s=latency_s, status_code=status, body=body,
+            usage=Usage.from_body(body), request_id=request_id, headers=headers,
+        )  # fmt: skip
+    code, message = _error_of(status, body, is_json)
+    retryable = (status in RETRYABLE_STATUSES or status >= 500) and code != "insufficient_quota"
+    return Attempt(
+        ok=False, retryable=retryable, latency_s=latency_s, status_code=status, body=body,
+        request_id=request_id, error_code=code, error_message=message,
+        retry_after=retry_after_s(headers), headers=headers,
+    )  # fmt: skip
+
+
+def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, then ``retry-after``.
+
+    ``retry-after`` may be seconds or an HTTP date. Unparseable or negative values are ignored.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            if math.isfinite(value) and value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if math.isfinite(value) and value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, delay)
+
+
+def _parse_body(response: httpx.Response) -> tuple[Any, bool]:
+    raw = response.content
+    if not raw:
+        return None, False
+    try:
+        return json.loads(raw), True
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace"), False
+
+
+def _error_of(status: int, body: Any, is_json: bool) -> tuple[str, str]:
+    """The error code and message of a non-2xx answer, from an OpenAI-shaped body if any."""
+    if is_json and isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            code = err.get("code") or err.get("type") or f"http_{status}"
+            message = err.get("message") or f"HTTP {status}"
+            return str(code), str(message)
+        if isinstance(err, str):  # vLLM and some gateways
+            return f"http_{status}", err
+    text = _snippet(body) if body is not None else "(empty body)"
+    return f"http_{status}", f"HTTP {status}: {text}"
+
+
+def _transport_failure(code: str, message: str, start: float) -> Attempt:
+    return Attempt(
+        ok=False,
+        retryable=True,
+        latency_s=time.perf_counter() - start,
+        error_code=code,
+        error_message=message,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _snippet(body: Any) -> str:
+    text = body if isinstance(body, str) else json.dumps(body)
+    text = " ".join(text.split())
+    return text if len(text) <= _TEXT_SNIPPET else text[: _TEXT_SNIPPET - 3] + "..."

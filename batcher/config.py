@@ -1,0 +1,250 @@
+"""Job configuration: frozen dataclasses loaded from ``jobs/*.toml`` and overridden by flags.
+
+Every value is checked when the job is loaded, so a bad job fails before anything is sent, with
+an error that names the field (``limits.concurrency: must be an integer >= 1, got 0``).
+Relative paths in a job file are resolved against the job file's folder, so a job runs the same
+from any working directory; paths given as flags are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batcher.errors import ConfigError
+from batcher.requests import check_request_fields
+
+SIM = "sim"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    """Where requests go. ``base_url = "sim"`` starts the built-in simulator in-process."""
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_sim(self) -> bool:
+        return self.base_url == SIM
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Concurrency and rate limits. ``None`` means no client-side limit."""
+
+    concurrency: int = 64
+    rpm: float | None = None
+    tpm: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    """The retry policy: attempts, per-attempt timeout and backoff bounds (seconds)."""
+
+    max_attempts: int = 6
+    timeout_s: float = 600.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobConfig:
+    """A whole job: input, output, endpoint, request defaults, limits, retry policy.
+
+    ``request`` holds defaults merged under every input line (the line wins). ``sim`` holds
+    simulator settings used when the endpoint is ``"sim"``.
+    """
+
+    name: str = "batch"
+    input: Path | None = None
+    output: Path | None = None
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    request: Mapping[str, Any] = field(default_factory=dict)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    sim: Mapping[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def require_paths(self) -> tuple[Path, Path]:
+        """Return (input, output), or fail naming the one that is missing."""
+        if self.input is None:
+            raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
+        if self.output is None:
+            raise ConfigError("job.output", "no output file (set it in the job or pass --output)")
+        return self.input, self.output
+
+
+_SECTIONS = {"job", "endpoint", "request", "limits", "retry", "sim"}
+
+
+def load_job(path: Path) -> JobConfig:
+    """Read and validate a job file."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("job", f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("job", f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("job", f"{path} is not valid TOML: {exc}") from None
+    return job_from_dict(raw, base_dir=path.resolve().parent)
+
+
+def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> JobConfig:
+    """Build a job from the parsed TOML tables (also the Python API's entry point)."""
+    _no_unknown(raw, _SECTIONS, where="")
+    job_t = _table(raw, "job")
+    endpoint_t = _table(raw, "endpoint")
+    limits_t = _table(raw, "limits")
+    retry_t = _table(raw, "retry")
+    request = _table(raw, "request")
+    sim = _table(raw, "sim")
+
+    _no_unknown(job_t, {"name", "input", "output", "progress"}, where="job")
+    _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
+    _no_unknown(limits_t, {f.name for f in dataclasses.fields(LimitsConfig)}, where="limits")
+    _no_unknown(retry_t, {f.name for f in dataclasses.fields(RetryConfig)}, where="retry")
+    check_request_fields(request, where="request")
+
+    def path_of(key: str) -> Path | None:
+        value = job_t.get(key)
+        if value is None:
+            return None
+        text = _typed(job_t, key, str, "job")
+        if text == "-":
+            return Path("-")
+        p = Path(text).expanduser()
+        return p if p.is_absolute() or base_dir is None else Path(os.path.normpath(base_dir / p))
+
+    headers = endpoint_t.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError("endpoint.headers", "must be a table of string values")
+    endpoint = EndpointConfig(
+        base_url=_typed(endpoint_t, "base_url", str, "endpoint", DEFAULT_BASE_URL),
+        api_key_env=_typed(endpoint_t, "api_key_env", str, "endpoint", "OPENAI_API_KEY"),
+        headers=dict(headers),
+    )
+    job = JobConfig(
+        name=_typed(job_t, "name", str, "job", "batch"),
+        input=path_of("input"),
+        output=path_of("output"),
+        endpoint=endpoint,
+        request=dict(request),
+        limits=LimitsConfig(**{k: limits_t[k] for k in limits_t}),
+        retry=RetryConfig(**{k: retry_t[k] for k in retry_t}),
+        sim=dict(sim),
+        progress=_typed(job_t, "progress", bool, "job", True),
+    )
+    validate(job)
+    return job
+
+
+def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
+    """Apply command-line flags (``None`` means "not given") over a job, then validate.
+
+    Accepted keys: input, output, model, base_url, concurrency, rpm, tpm, max_attempts,
+    timeout_s, progress.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    unknown = set(given) - {
+        "input", "output", "model", "base_url", "concurrency", "rpm", "tpm",
+        "max_attempts", "timeout_s", "progress",
+    }  # fmt: skip
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown override")
+    request = dict(job.request)
+    if "model" in given:
+        request["model"] = given["model"]
+    job = dataclasses.replace(
+        job,
+        input=Path(given["input"]) if "input" in given else job.input,
+        output=Path(given["output"]) if "output" in given else job.output,
+        request=request,
+        progress=given.get("progress", job.progress),
+        endpoint=dataclasses.replace(
+            job.endpoint, base_url=given.get("base_url", job.endpoint.base_url)
+        ),
+        limits=dataclasses.replace(
+            job.limits,
+            **{k: given[k] for k in ("concurrency", "rpm", "tpm") if k in given},
+        ),
+        retry=dataclasses.replace(
+            job.retry,
+            **{k: given[k] for k in ("max_attempts", "timeout_s") if k in given},
+        ),
+    )
+    validate(job)
+    return job
+
+
+def validate(job: JobConfig) -> None:
+    """Check every value of a job; raise ``ConfigError`` naming the first bad field."""
+    lim, ret = job.limits, job.retry
+    _check_int(lim.concurrency, "limits.concurrency", minimum=1)
+    for name in ("rpm", "tpm"):
+        value = getattr(lim, name)
+        if value is not None:
+            _check_number(value, f"limits.{name}", positive=True)
+    _check_int(ret.max_attempts, "retry.max_attempts", minimum=1)
+    for name in ("timeout_s", "backoff_initial_s", "backoff_max_s"):
+        _check_number(getattr(ret, name), f"retry.{name}", positive=True)
+    if ret.backoff_max_s < ret.backoff_initial_s:
+        raise ConfigError("retry.backoff_max_s", "must be >= retry.backoff_initial_s")
+    url = job.endpoint.base_url
+    if url != SIM and not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "endpoint.base_url", f'must start with http:// or https:// or be "sim", got {url!r}'
+        )
+    check_request_fields(job.request, where="request")
+    if job.endpoint.is_sim:
+        from batcher.sim import SimConfig
+
+        try:
+            SimConfig(**job.sim)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("sim", str(exc)) from None
+
+
+def _table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(name, "must be a table")
+    return value
+
+
+def _no_unknown(table: Mapping[str, Any], known: set[str], *, where: str) -> None:
+    for key in table:
+        if key not in known:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(name, f"unknown key (expected one of: {', '.join(sorted(known))})")
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    value = table.get(key, default)
+    if value is not None and (
+        not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}.{key}", f"must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_int(value: Any, name: str, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(value: Any, name: str, *, positive: bool) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(name, f"must be > 0, got {value!r}")

@@ -1,0 +1,133 @@
+"""What the user sees during and after a run: a tqdm bar (or periodic log lines) and a summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+from batcher.stats import RunStats
+
+#: Seconds between log lines when there is no terminal (or with --no-progress).
+LOG_EVERY_S = 10.0
+#: Seconds between refreshes of the bar's postfix (tokens, errors): cheap enough to ignore.
+_POSTFIX_EVERY_S = 0.5
+
+
+class Progress:
+    """Shows progress of a run: a tqdm bar on a terminal, else a log line every ``LOG_EVERY_S``."""
+
+    def __init__(
+        self,
+        stats: RunStats,
+        *,
+        total: int | None,
+        enabled: bool = True,
+        stream: IO[str] | None = None,
+    ) -> None:
+        self._stats = stats
+        self._stream = stream or sys.stderr
+        self._start = time.monotonic()
+        self._next_postfix = 0.0
+        self._next_log = self._start + LOG_EVERY_S
+        self._total = total
+        self._bar: Any = None
+        self._log = enabled is False or not _isatty(self._stream)
+        self._quiet = False
+        if not self._log:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total, unit="req", file=self._stream, dynamic_ncols=True, smoothing=0.1
+            )
+
+    def advance(self, n: int = 1) -> None:
+        """Count ``n`` finished lines (requests or rejects)."""
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(n)
+            if now >= self._next_postfix:
+                self._next_postfix = now + _POSTFIX_EVERY_S
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
+        elif now >= self._next_log:
+            self._next_log = now + LOG_EVERY_S
+            self._write_log_line(now)
+
+    def note(self, message: str) -> None:
+        """A one-line message that does not break the bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=self._stream)
+        else:
+            print(message, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.close()
+            self._bar = None
+
+    def _postfix(self) -> str:
+        s = self._stats
+        return f"tok={_si(s.total_tokens)} err={s.error} rej={s.rejected} retry={s.retries}"
+
+    def _write_log_line(self, now: float) -> None:
+        s = self._stats
+        elapsed = now - self._start
+        rate = s.done / elapsed if elapsed > 0 else 0.0
+        total = f"/{self._total}" if self._total is not None else ""
+        eta = ""
+        if self._total and rate > 0:
+            eta = f" eta {_duration((self._total - s.done - s.rejected) / rate)}"
+        print(
+            f"batcher: {s.done + s.rejected}{total} done, {rate:.1f} req/s, "
+            f"{s.total_tokens} tokens, {s.error} errors, {s.rejected} rejected{eta}",
+            file=self._stream,
+            flush=True,
+        )
+
+
+def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | None) -> str:
+    """The one-screen summary printed at the end of every run."""
+    s = stats
+    if s.stopped_early:
+        head = f"batcher: {name} stopped early after {_duration(s.wall_s)} ({s.stop_reason})"
+    else:
+        head = f"batcher: {name} finished in {_duration(s.wall_s)}"
+    lines = [
+        head,
+        f"  requests  {s.done:,} done: {s.ok:,} ok, {s.error:,} error; "
+        f"{s.rejected:,} lines rejected",
+        f"  tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion"
+        f" = {s.total_tokens:,}",
+        f"  speed     {s.requests_per_s:,.1f} requests/s; {s.attempts:,} attempts"
+        f" ({s.retries:,} retries)",
+    ]
+    if s.error_codes:
+        top = ", ".join(f"{code} ×{n}" for code, n in s.error_codes.most_common(5))
+        lines.append(f"  errors    {top}")
+    lines.append(f"  output    {output}")
+    if rejects:
+        lines.append(f"  rejects   {rejects}")
+    return "\n".join(lines)
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _si(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"

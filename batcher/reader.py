@@ -1,0 +1,231 @@
+"""Streams JSONL input into ``Request``s and ``Reject``s, one line at a time (flat memory).
+
+Three input forms are recognised per line:
+
+1. an OpenAI Batch API line ``{"custom_id", "method", "url", "body": {...}}``;
+2. a request body ``{"messages": [...], ...request fields, "metadata"?, "custom_id"?}``;
+3. a prompt ``{"prompt": "text", "system"?: "text", "custom_id"?, ...request fields}``.
+
+The job's request defaults are merged under each body (the line wins). Ids come from
+``custom_id`` (or ``id``), else ``line-N``. Blank lines are skipped silently; every other line
+that cannot become a request is a ``Reject`` with its 1-based line number and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from batcher.errors import InputError
+from batcher.records import Reject, Request
+from batcher.requests import estimate_tokens, field_problem, merge_defaults, messages_problem
+
+_BOM = b"\xef\xbb\xbf"
+_ID_KEYS = ("custom_id", "id")
+
+
+class LineError(Exception):
+    """Why one line was rejected (internal: becomes a ``Reject``)."""
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """Open the input for binary reading: a file, a ``.gz`` file, or ``-`` for stdin."""
+    if str(path) == "-":
+        return sys.stdin.buffer
+    try:
+        if path.suffix == ".gz":
+            return gzip.open(path, "rb")
+        return path.open("rb")
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
+
+
+def count_lines(path: Path) -> int | None:
+    """Count the non-blank lines of a file cheaply (for the progress total); None for stdin."""
+    if str(path) == "-":
+        return None
+    total = 0
+    with open_input(path) as f:
+        for raw in f:
+            if raw.strip():
+                total += 1
+    return total
+
+
+class Reader:
+    """Iterates an input stream, yielding a ``Request`` or a ``Reject`` per non-blank line.
+
+    Duplicate ids are rejected here, since only the reader sees every line in order.
+    """
+
+    def __init__(self, stream: IO[bytes], defaults: Mapping[str, Any] | None = None) -> None:
+        self._stream = stream
+        self._defaults = dict(defaults or {})
+        self._seen: set[str] = set()
+        self.lines_read = 0
+        self.blank_lines = 0
+
+    def __iter__(self) -> Iterator[Request | Reject]:
+        for line_no, raw in enumerate(self._stream, start=1):
+            self.lines_read = line_no
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            if not raw.strip():
+                self.blank_lines += 1
+                continue
+            raw = raw.rstrip(b"\r\n")
+            item = parse_line(raw, line_no, self._defaults)
+            if isinstance(item, Request):
+                if item.custom_id in self._seen:
+                    item = Reject(
+                        line=line_no,
+                        reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
+                        text=_text(raw),
+                        custom_id=item.custom_id,
+                    )
+                else:
+                    self._seen.add(item.custom_id)
+            yield item
+
+    def batches(self, size: int) -> Iterator[list[Request | Reject]]:
+        """The same items in lists of up to ``size`` (to cross a thread boundary cheaply)."""
+        batch: list[Request | Reject] = []
+        for item in self:
+            batch.append(item)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def parse_line(raw: bytes, line_no: int, defaults: Mapping[str, Any]) -> Request | Reject:
+    """Turn one raw line (without duplicate check) into a ``Request`` or a ``Reject``."""
+    custom_id: str | None = None
+    try:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LineError(f"invalid UTF-8 at byte {exc.start}") from None
+        obj = _loads(text)
+        if not isinstance(obj, dict):
+            raise LineError(f"not a JSON object (got {_json_kind(obj)})")
+        custom_id = _custom_id(obj, line_no)
+        body, metadata = _body_of(obj)
+        body = merge_defaults(defaults, body)
+        if "messages" not in body:
+            raise LineError("no 'messages' (nor 'prompt')")
+        problem = field_problem(body)
+        if problem:
+            raise LineError(f"{problem[0]}: {problem[1]}")
+        if "model" not in body:
+            raise LineError("no model: set model in the line, in the job's [request], or --model")
+        return Request(
+            custom_id=custom_id,
+            line=line_no,
+            body=body,
+            metadata=metadata,
+            est_tokens=estimate_tokens(body),
+        )
+    except LineError as exc:
+        return Reject(line=line_no, reason=str(exc), text=_text(raw), custom_id=custom_id)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        msg = exc.msg.removesuffix(" at")
+        raise LineError(f"invalid JSON: {msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise LineError("invalid JSON: nested too deeply") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise LineError(f"invalid JSON: {name} is not allowed")
+
+
+def _custom_id(obj: Mapping[str, Any], line_no: int) -> str:
+    for key in _ID_KEYS:
+        if key in obj and obj[key] is not None:
+            value = obj[key]
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise LineError(f"{key} must be a string, got {_json_kind(value)}")
+            value = str(value)
+            if not value:
+                raise LineError(f"{key} must not be empty")
+            return value
+    return f"line-{line_no}"
+
+
+def _body_of(obj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Recognise the line's form; return the request body and the line's metadata."""
+    if "body" in obj and ("url" in obj or "method" in obj or "messages" not in obj):
+        return _batch_body(obj), None
+    rest = {k: v for k, v in obj.items() if k not in _ID_KEYS}
+    metadata = rest.pop("metadata", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise LineError(f"metadata must be an object, got {_json_kind(metadata)}")
+    if "messages" in rest:
+        problem = messages_problem(rest["messages"])
+        if problem:
+            raise LineError(f"messages: {problem}")
+        return rest, metadata
+    if "prompt" in rest:
+        return _prompt_body(rest), metadata
+    raise LineError("no 'messages', 'prompt' or 'body': not a recognised input form")
+
+
+def _batch_body(obj: Mapping[str, Any]) -> dict[str, Any]:
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise LineError(f"method must be POST, got {method!r}")
+    url = obj.get("url", "/v1/chat/completions")
+    if not isinstance(url, str) or not url.rstrip("/").endswith("/chat/completions"):
+        raise LineError(f"url {url!r} is not supported (only /v1/chat/completions)")
+    body = obj["body"]
+    if not isinstance(body, dict):
+        raise LineError(f"body must be an object, got {_json_kind(body)}")
+    if "messages" not in body:
+        raise LineError("body has no 'messages'")
+    problem = messages_problem(body["messages"])
+    if problem:
+        raise LineError(f"messages: {problem}")
+    return dict(body)
+
+
+def _prompt_body(rest: dict[str, Any]) -> dict[str, Any]:
+    prompt = rest.pop("prompt")
+    system = rest.pop("system", None)
+    if not isinstance(prompt, str) or not prompt:
+        raise LineError("prompt must be a non-empty string")
+    if system is not None and not isinstance(system, str):
+        raise LineError(f"system must be a string, got {_json_kind(system)}")
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return {"messages": messages, **rest}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _text(raw: bytes) -> str:
+    # Rejects keep the whole line (decoded leniently) so the user can fix and re-run it.
+    return raw.rstrip(b"\r\n").decode("utf-8", "replace")

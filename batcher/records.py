@@ -1,0 +1,105 @@
+"""The values that flow through a run: a ``Request`` in, a ``Result`` out, ``Usage`` inside.
+
+Plain frozen dataclasses with no I/O, so every stage can be tested on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["ok", "error"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """One valid input line, ready to send.
+
+    ``body`` is the JSON body of ``POST /chat/completions`` with the job's defaults merged under
+    the line's own fields. ``est_tokens`` is the prompt estimate plus the worst-case completion,
+    used by the TPM meter.
+    """
+
+    custom_id: str
+    line: int
+    body: dict[str, Any]
+    metadata: dict[str, Any] | None = None
+    est_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Token usage of one answer, as the server reported it."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    @classmethod
+    def from_body(cls, body: Any) -> Usage | None:
+        """Read ``usage`` from a chat-completion body; ``None`` when absent or malformed."""
+        if not isinstance(body, dict):
+            return None
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        prompt_details = usage.get("prompt_tokens_details")
+        completion_details = usage.get("completion_tokens_details")
+        return cls(
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            total_tokens=_int_or_none(usage.get("total_tokens")),
+            cached_tokens=_int_or_none(
+                prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+            ),
+            reasoning_tokens=_int_or_none(
+                completion_details.get("reasoning_tokens")
+                if isinstance(completion_details, dict)
+                else None
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """The final outcome of one request: exactly one per valid input line.
+
+    ``body`` is the parsed JSON answer of the last attempt (or its raw text when it was not JSON,
+    or ``None`` when no HTTP answer came). ``latency_s`` is the duration of the last attempt;
+    ``started_at``/``finished_at`` (Unix seconds) span all attempts including backoff.
+    """
+
+    custom_id: str
+    line: int
+    status: Status
+    model: str | None
+    attempts: int
+    latency_s: float
+    started_at: float
+    finished_at: float
+    status_code: int | None = None
+    request_id: str | None = None
+    body: Any = None
+    usage: Usage | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    metadata: dict[str, Any] | None = None
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reject:
+    """An input line that cannot become a request: it goes to ``OUTPUT.rejects.jsonl``."""
+
+    line: int
+    reason: str
+    text: str
+    custom_id: str | None = None
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None

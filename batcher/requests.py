@@ -1,0 +1,132 @@
+"""Request bodies: type checks of known fields, defaults merging, and the token estimate.
+
+The known fields are those of the chat-completions reference (model, messages, temperature,
+top_p, n, stream, stop, max_tokens, presence_penalty, frequency_penalty, logit_bias, user,
+response_format, seed, tools, tool_choice) plus ``max_completion_tokens``. Their types are
+checked so a bad line is rejected before it costs a request; every other field passes through
+untouched, so new API parameters work without a batcher release.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from batcher.errors import ConfigError
+
+#: Completion budget assumed for the TPM estimate when a request sets no max_tokens.
+DEFAULT_COMPLETION_TOKENS = 256
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_stop(v: Any) -> bool:
+    return (
+        v is None
+        or isinstance(v, str)
+        or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+    )
+
+
+# field -> (check, what the field must be)
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "temperature": (lambda v: v is None or _is_number(v), "a number"),
+    "top_p": (lambda v: v is None or _is_number(v), "a number"),
+    "n": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    "stream": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "stop": (_is_stop, "a string or a list of strings"),
+    "max_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    "max_completion_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1"),
+    "presence_penalty": (lambda v: v is None or _is_number(v), "a number"),
+    "frequency_penalty": (lambda v: v is None or _is_number(v), "a number"),
+    "logit_bias": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "user": (lambda v: v is None or isinstance(v, str), "a string"),
+    "response_format": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "seed": (lambda v: v is None or _is_int(v), "an integer"),
+    "tools": (lambda v: v is None or isinstance(v, list), "a list"),
+    "tool_choice": (lambda v: v is None or isinstance(v, str | dict), "a string or an object"),
+}
+
+
+def field_problem(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Return ``(field, reason)`` for the first known field with a wrong type, else ``None``.
+
+    ``messages`` is checked only when present (defaults may omit it; lines may not).
+    """
+    for name, (check, must) in _CHECKS.items():
+        if name in body and not check(body[name]):
+            return name, f"must be {must}, got {_short(body[name])}"
+    if "messages" in body:
+        problem = messages_problem(body["messages"])
+        if problem:
+            return "messages", problem
+    if body.get("stream") is True:
+        return "stream", "streaming (stream: true) is not supported yet; remove it or set false"
+    return None
+
+
+def messages_problem(messages: Any) -> str | None:
+    """Why ``messages`` is unusable, or ``None`` when it is a non-empty list of role objects."""
+    if not isinstance(messages, list):
+        return f"must be a list of message objects, got {_short(messages)}"
+    if not messages:
+        return "must not be empty"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"item {i} must be an object, got {_short(message)}"
+        if not isinstance(message.get("role"), str):
+            return f"item {i} has no string 'role'"
+    return None
+
+
+def check_request_fields(body: Mapping[str, Any], *, where: str) -> None:
+    """Raise ``ConfigError`` naming ``where.field`` for a badly typed request default."""
+    problem = field_problem(body)
+    if problem:
+        raise ConfigError(f"{where}.{problem[0]}", problem[1])
+
+
+def merge_defaults(defaults: Mapping[str, Any], body: Mapping[str, Any]) -> dict[str, Any]:
+    """The line's fields over the job's defaults (shallow: a line's field replaces the default)."""
+    if not defaults:
+        return dict(body)
+    merged = dict(defaults)
+    merged.update(body)
+    return merged
+
+
+def estimate_tokens(body: Mapping[str, Any]) -> int:
+    """Worst-case tokens of a request for the TPM meter: prompt estimate + completion budget.
+
+    The prompt part is a cheap character-based estimate (about 4 characters a token, plus 4 a
+    message); the completion part is ``max_completion_tokens`` or ``max_tokens`` (or
+    ``DEFAULT_COMPLETION_TOKENS``) times ``n``. The meter is corrected by real usage afterwards.
+    """
+    chars = 0
+    messages = body.get("messages") or []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    prompt = chars // 4 + 4 * len(messages) + 3
+    budget = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
+    )
+    n = body.get("n") or 1
+    return int(prompt + budget * n)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

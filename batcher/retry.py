@@ -1,0 +1,61 @@
+"""The retry policy as one tenacity object.
+
+Retried: 408, 409, 429, 5xx, connection errors, timeouts and malformed 2xx bodies. Not retried:
+every other 4xx and a 429 whose code is ``insufficient_quota`` (waiting will not clear it).
+The wait is the server's ``retry-after-ms``/``retry-after`` when it sent one, else exponential
+backoff with full jitter between ``backoff_initial_s`` and ``backoff_max_s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
+
+from batcher.client import Attempt
+from batcher.config import RetryConfig
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class RetryableAttempt(Exception):
+    """Raised inside a tenacity attempt to ask for another one; carries the failed ``Attempt``."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        super().__init__(attempt.error_code)
+        self.attempt = attempt
+
+
+class wait_server_or_backoff(wait_base):  # noqa: N801 - tenacity's naming for wait strategies
+    """Wait what the server asked for (capped at ``cap_s``), else the fallback backoff."""
+
+    def __init__(self, fallback: wait_base, *, cap_s: float) -> None:
+        self.fallback = fallback
+        self.cap_s = cap_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if isinstance(exc, RetryableAttempt) and exc.attempt.retry_after is not None:
+            return min(exc.attempt.retry_after, self.cap_s)
+        return float(self.fallback(retry_state))
+
+
+def retry_policy(config: RetryConfig, *, sleep: Sleep = anyio.sleep) -> AsyncRetrying:
+    """A fresh ``AsyncRetrying`` for one request (``sleep`` injectable for tests)."""
+    backoff = wait_random_exponential(multiplier=config.backoff_initial_s, max=config.backoff_max_s)
+    return AsyncRetrying(
+        stop=stop_after_attempt(config.max_attempts),
+        wait=wait_server_or_backoff(backoff, cap_s=max(config.backoff_max_s, 600.0)),
+        retry=retry_if_exception_type(RetryableAttempt),
+        sleep=sleep,
+        reraise=True,
+    )

@@ -1,0 +1,62 @@
+"""Run statistics: counted by the single writer task, shown by the progress bar and summary."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from batcher.records import Result
+
+
+@dataclass(kw_only=True)
+class RunStats:
+    """Counts of one run. Mutated only by the writer task and the reader task."""
+
+    lines_read: int = 0
+    submitted: int = 0
+    ok: int = 0
+    error: int = 0
+    rejected: int = 0
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    error_codes: Counter[str] = field(default_factory=Counter)
+    wall_s: float = 0.0
+    stopped_early: bool = False
+    stop_reason: str | None = None
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.error
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - self.done
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.done / self.wall_s if self.wall_s > 0 else 0.0
+
+    def add(self, result: Result) -> None:
+        """Count one finished request."""
+        self.attempts += result.attempts
+        if result.status == "ok":
+            self.ok += 1
+        else:
+            self.error += 1
+            self.error_codes[result.error_code or "unknown"] += 1
+        usage = result.usage
+        if usage is not None:
+            self.prompt_tokens += usage.prompt_tokens or 0
+            self.completion_tokens += usage.completion_tokens or 0
+            self.total_tokens += usage.total_tokens or 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok; 1 finished with failures or rejects; 3 stopped early (resumable)."""
+        if self.stopped_early:
+            return 3
+        if self.error or self.rejected:
+            return 1
+        return 0

@@ -1,0 +1,206 @@
+"""The reader: the three input forms, defaults merging, and every kind of rejected line."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from batcher.errors import InputError
+from batcher.reader import Reader, count_lines, open_input, parse_line
+from batcher.records import Reject, Request
+
+DEFAULTS = {"model": "m-default", "temperature": 0.5}
+
+
+def read(text: str | bytes, defaults: dict[str, object] | None = None) -> list[Request | Reject]:
+    raw = text.encode() if isinstance(text, str) else text
+    return list(Reader(io.BytesIO(raw), DEFAULTS if defaults is None else defaults))
+
+
+def one(line: str, defaults: dict[str, object] | None = None) -> Request | Reject:
+    items = read(line + "\n", defaults)
+    assert len(items) == 1
+    return items[0]
+
+
+def test_batch_api_form() -> None:
+    line = {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    req = one(json.dumps(line))
+    assert isinstance(req, Request)
+    assert req.custom_id == "r1"
+    assert req.body == {
+        "model": "gpt-4o",
+        "temperature": 0.5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert req.metadata is None
+
+
+def test_body_form_keeps_unknown_fields_and_takes_metadata_out() -> None:
+    line = {
+        "id": "b7",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0,
+        "logprobs": True,
+        "some_future_field": {"x": [1, 2]},
+        "metadata": {"split": "test"},
+    }
+    req = one(json.dumps(line))
+    assert isinstance(req, Request)
+    assert req.custom_id == "b7"
+    assert req.metadata == {"split": "test"}
+    assert req.body["temperature"] == 0  # the line wins over the default 0.5
+    assert req.body["model"] == "m-default"
+    assert req.body["logprobs"] is True
+    assert req.body["some_future_field"] == {"x": [1, 2]}
+    assert "metadata" not in req.body and "id" not in req.body
+
+
+def test_every_reference_field_passes_through() -> None:
+    fields = {
+        "model": "gpt-4o",
+        "temperature": 1,
+        "top_p": 0.9,
+        "n": 2,
+        "stream": False,
+        "stop": ["\n"],
+        "max_tokens": 10,
+        "presence_penalty": 0.1,
+        "frequency_penalty": -0.2,
+        "logit_bias": {"50256": -100},
+        "user": "u1",
+        "response_format": {"type": "json_object"},
+        "seed": 42,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "auto",
+    }
+    req = one(json.dumps({"messages": [{"role": "user", "content": "x"}], **fields}))
+    assert isinstance(req, Request)
+    for key, value in fields.items():
+        assert req.body[key] == value
+
+
+def test_prompt_form_with_system() -> None:
+    req = one(json.dumps({"custom_id": "p", "prompt": "Hello", "system": "Be brief", "n": 3}))
+    assert isinstance(req, Request)
+    assert req.body["messages"] == [
+        {"role": "system", "content": "Be brief"},
+        {"role": "user", "content": "Hello"},
+    ]
+    assert req.body["n"] == 3
+
+
+def test_ids_default_to_line_numbers_and_numbers_become_strings() -> None:
+    items = read('{"prompt": "a"}\n\n{"prompt": "b"}\n{"id": 5, "prompt": "c"}\n')
+    assert [i.custom_id for i in items] == ["line-1", "line-3", "5"]
+
+
+def test_token_estimate_counts_prompt_and_completion_budget() -> None:
+    req = one(json.dumps({"prompt": "x" * 400, "max_tokens": 100, "n": 2}))
+    assert isinstance(req, Request)
+    assert req.est_tokens >= 100 + 200  # ~100 prompt tokens + 100 × 2 completion
+    assert req.est_tokens < 100 + 200 + 20
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"prompt": "unterminated', "invalid JSON"),
+        (b"[1, 2]", "not a JSON object (got an array)"),
+        (b'"text"', "not a JSON object (got a string)"),
+        (b'{"prompt": "caf\xe9"}', "invalid UTF-8 at byte 15"),
+        (b'{"temperature": 1}', "no 'messages', 'prompt' or 'body'"),
+        (b'{"messages": []}', "messages: must not be empty"),
+        (b'{"messages": "hi"}', "messages: must be a list"),
+        (b'{"messages": [{"content": "x"}]}', "no string 'role'"),
+        (b'{"prompt": "x", "temperature": "hot"}', "temperature: must be a number"),
+        (b'{"prompt": "x", "n": 0}', "n: must be an integer >= 1"),
+        (b'{"prompt": "x", "max_tokens": true}', "max_tokens: must be an integer"),
+        (b'{"prompt": "x", "seed": 1.5}', "seed: must be an integer"),
+        (b'{"prompt": "x", "stop": [1]}', "stop: must be a string or a list of strings"),
+        (b'{"prompt": "x", "stream": true}', "streaming (stream: true) is not supported yet"),
+        (b'{"prompt": ""}', "prompt must be a non-empty string"),
+        (b'{"prompt": "x", "metadata": 3}', "metadata must be an object"),
+        (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string"),
+        (b'{"body": {"messages": [{"role": "user"}]}, "method": "GET"}', "method must be POST"),
+        (b'{"body": {"messages": [{"role": "user"}]}, "url": "/v1/embeddings"}', "not supported"),
+        (b'{"body": [], "url": "/v1/chat/completions"}', "body must be an object"),
+        (b'{"prompt": "x", "temperature": NaN}', "NaN is not allowed"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid JSON"),
+    ],
+)
+def test_rejects_name_the_reason(raw: bytes, reason: str) -> None:
+    (item,) = read(raw + b"\n")
+    assert isinstance(item, Reject)
+    assert item.line == 1
+    assert reason in item.reason
+    assert "\n" not in item.reason
+
+
+def test_missing_model_is_rejected_without_a_default() -> None:
+    item = one('{"prompt": "x"}', defaults={})
+    assert isinstance(item, Reject)
+    assert "no model" in item.reason
+
+
+def test_duplicate_id_is_rejected_and_the_run_goes_on() -> None:
+    items = read('{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n{"id": "b", "prompt": "3"}\n')
+    assert [type(i).__name__ for i in items] == ["Request", "Reject", "Request"]
+    dup = items[1]
+    assert isinstance(dup, Reject)
+    assert dup.line == 2 and "duplicate id 'a'" in dup.reason
+    assert dup.text == '{"id": "a", "prompt": "2"}'
+
+
+def test_bom_and_crlf_are_tolerated() -> None:
+    items = read(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"prompt": "b"}\r\n')
+    assert all(isinstance(i, Request) for i in items)
+    assert len(items) == 2
+
+
+def test_reject_keeps_the_line_text() -> None:
+    item = parse_line(b'{"prompt": 1}\n', 9, DEFAULTS)
+    assert isinstance(item, Reject)
+    assert item.line == 9 and item.text == '{"prompt": 1}'
+
+
+def test_gzip_and_counting(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert count_lines(path) == 2
+    with open_input(path) as stream:
+        items = list(Reader(stream, DEFAULTS))
+    assert [i.custom_id for i in items] == ["line-1", "line-3"]
+
+
+def test_missing_input_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        open_input(tmp_path / "nope.jsonl")
+
+
+def test_sample_messy_file_rejects_and_accepts_the_expected_lines() -> None:
+    path = Path(__file__).parent.parent / "sample_data" / "messy.jsonl"
+    with open_input(path) as stream:
+        items = list(Reader(stream, {"model": "m"}))
+    accepted = [i.custom_id for i in items if isinstance(i, Request)]
+    rejected = {i.line for i in items if isinstance(i, Reject)}
+    assert accepted == ["ok-1", "ok-2", "42"]
+    assert rejected == {3, 4, 5, 6, 7, 8, 11, 12}
+
+
+def test_batches_preserve_order() -> None:
+    text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(10))
+    reader = Reader(io.BytesIO(text.encode()), DEFAULTS)
+    batches = list(reader.batches(4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
