@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", "-i", help="input JSONL file (.jsonl, .jsonl.gz, or - for stdin)")
     run.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
     run.add_argument("--model", "-m", help="default model for lines that name none")
-    run.add_argument("--base-url", help='endpoint base URL, e.g. https://api.openai.com/v1, or "sim"')
+    run.add_argument(
+        "--base-url", help='endpoint base URL, e.g. https://api.openai.com/v1, or "sim"'
+    )
     run.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
     run.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
     run.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")

@@ -107,7 +107,7 @@ def default_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
     """The production transport: aiohttp's connection pool behind httpx's API."""
     from httpx_aiohttp import AiohttpTransport
 
-    return AiohttpTransport(limits=limits)  # type: ignore[no-any-return]
+    return AiohttpTransport(limits=limits)
 
 
 def classify(response: httpx.Response, latency_s: float) -> Attempt:
@@ -119,29 +119,52 @@ def classify(response: httpx.Response, latency_s: float) -> Attempt:
     if 200 <= status < 300:
         if not is_json:
             return Attempt(
-                ok=False, retryable=True, latency_s=latency_s, status_code=status, body=body,
-                request_id=request_id, error_code="invalid_response",
+                ok=False,
+                retryable=True,
+                latency_s=latency_s,
+                status_code=status,
+                body=body,
+                request_id=request_id,
+                error_code="invalid_response",
                 error_message=f"{status} with a body that is not JSON: {_snippet(body)}",
                 headers=headers,
-            )  # fmt: skip
+            )
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             return Attempt(
-                ok=False, retryable=True, latency_s=latency_s, status_code=status, body=body,
-                request_id=request_id, error_code="invalid_response",
+                ok=False,
+                retryable=True,
+                latency_s=latency_s,
+                status_code=status,
+                body=body,
+                request_id=request_id,
+                error_code="invalid_response",
                 error_message=f"{status} with a JSON body that has no 'choices' list",
                 headers=headers,
-            )  # fmt: skip
+            )
         return Attempt(
-            ok=True, retryable=False, latency_s=latency_s, status_code=status, body=body,
-            usage=Usage.from_body(body), request_id=request_id, headers=headers,
-        )  # fmt: skip
+            ok=True,
+            retryable=False,
+            latency_s=latency_s,
+            status_code=status,
+            body=body,
+            usage=Usage.from_body(body),
+            request_id=request_id,
+            headers=headers,
+        )
     code, message = _error_of(status, body, is_json)
     retryable = (status in RETRYABLE_STATUSES or status >= 500) and code != "insufficient_quota"
     return Attempt(
-        ok=False, retryable=retryable, latency_s=latency_s, status_code=status, body=body,
-        request_id=request_id, error_code=code, error_message=message,
-        retry_after=retry_after_s(headers), headers=headers,
-    )  # fmt: skip
+        ok=False,
+        retryable=retryable,
+        latency_s=latency_s,
+        status_code=status,
+        body=body,
+        request_id=request_id,
+        error_code=code,
+        error_message=message,
+        retry_after=retry_after_s(headers),
+        headers=headers,
+    )
 
 
 def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:

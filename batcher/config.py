@@ -157,9 +157,17 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     """
     given = {k: v for k, v in flags.items() if v is not None}
     unknown = set(given) - {
-        "input", "output", "model", "base_url", "concurrency", "rpm", "tpm",
-        "max_attempts", "timeout_s", "progress",
-    }  # fmt: skip
+        "input",
+        "output",
+        "model",
+        "base_url",
+        "concurrency",
+        "rpm",
+        "tpm",
+        "max_attempts",
+        "timeout_s",
+        "progress",
+    }
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown override")
     request = dict(job.request)

@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from batcher.errors import InputError
 from batcher.records import Reject, Request
@@ -38,7 +38,7 @@ def open_input(path: Path) -> IO[bytes]:
         return sys.stdin.buffer
     try:
         if path.suffix == ".gz":
-            return gzip.open(path, "rb")
+            return cast(IO[bytes], gzip.open(path, "rb"))
         return path.open("rb")
     except FileNotFoundError:
         raise InputError(f"input file not found: {path}") from None

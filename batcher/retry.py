@@ -34,7 +34,7 @@ class RetryableAttempt(Exception):
         self.attempt = attempt
 
 
-class wait_server_or_backoff(wait_base):  # noqa: N801 - tenacity's naming for wait strategies
+class wait_server_or_backoff(wait_base):
     """Wait what the server asked for (capped at ``cap_s``), else the fallback backoff."""
 
     def __init__(self, fallback: wait_base, *, cap_s: float) -> None:

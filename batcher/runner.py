@@ -66,9 +66,16 @@ def run_job(
     api_key = _api_key(job)
     with _endpoint(job) as base_url:
         report = anyio.run(
-            _run_async, job, input_path, output, base_url, api_key, transport, handle_signals,
+            _run_async,
+            job,
+            input_path,
+            output,
+            base_url,
+            api_key,
+            transport,
+            handle_signals,
             stream,
-        )  # fmt: skip
+        )
     print(report.summary, file=stream, flush=True)
     return report
 

@@ -21,7 +21,10 @@ BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 
 def client_for(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> ChatClient:
     return ChatClient(
-        "http://test/v1", api_key="k-test", transport=httpx.MockTransport(handler), **kw  # type: ignore[arg-type]
+        "http://test/v1",
+        api_key="k-test",
+        transport=httpx.MockTransport(handler),
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -71,7 +74,9 @@ async def test_final_statuses(status: int) -> None:
 
 @pytest.mark.anyio
 async def test_insufficient_quota_is_not_retried() -> None:
-    body = {"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}}
+    body = {
+        "error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}
+    }
     attempt = await post_with(httpx.Response(429, json=body))
     assert not attempt.retryable  # type: ignore[attr-defined]
 

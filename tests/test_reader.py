@@ -153,7 +153,9 @@ def test_missing_model_is_rejected_without_a_default() -> None:
 
 
 def test_duplicate_id_is_rejected_and_the_run_goes_on() -> None:
-    items = read('{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n{"id": "b", "prompt": "3"}\n')
+    items = read(
+        '{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n{"id": "b", "prompt": "3"}\n'
+    )
     assert [type(i).__name__ for i in items] == ["Request", "Reject", "Request"]
     dup = items[1]
     assert isinstance(dup, Reject)

@@ -52,8 +52,9 @@ async def test_backoff_is_jittered_and_bounded() -> None:
 async def test_server_retry_after_is_honoured() -> None:
     sleep = Recorder()
     ok = Attempt(ok=True, retryable=False, latency_s=0.0)
-    calls, last = await run([failing(retry_after=5.0), failing(retry_after=0.25), ok],
-                            RetryConfig(), sleep)  # fmt: skip
+    calls, last = await run(
+        [failing(retry_after=5.0), failing(retry_after=0.25), ok], RetryConfig(), sleep
+    )
     assert calls == 3 and last.ok
     assert sleep.waits == [5.0, 0.25]
 
