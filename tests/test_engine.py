@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -64,7 +65,8 @@ def test_library_run_with_faults_retries_to_success(tmp_path: Path) -> None:
     job = job_for(tmp_path, src, "o.parquet", retry={"max_attempts": 10})
     printed = io.StringIO()
     report = run_job(job, transport=httpx.ASGITransport(app=sim), stream=printed)
-    assert report.exit_code == 0
+    bad = [r for r in read_results(report.output) if r["status"] != "ok"]
+    assert report.exit_code == 0, bad
     assert report.stats.ok == 120 and report.stats.error == 0
     assert report.stats.retries == sim.stats.faults_injected > 0
     rows = {r["custom_id"]: r for r in read_results(report.output)}
@@ -130,3 +132,41 @@ def test_both_formats_hold_the_same_records(tmp_path: Path, suffix: str) -> None
     by_id = {r["custom_id"]: r for r in rows}
     assert by_id["r00000"]["metadata"] is not None
     assert all(r["model"] == "m" and r["finish_reason"] in {"stop", "length"} for r in rows)
+
+
+def test_stalled_answer_hits_the_per_attempt_timeout(tmp_path: Path) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(30)  # longer than the test's timeout: only the cancel scope ends it
+        return httpx.Response(200, json={})
+
+    src = write_input(tmp_path / "in.jsonl", 2)
+    job = job_for(tmp_path, src, "o.jsonl", retry={"max_attempts": 2, "timeout_s": 0.05})
+    report = run_job(job, transport=httpx.MockTransport(handler), stream=io.StringIO())
+    rows = list(read_results(report.output))
+    assert {(r["status"], r["error_code"], r["attempts"]) for r in rows} == {
+        ("error", "timeout", 2)
+    }
+    assert report.exit_code == 1
+
+
+def test_api_key_is_sent_but_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    canary = "canary-key-7f3a9c"  # not a real key format
+    monkeypatch.setenv("BATCHER_TEST_KEY", canary)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        if b"Question 1:" in request.content:
+            return httpx.Response(
+                401, json={"error": {"message": "bad key", "code": "invalid_api_key"}}
+            )
+        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+
+    src = write_input(tmp_path / "in.jsonl", 3)
+    job = job_for(tmp_path, src, "o.jsonl", endpoint={"api_key_env": "BATCHER_TEST_KEY"})
+    printed = io.StringIO()
+    run_job(job, transport=httpx.MockTransport(handler), stream=printed)
+    assert set(seen) == {f"Bearer {canary}"}
+    for path in tmp_path.iterdir():
+        assert canary not in path.read_text(encoding="utf-8", errors="replace")
+    assert canary not in printed.getvalue()

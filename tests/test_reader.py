@@ -206,3 +206,25 @@ def test_batches_preserve_order() -> None:
     batches = list(reader.batches(4))
     assert [len(b) for b in batches] == [4, 4, 2]
     assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
+
+
+class EndlessInput:
+    """A binary stream that never ends: reading it whole would never return."""
+
+    def __init__(self) -> None:
+        self.lines_given = 0
+
+    def __iter__(self) -> EndlessInput:
+        return self
+
+    def __next__(self) -> bytes:
+        self.lines_given += 1
+        return json.dumps({"prompt": f"p{self.lines_given}"}).encode() + b"\n"
+
+
+def test_reader_streams_line_by_line() -> None:
+    source = EndlessInput()
+    reader = Reader(source, DEFAULTS)  # type: ignore[arg-type]
+    first = [item.custom_id for _, item in zip(range(5), reader, strict=False)]
+    assert first == ["line-1", "line-2", "line-3", "line-4", "line-5"]
+    assert source.lines_given <= 6  # nothing read ahead beyond what was asked

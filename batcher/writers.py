@@ -1,0 +1,495 @@
+"""Output writers: OpenAI Batch API JSONL or Parquet, written incrementally, plus a reader.
+
+Both writers stream: JSONL goes through a buffered file, Parquet keeps at most one row group of
+column lists in memory. Both write ``PATH.partial`` and ``os.replace`` it onto ``PATH`` on
+``close()``, so a reader never sees a half-written file. ``read_results`` reads either format
+back into the same dicts (the Parquet column names), which is what ``batcher report`` and the
+round-trip tests rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from operator import attrgetter
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Protocol, Self
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batcher.errors import ConfigError, InputError, OutputError
+from batcher.records import Reject, Result, Usage
+
+DEFAULT_ROW_GROUP_SIZE = 2_000  # a few MB of buffered rows; big enough for good compression
+SUFFIXES = (".jsonl", ".parquet")  # the output formats open_writer accepts
+
+_S, _I32, _I64, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float64()
+_TS = pa.timestamp("us", tz="UTC")
+# fmt: off
+SCHEMA: pa.Schema = pa.schema([
+    ("custom_id", _S), ("status", _S), ("model", _S), ("content", _S), ("finish_reason", _S),
+    ("prompt_tokens", _I64), ("completion_tokens", _I64), ("total_tokens", _I64),
+    ("cached_tokens", _I64), ("reasoning_tokens", _I64),
+    ("cost_usd", _F64), ("attempts", _I32), ("latency_s", _F64), ("status_code", _I32),
+    ("error_code", _S), ("error_message", _S), ("request_id", _S),
+    ("metadata", _S), ("response", _S),
+    ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
+])
+"""The fixed Parquet schema; every output file has exactly these columns in this order."""
+# fmt: on
+_NAMES: tuple[str, ...] = tuple(SCHEMA.names)
+_USAGE_KEYS = _NAMES[5:10]  # prompt_tokens .. reasoning_tokens, the Usage fields
+
+# One encoder reused for every line: json.dumps with non-default options builds a new encoder
+# per call. default=str keeps odd values (Decimal, bytes...) from raising mid-run. No circular
+# check (about 20% faster): values come from parsed JSON, which cannot be cyclic.
+_ENCODE = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), default=str, check_circular=False
+).encode
+_EPOCH = datetime(1970, 1, 1)  # naive: isoformat() + "Z" is cheaper than an aware isoformat
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
+_MIN_US = round((datetime(1, 1, 2) - _EPOCH).total_seconds()) * 1_000_000
+_MAX_US = round((datetime(9999, 12, 30) - _EPOCH).total_seconds()) * 1_000_000
+_NO_USAGE = (None, None, None, None, None)
+
+
+def _us(ts: float) -> int | None:
+    """Unix seconds to integer microseconds, the one rounding both formats share."""
+    try:
+        us = round(ts * 1_000_000)
+    except (ValueError, OverflowError, TypeError):  # NaN, inf, not a number
+        return None
+    return us if _MIN_US <= us <= _MAX_US else None  # keep within datetime's range
+
+
+@lru_cache(maxsize=4096)
+def _second_iso(sec: int) -> str:
+    return (_EPOCH + timedelta(seconds=sec)).isoformat()
+
+
+def _iso(us: int | None) -> str | None:
+    """ISO-8601 UTC with microseconds; results finish at about the same seconds, so the
+    formatted second is cached (about 3x cheaper than formatting a datetime each time)."""
+    if us is None:
+        return None
+    sec, frac = divmod(us, 1_000_000)
+    return f"{_second_iso(sec)}.{frac:06d}Z"
+
+
+def _finite(x: float | None) -> float | None:
+    # NaN/inf would make the JSONL line invalid JSON for non-Python readers.
+    return x if x is None or math.isfinite(x) else None
+
+
+def _text(value: Any) -> str | None:
+    """A string column value: strings as they are, anything else as JSON text."""
+    if value is None or isinstance(value, str):
+        return value
+    return _ENCODE(value)
+
+
+def _first_choice(body: Any) -> tuple[str | None, str | None]:
+    """``(content, finish_reason)`` of the first choice; ``(None, None)`` for odd bodies."""
+    if not isinstance(body, dict):
+        return None, None
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None, None
+    choice = choices[0]
+    message = choice.get("message")
+    content = _text(message.get("content")) if isinstance(message, dict) else None
+    return content, _text(choice.get("finish_reason"))
+
+
+_USAGE_OF = attrgetter(*_USAGE_KEYS)  # Usage's fields are named like the columns
+
+
+def _usage_tuple(usage: Usage | None) -> tuple[int | None, ...]:
+    return _NO_USAGE if usage is None else _USAGE_OF(usage)
+
+
+def _has_response(r: Result) -> bool:
+    # "No HTTP answer" means nothing of one is known; checking all three keeps the line lossless.
+    return r.status_code is not None or r.body is not None or r.request_id is not None
+
+
+def batch_output_line(result: Result) -> dict[str, Any]:
+    """The OpenAI Batch API output line for ``result``, plus a ``batcher`` object of our fields.
+
+    ``id`` is derived from ``custom_id`` so reruns produce comparable files. ``response`` is
+    null only when nothing of an HTTP answer is known (no status code, body or request id);
+    ``error`` is set for every ``error`` result (and whenever an error code or message exists).
+    Usage stays in ``response.body.usage`` as the server sent it; ``batcher.usage`` appears only
+    when the result's usage differs from what the body says, so nothing is lost.
+    """
+    r = result
+    cid = r.custom_id
+    digest = hashlib.sha256(cid.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    extra: dict[str, Any] = {
+        "status": r.status,
+        "model": r.model,
+        "attempts": r.attempts,
+        "latency_s": _finite(r.latency_s),
+        "started_at": _iso(_us(r.started_at)),
+        "finished_at": _iso(_us(r.finished_at)),
+        "metadata": r.metadata,
+        "cost_usd": _finite(r.cost_usd),
+        "line": r.line,
+    }
+    if r.usage != Usage.from_body(r.body):
+        u = r.usage
+        extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
+    has_error = r.status == "error" or r.error_code is not None or r.error_message is not None
+    return {
+        "id": "batch_req_" + digest,
+        "custom_id": cid,
+        "response": {"status_code": r.status_code, "request_id": r.request_id, "body": r.body}
+        if _has_response(r)
+        else None,
+        "error": {"code": r.error_code, "message": r.error_message} if has_error else None,
+        "batcher": extra,
+    }
+
+
+def _row_values(r: Result) -> tuple[Any, ...]:
+    """One row in SCHEMA order, timestamps as integer microseconds (cheapest for pyarrow)."""
+    content, finish = _first_choice(r.body)
+    body = r.body
+    return (
+        r.custom_id,
+        r.status,
+        r.model,
+        content,
+        finish,
+        *_usage_tuple(r.usage),
+        _finite(r.cost_usd),
+        r.attempts,
+        _finite(r.latency_s),
+        r.status_code,
+        r.error_code,
+        r.error_message,
+        r.request_id,
+        None if r.metadata is None else _ENCODE(r.metadata),
+        None if body is None else _text(body),
+        _us(r.started_at),
+        _us(r.finished_at),
+        r.line,
+    )
+
+
+def _to_dt(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH_UTC + timedelta(microseconds=us)
+
+
+def parquet_row(result: Result) -> dict[str, Any]:
+    """The Parquet row for ``result`` as a dict in SCHEMA order (timestamps as aware datetimes)."""
+    row = dict(zip(_NAMES, _row_values(result), strict=True))
+    row["started_at"] = _to_dt(row["started_at"])
+    row["finished_at"] = _to_dt(row["finished_at"])
+    return row
+
+
+class Writer(Protocol):
+    """What the engine needs from an output writer."""
+
+    @property
+    def rows_written(self) -> int:
+        """Results accepted by ``write`` so far."""
+        ...
+
+    def write(self, result: Result) -> None:
+        """Append one result."""
+        ...
+
+    def close(self) -> None:
+        """Finish the file and move it onto its final path; idempotent."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class _Closing:
+    """Context-manager support: ``with`` closes the object, also when the block raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # For output files: close even on error; the file then holds every result written so
+        # far, complete and valid (an unclosed Parquet file has no footer and is unreadable).
+        self.close()
+
+
+class _AtomicFile(_Closing):
+    """Shared plumbing: the ``.partial`` path and an idempotent, atomic close."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.rows_written = 0
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from exc
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush, finish the file and atomically rename it onto ``path``; idempotent."""
+        if self._closed:
+            return
+        self._closed = True  # even if finishing fails: a second close must not write again
+        try:
+            self._finish()
+            os.replace(self.partial, self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+
+class JsonlWriter(_AtomicFile):
+    """Writes one compact OpenAI Batch API output line per result (UTF-8)."""
+
+    _f: IO[str]
+
+    def _open(self) -> None:
+        # backslashreplace: a lone surrogate (possible from a JSON "\ud800" escape in the input)
+        # becomes the text \ud800, which inside a JSON string is the same escape: no crash, and
+        # json.loads gives the original string back.
+        self._f = open(  # noqa: SIM115 - closed in _finish
+            self.partial,
+            "w",
+            encoding="utf-8",
+            errors="backslashreplace",
+            newline="\n",
+            buffering=1 << 16,
+        )
+
+    def write(self, result: Result) -> None:
+        """Append the result's line to the buffered file."""
+        self._f.write(_ENCODE(batch_output_line(result)) + "\n")
+        self.rows_written += 1
+
+    def flush(self) -> None:
+        """Push buffered lines to the OS (the file is still ``.partial`` until ``close``)."""
+        self._f.flush()
+
+    def _finish(self) -> None:
+        with self._f:
+            self._f.flush()
+            os.fsync(self._f.fileno())  # the rename must not land before the data
+
+
+class ParquetWriter(_AtomicFile):
+    """Writes results as Parquet (zstd) with SCHEMA, one row group every ``row_group_size``."""
+
+    def __init__(self, path: Path, *, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> None:
+        """Start ``PATH.partial``; rows are buffered and written ``row_group_size`` at a time."""
+        if row_group_size < 1:
+            raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
+        self.row_group_size = row_group_size
+        self._cols: list[list[Any]] = [[] for _ in _NAMES]
+        super().__init__(path)
+
+    def _open(self) -> None:
+        self._pq = pq.ParquetWriter(self.partial, SCHEMA, compression="zstd")
+
+    def write(self, result: Result) -> None:
+        """Buffer the result's row; a full buffer is written out as a row group."""
+        for col, value in zip(self._cols, _row_values(result), strict=True):
+            col.append(value)
+        self.rows_written += 1
+        if len(self._cols[0]) >= self.row_group_size:
+            self._write_group()
+
+    def _write_group(self) -> None:
+        arrays = [_array(col, field.type) for col, field in zip(self._cols, SCHEMA, strict=True)]
+        self._cols = [[] for _ in _NAMES]
+        try:
+            self._pq.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from exc
+
+    def _finish(self) -> None:
+        try:
+            if self._cols[0]:
+                self._write_group()
+        finally:
+            self._pq.close()  # with no rows this still writes a valid file with the schema
+        fd = os.open(self.partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # pyarrow owns its file handle, so sync by path before the rename
+        finally:
+            os.close(fd)
+
+
+def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """Build a column; on a value pyarrow refuses, coerce that column instead of losing rows."""
+    try:
+        return pa.array(values, type=type_)
+    except (ValueError, TypeError, OverflowError):  # ArrowInvalid is a ValueError
+        return pa.array([_coerce(v, type_) for v in values], type=type_)
+
+
+def _coerce(value: Any, type_: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_string(type_):
+        # Lone surrogates are not UTF-8: keep them as their \uXXXX escape text.
+        return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    if pa.types.is_integer(type_):
+        bits = type_.bit_width - 1
+        ok = isinstance(value, int) and -(1 << bits) <= value < (1 << bits)
+        return value if ok else None  # e.g. a server's absurd usage count
+    if pa.types.is_floating(type_):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return value
+
+
+def open_writer(path: Path, *, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> Writer:
+    """Open the writer for ``path`` by its suffix; ``row_group_size`` applies to Parquet only."""
+    suffix = _suffix(path)
+    if suffix == ".parquet":
+        return ParquetWriter(path, row_group_size=row_group_size)
+    return JsonlWriter(path)
+
+
+def _suffix(path: Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ConfigError(
+            "output", f"{str(path)!r} must end in .jsonl (OpenAI Batch API lines) or .parquet"
+        )
+    return suffix
+
+
+class RejectsWriter(_Closing):
+    """Writes ``{"line", "reason", "custom_id", "text"}`` lines for rejected input lines.
+
+    The file is created on the first reject (none when every line is valid) and truncated then,
+    so a rerun over the same input does not duplicate the previous run's rejects.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._f: IO[str] | None = None
+
+    def write(self, reject: Reject) -> None:
+        """Append one reject."""
+        if self._f is None:
+            try:
+                self._f = open(  # noqa: SIM115 - closed in close()
+                    self.path, "w", encoding="utf-8", errors="backslashreplace", newline="\n"
+                )
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        r = reject
+        rec = {"line": r.line, "reason": r.reason, "custom_id": r.custom_id, "text": r.text}
+        self._f.write(_ENCODE(rec) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        """Close the file if one was opened; idempotent."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_results(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield one dict per result (Parquet column names, SCHEMA order) from either format.
+
+    JSONL lines without a ``batcher`` object (files from OpenAI's Batch API or vLLM) are read
+    too, with the fields they lack set to ``None`` and the status derived from the answer.
+    """
+    path = Path(path)
+    try:
+        if _suffix(path) == ".parquet":
+            for batch in pq.ParquetFile(path).iter_batches():
+                yield from batch.to_pylist()
+            return
+        # newline="\n": only LF ends a line; U+2028, U+0085 etc. may appear raw inside strings.
+        with path.open(encoding="utf-8", newline="\n") as f:
+            for n, text in enumerate(f, 1):
+                if text.strip():
+                    try:
+                        yield _row_from_line(json.loads(text))
+                    except (ValueError, TypeError, AttributeError) as exc:
+                        raise InputError(f"{path}:{n}: not a batch output line ({exc})") from exc
+    except (OSError, pa.ArrowException) as exc:  # missing file, or not a Parquet file
+        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
+    """The Parquet-shaped dict for one batch output line (the inverse of batch_output_line)."""
+    resp = obj.get("response")
+    resp = resp if isinstance(resp, dict) else {}
+    err = obj.get("error")
+    b = obj.get("batcher")
+    body = resp.get("body")
+    status_code = resp.get("status_code")
+    if isinstance(err, dict):
+        error_code, error_message = err.get("code"), err.get("message")
+    else:  # vLLM writes the error inline as a string
+        error_code, error_message = None, err
+    if isinstance(b, dict):
+        status = b.get("status")
+        model = b.get("model")
+    else:
+        failed = err is not None or (isinstance(status_code, int) and status_code >= 400)
+        status = "error" if failed else "ok"
+        model = body.get("model") if isinstance(body, dict) else None
+        b = {}
+    if "usage" in b:
+        u = b["usage"]
+        usage = tuple(u.get(k) for k in _USAGE_KEYS) if isinstance(u, dict) else _NO_USAGE
+    else:
+        usage = _usage_tuple(Usage.from_body(body))
+    content, finish = _first_choice(body)
+    meta = b.get("metadata")
+    started, finished = b.get("started_at"), b.get("finished_at")
+    values = (
+        obj.get("custom_id"),
+        status,
+        model,
+        content,
+        finish,
+        *usage,
+        b.get("cost_usd"),
+        b.get("attempts"),
+        b.get("latency_s"),
+        status_code,
+        error_code,
+        error_message,
+        resp.get("request_id"),
+        None if meta is None else _ENCODE(meta),
+        None if body is None else _text(body),
+        None if started is None else datetime.fromisoformat(started),
+        None if finished is None else datetime.fromisoformat(finished),
+        b.get("line"),
+    )
+    return dict(zip(_NAMES, values, strict=True))
