@@ -1,0 +1,28 @@
+"""The public surface of ``batcher`` is small and every name in it resolves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import batcher
+
+
+def test_all_is_small_sorted_and_resolves() -> None:
+    assert batcher.__all__ == sorted(batcher.__all__)
+    assert len(batcher.__all__) <= 12
+    for name in batcher.__all__:
+        assert getattr(batcher, name) is not None
+
+
+def test_unknown_name_raises_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="nope"):
+        batcher.nope  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_cli_help_does_not_import_pyarrow_or_httpx() -> None:
+    code = "import sys, batcher.cli; print('pyarrow' in sys.modules, 'httpx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
