@@ -166,5 +166,10 @@ def _sim(args: argparse.Namespace) -> int:
         f"batcher sim: serving http://{args.host}:{args.port}/v1 (Ctrl+C to stop)",
         file=sys.stderr,
     )
-    serve(config, host=args.host, port=args.port)
+    try:
+        serve(config, host=args.host, port=args.port)
+    except OSError as exc:
+        raise ConfigError(
+            "--port", f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+        ) from None
     return 0

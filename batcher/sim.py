@@ -1,0 +1,493 @@
+"""An OpenAI-compatible chat-completion simulator, as a raw ASGI app.
+
+It stands in for a real endpoint in tests, demos (``base_url = "sim"``) and benchmarks: answers
+are deterministic functions of the request (``expected_content``), so a test can check that
+every answer went back to the request that asked for it; RPM/TPM limits answer 429 with
+OpenAI's headers; faults (5xx, an HTML 502, truncated JSON, a missing ``usage``) are injected
+at a seeded rate. It is a bare ASGI callable with no framework, because it has to outrun the
+client it is measuring.
+
+    sim = Simulator(SimConfig(rpm=600, error_rate=0.01))
+    httpx.AsyncClient(transport=httpx.ASGITransport(app=sim))   # in-process
+    with running_sim(SimConfig()) as handle: handle.base_url      # over a loopback socket
+    serve(SimConfig(), port=8000)                                 # `batcher sim`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import uvicorn
+
+from batcher.sim_faults import (
+    FAULT_KINDS,
+    JSON_TYPE,
+    BadRequest,
+    RateLimits,
+    error_body,
+    fault_response,
+    is_int,
+    validate_request,
+)
+
+__all__ = [
+    "FAULT_KINDS",
+    "SimConfig",
+    "SimHandle",
+    "SimStats",
+    "Simulator",
+    "count_prompt_tokens",
+    "expected_content",
+    "running_sim",
+    "serve",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "sim-echo")
+"""The ids listed by ``GET /v1/models``; chat completions accept any model name."""
+
+_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_MODELS_PATHS = frozenset({"/v1/models", "/models"})
+_FINGERPRINT = "fp_sim0001"
+_PIECE = re.compile(r"\w+|[^\w\s]")
+_WORDS = (
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
+    "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray",
+    "yankee", "zulu", "one", "two", "three", "four", "five", "six",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    """How the simulator behaves. Every field has a harmless default: fast, unlimited, no faults.
+
+    ``max_completion_tokens`` is the longest answer the simulated model writes on its own; a
+    request's ``max_tokens``/``max_completion_tokens`` below an answer's natural length cuts it
+    and gives ``finish_reason: "length"``. ``burst_s`` is how many seconds' worth of ``rpm`` and
+    ``tpm`` may be spent at once (see ``batcher.sim_faults.Bucket``). ``error_rate`` is drawn
+    per attempt from a ``random.Random(seed)``, so a retried request can succeed and a run with
+    requests sent in the same order is reproducible.
+    """
+
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    error_rate: float = 0.0
+    error_kinds: tuple[str, ...] = ("500", "502", "503", "malformed")
+    seed: int = 0
+    max_completion_tokens: int = 64
+    burst_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "latency_jitter_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and not (is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not (isinstance(self.error_rate, int | float) and 0.0 <= self.error_rate <= 1.0):
+            raise ValueError(f"error_rate must be within [0, 1], got {self.error_rate!r}")
+        kinds = tuple(self.error_kinds)
+        unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
+        if not kinds or unknown or isinstance(self.error_kinds, str):
+            known = ", ".join(sorted(FAULT_KINDS))
+            raise ValueError(f"error_kinds must be a non-empty tuple of {known}; got {kinds!r}")
+        # Frozen: accept a list from a caller but keep the hashable tuple the annotation promises.
+        object.__setattr__(self, "error_kinds", kinds)
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (is_int(self.max_completion_tokens) and self.max_completion_tokens >= 1):
+            raise ValueError(
+                f"max_completion_tokens must be an integer >= 1, got {self.max_completion_tokens!r}"
+            )
+        if not (isinstance(self.burst_s, int | float) and 0 < self.burst_s <= 60):
+            raise ValueError(f"burst_s must be within (0, 60], got {self.burst_s!r}")
+
+
+@dataclass(kw_only=True)
+class SimStats:
+    """Counters of what the simulator answered; ``GET /stats`` serves ``as_dict()``.
+
+    Counted: requests to the chat-completion route and to unknown routes, so that
+    ``requests_received == answered_ok + rejected_429 + faults_injected + bad_requests``.
+    ``answered_ok`` and the ``*_tokens_served`` figures cover only well-formed 200 answers with
+    ``usage``; an injected ``malformed`` or ``no_usage`` 200 is a fault, not an answer.
+    """
+
+    requests_received: int = 0
+    answered_ok: int = 0
+    rejected_429: int = 0
+    faults_injected: int = 0
+    bad_requests: int = 0
+    prompt_tokens_served: int = 0
+    completion_tokens_served: int = 0
+    total_tokens_served: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    headers: Headers
+    content_type: bytes = JSON_TYPE
+
+
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Approximate the prompt tokens OpenAI would bill for ``messages``.
+
+    An approximation, not a tokenizer: each word (``\\w+``) and each punctuation character
+    counts as one token, which lands within a few tens of percent of a BPE count for English
+    text. Text parts of list contents count; images and audio do not. Following OpenAI's
+    cookbook formula, each message costs 3 tokens of framing (plus 1 for a ``name``) and the
+    reply is primed with 3 more.
+    """
+    total = 3
+    for message in messages:
+        total += 3
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(_PIECE.findall(content))
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += len(_PIECE.findall(part["text"]))
+        name = message.get("name")
+        if isinstance(name, str):
+            total += 1 + len(_PIECE.findall(name))
+    return total
+
+
+def expected_content(
+    body: Mapping[str, Any], index: int = 0, *, max_completion_tokens: int = 64
+) -> str:
+    """The content the simulator answers to request ``body`` for choice ``index``.
+
+    ``"sim-<12 hex> word word …"``: the hex is from a sha256 of the canonical JSON of the
+    request's ``model``, ``messages``, ``seed`` and ``temperature`` and the choice index; the
+    number of words is the completion tokens. Pass the ``max_completion_tokens`` of the
+    ``SimConfig`` in use when it is not the default.
+    """
+    return _choice(body, index, max_completion_tokens, _request_cap(body))[0]
+
+
+def _choice(
+    body: Mapping[str, Any], index: int, natural_max: int, request_cap: int | None
+) -> tuple[str, int, str]:
+    """``(content, completion_tokens, finish_reason)`` for one choice."""
+    digest = _digest(body, index)
+    natural = 1 + int.from_bytes(digest[:4], "big") % natural_max
+    tokens = natural if request_cap is None else min(natural, request_cap)
+    words = " ".join(_WORDS[(digest[j % 32] + j) % len(_WORDS)] for j in range(tokens))
+    finish = "length" if tokens < natural else "stop"
+    return f"sim-{digest.hex()[:12]} {words}", tokens, finish
+
+
+def _digest(body: Mapping[str, Any], index: int) -> bytes:
+    key = {name: body.get(name) for name in ("model", "messages", "seed", "temperature")}
+    key["index"] = index
+    canonical = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def _request_cap(body: Mapping[str, Any]) -> int | None:
+    given: list[int] = [
+        cap for cap in (body.get("max_tokens"), body.get("max_completion_tokens")) if is_int(cap)
+    ]
+    return min(given) if given else None
+
+
+class Simulator:
+    """The simulator: an ASGI app (``__call__``) with its config, rate limits and ``stats``.
+
+    ``clock`` (seconds, monotonic) drives the rate limits, so tests can move time by hand.
+    """
+
+    def __init__(
+        self, config: SimConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config or SimConfig()
+        self.stats = SimStats()
+        self._clock = clock
+        self._limits = RateLimits(self.config.rpm, self.config.tpm, self.config.burst_s)
+        # Separate streams, so the fault sequence for a seed does not depend on latency settings.
+        self._fault_rng = random.Random(self.config.seed)
+        self._latency_rng = random.Random(f"latency-{self.config.seed}")
+
+    def reset_stats(self) -> None:
+        """Zero the counters (not the rate-limit buckets)."""
+        self.stats = SimStats()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection scope (``http`` or ``lifespan``)."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        path: str = scope["path"]
+        if path in _CHAT_PATHS and method == "POST":
+            raw = await _read_body(receive)
+            if raw is None:
+                return  # the client hung up before sending its body: nobody to answer
+            response = await self._chat(raw)
+        elif path in _MODELS_PATHS and method == "GET":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "sim"} for m in MODELS]
+            response = _json_response(200, {"object": "list", "data": data})
+        elif path == "/stats" and method == "GET":
+            response = _json_response(200, self.stats.as_dict())
+        elif path == "/stats/reset" and method == "POST":
+            self.reset_stats()
+            response = _json_response(200, self.stats.as_dict())
+        else:
+            self.stats.requests_received += 1
+            self.stats.bad_requests += 1
+            message = f"Invalid URL ({method} {path})"
+            response = _Response(404, error_body(message, "invalid_request_error"), _request_id())
+            self._count(404)
+        await _send(send, response)
+
+    async def _chat(self, raw: bytes) -> _Response:
+        stats = self.stats
+        stats.requests_received += 1
+        try:
+            body = validate_request(raw)
+        except BadRequest as exc:
+            stats.bad_requests += 1
+            self._count(400)
+            error = error_body(exc.message, "invalid_request_error", None, exc.param)
+            return _Response(400, error, _request_id())
+        prompt_tokens = count_prompt_tokens(body["messages"])
+        # TPM is charged up front on the worst case, as OpenAI does: the answer is not known yet.
+        cap = _request_cap(body) or self.config.max_completion_tokens
+        reserve = prompt_tokens + cap * (body.get("n") or 1)
+
+        headers = _request_id()
+        refusal = self._limits.admit(self._clock, reserve, headers)
+        if refusal is not None:
+            stats.rejected_429 += 1
+            self._count(429)
+            return _Response(429, refusal, headers)
+
+        # Drawn on arrival, not after the sleep, so the fault sequence for a seed follows the
+        # order requests came in whatever the latency jitter. An admitted request that then
+        # fails has still spent its rate limit, as on a real endpoint.
+        fault = None
+        if self.config.error_rate and self._fault_rng.random() < self.config.error_rate:
+            fault = self._fault_rng.choice(self.config.error_kinds)
+        delay = self.config.latency_ms
+        if self.config.latency_jitter_ms:
+            jitter = self.config.latency_jitter_ms
+            delay = max(0.0, delay + self._latency_rng.uniform(-jitter, jitter))
+        if delay > 0:
+            await anyio.sleep(delay / 1000)
+        headers.append((b"openai-processing-ms", str(round(delay)).encode()))
+
+        answer = self._answer(body, prompt_tokens)
+        if fault is not None:
+            status, payload, content_type = fault_response(fault, answer)
+            stats.faults_injected += 1
+            self._count(status)
+            return _Response(status, payload, headers, content_type)
+        usage = answer["usage"]
+        stats.answered_ok += 1
+        stats.prompt_tokens_served += usage["prompt_tokens"]
+        stats.completion_tokens_served += usage["completion_tokens"]
+        stats.total_tokens_served += usage["total_tokens"]
+        self._count(200)
+        return _Response(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
+
+    def _answer(self, body: Mapping[str, Any], prompt_tokens: int) -> dict[str, Any]:
+        cap = _request_cap(body)
+        natural_max = self.config.max_completion_tokens
+        results = [_choice(body, i, natural_max, cap) for i in range(body.get("n") or 1)]
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+            for index, (content, _, finish) in enumerate(results)
+        ]
+        completion_tokens = sum(tokens for _, tokens, _ in results)
+        return {
+            # The request's hash, as in choice 0's "sim-<hex>" tag: ids are reproducible too.
+            "id": "chatcmpl-" + results[0][0][4:16],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": _FINGERPRINT,
+        }
+
+    def _count(self, status: int) -> None:
+        by_status = self.stats.by_status
+        key = str(status)
+        by_status[key] = by_status.get(key, 0) + 1
+
+
+def _request_id() -> Headers:
+    return [(b"x-request-id", b"req_" + os.urandom(16).hex().encode())]
+
+
+def _json_response(status: int, payload: Any) -> _Response:
+    return _Response(status, json.dumps(payload, separators=(",", ":")).encode(), [])
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send(send: Send, response: _Response) -> None:
+    headers = [
+        (b"content-type", response.content_type),
+        (b"content-length", str(len(response.body)).encode()),
+        *response.headers,
+    ]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+# -- serving -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimHandle:
+    """A simulator running in a background thread, as yielded by ``running_sim``."""
+
+    base_url: str
+    port: int
+    simulator: Simulator
+
+
+class _ThreadServer(uvicorn.Server):
+    """A uvicorn server that tells another thread when its startup is over, however it ended."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.ready.set()
+
+
+def _uvicorn_config(sim: Simulator, log_level: str, **extra: Any) -> uvicorn.Config:
+    # ws="none": the simulator speaks no WebSocket, and importing a websockets backend only
+    # risks deprecation warnings. The graceful-shutdown bound keeps a stuck client from
+    # holding a shutdown (and a test) hostage.
+    return uvicorn.Config(
+        sim,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        ws="none",
+        timeout_graceful_shutdown=5,
+        **extra,
+    )
+
+
+def serve(
+    config: SimConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"
+) -> None:
+    """Serve the simulator with uvicorn until Ctrl+C (or SIGTERM); blocks.
+
+    The socket is bound here, before uvicorn starts, so a port in use raises ``OSError``
+    instead of uvicorn's ``sys.exit``.
+    """
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.create_server(address[:2], family=family)
+    server = uvicorn.Server(_uvicorn_config(Simulator(config), log_level))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn has already shut down gracefully; it re-raises the captured SIGINT so that
+        # the default handler runs, which for us only means "stop" — not a traceback.
+        pass
+    finally:
+        sock.close()
+
+
+@contextmanager
+def running_sim(
+    config: SimConfig | None = None, *, startup_timeout: float = 10.0
+) -> Iterator[SimHandle]:
+    """Run a simulator on a free loopback port in a daemon thread for the ``with`` block.
+
+    The thread has its own event loop, so this works from sync code and from inside another
+    event loop alike. uvicorn only installs signal handlers from the main thread, so Ctrl+C
+    still reaches the caller. Logging is left as the caller configured it.
+    """
+    sim = Simulator(config)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    server = _ThreadServer(_uvicorn_config(sim, "warning", log_config=None))
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            server.ready.set()  # also when startup failed before reaching our hook
+
+    thread = threading.Thread(target=run, name=f"batcher-sim-{port}", daemon=True)
+    thread.start()
+    try:
+        if not server.ready.wait(startup_timeout) or not server.started:
+            raise RuntimeError(f"the simulator did not start on 127.0.0.1:{port}")
+        yield SimHandle(base_url=f"http://127.0.0.1:{port}/v1", port=port, simulator=sim)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
