@@ -243,3 +243,11 @@ def test_sigint_stops_dispatch_flushes_and_exits_3(tmp_path: Path) -> None:
     assert all(json.dumps(line) for line in lines)
     # dispatch stopped: nothing near the whole input was sent
     assert stats["requests_received"] <= len(ids) + 4
+
+
+def test_sim_port_in_use_is_a_clear_error() -> None:
+    with sim_process() as url:
+        port = url.removesuffix("/v1").rsplit(":", 1)[1]
+        proc = run_batcher("sim", "--port", port, timeout=30)
+    assert proc.returncode == 2
+    assert "--port: cannot listen" in proc.stderr and "Traceback" not in proc.stderr
