@@ -23,6 +23,17 @@ from batcher.records import Usage
 #: Statuses worth another attempt (the rules openai-python settled on).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 _TEXT_SNIPPET = 200
+#: Error codes of attempts that failed without a usable HTTP answer; all may clear by themselves.
+TRANSIENT_ERROR_CODES = frozenset({"timeout", "connection_error", "invalid_response"})
+
+
+def is_retryable_failure(status_code: int | None, error_code: str | None) -> bool:
+    """Whether a failed request's final outcome is of a class that may clear by itself."""
+    if error_code == "insufficient_quota":
+        return False
+    if error_code in TRANSIENT_ERROR_CODES:
+        return True
+    return status_code is not None and (status_code in RETRYABLE_STATUSES or status_code >= 500)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

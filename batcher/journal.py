@@ -1,0 +1,233 @@
+"""The crash-safe journal of finished requests (``OUTPUT.journal.jsonl``): what resume reads.
+
+One JSON line per finished request, appended with a single ``write`` to a file opened with
+``O_APPEND`` before the request counts as done, so a ``kill -9`` loses at most the requests in
+flight. Durability policy: every append reaches the OS at once (it survives the process dying);
+``fsync`` runs at most once every ``fsync_every_s`` (1 s) and when the journal is closed, so a
+power loss can lose about the last second of answers, which a resumed run sends again.
+
+A torn last line (the process died mid-write) is detected on open and cut off. A request may be
+journaled more than once (re-sent with ``--retry-errors`` or because its body changed): the
+last record of an id wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batcher.errors import OutputError
+from batcher.records import Result, Usage
+
+JOURNAL_SUFFIX = ".journal.jsonl"
+_HEADER = {"batcher_journal": 1}
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+
+def journal_path(output: Path) -> Path:
+    """The journal beside an output: ``OUTPUT.journal.jsonl``."""
+    return output.with_name(output.name + JOURNAL_SUFFIX)
+
+
+def request_hash(body: Mapping[str, Any]) -> str:
+    """A content hash of a request body (canonical JSON), to notice a line that changed."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = canonical.encode("utf-8", "backslashreplace")
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What resume needs to know of an id's latest record."""
+
+    hash: str
+    status: str
+    status_code: int | None
+    error_code: str | None
+    offset: int
+
+
+class Journal:
+    """An append-only journal; ``entries`` maps each id to its latest record."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fsync_every_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.entries: dict[str, Entry] = {}
+        self.torn_bytes = 0
+        self._fsync_every_s = fsync_every_s
+        self._clock = clock
+        self._last_sync = clock()
+        self._dirty = False
+        try:
+            self._load()
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._size = os.fstat(self._fd).st_size
+            if self._size == 0:
+                self._write(_ENCODE(_HEADER).encode() + b"\n")
+        except OSError as exc:
+            raise OutputError(f"cannot write journal {path}: {exc.strerror or exc}") from None
+
+    def append(self, result: Result, body_hash: str) -> None:
+        """Record a finished request durably enough to survive the process dying."""
+        line = encode(result, body_hash)
+        offset = self._size
+        self._write(line)
+        self.entries[result.custom_id] = Entry(
+            body_hash, result.status, result.status_code, result.error_code, offset
+        )
+        self._dirty = True
+        if self._clock() - self._last_sync >= self._fsync_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync the journal (called at most every ``fsync_every_s``, and on close)."""
+        if self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        self._last_sync = self._clock()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+    def results(self) -> Iterator[Result]:
+        """The latest record of every id, in the order they were journaled."""
+        with self.path.open("rb") as f:
+            offset = 0
+            for raw in f:
+                here, offset = offset, offset + len(raw)
+                if not raw.endswith(b"\n") or here == 0:
+                    continue
+                record = _parse(raw)
+                if record is None:
+                    continue
+                entry = self.entries.get(record.get("custom_id", ""))
+                if entry is not None and entry.offset == here:
+                    yield decode(record)
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(data)
+
+    def _load(self) -> None:
+        """Read the existing journal, if any; cut off a torn last line."""
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
+            offset = 0
+            for raw in f:
+                here, offset = offset, offset + len(raw)
+                if not raw.endswith(b"\n"):
+                    self._truncate(here)  # the process died mid-write: the record never happened
+                    return
+                if here == 0:
+                    continue  # the header
+                record = _parse(raw)
+                if record is None or not isinstance(record.get("custom_id"), str):
+                    continue  # unreadable: that request counts as not done
+                self.entries[record["custom_id"]] = Entry(
+                    str(record.get("hash", "")),
+                    str(record.get("status", "")),
+                    record.get("status_code"),
+                    record.get("error_code"),
+                    here,
+                )
+
+    def _truncate(self, size: int) -> None:
+        self.torn_bytes = self.path.stat().st_size - size
+        with self.path.open("r+b") as f:
+            f.truncate(size)
+
+
+def encode(result: Result, body_hash: str) -> bytes:
+    """One journal line for a result."""
+    usage = result.usage
+    record = {
+        "custom_id": result.custom_id,
+        "hash": body_hash,
+        "status": result.status,
+        "line": result.line,
+        "model": result.model,
+        "attempts": result.attempts,
+        "latency_s": result.latency_s,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "status_code": result.status_code,
+        "request_id": result.request_id,
+        "error_code": result.error_code,
+        "error_message": result.error_message,
+        "metadata": result.metadata,
+        "cost_usd": result.cost_usd,
+        "usage": None if usage is None else _usage_dict(usage),
+        "body": result.body,
+    }
+    # backslashreplace: a lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
+    return (_ENCODE(record) + "\n").encode("utf-8", "backslashreplace")
+
+
+def decode(record: Mapping[str, Any]) -> Result:
+    """The ``Result`` a journal record holds."""
+    usage = record.get("usage")
+    return Result(
+        custom_id=record["custom_id"],
+        line=record.get("line") or 0,
+        status="ok" if record.get("status") == "ok" else "error",
+        model=record.get("model"),
+        attempts=record.get("attempts") or 0,
+        latency_s=record.get("latency_s") or 0.0,
+        started_at=record.get("started_at") or 0.0,
+        finished_at=record.get("finished_at") or 0.0,
+        status_code=record.get("status_code"),
+        request_id=record.get("request_id"),
+        body=record.get("body"),
+        usage=Usage(**usage) if isinstance(usage, dict) else None,
+        error_code=record.get("error_code"),
+        error_message=record.get("error_message"),
+        metadata=record.get("metadata"),
+        cost_usd=record.get("cost_usd"),
+    )
+
+
+def _usage_dict(usage: Usage) -> dict[str, int | None]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+    }
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
