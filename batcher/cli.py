@@ -11,11 +11,14 @@ from batcher import __version__
 from batcher.errors import BatcherError
 
 RUN_EPILOG = """\
+Re-running the same command resumes: requests recorded in OUTPUT.journal.jsonl are not sent
+again (unless --retry-errors), a line whose request changed is re-sent, --restart starts over.
+
 exit codes:
   0  every request succeeded
   1  the run finished, but some requests failed or input lines were rejected
   2  usage or configuration error: nothing was sent
-  3  stopped early (Ctrl+C, SIGTERM)
+  3  stopped early (Ctrl+C, SIGTERM, journal or output not writable): run again to resume
 
 The API key is read from $OPENAI_API_KEY (or the variable named by the job's
 endpoint.api_key_env) and is never written anywhere. --base-url sim runs the built-in
@@ -83,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-attempts", type=_positive_int, help="attempts per request")
     run.add_argument("--timeout", type=_positive_float, help="seconds per attempt")
     run.add_argument(
+        "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
+    )
+    run.add_argument(
+        "--retry-errors",
+        nargs="?",
+        const="all",
+        choices=["all", "retryable"],
+        help="re-send requests recorded as errors by an earlier run: all of them (default), "
+        "or only retryable ones (5xx, 408/409/429, timeouts, connection errors)",
+    )
+    run.add_argument(
+        "--restart", action="store_true", help="forget earlier runs of this output; start over"
+    )
+    run.add_argument(
         "--no-progress", action="store_true", help="log lines instead of a progress bar"
     )
 
@@ -140,8 +157,14 @@ def _run(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         timeout_s=args.timeout,
         progress=False if args.no_progress else None,
+        grace_s=args.grace,
     )
-    report = run_job(job, handle_signals=True)
+    report = run_job(
+        job,
+        restart=args.restart,
+        retry_errors=args.retry_errors or "none",
+        handle_signals=True,
+    )
     return report.exit_code
 
 

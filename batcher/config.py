@@ -60,7 +60,8 @@ class JobConfig:
     """A whole job: input, output, endpoint, request defaults, limits, retry policy.
 
     ``request`` holds defaults merged under every input line (the line wins). ``sim`` holds
-    simulator settings used when the endpoint is ``"sim"``.
+    simulator settings used when the endpoint is ``"sim"``. ``grace_s`` is how long requests in
+    flight may finish after Ctrl+C or SIGTERM.
     """
 
     name: str = "batch"
@@ -72,6 +73,7 @@ class JobConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     sim: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
+    grace_s: float = 10.0
 
     def require_paths(self) -> tuple[Path, Path]:
         """Return (input, output), or fail naming the one that is missing."""
@@ -108,7 +110,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     request = _table(raw, "request")
     sim = _table(raw, "sim")
 
-    _no_unknown(job_t, {"name", "input", "output", "progress"}, where="job")
+    _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s"}, where="job")
     _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
     _no_unknown(limits_t, {f.name for f in dataclasses.fields(LimitsConfig)}, where="limits")
     _no_unknown(retry_t, {f.name for f in dataclasses.fields(RetryConfig)}, where="retry")
@@ -144,6 +146,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         retry=RetryConfig(**{k: retry_t[k] for k in retry_t}),
         sim=dict(sim),
         progress=_typed(job_t, "progress", bool, "job", True),
+        grace_s=job_t.get("grace_s", 10.0),
     )
     validate(job)
     return job
@@ -153,7 +156,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     """Apply command-line flags (``None`` means "not given") over a job, then validate.
 
     Accepted keys: input, output, model, base_url, concurrency, rpm, tpm, max_attempts,
-    timeout_s, progress.
+    timeout_s, progress, grace_s.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     unknown = set(given) - {
@@ -179,6 +182,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         output=Path(given["output"]) if "output" in given else job.output,
         request=request,
         progress=given.get("progress", job.progress),
+        grace_s=given.get("grace_s", job.grace_s),
         endpoint=dataclasses.replace(
             job.endpoint, base_url=given.get("base_url", job.endpoint.base_url)
         ),
@@ -198,6 +202,9 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
 def validate(job: JobConfig) -> None:
     """Check every value of a job; raise ``ConfigError`` naming the first bad field."""
     lim, ret = job.limits, job.retry
+    _check_number(job.grace_s, "job.grace_s", positive=False)
+    if job.grace_s < 0:
+        raise ConfigError("job.grace_s", f"must be >= 0, got {job.grace_s!r}")
     _check_int(lim.concurrency, "limits.concurrency", minimum=1)
     for name in ("rpm", "tpm"):
         value = getattr(lim, name)

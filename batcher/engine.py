@@ -1,13 +1,15 @@
-"""The concurrent core: one task group owns the reader, the workers and the single writer.
+"""The concurrent core: one task group owns the reader and the workers.
 
-    reader ──[requests, bounded]──► N workers ──[results, bounded]──► writer
-    (thread-batched   (limits, POST with retries)           (output, stats,
-     file reading)                                            progress)
+    reader ──[requests, bounded]──► N workers ──► journal (+ stats, progress)
+    (thread-batched file     (limits, POST with retries;
+     reading, resume plan)    record each result before taking the next request)
 
-Bounded memory object streams give backpressure, so memory stays flat whatever the input size.
-The concurrency limit is the number of workers; the RPM/TPM meters are waited on before every
-attempt. On SIGINT/SIGTERM dispatch stops at once, requests in flight get ``grace_s`` to finish,
-and everything finished is written before the run returns.
+A bounded memory object stream gives backpressure, so memory stays flat whatever the input
+size. Each worker records its result synchronously (one ``write``, no ``await`` in between)
+before it takes another request, so after a ``kill -9`` at most ``concurrency`` requests were
+sent and not recorded. The concurrency limit is the number of workers; the RPM/TPM meters are
+waited on before every attempt. On SIGINT/SIGTERM dispatch stops at once, requests in flight get
+``grace_s`` to finish, and the run returns with everything finished recorded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from batcher.config import RetryConfig
 from batcher.limits import Limits
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
+from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
 
@@ -35,7 +38,7 @@ READ_BATCH = 256
 
 
 class ResultSink(Protocol):
-    def write(self, result: Result) -> None: ...
+    def append(self, result: Result, body_hash: str) -> None: ...
 
 
 class RejectSink(Protocol):
@@ -56,6 +59,7 @@ class Engine:
         rejects: RejectSink,
         stats: RunStats,
         progress: Progress,
+        plan: ResumePlan | None = None,
         grace_s: float = 10.0,
         sleep: Sleep = anyio.sleep,
     ) -> None:
@@ -67,9 +71,11 @@ class Engine:
         self._rejects = rejects
         self._stats = stats
         self._progress = progress
+        self._plan = plan
         self._grace_s = grace_s
         self._sleep = sleep
         self._stopping = anyio.Event()
+        self._record_error: OSError | None = None
         self._work_scope = anyio.CancelScope()
         self._signal_scope = anyio.CancelScope()
 
@@ -79,34 +85,40 @@ class Engine:
         """Process every batch; return the statistics (also kept in the ``stats`` given)."""
         start = time.monotonic()
         req_send, req_recv = anyio.create_memory_object_stream[Request](2 * self._concurrency)
-        res_send, res_recv = anyio.create_memory_object_stream[Result](2 * self._concurrency)
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._write_results, res_recv)
             if handle_signals:
                 outer.start_soon(self._watch_signals)
             with self._work_scope:
                 async with anyio.create_task_group() as work:
                     work.start_soon(self._read, batches, req_send)
                     for _ in range(self._concurrency):
-                        work.start_soon(self._work, req_recv.clone(), res_send.clone())
+                        work.start_soon(self._work, req_recv.clone())
                     req_recv.close()
-                    res_send.close()
             self._signal_scope.cancel()
         self._stats.wall_s = time.monotonic() - start
         return self._stats
 
-    def stop(self, reason: str) -> None:
-        """Stop dispatching; requests in flight get the grace period, then are cancelled."""
+    def stop(self, reason: str, *, at_once: bool = False) -> None:
+        """Stop dispatching; requests in flight get the grace period (none if ``at_once``)."""
+        if self._stopping.is_set() or at_once:
+            self._work_scope.cancel()  # asked twice, or no point waiting: stop now
         if self._stopping.is_set():
-            self._work_scope.cancel()  # asked twice: stop now
             return
         self._stats.stopped_early = True
         self._stats.stop_reason = reason
         self._stopping.set()
+        if at_once:
+            self._progress.note(f"batcher: {reason}: stopping")
+            return
         self._progress.note(
             f"batcher: {reason}: no new requests; waiting up to {self._grace_s:g} s "
             "for those in flight (press Ctrl+C again to stop at once)"
         )
+
+    @property
+    def record_error(self) -> OSError | None:
+        """The error that stopped the journal, if any."""
+        return self._record_error
 
     async def _read(
         self, batches: Iterator[list[Request | Reject]], send: ObjectSendStream[Request]
@@ -123,6 +135,9 @@ class Engine:
                         self._rejects.write(item)
                         self._stats.rejected += 1
                         self._progress.advance()
+                    elif self._plan and self._plan.decide(item.custom_id, item.body_hash) == "skip":
+                        self._stats.skipped += 1
+                        self._progress.advance()
                     else:
                         self._stats.submitted += 1
                         try:
@@ -133,14 +148,26 @@ class Engine:
                     if self._stopping.is_set():
                         return
 
-    async def _work(
-        self, recv: ObjectReceiveStream[Request], send: ObjectSendStream[Result]
-    ) -> None:
-        async with recv, send:
+    async def _work(self, recv: ObjectReceiveStream[Request]) -> None:
+        async with recv:
             async for request in recv:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
-                await send.send(await self._send(request))
+                result = await self._send(request)
+                self._record(result, request.body_hash)
+
+    def _record(self, result: Result, body_hash: str) -> None:
+        """Journal a finished request, then count it: synchronous, so nothing interleaves."""
+        if self._record_error is not None:
+            return  # the journal already failed: this answer is lost and will be re-sent
+        try:
+            self._results.append(result, body_hash)
+        except OSError as exc:
+            self._record_error = exc
+            self.stop(f"cannot write the journal: {exc.strerror or exc}", at_once=True)
+            return
+        self._stats.add(result)
+        self._progress.advance()
 
     async def _send(self, request: Request) -> Result:
         started = time.time()
@@ -162,13 +189,6 @@ class Engine:
             pass  # retries exhausted: ``last`` is the final failed attempt
         assert last is not None
         return _result_of(request, last, attempts, started)
-
-    async def _write_results(self, recv: ObjectReceiveStream[Result]) -> None:
-        async with recv:
-            async for result in recv:
-                self._results.write(result)
-                self._stats.add(result)
-                self._progress.advance()
 
     async def _watch_signals(self) -> None:
         with self._signal_scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:

@@ -7,7 +7,8 @@ record in the output), not exceptions.
     BatcherError
     ├── ConfigError        a bad flag or job file: nothing was sent (exit 2)
     ├── InputError         the input cannot be opened or read at all (exit 2)
-    └── OutputError        the output cannot be written (exit 2 before sending, else 3)
+    └── OutputError        the journal or output cannot be written once sending began (exit 3:
+                           what was recorded is kept, and a re-run resumes)
 """
 
 from __future__ import annotations
@@ -33,4 +34,7 @@ class InputError(BatcherError):
 
 
 class OutputError(BatcherError):
-    """The output, rejects or journal file cannot be written."""
+    """The output, rejects or journal file cannot be written (checks before sending raise
+    ``ConfigError`` instead)."""
+
+    exit_code = 3

@@ -91,8 +91,10 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
     s = stats
     if s.stopped_early:
         head = f"batcher: {name} stopped early after {_duration(s.wall_s)} ({s.stop_reason})"
+        tail = "  resume    run the same command again to continue"
     else:
         head = f"batcher: {name} finished in {_duration(s.wall_s)}"
+        tail = ""
     lines = [
         head,
         f"  requests  {s.done:,} done: {s.ok:,} ok, {s.error:,} error; "
@@ -102,12 +104,24 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
         f"  speed     {s.requests_per_s:,.1f} requests/s; {s.attempts:,} attempts"
         f" ({s.retries:,} retries)",
     ]
+    if s.skipped or s.resent:
+        lines.append(
+            f"  resume    {s.skipped:,} skipped (done before), {s.resent:,} re-sent, "
+            f"{s.submitted - s.resent:,} new"
+        )
+    if s.output_ok is not None and (s.skipped or s.resent):
+        lines.append(
+            f"  output    {s.output_ok + (s.output_error or 0):,} records: {s.output_ok:,} ok, "
+            f"{s.output_error or 0:,} error"
+        )
     if s.error_codes:
         top = ", ".join(f"{code} ×{n}" for code, n in s.error_codes.most_common(5))
         lines.append(f"  errors    {top}")
-    lines.append(f"  output    {output}")
+    lines.append(f"  file      {output}")
     if rejects:
         lines.append(f"  rejects   {rejects}")
+    if tail:
+        lines.append(tail)
     return "\n".join(lines)
 
 

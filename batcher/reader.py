@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from batcher.errors import InputError
+from batcher.journal import request_hash
 from batcher.records import Reject, Request
 from batcher.requests import estimate_tokens, field_problem, merge_defaults, messages_problem
 
@@ -132,6 +133,7 @@ def parse_line(raw: bytes, line_no: int, defaults: Mapping[str, Any]) -> Request
             body=body,
             metadata=metadata,
             est_tokens=estimate_tokens(body),
+            body_hash=request_hash(body),
         )
     except LineError as exc:
         return Reject(line=line_no, reason=str(exc), text=_text(raw), custom_id=custom_id)

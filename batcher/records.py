@@ -17,7 +17,7 @@ class Request:
 
     ``body`` is the JSON body of ``POST /chat/completions`` with the job's defaults merged under
     the line's own fields. ``est_tokens`` is the prompt estimate plus the worst-case completion,
-    used by the TPM meter.
+    used by the TPM meter; ``body_hash`` identifies the body, so resume notices a changed line.
     """
 
     custom_id: str
@@ -25,6 +25,7 @@ class Request:
     body: dict[str, Any]
     metadata: dict[str, Any] | None = None
     est_tokens: int = 0
+    body_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

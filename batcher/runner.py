@@ -22,11 +22,16 @@ from batcher.client import ChatClient
 from batcher.config import DEFAULT_BASE_URL, JobConfig
 from batcher.engine import READ_BATCH, Engine
 from batcher.errors import ConfigError, OutputError
+from batcher.journal import Journal, journal_path
 from batcher.limits import Limits
 from batcher.progress import Progress, format_summary
 from batcher.reader import Reader, count_lines, open_input
+from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
-from batcher.writers import RejectsWriter, open_writer
+from batcher.writers import RejectsWriter, open_writer, output_format
+
+#: Below this much free space in the output folder, a run does not start.
+MIN_FREE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,12 +56,17 @@ def rejects_path(output: Path) -> Path:
 def run_job(
     job: JobConfig,
     *,
+    restart: bool = False,
+    retry_errors: RetryErrors = "none",
     transport: httpx.AsyncBaseTransport | None = None,
     handle_signals: bool = False,
     stream: IO[str] | None = None,
 ) -> RunReport:
     """Run a job to completion (blocking) and return its report; prints the summary.
 
+    A re-run of the same job resumes from its journal: requests recorded as done are skipped
+    (``retry_errors`` re-sends recorded errors: ``"all"`` or only ``"retryable"`` ones), a line
+    whose body changed is re-sent; ``restart=True`` forgets the journal and starts over.
     Raises ``ConfigError``/``InputError``/``OutputError`` before anything is sent when the job
     cannot run. ``transport`` replaces the HTTP transport (tests).
     """
@@ -64,40 +74,56 @@ def run_job(
     input_path, output = job.require_paths()
     check_output_writable(output)
     api_key = _api_key(job)
-    with _endpoint(job) as base_url:
-        report = anyio.run(
-            _run_async,
-            job,
-            input_path,
-            output,
-            base_url,
-            api_key,
-            transport,
-            handle_signals,
-            stream,
-        )
-    print(report.summary, file=stream, flush=True)
-    return report
+    source = open_input(input_path)  # before the journal, so a missing input changes nothing
+    try:
+        jpath = journal_path(output)
+        if restart:
+            jpath.unlink(missing_ok=True)
+        with Journal(jpath) as journal:
+            if journal.torn_bytes:
+                print(
+                    f"batcher: the journal's last record was torn by a crash "
+                    f"({journal.torn_bytes} bytes); that request will be sent again",
+                    file=stream,
+                )
+            plan = ResumePlan(journal.entries, retry_errors=retry_errors)
+            with _endpoint(job) as base_url:
+                stats, rejected = anyio.run(
+                    _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
+                    transport, handle_signals, stream,
+                )  # fmt: skip
+        stats.resent = plan.counts.resent
+        write_output(journal, output, stats)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    rej = rejects_path(output) if rejected else None
+    summary = format_summary(
+        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
+    )
+    print(summary, file=stream, flush=True)
+    return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 
 
 async def _run_async(
     job: JobConfig,
+    source: IO[bytes],
     input_path: Path,
     output: Path,
+    journal: Journal,
+    plan: ResumePlan,
     base_url: str,
     api_key: str | None,
     transport: httpx.AsyncBaseTransport | None,
     handle_signals: bool,
     stream: IO[str],
-) -> RunReport:
+) -> tuple[RunStats, int]:
     total = await anyio.to_thread.run_sync(count_lines, input_path) if job.progress else None
     stats = RunStats()
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
-    source = open_input(input_path)
     reader = Reader(source, job.request)
-    rej_path = rejects_path(output)
     try:
-        with open_writer(output) as writer, RejectsWriter(rej_path) as rejects:
+        with RejectsWriter(rejects_path(output)) as rejects:
             async with ChatClient(
                 base_url,
                 api_key=api_key,
@@ -111,29 +137,39 @@ async def _run_async(
                     limits=Limits(rpm=job.limits.rpm, tpm=job.limits.tpm),
                     retry=job.retry,
                     concurrency=job.limits.concurrency,
-                    results=writer,
+                    results=journal,
                     rejects=rejects,
                     stats=stats,
                     progress=progress,
+                    plan=plan,
+                    grace_s=job.grace_s,
                 )
                 await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
             rejected = rejects.count
     except OSError as exc:
-        raise OutputError(f"cannot write output: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
     finally:
         progress.close()
-        if source is not sys.stdin.buffer:
-            source.close()
     stats.lines_read = reader.lines_read
-    rej = rej_path if rejected else None
-    summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
-    )
-    return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
+    return stats, rejected
+
+
+def write_output(journal: Journal, output: Path, stats: RunStats) -> None:
+    """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
+    ok = error = 0
+    with open_writer(output) as writer:
+        for result in journal.results():
+            writer.write(result)
+            if result.status == "ok":
+                ok += 1
+            else:
+                error += 1
+    stats.output_ok, stats.output_error = ok, error
 
 
 def check_output_writable(output: Path) -> None:
-    """Fail before sending anything if the output folder is missing or not writable."""
+    """Fail before sending anything if the output is unusable: format, folder, free space."""
+    output_format(output)
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise ConfigError("job.output", f"folder {folder} does not exist")

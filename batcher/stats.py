@@ -10,10 +10,16 @@ from batcher.records import Result
 
 @dataclass(kw_only=True)
 class RunStats:
-    """Counts of one run. Mutated only by the writer task and the reader task."""
+    """Counts of one run, kept on the event loop's thread (no locks needed).
+
+    ``submitted`` counts requests sent this run, of which ``resent`` had a journal record;
+    ``skipped`` were done before. ``output_ok``/``output_error`` count the final output.
+    """
 
     lines_read: int = 0
     submitted: int = 0
+    skipped: int = 0
+    resent: int = 0
     ok: int = 0
     error: int = 0
     rejected: int = 0
@@ -23,6 +29,8 @@ class RunStats:
     total_tokens: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
+    output_ok: int | None = None
+    output_error: int | None = None
     stopped_early: bool = False
     stop_reason: str | None = None
 
@@ -54,9 +62,14 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok; 1 finished with failures or rejects; 3 stopped early (resumable)."""
+        """0 all ok; 1 finished with failures or rejects; 3 stopped early (resumable).
+
+        Failures count from the final output when it is known (a resumed run that skipped
+        earlier errors still finished with them), else from this run.
+        """
         if self.stopped_early:
             return 3
-        if self.error or self.rejected:
+        errors = self.error if self.output_error is None else self.output_error
+        if errors or self.rejected:
             return 1
         return 0

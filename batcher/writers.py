@@ -372,13 +372,14 @@ def _coerce(value: Any, type_: pa.DataType) -> Any:
 
 def open_writer(path: Path, *, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> Writer:
     """Open the writer for ``path`` by its suffix; ``row_group_size`` applies to Parquet only."""
-    suffix = _suffix(path)
+    suffix = output_format(path)
     if suffix == ".parquet":
         return ParquetWriter(path, row_group_size=row_group_size)
     return JsonlWriter(path)
 
 
-def _suffix(path: Path) -> str:
+def output_format(path: Path) -> str:
+    """The output's format suffix (``.jsonl`` or ``.parquet``); ``ConfigError`` for others."""
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
         raise ConfigError(
@@ -428,7 +429,7 @@ def read_results(path: Path) -> Iterator[dict[str, Any]]:
     """
     path = Path(path)
     try:
-        if _suffix(path) == ".parquet":
+        if output_format(path) == ".parquet":
             for batch in pq.ParquetFile(path).iter_batches():
                 yield from batch.to_pylist()
             return

@@ -226,9 +226,9 @@ def test_sigint_stops_dispatch_flushes_and_exits_3(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        partial = out.with_name(out.name + ".partial")
+        journal = out.with_name(out.name + ".journal.jsonl")
         deadline = time.monotonic() + 30
-        while not (partial.exists() and partial.stat().st_size > 0):
+        while not (journal.exists() and journal.read_bytes().count(b"\n") > 1):
             assert time.monotonic() < deadline, "no result was written in time"
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
