@@ -111,13 +111,13 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
         )
     if s.output_ok is not None and (s.skipped or s.resent):
         lines.append(
-            f"  output    {s.output_ok + (s.output_error or 0):,} records: {s.output_ok:,} ok, "
-            f"{s.output_error or 0:,} error"
+            f"  in all    {s.output_ok + (s.output_error or 0):,} records in the output: "
+            f"{s.output_ok:,} ok, {s.output_error or 0:,} error"
         )
     if s.error_codes:
         top = ", ".join(f"{code} ×{n}" for code, n in s.error_codes.most_common(5))
         lines.append(f"  errors    {top}")
-    lines.append(f"  file      {output}")
+    lines.append(f"  output    {output}")
     if rejects:
         lines.append(f"  rejects   {rejects}")
     if tail:

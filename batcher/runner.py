@@ -82,8 +82,8 @@ def run_job(
         with Journal(jpath) as journal:
             if journal.torn_bytes:
                 print(
-                    f"batcher: the journal's last record was torn by a crash "
-                    f"({journal.torn_bytes} bytes); that request will be sent again",
+                    f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
+                    "bytes, by a crash or a full disk); that request will be sent again",
                     file=stream,
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
