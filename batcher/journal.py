@@ -54,7 +54,13 @@ class Entry:
 
 
 class Journal:
-    """An append-only journal; ``entries`` maps each id to its latest record."""
+    """An append-only journal.
+
+    ``entries`` maps each id recorded by *earlier* runs to its latest record (what resume
+    decides on), kept up to date when such an id is recorded again. Ids recorded for the first
+    time by this run are not kept in memory: the reader already saw to it that each comes once,
+    so memory does not grow with the length of a fresh run.
+    """
 
     def __init__(
         self,
@@ -84,9 +90,10 @@ class Journal:
         line = encode(result, body_hash)
         offset = self._size
         self._write(line)
-        self.entries[result.custom_id] = Entry(
-            body_hash, result.status, result.status_code, result.error_code, offset
-        )
+        if result.custom_id in self.entries:  # re-sent: this record replaces the earlier one
+            self.entries[result.custom_id] = Entry(
+                body_hash, result.status, result.status_code, result.error_code, offset
+            )
         self._dirty = True
         if self._clock() - self._last_sync >= self._fsync_every_s:
             self.sync()
@@ -118,7 +125,7 @@ class Journal:
                 if record is None:
                     continue
                 entry = self.entries.get(record.get("custom_id", ""))
-                if entry is not None and entry.offset == here:
+                if entry is None or entry.offset == here:
                     yield decode(record)
 
     def __enter__(self) -> Journal:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from batcher.errors import InputError
+from batcher.idset import IdSet
 from batcher.journal import request_hash
 from batcher.records import Reject, Request
 from batcher.requests import estimate_tokens, field_problem, merge_defaults, messages_problem
@@ -68,7 +69,7 @@ class Reader:
     def __init__(self, stream: IO[bytes], defaults: Mapping[str, Any] | None = None) -> None:
         self._stream = stream
         self._defaults = dict(defaults or {})
-        self._seen: set[str] = set()
+        self._seen = IdSet()
         self.lines_read = 0
         self.blank_lines = 0
 
@@ -83,15 +84,13 @@ class Reader:
             raw = raw.rstrip(b"\r\n")
             item = parse_line(raw, line_no, self._defaults)
             if isinstance(item, Request):
-                if item.custom_id in self._seen:
+                if not self._seen.add(item.custom_id):
                     item = Reject(
                         line=line_no,
                         reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
                         text=_text(raw),
                         custom_id=item.custom_id,
                     )
-                else:
-                    self._seen.add(item.custom_id)
             yield item
 
     def batches(self, size: int) -> Iterator[list[Request | Reject]]:

@@ -38,13 +38,24 @@ def test_encode_decode_round_trip() -> None:
     assert back == original
 
 
+def test_a_fresh_run_keeps_no_entries_in_memory(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.jsonl") as j:
+        for i in range(50):
+            j.append(result(f"id{i}"), "h")
+        assert j.entries == {}
+        assert [r.custom_id for r in j.results()] == [f"id{i}" for i in range(50)]
+
+
 def test_records_survive_reopening_and_latest_wins(tmp_path: Path) -> None:
     path = journal_path(tmp_path / "out.parquet")
     assert path.name == "out.parquet.journal.jsonl"
     with Journal(path) as j:
         j.append(result("a", "error"), "h-a")
         j.append(result("b"), "h-b")
+    with Journal(path) as j:  # a second run re-sends a
+        assert set(j.entries) == {"a", "b"}
         j.append(result("a"), "h-a2")
+        assert j.entries["a"].status == "ok"
     with Journal(path) as j:
         assert {k: (e.status, e.hash) for k, e in j.entries.items()} == {
             "a": ("ok", "h-a2"),
@@ -122,6 +133,7 @@ def test_resume_plan(tmp_path: Path, retry_errors: str, expected: dict[str, str]
         j.append(result("e400", "error", status_code=400, error_code="bad"), "h")
         j.append(result("timeout", "error", status_code=None, error_code="timeout"), "h")
         j.append(result("changed"), "old")
+    with Journal(tmp_path / "j.jsonl") as j:
         plan = ResumePlan(j.entries, retry_errors=retry_errors)  # type: ignore[arg-type]
     for cid, decision in expected.items():
         assert plan.decide(cid, "h") == decision, cid

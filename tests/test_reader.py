@@ -228,3 +228,13 @@ def test_reader_streams_line_by_line() -> None:
     first = [item.custom_id for _, item in zip(range(5), reader, strict=False)]
     assert first == ["line-1", "line-2", "line-3", "line-4", "line-5"]
     assert source.lines_given <= 6  # nothing read ahead beyond what was asked
+
+
+def test_idset_finds_duplicates_across_growth() -> None:
+    from batcher.idset import IdSet
+
+    ids = IdSet()
+    assert all(ids.add(f"id-{i}") for i in range(5000))
+    assert len(ids) == 5000
+    assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))
+    assert ids.add("id-5000")
