@@ -83,14 +83,13 @@ class Reader:
                 continue
             raw = raw.rstrip(b"\r\n")
             item = parse_line(raw, line_no, self._defaults)
-            if isinstance(item, Request):
-                if not self._seen.add(item.custom_id):
-                    item = Reject(
-                        line=line_no,
-                        reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
-                        text=_text(raw),
-                        custom_id=item.custom_id,
-                    )
+            if isinstance(item, Request) and not self._seen.add(item.custom_id):
+                item = Reject(
+                    line=line_no,
+                    reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
+                    text=_text(raw),
+                    custom_id=item.custom_id,
+                )
             yield item
 
     def batches(self, size: int) -> Iterator[list[Request | Reject]]:
