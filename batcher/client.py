@@ -99,7 +99,15 @@ class ChatClient:
         except TimeoutError:
             return _transport_failure("timeout", f"no answer within {self._timeout_s:g} s", start)
         except httpx.TimeoutException as exc:
-            return _transport_failure("timeout", _describe(exc), start)
+            # httpx-aiohttp maps every aiohttp connection error (refused, server disconnected)
+            # to ConnectTimeout; only a real timeout underneath is a timeout.
+            cause = exc.__cause__
+            code = (
+                "timeout"
+                if cause is None or isinstance(cause, TimeoutError)
+                else "connection_error"
+            )
+            return _transport_failure(code, _describe(exc), start)
         except (httpx.TransportError, OSError) as exc:
             return _transport_failure("connection_error", _describe(exc), start)
         return classify(response, time.perf_counter() - start)

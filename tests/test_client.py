@@ -125,3 +125,15 @@ def test_retry_after_http_date_and_garbage() -> None:
     assert retry_after_s({"retry-after": "-3"}) is None
     assert retry_after_s({"retry-after-ms": "nan", "retry-after": "2"}) == 2.0
     assert retry_after_s({}) is None
+
+
+@pytest.mark.anyio
+async def test_refused_connection_over_the_real_transport_is_a_connection_error() -> None:
+    from .helpers import free_port
+
+    client = ChatClient(f"http://127.0.0.1:{free_port()}/v1", api_key=None, timeout_s=5)
+    async with client:
+        attempt = await client.post(BODY)
+    assert attempt.retryable
+    assert attempt.error_code == "connection_error"
+    assert attempt.status_code is None

@@ -1,0 +1,382 @@
+"""Compare HTTP clients side by side: N chat completions at C in flight against the simulator.
+
+    python bench/transports.py                        # N=5000, 256 in flight, 200 ms, once
+    python bench/transports.py --repeat 3 --n-for httpx-default=2000
+    python bench/transports.py --only aiohttp,batcher --n 20000
+
+One simulator (``python -m batcher sim``) serves every client; each client runs in a fresh
+child process of this same script (``--child``), so its CPU time and peak RSS are its own. The
+child times only the request phase (client creation, N requests, close): interpreter start-up
+and imports are left out. Every client does the same work per request: serialise the body to
+JSON, POST it, read the whole answer and parse its JSON. Workers pull from one shared queue of
+bodies, ``C`` workers for ``C`` requests in flight, and the pool allows ``C`` connections.
+
+Exits 1 if any request failed, if the simulator did not count exactly N requests for a client,
+or if a child crashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # bench/ is on sys.path (above), so this runs as a plain script
+    HEADERS,
+    Measure,
+    SimProcess,
+    add_measuring_flags,
+    check_sim_count,
+    environment_note,
+    format_table,
+    ideal_s,
+    log_run,
+    measure_quietly,
+    read_bodies,
+    run_against_sim,
+    running_sim,
+    scratch_dir,
+    summary_row,
+    write_jsonl,
+)
+
+Post = Callable[[dict[str, Any]], Awaitable[bool]]
+_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_SHARDS = 8
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """One client under test: its name, what it is, and the import it needs."""
+
+    name: str
+    description: str
+    requires: str = ""
+    uvloop: bool = False
+
+
+CLIENTS: tuple[ClientSpec, ...] = (
+    ClientSpec("aiohttp", "raw aiohttp.ClientSession, TCPConnector(limit=C) (baseline)"),
+    ClientSpec("httpx-default", "httpx.AsyncClient, its own pool: Limits(max_connections=C)"),
+    ClientSpec(
+        "httpx-aiohttp",
+        "httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport(limits=C))",
+        "httpx_aiohttp",
+    ),
+    ClientSpec("batcher", "batcher.client.ChatClient(max_connections=C), default transport"),
+    ClientSpec(
+        "httpx-sharded",
+        f"{_SHARDS} httpx.AsyncClient pools of C/{_SHARDS} connections, worker i uses pool i % "
+        f"{_SHARDS}",
+    ),
+    ClientSpec(
+        "httpx-curl-cffi",
+        "httpx.AsyncClient(transport=httpx_curl_cffi.AsyncCurlTransport(max_connections=C))",
+        "httpx_curl_cffi",
+    ),
+    ClientSpec("batcher-uvloop", "batcher's ChatClient on a uvloop event loop", "uvloop", True),
+)
+_BY_NAME = {spec.name: spec for spec in CLIENTS}
+
+
+# -- the child: one client, one measured run -----------------------------------------------------
+
+
+def _ok_answer(status: int, raw: bytes) -> bool:
+    if status != 200:
+        return False
+    body = json.loads(raw)
+    return isinstance(body, dict) and isinstance(body.get("choices"), list)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _open_client(
+    name: str, base_url: str, concurrency: int, stack: AsyncExitStack
+) -> Callable[[int], Post]:
+    """Build client ``name``; return ``worker index -> post function``. ``stack`` closes it."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    if name == "aiohttp":
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+
+        async def post_aiohttp(body: dict[str, Any]) -> bool:
+            async with session.post(url, data=_encode(body), headers=_JSON_HEADERS) as response:
+                return _ok_answer(response.status, await response.read())
+
+        return lambda _worker: post_aiohttp
+
+    if name in ("batcher", "batcher-uvloop"):
+        from batcher.client import ChatClient
+
+        chat = await stack.enter_async_context(
+            ChatClient(base_url, api_key=None, max_connections=concurrency)
+        )
+
+        async def post_batcher(body: dict[str, Any]) -> bool:
+            return (await chat.post(body)).ok
+
+        return lambda _worker: post_batcher
+
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    timeout = httpx.Timeout(600.0)
+    clients: list[httpx.AsyncClient]
+    if name == "httpx-default":
+        clients = [httpx.AsyncClient(limits=limits, timeout=timeout)]
+    elif name == "httpx-aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        transport = AiohttpTransport(limits=limits)
+        clients = [httpx.AsyncClient(transport=transport, timeout=timeout)]
+    elif name == "httpx-curl-cffi":
+        from httpx_curl_cffi import AsyncCurlTransport
+
+        curl = AsyncCurlTransport(max_connections=concurrency)
+        clients = [httpx.AsyncClient(transport=curl, timeout=timeout)]
+    elif name == "httpx-sharded":
+        per_shard = max(1, concurrency // _SHARDS)
+        shard_limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
+        clients = [httpx.AsyncClient(limits=shard_limits, timeout=timeout) for _ in range(_SHARDS)]
+    else:
+        raise SystemExit(f"unknown client {name!r}")
+    for each in clients:
+        await stack.enter_async_context(each)
+
+    def post_for(worker: int) -> Post:
+        client = clients[worker % len(clients)]
+
+        async def post_httpx(body: dict[str, Any]) -> bool:
+            response = await client.post(url, content=_encode(body), headers=_JSON_HEADERS)
+            return _ok_answer(response.status_code, response.content)
+
+        return post_httpx
+
+    return post_for
+
+
+async def _drive(
+    name: str, base_url: str, bodies: list[dict[str, Any]], concurrency: int
+) -> dict[str, Any]:
+    """Send every body through client ``name`` with ``concurrency`` workers; count outcomes."""
+    ok = failed = 0
+    errors: list[str] = []
+    queue: Iterator[dict[str, Any]] = iter(bodies)
+
+    async def worker(post: Post) -> None:
+        nonlocal ok, failed
+        for body in queue:  # one shared iterator: each body is taken by exactly one worker
+            try:
+                good = await post(body)
+            except Exception as exc:
+                good = False
+                if len(errors) < 5:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+            if good:
+                ok += 1
+            else:
+                failed += 1
+
+    async with AsyncExitStack() as stack:
+        post_for = await _open_client(name, base_url, concurrency, stack)
+        await asyncio.gather(*(worker(post_for(i)) for i in range(concurrency)))
+    return {"ok": ok, "failed": failed, "errors": errors}
+
+
+def child_main(name: str, base_url: str, input_path: Path, concurrency: int) -> int:
+    """Run one client once and print its figures as one JSON line on stdout."""
+    spec = _BY_NAME[name]
+    bodies = read_bodies(input_path)
+    loop_factory = None
+    if spec.uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        outcome = runner.run(_drive(name, base_url, bodies, concurrency))
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    outcome.update(wall_s=wall, cpu_s=cpu, maxrss_mb=after.ru_maxrss / 1024, n=len(bodies))
+    print(json.dumps(outcome))
+    return 0
+
+
+# -- the parent: the simulator, the children, the table ------------------------------------------
+
+
+def _available(spec: ClientSpec) -> bool:
+    if not spec.requires:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(spec.requires) is not None
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in _BY_NAME]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown client(s) {', '.join(unknown)}; known: {', '.join(_BY_NAME)}"
+        )
+    return names
+
+
+def _n_for(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if name not in _BY_NAME or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected CLIENT=N, e.g. httpx-default=2000; got {text}")
+    return name, int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``bench/transports.py``."""
+    parser = argparse.ArgumentParser(
+        description="Compare HTTP clients against the batcher simulator.",
+        epilog="clients: " + "; ".join(f"{s.name}: {s.description}" for s in CLIENTS),
+    )
+    parser.add_argument("--n", type=int, default=5000, help="requests per client (5000)")
+    parser.add_argument("--concurrency", type=int, default=256, help="requests in flight (256)")
+    parser.add_argument("--latency-ms", type=float, default=200.0, help="simulator latency (200)")
+    parser.add_argument("--only", type=_names, help="comma-separated clients to run")
+    parser.add_argument("--skip", type=_names, default=[], help="comma-separated clients to skip")
+    parser.add_argument(
+        "--n-for",
+        type=_n_for,
+        action="append",
+        default=[],
+        metavar="CLIENT=N",
+        help="a smaller N for one client (e.g. httpx-default=2000); repeatable",
+    )
+    add_measuring_flags(parser)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def _selected(args: argparse.Namespace) -> list[ClientSpec]:
+    names = args.only or [spec.name for spec in CLIENTS]
+    chosen = []
+    for name in names:
+        spec = _BY_NAME[name]
+        if name in args.skip:
+            continue
+        if not _available(spec):
+            print(f"skipping {name}: {spec.requires} is not installed", file=sys.stderr)
+            continue
+        chosen.append(spec)
+    return chosen
+
+
+def _run_one(
+    spec: ClientSpec, n: int, input_path: Path, args: argparse.Namespace, sim: SimProcess
+) -> tuple[Measure | None, list[str]]:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--child", spec.name,
+        "--base-url", sim.base_url, "--input", str(input_path),
+        "--concurrency", str(args.concurrency),
+    ]  # fmt: skip
+    observed = run_against_sim(cmd, sim, pin=args.pin)
+    child = observed.child
+    if child.returncode != 0:
+        tail = child.stderr.strip().splitlines()[-5:]
+        return None, [f"{spec.name}: the child exited {child.returncode}: {' / '.join(tail)}"]
+    figures = json.loads(child.stdout.strip().splitlines()[-1])
+    problems = [f"{spec.name}: {e}" for e in figures["errors"]]
+    if figures["failed"]:
+        problems.append(f"{spec.name}: {figures['failed']} of {n} requests failed")
+    problems += check_sim_count(sim, n, spec.name)
+    measure = Measure(
+        name=spec.name,
+        n=n,
+        wall_s=figures["wall_s"],
+        cpu_s=figures["cpu_s"],
+        maxrss_mb=figures["maxrss_mb"],
+        sim_cpu_s=observed.sim_cpu_s,
+        other_pct=observed.other_pct,
+        ok=figures["ok"],
+        failed=figures["failed"],
+    )
+    return measure, problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the parent run, or (``--child``) one client's measured run."""
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.base_url, args.input, args.concurrency)
+
+    if args.n < 1 or args.concurrency < 1 or args.repeat < 1 or args.latency_ms < 0:
+        raise SystemExit("--n, --concurrency and --repeat must be >= 1, --latency-ms >= 0")
+    specs = _selected(args)
+    n_for = dict(args.n_for)
+    sizes = {spec.name: n_for.get(spec.name, args.n) for spec in specs}
+    results: dict[str, list[Measure]] = {spec.name: [] for spec in specs}
+    problems: list[str] = []
+    print(f"# {environment_note()}", file=sys.stderr)
+    with scratch_dir() as tmp, running_sim(args.latency_ms, pin=args.pin) as sim:
+        inputs = {n: write_jsonl(tmp / f"input-{n}.jsonl", n) for n in set(sizes.values())}
+        for round_no in range(1, args.repeat + 1):
+            for spec in specs:
+                n = sizes[spec.name]
+                measure, found = measure_quietly(
+                    functools.partial(_run_one, spec, n, inputs[n], args, sim),
+                    label=spec.name,
+                    max_other=args.max_other,
+                    retries=args.busy_retries,
+                )
+                problems += found
+                if measure is not None:
+                    results[spec.name].append(measure)
+                    log_run(round_no, args.repeat, measure)
+    _report(args, specs, results, problems)
+    if args.json:
+        raw = {name: [vars(m) for m in runs] for name, runs in results.items()}
+        args.json.write_text(json.dumps(raw, indent=2) + "\n")
+    return 1 if problems else 0
+
+
+def _report(
+    args: argparse.Namespace,
+    specs: Iterable[ClientSpec],
+    results: dict[str, list[Measure]],
+    problems: list[str],
+) -> None:
+    rows = []
+    for spec in specs:
+        runs = results[spec.name]
+        if runs:
+            rows.append(summary_row(runs, ideal_s(runs[0].n, args.latency_ms, args.concurrency)))
+    print(
+        f"\n{args.concurrency} in flight, simulator latency {args.latency_ms:g} ms, "
+        f"median of {args.repeat} run(s), pinned={'yes' if args.pin else 'no'}; "
+        f"ideal = N × latency / concurrency\n"
+    )
+    if rows:
+        print(format_table(HEADERS, rows))
+    for problem in problems:
+        print(f"FAILED: {problem}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
