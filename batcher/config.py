@@ -85,6 +85,11 @@ class JobConfig:
 
 
 _SECTIONS = {"job", "endpoint", "request", "limits", "retry", "sim"}
+#: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
+OVERRIDES = frozenset(
+    {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
+     "timeout_s", "progress", "grace_s"}
+)  # fmt: skip
 
 
 def load_job(path: Path) -> JobConfig:
@@ -159,18 +164,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     timeout_s, progress, grace_s.
     """
     given = {k: v for k, v in flags.items() if v is not None}
-    unknown = set(given) - {
-        "input",
-        "output",
-        "model",
-        "base_url",
-        "concurrency",
-        "rpm",
-        "tpm",
-        "max_attempts",
-        "timeout_s",
-        "progress",
-    }
+    unknown = set(given) - OVERRIDES
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown override")
     request = dict(job.request)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -180,6 +181,13 @@ def check_output_writable(output: Path) -> None:
         raise ConfigError(
             "job.output", f"folder {folder} is not writable: {exc.strerror}"
         ) from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(
+            "job.output",
+            f"only {free // 1024} KiB free in {folder}; free some space (batcher needs at least "
+            f"{MIN_FREE_BYTES // 2**20} MiB for its journal and output)",
+        )
 
 
 def _api_key(job: JobConfig) -> str | None:

@@ -34,7 +34,10 @@ def test_every_shipped_job_is_valid(name: str) -> None:
 
 def test_flags_override_the_job(tmp_path: Path) -> None:
     job = load_job(write_job(tmp_path, '[request]\nmodel = "a"\n[limits]\nconcurrency = 4\n'))
-    job = with_overrides(job, model="b", concurrency=8, input="x.jsonl", rpm=None, timeout_s=5.0)
+    job = with_overrides(
+        job, model="b", concurrency=8, input="x.jsonl", rpm=None, timeout_s=5.0, grace_s=2.5
+    )
+    assert job.grace_s == 2.5
     assert job.request["model"] == "b"
     assert job.limits.concurrency == 8
     assert job.input == Path("x.jsonl")
@@ -56,6 +59,8 @@ def test_flags_override_the_job(tmp_path: Path) -> None:
         ('[endpoint]\nbase_url = "ftp://x"\n', "endpoint.base_url"),
         ("[endpoint]\nheaders = { a = 1 }\n", "endpoint.headers"),
         ("[job]\ninput = 3\n", "job.input"),
+        ("[job]\ngrace_s = -1\n", "job.grace_s"),
+        ('[job]\ngrace_s = "long"\n', "job.grace_s"),
         ('[jobs]\nname = "x"\n', "jobs"),
         ('[endpoint]\nbase_url = "sim"\n[sim]\nerror_rate = 2\n', "sim"),
         ('[endpoint]\nbase_url = "sim"\n[sim]\nlatency = 2\n', "sim"),

@@ -202,7 +202,10 @@ def test_demo_job_runs_on_the_in_process_simulator(tmp_path: Path) -> None:
     assert "200 ok, 0 error" in proc.stderr
 
 
-def test_sigint_stops_dispatch_flushes_and_exits_3(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_dispatch_flushes_exits_3_and_the_rerun_finishes(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     n = 400
     src = write_input(tmp_path / "in.jsonl", n)
     out = tmp_path / "out.jsonl"
@@ -220,6 +223,8 @@ def test_sigint_stops_dispatch_flushes_and_exits_3(tmp_path: Path) -> None:
                 url,
                 "--concurrency",
                 "4",
+                "--grace",
+                "5",
                 "--no-progress",
             ),
             cwd=ROOT,
@@ -231,18 +236,26 @@ def test_sigint_stops_dispatch_flushes_and_exits_3(tmp_path: Path) -> None:
         while not (journal.exists() and journal.read_bytes().count(b"\n") > 1):
             assert time.monotonic() < deadline, "no result was written in time"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=30)
         stats = sim_stats(url)
+        lines = jsonl(out)
+        rerun = run_batcher(
+            "run", "--input", str(src), "--output", str(out), "--model", "m", "--base-url", url,
+            "--concurrency", "32", "--no-progress",
+        )  # fmt: skip
     assert proc.returncode == 3, stderr
     assert "stopped early" in stderr and "Traceback" not in stderr
-    lines = jsonl(out)
     ids = ids_of(lines)
     assert 0 < len(ids) < n
     assert len(set(ids)) == len(ids)
     assert all(json.dumps(line) for line in lines)
     # dispatch stopped: nothing near the whole input was sent
     assert stats["requests_received"] <= len(ids) + 4
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(ids)} skipped (done before)" in rerun.stderr
+    final = ids_of(jsonl(out))
+    assert sorted(final) == [f"r{i:05d}" for i in range(n)]
 
 
 def test_sim_port_in_use_is_a_clear_error() -> None:

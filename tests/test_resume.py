@@ -153,3 +153,21 @@ def test_unwritable_output_folder_sends_nothing(tmp_path: Path) -> None:
         run_job(job, transport=httpx.MockTransport(server), stream=io.StringIO())
     assert info.value.field == "job.output"
     assert sum(server.calls.values()) == 0
+
+
+def test_too_little_free_space_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real full disk cannot be made here without privileges; disk_usage is the one mock.
+    import shutil
+
+    import batcher.runner
+
+    write_input(tmp_path / "in.jsonl", 2)
+    server = Server()
+    usage = shutil.disk_usage(tmp_path)._replace(free=1024 * 1024)
+    monkeypatch.setattr(batcher.runner.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(ConfigError, match="only 1024 KiB free") as info:
+        run(tmp_path, server)
+    assert info.value.field == "job.output"
+    assert sum(server.calls.values()) == 0
