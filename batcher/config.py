@@ -18,6 +18,7 @@ from typing import Any
 
 from batcher.errors import ConfigError
 from batcher.requests import check_request_fields
+from batcher.tokens import ENCODINGS
 
 SIM = "sim"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -38,11 +39,14 @@ class EndpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LimitsConfig:
-    """Concurrency and rate limits. ``None`` means no client-side limit."""
+    """Concurrency and rate limits. ``None`` means no client-side limit (the server's
+    ``x-ratelimit-*`` headers still apply). ``encoding`` names the tiktoken encoding for token
+    estimates (``o200k_base`` or ``cl100k_base``; by default chosen from the model)."""
 
     concurrency: int = 64
     rpm: float | None = None
     tpm: float | None = None
+    encoding: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,6 +204,8 @@ def validate(job: JobConfig) -> None:
     if job.grace_s < 0:
         raise ConfigError("job.grace_s", f"must be >= 0, got {job.grace_s!r}")
     _check_int(lim.concurrency, "limits.concurrency", minimum=1)
+    if lim.encoding is not None and lim.encoding not in ENCODINGS:
+        raise ConfigError("limits.encoding", f"must be one of {', '.join(ENCODINGS)}")
     for name in ("rpm", "tpm"):
         value = getattr(lim, name)
         if value is not None:

@@ -31,8 +31,6 @@ from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
 
-#: Pool-wide pause after a 429 that carried no retry-after header.
-DEFAULT_COOLDOWN_S = 1.0
 #: Lines read per trip to the reading thread.
 READ_BATCH = 256
 
@@ -154,6 +152,10 @@ class Engine:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
                 result = await self._send(request)
+                if _stops_the_run(result):
+                    # Not recorded: after the key or the quota is fixed, a re-run sends it.
+                    self.stop(_stop_reason(result))
+                    continue
                 self._record(result, request.body_hash)
 
     def _record(self, result: Result, body_hash: str) -> None:
@@ -177,18 +179,35 @@ class Engine:
             async for attempt in retry_policy(self._retry, sleep=self._sleep):
                 with attempt:
                     attempts += 1
-                    await self._limits.acquire(request.est_tokens)
-                    last = await self._client.post(request.body)
-                    used = last.usage.total_tokens if last.usage else None
-                    self._limits.settle(request.est_tokens, used if last.ok else 0)
-                    if last.status_code == 429:
-                        self._limits.cool_down(last.retry_after or DEFAULT_COOLDOWN_S)
+                    last = await self._attempt(request)
                     if last.retryable:
                         raise RetryableAttempt(last)
         except RetryableAttempt:
             pass  # retries exhausted: ``last`` is the final failed attempt
         assert last is not None
         return _result_of(request, last, attempts, started)
+
+    async def _attempt(self, request: Request) -> Attempt:
+        """One attempt, within every limit; its answer steers the limits."""
+        limits, tokens = self._limits, request.est_tokens
+        async with limits.concurrency:
+            await limits.acquire(tokens)
+            try:
+                attempt = await self._client.post(request.body)
+            finally:
+                limits.release(tokens)
+        if attempt.headers:
+            limits.observe(attempt.headers)
+        if attempt.status_code == 429:
+            limits.on_rate_limited(attempt.retry_after)
+        if attempt.status_code is None or attempt.status_code == 429:
+            limits.correct_tokens(tokens, 0)  # not admitted: nothing was charged
+        elif attempt.usage is not None and attempt.usage.prompt_tokens is not None:
+            # The server charges its own prompt count (plus the same completion budget).
+            limits.correct_tokens(
+                tokens, tokens - request.prompt_tokens + attempt.usage.prompt_tokens
+            )
+        return attempt
 
     async def _watch_signals(self) -> None:
         with self._signal_scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
@@ -218,3 +237,15 @@ def _result_of(request: Request, last: Attempt, attempts: int, started: float) -
         error_message=last.error_message,
         metadata=request.metadata,
     )
+
+
+def _stops_the_run(result: Result) -> bool:
+    """Answers that every later request would get too: a refused key, an exhausted quota."""
+    return result.status_code in (401, 403) or result.error_code == "insufficient_quota"
+
+
+def _stop_reason(result: Result) -> str:
+    detail = f"{result.status_code} {result.error_code}: {result.error_message}"
+    if result.error_code == "insufficient_quota":
+        return f"the account has no quota left ({detail}); add credits or raise the limit"
+    return f"the endpoint refused the API key ({detail}); check the key and its permissions"

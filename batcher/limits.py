@@ -1,22 +1,46 @@
-"""Client-side rate limits: continuous RPM/TPM meters and a pool-wide cooldown after 429s.
+"""Client-side limits: RPM/TPM meters, an adaptive concurrency limit, and 429 cooldowns.
 
-Each meter is a GCRA-style scheduler (the "virtual scheduling" form of a token bucket): a
-request reserves its cost now and learns how long to wait, so waiters queue in order with no
-polling, and capacity is spread evenly rather than spent in per-minute bursts. The concurrency
-limit is separate: it is the number of worker tasks in the engine.
+Three separate objects, all waited on before a request is sent:
+
+- **Meters** (``RateMeter``): GCRA ("virtual scheduling", a token bucket): a request reserves
+  its cost and sleeps exactly until its slot, so waiters queue in order with no polling and
+  capacity is spread evenly instead of spent in per-minute bursts. Their rate is the job's
+  ``rpm``/``tpm``, lowered to the server's ``x-ratelimit-limit-*`` when that is smaller (a job
+  that sets no limit learns the server's from its first answer).
+- **Concurrency** (an ``anyio.CapacityLimiter``): at most ``concurrency`` requests in flight.
+- **Cooldown and back-off**: a 429 pauses every new request for its ``retry-after`` (1 s
+  without one) and cuts the meters' rates and the concurrency limit by ``BACKOFF``; they climb
+  back linearly to full over ``RECOVERY_S`` seconds without a 429.
+
+Server headers also steer: ``x-ratelimit-remaining-*`` caps how far ahead of the server the
+meters may run: the dispatch credit (what could be sent at once) is cut to what the server says
+remains, less what is in flight, and then refills at the limit's rate. With no limit header,
+``remaining`` at 0 pauses the pool until ``x-ratelimit-reset-*``.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import anyio
 
 Clock = Callable[[], float]
 
-#: How much of a burst a meter allows after an idle period, in seconds of its rate.
-DEFAULT_BURST_S = 1.0
+#: Burst a meter allows after an idle period, in seconds of its rate. Zero: requests go out
+#: evenly spaced, which is what a server enforcing "per minute" over short windows accepts.
+DEFAULT_BURST_S = 0.0
+#: Factor applied to the rates and the concurrency limit by each 429 (not more than once per
+#: cooldown), and the floor it cannot go below.
+BACKOFF = 0.7
+MIN_FACTOR = 0.1
+#: Seconds without a 429 to climb back from the floor to full speed.
+RECOVERY_S = 30.0
+#: Pool-wide pause after a 429 that carried no retry-after header.
+DEFAULT_COOLDOWN_S = 1.0
 
 
 class RateMeter:
@@ -27,11 +51,18 @@ class RateMeter:
     ) -> None:
         if per_minute <= 0:
             raise ValueError("per_minute must be > 0")
-        self.per_minute = per_minute
-        self._interval = 60.0 / per_minute  # seconds per unit
-        self._tolerance = burst_s
         self._clock = clock
+        self._tolerance = burst_s
         self._tat = clock()  # theoretical arrival time of the next unit
+        self.per_minute = per_minute
+        self._interval = 60.0 / per_minute
+
+    def set_rate(self, per_minute: float) -> None:
+        """Change the rate for every later reservation."""
+        if per_minute <= 0:
+            raise ValueError("per_minute must be > 0")
+        self.per_minute = per_minute
+        self._interval = 60.0 / per_minute
 
     def reserve(self, amount: float) -> float:
         """Reserve ``amount`` units; return the seconds to wait before using them."""
@@ -42,27 +73,88 @@ class RateMeter:
         return start - now
 
     def refund(self, amount: float) -> None:
-        """Give back units reserved but not used (e.g. the estimate exceeded the real usage)."""
+        """Give back units reserved but not used (or take more, with a negative amount)."""
         self._tat -= amount * self._interval
+
+    def cap_credit(self, units: float) -> None:
+        """Allow at most ``units`` to be sent before the meter's own pace resumes."""
+        self._tat = max(self._tat, self._clock() - units * self._interval)
+
+    def delay(self) -> float:
+        """Seconds until one more unit could go (0 if now)."""
+        return max(0.0, self._tat - self._tolerance - self._clock())
+
+
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """The ``x-ratelimit-*`` figures of one answer, for one kind (requests or tokens)."""
+
+    limit: float | None
+    remaining: float | None
+    reset_s: float | None
+
+
+def parse_rate_headers(headers: Mapping[str, str], kind: str) -> RateHeaders | None:
+    """Read ``x-ratelimit-{limit,remaining,reset}-{kind}``; ``None`` if none is present."""
+    limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+    remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+    reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+    if limit is None and remaining is None and reset is None:
+        return None
+    return RateHeaders(limit, remaining, reset)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in an OpenAI reset duration (``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``)."""
+    if not text:
+        return None
+    text = text.strip()
+    number = _number(text)
+    if number is not None:
+        return number
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(value + unit for value, unit in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(value) * scale[unit] for value, unit in parts)
 
 
 class Limits:
-    """Everything a request waits on before it is sent: cooldown, RPM meter, TPM meter."""
+    """Everything a request waits on before it is sent, and what answers teach it."""
 
     def __init__(
         self,
         *,
         rpm: float | None = None,
         tpm: float | None = None,
+        concurrency: int = 64,
         clock: Clock = time.monotonic,
     ) -> None:
+        self._clock = clock
+        self.configured_rpm = rpm
+        self.configured_tpm = tpm
+        self.server_rpm: float | None = None
+        self.server_tpm: float | None = None
         self.rpm = RateMeter(rpm, clock=clock) if rpm else None
         self.tpm = RateMeter(tpm, clock=clock) if tpm else None
-        self._clock = clock
+        self.max_concurrency = concurrency
+        self.concurrency = anyio.CapacityLimiter(concurrency)
+        self.factor = 1.0  # the 429 back-off: 1.0 is full speed
+        self._factor_at = clock()
         self._paused_until = 0.0
+        self.in_flight_requests = 0
+        self.in_flight_tokens = 0
+        self.rate_limited = 0  # 429s seen
 
     async def acquire(self, tokens: int) -> None:
-        """Wait until a request of ``tokens`` estimated tokens may be sent."""
+        """Wait until a request of ``tokens`` estimated tokens may be sent, and count it in flight.
+
+        The caller holds ``concurrency`` around the attempt and calls ``release`` after it.
+        """
+        self._recover()
         while True:
             pause = self._paused_until - self._clock()
             if pause <= 0:
@@ -75,12 +167,103 @@ class Limits:
             wait = max(wait, self.tpm.reserve(tokens))
         if wait > 0:
             await anyio.sleep(wait)
+        self.in_flight_requests += 1
+        self.in_flight_tokens += tokens
 
-    def settle(self, estimated: int, actual: int | None) -> None:
-        """Correct the TPM meter once the real usage of a request is known."""
-        if self.tpm and actual is not None and actual < estimated:
-            self.tpm.refund(estimated - actual)
+    def release(self, tokens: int) -> None:
+        """The attempt of ``tokens`` estimated tokens is over (answered or failed)."""
+        self.in_flight_requests -= 1
+        self.in_flight_tokens -= tokens
+
+    def correct_tokens(self, estimated: int, charged: int) -> None:
+        """Correct the TPM meter once the server's count of a request is known."""
+        if self.tpm and charged != estimated:
+            self.tpm.refund(estimated - charged)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Let an answer's ``x-ratelimit-*`` headers steer the meters."""
+        for kind in ("requests", "tokens"):
+            figures = parse_rate_headers(headers, kind)
+            if figures is not None:
+                self._steer(kind, figures)
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        """A 429: pause the whole pool, and slow it down until 429s stop."""
+        self.rate_limited += 1
+        now = self._clock()
+        fresh = now >= self._paused_until  # several 429s of one burst back off once
+        self._paused_until = max(self._paused_until, now + (retry_after or DEFAULT_COOLDOWN_S))
+        if fresh:
+            self._recover()
+            self._set_factor(max(MIN_FACTOR, self.factor * BACKOFF))
 
     def cool_down(self, seconds: float) -> None:
-        """Pause every new request for ``seconds`` (after a 429): the whole pool slows down."""
+        """Pause every new request for ``seconds``."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds the pool is still paused for."""
+        return max(0.0, self._paused_until - self._clock())
+
+    def _steer(self, kind: str, figures: RateHeaders) -> None:
+        requests = kind == "requests"
+        if figures.limit is not None and figures.limit > 0:
+            configured = self.configured_rpm if requests else self.configured_tpm
+            learned = self.server_rpm if requests else self.server_tpm
+            if learned != figures.limit:
+                if requests:
+                    self.server_rpm = figures.limit
+                else:
+                    self.server_tpm = figures.limit
+                base = min(configured or math.inf, figures.limit)
+                meter = self.rpm if requests else self.tpm
+                if meter is None:
+                    meter = RateMeter(base * self.factor, clock=self._clock)
+                    if requests:
+                        self.rpm = meter
+                    else:
+                        self.tpm = meter
+                else:
+                    meter.set_rate(base * self.factor)
+        meter = self.rpm if requests else self.tpm
+        if figures.remaining is None:
+            return
+        if meter is not None:
+            in_flight = self.in_flight_requests if requests else self.in_flight_tokens
+            meter.cap_credit(figures.remaining - in_flight)
+        elif figures.remaining <= 0 and figures.reset_s:
+            self.cool_down(figures.reset_s)
+
+    def _recover(self) -> None:
+        """Climb back towards full speed, linearly over ``RECOVERY_S``."""
+        if self.factor >= 1.0:
+            return
+        now = self._clock()
+        if now < self._paused_until:
+            return
+        step = (now - max(self._factor_at, self._paused_until)) / RECOVERY_S
+        if step > 0:
+            self._set_factor(min(1.0, self.factor + step))
+
+    def _set_factor(self, factor: float) -> None:
+        self.factor = factor
+        self._factor_at = self._clock()
+        for meter, configured, learned in (
+            (self.rpm, self.configured_rpm, self.server_rpm),
+            (self.tpm, self.configured_tpm, self.server_tpm),
+        ):
+            if meter is not None:
+                base = min(configured or math.inf, learned or math.inf)
+                meter.set_rate(base * factor)
+        self.concurrency.total_tokens = max(1, round(self.max_concurrency * factor))
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None

@@ -24,7 +24,13 @@ from batcher.errors import InputError
 from batcher.idset import IdSet
 from batcher.journal import request_hash
 from batcher.records import Reject, Request
-from batcher.requests import estimate_tokens, field_problem, merge_defaults, messages_problem
+from batcher.requests import (
+    completion_budget,
+    estimate_prompt_tokens,
+    field_problem,
+    merge_defaults,
+    messages_problem,
+)
 
 _BOM = b"\xef\xbb\xbf"
 _ID_KEYS = ("custom_id", "id")
@@ -66,9 +72,16 @@ class Reader:
     Duplicate ids are rejected here, since only the reader sees every line in order.
     """
 
-    def __init__(self, stream: IO[bytes], defaults: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        stream: IO[bytes],
+        defaults: Mapping[str, Any] | None = None,
+        *,
+        encoding: str | None = None,
+    ) -> None:
         self._stream = stream
         self._defaults = dict(defaults or {})
+        self._encoding = encoding
         self._seen = IdSet()
         self.lines_read = 0
         self.blank_lines = 0
@@ -82,7 +95,7 @@ class Reader:
                 self.blank_lines += 1
                 continue
             raw = raw.rstrip(b"\r\n")
-            item = parse_line(raw, line_no, self._defaults)
+            item = parse_line(raw, line_no, self._defaults, self._encoding)
             if isinstance(item, Request) and not self._seen.add(item.custom_id):
                 item = Reject(
                     line=line_no,
@@ -104,7 +117,9 @@ class Reader:
             yield batch
 
 
-def parse_line(raw: bytes, line_no: int, defaults: Mapping[str, Any]) -> Request | Reject:
+def parse_line(
+    raw: bytes, line_no: int, defaults: Mapping[str, Any], encoding: str | None = None
+) -> Request | Reject:
     """Turn one raw line (without duplicate check) into a ``Request`` or a ``Reject``."""
     custom_id: str | None = None
     try:
@@ -125,12 +140,14 @@ def parse_line(raw: bytes, line_no: int, defaults: Mapping[str, Any]) -> Request
             raise LineError(f"{problem[0]}: {problem[1]}")
         if "model" not in body:
             raise LineError("no model: set model in the line, in the job's [request], or --model")
+        prompt_tokens = estimate_prompt_tokens(body, encoding)
         return Request(
             custom_id=custom_id,
             line=line_no,
             body=body,
             metadata=metadata,
-            est_tokens=estimate_tokens(body),
+            est_tokens=prompt_tokens + completion_budget(body),
+            prompt_tokens=prompt_tokens,
             body_hash=request_hash(body),
         )
     except LineError as exc:

@@ -16,8 +16,9 @@ class Request:
     """One valid input line, ready to send.
 
     ``body`` is the JSON body of ``POST /chat/completions`` with the job's defaults merged under
-    the line's own fields. ``est_tokens`` is the prompt estimate plus the worst-case completion,
-    used by the TPM meter; ``body_hash`` identifies the body, so resume notices a changed line.
+    the line's own fields. ``est_tokens`` is the prompt's tokens (``prompt_tokens``, counted
+    with tiktoken) plus the worst-case completion, used by the TPM meter; ``body_hash``
+    identifies the body, so resume notices a changed line.
     """
 
     custom_id: str
@@ -25,6 +26,7 @@ class Request:
     body: dict[str, Any]
     metadata: dict[str, Any] | None = None
     est_tokens: int = 0
+    prompt_tokens: int = 0
     body_hash: str = ""
 
 

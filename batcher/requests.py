@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from batcher.errors import ConfigError
+from batcher.tokens import count_message_tokens, encoding_for_model
 
-#: Completion budget assumed for the TPM estimate when a request sets no max_tokens.
+#: Completion tokens assumed for the TPM estimate when a request sets no max_tokens: a
+#: middle-of-the-road answer length. Set max_tokens for a tighter estimate.
 DEFAULT_COMPLETION_TOKENS = 256
 
 
@@ -102,29 +104,20 @@ def merge_defaults(defaults: Mapping[str, Any], body: Mapping[str, Any]) -> dict
     return merged
 
 
-def estimate_tokens(body: Mapping[str, Any]) -> int:
-    """Worst-case tokens of a request for the TPM meter: prompt estimate + completion budget.
-
-    The prompt part is a cheap character-based estimate (about 4 characters a token, plus 4 a
-    message); the completion part is ``max_completion_tokens`` or ``max_tokens`` (or
-    ``DEFAULT_COMPLETION_TOKENS``) times ``n``. The meter is corrected by real usage afterwards.
-    """
-    chars = 0
+def estimate_prompt_tokens(body: Mapping[str, Any], encoding: str | None = None) -> int:
+    """Prompt tokens of a request, counted with tiktoken (the model's encoding by default)."""
     messages = body.get("messages") or []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    chars += len(part["text"])
-    prompt = chars // 4 + 4 * len(messages) + 3
-    budget = (
-        body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
+    model = body.get("model")
+    return count_message_tokens(
+        messages, encoding or encoding_for_model(model if isinstance(model, str) else None)
     )
-    n = body.get("n") or 1
-    return int(prompt + budget * n)
+
+
+def completion_budget(body: Mapping[str, Any]) -> int:
+    """Worst-case completion tokens: ``max_completion_tokens`` or ``max_tokens`` (else
+    ``DEFAULT_COMPLETION_TOKENS``) times ``n``."""
+    budget = body.get("max_completion_tokens") or body.get("max_tokens")
+    return int((budget or DEFAULT_COMPLETION_TOKENS) * (body.get("n") or 1))
 
 
 def _short(value: Any) -> str:

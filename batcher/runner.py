@@ -122,7 +122,7 @@ async def _run_async(
     total = await anyio.to_thread.run_sync(count_lines, input_path) if job.progress else None
     stats = RunStats()
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
-    reader = Reader(source, job.request)
+    reader = Reader(source, job.request, encoding=job.limits.encoding)
     try:
         with RejectsWriter(rejects_path(output)) as rejects:
             async with ChatClient(
@@ -135,7 +135,11 @@ async def _run_async(
             ) as client:
                 engine = Engine(
                     client=client,
-                    limits=Limits(rpm=job.limits.rpm, tpm=job.limits.tpm),
+                    limits=Limits(
+                        rpm=job.limits.rpm,
+                        tpm=job.limits.tpm,
+                        concurrency=job.limits.concurrency,
+                    ),
                     retry=job.retry,
                     concurrency=job.limits.concurrency,
                     results=journal,

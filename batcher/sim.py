@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import socket
 import threading
 import time
@@ -43,6 +42,7 @@ from batcher.sim_faults import (
     is_int,
     validate_request,
 )
+from batcher.tokens import count_message_tokens, encoding_for_model
 
 __all__ = [
     "FAULT_KINDS",
@@ -68,7 +68,6 @@ MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "sim-echo")
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
 _FINGERPRINT = "fp_sim0001"
-_PIECE = re.compile(r"\w+|[^\w\s]")
 _WORDS = (
     "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
     "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
@@ -160,29 +159,13 @@ class _Response:
     content_type: bytes = JSON_TYPE
 
 
-def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Approximate the prompt tokens OpenAI would bill for ``messages``.
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]], model: str | None = None) -> int:
+    """The prompt tokens the simulator bills for ``messages``: tiktoken, as OpenAI counts them.
 
-    An approximation, not a tokenizer: each word (``\\w+``) and each punctuation character
-    counts as one token, which lands within a few tens of percent of a BPE count for English
-    text. Text parts of list contents count; images and audio do not. Following OpenAI's
-    cookbook formula, each message costs 3 tokens of framing (plus 1 for a ``name``) and the
-    reply is primed with 3 more.
+    The encoding follows the model (``o200k_base`` for the gpt-4o family, else ``cl100k_base``;
+    see ``batcher.tokens``); each message costs 3 tokens of framing and the reply 3 more.
     """
-    total = 3
-    for message in messages:
-        total += 3
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(_PIECE.findall(content))
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += len(_PIECE.findall(part["text"]))
-        name = message.get("name")
-        if isinstance(name, str):
-            total += 1 + len(_PIECE.findall(name))
-    return total
+    return count_message_tokens(messages, encoding_for_model(model))
 
 
 def expected_content(
@@ -292,7 +275,7 @@ class Simulator:
             self._count(400)
             error = error_body(exc.message, "invalid_request_error", None, exc.param)
             return _Response(400, error, _request_id())
-        prompt_tokens = count_prompt_tokens(body["messages"])
+        prompt_tokens = count_prompt_tokens(body["messages"], body.get("model"))
         # TPM is charged up front on the worst case, as OpenAI does: the answer is not known yet.
         cap = _request_cap(body) or self.config.max_completion_tokens
         reserve = prompt_tokens + cap * (body.get("n") or 1)

@@ -1,10 +1,17 @@
-"""Rate meters with an injected clock: spacing, bursts, refunds and the 429 cooldown."""
+"""Limits with an injected clock: meters, header steering, 429 back-off and recovery."""
 
 from __future__ import annotations
 
 import pytest
 
-from batcher.limits import Limits, RateMeter
+from batcher.limits import (
+    BACKOFF,
+    RECOVERY_S,
+    Limits,
+    RateMeter,
+    parse_duration,
+    parse_rate_headers,
+)
 
 
 class Clock:
@@ -15,32 +22,43 @@ class Clock:
         return self.now
 
 
-def test_meter_spreads_requests_evenly_after_the_burst() -> None:
+def test_meter_spaces_requests_evenly() -> None:
     clock = Clock()
-    meter = RateMeter(60, burst_s=1.0, clock=clock)  # one a second
-    waits = [meter.reserve(1) for _ in range(5)]
-    # the first two fit the 1 s burst tolerance; then one a second, queued in order
-    assert waits == pytest.approx([0.0, 0.0, 1.0, 2.0, 3.0])
+    meter = RateMeter(60, clock=clock)  # one a second, no burst
+    assert [meter.reserve(1) for _ in range(4)] == pytest.approx([0.0, 1.0, 2.0, 3.0])
 
 
-def test_meter_recovers_after_idle_time_but_keeps_no_more_than_the_burst() -> None:
+def test_meter_burst_after_idle_is_bounded() -> None:
     clock = Clock()
-    meter = RateMeter(600, burst_s=1.0, clock=clock)  # 10 a second
+    meter = RateMeter(600, burst_s=1.0, clock=clock)  # 10 a second, 1 s of burst
     for _ in range(20):
         meter.reserve(1)
     clock.now += 3600
     waits = [meter.reserve(1) for _ in range(12)]
-    assert waits[:11] == pytest.approx([0.0] * 11, abs=1e-9)  # 1 s of burst: 10 units + 1
+    assert waits[:11] == pytest.approx([0.0] * 11, abs=1e-9)
     assert waits[11] == pytest.approx(0.1)
 
 
-def test_token_meter_weights_and_refunds() -> None:
+def test_token_meter_weights_refunds_and_rate_changes() -> None:
     clock = Clock()
-    meter = RateMeter(6000, burst_s=0.0, clock=clock)  # 100 tokens a second
+    meter = RateMeter(6000, clock=clock)  # 100 tokens a second
     assert meter.reserve(500) == 0.0
     assert meter.reserve(100) == pytest.approx(5.0)
-    meter.refund(400)  # the first request used 100 tokens, not 500
+    meter.refund(400)  # the first request was charged 100, not 500
     assert meter.reserve(100) == pytest.approx(2.0)
+    meter.set_rate(12000)
+    assert meter.reserve(100) == pytest.approx(3.0)  # the next slot, then at 200 a second
+    assert meter.reserve(1) == pytest.approx(3.5)
+
+
+def test_cap_credit_stops_the_meter_running_ahead() -> None:
+    clock = Clock()
+    meter = RateMeter(60, burst_s=10.0, clock=clock)
+    meter.cap_credit(-2)  # the server has nothing left and 2 of ours are in flight
+    assert meter.reserve(1) == pytest.approx(0.0)  # 10 s burst tolerance still applies
+    meter = RateMeter(60, clock=clock)
+    meter.cap_credit(-2)
+    assert meter.reserve(1) == pytest.approx(2.0)
 
 
 def test_meter_rejects_non_positive_rates() -> None:
@@ -48,24 +66,98 @@ def test_meter_rejects_non_positive_rates() -> None:
         RateMeter(0)
 
 
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("0.5", 0.5),
+     ("7.2s", 7.2), ("soon", None), ("", None), (None, None), ("5x", None)],
+)  # fmt: skip
+def test_parse_duration(text: str | None, seconds: float | None) -> None:
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_parse_rate_headers() -> None:
+    headers = {
+        "x-ratelimit-limit-requests": "600",
+        "x-ratelimit-remaining-requests": "599",
+        "x-ratelimit-reset-requests": "100ms",
+    }
+    figures = parse_rate_headers(headers, "requests")
+    assert figures is not None
+    assert (figures.limit, figures.remaining, figures.reset_s) == (600, 599, pytest.approx(0.1))
+    assert parse_rate_headers(headers, "tokens") is None
+
+
+def test_server_limit_is_learned_when_none_was_set() -> None:
+    clock = Clock()
+    limits = Limits(clock=clock)
+    assert limits.rpm is None
+    limits.observe({"x-ratelimit-limit-requests": "120", "x-ratelimit-limit-tokens": "6000"})
+    assert limits.rpm is not None and limits.rpm.per_minute == 120
+    assert limits.tpm is not None and limits.tpm.per_minute == 6000
+
+
+def test_a_lower_server_limit_wins_over_the_job_and_a_higher_one_does_not() -> None:
+    clock = Clock()
+    limits = Limits(rpm=6000, tpm=1000, clock=clock)
+    limits.observe({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "90000"})
+    assert limits.rpm is not None and limits.rpm.per_minute == 600
+    assert limits.tpm is not None and limits.tpm.per_minute == 1000
+
+
 @pytest.mark.anyio
-async def test_cooldown_pauses_acquire() -> None:
+async def test_remaining_caps_the_credit_by_what_is_in_flight() -> None:
     clock = Clock()
-    limits = Limits(rpm=None, tpm=None, clock=clock)
-    limits.cool_down(5.0)
-    limits.cool_down(1.0)  # a shorter cooldown does not shorten the pause
-    assert limits._paused_until == 1005.0
-    clock.now += 6
-    await limits.acquire(10)  # returns at once: the pause is over
+    limits = Limits(rpm=60, tpm=60_000, clock=clock)
+    await limits.acquire(10)  # the first request goes at once and is in flight
+    limits.in_flight_requests += 1  # as if a second one were in flight too
+    clock.now += 10
+    limits.observe({"x-ratelimit-remaining-requests": "0"})
+    assert limits.rpm is not None
+    assert limits.rpm.delay() == pytest.approx(2.0)  # two unanswered, nothing left: wait 2 s
+    limits.release(10)
+    assert limits.in_flight_requests == 1 and limits.in_flight_tokens == 0
 
 
-def test_settle_refunds_only_when_usage_is_lower() -> None:
+def test_nothing_remaining_without_a_limit_pauses_until_the_reset() -> None:
     clock = Clock()
-    limits = Limits(tpm=6000, clock=clock)
+    limits = Limits(clock=clock)
+    limits.observe({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"})
+    assert limits.paused_s == pytest.approx(3.0)
+
+
+def test_429_pauses_the_pool_backs_off_once_per_burst_and_recovers_gradually() -> None:
+    clock = Clock()
+    limits = Limits(rpm=600, concurrency=64, clock=clock)
+    limits.on_rate_limited(5.0)
+    limits.on_rate_limited(2.0)  # a second 429 of the same burst: no further back-off
+    assert limits.paused_s == pytest.approx(5.0)
+    assert limits.factor == pytest.approx(BACKOFF)
+    assert limits.rpm is not None and limits.rpm.per_minute == pytest.approx(600 * BACKOFF)
+    assert limits.concurrency.total_tokens == round(64 * BACKOFF)
+    clock.now += 5 + RECOVERY_S / 10  # 5 s of pause, then a tenth of the recovery time
+    limits._recover()
+    assert limits.factor == pytest.approx(BACKOFF + 0.1)
+    clock.now += RECOVERY_S
+    limits._recover()
+    assert limits.factor == 1.0
+    assert limits.rpm.per_minute == pytest.approx(600)
+    assert limits.concurrency.total_tokens == 64
+
+
+def test_429_without_retry_after_pauses_one_second() -> None:
+    clock = Clock()
+    limits = Limits(clock=clock)
+    limits.on_rate_limited(None)
+    assert limits.paused_s == pytest.approx(1.0)
+    assert limits.rate_limited == 1
+
+
+def test_token_correction_uses_the_servers_count() -> None:
+    clock = Clock()
+    limits = Limits(tpm=6000, clock=clock)  # 100 tokens a second
     assert limits.tpm is not None
-    limits.tpm._tolerance = 0.0
     limits.tpm.reserve(600)
-    limits.settle(600, 100)
-    limits.settle(600, None)
-    limits.settle(600, 900)
+    limits.correct_tokens(600, 100)  # charged 100: 500 given back
     assert limits.tpm.reserve(1) == pytest.approx(1.0)
+    limits.correct_tokens(100, 300)  # charged 200 more than estimated
+    assert limits.tpm.reserve(1) == pytest.approx(3.01)

@@ -104,11 +104,24 @@ def test_ids_default_to_line_numbers_and_numbers_become_strings() -> None:
     assert [i.custom_id for i in items] == ["line-1", "line-3", "5"]
 
 
-def test_token_estimate_counts_prompt_and_completion_budget() -> None:
-    req = one(json.dumps({"prompt": "x" * 400, "max_tokens": 100, "n": 2}))
+def test_token_estimate_counts_prompt_with_tiktoken_plus_completion_budget() -> None:
+    from batcher.tokens import count_message_tokens
+
+    line = {"prompt": "The quick brown fox jumps over the lazy dog.", "max_tokens": 100, "n": 2}
+    req = one(json.dumps(line))
     assert isinstance(req, Request)
-    assert req.est_tokens >= 100 + 200  # ~100 prompt tokens + 100 × 2 completion
-    assert req.est_tokens < 100 + 200 + 20
+    # m-default is not an OpenAI model: cl100k_base; the sentence is 10 tokens there
+    assert req.prompt_tokens == 3 + 3 + 10
+    assert req.prompt_tokens == count_message_tokens(req.body["messages"], "cl100k_base")
+    assert req.est_tokens == req.prompt_tokens + 100 * 2
+    default = one(json.dumps({"prompt": "hi"}))
+    assert isinstance(default, Request)
+    assert default.est_tokens == default.prompt_tokens + 256  # DEFAULT_COMPLETION_TOKENS
+    forced = one(json.dumps({"prompt": "üñï"}))
+    forced = list(Reader(io.BytesIO(json.dumps({"prompt": "üñï"}).encode() + b"\n"), DEFAULTS,
+                         encoding="o200k_base"))[0]  # fmt: skip
+    assert isinstance(forced, Request)
+    assert forced.prompt_tokens == count_message_tokens(forced.body["messages"], "o200k_base")
 
 
 @pytest.mark.parametrize(

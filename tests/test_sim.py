@@ -74,7 +74,7 @@ async def test_answer_is_deterministic_and_shaped_like_openai() -> None:
     assert again.json()["choices"][0]["message"]["content"] == expected_content(request)
     assert other.json()["choices"][0]["message"]["content"] != expected_content(request)
     usage = data["usage"]
-    assert usage["prompt_tokens"] == count_prompt_tokens(request["messages"])
+    assert usage["prompt_tokens"] == count_prompt_tokens(request["messages"], request["model"])
     assert usage["completion_tokens"] == len(words(choice["message"]["content"]))
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
@@ -129,16 +129,19 @@ async def test_config_cap_bounds_every_answer() -> None:
             assert choice["finish_reason"] == "stop"
 
 
-def test_count_prompt_tokens_approximation() -> None:
-    # 3 priming + 3 per message + word and punctuation pieces: Hello , world ! = 4.
-    assert count_prompt_tokens([{"role": "user", "content": "Hello, world!"}]) == 10
+def test_count_prompt_tokens_uses_the_models_encoding() -> None:
+    # 3 priming + 3 per message + tiktoken's count: "Hello, world!" is 4 tokens in both.
+    assert count_prompt_tokens([{"role": "user", "content": "Hello, world!"}], "gpt-4o") == 10
     parts = [{"type": "text", "text": "two words"}, {"type": "image_url", "image_url": {}}]
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": parts, "name": "bob"},
         {"role": "assistant", "content": None},
     ]
-    assert count_prompt_tokens(messages) == 3 + 3 * 3 + 3 + 2 + (1 + 1)
+    # "Be brief." = 3, "two words" = 2, "bob" = 1
+    assert count_prompt_tokens(messages, "gpt-4") == 3 + 3 * 3 + 3 + 2 + 1
+    text = [{"role": "user", "content": "Ünïcödé text, with 12345 numbers ✓"}]
+    assert count_prompt_tokens(text, "gpt-4o") != count_prompt_tokens(text, "gpt-3.5-turbo")
 
 
 @pytest.mark.anyio
@@ -335,7 +338,10 @@ async def test_stats_count_every_outcome_and_reset() -> None:
     assert stats["by_status"] == {"200": 2, "429": 1, "400": 1, "404": 1}
     outcomes = ("answered_ok", "rejected_429", "faults_injected", "bad_requests")
     assert stats["requests_received"] == sum(stats[name] for name in outcomes)
-    served = sum(count_prompt_tokens(body(text)["messages"]) for text in ("Hello, world!", "again"))
+    served = sum(
+        count_prompt_tokens(body(text)["messages"], body(text)["model"])
+        for text in ("Hello, world!", "again")
+    )
     assert stats["prompt_tokens_served"] == served
     completion = sum(len(words(expected_content(body(n=2), i))) for i in range(2))
     completion += len(words(expected_content(body("again"))))

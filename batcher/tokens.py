@@ -1,0 +1,116 @@
+"""Token counts with tiktoken, with its encodings loaded offline.
+
+tiktoken downloads an encoding's BPE file on first use. batcher runs where there may be no
+network, so it takes the files from the ``bpe-openai`` package, which ships them, and places them
+in tiktoken's cache (``$TIKTOKEN_CACHE_DIR`` if set, else ``~/.cache/batcher/tiktoken``), where
+tiktoken finds them and checks them against its own expected SHA-256 before use. Nothing is
+fetched at run time.
+
+The encoding of a model: ``o200k_base`` for the gpt-4o family, gpt-4.1, gpt-5, o1/o3/o4 and
+chatgpt-4o; ``cl100k_base`` for everything else (gpt-4, gpt-3.5, and non-OpenAI models, whose
+tokenizers are unknown here: cl100k is a fair stand-in for an estimate). A job can name the
+encoding itself with ``[limits] encoding``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tiktoken
+
+ENCODINGS = ("o200k_base", "cl100k_base")
+_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
+#: Tokens every message costs beyond its content, and the reply's priming (OpenAI's cookbook).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+
+
+def encoding_for_model(model: str | None) -> str:
+    """The tiktoken encoding name used for ``model`` (see the module docstring)."""
+    name = (model or "").rsplit("/", 1)[-1].lower()  # "openai/gpt-4o" counts as gpt-4o
+    return "o200k_base" if name.startswith(_O200K_PREFIXES) else "cl100k_base"
+
+
+@functools.cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """A tiktoken encoding, loaded from the files shipped by ``bpe-openai`` (no network)."""
+    if name not in ENCODINGS:
+        raise ValueError(f"unknown encoding {name!r}; expected one of {', '.join(ENCODINGS)}")
+    _place_in_cache(name)
+    import tiktoken
+
+    return tiktoken.get_encoding(name)
+
+
+def count_message_tokens(messages: Sequence[Any], encoding: str) -> int:
+    """Prompt tokens of a chat request, counted as OpenAI's cookbook does.
+
+    Text content (a string, or the ``text`` of content parts) and names are encoded; every
+    message adds ``TOKENS_PER_MESSAGE``, the reply ``TOKENS_PER_REPLY``. Images, audio and tool
+    definitions are not counted: the figure is an estimate for limits and cost.
+    """
+    enc = get_encoding(encoding)
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        if not isinstance(message, Mapping):
+            continue
+        for text in _texts(message):
+            total += len(enc.encode_ordinary(text))
+    return total
+
+
+def _texts(message: Mapping[str, Any]) -> list[str]:
+    texts = []
+    content = message.get("content")
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        texts.extend(
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        )
+    name = message.get("name")
+    if isinstance(name, str):
+        texts.append(name)
+    return texts
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "batcher" / "tiktoken"
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)  # where tiktoken will look
+    return folder
+
+
+def _shipped_data() -> Path:
+    """bpe-openai's data folder, found without importing the package (it does work on import)."""
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("bpe-openai is not installed: it ships tiktoken's encodings")
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _place_in_cache(name: str) -> None:
+    folder = _cache_dir()
+    target = folder / hashlib.sha1(_URL.format(name=name).encode()).hexdigest()
+    if target.exists():
+        return
+    data = gzip.decompress((_shipped_data() / f"{name}.tiktoken.gz").read_bytes())
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    partial.write_bytes(data)
+    os.replace(partial, target)  # atomic: concurrent runs never see half a file
