@@ -6,9 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batcher import __version__
 from batcher.errors import BatcherError
+
+if TYPE_CHECKING:
+    from batcher.resume import RetryErrors
 
 RUN_EPILOG = """\
 Re-running the same command resumes: requests recorded in OUTPUT.journal.jsonl are not sent
@@ -90,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--retry-errors",
-        nargs="?",
-        const="all",
-        choices=["all", "retryable"],
-        help="re-send requests recorded as errors by an earlier run: all of them (default), "
-        "or only retryable ones (5xx, 408/409/429, timeouts, connection errors)",
+        action="store_true",
+        help="re-send the requests an earlier run recorded as errors",
+    )
+    run.add_argument(
+        "--only-retryable",
+        action="store_true",
+        help="with --retry-errors: only those that may clear by themselves "
+        "(408, 409, 429, 5xx, timeouts, connection errors, malformed answers)",
     )
     run.add_argument(
         "--restart", action="store_true", help="forget earlier runs of this output; start over"
@@ -162,10 +169,20 @@ def _run(args: argparse.Namespace) -> int:
     report = run_job(
         job,
         restart=args.restart,
-        retry_errors=args.retry_errors or "none",
+        retry_errors=_retry_errors(args),
         handle_signals=True,
     )
     return report.exit_code
+
+
+def _retry_errors(args: argparse.Namespace) -> RetryErrors:
+    from batcher.errors import ConfigError
+
+    if args.only_retryable and not args.retry_errors:
+        raise ConfigError("--only-retryable", "only applies with --retry-errors")
+    if not args.retry_errors:
+        return "none"
+    return "retryable" if args.only_retryable else "all"
 
 
 def _sim(args: argparse.Namespace) -> int:

@@ -74,6 +74,7 @@ class ChatClient:
         all_headers = {"content-type": "application/json", "accept": "application/json"}
         all_headers.update(headers or {})
         if api_key:
+            check_api_key(api_key)
             all_headers["authorization"] = f"Bearer {api_key}"
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
@@ -110,6 +111,13 @@ class ChatClient:
             return _transport_failure(code, _describe(exc), start)
         except (httpx.TransportError, OSError) as exc:
             return _transport_failure("connection_error", _describe(exc), start)
+        except httpx.DecodingError as exc:  # e.g. a body that is not the gzip it claims to be
+            return _transport_failure("invalid_response", _describe(exc), start)
+        except Exception as exc:
+            # e.g. aiohttp's ClientResponseError for a malformed HTTP response, which the
+            # httpx-aiohttp transport passes through untranslated. Cancellation is not an
+            # Exception, so it still propagates.
+            return _transport_failure("invalid_response", _describe(exc), start)
         return classify(response, time.perf_counter() - start)
 
     async def aclose(self) -> None:
@@ -120,6 +128,19 @@ class ChatClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def check_api_key(api_key: str) -> None:
+    """Refuse a key that cannot go in a header (a stray newline from a .env file, say).
+
+    Raises ``ValueError`` without the key in its message: HTTP libraries quote a bad header
+    value in their errors, which would put the key into every error record.
+    """
+    if not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip():
+        raise ValueError(
+            "the API key contains whitespace or control characters (is there a stray newline "
+            "or carriage return in the variable?)"
+        )
 
 
 def default_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:

@@ -96,8 +96,9 @@ OVERRIDES = frozenset(
 )  # fmt: skip
 
 
-def load_job(path: Path) -> JobConfig:
+def load_job(path: str | os.PathLike[str]) -> JobConfig:
     """Read and validate a job file."""
+    path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

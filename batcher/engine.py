@@ -24,6 +24,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.client import Attempt, ChatClient
 from batcher.config import RetryConfig
+from batcher.errors import InputError
 from batcher.limits import Limits
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
@@ -125,19 +126,28 @@ class Engine:
             while not self._stopping.is_set():
                 # File reading and JSON parsing run in a thread, a batch at a time, so a slow
                 # stdin never blocks the event loop.
-                batch = await anyio.to_thread.run_sync(next, batches, None, abandon_on_cancel=True)
+                try:
+                    batch = await anyio.to_thread.run_sync(
+                        next, batches, None, abandon_on_cancel=True
+                    )
+                except InputError as exc:
+                    self.stop(str(exc))  # what was read is sent; the rest waits for a re-run
+                    return
                 if batch is None:
                     return
                 for item in batch:
                     if isinstance(item, Reject):
-                        self._rejects.write(item)
+                        try:
+                            self._rejects.write(item)
+                        except OSError as exc:
+                            self.stop(f"cannot write the rejects file: {exc.strerror or exc}")
+                            return
                         self._stats.rejected += 1
                         self._progress.advance()
                     elif self._plan and self._plan.decide(item.custom_id, item.body_hash) == "skip":
                         self._stats.skipped += 1
                         self._progress.advance()
                     else:
-                        self._stats.submitted += 1
                         try:
                             await send.send(item)
                         except anyio.BrokenResourceError:
@@ -151,6 +161,9 @@ class Engine:
             async for request in recv:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
+                self._stats.submitted += 1
+                if self._plan and self._plan.known(request.custom_id):
+                    self._stats.resent += 1
                 result = await self._send(request)
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.

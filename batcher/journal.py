@@ -13,6 +13,7 @@ last record of an id wins.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batcher.errors import OutputError
+from batcher.errors import ConfigError, OutputError
 from batcher.records import Result, Usage
 
 JOURNAL_SUFFIX = ".journal.jsonl"
@@ -77,8 +78,16 @@ class Journal:
         self._last_sync = clock()
         self._dirty = False
         try:
-            self._load()
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                # One run per output: two at once would both send everything.
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                raise ConfigError(
+                    "job.output", f"another batcher run is writing {path}; wait for it to end"
+                ) from None
+            self._load()
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
                 self._write(_ENCODE(_HEADER).encode() + b"\n")
@@ -124,7 +133,10 @@ class Journal:
                 record = _parse(raw)
                 if record is None:
                     continue
-                entry = self.entries.get(record.get("custom_id", ""))
+                custom_id = record.get("custom_id")
+                if not isinstance(custom_id, str):
+                    continue  # unreadable: counted as not done when the journal was loaded
+                entry = self.entries.get(custom_id)
                 if entry is None or entry.offset == here:
                     yield decode(record)
 

@@ -41,6 +41,9 @@ MIN_FACTOR = 0.1
 RECOVERY_S = 30.0
 #: Pool-wide pause after a 429 that carried no retry-after header.
 DEFAULT_COOLDOWN_S = 1.0
+#: The longest wait a server may ask for and be obeyed: a bogus ``retry-after`` (an HTTP date
+#: years ahead, say) must not park the pool all night.
+MAX_SERVER_WAIT_S = 600.0
 
 
 class RateMeter:
@@ -192,13 +195,15 @@ class Limits:
         self.rate_limited += 1
         now = self._clock()
         fresh = now >= self._paused_until  # several 429s of one burst back off once
-        self._paused_until = max(self._paused_until, now + (retry_after or DEFAULT_COOLDOWN_S))
+        wait = min(retry_after or DEFAULT_COOLDOWN_S, MAX_SERVER_WAIT_S)
+        self._paused_until = max(self._paused_until, now + wait)
         if fresh:
             self._recover()
             self._set_factor(max(MIN_FACTOR, self.factor * BACKOFF))
 
     def cool_down(self, seconds: float) -> None:
-        """Pause every new request for ``seconds``."""
+        """Pause every new request for ``seconds`` (at most ``MAX_SERVER_WAIT_S``)."""
+        seconds = min(seconds, MAX_SERVER_WAIT_S)
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     @property

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import stat
 import sys
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
@@ -55,14 +57,23 @@ def open_input(path: Path) -> IO[bytes]:
 
 
 def count_lines(path: Path) -> int | None:
-    """Count the non-blank lines of a file cheaply (for the progress total); None for stdin."""
+    """Count the non-blank lines of a file (for the progress total).
+
+    ``None`` for stdin, a pipe or a FIFO (reading them twice would consume the input) and for
+    a file that cannot be read to the end (the reader reports that, with the line number).
+    """
     if str(path) == "-":
         return None
-    total = 0
-    with open_input(path) as f:
-        for raw in f:
-            if raw.strip():
-                total += 1
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        total = 0
+        with open_input(path) as f:
+            for raw in f:
+                if raw.strip():
+                    total += 1
+    except (OSError, EOFError, zlib.error, InputError):
+        return None
     return total
 
 
@@ -87,7 +98,7 @@ class Reader:
         self.blank_lines = 0
 
     def __iter__(self) -> Iterator[Request | Reject]:
-        for line_no, raw in enumerate(self._stream, start=1):
+        for line_no, raw in enumerate(_checked(self._stream), start=1):
             self.lines_read = line_no
             if line_no == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
@@ -108,13 +119,33 @@ class Reader:
     def batches(self, size: int) -> Iterator[list[Request | Reject]]:
         """The same items in lists of up to ``size`` (to cross a thread boundary cheaply)."""
         batch: list[Request | Reject] = []
-        for item in self:
-            batch.append(item)
-            if len(batch) >= size:
-                yield batch
-                batch = []
+        try:
+            for item in self:
+                batch.append(item)
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+        except InputError:
+            if batch:
+                yield batch  # the lines read before the error still count
+            raise
         if batch:
             yield batch
+
+
+def _checked(stream: IO[bytes]) -> Iterator[bytes]:
+    """The stream's lines; a read or decompression error becomes an ``InputError``."""
+    lines = iter(stream)
+    count = 0
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz, say
+            raise InputError(f"cannot read the input after line {count}: {exc}") from None
+        count += 1
+        yield raw
 
 
 def parse_line(

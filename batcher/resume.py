@@ -39,6 +39,10 @@ class ResumePlan:
         self._retry_errors = retry_errors
         self.counts = ResumeCounts()
 
+    def known(self, custom_id: str) -> bool:
+        """Whether an earlier run recorded this id."""
+        return custom_id in self._entries
+
     def decide(self, custom_id: str, body_hash: str) -> Decision:
         entry = self._entries.get(custom_id)
         decision: Decision

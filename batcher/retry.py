@@ -22,6 +22,7 @@ from tenacity.wait import wait_base
 
 from batcher.client import Attempt
 from batcher.config import RetryConfig
+from batcher.limits import MAX_SERVER_WAIT_S
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -54,7 +55,7 @@ def retry_policy(config: RetryConfig, *, sleep: Sleep = anyio.sleep) -> AsyncRet
     backoff = wait_random_exponential(multiplier=config.backoff_initial_s, max=config.backoff_max_s)
     return AsyncRetrying(
         stop=stop_after_attempt(config.max_attempts),
-        wait=wait_server_or_backoff(backoff, cap_s=max(config.backoff_max_s, 600.0)),
+        wait=wait_server_or_backoff(backoff, cap_s=max(config.backoff_max_s, MAX_SERVER_WAIT_S)),
         retry=retry_if_exception_type(RetryableAttempt),
         sleep=sleep,
         reraise=True,

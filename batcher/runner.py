@@ -19,7 +19,7 @@ from typing import IO
 import anyio
 import httpx
 
-from batcher.client import ChatClient
+from batcher.client import ChatClient, check_api_key
 from batcher.config import DEFAULT_BASE_URL, JobConfig
 from batcher.engine import READ_BATCH, Engine
 from batcher.errors import ConfigError, OutputError
@@ -74,6 +74,7 @@ def run_job(
     stream = stream or sys.stderr
     input_path, output = job.require_paths()
     check_output_writable(output)
+    check_not_the_input(input_path, output)
     api_key = _api_key(job)
     source = open_input(input_path)  # before the journal, so a missing input changes nothing
     try:
@@ -93,7 +94,6 @@ def run_job(
                     _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
                     transport, handle_signals, stream,
                 )  # fmt: skip
-        stats.resent = plan.counts.resent
         write_output(journal, output, stats)
     finally:
         if source is not sys.stdin.buffer:
@@ -124,6 +124,7 @@ async def _run_async(
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     reader = Reader(source, job.request, encoding=job.limits.encoding)
     try:
+        rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
         with RejectsWriter(rejects_path(output)) as rejects:
             async with ChatClient(
                 base_url,
@@ -172,6 +173,16 @@ def write_output(journal: Journal, output: Path, stats: RunStats) -> None:
     stats.output_ok, stats.output_error = ok, error
 
 
+def check_not_the_input(input_path: Path, output: Path) -> None:
+    """Refuse an output (or its journal or rejects file) that is the input itself."""
+    if str(input_path) == "-" or not input_path.exists():
+        return
+    for produced in (output, journal_path(output), rejects_path(output)):
+        same = produced.samefile(input_path) if produced.exists() else False
+        if same or produced.resolve() == input_path.resolve():
+            raise ConfigError("job.output", f"{produced} is the input: it would be overwritten")
+
+
 def check_output_writable(output: Path) -> None:
     """Fail before sending anything if the output is unusable: format, folder, free space."""
     output_format(output)
@@ -198,6 +209,13 @@ def _api_key(job: JobConfig) -> str | None:
     if job.endpoint.is_sim:
         return None
     key = os.environ.get(job.endpoint.api_key_env) or None
+    if key is not None:
+        try:
+            check_api_key(key)
+        except ValueError as exc:
+            raise ConfigError(
+                "endpoint.api_key_env", f"${job.endpoint.api_key_env}: {exc}"
+            ) from None
     if key is None and job.endpoint.base_url.rstrip("/") == DEFAULT_BASE_URL:
         raise ConfigError(
             "endpoint.api_key_env",

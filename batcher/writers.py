@@ -9,6 +9,7 @@ round-trip tests rely on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -220,7 +221,8 @@ class Writer(Protocol):
 
 
 class _Closing:
-    """Context-manager support: ``with`` closes the object, also when the block raises."""
+    """Context-manager support: ``with`` closes the object, also when the block raises
+    (output files override this: they are discarded when the block raises)."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -231,8 +233,6 @@ class _Closing:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        # For output files: close even on error; the file then holds every result written so
-        # far, complete and valid (an unclosed Parquet file has no footer and is unreadable).
         self.close()
 
 
@@ -256,6 +256,9 @@ class _AtomicFile(_Closing):
     def _finish(self) -> None:
         raise NotImplementedError
 
+    def _release(self) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         """Flush, finish the file and atomically rename it onto ``path``; idempotent."""
         if self._closed:
@@ -265,7 +268,27 @@ class _AtomicFile(_Closing):
             self._finish()
             os.replace(self.partial, self.path)
         except OSError as exc:
+            self.partial.unlink(missing_ok=True)
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+    def abort(self) -> None:
+        """Drop the ``.partial`` file; whatever was at ``path`` before stays untouched."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):  # the file is being thrown away anyway
+            self._release()
+        self.partial.unlink(missing_ok=True)
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Interrupted (Ctrl+C, a disk error, a bad record): a half-written output must never
+        # replace a whole one. The journal still holds everything; the next run writes it.
+        if et is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class JsonlWriter(_AtomicFile):
@@ -299,6 +322,9 @@ class JsonlWriter(_AtomicFile):
         with self._f:
             self._f.flush()
             os.fsync(self._f.fileno())  # the rename must not land before the data
+
+    def _release(self) -> None:
+        self._f.close()
 
 
 class ParquetWriter(_AtomicFile):
@@ -342,6 +368,9 @@ class ParquetWriter(_AtomicFile):
             os.fsync(fd)  # pyarrow owns its file handle, so sync by path before the rename
         finally:
             os.close(fd)
+
+    def _release(self) -> None:
+        self._pq.close()
 
 
 def _array(values: list[Any], type_: pa.DataType) -> pa.Array:

@@ -43,6 +43,7 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
     out = tmp_path / "out.parquet"
     rng = random.Random(20261129)
     kills = 0
+    recorded: list[int] = []  # requests in the journal after each kill
     with sim_process("--latency-ms", "40", "--latency-jitter-ms", "30") as url:
         for _ in range(4):
             proc = subprocess.Popen(
@@ -51,15 +52,27 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            time.sleep(rng.uniform(0.4, 1.2))  # startup takes ~0.3 s; the run ~2 s in all
+            # wait until this run has recorded something, then kill it at a random moment
+            journal = out.with_name(out.name + ".journal.jsonl")
+            before = recorded[-1] if recorded else 0
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                if journal.exists() and journal.read_bytes().count(b"\n") - 1 > before:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.6))
             if proc.poll() is None:
                 proc.kill()  # SIGKILL: no handler runs, no flush, no output file
                 kills += 1
             proc.wait(timeout=30)
+            recorded.append(journal.read_bytes().count(b"\n") - 1 if journal.exists() else 0)
         final = run_batcher(*run_args(src, out, url))
         received = sim_stats(url)["requests_received"]
         reference = run_batcher(*run_args(src, tmp_path / "ref.parquet", url))
     assert kills >= 2, "the runs ended before they could be killed: make them longer"
+    mid_run = [n for n in recorded if 0 < n < N]
+    assert len(mid_run) >= 2, f"kills did not land mid-run: {recorded}"
+    assert recorded == sorted(recorded)  # each resumed run added to the last
     assert final.returncode == 0, final.stderr
     assert reference.returncode == 0, reference.stderr
     resumed, uninterrupted = comparable(out), comparable(tmp_path / "ref.parquet")

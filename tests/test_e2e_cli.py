@@ -250,8 +250,9 @@ def test_signal_stops_dispatch_flushes_exits_3_and_the_rerun_finishes(
     assert 0 < len(ids) < n
     assert len(set(ids)) == len(ids)
     assert all(json.dumps(line) for line in lines)
-    # dispatch stopped: nothing near the whole input was sent
-    assert stats["requests_received"] <= len(ids) + 4
+    # dispatch stopped at once, and the requests in flight finished within the grace period:
+    # everything the simulator received is in the output
+    assert stats["requests_received"] == len(ids)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(ids)} skipped (done before)" in rerun.stderr
     final = ids_of(jsonl(out))

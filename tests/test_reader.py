@@ -117,9 +117,8 @@ def test_token_estimate_counts_prompt_with_tiktoken_plus_completion_budget() -> 
     default = one(json.dumps({"prompt": "hi"}))
     assert isinstance(default, Request)
     assert default.est_tokens == default.prompt_tokens + 256  # DEFAULT_COMPLETION_TOKENS
-    forced = one(json.dumps({"prompt": "üñï"}))
-    forced = list(Reader(io.BytesIO(json.dumps({"prompt": "üñï"}).encode() + b"\n"), DEFAULTS,
-                         encoding="o200k_base"))[0]  # fmt: skip
+    stream = io.BytesIO(json.dumps({"prompt": "üñï"}).encode() + b"\n")
+    forced = next(iter(Reader(stream, DEFAULTS, encoding="o200k_base")))
     assert isinstance(forced, Request)
     assert forced.prompt_tokens == count_message_tokens(forced.body["messages"], "o200k_base")
 

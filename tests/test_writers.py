@@ -292,12 +292,15 @@ def test_parquet_survives_values_arrow_refuses(tmp_path: Path) -> None:
     assert next(read_results(tmp_path / "o.jsonl"))["custom_id"] == "\ud800 lone"
 
 
-def test_with_block_error_still_leaves_a_valid_file(tmp_path: Path) -> None:
-    path = tmp_path / "o.parquet"
-    with pytest.raises(KeyboardInterrupt), ParquetWriter(path) as w:
+@pytest.mark.parametrize("writer", [ParquetWriter, JsonlWriter])
+def test_interrupted_write_keeps_the_previous_output(tmp_path: Path, writer: Any) -> None:
+    path = tmp_path / ("o.parquet" if writer is ParquetWriter else "o.jsonl")
+    write_all(writer, path, CASES[:3])
+    with pytest.raises(KeyboardInterrupt), writer(path) as w:
         w.write(CASES[0])
-        raise KeyboardInterrupt
-    assert pq.read_table(path).num_rows == 1
+        raise KeyboardInterrupt  # Ctrl+C in the middle of writing a new output
+    assert len(list(read_results(path))) == 3  # the old, whole file
+    assert not w.partial.exists()
 
 
 def test_read_results_bad_input(tmp_path: Path) -> None:
