@@ -125,7 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--error-kinds",
         default="500,502,503,malformed",
-        help="comma-separated: 500,502,503,malformed,no_usage",
+        help="comma-separated: 500,502,503,malformed,no_usage,429,401,quota",
+    )
+    sim.add_argument(
+        "--fault-retry-after",
+        type=_non_negative_float,
+        default=5.0,
+        help="retry-after (seconds) of injected 429 faults",
+    )
+    sim.add_argument(
+        "--burst-s",
+        type=_positive_float,
+        default=1.0,
+        help="seconds' worth of --rpm/--tpm that may be spent at once",
     )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--max-completion-tokens", type=_positive_int, default=64)
@@ -199,6 +211,8 @@ def _sim(args: argparse.Namespace) -> int:
             error_kinds=tuple(k.strip() for k in args.error_kinds.split(",") if k.strip()),
             seed=args.seed,
             max_completion_tokens=args.max_completion_tokens,
+            fault_retry_after_s=args.fault_retry_after,
+            burst_s=args.burst_s,
         )
     except ValueError as exc:
         raise ConfigError("sim", str(exc)) from None

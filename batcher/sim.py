@@ -24,6 +24,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class SimConfig:
     seed: int = 0
     max_completion_tokens: int = 64
     burst_s: float = 1.0
+    fault_retry_after_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "latency_jitter_ms"):
@@ -122,6 +124,12 @@ class SimConfig:
             raise ValueError(
                 f"max_completion_tokens must be an integer >= 1, got {self.max_completion_tokens!r}"
             )
+        if not (
+            isinstance(self.fault_retry_after_s, int | float) and self.fault_retry_after_s >= 0
+        ):
+            raise ValueError(
+                f"fault_retry_after_s must be a number >= 0, got {self.fault_retry_after_s!r}"
+            )
         if not (isinstance(self.burst_s, int | float) and 0 < self.burst_s <= 60):
             raise ValueError(f"burst_s must be within (0, 60], got {self.burst_s!r}")
 
@@ -134,6 +142,8 @@ class SimStats:
     ``requests_received == answered_ok + rejected_429 + faults_injected + bad_requests``.
     ``answered_ok`` and the ``*_tokens_served`` figures cover only well-formed 200 answers with
     ``usage``; an injected ``malformed`` or ``no_usage`` 200 is a fault, not an answer.
+    ``tokens_charged`` is what the TPM limit was charged (prompt + completion budget of every
+    admitted request), the figure a TPM limit is measured against.
     """
 
     requests_received: int = 0
@@ -144,11 +154,25 @@ class SimStats:
     prompt_tokens_served: int = 0
     completion_tokens_served: int = 0
     total_tokens_served: int = 0
+    tokens_charged: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
         return dataclasses.asdict(self)
+
+
+@dataclass(kw_only=True)
+class SimLog:
+    """When chat requests arrived and when 429s were answered, in seconds since ``started``
+    (the simulator's clock); ``GET /log`` serves it. Bounded: the last million of each."""
+
+    started: float
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=1_000_000))
+    rate_limited: deque[float] = field(default_factory=lambda: deque(maxlen=1_000_000))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"arrivals": list(self.arrivals), "rate_limited": list(self.rate_limited)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,14 +243,16 @@ class Simulator:
         self.config = config or SimConfig()
         self.stats = SimStats()
         self._clock = clock
+        self.log = SimLog(started=clock())
         self._limits = RateLimits(self.config.rpm, self.config.tpm, self.config.burst_s)
         # Separate streams, so the fault sequence for a seed does not depend on latency settings.
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(f"latency-{self.config.seed}")
 
     def reset_stats(self) -> None:
-        """Zero the counters (not the rate-limit buckets)."""
+        """Zero the counters and the log (not the rate-limit buckets)."""
         self.stats = SimStats()
+        self.log = SimLog(started=self._clock())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI connection scope (``http`` or ``lifespan``)."""
@@ -254,6 +280,8 @@ class Simulator:
             response = _json_response(200, {"object": "list", "data": data})
         elif path == "/stats" and method == "GET":
             response = _json_response(200, self.stats.as_dict())
+        elif path == "/log" and method == "GET":
+            response = _json_response(200, self.log.as_dict())
         elif path == "/stats/reset" and method == "POST":
             self.reset_stats()
             response = _json_response(200, self.stats.as_dict())
@@ -281,11 +309,15 @@ class Simulator:
         reserve = prompt_tokens + cap * (body.get("n") or 1)
 
         headers = _request_id()
+        now = self._clock()
+        self.log.arrivals.append(now - self.log.started)
         refusal = self._limits.admit(self._clock, reserve, headers)
         if refusal is not None:
             stats.rejected_429 += 1
             self._count(429)
+            self.log.rate_limited.append(now - self.log.started)
             return _Response(429, refusal, headers)
+        stats.tokens_charged += reserve
 
         # Drawn on arrival, not after the sleep, so the fault sequence for a seed follows the
         # order requests came in whatever the latency jitter. An admitted request that then
@@ -304,6 +336,11 @@ class Simulator:
         answer = self._answer(body, prompt_tokens)
         if fault is not None:
             status, payload, content_type = fault_response(fault, answer)
+            if fault == "429":
+                wait = self.config.fault_retry_after_s
+                headers.append((b"retry-after", str(math.ceil(wait)).encode()))
+                headers.append((b"retry-after-ms", str(round(wait * 1000)).encode()))
+                self.log.rate_limited.append(self._clock() - self.log.started)
             stats.faults_injected += 1
             self._count(status)
             return _Response(status, payload, headers, content_type)

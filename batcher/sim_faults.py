@@ -12,7 +12,9 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
-FAULT_KINDS: frozenset[str] = frozenset({"500", "502", "503", "malformed", "no_usage"})
+FAULT_KINDS: frozenset[str] = frozenset(
+    {"500", "502", "503", "malformed", "no_usage", "429", "401", "quota"}
+)
 """Every fault the simulator can inject; ``SimConfig.error_kinds`` picks among these."""
 
 JSON_TYPE = b"application/json"
@@ -55,6 +57,15 @@ def fault_response(kind: str, answer: dict[str, Any]) -> tuple[int, bytes, bytes
         # Cutting a JSON object anywhere before its closing brace leaves it unparseable: this
         # is what a connection dropped mid-body by a proxy looks like to the client.
         return 200, full[: max(1, len(full) // 2)], JSON_TYPE
+    if kind == "429":  # a rate limit the client was not told about (retry-after: see sim.py)
+        message = "Rate limit reached for requests. Please try again later."
+        return 429, error_body(message, "requests", "rate_limit_exceeded"), JSON_TYPE
+    if kind == "401":
+        message = "Incorrect API key provided. You can find your API key in your account."
+        return 401, error_body(message, "invalid_request_error", "invalid_api_key"), JSON_TYPE
+    if kind == "quota":
+        message = "You exceeded your current quota, please check your plan and billing details."
+        return 429, error_body(message, "insufficient_quota", "insufficient_quota"), JSON_TYPE
     if kind == "no_usage":
         stripped = {key: value for key, value in answer.items() if key != "usage"}
         return 200, json.dumps(stripped, separators=(",", ":")).encode(), JSON_TYPE

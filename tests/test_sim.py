@@ -328,6 +328,7 @@ async def test_stats_count_every_outcome_and_reset() -> None:
         "prompt_tokens_served",
         "completion_tokens_served",
         "total_tokens_served",
+        "tokens_charged",
         "by_status",
     }
     assert stats["requests_received"] == 5
@@ -413,3 +414,37 @@ def test_running_sim_over_a_loopback_socket() -> None:
     # Shut down: the port no longer accepts connections.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", handle.port), timeout=1):
         pass
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [("429", 429, "rate_limit_exceeded"), ("401", 401, "invalid_api_key"),
+     ("quota", 429, "insufficient_quota")],
+)  # fmt: skip
+async def test_rate_limit_and_account_faults(kind: str, status: int, code: str) -> None:
+    sim = Simulator(SimConfig(error_rate=1.0, error_kinds=(kind,), fault_retry_after_s=2.5))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=sim), base_url="http://sim"
+    ) as http:
+        response = await http.post(CHAT, json=body("hi"))
+        log = (await http.get("/log")).json()
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    if kind == "429":
+        assert response.headers["retry-after"] == "3"
+        assert response.headers["retry-after-ms"] == "2500"
+        assert len(log["rate_limited"]) == 1
+    assert len(log["arrivals"]) == 1
+
+
+@pytest.mark.anyio
+async def test_tokens_charged_counts_prompt_and_completion_budget() -> None:
+    sim = Simulator(SimConfig(tpm=1_000_000))
+    request = {**body("Hello, world!"), "max_tokens": 7, "n": 2}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=sim), base_url="http://sim"
+    ) as http:
+        await http.post(CHAT, json=request)
+    prompt = count_prompt_tokens(request["messages"], request["model"])
+    assert sim.stats.tokens_charged == prompt + 7 * 2
