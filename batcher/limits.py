@@ -7,7 +7,8 @@ Three separate objects, all waited on before a request is sent:
   capacity is spread evenly instead of spent in per-minute bursts. Their rate is the job's
   ``rpm``/``tpm``, lowered to the server's ``x-ratelimit-limit-*`` when that is smaller (a job
   that sets no limit learns the server's from its first answer).
-- **Concurrency** (an ``anyio.CapacityLimiter``): at most ``concurrency`` requests in flight.
+- **Concurrency** (an ``anyio.CapacityLimiter``): at most ``concurrency`` requests in flight;
+  just one until the first answer is back (a probe: it brings the server's limits).
 - **Cooldown and back-off**: a 429 pauses every new request for its ``retry-after`` (1 s
   without one) and cuts the meters' rates and the concurrency limit by ``BACKOFF``; they climb
   back linearly to full over ``RECOVERY_S`` seconds without a 429.
@@ -144,7 +145,10 @@ class Limits:
         self.rpm = RateMeter(rpm, clock=clock) if rpm else None
         self.tpm = RateMeter(tpm, clock=clock) if tpm else None
         self.max_concurrency = concurrency
-        self.concurrency = anyio.CapacityLimiter(concurrency)
+        # Probe first: one request alone until the first answer is back, so a server's limits
+        # (its x-ratelimit-* headers) are known before a whole pool's worth is sent at once.
+        self.concurrency = anyio.CapacityLimiter(1)
+        self.probing = True
         self.factor = 1.0  # the 429 back-off: 1.0 is full speed
         self._factor_at = clock()
         self._paused_until = 0.0
@@ -177,6 +181,9 @@ class Limits:
         """The attempt of ``tokens`` estimated tokens is over (answered or failed)."""
         self.in_flight_requests -= 1
         self.in_flight_tokens -= tokens
+        if self.probing:  # the first answer is in: open the pool
+            self.probing = False
+            self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
 
     def correct_tokens(self, estimated: int, charged: int) -> None:
         """Correct the TPM meter once the server's count of a request is known."""
@@ -261,7 +268,8 @@ class Limits:
             if meter is not None:
                 base = min(configured or math.inf, learned or math.inf)
                 meter.set_rate(base * factor)
-        self.concurrency.total_tokens = max(1, round(self.max_concurrency * factor))
+        if not self.probing:
+            self.concurrency.total_tokens = max(1, round(self.max_concurrency * factor))
 
 
 def _number(text: str | None) -> float | None:

@@ -128,6 +128,9 @@ def test_nothing_remaining_without_a_limit_pauses_until_the_reset() -> None:
 def test_429_pauses_the_pool_backs_off_once_per_burst_and_recovers_gradually() -> None:
     clock = Clock()
     limits = Limits(rpm=600, concurrency=64, clock=clock)
+    limits.in_flight_requests = 1
+    limits.release(0)  # the probe's answer: the pool opens
+    assert limits.concurrency.total_tokens == 64
     limits.on_rate_limited(5.0)
     limits.on_rate_limited(2.0)  # a second 429 of the same burst: no further back-off
     assert limits.paused_s == pytest.approx(5.0)
@@ -161,3 +164,11 @@ def test_token_correction_uses_the_servers_count() -> None:
     assert limits.tpm.reserve(1) == pytest.approx(1.0)
     limits.correct_tokens(100, 300)  # charged 200 more than estimated
     assert limits.tpm.reserve(1) == pytest.approx(3.01)
+
+
+def test_one_probe_request_until_the_first_answer() -> None:
+    limits = Limits(concurrency=32, clock=Clock())
+    assert limits.concurrency.total_tokens == 1
+    limits.in_flight_requests = 1
+    limits.release(5)
+    assert limits.concurrency.total_tokens == 32 and not limits.probing
