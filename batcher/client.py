@@ -154,55 +154,32 @@ def classify(response: httpx.Response, latency_s: float) -> Attempt:
     """Map an HTTP response to an ``Attempt``: ok, retryable, or final error."""
     status = response.status_code
     headers = response.headers
-    request_id = headers.get("x-request-id")
     body, is_json = _parse_body(response)
+    code: str | None = None
+    message: str | None = None
     if 200 <= status < 300:
         if not is_json:
-            return Attempt(
-                ok=False,
-                retryable=True,
-                latency_s=latency_s,
-                status_code=status,
-                body=body,
-                request_id=request_id,
-                error_code="invalid_response",
-                error_message=f"{status} with a body that is not JSON: {_snippet(body)}",
-                headers=headers,
-            )
-        if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-            return Attempt(
-                ok=False,
-                retryable=True,
-                latency_s=latency_s,
-                status_code=status,
-                body=body,
-                request_id=request_id,
-                error_code="invalid_response",
-                error_message=f"{status} with a JSON body that has no 'choices' list",
-                headers=headers,
-            )
-        return Attempt(
-            ok=True,
-            retryable=False,
-            latency_s=latency_s,
-            status_code=status,
-            body=body,
-            usage=Usage.from_body(body),
-            request_id=request_id,
-            headers=headers,
-        )
-    code, message = _error_of(status, body, is_json)
-    retryable = (status in RETRYABLE_STATUSES or status >= 500) and code != "insufficient_quota"
+            code, message = "invalid_response", f"{status} with a body that is not JSON: "
+            message += _snippet(body)
+        elif not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+            code = "invalid_response"
+            message = f"{status} with a JSON body that has no 'choices' list"
+        # a 2xx that is not usable is retried: the server produced nothing to keep
+        retryable = code is not None
+    else:
+        code, message = _error_of(status, body, is_json)
+        retryable = is_retryable_failure(status, code)
     return Attempt(
-        ok=False,
+        ok=code is None,
         retryable=retryable,
         latency_s=latency_s,
         status_code=status,
         body=body,
-        request_id=request_id,
+        usage=Usage.from_body(body) if code is None else None,
+        request_id=headers.get("x-request-id"),
         error_code=code,
         error_message=message,
-        retry_after=retry_after_s(headers),
+        retry_after=None if code is None else retry_after_s(headers),
         headers=headers,
     )
 

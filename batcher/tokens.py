@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,16 @@ def _shipped_data() -> Path:
 
 def _place_in_cache(name: str) -> None:
     folder = _cache_dir()
+    try:
+        _write_cached(folder, name)
+    except OSError:
+        # An unwritable home (a locked-down container): a private folder in the temp dir.
+        folder = Path(tempfile.gettempdir()) / f"batcher-tiktoken-{os.getuid()}"
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+        _write_cached(folder, name)
+
+
+def _write_cached(folder: Path, name: str) -> None:
     target = folder / hashlib.sha1(_URL.format(name=name).encode()).hexdigest()
     if target.exists():
         return

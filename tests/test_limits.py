@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from batcher.limits import (
@@ -172,3 +174,26 @@ def test_one_probe_request_until_the_first_answer() -> None:
     limits.in_flight_requests = 1
     limits.release(5)
     assert limits.concurrency.total_tokens == 32 and not limits.probing
+
+
+def test_encodings_load_offline_into_a_fresh_cache(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # a new process with an empty cache and no network route: the files come from bpe-openai
+    code = (
+        "from batcher.tokens import count_message_tokens as c;"
+        "print(c([{'role': 'user', 'content': 'Hello, world!'}], 'o200k_base'),"
+        " c([{'role': 'user', 'content': 'Hello, world!'}], 'cl100k_base'))"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "TIKTOKEN_CACHE_DIR": str(tmp_path / "c"),
+        "https_proxy": "http://127.0.0.1:9",  # any download attempt would fail at once
+        "http_proxy": "http://127.0.0.1:9",
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10", "10"]
+    assert len(list((tmp_path / "c").iterdir())) == 2
