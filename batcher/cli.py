@@ -22,7 +22,8 @@ exit codes:
   0  every request succeeded
   1  the run finished, but some requests failed or input lines were rejected
   2  usage or configuration error: nothing was sent
-  3  stopped early (Ctrl+C, SIGTERM, journal or output not writable): run again to resume
+  3  stopped early (Ctrl+C, SIGTERM, --max-cost reached, key refused, quota exhausted,
+     journal or output not writable): run again (with a new --max-cost) to resume
 
 The API key is read from $OPENAI_API_KEY (or the variable named by the job's
 endpoint.api_key_env) and is never written anywhere. --base-url sim runs the built-in
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
     run.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
     run.add_argument("--max-attempts", type=_positive_int, help="attempts per request")
+    run.add_argument(
+        "--max-cost",
+        type=_positive_float,
+        metavar="USD",
+        help="spending cap for this output (earlier runs included): stop before passing it",
+    )
     run.add_argument("--timeout", type=_positive_float, help="seconds per attempt")
     run.add_argument(
         "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
@@ -177,6 +184,7 @@ def _run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         progress=False if args.no_progress else None,
         grace_s=args.grace,
+        max_cost_usd=args.max_cost,
     )
     report = run_job(
         job,

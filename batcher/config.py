@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.errors import ConfigError
+from batcher.pricing import parse_pricing
 from batcher.requests import check_request_fields
 from batcher.tokens import ENCODINGS
 
@@ -47,6 +48,7 @@ class LimitsConfig:
     rpm: float | None = None
     tpm: float | None = None
     encoding: str | None = None
+    max_cost_usd: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +78,7 @@ class JobConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     sim: Mapping[str, Any] = field(default_factory=dict)
+    pricing: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     grace_s: float = 10.0
 
@@ -88,11 +91,11 @@ class JobConfig:
         return self.input, self.output
 
 
-_SECTIONS = {"job", "endpoint", "request", "limits", "retry", "sim"}
+_SECTIONS = {"job", "endpoint", "request", "limits", "retry", "sim", "pricing"}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
-     "timeout_s", "progress", "grace_s"}
+     "timeout_s", "progress", "grace_s", "max_cost_usd"}
 )  # fmt: skip
 
 
@@ -119,6 +122,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     retry_t = _table(raw, "retry")
     request = _table(raw, "request")
     sim = _table(raw, "sim")
+    pricing = _table(raw, "pricing")
 
     _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s"}, where="job")
     _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
@@ -155,6 +159,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         limits=LimitsConfig(**{k: limits_t[k] for k in limits_t}),
         retry=RetryConfig(**{k: retry_t[k] for k in retry_t}),
         sim=dict(sim),
+        pricing=dict(pricing),
         progress=_typed(job_t, "progress", bool, "job", True),
         grace_s=job_t.get("grace_s", 10.0),
     )
@@ -187,7 +192,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         ),
         limits=dataclasses.replace(
             job.limits,
-            **{k: given[k] for k in ("concurrency", "rpm", "tpm") if k in given},
+            **{k: given[k] for k in ("concurrency", "rpm", "tpm", "max_cost_usd") if k in given},
         ),
         retry=dataclasses.replace(
             job.retry,
@@ -207,7 +212,7 @@ def validate(job: JobConfig) -> None:
     _check_int(lim.concurrency, "limits.concurrency", minimum=1)
     if lim.encoding is not None and lim.encoding not in ENCODINGS:
         raise ConfigError("limits.encoding", f"must be one of {', '.join(ENCODINGS)}")
-    for name in ("rpm", "tpm"):
+    for name in ("rpm", "tpm", "max_cost_usd"):
         value = getattr(lim, name)
         if value is not None:
             _check_number(value, f"limits.{name}", positive=True)
@@ -222,6 +227,7 @@ def validate(job: JobConfig) -> None:
             "endpoint.base_url", f'must start with http:// or https:// or be "sim", got {url!r}'
         )
     check_request_fields(job.request, where="request")
+    parse_pricing(job.pricing)
     if job.endpoint.is_sim:
         from batcher.sim import SimConfig
 

@@ -14,6 +14,7 @@ waited on before every attempt. On SIGINT/SIGTERM dispatch stops at once, reques
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Iterator
@@ -22,10 +23,12 @@ from typing import Protocol
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from batcher.budget import Budget
 from batcher.client import Attempt, ChatClient
 from batcher.config import RetryConfig
 from batcher.errors import InputError
 from batcher.limits import Limits
+from batcher.pricing import Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
 from batcher.resume import ResumePlan
@@ -59,6 +62,8 @@ class Engine:
         stats: RunStats,
         progress: Progress,
         plan: ResumePlan | None = None,
+        pricer: Pricer | None = None,
+        budget: Budget | None = None,
         grace_s: float = 10.0,
         sleep: Sleep = anyio.sleep,
     ) -> None:
@@ -71,6 +76,8 @@ class Engine:
         self._stats = stats
         self._progress = progress
         self._plan = plan
+        self._pricer = pricer or Pricer()
+        self._budget = budget
         self._grace_s = grace_s
         self._sleep = sleep
         self._stopping = anyio.Event()
@@ -161,15 +168,51 @@ class Engine:
             async for request in recv:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
+                reserved = self._reserve(request)
+                if reserved is None:
+                    return  # the budget is spent: this one and the rest wait for a re-run
                 self._stats.submitted += 1
                 if self._plan and self._plan.known(request.custom_id):
                     self._stats.resent += 1
                 result = await self._send(request)
+                cost = self._pricer.cost(result.model, result.usage)
+                if cost is not None:
+                    result = dataclasses.replace(result, cost_usd=cost)
+                if self._budget is not None:
+                    # no usage (a failure, or an answer without it): assume the worst was spent
+                    # unless nothing was answered at all
+                    spent = (
+                        cost if cost is not None else (reserved if result.status == "ok" else 0.0)
+                    )
+                    self._budget.settle(reserved, spent)
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(_stop_reason(result))
                     continue
                 self._record(result, request.body_hash)
+
+    def _reserve(self, request: Request) -> float | None:
+        """Reserve the request's worst-case cost under ``--max-cost``; ``None`` if it cannot go."""
+        if self._budget is None:
+            return 0.0
+        model = request.body.get("model")
+        price = self._pricer.price(model if isinstance(model, str) else None)
+        if price is None:
+            self.stop(
+                f"--max-cost: no price for model {model!r}, so its cost cannot be capped; "
+                f'add [pricing."{model}"] input/output prices to the job'
+            )
+            return None
+        worst = price.worst_case(request.prompt_tokens, request.est_tokens - request.prompt_tokens)
+        if not self._budget.try_reserve(worst):
+            budget = self._budget
+            self.stop(
+                f"--max-cost ${budget.cap:g} reached: ${budget.spent:.4f} spent, "
+                f"${budget.reserved:.4f} reserved by requests in flight, next would reserve "
+                f"${worst:.4f}"
+            )
+            return None
+        return worst
 
     def _record(self, result: Result, body_hash: str) -> None:
         """Journal a finished request, then count it: synchronous, so nothing interleaves."""

@@ -73,6 +73,7 @@ class Journal:
         self.path = path
         self.entries: dict[str, Entry] = {}
         self.torn_bytes = 0
+        self.spent_before = 0.0  # dollars recorded by earlier runs (every record was paid)
         self._fsync_every_s = fsync_every_s
         self._clock = clock
         self._last_sync = clock()
@@ -171,6 +172,9 @@ class Journal:
                 record = _parse(raw)
                 if record is None or not isinstance(record.get("custom_id"), str):
                     continue  # unreadable: that request counts as not done
+                cost = record.get("cost_usd")
+                if isinstance(cost, int | float):
+                    self.spent_before += cost
                 self.entries[record["custom_id"]] = Entry(
                     str(record.get("hash", "")),
                     str(record.get("status", "")),

@@ -68,7 +68,8 @@ class Progress:
 
     def _postfix(self) -> str:
         s = self._stats
-        return f"tok={_si(s.total_tokens)} err={s.error} rej={s.rejected} retry={s.retries}"
+        cost = f" ${s.cost_usd:.4f}" if s.cost_by_model else ""
+        return f"tok={_si(s.total_tokens)}{cost} err={s.error} rej={s.rejected} retry={s.retries}"
 
     def _write_log_line(self, now: float) -> None:
         s = self._stats
@@ -104,6 +105,12 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
         f"  speed     {s.requests_per_s:,.1f} requests/s; {s.attempts:,} attempts"
         f" ({s.retries:,} retries)",
     ]
+    if s.cost_by_model or s.unpriced:
+        parts = ", ".join(f"{m} ${c:.4f}" for m, c in sorted(s.cost_by_model.items()))
+        line = f"  cost      ${s.cost_usd:.4f}" + (f" ({parts})" if parts else "")
+        if s.unpriced:
+            line += f"; {s.unpriced:,} answers of models with no known price not counted"
+        lines.append(line)
     if s.skipped or s.resent:
         lines.append(
             f"  resume    {s.skipped:,} skipped (done before), {s.resent:,} re-sent, "

@@ -19,12 +19,14 @@ from typing import IO
 import anyio
 import httpx
 
+from batcher.budget import Budget
 from batcher.client import ChatClient, check_api_key
 from batcher.config import DEFAULT_BASE_URL, JobConfig
 from batcher.engine import READ_BATCH, Engine
 from batcher.errors import ConfigError, OutputError
 from batcher.journal import Journal, journal_path
 from batcher.limits import Limits
+from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import Progress, format_summary
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
@@ -123,6 +125,14 @@ async def _run_async(
     stats = RunStats()
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     reader = Reader(source, job.request, encoding=job.limits.encoding)
+    overrides, discount = parse_pricing(job.pricing)
+    pricer = Pricer(
+        overrides,
+        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
+        batch_discount=discount,
+    )
+    cap = job.limits.max_cost_usd
+    budget = Budget(cap, spent_before=journal.spent_before) if cap is not None else None
     try:
         rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
         with RejectsWriter(rejects_path(output)) as rejects:
@@ -148,6 +158,8 @@ async def _run_async(
                     stats=stats,
                     progress=progress,
                     plan=plan,
+                    pricer=pricer,
+                    budget=budget,
                     grace_s=job.grace_s,
                 )
                 await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
@@ -157,6 +169,12 @@ async def _run_async(
     finally:
         progress.close()
     stats.lines_read = reader.lines_read
+    for model in pricer.unknown_models:
+        print(
+            f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
+            f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
+            file=stream,
+        )
     return stats, rejected
 
 

@@ -28,11 +28,17 @@ class RunStats:
     completion_tokens: int = 0
     total_tokens: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
+    cost_by_model: dict[str, float] = field(default_factory=dict)
+    unpriced: int = 0  # answers with usage but no known price
     wall_s: float = 0.0
     output_ok: int | None = None
     output_error: int | None = None
     stopped_early: bool = False
     stop_reason: str | None = None
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(self.cost_by_model.values())
 
     @property
     def done(self) -> int:
@@ -55,6 +61,11 @@ class RunStats:
             self.error += 1
             self.error_codes[result.error_code or "unknown"] += 1
         usage = result.usage
+        if result.cost_usd is not None:
+            key = result.model or "?"
+            self.cost_by_model[key] = self.cost_by_model.get(key, 0.0) + result.cost_usd
+        elif usage is not None:
+            self.unpriced += 1
         if usage is not None:
             self.prompt_tokens += usage.prompt_tokens or 0
             self.completion_tokens += usage.completion_tokens or 0

@@ -29,7 +29,7 @@ from .helpers import (
 
 pytestmark = pytest.mark.slow
 
-FAST_RETRY = "[retry]\nmax_attempts = 8\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.05\n"
+FAST_RETRY = "[retry]\nmax_attempts = 14\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.05\n"
 
 
 def test_faulty_server_every_id_exactly_once_answers_match_and_tokens_add_up(

@@ -61,8 +61,8 @@ def test_concurrency_limit_is_never_exceeded(tmp_path: Path) -> None:
 
 def test_library_run_with_faults_retries_to_success(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 120)
-    sim = Simulator(SimConfig(error_rate=0.4, error_kinds=("500", "503", "malformed"), seed=3))
-    job = job_for(tmp_path, src, "o.parquet", retry={"max_attempts": 10})
+    sim = Simulator(SimConfig(error_rate=0.25, error_kinds=("500", "503", "malformed"), seed=3))
+    job = job_for(tmp_path, src, "o.parquet", retry={"max_attempts": 14})
     printed = io.StringIO()
     report = run_job(job, transport=httpx.ASGITransport(app=sim), stream=printed)
     bad = [r for r in read_results(report.output) if r["status"] != "ok"]

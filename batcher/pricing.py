@@ -1,0 +1,174 @@
+"""Cost from usage: prices from genai-prices (maintained, offline) or the job's ``[pricing]``.
+
+A model's price is looked up once and kept: ``input``, ``output`` and ``cached`` US dollars per
+million tokens. Prompt tokens include the cached ones (as OpenAI reports them), which are billed
+at the cached price; reasoning tokens are part of the completion tokens and billed as output,
+as OpenAI bills them. A model with no known price gets no cost (``None``, never a silent 0) and
+one warning. ``batch_discount`` prices at the Batch API's half rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from batcher.errors import ConfigError
+from batcher.records import Usage
+
+#: The Batch API's discount on every token price.
+BATCH_DISCOUNT = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """US dollars per million tokens, and where the figures come from."""
+
+    input: float
+    output: float
+    cached: float
+    source: str
+
+    def cost(self, usage: Usage) -> float | None:
+        """The cost of one answer's usage; ``None`` when it has no token counts."""
+        if usage.prompt_tokens is None and usage.completion_tokens is None:
+            return None
+        prompt = usage.prompt_tokens or 0
+        cached = min(usage.cached_tokens or 0, prompt)
+        completion = usage.completion_tokens or 0
+        dollars = (prompt - cached) * self.input + cached * self.cached
+        return (dollars + completion * self.output) / 1e6
+
+    def worst_case(self, prompt_tokens: int, completion_budget: int) -> float:
+        """The most a request can cost: its prompt uncached and its whole completion budget."""
+        return (prompt_tokens * self.input + completion_budget * self.output) / 1e6
+
+
+def parse_pricing(table: Mapping[str, Any]) -> tuple[dict[str, Price], bool]:
+    """Read a job's ``[pricing]``: per-model tables and ``batch_discount``.
+
+    ``[pricing."my-model"] input = 0.2, output = 0.6, cached = 0.1`` (USD per million tokens;
+    ``cached`` defaults to ``input``; 0 is a valid price, for a self-hosted model).
+    """
+    models: dict[str, Price] = {}
+    discount = False
+    for key, value in table.items():
+        if key == "batch_discount":
+            if not isinstance(value, bool):
+                raise ConfigError("pricing.batch_discount", f"must be true or false, got {value!r}")
+            discount = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"pricing.{key}",
+                'must be a table of prices, e.g. [pricing."my-model"] input = 0.2, output = 0.6',
+            )
+        unknown = set(value) - {"input", "output", "cached"}
+        if unknown:
+            raise ConfigError(f"pricing.{key}.{sorted(unknown)[0]}", "unknown key "
+                              "(expected input, output, cached)")  # fmt: skip
+        prices = {}
+        for name in ("input", "output", "cached"):
+            if name not in value:
+                if name == "cached":
+                    continue
+                raise ConfigError(f"pricing.{key}.{name}", "missing (USD per million tokens)")
+            price = value[name]
+            if (
+                isinstance(price, bool)
+                or not isinstance(price, int | float)
+                or not (math.isfinite(price) and price >= 0)
+            ):
+                raise ConfigError(f"pricing.{key}.{name}", f"must be a number >= 0, got {price!r}")
+            prices[name] = float(price)
+        models[key] = Price(
+            input=prices["input"],
+            output=prices["output"],
+            cached=prices.get("cached", prices["input"]),
+            source="job [pricing]",
+        )
+    return models, discount
+
+
+class Pricer:
+    """Prices requests by model, from the job's overrides first, then genai-prices."""
+
+    def __init__(
+        self,
+        overrides: Mapping[str, Price] | None = None,
+        *,
+        provider_api_url: str | None = None,
+        batch_discount: bool = False,
+    ) -> None:
+        self._overrides = dict(overrides or {})
+        self._api_url = provider_api_url
+        self._factor = BATCH_DISCOUNT if batch_discount else 1.0
+        self._known: dict[str, Price | None] = {}
+        self.unknown_models: list[str] = []
+
+    def price(self, model: str | None) -> Price | None:
+        """The price of ``model``, or ``None`` (noted in ``unknown_models``) when unknown."""
+        key = model or ""
+        if key not in self._known:
+            price = self._overrides.get(key) or self._lookup(key)
+            if price is not None and self._factor != 1.0:
+                price = Price(
+                    input=price.input * self._factor,
+                    output=price.output * self._factor,
+                    cached=price.cached * self._factor,
+                    source=price.source + " (Batch API discount)",
+                )
+            if price is None:
+                self.unknown_models.append(key)
+            self._known[key] = price
+        return self._known[key]
+
+    def cost(self, model: str | None, usage: Usage | None) -> float | None:
+        """What an answer cost; ``None`` if the model's price or the usage is unknown."""
+        if usage is None:
+            return None
+        price = self.price(model)
+        return None if price is None else price.cost(usage)
+
+    def _lookup(self, model: str) -> Price | None:
+        if not model:
+            return None
+        from genai_prices import Usage as GenaiUsage
+        from genai_prices import calc_price
+
+        try:
+            found = calc_price(
+                GenaiUsage(input_tokens=0, output_tokens=0),
+                model,
+                provider_api_url=self._api_url if self._api_url else None,
+            )
+        except LookupError:
+            if self._api_url is None:
+                return None
+            try:  # an unknown gateway URL: match the model on its own
+                found = calc_price(GenaiUsage(input_tokens=0, output_tokens=0), model)
+            except LookupError:
+                return None
+        mp = found.model_price
+        base_in, base_out = _base(mp.input_mtok), _base(mp.output_mtok)
+        if base_in is None or base_out is None:
+            return None
+        cached = _base(mp.cache_read_mtok)
+        return Price(
+            input=base_in,
+            output=base_out,
+            cached=base_in if cached is None else cached,
+            source=f"genai-prices {found.provider.id}/{found.model.id}",
+        )
+
+
+def _base(value: Any) -> float | None:
+    """A per-MTok price as a float; for tiered prices, the base tier (noted in DESIGN_NOTES)."""
+    if value is None:
+        return None
+    if isinstance(value, Decimal | int | float):
+        return float(value)
+    base = getattr(value, "base", None)
+    return float(base) if isinstance(base, Decimal | int | float) else None

@@ -1,0 +1,148 @@
+"""Cost: prices by model, job overrides, cost_usd on records, and the --max-cost cap."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from batcher.config import JobConfig, job_from_dict
+from batcher.errors import ConfigError
+from batcher.pricing import Price, Pricer, parse_pricing
+from batcher.records import Usage
+from batcher.runner import run_job
+from batcher.sim import Simulator
+from batcher.writers import read_results
+
+from .helpers import write_input
+
+
+def test_genai_prices_lookup_prices_cached_tokens_lower() -> None:
+    pricer = Pricer(provider_api_url="https://api.openai.com/v1")
+    price = pricer.price("gpt-4o-mini")
+    assert price is not None and price.source.startswith("genai-prices openai/")
+    usage = Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000, cached_tokens=500_000)
+    full = Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000)
+    with_cache, without = price.cost(usage), price.cost(full)
+    assert with_cache is not None and without is not None
+    assert with_cache == pytest.approx(without - 500_000 * (price.input - price.cached) / 1e6)
+    assert with_cache < without
+
+
+def test_unknown_model_has_no_cost_not_zero() -> None:
+    pricer = Pricer()
+    assert pricer.cost("my-finetune-xyz", Usage(prompt_tokens=10, completion_tokens=5)) is None
+    assert pricer.unknown_models == ["my-finetune-xyz"]
+
+
+def test_job_pricing_overrides_zero_prices_and_batch_discount() -> None:
+    models, discount = parse_pricing(
+        {"batch_discount": True, "local": {"input": 0, "output": 0},
+         "gpt-4o-mini": {"input": 1.0, "output": 2.0, "cached": 0.5}}
+    )  # fmt: skip
+    pricer = Pricer(models, batch_discount=discount)
+    assert pricer.cost("local", Usage(prompt_tokens=10, completion_tokens=5)) == 0.0
+    usage = Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000, cached_tokens=1_000_000)
+    assert pricer.cost("gpt-4o-mini", usage) == pytest.approx((0.5 + 2.0) * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [({"m": {"input": -1, "output": 1}}, "pricing.m.input"),
+     ({"m": {"input": 1}}, "pricing.m.output"),
+     ({"m": {"input": 1, "output": 1, "extra": 1}}, "pricing.m.extra"),
+     ({"m": 3}, "pricing.m"), ({"batch_discount": "yes"}, "pricing.batch_discount")],
+)  # fmt: skip
+def test_bad_pricing_names_the_field(table: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        job_from_dict({"pricing": table})
+    assert info.value.field == field
+
+
+def test_worst_case_is_prompt_plus_whole_budget() -> None:
+    price = Price(input=2.0, output=10.0, cached=1.0, source="t")
+    assert price.worst_case(1000, 500) == pytest.approx((1000 * 2 + 500 * 10) / 1e6)
+
+
+def job(tmp_path: Path, src: Path, **tables: dict[str, Any]) -> JobConfig:
+    raw: dict[str, dict[str, Any]] = {
+        "job": {"input": str(src), "output": str(tmp_path / "o.parquet"), "progress": False},
+        "endpoint": {"base_url": "http://sim.test/v1"},
+        "request": {"model": "gpt-4o-mini", "max_tokens": 40},
+        "limits": {"concurrency": 8},
+    }
+    for name, table in tables.items():
+        raw.setdefault(name, {}).update(table)
+    return job_from_dict(raw)
+
+
+def test_every_record_carries_its_cost_and_the_summary_totals_it(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 30)
+    printed = io.StringIO()
+    report = run_job(
+        job(tmp_path, src), transport=httpx.ASGITransport(app=Simulator()), stream=printed
+    )
+    rows = list(read_results(report.output))
+    price = Pricer().price("gpt-4o-mini")
+    assert price is not None
+    for row in rows:
+        expected = row["prompt_tokens"] * price.input + row["completion_tokens"] * price.output
+        assert row["cost_usd"] == pytest.approx(expected / 1e6)
+    total = sum(r["cost_usd"] for r in rows)
+    assert report.stats.cost_usd == pytest.approx(total)
+    assert f"cost      ${total:.4f} (gpt-4o-mini ${total:.4f})" in printed.getvalue()
+
+
+def test_unknown_model_warns_once_and_leaves_cost_empty(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 5)
+    printed = io.StringIO()
+    report = run_job(
+        job(tmp_path, src, request={"model": "house-model-7b"}),
+        transport=httpx.ASGITransport(app=Simulator()),
+        stream=printed,
+    )
+    assert {r["cost_usd"] for r in read_results(report.output)} == {None}
+    assert printed.getvalue().count("no price known for model 'house-model-7b'") == 1
+
+
+def test_max_cost_is_never_passed_and_a_higher_cap_resumes(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 200)
+    price = Pricer().price("gpt-4o-mini")
+    assert price is not None
+    cap = 0.0006  # room for roughly a fifth of the requests' worst case
+    first = run_job(
+        job(tmp_path, src, limits={"max_cost_usd": cap}),
+        transport=httpx.ASGITransport(app=Simulator()),
+        stream=io.StringIO(),
+    )
+    assert first.exit_code == 3
+    assert "--max-cost $0.0006 reached" in first.summary
+    spent = sum(r["cost_usd"] for r in read_results(first.output))
+    assert 0 < spent <= cap
+    assert 0 < first.stats.done < 200
+
+    second = run_job(
+        job(tmp_path, src, limits={"max_cost_usd": 1.0}),
+        transport=httpx.ASGITransport(app=Simulator()),
+        stream=io.StringIO(),
+    )
+    assert second.exit_code == 0
+    rows = list(read_results(second.output))
+    assert len(rows) == 200
+    assert second.stats.skipped == first.stats.done
+
+
+def test_max_cost_with_an_unpriced_model_sends_nothing(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 5)
+    sim = Simulator()
+    report = run_job(
+        job(tmp_path, src, request={"model": "house-model-7b"}, limits={"max_cost_usd": 5.0}),
+        transport=httpx.ASGITransport(app=sim),
+        stream=io.StringIO(),
+    )
+    assert report.exit_code == 3
+    assert sim.stats.requests_received == 0
+    assert "no price for model 'house-model-7b'" in report.summary
