@@ -12,6 +12,7 @@ from batcher import __version__
 from batcher.errors import BatcherError
 
 if TYPE_CHECKING:
+    from batcher.config import JobConfig
     from batcher.resume import RetryErrors
 
 RUN_EPILOG = """\
@@ -61,6 +62,22 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what a job is: shared by ``run`` and ``estimate``."""
+    parser.add_argument("job", nargs="?", type=Path, help="job file (TOML), e.g. jobs/demo.toml")
+    parser.add_argument(
+        "--input", "-i", help="input JSONL file (.jsonl, .jsonl.gz, or - for stdin)"
+    )
+    parser.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
+    parser.add_argument("--model", "-m", help="default model for lines that name none")
+    parser.add_argument(
+        "--base-url", help='endpoint base URL, e.g. https://api.openai.com/v1, or "sim"'
+    )
+    parser.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
+    parser.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
+    parser.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batcher",
@@ -78,16 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("job", nargs="?", type=Path, help="job file (TOML), e.g. jobs/demo.toml")
-    run.add_argument("--input", "-i", help="input JSONL file (.jsonl, .jsonl.gz, or - for stdin)")
-    run.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
-    run.add_argument("--model", "-m", help="default model for lines that name none")
-    run.add_argument(
-        "--base-url", help='endpoint base URL, e.g. https://api.openai.com/v1, or "sim"'
-    )
-    run.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
-    run.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
-    run.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
+    _add_job_arguments(run)
     run.add_argument("--max-attempts", type=_positive_int, help="attempts per request")
     run.add_argument(
         "--max-cost",
@@ -116,6 +124,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-progress", action="store_true", help="log lines instead of a progress bar"
     )
+
+    est = sub.add_parser(
+        "estimate",
+        help="pre-flight: requests, tokens, cost low/high and ETA; sends nothing",
+        description="Estimate a job before running it: the same inputs as run; nothing is sent.",
+    )
+    _add_job_arguments(est)
+    est.add_argument("--max-cost", type=_positive_float, metavar="USD", help=argparse.SUPPRESS)
+    est.add_argument(
+        "--sample",
+        type=Path,
+        metavar="OUTPUT",
+        help="an earlier output: base the low estimate on its answers' real lengths",
+    )
+    est.add_argument(
+        "--low-fraction",
+        type=_non_negative_float,
+        default=0.25,
+        help="without --sample: share of max_tokens the low estimate assumes (0.25)",
+    )
+    est.add_argument(
+        "--latency",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="seconds an answer is assumed to take, for the ETA (2)",
+    )
+    est.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
     sim = sub.add_parser(
         "sim",
@@ -157,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "estimate":
+            return _estimate(args)
         return _sim(args)
     except BatcherError as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
@@ -166,12 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
 
 
-def _run(args: argparse.Namespace) -> int:
+def _job(args: argparse.Namespace) -> JobConfig:
     from batcher.config import JobConfig, load_job, with_overrides
-    from batcher.runner import run_job
 
     job = load_job(args.job) if args.job else JobConfig()
-    job = with_overrides(
+    return with_overrides(
         job,
         input=args.input,
         output=args.output,
@@ -180,12 +217,18 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         rpm=args.rpm,
         tpm=args.tpm,
-        max_attempts=args.max_attempts,
-        timeout_s=args.timeout,
-        progress=False if args.no_progress else None,
-        grace_s=args.grace,
+        max_attempts=getattr(args, "max_attempts", None),
+        timeout_s=getattr(args, "timeout", None),
+        progress=False if getattr(args, "no_progress", False) else None,
+        grace_s=getattr(args, "grace", None),
         max_cost_usd=args.max_cost,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from batcher.runner import run_job
+
+    job = _job(args)
     report = run_job(
         job,
         restart=args.restart,
@@ -193,6 +236,20 @@ def _run(args: argparse.Namespace) -> int:
         handle_signals=True,
     )
     return report.exit_code
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from batcher.estimate import estimate, format_estimate
+
+    job = _job(args)
+    est = estimate(job, sample=args.sample, low_fraction=args.low_fraction, latency_s=args.latency)
+    if args.json:
+        print(json.dumps(est.as_dict(), indent=2))
+    else:
+        print(format_estimate(est, name=job.name))
+    return 0
 
 
 def _retry_errors(args: argparse.Namespace) -> RetryErrors:

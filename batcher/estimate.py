@@ -1,0 +1,197 @@
+"""``batcher estimate``: what a job will send and cost, before anything is sent.
+
+It reads the input exactly as ``run`` does (same forms, defaults and rejects), counts the prompt
+tokens with tiktoken, and bounds the output: **high** is every request's whole completion budget
+(``max_completion_tokens``/``max_tokens``, or 256, × ``n``); **low** assumes answers use
+``low_fraction`` of their budget (25 % by default), or, given ``sample`` (an earlier output
+file), the average completion tokens its answers actually used. The ETA is the slowest of the
+job's RPM limit, its TPM limit, and concurrency × an assumed latency per answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batcher.config import JobConfig
+from batcher.pricing import Pricer, parse_pricing
+from batcher.reader import Reader, open_input
+from batcher.records import Reject
+from batcher.writers import read_results
+
+DEFAULT_LOW_FRACTION = 0.25
+DEFAULT_LATENCY_S = 2.0
+
+
+@dataclass(kw_only=True)
+class ModelEstimate:
+    """Figures for the requests of one model."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    output_tokens_low: int = 0
+    output_tokens_high: int = 0
+    cost_low_usd: float | None = 0.0
+    cost_high_usd: float | None = 0.0
+
+
+@dataclass(kw_only=True)
+class Estimate:
+    """The whole pre-flight estimate of a job."""
+
+    requests: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    output_tokens_low: int = 0
+    output_tokens_high: int = 0
+    cost_low_usd: float | None = 0.0
+    cost_high_usd: float | None = 0.0
+    eta_s: float = 0.0
+    eta_bound: str = ""
+    low_basis: str = ""
+    unpriced_models: list[str] = field(default_factory=list)
+    by_model: dict[str, ModelEstimate] = field(default_factory=dict)
+    read_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate(
+    job: JobConfig,
+    *,
+    sample: Path | None = None,
+    low_fraction: float = DEFAULT_LOW_FRACTION,
+    latency_s: float = DEFAULT_LATENCY_S,
+) -> Estimate:
+    """Estimate a job; reads the input, sends nothing."""
+    if job.input is None:
+        from batcher.errors import ConfigError
+
+        raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
+    overrides, discount = parse_pricing(job.pricing)
+    pricer = Pricer(
+        overrides,
+        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
+        batch_discount=discount,
+    )
+    per_answer = _sampled_completion(sample) if sample else None
+    result = Estimate()
+    result.low_basis = (
+        f"answers use {per_answer:.0f} completion tokens on average (measured in {sample})"
+        if per_answer is not None
+        else f"answers use {low_fraction:.0%} of their max_tokens"
+    )
+    started = time.perf_counter()
+    with open_input(job.input) as stream:
+        for item in Reader(stream, job.request, encoding=job.limits.encoding):
+            if isinstance(item, Reject):
+                result.rejected += 1
+                continue
+            model = str(item.body.get("model"))
+            budget = item.est_tokens - item.prompt_tokens
+            n = item.body.get("n") or 1
+            low = round(budget * low_fraction) if per_answer is None else per_answer * n
+            low = min(budget, int(low))
+            m = result.by_model.setdefault(model, ModelEstimate())
+            m.requests += 1
+            m.prompt_tokens += item.prompt_tokens
+            m.output_tokens_low += low
+            m.output_tokens_high += budget
+    result.read_s = time.perf_counter() - started
+    for model, m in result.by_model.items():
+        price = pricer.price(model)
+        if price is None:
+            m.cost_low_usd = m.cost_high_usd = None
+            result.unpriced_models.append(model)
+        else:
+            m.cost_low_usd = (
+                m.prompt_tokens * price.input + m.output_tokens_low * price.output
+            ) / 1e6
+            m.cost_high_usd = (
+                m.prompt_tokens * price.input + m.output_tokens_high * price.output
+            ) / 1e6
+        result.requests += m.requests
+        result.prompt_tokens += m.prompt_tokens
+        result.output_tokens_low += m.output_tokens_low
+        result.output_tokens_high += m.output_tokens_high
+    costs = [m for m in result.by_model.values() if m.cost_low_usd is not None]
+    result.cost_low_usd = sum(m.cost_low_usd or 0.0 for m in costs)
+    result.cost_high_usd = sum(m.cost_high_usd or 0.0 for m in costs)
+    result.eta_s, result.eta_bound = _eta(job, result, latency_s)
+    return result
+
+
+def _eta(job: JobConfig, est: Estimate, latency_s: float) -> tuple[float, str]:
+    bounds = {
+        f"concurrency {job.limits.concurrency} × {latency_s:g} s an answer": (
+            est.requests * latency_s / job.limits.concurrency
+        )
+    }
+    if job.limits.rpm:
+        bounds[f"{job.limits.rpm:g} RPM"] = est.requests / job.limits.rpm * 60
+    if job.limits.tpm:
+        tokens = est.prompt_tokens + est.output_tokens_high  # TPM is charged on the budget
+        bounds[f"{job.limits.tpm:g} TPM"] = tokens / job.limits.tpm * 60
+    bound = max(bounds, key=lambda k: bounds[k])
+    return bounds[bound], bound
+
+
+def _sampled_completion(sample: Path) -> float | None:
+    """Average completion tokens of the ok answers in an earlier output file."""
+    total = count = 0
+    for row in read_results(sample):
+        if row.get("status") == "ok" and isinstance(row.get("completion_tokens"), int):
+            total += row["completion_tokens"]
+            count += 1
+    return total / count if count else None
+
+
+def format_estimate(est: Estimate, *, name: str) -> str:
+    """The human-readable estimate."""
+    lines = [
+        f"batcher estimate: {name} (nothing was sent)",
+        f"  requests       {est.requests:,} ({est.rejected:,} lines would be rejected)",
+        f"  prompt tokens  {est.prompt_tokens:,} (tiktoken)",
+        f"  output tokens  {est.output_tokens_low:,} to {est.output_tokens_high:,} "
+        f"(low: {est.low_basis}; high: every max_tokens used)",
+    ]
+    if est.cost_low_usd is not None and (
+        est.by_model and len(est.unpriced_models) < len(est.by_model)
+    ):
+        lines.append(f"  cost           ${est.cost_low_usd:,.4f} to ${est.cost_high_usd:,.4f}")
+    for model, m in sorted(est.by_model.items()):
+        cost = (
+            f"${m.cost_low_usd:,.4f} to ${m.cost_high_usd:,.4f}"
+            if m.cost_low_usd is not None
+            else "no known price"
+        )
+        lines.append(
+            f"    {model}: {m.requests:,} requests, {m.prompt_tokens:,} prompt tokens, {cost}"
+        )
+    if est.unpriced_models:
+        lines.append(
+            "  no price for   "
+            + ", ".join(est.unpriced_models)
+            + ' (set [pricing."MODEL"] input/output in the job)'
+        )
+    lines.append(f"  ETA            {_duration(est.eta_s)} (bound by {est.eta_bound})")
+    rate = est.requests / est.read_s if est.read_s > 0 else 0.0
+    lines.append(f"  read in        {est.read_s:.1f} s ({rate:,.0f} prompts/s)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def estimate_json(est: Estimate) -> Mapping[str, Any]:
+    """The estimate as JSON-ready data."""
+    return est.as_dict()

@@ -1,0 +1,87 @@
+"""``batcher estimate``: exact prompt tokens, output and cost bounds, ETA; nothing sent."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batcher.config import job_from_dict
+from batcher.estimate import estimate
+from batcher.pricing import Pricer
+from batcher.runner import run_job
+from batcher.sim import SimConfig, Simulator
+
+from .helpers import ROOT, requests_of, run_batcher, write_input
+
+
+def job_for(src: Path, out: Path, **limits: object):  # type: ignore[no-untyped-def]
+    return job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(out), "progress": False},
+            "endpoint": {"base_url": "http://sim.test/v1"},
+            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+            "limits": {"concurrency": 10, **limits},
+        }
+    )
+
+
+def test_estimate_brackets_what_the_run_then_uses(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 60)
+    with src.open("a") as f:
+        f.write("not json\n")
+    est = estimate(job_for(src, tmp_path / "o.parquet", rpm=60))
+    sim = Simulator(SimConfig(max_completion_tokens=30))
+    job = job_for(src, tmp_path / "o.parquet")
+    report = run_job(job, transport=httpx.ASGITransport(app=sim), stream=io.StringIO())
+    assert est.requests == 60 and est.rejected == 1
+    assert est.prompt_tokens == report.stats.prompt_tokens  # tiktoken, as the server counts
+    assert est.output_tokens_low <= report.stats.completion_tokens <= est.output_tokens_high
+    assert est.cost_low_usd is not None and est.cost_high_usd is not None
+    assert est.cost_low_usd <= report.stats.cost_usd <= est.cost_high_usd
+    price = Pricer().price("gpt-4o-mini")
+    assert price is not None
+    high = (est.prompt_tokens * price.input + est.output_tokens_high * price.output) / 1e6
+    assert est.cost_high_usd == pytest.approx(high)
+    assert est.eta_s == pytest.approx(60.0) and est.eta_bound == "60 RPM"  # not 10 × 2 s
+
+
+def test_sample_of_an_earlier_output_sets_the_low_bound(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 20)
+    job = job_for(src, tmp_path / "o.jsonl")
+    sim = Simulator(SimConfig(max_completion_tokens=30))
+    report = run_job(job, transport=httpx.ASGITransport(app=sim), stream=io.StringIO())
+    est = estimate(job, sample=report.output)
+    # the same prompts again: the sample's average length, within each request's budget
+    average = report.stats.completion_tokens / 20
+    budgets = [r.est_tokens - r.prompt_tokens for r in requests_of(src, job.request).values()]
+    assert est.output_tokens_low == sum(min(b, int(average)) for b in budgets)
+    assert "measured in" in est.low_basis
+
+
+def test_unknown_model_has_no_cost_and_is_named(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 3)
+    job = job_from_dict(
+        {"job": {"input": str(src)}, "request": {"model": "house-7b"}, "limits": {"tpm": 600}}
+    )
+    est = estimate(job)
+    assert est.unpriced_models == ["house-7b"]
+    assert est.by_model["house-7b"].cost_high_usd is None
+    assert est.eta_bound == "600 TPM"
+
+
+def test_cli_estimate_sends_nothing_and_prints_json(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 5)
+    proc = run_batcher(
+        "estimate", "--input", str(src), "--model", "gpt-4o", "--base-url",
+        "http://127.0.0.1:9/v1", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["requests"] == 5 and data["cost_high_usd"] > data["cost_low_usd"] > 0
+    text = run_batcher("estimate", str(ROOT / "jobs" / "demo.toml"))
+    assert "batcher estimate: demo (nothing was sent)" in text.stdout
+    assert "prompts/s" in text.stdout
