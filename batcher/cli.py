@@ -153,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
+    rep = sub.add_parser(
+        "report",
+        help="totals, latency percentiles, throughput, errors and cost of an output",
+        description="Report on a finished output (.parquet or .jsonl).",
+    )
+    rep.add_argument("output", type=Path, help="an output file of batcher run")
+    rep.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    rep.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write a self-contained page with charts"
+    )
+
     sim = sub.add_parser(
         "sim",
         help="serve the OpenAI-compatible simulator",
@@ -195,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "estimate":
             return _estimate(args)
+        if args.command == "report":
+            return _report(args)
         return _sim(args)
     except BatcherError as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
@@ -249,6 +262,25 @@ def _estimate(args: argparse.Namespace) -> int:
         print(json.dumps(est.as_dict(), indent=2))
     else:
         print(format_estimate(est, name=job.name))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from batcher.errors import InputError
+    from batcher.report import build_report, format_report, write_html
+
+    if not args.output.exists():
+        raise InputError(f"no such output: {args.output}")
+    report, series = build_report(args.output)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report))
+    if args.html:
+        write_html(report, series, args.html)
+        print(f"batcher report: wrote {args.html}", file=sys.stderr)
     return 0
 
 

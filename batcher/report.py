@@ -1,0 +1,202 @@
+"""``batcher report OUTPUT``: totals, latency percentiles, throughput and error classes.
+
+Reads a finished output (Parquet or JSONL) as a stream. ``--json`` prints the same figures for
+scripts; ``--html FILE`` writes a self-contained page with charts (matplotlib, an optional
+extra: ``pip install 'batcher[report]'``) drawn as inline SVG, so no network is needed to view.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batcher.writers import read_results
+
+_TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+
+
+@dataclass(kw_only=True)
+class Group:
+    """Totals for one (model, status)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+
+
+@dataclass(kw_only=True)
+class Report:
+    """Everything ``batcher report`` shows."""
+
+    path: str
+    requests: int = 0
+    ok: int = 0
+    error: int = 0
+    cost_usd: float = 0.0
+    groups: dict[str, dict[str, Group]] = field(default_factory=dict)  # model -> status -> Group
+    latency_p50_s: float | None = None
+    latency_p90_s: float | None = None
+    latency_p99_s: float | None = None
+    wall_s: float = 0.0
+    requests_per_s: float = 0.0
+    error_classes: dict[str, int] = field(default_factory=dict)
+    attempts: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
+    """The report of an output file, and its raw series (latencies, times, costs) for charts."""
+    report = Report(path=str(path))
+    latencies = array("d")
+    finished = array("d")
+    costs = array("d")
+    errors: Counter[str] = Counter()
+    first_start = math.inf
+    last_end = -math.inf
+    for row in read_results(path):
+        status = row.get("status") or "error"
+        model = row.get("model") or "?"
+        group = report.groups.setdefault(model, {}).setdefault(status, Group())
+        group.requests += 1
+        report.requests += 1
+        report.attempts += row.get("attempts") or 0
+        for name in _TOKEN_FIELDS:
+            setattr(group, name, getattr(group, name) + (row.get(name) or 0))
+        cost = row.get("cost_usd")
+        if cost is None:
+            group.unpriced += status == "ok"
+        else:
+            group.cost_usd += cost
+            report.cost_usd += cost
+        if status == "ok":
+            report.ok += 1
+            if row.get("latency_s") is not None:
+                latencies.append(row["latency_s"])
+        else:
+            report.error += 1
+            errors[row.get("error_code") or "unknown"] += 1
+        started, ended = row.get("started_at"), row.get("finished_at")
+        if started is not None and ended is not None:
+            first_start = min(first_start, started.timestamp())
+            last_end = max(last_end, ended.timestamp())
+            finished.append(ended.timestamp())
+            costs.append(cost or 0.0)
+    ordered = sorted(latencies)
+    report.latency_p50_s = _percentile(ordered, 50)
+    report.latency_p90_s = _percentile(ordered, 90)
+    report.latency_p99_s = _percentile(ordered, 99)
+    if last_end > first_start:
+        report.wall_s = last_end - first_start
+        report.requests_per_s = report.requests / report.wall_s
+    report.error_classes = dict(errors.most_common())
+    offset = first_start if math.isfinite(first_start) else 0.0
+    series = {
+        "latency_s": latencies,
+        "finished_s": array("d", (t - offset for t in finished)),
+        "cost_usd": costs,
+    }
+    return report, series
+
+
+def _percentile(ordered: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def format_report(report: Report) -> str:
+    """The report as text (the same figures as a run's summary)."""
+    lines = [
+        f"batcher report: {report.path}",
+        f"  requests  {report.requests:,}: {report.ok:,} ok, {report.error:,} error; "
+        f"{report.attempts:,} attempts",
+        f"  cost      ${report.cost_usd:,.4f}",
+        f"  latency   p50 {_s(report.latency_p50_s)}, p90 {_s(report.latency_p90_s)}, "
+        f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
+        f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
+        "  by model and status:",
+    ]
+    for model, statuses in sorted(report.groups.items()):
+        for status, g in sorted(statuses.items()):
+            cost = f"${g.cost_usd:,.4f}" + (f" ({g.unpriced:,} unpriced)" if g.unpriced else "")
+            lines.append(
+                f"    {model} {status}: {g.requests:,} requests, {g.prompt_tokens:,} prompt "
+                f"({g.cached_tokens:,} cached), {g.completion_tokens:,} completion "
+                f"({g.reasoning_tokens:,} reasoning) tokens, {cost}"
+            )
+    if report.error_classes:
+        top = ", ".join(f"{code} ×{n:,}" for code, n in report.error_classes.items())
+        lines.append(f"  errors    {top}")
+    return "\n".join(lines)
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def write_html(report: Report, series: dict[str, array[float]], target: Path) -> None:
+    """A self-contained HTML page: the figures and three charts as inline SVG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from batcher.errors import ConfigError
+
+        raise ConfigError(
+            "--html", "charts need matplotlib: pip install 'batcher[report]'"
+        ) from None
+
+    def svg(fig: Any) -> str:
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", bbox_inches="tight")
+        plt.close(fig)
+        text = buffer.getvalue()
+        return text[text.index("<svg") :]
+
+    charts = []
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.hist(list(series["latency_s"]), bins=40, color="#4c72b0")
+    ax.set(title="Latency of ok answers", xlabel="seconds", ylabel="requests")
+    charts.append(svg(fig))
+    done = sorted(series["finished_s"])
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(done, range(1, len(done) + 1), color="#55a868")
+    ax.set(title="Completions over time", xlabel="seconds since start", ylabel="done")
+    charts.append(svg(fig))
+    pairs = sorted(zip(series["finished_s"], series["cost_usd"], strict=True))
+    running, total = [], 0.0
+    for _, cost in pairs:
+        total += cost
+        running.append(total)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([t for t, _ in pairs], running, color="#c44e52")
+    ax.set(title="Cost over time", xlabel="seconds since start", ylabel="USD")
+    charts.append(svg(fig))
+    body = "\n".join(f"<figure>{chart}</figure>" for chart in charts)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>batcher report: {html.escape(report.path)}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "pre{background:#f6f6f6;padding:1em}</style></head><body>"
+        f"<h1>batcher report</h1><pre>{html.escape(format_report(report))}</pre>{body}"
+        "</body></html>"
+    )
+    target.write_text(page, encoding="utf-8")
