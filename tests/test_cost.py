@@ -146,3 +146,16 @@ def test_max_cost_with_an_unpriced_model_sends_nothing(tmp_path: Path) -> None:
     assert report.exit_code == 3
     assert sim.stats.requests_received == 0
     assert "no price for model 'house-model-7b'" in report.summary
+
+
+def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
+    from .helpers import run_batcher
+
+    out = tmp_path / "demo.parquet"
+    proc = run_batcher(
+        "run", "jobs/demo.toml", "--output", str(out), "--max-cost", "0.0005", "--no-progress"
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "--max-cost $0.0005 reached" in proc.stderr
+    spent = sum(r["cost_usd"] for r in read_results(out))
+    assert 0 < spent <= 0.0005
