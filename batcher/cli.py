@@ -78,6 +78,13 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
 
 
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batcher",
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     est.add_argument(
         "--low-fraction",
-        type=_non_negative_float,
+        type=_fraction,
         default=0.25,
         help="without --sample: share of max_tokens the low estimate assumes (0.25)",
     )

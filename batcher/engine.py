@@ -31,6 +31,7 @@ from batcher.limits import Limits
 from batcher.pricing import Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
+from batcher.requests import completion_budget, prompt_bound
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
@@ -83,6 +84,8 @@ class Engine:
         self._stopping = anyio.Event()
         self._record_error: OSError | None = None
         self._work_scope = anyio.CancelScope()
+        self._read_scope = anyio.CancelScope()
+        self._signalled = False
         self._signal_scope = anyio.CancelScope()
 
     async def run(
@@ -105,9 +108,14 @@ class Engine:
         return self._stats
 
     def stop(self, reason: str, *, at_once: bool = False) -> None:
-        """Stop dispatching; requests in flight get the grace period (none if ``at_once``)."""
-        if self._stopping.is_set() or at_once:
-            self._work_scope.cancel()  # asked twice, or no point waiting: stop now
+        """Stop dispatching; requests in flight may finish (cancelled now if ``at_once``).
+
+        Only the first reason counts; a second stop never cuts off answers in flight (only a
+        second Ctrl+C does, in ``_watch_signals``).
+        """
+        if at_once:
+            self._work_scope.cancel()
+        self._read_scope.cancel()  # the reader may be waiting on a slow pipe: nothing more to read
         if self._stopping.is_set():
             return
         self._stats.stopped_early = True
@@ -116,10 +124,7 @@ class Engine:
         if at_once:
             self._progress.note(f"batcher: {reason}: stopping")
             return
-        self._progress.note(
-            f"batcher: {reason}: no new requests; waiting up to {self._grace_s:g} s "
-            "for those in flight (press Ctrl+C again to stop at once)"
-        )
+        self._progress.note(f"batcher: {reason}: no new requests; letting those in flight finish")
 
     @property
     def record_error(self) -> OSError | None:
@@ -127,6 +132,12 @@ class Engine:
         return self._record_error
 
     async def _read(
+        self, batches: Iterator[list[Request | Reject]], send: ObjectSendStream[Request]
+    ) -> None:
+        with self._read_scope:
+            await self._read_all(batches, send)
+
+    async def _read_all(
         self, batches: Iterator[list[Request | Reject]], send: ObjectSendStream[Request]
     ) -> None:
         async with send:
@@ -175,16 +186,15 @@ class Engine:
                 if self._plan and self._plan.known(request.custom_id):
                     self._stats.resent += 1
                 result = await self._send(request)
-                cost = self._pricer.cost(result.model, result.usage)
+                cost = self._pricer.cost_of(request.body.get("model"), result.model, result.usage)
+                if self._budget is not None:
+                    # An ok answer without usage may have been billed: count its worst case, and
+                    # record that figure, so a resumed run's budget starts from it too.
+                    if cost is None and result.status == "ok":
+                        cost = reserved
+                    self._budget.settle(reserved, cost or 0.0)
                 if cost is not None:
                     result = dataclasses.replace(result, cost_usd=cost)
-                if self._budget is not None:
-                    # no usage (a failure, or an answer without it): assume the worst was spent
-                    # unless nothing was answered at all
-                    spent = (
-                        cost if cost is not None else (reserved if result.status == "ok" else 0.0)
-                    )
-                    self._budget.settle(reserved, spent)
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(_stop_reason(result))
@@ -203,7 +213,14 @@ class Engine:
                 f'add [pricing."{model}"] input/output prices to the job'
             )
             return None
-        worst = price.worst_case(request.prompt_tokens, request.est_tokens - request.prompt_tokens)
+        body = request.body
+        if not (body.get("max_tokens") or body.get("max_completion_tokens")):
+            self.stop(
+                "--max-cost needs max_tokens (or max_completion_tokens) on every request, to "
+                "bound what an answer can cost; set it in the job's [request] or on the lines"
+            )
+            return None
+        worst = price.worst_case(prompt_bound(body, request.prompt_tokens), completion_budget(body))
         if not self._budget.try_reserve(worst):
             budget = self._budget
             self.stop(
@@ -268,9 +285,18 @@ class Engine:
     async def _watch_signals(self) -> None:
         with self._signal_scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
             async for signum in sigs:
+                if self._signalled:  # asked twice: stop now
+                    self._work_scope.cancel()
+                    continue
+                self._signalled = True
                 self.stop(f"interrupted by {signal.Signals(signum).name}")
-                if not self._work_scope.cancel_called:
-                    self._work_scope.deadline = anyio.current_time() + self._grace_s
+                self._progress.note(
+                    f"batcher: waiting up to {self._grace_s:g} s for requests in flight "
+                    "(press Ctrl+C again to stop at once)"
+                )
+                self._work_scope.deadline = min(
+                    self._work_scope.deadline, anyio.current_time() + self._grace_s
+                )
 
 
 def _result_of(request: Request, last: Attempt, attempts: int, started: float) -> Result:

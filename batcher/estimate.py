@@ -93,9 +93,8 @@ def estimate(
                 continue
             model = str(item.body.get("model"))
             budget = item.est_tokens - item.prompt_tokens
-            n = item.body.get("n") or 1
-            low = round(budget * low_fraction) if per_answer is None else per_answer * n
-            low = min(budget, int(low))
+            # a sample's average is per record, all its choices in: the same n as here is assumed
+            low = min(budget, int(budget * low_fraction if per_answer is None else per_answer))
             m = result.by_model.setdefault(model, ModelEstimate())
             m.requests += 1
             m.prompt_tokens += item.prompt_tokens
@@ -119,8 +118,9 @@ def estimate(
         result.output_tokens_low += m.output_tokens_low
         result.output_tokens_high += m.output_tokens_high
     costs = [m for m in result.by_model.values() if m.cost_low_usd is not None]
-    result.cost_low_usd = sum(m.cost_low_usd or 0.0 for m in costs)
-    result.cost_high_usd = sum(m.cost_high_usd or 0.0 for m in costs)
+    # no priced model at all: no cost (None), never a silent 0
+    result.cost_low_usd = sum(m.cost_low_usd or 0.0 for m in costs) if costs else None
+    result.cost_high_usd = sum(m.cost_high_usd or 0.0 for m in costs) if costs else None
     result.eta_s, result.eta_bound = _eta(job, result, latency_s)
     return result
 
@@ -157,11 +157,9 @@ def format_estimate(est: Estimate, *, name: str) -> str:
         f"  requests       {est.requests:,} ({est.rejected:,} lines would be rejected)",
         f"  prompt tokens  {est.prompt_tokens:,} (tiktoken)",
         f"  output tokens  {est.output_tokens_low:,} to {est.output_tokens_high:,} "
-        f"(low: {est.low_basis}; high: every max_tokens used)",
+        f"(low: {est.low_basis}; high: every max_tokens used, 256 where none is set)",
     ]
-    if est.cost_low_usd is not None and (
-        est.by_model and len(est.unpriced_models) < len(est.by_model)
-    ):
+    if est.cost_low_usd is not None and est.cost_high_usd is not None:
         lines.append(f"  cost           ${est.cost_low_usd:,.4f} to ${est.cost_high_usd:,.4f}")
     for model, m in sorted(est.by_model.items()):
         cost = (

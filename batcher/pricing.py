@@ -30,6 +30,8 @@ class Price:
     output: float
     cached: float
     source: str
+    input_max: float | None = None  # the highest tier, for prices that rise with prompt length
+    output_max: float | None = None
 
     def cost(self, usage: Usage) -> float | None:
         """The cost of one answer's usage; ``None`` when it has no token counts."""
@@ -43,7 +45,9 @@ class Price:
 
     def worst_case(self, prompt_tokens: int, completion_budget: int) -> float:
         """The most a request can cost: its prompt uncached and its whole completion budget."""
-        return (prompt_tokens * self.input + completion_budget * self.output) / 1e6
+        top_in = max(self.input, self.input_max or 0.0)
+        top_out = max(self.output, self.output_max or 0.0)
+        return (prompt_tokens * top_in + completion_budget * top_out) / 1e6
 
 
 def parse_pricing(table: Mapping[str, Any]) -> tuple[dict[str, Price], bool]:
@@ -106,24 +110,35 @@ class Pricer:
         self._api_url = provider_api_url
         self._factor = BATCH_DISCOUNT if batch_discount else 1.0
         self._known: dict[str, Price | None] = {}
+        self._answered: dict[str, Price | None] = {}
         self.unknown_models: list[str] = []
 
     def price(self, model: str | None) -> Price | None:
         """The price of ``model``, or ``None`` (noted in ``unknown_models``) when unknown."""
         key = model or ""
         if key not in self._known:
-            price = self._overrides.get(key) or self._lookup(key)
-            if price is not None and self._factor != 1.0:
-                price = Price(
-                    input=price.input * self._factor,
-                    output=price.output * self._factor,
-                    cached=price.cached * self._factor,
-                    source=price.source + " (Batch API discount)",
-                )
+            price = self._discounted(self._overrides.get(key) or self._lookup(key))
             if price is None:
                 self.unknown_models.append(key)
             self._known[key] = price
         return self._known[key]
+
+    def cost_of(self, asked: Any, answered: str | None, usage: Usage | None) -> float | None:
+        """The cost of an answer. A job's ``[pricing]`` names the model it asks for, so that
+        comes first; else the model that answered (servers answer with dated names, such as
+        ``gpt-4o-2024-08-06``, priced exactly); else the model asked for."""
+        if usage is None:
+            return None
+        asked_name = asked if isinstance(asked, str) else None
+        if asked_name is not None and asked_name in self._overrides:
+            return self.cost(asked_name, usage)
+        if answered is not None and answered != asked_name:
+            if answered not in self._answered:
+                self._answered[answered] = self._discounted(self._lookup(answered))
+            price = self._answered[answered]
+            if price is not None:
+                return price.cost(usage)
+        return self.cost(asked_name, usage)
 
     def cost(self, model: str | None, usage: Usage | None) -> float | None:
         """What an answer cost; ``None`` if the model's price or the usage is unknown."""
@@ -131,6 +146,19 @@ class Pricer:
             return None
         price = self.price(model)
         return None if price is None else price.cost(usage)
+
+    def _discounted(self, price: Price | None) -> Price | None:
+        if price is None or self._factor == 1.0:
+            return price
+        f = self._factor
+        return Price(
+            input=price.input * f,
+            output=price.output * f,
+            cached=price.cached * f,
+            source=price.source + " (Batch API discount)",
+            input_max=None if price.input_max is None else price.input_max * f,
+            output_max=None if price.output_max is None else price.output_max * f,
+        )
 
     def _lookup(self, model: str) -> Price | None:
         if not model:
@@ -161,6 +189,8 @@ class Pricer:
             output=base_out,
             cached=base_in if cached is None else cached,
             source=f"genai-prices {found.provider.id}/{found.model.id}",
+            input_max=_top(mp.input_mtok),
+            output_max=_top(mp.output_mtok),
         )
 
 
@@ -172,3 +202,12 @@ def _base(value: Any) -> float | None:
         return float(value)
     base = getattr(value, "base", None)
     return float(base) if isinstance(base, Decimal | int | float) else None
+
+
+def _top(value: Any) -> float | None:
+    """The highest tier of a tiered price (``None`` for a flat one)."""
+    tiers = getattr(value, "tiers", None)
+    if not tiers:
+        return None
+    prices = [float(t.price) for t in tiers if isinstance(getattr(t, "price", None), Decimal)]
+    return max(prices) if prices else None

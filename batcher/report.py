@@ -2,7 +2,7 @@
 
 Reads a finished output (Parquet or JSONL) as a stream. ``--json`` prints the same figures for
 scripts; ``--html FILE`` writes a self-contained page with charts (matplotlib, an optional
-extra: ``pip install 'batcher[report]'``) drawn as inline SVG, so no network is needed to view.
+extra: ``pip install -e '.[report]'``) drawn as inline SVG, so no network is needed to view.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def format_report(report: Report) -> str:
         f"batcher report: {report.path}",
         f"  requests  {report.requests:,}: {report.ok:,} ok, {report.error:,} error; "
         f"{report.attempts:,} attempts",
-        f"  cost      ${report.cost_usd:,.4f}",
+        f"  cost      ${report.cost_usd:,.4f}" + _unpriced_note(report),
         f"  latency   p50 {_s(report.latency_p50_s)}, p90 {_s(report.latency_p90_s)}, "
         f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
         f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
@@ -146,6 +146,11 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _unpriced_note(report: Report) -> str:
+    unpriced = sum(g.unpriced for statuses in report.groups.values() for g in statuses.values())
+    return f" (+ {unpriced:,} ok answers with no known price)" if unpriced else ""
+
+
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
@@ -160,9 +165,7 @@ def write_html(report: Report, series: dict[str, array[float]], target: Path) ->
     except ImportError:
         from batcher.errors import ConfigError
 
-        raise ConfigError(
-            "--html", "charts need matplotlib: pip install 'batcher[report]'"
-        ) from None
+        raise ConfigError("--html", "charts need matplotlib: pip install -e '.[report]'") from None
 
     def svg(fig: Any) -> str:
         buffer = io.StringIO()
@@ -199,4 +202,9 @@ def write_html(report: Report, series: dict[str, array[float]], target: Path) ->
         f"<h1>batcher report</h1><pre>{html.escape(format_report(report))}</pre>{body}"
         "</body></html>"
     )
-    target.write_text(page, encoding="utf-8")
+    try:
+        target.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        from batcher.errors import ConfigError
+
+        raise ConfigError("--html", f"cannot write {target}: {exc.strerror or exc}") from None

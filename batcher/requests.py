@@ -9,6 +9,7 @@ untouched, so new API parameters work without a batcher release.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -111,6 +112,30 @@ def estimate_prompt_tokens(body: Mapping[str, Any], encoding: str | None = None)
     return count_message_tokens(
         messages, encoding or encoding_for_model(model if isinstance(model, str) else None)
     )
+
+
+#: Tokens an image part may cost at most (a large image at high detail), for cost bounds.
+IMAGE_TOKENS_BOUND = 1_600
+
+
+def prompt_bound(body: Mapping[str, Any], counted: int) -> int:
+    """An upper bound on what the server may count as prompt, for ``--max-cost`` reservations.
+
+    ``counted`` (tiktoken over the message texts) leaves out what servers also bill: tool and
+    function definitions and a JSON schema (bounded here by the tokens of their JSON text) and
+    images (``IMAGE_TOKENS_BOUND`` each).
+    """
+    extra = 0
+    for key in ("tools", "functions", "response_format"):
+        if body.get(key):
+            extra += len(json.dumps(body[key]))  # at most a token a character
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            extra += IMAGE_TOKENS_BOUND * sum(
+                1 for part in content if isinstance(part, Mapping) and part.get("type") != "text"
+            )
+    return counted + extra
 
 
 def completion_budget(body: Mapping[str, Any]) -> int:

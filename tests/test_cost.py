@@ -159,3 +159,81 @@ def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
     assert "--max-cost $0.0005 reached" in proc.stderr
     spent = sum(r["cost_usd"] for r in read_results(out))
     assert 0 < spent <= 0.0005
+
+
+def test_max_cost_needs_a_completion_limit_to_bound_answers(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 4)
+    sim = Simulator()
+    capped = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / "o.jsonl"), "progress": False},
+            "endpoint": {"base_url": "http://sim.test/v1"},
+            "request": {"model": "gpt-4o-mini"},
+            "limits": {"max_cost_usd": 1.0},
+        }
+    )
+    # write_input's batch-form lines carry max_tokens; the others do not: those stop the run
+    report = run_job(capped, transport=httpx.ASGITransport(app=sim), stream=io.StringIO())
+    assert report.exit_code == 3
+    assert "--max-cost needs max_tokens" in report.summary
+
+
+def test_prompt_bound_counts_tools_schemas_and_images() -> None:
+    from batcher.requests import IMAGE_TOKENS_BOUND, prompt_bound
+
+    image = {"type": "image_url", "image_url": {"url": "data:..."}}
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    }
+    assert prompt_bound(body, 10) >= 10 + IMAGE_TOKENS_BOUND + 40
+    assert prompt_bound({"messages": [{"role": "user", "content": "x"}]}, 10) == 10
+
+
+def test_worst_case_uses_the_highest_tier() -> None:
+    tiered = Price(input=1.25, output=5.0, cached=0.3, source="t", input_max=2.5, output_max=10.0)
+    assert tiered.worst_case(1_000_000, 1_000_000) == pytest.approx(12.5)
+    pricer = Pricer()
+    gemini = pricer.price("gemini-1.5-pro")
+    if gemini is not None and gemini.input_max is not None:  # tiered in genai-prices' data
+        assert gemini.input_max > gemini.input
+
+
+def test_job_price_applies_when_the_server_answers_with_a_dated_name(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={
+            "model": "gpt-4o-2024-08-06",
+            "choices": [{"message": {"role": "assistant", "content": "x"}}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000},
+        })  # fmt: skip
+
+    src = write_input(tmp_path / "in.jsonl", 2)
+    free = job(tmp_path, src, request={"model": "gpt-4o"},
+               pricing={"gpt-4o": {"input": 0, "output": 0}})  # fmt: skip
+    report = run_job(free, transport=httpx.MockTransport(handler), stream=io.StringIO())
+    assert {r["cost_usd"] for r in read_results(report.output)} == {0.0}
+    # without the override the dated name is priced exactly by genai-prices
+    paid = job(tmp_path, src, request={"model": "gpt-4o"})
+    report = run_job(paid, transport=httpx.MockTransport(handler), stream=io.StringIO(),
+                     restart=True)  # fmt: skip
+    assert all(r["cost_usd"] > 0 for r in read_results(report.output))
+
+
+def test_a_second_account_error_does_not_cut_off_answers_in_flight(tmp_path: Path) -> None:
+    import anyio
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if b"Question 0:" in request.content:  # the probe: a good answer
+            return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+        if b"Question 1:" in request.content or b"Question 2:" in request.content:
+            await anyio.sleep(0.05)  # long enough for all four to be in flight
+            return httpx.Response(401, json={"error": {"code": "invalid_api_key"}})
+        await anyio.sleep(0.3)
+        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+
+    src = write_input(tmp_path / "in.jsonl", 5)
+    run = job(tmp_path, src, limits={"concurrency": 4})
+    report = run_job(run, transport=httpx.MockTransport(handler), stream=io.StringIO())
+    assert report.exit_code == 3
+    ids = {r["custom_id"] for r in read_results(report.output)}
+    assert ids == {"r00000", "r00003", "r00004"}  # the slow ok ones finished and were recorded

@@ -70,6 +70,7 @@ def test_unknown_model_has_no_cost_and_is_named(tmp_path: Path) -> None:
     est = estimate(job)
     assert est.unpriced_models == ["house-7b"]
     assert est.by_model["house-7b"].cost_high_usd is None
+    assert est.cost_low_usd is None and est.cost_high_usd is None  # not a silent 0
     assert est.eta_bound == "600 TPM"
 
 
