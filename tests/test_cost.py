@@ -237,3 +237,31 @@ def test_a_second_account_error_does_not_cut_off_answers_in_flight(tmp_path: Pat
     assert report.exit_code == 3
     ids = {r["custom_id"] for r in read_results(report.output)}
     assert ids == {"r00000", "r00003", "r00004"}  # the slow ok ones finished and were recorded
+
+
+def test_reasoning_tokens_are_billed_as_the_output_they_are_part_of() -> None:
+    price = Price(input=1.0, output=4.0, cached=0.5, source="t")
+    plain = Usage(prompt_tokens=100, completion_tokens=1000)
+    reasoning = Usage(prompt_tokens=100, completion_tokens=1000, reasoning_tokens=800)
+    # OpenAI reports reasoning inside completion_tokens and bills it at the output rate
+    assert price.cost(reasoning) == price.cost(plain) == pytest.approx((100 + 4000) / 1e6)
+
+
+def test_progress_bar_shows_the_spend_so_far() -> None:
+    from batcher.progress import Progress
+    from batcher.records import Result
+    from batcher.stats import RunStats
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stats = RunStats()
+    stats.add(Result(custom_id="a", line=1, status="ok", model="m", attempts=1, latency_s=0.1,
+                     started_at=0.0, finished_at=0.1, usage=Usage(total_tokens=5),
+                     cost_usd=0.0123))  # fmt: skip
+    screen = Terminal()
+    bar = Progress(stats, total=2, stream=screen)
+    bar.advance()
+    bar.close()
+    assert "$0.0123" in screen.getvalue()

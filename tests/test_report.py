@@ -72,6 +72,8 @@ def test_totals_percentiles_and_errors(output: Path) -> None:
     # 110 ok latencies: 100 spread over 0.01..1.00 and ten of 0.5
     assert report.latency_p50_s == pytest.approx(0.5)
     assert report.latency_p99_s == pytest.approx(0.99)
+    assert report.latency_p90_s == pytest.approx(0.89)  # rank 99 of 110: 0.89 (10 × 0.5 below)
+    assert report.requests_per_s == pytest.approx(115 / (114 + 0.1))
     assert report.error_classes == {"http_503": 5}
     assert report.attempts == 100 + 10 + 15
     assert report.wall_s == pytest.approx(114 + 0.1)
