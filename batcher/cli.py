@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--error-kinds",
         default="500,502,503,malformed",
-        help="comma-separated: 500,502,503,malformed,no_usage,429,401,quota",
+        help="comma-separated: 500,502,503,504,malformed,no_usage,no_choices,"
+        "wrong_content_type,huge,400,429,retry_after_date,401,quota,reset_headers,reset_body,stall",
     )
     sim.add_argument(
         "--fault-retry-after",

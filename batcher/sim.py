@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -28,6 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 import anyio
@@ -36,6 +38,7 @@ import uvicorn
 from batcher.sim_faults import (
     FAULT_KINDS,
     JSON_TYPE,
+    TRANSPORT_FAULTS,
     BadRequest,
     RateLimits,
     error_body,
@@ -181,6 +184,21 @@ class _Response:
     body: bytes
     headers: Headers
     content_type: bytes = JSON_TYPE
+    transport_fault: str | None = None
+
+
+class _QuietHangUps(logging.Filter):
+    """Drops uvicorn's complaint about the responses the simulator breaks off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ASGI callable returned without completing")
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietHangUps())
+
+
+#: How long a "stall" fault waits before sending the body (a client's timeout should fire).
+STALL_S = 3600.0
 
 
 def count_prompt_tokens(messages: Sequence[Mapping[str, Any]], model: str | None = None) -> int:
@@ -291,7 +309,7 @@ class Simulator:
             message = f"Invalid URL ({method} {path})"
             response = _Response(404, error_body(message, "invalid_request_error"), _request_id())
             self._count(404)
-        await _send(send, response)
+        await _send(send, response, receive)
 
     async def _chat(self, raw: bytes) -> _Response:
         stats = self.stats
@@ -341,9 +359,14 @@ class Simulator:
                 headers.append((b"retry-after", str(math.ceil(wait)).encode()))
                 headers.append((b"retry-after-ms", str(round(wait * 1000)).encode()))
                 self.log.rate_limited.append(self._clock() - self.log.started)
+            elif fault == "retry_after_date":  # the HTTP-date form of retry-after, no -ms
+                when = time.time() + self.config.fault_retry_after_s + 1
+                headers.append((b"retry-after", formatdate(when, usegmt=True).encode()))
+                self.log.rate_limited.append(self._clock() - self.log.started)
             stats.faults_injected += 1
             self._count(status)
-            return _Response(status, payload, headers, content_type)
+            transport = fault if fault in TRANSPORT_FAULTS else None
+            return _Response(status, payload, headers, content_type, transport_fault=transport)
         usage = answer["usage"]
         stats.answered_ok += 1
         stats.prompt_tokens_served += usage["prompt_tokens"]
@@ -406,13 +429,31 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _send(send: Send, response: _Response) -> None:
+async def _send(send: Send, response: _Response, receive: Receive | None = None) -> None:
     headers = [
         (b"content-type", response.content_type),
         (b"content-length", str(len(response.body)).encode()),
         *response.headers,
     ]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    fault = response.transport_fault
+    # Returning before the response is complete makes uvicorn close the connection: to the
+    # client, the peer hung up (the one line uvicorn logs about it is filtered out below).
+    if fault == "reset_headers":
+        return
+    if fault == "reset_body":
+        half = response.body[: len(response.body) // 2]
+        await send({"type": "http.response.body", "body": half, "more_body": True})
+        return
+    if fault == "stall":
+        # Until the client gives up and hangs up (or STALL_S): a stalled handler must not hold
+        # the server's shutdown hostage.
+        with anyio.move_on_after(STALL_S):
+            while receive is not None and (await receive())["type"] != "http.disconnect":
+                pass
+            if receive is None:
+                await anyio.sleep(STALL_S)
+        return
     await send({"type": "http.response.body", "body": response.body})
 
 

@@ -13,8 +13,29 @@ from collections.abc import Callable
 from typing import Any, TypeGuard
 
 FAULT_KINDS: frozenset[str] = frozenset(
-    {"500", "502", "503", "malformed", "no_usage", "429", "401", "quota"}
+    {
+        "500",
+        "502",
+        "503",
+        "504",
+        "malformed",
+        "no_usage",
+        "no_choices",
+        "wrong_content_type",
+        "huge",
+        "400",
+        "429",
+        "retry_after_date",
+        "401",
+        "quota",
+        "reset_headers",
+        "reset_body",
+        "stall",
+    }
 )
+#: Faults of the connection itself rather than of the answer: the app breaks the response off
+#: (after the headers, or halfway through the body) or stalls before the body.
+TRANSPORT_FAULTS = frozenset({"reset_headers", "reset_body", "stall"})
 """Every fault the simulator can inject; ``SimConfig.error_kinds`` picks among these."""
 
 JSON_TYPE = b"application/json"
@@ -57,7 +78,27 @@ def fault_response(kind: str, answer: dict[str, Any]) -> tuple[int, bytes, bytes
         # Cutting a JSON object anywhere before its closing brace leaves it unparseable: this
         # is what a connection dropped mid-body by a proxy looks like to the client.
         return 200, full[: max(1, len(full) // 2)], JSON_TYPE
-    if kind == "429":  # a rate limit the client was not told about (retry-after: see sim.py)
+    if kind == "504":
+        return (
+            504,
+            _BAD_GATEWAY_HTML.replace(b"502 Bad Gateway", b"504 Gateway Time-out"),
+            HTML_TYPE,
+        )
+    if kind == "no_choices":
+        stripped = {key: value for key, value in answer.items() if key != "choices"}
+        return 200, json.dumps(stripped, separators=(",", ":")).encode(), JSON_TYPE
+    if kind == "wrong_content_type":  # a captive portal or a proxy's login page, with a 200
+        return 200, b"<html><body>Please sign in to continue.</body></html>", HTML_TYPE
+    if kind == "huge":  # a well-formed answer of about 2 MB
+        big = json.loads(json.dumps(answer))
+        big["choices"][0]["message"]["content"] += " lorem" * 350_000
+        return 200, json.dumps(big, separators=(",", ":")).encode(), JSON_TYPE
+    if kind == "400":
+        message = "Invalid value for 'temperature': must be between 0 and 2."
+        return 400, error_body(message, "invalid_request_error", "invalid_value"), JSON_TYPE
+    if kind in TRANSPORT_FAULTS:
+        return 200, json.dumps(answer, separators=(",", ":")).encode(), JSON_TYPE
+    if kind in ("429", "retry_after_date"):  # a limit the client was not told about
         message = "Rate limit reached for requests. Please try again later."
         return 429, error_body(message, "requests", "rate_limit_exceeded"), JSON_TYPE
     if kind == "401":
