@@ -53,12 +53,14 @@ class LimitsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RetryConfig:
-    """The retry policy: attempts, per-attempt timeout and backoff bounds (seconds)."""
+    """The retry policy: attempts, per-attempt timeout and backoff bounds (seconds), and how
+    long an outage (the endpoint unreachable) is waited out before the run stops."""
 
     max_attempts: int = 6
     timeout_s: float = 600.0
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    outage_patience_s: float = 1800.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,7 +219,7 @@ def validate(job: JobConfig) -> None:
         if value is not None:
             _check_number(value, f"limits.{name}", positive=True)
     _check_int(ret.max_attempts, "retry.max_attempts", minimum=1)
-    for name in ("timeout_s", "backoff_initial_s", "backoff_max_s"):
+    for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "outage_patience_s"):
         _check_number(getattr(ret, name), f"retry.{name}", positive=True)
     if ret.backoff_max_s < ret.backoff_initial_s:
         raise ConfigError("retry.backoff_max_s", "must be >= retry.backoff_initial_s")

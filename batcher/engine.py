@@ -28,6 +28,7 @@ from batcher.client import Attempt, ChatClient
 from batcher.config import RetryConfig
 from batcher.errors import InputError
 from batcher.limits import Limits
+from batcher.outage import OUTAGE_AFTER, Outage
 from batcher.pricing import Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
@@ -66,6 +67,7 @@ class Engine:
         pricer: Pricer | None = None,
         budget: Budget | None = None,
         grace_s: float = 10.0,
+        outage_patience_s: float = 1800.0,
         sleep: Sleep = anyio.sleep,
     ) -> None:
         self._client = client
@@ -79,6 +81,7 @@ class Engine:
         self._plan = plan
         self._pricer = pricer or Pricer()
         self._budget = budget
+        self._outage = Outage(patience_s=outage_patience_s)
         self._grace_s = grace_s
         self._sleep = sleep
         self._stopping = anyio.Event()
@@ -195,6 +198,8 @@ class Engine:
                     self._budget.settle(reserved, cost or 0.0)
                 if cost is not None:
                     result = dataclasses.replace(result, cost_usd=cost)
+                if result.error_code == "connection_error" and self._outage.exhausted:
+                    continue  # not recorded: the endpoint is down, a re-run sends it
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(_stop_reason(result))
@@ -251,8 +256,8 @@ class Engine:
         try:
             async for attempt in retry_policy(self._retry, sleep=self._sleep):
                 with attempt:
-                    attempts += 1
-                    last = await self._attempt(request)
+                    last, sends = await self._attempt(request)
+                    attempts += sends
                     if last.retryable:
                         raise RetryableAttempt(last)
         except RetryableAttempt:
@@ -260,15 +265,41 @@ class Engine:
         assert last is not None
         return _result_of(request, last, attempts, started)
 
-    async def _attempt(self, request: Request) -> Attempt:
-        """One attempt, within every limit; its answer steers the limits."""
+    async def _attempt(self, request: Request) -> tuple[Attempt, int]:
+        """One attempt, within every limit; its answer steers the limits.
+
+        While the endpoint is down (see ``outage.py``) failed connections are not returned as
+        attempts: the request waits for the next probe instead of using up its retries. Returns
+        the attempt and how many times the request was sent for it.
+        """
         limits, tokens = self._limits, request.est_tokens
-        async with limits.concurrency:
-            await limits.acquire(tokens)
-            try:
-                attempt = await self._client.post(request.body)
-            finally:
-                limits.release(tokens)
+        sends = 0
+        while True:
+            sends += 1
+            async with limits.concurrency:
+                await limits.acquire(tokens)
+                try:
+                    attempt = await self._client.post(request.body)
+                finally:
+                    limits.release(tokens)
+            if attempt.error_code != "connection_error":
+                self._endpoint_answered()
+                break
+            wait = self._outage.failed()
+            if wait is None:
+                break  # an ordinary failure: the retry policy handles it
+            if self._outage.exhausted:
+                self.stop(
+                    f"the endpoint has been unreachable for {self._outage.patience_s:g} s "
+                    f"({attempt.error_message}); check it, then run the same command again"
+                )
+                return attempt, sends
+            if self._outage.consecutive_failures == OUTAGE_AFTER:
+                self._progress.note(
+                    f"batcher: the endpoint is unreachable ({attempt.error_message}); waiting, "
+                    f"probing with one request (patience {self._outage.patience_s:g} s)"
+                )
+            limits.enter_outage(wait)
         if attempt.headers:
             limits.observe(attempt.headers)
         if attempt.status_code == 429:
@@ -280,7 +311,13 @@ class Engine:
             limits.correct_tokens(
                 tokens, tokens - request.prompt_tokens + attempt.usage.prompt_tokens
             )
-        return attempt
+        return attempt, sends
+
+    def _endpoint_answered(self) -> None:
+        lasted = self._outage.answered()
+        if lasted is not None:
+            self._limits.leave_outage()
+            self._progress.note(f"batcher: the endpoint is back after {lasted:.0f} s")
 
     async def _watch_signals(self) -> None:
         with self._signal_scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:

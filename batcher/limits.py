@@ -149,6 +149,7 @@ class Limits:
         # (its x-ratelimit-* headers) are known before a whole pool's worth is sent at once.
         self.concurrency = anyio.CapacityLimiter(1)
         self.probing = True
+        self.outage = False
         self.factor = 1.0  # the 429 back-off: 1.0 is full speed
         self._factor_at = clock()
         self._paused_until = 0.0
@@ -183,7 +184,8 @@ class Limits:
         self.in_flight_tokens -= tokens
         if self.probing:  # the first answer is in: open the pool
             self.probing = False
-            self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
+            if not self.outage:
+                self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
 
     def correct_tokens(self, estimated: int, charged: int) -> None:
         """Correct the TPM meter once the server's count of a request is known."""
@@ -207,6 +209,18 @@ class Limits:
         if fresh:
             self._recover()
             self._set_factor(max(MIN_FACTOR, self.factor * BACKOFF))
+
+    def enter_outage(self, probe_in_s: float) -> None:
+        """The endpoint is down: one request at a time, the next in ``probe_in_s``."""
+        self.outage = True
+        self.concurrency.total_tokens = 1
+        self.cool_down(probe_in_s)
+
+    def leave_outage(self) -> None:
+        """The endpoint answers again: open the pool to its current width."""
+        self.outage = False
+        if not self.probing:
+            self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
 
     def cool_down(self, seconds: float) -> None:
         """Pause every new request for ``seconds`` (at most ``MAX_SERVER_WAIT_S``)."""
@@ -268,7 +282,7 @@ class Limits:
             if meter is not None:
                 base = min(configured or math.inf, learned or math.inf)
                 meter.set_rate(base * factor)
-        if not self.probing:
+        if not self.probing and not self.outage:
             self.concurrency.total_tokens = max(1, round(self.max_concurrency * factor))
 
 

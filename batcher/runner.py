@@ -161,6 +161,7 @@ async def _run_async(
                     pricer=pricer,
                     budget=budget,
                     grace_s=job.grace_s,
+                    outage_patience_s=job.retry.outage_patience_s,
                 )
                 await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
             rejected = rejects.count
