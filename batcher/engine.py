@@ -295,6 +295,7 @@ class Engine:
                 )
                 return attempt, sends
             if self._outage.consecutive_failures == OUTAGE_AFTER:
+                self._progress.set_status("WAITING: endpoint unreachable")
                 self._progress.note(
                     f"batcher: the endpoint is unreachable ({attempt.error_message}); waiting, "
                     f"probing with one request (patience {self._outage.patience_s:g} s)"
@@ -317,6 +318,7 @@ class Engine:
         lasted = self._outage.answered()
         if lasted is not None:
             self._limits.leave_outage()
+            self._progress.set_status("")
             self._progress.note(f"batcher: the endpoint is back after {lasted:.0f} s")
 
     async def _watch_signals(self) -> None:

@@ -34,6 +34,7 @@ class Progress:
         self._bar: Any = None
         self._log = enabled is False or not _isatty(self._stream)
         self._quiet = False
+        self.status = ""  # e.g. "WAITING: endpoint unreachable", shown in the bar until cleared
         if not self._log:
             from tqdm import tqdm
 
@@ -69,7 +70,17 @@ class Progress:
     def _postfix(self) -> str:
         s = self._stats
         cost = f" ${s.cost_usd:.4f}" if s.cost_by_model else ""
-        return f"tok={_si(s.total_tokens)}{cost} err={s.error} rej={s.rejected} retry={s.retries}"
+        status = f" {self.status}" if self.status else ""
+        return (
+            f"tok={_si(s.total_tokens)}{cost} err={s.error} rej={s.rejected} retry={s.retries}"
+            f"{status}"
+        )
+
+    def set_status(self, status: str) -> None:
+        """Show (or, with "", clear) a state such as waiting out an outage, at once."""
+        self.status = status
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=True)
 
     def _write_log_line(self, now: float) -> None:
         s = self._stats

@@ -61,3 +61,18 @@ def test_log_lines_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     bar.close()
     assert "batcher: 4/10 done" in out.getvalue()
     assert "20 tokens, 0 errors, 0 rejected" in out.getvalue()
+
+
+def test_bar_shows_a_waiting_status_until_cleared() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = Progress(RunStats(), total=3, stream=screen)
+    bar.set_status("WAITING: endpoint unreachable")
+    assert "WAITING: endpoint unreachable" in screen.getvalue()
+    bar.set_status("")
+    bar.advance()
+    bar.close()
+    assert screen.getvalue().rstrip().endswith("retry=0]")
