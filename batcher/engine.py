@@ -7,9 +7,13 @@
 A bounded memory object stream gives backpressure, so memory stays flat whatever the input
 size. Each worker records its result synchronously (one ``write``, no ``await`` in between)
 before it takes another request, so after a ``kill -9`` at most ``concurrency`` requests were
-sent and not recorded. The concurrency limit is the number of workers; the RPM/TPM meters are
-waited on before every attempt. On SIGINT/SIGTERM dispatch stops at once, requests in flight get
-``grace_s`` to finish, and the run returns with everything finished recorded.
+sent and not recorded. There are ``concurrency`` workers; ``Limits`` (adaptive concurrency,
+RPM/TPM meters, 429 pauses) is waited on before every attempt, ``Budget`` (``--max-cost``)
+before every request, and ``Outage`` holds requests back while the endpoint is unreachable.
+On SIGINT/SIGTERM dispatch stops at once, requests in flight get ``grace_s`` to finish, and the
+run returns with everything finished recorded. A refused key, an exhausted quota, a spent budget
+or an outage past its patience stops dispatch too; requests that met those are not recorded,
+so the next run sends them.
 """
 
 from __future__ import annotations
