@@ -18,6 +18,7 @@ from typing import Any
 
 from batcher.config import JobConfig
 from batcher.pricing import Pricer, parse_pricing
+from batcher.progress import format_duration
 from batcher.reader import Reader, open_input
 from batcher.records import Reject
 from batcher.writers import read_results
@@ -176,18 +177,10 @@ def format_estimate(est: Estimate, *, name: str) -> str:
             + ", ".join(est.unpriced_models)
             + ' (set [pricing."MODEL"] input/output in the job)'
         )
-    lines.append(f"  ETA            {_duration(est.eta_s)} (bound by {est.eta_bound})")
+    lines.append(f"  ETA            {format_duration(est.eta_s)} (bound by {est.eta_bound})")
     rate = est.requests / est.read_s if est.read_s > 0 else 0.0
     lines.append(f"  read in        {est.read_s:.1f} s ({rate:,.0f} prompts/s)")
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes, sec = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
 
 
 def estimate_json(est: Estimate) -> Mapping[str, Any]:

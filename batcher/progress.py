@@ -89,7 +89,7 @@ class Progress:
         total = f"/{self._total}" if self._total is not None else ""
         eta = ""
         if self._total and rate > 0:
-            eta = f" eta {_duration((self._total - s.done - s.rejected) / rate)}"
+            eta = f" eta {format_duration((self._total - s.done - s.rejected) / rate)}"
         print(
             f"batcher: {s.done + s.rejected}{total} done, {rate:.1f} req/s, "
             f"{s.total_tokens} tokens, {s.error} errors, {s.rejected} rejected{eta}",
@@ -102,10 +102,10 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
     """The one-screen summary printed at the end of every run."""
     s = stats
     if s.stopped_early:
-        head = f"batcher: {name} stopped early after {_duration(s.wall_s)} ({s.stop_reason})"
+        head = f"batcher: {name} stopped early after {format_duration(s.wall_s)} ({s.stop_reason})"
         tail = "  resume    run the same command again to continue"
     else:
-        head = f"batcher: {name} finished in {_duration(s.wall_s)}"
+        head = f"batcher: {name} finished in {format_duration(s.wall_s)}"
         tail = ""
     lines = [
         head,
@@ -157,7 +157,8 @@ def _si(n: int) -> str:
     return str(n)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``12.3 s``, ``4m05s``, ``1h02m03s``."""
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, sec = divmod(int(seconds), 60)
