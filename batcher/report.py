@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.provenance import read_provenance
 from batcher.writers import read_results
 
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
@@ -51,6 +52,7 @@ class Report:
     requests_per_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
     attempts: int = 0
+    provenance: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -60,7 +62,7 @@ class Report:
 
 def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     """The report of an output file, and its raw series (latencies, times, costs) for charts."""
-    report = Report(path=str(path))
+    report = Report(path=str(path), provenance=read_provenance(path))
     latencies = array("d")
     finished = array("d")
     costs = array("d")
@@ -143,6 +145,13 @@ def format_report(report: Report) -> str:
     if report.error_classes:
         top = ", ".join(f"{code} ×{n:,}" for code, n in report.error_classes.items())
         lines.append(f"  errors    {top}")
+    made = report.provenance
+    if made:
+        sha = made.get("input_sha256") or "-"
+        lines.append(
+            f"  made by   batcher {made.get('version', '?')} on {made.get('written_at', '?')} "
+            f"from {made.get('input', '?')} (sha256 {sha[:16]}); job in the file's metadata"
+        )
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from batcher.journal import Journal, journal_path
 from batcher.limits import Limits
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import Progress, format_summary
+from batcher.provenance import provenance
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
@@ -96,7 +97,7 @@ def run_job(
                     _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
                     transport, handle_signals, stream,
                 )  # fmt: skip
-        write_output(journal, output, stats)
+        write_output(journal, output, stats, provenance(job, input_path))
     finally:
         if source is not sys.stdin.buffer:
             source.close()
@@ -179,10 +180,12 @@ async def _run_async(
     return stats, rejected
 
 
-def write_output(journal: Journal, output: Path, stats: RunStats) -> None:
+def write_output(
+    journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
+) -> None:
     """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
     ok = error = 0
-    with open_writer(output) as writer:
+    with open_writer(output, metadata=metadata) as writer:
         for result in journal.results():
             writer.write(result)
             if result.status == "ok":

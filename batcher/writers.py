@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import attrgetter
@@ -330,16 +330,26 @@ class JsonlWriter(_AtomicFile):
 class ParquetWriter(_AtomicFile):
     """Writes results as Parquet (zstd) with SCHEMA, one row group every ``row_group_size``."""
 
-    def __init__(self, path: Path, *, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> None:
-        """Start ``PATH.partial``; rows are buffered and written ``row_group_size`` at a time."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start ``PATH.partial``; rows are buffered and written ``row_group_size`` at a time.
+
+        ``metadata`` goes into the file's key-value metadata (provenance: job, version, input).
+        """
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
         self.row_group_size = row_group_size
+        self._schema = SCHEMA.with_metadata(dict(metadata)) if metadata else SCHEMA
         self._cols: list[list[Any]] = [[] for _ in _NAMES]
         super().__init__(path)
 
     def _open(self) -> None:
-        self._pq = pq.ParquetWriter(self.partial, SCHEMA, compression="zstd")
+        self._pq = pq.ParquetWriter(self.partial, self._schema, compression="zstd")
 
     def write(self, result: Result) -> None:
         """Buffer the result's row; a full buffer is written out as a row group."""
@@ -353,7 +363,7 @@ class ParquetWriter(_AtomicFile):
         arrays = [_array(col, field.type) for col, field in zip(self._cols, SCHEMA, strict=True)]
         self._cols = [[] for _ in _NAMES]
         try:
-            self._pq.write_batch(pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
+            self._pq.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from exc
 
@@ -399,11 +409,17 @@ def _coerce(value: Any, type_: pa.DataType) -> Any:
     return value
 
 
-def open_writer(path: Path, *, row_group_size: int = DEFAULT_ROW_GROUP_SIZE) -> Writer:
-    """Open the writer for ``path`` by its suffix; ``row_group_size`` applies to Parquet only."""
+def open_writer(
+    path: Path,
+    *,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    metadata: Mapping[str, str] | None = None,
+) -> Writer:
+    """Open the writer for ``path`` by its suffix; ``row_group_size`` and ``metadata`` apply to
+    Parquet only (JSONL lines have no place for file-level metadata)."""
     suffix = output_format(path)
     if suffix == ".parquet":
-        return ParquetWriter(path, row_group_size=row_group_size)
+        return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata)
     return JsonlWriter(path)
 
 
