@@ -339,3 +339,31 @@ def test_rejects_writer(tmp_path: Path) -> None:
         {"line": 3, "reason": "not valid JSON", "custom_id": None, "text": "{oops 🎉"},
         {"line": 9, "reason": "duplicate custom_id", "custom_id": "a", "text": "{}"},
     ]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_tool_calls_refusals_and_logprobs_survive_both_formats(tmp_path: Path, suffix: str) -> None:
+    body = {
+        "id": "chatcmpl-x",
+        "object": "chat.completion",
+        "model": "gpt-4o",
+        "choices": [
+            {"index": 0, "finish_reason": "tool_calls",
+             "message": {"role": "assistant", "content": None, "refusal": None,
+                         "tool_calls": [{"id": "call_1", "type": "function",
+                                         "function": {"name": "get_weather",
+                                                      "arguments": '{"city": "Oslo"}'}}]},
+             "logprobs": {"content": [{"token": "Hi", "logprob": -0.01, "bytes": [72, 105],
+                                       "top_logprobs": [{"token": "Hi", "logprob": -0.01}]}]}},
+            {"index": 1, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": None,
+                         "refusal": "I can't help with that."}, "logprobs": None},
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
+    }  # fmt: skip
+    result = make("tools", body=body)
+    path = tmp_path / f"o.{suffix}"
+    write_all(JsonlWriter if suffix == "jsonl" else ParquetWriter, path, [result])
+    (row,) = read_results(path)
+    assert json.loads(row["response"]) == body  # every choice, tool call, refusal and logprob
+    assert row["finish_reason"] == "tool_calls"
