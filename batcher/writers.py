@@ -33,6 +33,19 @@ SUFFIXES = (".jsonl", ".parquet")  # the output formats open_writer accepts
 
 _S, _I32, _I64, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float64()
 _TS = pa.timestamp("us", tz="UTC")
+# Every choice when n > 1 (content and finish_reason columns keep the first, for convenience);
+# tool calls as JSON text, so nothing about them is lost.
+_CHOICES = pa.list_(
+    pa.struct(
+        [
+            ("index", pa.int64()),
+            ("content", pa.string()),
+            ("finish_reason", pa.string()),
+            ("refusal", pa.string()),
+            ("tool_calls", pa.string()),
+        ]
+    )
+)
 # fmt: off
 SCHEMA: pa.Schema = pa.schema([
     ("custom_id", _S), ("status", _S), ("model", _S), ("content", _S), ("finish_reason", _S),
@@ -42,6 +55,7 @@ SCHEMA: pa.Schema = pa.schema([
     ("error_code", _S), ("error_message", _S), ("request_id", _S),
     ("metadata", _S), ("response", _S),
     ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
+    ("choices", _CHOICES),
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
@@ -107,6 +121,31 @@ def _first_choice(body: Any) -> tuple[str | None, str | None]:
     message = choice.get("message")
     content = _text(message.get("content")) if isinstance(message, dict) else None
     return content, _text(choice.get("finish_reason"))
+
+
+def _choices(body: Any) -> list[dict[str, Any]] | None:
+    """Every choice of an answer as a row of the ``choices`` column; ``None`` for odd bodies."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return None
+    rows = []
+    for position, choice in enumerate(body["choices"]):
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
+        index = choice.get("index")
+        calls = message.get("tool_calls")
+        rows.append(
+            {
+                "index": index if isinstance(index, int) and not isinstance(index, bool)
+                else position,
+                "content": _text(message.get("content")),
+                "finish_reason": _text(choice.get("finish_reason")),
+                "refusal": _text(message.get("refusal")),
+                "tool_calls": None if calls is None else _ENCODE(calls),
+            }
+        )  # fmt: skip
+    return rows
 
 
 _USAGE_OF = attrgetter(*_USAGE_KEYS)  # Usage's fields are named like the columns
@@ -182,6 +221,7 @@ def _row_values(r: Result) -> tuple[Any, ...]:
         _us(r.started_at),
         _us(r.finished_at),
         r.line,
+        _choices(body),
     )
 
 
@@ -406,6 +446,9 @@ def _coerce(value: Any, type_: pa.DataType) -> Any:
             return float(value)
         except (TypeError, ValueError):
             return None
+    if pa.types.is_list(type_):  # the choices: coerce each field of each choice
+        fields = type_.value_type
+        return [{f.name: _coerce(item.get(f.name), f.type) for f in fields} for item in value]
     return value
 
 
@@ -537,5 +580,6 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         None if started is None else datetime.fromisoformat(started),
         None if finished is None else datetime.fromisoformat(finished),
         b.get("line"),
+        _choices(body),
     )
     return dict(zip(_NAMES, values, strict=True))

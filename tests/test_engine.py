@@ -170,3 +170,19 @@ def test_api_key_is_sent_but_never_written(tmp_path: Path, monkeypatch: pytest.M
     for path in tmp_path.iterdir():
         assert canary not in path.read_text(encoding="utf-8", errors="replace")
     assert canary not in printed.getvalue()
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_every_choice_is_kept_when_n_is_more_than_one(tmp_path: Path, suffix: str) -> None:
+    src = write_input(tmp_path / "in.jsonl", 4)
+    job = job_for(tmp_path, src, f"o.{suffix}", request={"n": 3})
+    report = run_job(job, transport=httpx.ASGITransport(app=Simulator()), stream=io.StringIO())
+    sent = requests_of(src, {"model": "m", "n": 3})
+    for row in read_results(report.output):
+        body = sent[row["custom_id"]].body
+        n = body.get("n") or 1
+        assert [c["index"] for c in row["choices"]] == list(range(n))
+        assert [c["content"] for c in row["choices"]] == [
+            expected_content(body, i) for i in range(n)
+        ]
+        assert row["content"] == row["choices"][0]["content"]  # the first, for convenience
