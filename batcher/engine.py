@@ -279,6 +279,8 @@ class Engine:
         limits, tokens = self._limits, request.est_tokens
         sends = 0
         while True:
+            if self._outage.exhausted:  # the run is stopping: do not knock on a dead endpoint
+                return _UNREACHABLE, sends
             sends += 1
             async with limits.concurrency:
                 await limits.acquire(tokens)
@@ -286,9 +288,11 @@ class Engine:
                     attempt = await self._client.post(request.body)
                 finally:
                     limits.release(tokens)
-            if attempt.error_code != "connection_error":
-                self._endpoint_answered()
+            if attempt.status_code is not None:
+                self._endpoint_answered()  # any HTTP answer: the endpoint is up
                 break
+            if attempt.error_code != "connection_error":
+                break  # a timeout: a slow server is not a down one; the outage state stays
             wait = self._outage.failed()
             if wait is None:
                 break  # an ordinary failure: the retry policy handles it
@@ -304,6 +308,8 @@ class Engine:
                     f"batcher: the endpoint is unreachable ({attempt.error_message}); waiting, "
                     f"probing with one request (patience {self._outage.patience_s:g} s)"
                 )
+            if self._stopping.is_set():
+                return attempt, sends  # stopping: no more probes
             limits.enter_outage(wait)
         if attempt.headers:
             limits.observe(attempt.headers)
@@ -362,6 +368,16 @@ def _result_of(request: Request, last: Attempt, attempts: int, started: float) -
         error_message=last.error_message,
         metadata=request.metadata,
     )
+
+
+#: What an attempt that is not made any more (the outage outlasted its patience) returns.
+_UNREACHABLE = Attempt(
+    ok=False,
+    retryable=False,
+    latency_s=0.0,
+    error_code="connection_error",
+    error_message="the endpoint is unreachable: not sent",
+)
 
 
 def _stops_the_run(result: Result) -> bool:

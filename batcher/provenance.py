@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from batcher.config import JobConfig
 
@@ -24,9 +25,22 @@ def job_record(job: JobConfig) -> dict[str, Any]:
     """
     record = dataclasses.asdict(job)
     record["endpoint"]["headers"] = {name: REDACTED for name in job.endpoint.headers}
+    record["endpoint"]["base_url"] = _without_credentials(job.endpoint.base_url)
     for key in ("input", "output"):
         record[key] = None if record[key] is None else str(record[key])
     return record
+
+
+def _without_credentials(url: str) -> str:
+    """A URL without user:password and query (some gateways take keys there)."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return url  # "sim"
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    if parts.username or parts.password:
+        netloc = f"{REDACTED}@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, REDACTED if parts.query else "", ""))
 
 
 def file_sha256(path: Path) -> str | None:
@@ -60,9 +74,15 @@ def read_provenance(path: Path) -> dict[str, str]:
     """The provenance stored in a Parquet output (empty for JSONL or files without it)."""
     if path.suffix.lower() != ".parquet":
         return {}
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    metadata = pq.read_schema(path).metadata or {}
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as exc:
+        from batcher.errors import InputError
+
+        raise InputError(f"cannot read {path}: {exc}") from None
     return {
         key.decode()[len(PREFIX) :]: value.decode()
         for key, value in metadata.items()

@@ -157,7 +157,7 @@ def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
     )
     assert proc.returncode == 3, proc.stderr
     assert "--max-cost $0.0005 reached" in proc.stderr
-    spent = sum(r["cost_usd"] for r in read_results(out))
+    spent = sum(r["cost_usd"] or 0.0 for r in read_results(out))
     assert 0 < spent <= 0.0005
 
 

@@ -47,3 +47,22 @@ def test_jsonl_output_has_no_provenance(tmp_path: Path) -> None:
     path = tmp_path / "o.jsonl"
     path.write_text("")
     assert read_provenance(path) == {}
+
+
+def test_credentials_in_the_base_url_are_not_recorded() -> None:
+    from batcher.provenance import job_record
+
+    job = job_from_dict({"endpoint": {"base_url": "https://user:s3cr3t@gw.example/v1?api-key=k9"}})
+    url = job_record(job)["endpoint"]["base_url"]
+    assert "s3cr3t" not in url and "k9" not in url
+    assert url.startswith("https://") and "gw.example/v1" in url
+
+
+def test_report_on_a_broken_parquet_file_is_a_clear_error(tmp_path: Path) -> None:
+    from .helpers import run_batcher
+
+    bad = tmp_path / "o.parquet"
+    bad.write_bytes(b"PAR")
+    proc = run_batcher("report", str(bad))
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
+    assert "Traceback" not in proc.stderr
