@@ -103,14 +103,20 @@ def machine_busy_s() -> float:
 
 @contextmanager
 def running_sim(
-    latency_ms: float, *, pin: bool, startup_timeout: float = 20.0
+    latency_ms: float,
+    *,
+    pin: bool,
+    startup_timeout: float = 20.0,
+    extra_args: Sequence[str] = (),
+    port: int | None = None,
 ) -> Iterator[SimProcess]:
-    """Start ``python -m batcher sim`` on a free port; wait until ``GET /stats`` answers."""
-    port = free_port()
+    """Start ``python -m batcher sim`` (on ``port``, or a free one) with ``extra_args`` (limits,
+    faults); wait until ``GET /stats`` answers."""
+    port = port or free_port()
     core = SIM_CORE if pin else None
     cmd = [
         *pin_prefix(core), sys.executable, "-m", "batcher", "sim",
-        "--port", str(port), "--latency-ms", str(latency_ms),
+        "--port", str(port), "--latency-ms", str(latency_ms), *extra_args,
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=pin_preexec(core)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import free_port, write_jsonl
+from _common import running_sim, write_jsonl
 
 TOPICS = ["tides", "glaciers", "comets", "ferns", "bridges", "jazz", "volcanoes", "bees"]
 
@@ -78,23 +78,9 @@ def write_mixed(path: Path, n: int) -> Path:
 
 
 def run_scenario(sc: Scenario, workdir: Path) -> dict[str, float]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "batcher", "sim", "--port", str(port), *sc.sim_args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                get(f"{base}/stats")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    # the scenario's own --latency-ms comes after running_sim's and wins
+    with running_sim(0, pin=False, extra_args=sc.sim_args) as sim:
+        base = sim.base_url.removesuffix("/v1")
         src = workdir / f"{sc.name}.jsonl"
         if sc.mixed:
             write_mixed(src, sc.n)
@@ -103,16 +89,13 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, float]:
         out = workdir / f"{sc.name}.parquet"
         cmd = [
             sys.executable, "-m", "batcher", "run", "--input", str(src), "--output", str(out),
-            "--model", "gpt-4o-mini", "--base-url", f"{base}/v1", "--concurrency", "64",
+            "--model", "gpt-4o-mini", "--base-url", sim.base_url, "--concurrency", "64",
             "--no-progress", "--restart", "--max-attempts", "10", *sc.run_args,
         ]  # fmt: skip
         started = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.monotonic() - started
         stats, log = get(f"{base}/stats"), get(f"{base}/log")
-    finally:
-        sim.terminate()
-        sim.wait(timeout=10)
     arrivals = sorted(log["arrivals"])
     result = {
         "exit": float(proc.returncode),

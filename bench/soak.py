@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import free_port, write_jsonl
+from _common import running_sim, write_jsonl
 
 KINDS = (
     "500,502,503,504,malformed,no_choices,wrong_content_type,reset_headers,reset_body,stall,"
@@ -33,49 +33,18 @@ KINDS = (
 
 
 def one_run(src: Path, out: Path, n: int, faults: bool) -> tuple[float, int, str]:
-    port = free_port()
-    sim_args = ["--latency-ms", "20", "--seed", "11", "--fault-retry-after", "0.1"]
+    sim_args = ["--seed", "11", "--fault-retry-after", "0.1"]
     if faults:
         sim_args += ["--error-rate", "0.1", "--error-kinds", KINDS]
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "batcher", "sim", "--port", str(port), *sim_args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(1.5)
-    try:
+    with running_sim(20, pin=False, extra_args=sim_args) as sim:
         started = time.monotonic()
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "batcher",
-                "run",
-                "--input",
-                str(src),
-                "--output",
-                str(out),
-                "--model",
-                "gpt-4o-mini",
-                "--base-url",
-                f"http://127.0.0.1:{port}/v1",
-                "--concurrency",
-                "128",
-                "--timeout",
-                "2",
-                "--max-attempts",
-                "12",
-                "--no-progress",
-                "--restart",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+            [sys.executable, "-m", "batcher", "run", "--input", str(src), "--output", str(out),
+             "--model", "gpt-4o-mini", "--base-url", sim.base_url, "--concurrency", "128",
+             "--timeout", "2", "--max-attempts", "12", "--no-progress", "--restart"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
         wall = time.monotonic() - started
-    finally:
-        sim.terminate()
-        sim.wait()
     ids = pq.read_table(out, columns=["custom_id", "status"]).to_pydict()
     problems = []
     if proc.returncode != 0:
