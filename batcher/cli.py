@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,14 +32,21 @@ simulator in-process: no key, no network.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
@@ -111,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="spending cap for this output (earlier runs included): stop before passing it",
     )
     run.add_argument("--timeout", type=_positive_float, help="seconds per attempt")
+    run.add_argument(
+        "--validate-schema",
+        action="store_true",
+        default=None,
+        help="check answers against the request's response_format (JSON schema or json_object)",
+    )
+    run.add_argument(
+        "--max-reasks",
+        type=_non_negative_int,
+        metavar="N",
+        help="with --validate-schema: ask again up to N times when an answer is invalid (1)",
+    )
     run.add_argument(
         "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
     )
@@ -201,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="seconds' worth of --rpm/--tpm that may be spent at once",
     )
+    sim.add_argument(
+        "--stream-chunk-ms",
+        type=_non_negative_float,
+        default=0.0,
+        help="pause between the chunks of a streamed answer (the first comes after the latency)",
+    )
+    sim.add_argument(
+        "--schema-error-rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="0..1: share of JSON answers (response_format) made not to match their schema",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--max-completion-tokens", type=_positive_int, default=64)
     return parser
@@ -243,6 +274,8 @@ def _job(args: argparse.Namespace) -> JobConfig:
         progress=False if getattr(args, "no_progress", False) else None,
         grace_s=getattr(args, "grace", None),
         max_cost_usd=args.max_cost,
+        validate_schema=getattr(args, "validate_schema", None),
+        max_reasks=getattr(args, "max_reasks", None),
     )
 
 
@@ -318,6 +351,8 @@ def _sim(args: argparse.Namespace) -> int:
             max_completion_tokens=args.max_completion_tokens,
             fault_retry_after_s=args.fault_retry_after,
             burst_s=args.burst_s,
+            stream_chunk_ms=args.stream_chunk_ms,
+            schema_error_rate=args.schema_error_rate,
         )
     except ValueError as exc:
         raise ConfigError("sim", str(exc)) from None

@@ -19,6 +19,7 @@ import anyio
 import httpx
 
 from batcher.records import Usage
+from batcher.streaming import EVENT_STREAM, StreamError, StreamReader
 
 #: Statuses worth another attempt (the rules openai-python settled on).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -51,6 +52,7 @@ class Attempt:
     error_message: str | None = None
     retry_after: float | None = None
     headers: Mapping[str, str] | None = None
+    ttft_s: float | None = None
 
 
 class ChatClient:
@@ -96,6 +98,8 @@ class ChatClient:
         try:
             # fail_after covers what httpx's timeouts do not: a body that trickles forever.
             with anyio.fail_after(self._timeout_s):
+                if body.get("stream") is True:
+                    return await self._post_streamed(content, start)
                 response = await self._client.post(self._url, content=content)
         except TimeoutError:
             return _transport_failure("timeout", f"no answer within {self._timeout_s:g} s", start)
@@ -119,6 +123,38 @@ class ChatClient:
             # Exception, so it still propagates.
             return _transport_failure("invalid_response", _describe(exc), start)
         return classify(response, time.perf_counter() - start)
+
+    async def _post_streamed(self, content: bytes, start: float) -> Attempt:
+        """POST a ``stream: true`` request and assemble its events into one answer.
+
+        An error status, or a server that ignored ``stream`` and answered with plain JSON, is
+        classified as a non-streamed answer. A stream that breaks off before ``[DONE]`` is a
+        retryable ``invalid_response``: the answer is incomplete.
+        """
+        request = self._client.build_request("POST", self._url, content=content)
+        response = await self._client.send(request, stream=True)
+        try:
+            content_type = response.headers.get("content-type", "")
+            if not (200 <= response.status_code < 300) or EVENT_STREAM not in content_type:
+                await response.aread()
+                return classify(response, time.perf_counter() - start)
+            reader = StreamReader(start)
+            try:
+                async for line in response.aiter_lines():
+                    reader.feed_line(line)
+                    if reader.done:
+                        break
+                reader.finish()
+            except StreamError as exc:
+                return _broken_stream(response, str(exc), start, reader)
+            except Exception as exc:  # httpx's, or aiohttp's passed through by its transport
+                message = f"the stream broke off: {_describe(exc)}"
+                return _broken_stream(response, message, start, reader)
+            if not reader.done:
+                return _broken_stream(response, "the stream ended before [DONE]", start, reader)
+            return _streamed(response, reader, time.perf_counter() - start)
+        finally:
+            await response.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -237,6 +273,38 @@ def _error_of(status: int, body: Any, is_json: bool) -> tuple[str, str]:
             return f"http_{status}", err
     text = _snippet(body) if body is not None else "(empty body)"
     return f"http_{status}", f"HTTP {status}: {text}"
+
+
+def _streamed(response: httpx.Response, reader: StreamReader, latency_s: float) -> Attempt:
+    body = reader.body()
+    return Attempt(
+        ok=True,
+        retryable=False,
+        latency_s=latency_s,
+        status_code=response.status_code,
+        body=body,
+        usage=Usage.from_body(body),
+        request_id=response.headers.get("x-request-id"),
+        headers=response.headers,
+        ttft_s=reader.ttft_s,
+    )
+
+
+def _broken_stream(
+    response: httpx.Response, message: str, start: float, reader: StreamReader
+) -> Attempt:
+    """A 2xx stream that did not finish: retried, as the answer is incomplete."""
+    return Attempt(
+        ok=False,
+        retryable=True,
+        latency_s=time.perf_counter() - start,
+        status_code=response.status_code,
+        request_id=response.headers.get("x-request-id"),
+        error_code="invalid_response",
+        error_message=f"{message} (after {reader.chunks} chunks)",
+        headers=response.headers,
+        ttft_s=reader.ttft_s,
+    )
 
 
 def _transport_failure(code: str, message: str, start: float) -> Attempt:

@@ -64,6 +64,16 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidateConfig:
+    """Structured-output checks: with ``json_schema`` on, every answer to a request with a
+    ``response_format`` (a JSON schema, or ``json_object``) is checked, and an invalid one is
+    asked again up to ``max_reasks`` times."""
+
+    json_schema: bool = False
+    max_reasks: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """A whole job: input, output, endpoint, request defaults, limits, retry policy.
 
@@ -79,6 +89,7 @@ class JobConfig:
     request: Mapping[str, Any] = field(default_factory=dict)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     sim: Mapping[str, Any] = field(default_factory=dict)
     pricing: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
@@ -93,11 +104,11 @@ class JobConfig:
         return self.input, self.output
 
 
-_SECTIONS = {"job", "endpoint", "request", "limits", "retry", "sim", "pricing"}
+_SECTIONS = {"job", "endpoint", "request", "limits", "retry", "validate", "sim", "pricing"}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
-     "timeout_s", "progress", "grace_s", "max_cost_usd"}
+     "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks"}
 )  # fmt: skip
 
 
@@ -122,6 +133,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     endpoint_t = _table(raw, "endpoint")
     limits_t = _table(raw, "limits")
     retry_t = _table(raw, "retry")
+    validate_t = _table(raw, "validate")
     request = _table(raw, "request")
     sim = _table(raw, "sim")
     pricing = _table(raw, "pricing")
@@ -130,6 +142,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
     _no_unknown(limits_t, {f.name for f in dataclasses.fields(LimitsConfig)}, where="limits")
     _no_unknown(retry_t, {f.name for f in dataclasses.fields(RetryConfig)}, where="retry")
+    _no_unknown(validate_t, {f.name for f in dataclasses.fields(ValidateConfig)}, where="validate")
     check_request_fields(request, where="request")
 
     def path_of(key: str) -> Path | None:
@@ -160,6 +173,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         request=dict(request),
         limits=LimitsConfig(**{k: limits_t[k] for k in limits_t}),
         retry=RetryConfig(**{k: retry_t[k] for k in retry_t}),
+        validate=ValidateConfig(**{k: validate_t[k] for k in validate_t}),
         sim=dict(sim),
         pricing=dict(pricing),
         progress=_typed(job_t, "progress", bool, "job", True),
@@ -172,8 +186,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
 def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     """Apply command-line flags (``None`` means "not given") over a job, then validate.
 
-    Accepted keys: input, output, model, base_url, concurrency, rpm, tpm, max_attempts,
-    timeout_s, progress, grace_s.
+    Accepted keys: ``OVERRIDES``.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     unknown = set(given) - OVERRIDES
@@ -200,6 +213,11 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
             job.retry,
             **{k: given[k] for k in ("max_attempts", "timeout_s") if k in given},
         ),
+        validate=dataclasses.replace(
+            job.validate,
+            json_schema=given.get("validate_schema", job.validate.json_schema),
+            max_reasks=given.get("max_reasks", job.validate.max_reasks),
+        ),
     )
     validate(job)
     return job
@@ -219,6 +237,11 @@ def validate(job: JobConfig) -> None:
         if value is not None:
             _check_number(value, f"limits.{name}", positive=True)
     _check_int(ret.max_attempts, "retry.max_attempts", minimum=1)
+    if not isinstance(job.validate.json_schema, bool):
+        raise ConfigError(
+            "validate.json_schema", f"must be true or false, got {job.validate.json_schema!r}"
+        )
+    _check_int(job.validate.max_reasks, "validate.max_reasks", minimum=0)
     for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "outage_patience_s"):
         _check_number(getattr(ret, name), f"retry.{name}", positive=True)
     if ret.backoff_max_s < ret.backoff_initial_s:

@@ -29,7 +29,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.budget import Budget
 from batcher.client import Attempt, ChatClient
-from batcher.config import RetryConfig
+from batcher.config import RetryConfig, ValidateConfig
 from batcher.errors import InputError
 from batcher.limits import Limits
 from batcher.outage import OUTAGE_AFTER, Outage
@@ -40,6 +40,8 @@ from batcher.requests import completion_budget, prompt_bound
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
+from batcher.tokens import count_message_tokens, encoding_for_model
+from batcher.validation import Verdict, check_answer, expected_format, reask_body
 
 #: Lines read per trip to the reading thread.
 READ_BATCH = 256
@@ -72,6 +74,7 @@ class Engine:
         budget: Budget | None = None,
         grace_s: float = 10.0,
         outage_patience_s: float = 1800.0,
+        validate: ValidateConfig | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
         self._client = client
@@ -85,6 +88,7 @@ class Engine:
         self._plan = plan
         self._pricer = pricer or Pricer()
         self._budget = budget
+        self._validate = validate if validate is not None and validate.json_schema else None
         self._outage = Outage(patience_s=outage_patience_s)
         self._grace_s = grace_s
         self._sleep = sleep
@@ -186,22 +190,11 @@ class Engine:
             async for request in recv:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
-                reserved = self._reserve(request)
-                if reserved is None:
+                result = await self._ask(request)
+                if result is None:
                     return  # the budget is spent: this one and the rest wait for a re-run
-                self._stats.submitted += 1
-                if self._plan and self._plan.known(request.custom_id):
-                    self._stats.resent += 1
-                result = await self._send(request)
-                cost = self._pricer.cost_of(request.body.get("model"), result.model, result.usage)
-                if self._budget is not None:
-                    # An ok answer without usage may have been billed: count its worst case, and
-                    # record that figure, so a resumed run's budget starts from it too.
-                    if cost is None and result.status == "ok":
-                        cost = reserved
-                    self._budget.settle(reserved, cost or 0.0)
-                if cost is not None:
-                    result = dataclasses.replace(result, cost_usd=cost)
+                if self._validate is not None and result.status == "ok":
+                    result = await self._check_format(request, result, self._validate.max_reasks)
                 if result.error_code == "connection_error" and self._outage.exhausted:
                     continue  # not recorded: the endpoint is down, a re-run sends it
                 if _stops_the_run(result):
@@ -209,6 +202,57 @@ class Engine:
                     self.stop(_stop_reason(result))
                     continue
                 self._record(result, request.body_hash)
+
+    async def _ask(self, request: Request, *, first: bool = True) -> Result | None:
+        """Send a request (with its retries) under the budget; its result, priced.
+
+        ``None`` when the budget cannot take it (the run is stopping). ``first`` is false for
+        a re-ask, which is not another submitted request.
+        """
+        reserved = self._reserve(request)
+        if reserved is None:
+            return None
+        if first:
+            self._stats.submitted += 1
+            if self._plan and self._plan.known(request.custom_id):
+                self._stats.resent += 1
+        result = await self._send(request)
+        cost = self._pricer.cost_of(request.body.get("model"), result.model, result.usage)
+        if self._budget is not None:
+            # An ok answer without usage may have been billed: count its worst case, and
+            # record that figure, so a resumed run's budget starts from it too.
+            if cost is None and result.status == "ok":
+                cost = reserved
+            self._budget.settle(reserved, cost or 0.0)
+        if cost is not None:
+            result = dataclasses.replace(result, cost_usd=cost)
+        return result
+
+    async def _check_format(self, request: Request, result: Result, max_reasks: int) -> Result:
+        """Check an ok answer against the request's ``response_format``; re-ask while invalid.
+
+        The result keeps the last ok answer; its attempts, usage and cost add up every ask.
+        """
+        expected = expected_format(request.body)
+        if expected is None:
+            return result
+        verdict = check_answer(result.body, expected)
+        asked = request
+        for reask in range(1, max_reasks + 1):
+            if verdict.valid or not verdict.reask or self._stopping.is_set():
+                break
+            asked = _reask_request(asked, result.body, verdict.error or "")
+            answer = await self._ask(asked, first=False)
+            if answer is None:
+                break  # the budget is spent: keep what we have
+            self._stats.reasks += 1
+            result = _combined(result, answer)
+            if answer.status != "ok":
+                failed = f"{verdict.error}; re-ask {reask} failed: {answer.error_code}"
+                verdict = Verdict(False, failed)
+                break
+            verdict = check_answer(result.body, expected)
+        return dataclasses.replace(result, schema_valid=verdict.valid, schema_error=verdict.error)
 
     def _reserve(self, request: Request) -> float | None:
         """Reserve the request's worst-case cost under ``--max-cost``; ``None`` if it cannot go."""
@@ -348,6 +392,37 @@ class Engine:
                 )
 
 
+def _reask_request(request: Request, answer: object, error: str) -> Request:
+    """The request that asks again, its token estimates grown by the two turns it adds."""
+    body = reask_body(request.body, answer, error)
+    model = body.get("model")
+    added = count_message_tokens(
+        body["messages"][-2:], encoding_for_model(model if isinstance(model, str) else None)
+    )
+    return dataclasses.replace(
+        request,
+        body=body,
+        prompt_tokens=request.prompt_tokens + added,
+        est_tokens=request.est_tokens + added,
+    )
+
+
+def _combined(before: Result, after: Result) -> Result:
+    """One record for a request asked twice: the later ok answer (else the earlier), with
+    attempts, usage and cost of both."""
+    kept = after if after.status == "ok" else before
+    usage = after.usage if before.usage is None else before.usage.plus(after.usage)
+    costs = [c for c in (before.cost_usd, after.cost_usd) if c is not None]
+    return dataclasses.replace(
+        kept,
+        attempts=before.attempts + after.attempts,
+        usage=usage,
+        cost_usd=sum(costs) if costs else None,
+        started_at=before.started_at,
+        finished_at=after.finished_at,
+    )
+
+
 def _result_of(request: Request, last: Attempt, attempts: int, started: float) -> Result:
     body = last.body
     model = body.get("model") if last.ok and isinstance(body, dict) else None
@@ -367,6 +442,7 @@ def _result_of(request: Request, last: Attempt, attempts: int, started: float) -
         error_code=last.error_code,
         error_message=last.error_message,
         metadata=request.metadata,
+        ttft_s=last.ttft_s,
     )
 
 

@@ -208,6 +208,9 @@ def encode(result: Result, body_hash: str) -> bytes:
         "error_message": result.error_message,
         "metadata": result.metadata,
         "cost_usd": result.cost_usd,
+        "ttft_s": result.ttft_s,
+        "schema_valid": result.schema_valid,
+        "schema_error": result.schema_error,
         "usage": None if usage is None else _usage_dict(usage),
         "body": result.body,
     }
@@ -235,6 +238,9 @@ def decode(record: Mapping[str, Any]) -> Result:
         error_message=record.get("error_message"),
         metadata=record.get("metadata"),
         cost_usd=record.get("cost_usd"),
+        ttft_s=record.get("ttft_s"),
+        schema_valid=record.get("schema_valid"),
+        schema_error=record.get("schema_error"),
     )
 
 

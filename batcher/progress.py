@@ -132,6 +132,11 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
             f"  in all    {s.output_ok + (s.output_error or 0):,} records in the output: "
             f"{s.output_ok:,} ok, {s.output_error or 0:,} error"
         )
+    if s.schema_valid or s.schema_invalid:
+        lines.append(
+            f"  schema    {s.schema_valid:,} valid, {s.schema_invalid:,} invalid "
+            f"({s.reasks:,} re-asks)"
+        )
     if s.error_codes:
         top = ", ".join(f"{code} ×{n}" for code, n in s.error_codes.most_common(5))
         lines.append(f"  errors    {top}")

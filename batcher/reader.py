@@ -32,6 +32,7 @@ from batcher.requests import (
     field_problem,
     merge_defaults,
     messages_problem,
+    with_stream_usage,
 )
 
 _BOM = b"\xef\xbb\xbf"
@@ -171,6 +172,7 @@ def parse_line(
             raise LineError(f"{problem[0]}: {problem[1]}")
         if "model" not in body:
             raise LineError("no model: set model in the line, in the job's [request], or --model")
+        body = with_stream_usage(body)
         prompt_tokens = estimate_prompt_tokens(body, encoding)
         return Request(
             custom_id=custom_id,

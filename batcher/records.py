@@ -40,6 +40,22 @@ class Usage:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
 
+    def plus(self, other: Usage | None) -> Usage:
+        """The usage of two answers together (a field is ``None`` only when both are)."""
+        if other is None:
+            return self
+
+        def add(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
+        return Usage(
+            prompt_tokens=add(self.prompt_tokens, other.prompt_tokens),
+            completion_tokens=add(self.completion_tokens, other.completion_tokens),
+            total_tokens=add(self.total_tokens, other.total_tokens),
+            cached_tokens=add(self.cached_tokens, other.cached_tokens),
+            reasoning_tokens=add(self.reasoning_tokens, other.reasoning_tokens),
+        )
+
     @classmethod
     def from_body(cls, body: Any) -> Usage | None:
         """Read ``usage`` from a chat-completion body; ``None`` when absent or malformed."""
@@ -72,6 +88,9 @@ class Result:
     ``body`` is the parsed JSON answer of the last attempt (or its raw text when it was not JSON,
     or ``None`` when no HTTP answer came). ``latency_s`` is the duration of the last attempt;
     ``started_at``/``finished_at`` (Unix seconds) span all attempts including backoff.
+    ``ttft_s`` is the last attempt's time to first token (streamed requests only);
+    ``schema_valid`` says whether the answer matched the request's JSON schema (``None`` when it
+    was not checked) and ``schema_error`` why not.
     """
 
     custom_id: str
@@ -90,6 +109,9 @@ class Result:
     error_message: str | None = None
     metadata: dict[str, Any] | None = None
     cost_usd: float | None = None
+    ttft_s: float | None = None
+    schema_valid: bool | None = None
+    schema_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -48,6 +48,11 @@ class Report:
     latency_p50_s: float | None = None
     latency_p90_s: float | None = None
     latency_p99_s: float | None = None
+    ttft_p50_s: float | None = None  # streamed answers only
+    ttft_p90_s: float | None = None
+    ttft_p99_s: float | None = None
+    schema_valid: int = 0
+    schema_invalid: int = 0
     wall_s: float = 0.0
     requests_per_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
@@ -64,6 +69,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     """The report of an output file, and its raw series (latencies, times, costs) for charts."""
     report = Report(path=str(path), provenance=read_provenance(path))
     latencies = array("d")
+    ttfts = array("d")
     finished = array("d")
     costs = array("d")
     errors: Counter[str] = Counter()
@@ -88,9 +94,15 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             report.ok += 1
             if row.get("latency_s") is not None:
                 latencies.append(row["latency_s"])
+            if row.get("ttft_s") is not None:
+                ttfts.append(row["ttft_s"])
         else:
             report.error += 1
             errors[row.get("error_code") or "unknown"] += 1
+        valid = row.get("schema_valid")
+        if valid is not None:
+            report.schema_valid += valid is True
+            report.schema_invalid += valid is False
         started, ended = row.get("started_at"), row.get("finished_at")
         if started is not None and ended is not None:
             first_start = min(first_start, started.timestamp())
@@ -101,6 +113,10 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     report.latency_p50_s = _percentile(ordered, 50)
     report.latency_p90_s = _percentile(ordered, 90)
     report.latency_p99_s = _percentile(ordered, 99)
+    ordered = sorted(ttfts)
+    report.ttft_p50_s = _percentile(ordered, 50)
+    report.ttft_p90_s = _percentile(ordered, 90)
+    report.ttft_p99_s = _percentile(ordered, 99)
     if last_end > first_start:
         report.wall_s = last_end - first_start
         report.requests_per_s = report.requests / report.wall_s
@@ -132,8 +148,18 @@ def format_report(report: Report) -> str:
         f"  latency   p50 {_s(report.latency_p50_s)}, p90 {_s(report.latency_p90_s)}, "
         f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
         f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
-        "  by model and status:",
     ]
+    if report.ttft_p50_s is not None:
+        lines.append(
+            f"  1st token p50 {_s(report.ttft_p50_s)}, p90 {_s(report.ttft_p90_s)}, "
+            f"p99 {_s(report.ttft_p99_s)} (streamed ok answers)"
+        )
+    if report.schema_valid or report.schema_invalid:
+        lines.append(
+            f"  schema    {report.schema_valid:,} valid, {report.schema_invalid:,} invalid "
+            "(answers checked against their JSON schema)"
+        )
+    lines.append("  by model and status:")
     for model, statuses in sorted(report.groups.items()):
         for status, g in sorted(statuses.items()):
             cost = f"${g.cost_usd:,.4f}" + (f" ({g.unpriced:,} unpriced)" if g.unpriced else "")

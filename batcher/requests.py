@@ -70,9 +70,24 @@ def field_problem(body: Mapping[str, Any]) -> tuple[str, str] | None:
         problem = messages_problem(body["messages"])
         if problem:
             return "messages", problem
-    if body.get("stream") is True:
-        return "stream", "streaming (stream: true) is not supported yet; remove it or set false"
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return "stream_options", f"must be an object, got {_short(options)}"
     return None
+
+
+def with_stream_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking for usage in its stream (``stream_options.include_usage``) when it streams.
+
+    Without it a streamed answer carries no token counts, so nothing could be costed or
+    budgeted. An explicit ``include_usage: false`` on the line is kept as it is.
+    """
+    if body.get("stream") is not True:
+        return body
+    options = body.get("stream_options") or {}
+    if "include_usage" in options:
+        return body
+    return {**body, "stream_options": {**options, "include_usage": True}}
 
 
 def messages_problem(messages: Any) -> str | None:

@@ -163,6 +163,7 @@ async def _run_async(
                     budget=budget,
                     grace_s=job.grace_s,
                     outage_patience_s=job.retry.outage_patience_s,
+                    validate=job.validate,
                 )
                 await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
             rejected = rejects.count

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -35,9 +36,12 @@ from typing import Any
 import anyio
 import uvicorn
 
+from batcher import sim_json
 from batcher.sim_faults import (
+    EVENT_STREAM_TYPE,
     FAULT_KINDS,
     JSON_TYPE,
+    STREAM_FAULTS,
     TRANSPORT_FAULTS,
     BadRequest,
     RateLimits,
@@ -89,7 +93,10 @@ class SimConfig:
     and gives ``finish_reason: "length"``. ``burst_s`` is how many seconds' worth of ``rpm`` and
     ``tpm`` may be spent at once (see ``batcher.sim_faults.Bucket``). ``error_rate`` is drawn
     per attempt from a ``random.Random(seed)``, so a retried request can succeed and a run with
-    requests sent in the same order is reproducible.
+    requests sent in the same order is reproducible. A ``stream: true`` request gets its first
+    chunk after the latency and each later chunk (one word a chunk) ``stream_chunk_ms`` after
+    the one before. A request with a ``response_format`` gets JSON made to fit its schema
+    (``batcher.sim_json``), broken on purpose at ``schema_error_rate`` (drawn per choice).
     """
 
     latency_ms: float = 0.0
@@ -101,10 +108,12 @@ class SimConfig:
     seed: int = 0
     max_completion_tokens: int = 64
     burst_s: float = 1.0
+    stream_chunk_ms: float = 0.0
+    schema_error_rate: float = 0.0
     fault_retry_after_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("latency_ms", "latency_jitter_ms"):
+        for name in ("latency_ms", "latency_jitter_ms", "stream_chunk_ms"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -112,8 +121,10 @@ class SimConfig:
             value = getattr(self, name)
             if value is not None and not (is_int(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not (isinstance(self.error_rate, int | float) and 0.0 <= self.error_rate <= 1.0):
-            raise ValueError(f"error_rate must be within [0, 1], got {self.error_rate!r}")
+        for name in ("error_rate", "schema_error_rate"):
+            rate = getattr(self, name)
+            if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
+                raise ValueError(f"{name} must be within [0, 1], got {rate!r}")
         kinds = tuple(self.error_kinds)
         unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
         if not kinds or unknown or isinstance(self.error_kinds, str):
@@ -185,6 +196,7 @@ class _Response:
     headers: Headers
     content_type: bytes = JSON_TYPE
     transport_fault: str | None = None
+    events: list[bytes] | None = None  # a streamed answer's server-sent events
 
 
 class _QuietHangUps(logging.Filter):
@@ -235,6 +247,35 @@ def _choice(
     return f"sim-{digest.hex()[:12]} {words}", tokens, finish
 
 
+def _wanted_json(body: Mapping[str, Any]) -> Any:
+    """The schema a request's ``response_format`` asks for (``{}`` for ``json_object``, any
+    object), or ``None`` when it asks for text."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, Mapping):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "object", "properties": {"answer": {"type": "string"}}}
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        return (spec.get("schema") if isinstance(spec, Mapping) else None) or {}
+    return None
+
+
+def _json_choice(
+    body: Mapping[str, Any], index: int, schema: Any, request_cap: int | None, wrong: bool
+) -> tuple[str, int, str]:
+    """``(content, completion_tokens, finish_reason)`` of a JSON answer: about 4 characters a
+    token; a cap below that cuts the text (no longer JSON) with ``finish_reason: "length"``."""
+    value = sim_json.instance(schema, _digest(body, index))
+    if wrong:
+        value = sim_json.broken(schema, value)
+    content = json.dumps(value)
+    tokens = max(1, math.ceil(len(content) / 4))
+    if request_cap is not None and request_cap < tokens:
+        return content[: request_cap * 4], request_cap, "length"
+    return content, tokens, "stop"
+
+
 def _digest(body: Mapping[str, Any], index: int) -> bytes:
     key = {name: body.get(name) for name in ("model", "messages", "seed", "temperature")}
     key["index"] = index
@@ -266,6 +307,7 @@ class Simulator:
         # Separate streams, so the fault sequence for a seed does not depend on latency settings.
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(f"latency-{self.config.seed}")
+        self._schema_rng = random.Random(f"schema-{self.config.seed}")
 
     def reset_stats(self) -> None:
         """Zero the counters and the log (not the rate-limit buckets)."""
@@ -309,7 +351,7 @@ class Simulator:
             message = f"Invalid URL ({method} {path})"
             response = _Response(404, error_body(message, "invalid_request_error"), _request_id())
             self._count(404)
-        await _send(send, response, receive)
+        await _send(send, response, receive, self.config.stream_chunk_ms / 1000)
 
     async def _chat(self, raw: bytes) -> _Response:
         stats = self.stats
@@ -352,6 +394,9 @@ class Simulator:
         headers.append((b"openai-processing-ms", str(round(delay)).encode()))
 
         answer = self._answer(body, prompt_tokens)
+        streamed = body.get("stream") is True
+        if streamed and fault in STREAM_FAULTS:
+            return self._stream_fault(fault, answer, body, headers)
         if fault is not None:
             status, payload, content_type = fault_response(fault, answer)
             if fault == "429":
@@ -373,12 +418,47 @@ class Simulator:
         stats.completion_tokens_served += usage["completion_tokens"]
         stats.total_tokens_served += usage["total_tokens"]
         self._count(200)
+        if streamed:
+            events = stream_events(answer, include_usage=_include_usage(body))
+            return _Response(200, b"", headers, EVENT_STREAM_TYPE, events=events)
         return _Response(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
+
+    def _stream_fault(
+        self, fault: str, answer: dict[str, Any], body: Mapping[str, Any], headers: Headers
+    ) -> _Response:
+        """A fault of a streamed answer: the stream itself goes wrong, after a 200."""
+        self.stats.faults_injected += 1
+        self._count(200)
+        include_usage = _include_usage(body)
+        if fault == "no_usage":
+            include_usage = False
+        elif fault == "huge":
+            answer["choices"][0]["message"]["content"] += " lorem" * 350_000
+        events = stream_events(answer, include_usage=include_usage)
+        if fault == "malformed":  # ends cleanly half way: no [DONE]
+            events = events[: len(events) // 2]
+        elif fault == "stream_error":  # an error event in place of the rest
+            message = "The server had an error while processing your request."
+            events = [
+                *events[: len(events) // 2],
+                b"data: " + error_body(message, "server_error") + b"\n\n",
+            ]
+        transport = fault if fault in TRANSPORT_FAULTS else None
+        return _Response(200, b"", headers, EVENT_STREAM_TYPE, transport, events)
 
     def _answer(self, body: Mapping[str, Any], prompt_tokens: int) -> dict[str, Any]:
         cap = _request_cap(body)
         natural_max = self.config.max_completion_tokens
-        results = [_choice(body, i, natural_max, cap) for i in range(body.get("n") or 1)]
+        n = body.get("n") or 1
+        schema = _wanted_json(body)
+        if schema is None:
+            results = [_choice(body, i, natural_max, cap) for i in range(n)]
+        else:
+            rate = self.config.schema_error_rate
+            results = [
+                _json_choice(body, i, schema, cap, rate > 0 and self._schema_rng.random() < rate)
+                for i in range(n)
+            ]
         choices = [
             {
                 "index": index,
@@ -429,7 +509,12 @@ async def _read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _send(send: Send, response: _Response, receive: Receive | None = None) -> None:
+async def _send(
+    send: Send, response: _Response, receive: Receive | None = None, chunk_s: float = 0.0
+) -> None:
+    if response.events is not None:
+        await _send_stream(send, response, receive, chunk_s)
+        return
     headers = [
         (b"content-type", response.content_type),
         (b"content-length", str(len(response.body)).encode()),
@@ -446,15 +531,85 @@ async def _send(send: Send, response: _Response, receive: Receive | None = None)
         await send({"type": "http.response.body", "body": half, "more_body": True})
         return
     if fault == "stall":
-        # Until the client gives up and hangs up (or STALL_S): a stalled handler must not hold
-        # the server's shutdown hostage.
-        with anyio.move_on_after(STALL_S):
-            while receive is not None and (await receive())["type"] != "http.disconnect":
-                pass
-            if receive is None:
-                await anyio.sleep(STALL_S)
+        await _stall(receive)
         return
     await send({"type": "http.response.body", "body": response.body})
+
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+#: Chunks a streamed choice's content is split into at most (a huge answer is not a million).
+_MAX_PIECES = 200
+
+
+def stream_events(answer: Mapping[str, Any], *, include_usage: bool) -> list[bytes]:
+    """The server-sent events OpenAI streams for ``answer``: a role chunk, one chunk a word,
+    a finish chunk per choice (choices interleaved), the usage chunk when asked, ``[DONE]``."""
+    head = {key: answer[key] for key in ("id", "created", "model", "system_fingerprint")}
+    head["object"] = "chat.completion.chunk"
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**head, "choices": [choice], **extra}
+
+    per_choice = []
+    for choice in answer["choices"]:
+        index, content = choice["index"], choice["message"]["content"]
+        words = content.split(" ")
+        size = max(1, math.ceil(len(words) / _MAX_PIECES))
+        pieces = [
+            ("" if start == 0 else " ") + " ".join(words[start : start + size])
+            for start in range(0, len(words), size)
+        ]
+        chunks = [chunk(index, {"role": "assistant", "content": "", "refusal": None})]
+        chunks += [chunk(index, {"content": piece}) for piece in pieces]
+        chunks.append(chunk(index, {}, choice["finish_reason"]))
+        per_choice.append(chunks)
+    ordered = [c for group in itertools.zip_longest(*per_choice) for c in group if c is not None]
+    if include_usage:
+        ordered.append({**head, "choices": [], "usage": answer["usage"]})
+    events = [b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in ordered]
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+async def _send_stream(
+    send: Send, response: _Response, receive: Receive | None, chunk_s: float
+) -> None:
+    """Send a streamed answer an event at a time (chunked: no content-length)."""
+    start = {"type": "http.response.start", "status": response.status}
+    headers = [(b"content-type", response.content_type), (b"cache-control", b"no-cache")]
+    await send({**start, "headers": [*headers, *response.headers]})
+    events = response.events or []
+    fault = response.transport_fault
+    if fault == "reset_headers":
+        return
+    if fault == "stall":
+        await _stall(receive)
+        return
+    if fault == "reset_body":
+        events = events[: len(events) // 2]
+    for i, event in enumerate(events):
+        if i and chunk_s > 0:
+            await anyio.sleep(chunk_s)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    if fault == "reset_body":
+        return  # returning mid-body: uvicorn drops the connection without ending the chunks
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _stall(receive: Receive | None) -> None:
+    """Until the client gives up and hangs up (or STALL_S): a stalled handler must not hold
+    the server's shutdown hostage."""
+    with anyio.move_on_after(STALL_S):
+        while receive is not None and (await receive())["type"] != "http.disconnect":
+            pass
+        if receive is None:
+            await anyio.sleep(STALL_S)
 
 
 # -- serving -------------------------------------------------------------------------------------

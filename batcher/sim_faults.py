@@ -31,14 +31,20 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "reset_headers",
         "reset_body",
         "stall",
+        "stream_error",
     }
 )
 #: Faults of the connection itself rather than of the answer: the app breaks the response off
 #: (after the headers, or halfway through the body) or stalls before the body.
 TRANSPORT_FAULTS = frozenset({"reset_headers", "reset_body", "stall"})
+#: Faults a streamed answer gets as a broken stream after a 200 (``malformed``: the stream ends
+#: half way without ``[DONE]``; ``stream_error``: an error event half way). The others are
+#: answered as for a request that does not stream.
+STREAM_FAULTS = frozenset({"malformed", "no_usage", "huge", "stream_error", *TRANSPORT_FAULTS})
 """Every fault the simulator can inject; ``SimConfig.error_kinds`` picks among these."""
 
 JSON_TYPE = b"application/json"
+EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
 HTML_TYPE = b"text/html; charset=utf-8"
 
 # What a proxy in front of the model (nginx, Cloudflare) answers when the upstream is down:
@@ -65,7 +71,7 @@ def fault_response(kind: str, answer: dict[str, Any]) -> tuple[int, bytes, bytes
     ``malformed`` and ``no_usage`` kinds are damaged copies of it, so they look like a real
     answer that went wrong rather than a canned string.
     """
-    if kind == "500":
+    if kind in ("500", "stream_error"):  # stream_error, when not streamed, is a plain 500
         message = "The server had an error while processing your request. Sorry about that!"
         return 500, error_body(message, "server_error"), JSON_TYPE
     if kind == "502":
@@ -113,9 +119,6 @@ def fault_response(kind: str, answer: dict[str, Any]) -> tuple[int, bytes, bytes
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
-STREAM_MESSAGE = "streaming is not supported by the simulator yet"
-
-
 class BadRequest(Exception):
     """A request the simulator refuses with 400 ``invalid_request_error``, as OpenAI would."""
 
@@ -142,8 +145,13 @@ def validate_request(raw: bytes) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a 'role'", f"messages[{i}]")
-    if body.get("stream"):
-        raise BadRequest(STREAM_MESSAGE, "stream")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest(f"stream must be a boolean, got {stream!r}", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or stream is not True):
+        message = "stream_options must be an object, and is only allowed when stream is true"
+        raise BadRequest(message, "stream_options")
     n = body.get("n")
     if n is not None and not (is_int(n) and 1 <= n <= 128):
         raise BadRequest(f"n must be an integer between 1 and 128, got {n!r}", "n")

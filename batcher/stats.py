@@ -30,6 +30,9 @@ class RunStats:
     error_codes: Counter[str] = field(default_factory=Counter)
     cost_by_model: dict[str, float] = field(default_factory=dict)
     unpriced: int = 0  # answers with usage but no known price
+    schema_valid: int = 0
+    schema_invalid: int = 0
+    reasks: int = 0  # follow-up requests sent after an invalid structured answer
     wall_s: float = 0.0
     output_ok: int | None = None
     output_error: int | None = None
@@ -46,7 +49,8 @@ class RunStats:
 
     @property
     def retries(self) -> int:
-        return self.attempts - self.done
+        """Attempts beyond the first of each request (re-asks are not retries)."""
+        return self.attempts - self.done - self.reasks
 
     @property
     def requests_per_s(self) -> float:
@@ -60,6 +64,11 @@ class RunStats:
         else:
             self.error += 1
             self.error_codes[result.error_code or "unknown"] += 1
+        if result.schema_valid is not None:
+            if result.schema_valid:
+                self.schema_valid += 1
+            else:
+                self.schema_invalid += 1
         usage = result.usage
         if result.cost_usd is not None:
             key = result.model or "?"

@@ -56,6 +56,7 @@ SCHEMA: pa.Schema = pa.schema([
     ("metadata", _S), ("response", _S),
     ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
     ("choices", _CHOICES),
+    ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S),
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
@@ -182,6 +183,9 @@ def batch_output_line(result: Result) -> dict[str, Any]:
         "metadata": r.metadata,
         "cost_usd": _finite(r.cost_usd),
         "line": r.line,
+        "ttft_s": _finite(r.ttft_s),
+        "schema_valid": r.schema_valid,
+        "schema_error": r.schema_error,
     }
     if r.usage != Usage.from_body(r.body):
         u = r.usage
@@ -222,6 +226,9 @@ def _row_values(r: Result) -> tuple[Any, ...]:
         _us(r.finished_at),
         r.line,
         _choices(body),
+        _finite(r.ttft_s),
+        r.schema_valid,
+        r.schema_error,
     )
 
 
@@ -581,5 +588,8 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         None if finished is None else datetime.fromisoformat(finished),
         b.get("line"),
         _choices(body),
+        b.get("ttft_s"),
+        b.get("schema_valid"),
+        b.get("schema_error"),
     )
     return dict(zip(_NAMES, values, strict=True))

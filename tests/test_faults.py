@@ -19,8 +19,17 @@ from batcher.writers import read_results
 from .helpers import write_input
 
 
-def run_against(tmp_path: Path, config: SimConfig, n: int, **retry: Any) -> tuple[RunReport, int]:
-    """Run n requests against a simulator over loopback; the report and the faults it played."""
+def run_against(
+    tmp_path: Path,
+    config: SimConfig,
+    n: int,
+    *,
+    request: dict[str, Any] | None = None,
+    **retry: Any,
+) -> tuple[RunReport, int]:
+    """Run n requests against a simulator over loopback; the report and the faults it played.
+
+    ``request`` adds job-wide request fields (``{"stream": True}``, say) to the model."""
     src = write_input(tmp_path / "in.jsonl", n)
     with running_sim(config) as sim:
         job = job_from_dict(
@@ -28,7 +37,7 @@ def run_against(tmp_path: Path, config: SimConfig, n: int, **retry: Any) -> tupl
                 "job": {"input": str(src), "output": str(tmp_path / "o.parquet"),
                         "progress": False},
                 "endpoint": {"base_url": sim.base_url},
-                "request": {"model": "gpt-4o-mini"},
+                "request": {"model": "gpt-4o-mini", **(request or {})},
                 "limits": {"concurrency": 8},
                 "retry": {"max_attempts": 12, "timeout_s": 0.5, "backoff_initial_s": 0.01,
                           "backoff_max_s": 0.05, **retry},

@@ -139,7 +139,7 @@ def test_token_estimate_counts_prompt_with_tiktoken_plus_completion_budget() -> 
         (b'{"prompt": "x", "max_tokens": true}', "max_tokens: must be an integer"),
         (b'{"prompt": "x", "seed": 1.5}', "seed: must be an integer"),
         (b'{"prompt": "x", "stop": [1]}', "stop: must be a string or a list of strings"),
-        (b'{"prompt": "x", "stream": true}', "streaming (stream: true) is not supported yet"),
+        (b'{"prompt": "x", "stream": 1}', "stream: must be true or false"),
         (b'{"prompt": ""}', "prompt must be a non-empty string"),
         (b'{"prompt": "x", "metadata": 3}', "metadata must be an object"),
         (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string"),

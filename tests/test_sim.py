@@ -17,7 +17,7 @@ from batcher.sim import (
     expected_content,
     running_sim,
 )
-from batcher.sim_faults import STREAM_MESSAGE, format_duration
+from batcher.sim_faults import format_duration
 
 CHAT = "/v1/chat/completions"
 
@@ -154,7 +154,8 @@ def test_count_prompt_tokens_uses_the_models_encoding() -> None:
         (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
         (json.dumps({"model": "m", "messages": ["hi"]}).encode(), "messages[0]"),
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model"),
-        (json.dumps(body(stream=True)).encode(), STREAM_MESSAGE),
+        (json.dumps(body(stream="yes")).encode(), "stream must be a boolean"),
+        (json.dumps(body(stream_options={"include_usage": True})).encode(), "stream_options"),
         (json.dumps(body(n=0)).encode(), "n must be"),
         (json.dumps(body(max_tokens=0)).encode(), "max_tokens"),
         (json.dumps(body(max_tokens=True)).encode(), "max_tokens"),
@@ -171,10 +172,6 @@ async def test_bad_requests_get_400(raw: bytes, needle: str) -> None:
     assert set(error) >= {"message", "type", "code"}
     assert sim.stats.bad_requests == 1
     assert sim.stats.by_status == {"400": 1}
-
-
-def test_stream_message_is_the_documented_one() -> None:
-    assert STREAM_MESSAGE == "streaming is not supported by the simulator yet"
 
 
 @pytest.mark.anyio

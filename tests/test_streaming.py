@@ -1,0 +1,224 @@
+"""``stream: true``: server-sent events read and assembled into the record a plain call gives.
+
+Unit tests feed ``StreamReader`` hand-written events (tool calls in fragments, refusals,
+logprobs, keep-alive comments); the end-to-end tests stream from the simulator over a real
+loopback socket and compare with the same requests not streamed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batcher.config import job_from_dict
+from batcher.reader import parse_line
+from batcher.records import Reject, Request
+from batcher.runner import run_job
+from batcher.sim import SimConfig, running_sim
+from batcher.streaming import StreamError, StreamReader
+from batcher.writers import read_results
+
+from .helpers import write_input
+from .test_faults import run_against
+
+
+def events(*chunks: dict[str, Any] | str) -> list[str]:
+    """SSE lines: one ``data:`` line and a blank line per chunk."""
+    lines: list[str] = []
+    for chunk in chunks:
+        data = chunk if isinstance(chunk, str) else json.dumps(chunk)
+        lines += [f"data: {data}\r\n", "\r\n"]
+    return lines
+
+
+def delta(index: int, finish: str | None = None, logprobs: Any = None, **fields: Any) -> Any:
+    choice = {"index": index, "delta": fields, "finish_reason": finish, "logprobs": logprobs}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+            "model": "m-2024", "system_fingerprint": "fp", "choices": [choice]}  # fmt: skip
+
+
+def read(lines: list[str]) -> StreamReader:
+    reader = StreamReader(start=0.0)
+    for line in lines:
+        reader.feed_line(line.encode())
+    reader.finish()
+    return reader
+
+
+def test_tool_call_fragments_refusal_and_logprobs_are_assembled() -> None:
+    lp = [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]
+    lines = [": keep-alive\n", *events(
+        delta(0, role="assistant", content=""),
+        delta(1, role="assistant", content=None),
+        delta(0, content="Hi", logprobs={"content": lp, "refusal": None}),
+        delta(0, content=" there", logprobs={"content": lp}),
+        delta(1, tool_calls=[{"index": 0, "id": "call_1", "type": "function",
+                              "function": {"name": "get_", "arguments": ""}}]),
+        delta(1, tool_calls=[{"index": 0, "function": {"name": "weather", "arguments": '{"ci'}}]),
+        delta(1, tool_calls=[{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]),
+        delta(2, refusal="I can't"),
+        delta(2, refusal=" help."),
+        delta(0, "stop"),
+        delta(1, "tool_calls"),
+        delta(2, "stop"),
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m-2024",
+         "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}},
+        "[DONE]",
+    )]  # fmt: skip
+    reader = read(lines)
+    body = reader.body()
+    assert reader.done and reader.ttft_s is not None
+    assert body["object"] == "chat.completion" and body["model"] == "m-2024"
+    assert body["system_fingerprint"] == "fp" and body["id"] == "chatcmpl-1"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    first, second, third = body["choices"]
+    assert first["message"] == {"role": "assistant", "content": "Hi there", "refusal": None}
+    assert first["finish_reason"] == "stop"
+    assert first["logprobs"] == {"content": lp + lp, "refusal": None}
+    assert second["message"]["tool_calls"] == [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    ]  # fmt: skip
+    assert second["finish_reason"] == "tool_calls" and second["message"]["content"] is None
+    assert third["message"]["refusal"] == "I can't help." and third["message"]["content"] is None
+
+
+def test_multi_line_data_and_missing_blank_line_at_the_end() -> None:
+    chunk = json.dumps(delta(0, content="a b"), indent=1)  # one event over several data lines
+    lines = [f"data: {part}\n" for part in chunk.splitlines()] + ["\n", "data: [DONE]"]
+    reader = read(lines)
+    assert reader.done and reader.body()["choices"][0]["message"]["content"] == "a b"
+
+
+def test_stream_without_done_is_not_done() -> None:
+    reader = read(events(delta(0, content="half")))
+    assert not reader.done and reader.chunks == 1
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["data: {not json\n", "\n"], "not JSON"),
+        (["data: [1, 2]\n", "\n"], "not a JSON object"),
+        (["event: error\n", 'data: {"message": "boom"}\n', "\n"], "error in the stream"),
+        (['data: {"error": {"message": "overloaded"}}\n', "\n"], "overloaded"),
+    ],
+)
+def test_broken_events_raise(lines: list[str], message: str) -> None:
+    with pytest.raises(StreamError, match=message):
+        read(lines)
+
+
+def test_stream_asks_for_usage_unless_the_line_says_otherwise() -> None:
+    def body(line: dict[str, Any]) -> dict[str, Any]:
+        parsed = parse_line(json.dumps(line).encode(), 1, {"model": "gpt-4o-mini"})
+        assert isinstance(parsed, Request), parsed
+        return parsed.body
+
+    assert body({"prompt": "x", "stream": True})["stream_options"] == {"include_usage": True}
+    kept = body({"prompt": "x", "stream": True, "stream_options": {"include_usage": False}})
+    assert kept["stream_options"] == {"include_usage": False}
+    assert "stream_options" not in body({"prompt": "x"})
+    bad = parse_line(b'{"prompt": "x", "stream": true, "stream_options": 3}', 4, {"model": "m"})
+    assert isinstance(bad, Reject) and bad.reason.startswith("stream_options: must be an object")
+
+
+def run_job_over(tmp_path: Path, sim_url: str, name: str, request: dict[str, Any]) -> Path:
+    src = write_input(tmp_path / "in.jsonl", 12)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / name), "progress": False},
+            "endpoint": {"base_url": sim_url},
+            "request": {"model": "gpt-4o-mini", "n": 2, **request},
+            "limits": {"concurrency": 4},
+        }
+    )
+    report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 0, report.summary
+    return report.output
+
+
+def test_streamed_records_equal_plain_ones_over_a_socket(tmp_path: Path) -> None:
+    config = SimConfig(latency_ms=30, stream_chunk_ms=3, max_completion_tokens=12)
+    with running_sim(config) as sim:
+        plain = run_job_over(tmp_path, sim.base_url, "plain.parquet", {})
+        streamed = run_job_over(tmp_path, sim.base_url, "streamed.parquet", {"stream": True})
+    plain_rows = {r["custom_id"]: r for r in read_results(plain)}
+    stream_rows = {r["custom_id"]: r for r in read_results(streamed)}
+    assert plain_rows.keys() == stream_rows.keys() and len(plain_rows) == 12
+    # n = 2 from the job (lines of the second input form ask for n = 1): choices interleave
+    assert sum(len(r["choices"]) == 2 for r in stream_rows.values()) == 8
+    for cid, p in plain_rows.items():
+        s = stream_rows[cid]
+        same = ("status", "model", "content", "finish_reason", "prompt_tokens",
+                "completion_tokens", "total_tokens", "cost_usd", "choices")  # fmt: skip
+        assert {k: s[k] for k in same} == {k: p[k] for k in same}, cid
+        plain_body, stream_body = json.loads(p["response"]), json.loads(s["response"])
+        plain_body.pop("created"), stream_body.pop("created")
+        assert stream_body == plain_body, cid
+        # the first token comes after the latency, the last a few chunks later
+        assert p["ttft_s"] is None
+        assert 0.03 <= s["ttft_s"] < s["latency_s"], (s["ttft_s"], s["latency_s"])
+
+
+@pytest.mark.parametrize("kind", ["malformed", "stream_error", "reset_body", "reset_headers"])
+def test_cut_off_stream_is_retried(tmp_path: Path, kind: str) -> None:
+    config = SimConfig(error_rate=0.3, error_kinds=(kind,), seed=3)
+    report, faults = run_against(tmp_path, config, 24, request={"stream": True})
+    rows = list(read_results(report.output))
+    assert report.exit_code == 0, report.summary
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"}
+    assert faults > 0 and report.stats.retries == faults  # one retry per broken stream
+    assert all(r["completion_tokens"] and r["ttft_s"] is not None for r in rows)
+
+
+def test_stream_that_never_finishes_is_an_error_record_after_its_attempts(tmp_path: Path) -> None:
+    config = SimConfig(error_rate=1.0, error_kinds=("malformed",))
+    report, _ = run_against(tmp_path, config, 2, request={"stream": True}, max_attempts=2)
+    rows = list(read_results(report.output))
+    assert {(r["status"], r["status_code"], r["error_code"], r["attempts"]) for r in rows} == {
+        ("error", 200, "invalid_response", 2)
+    }
+    assert all("before [DONE]" in r["error_message"] for r in rows)
+
+
+def test_server_that_ignores_stream_is_read_as_plain_json(tmp_path: Path) -> None:
+    """A gateway that drops ``stream`` and answers JSON: the answer is still kept."""
+    import httpx
+
+    from batcher.sim import Simulator
+
+    sim = Simulator()
+
+    async def plain_json(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            request = json.loads(body)
+            request.pop("stream"), request.pop("stream_options")
+
+            async def replay() -> dict[str, Any]:
+                return {"type": "http.request", "body": json.dumps(request).encode()}
+
+            await sim(scope, replay, send)
+
+    src = write_input(tmp_path / "in.jsonl", 3)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / "o.jsonl"), "progress": False},
+            "endpoint": {"base_url": "http://sim.test/v1"},
+            "request": {"model": "gpt-4o-mini", "stream": True},
+        }
+    )
+    report = run_job(job, transport=httpx.ASGITransport(app=plain_json), stream=io.StringIO())
+    rows = list(read_results(report.output))
+    assert report.exit_code == 0 and {r["status"] for r in rows} == {"ok"}
+    assert all(r["content"].startswith("sim-") and r["ttft_s"] is None for r in rows)
