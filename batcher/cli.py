@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-reasks",
         type=_non_negative_int,
         metavar="N",
-        help="with --validate-schema: ask again up to N times when an answer is invalid (1)",
+        help="ask again up to N times when an answer is invalid (1; implies --validate-schema)",
     )
     run.add_argument(
         "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
@@ -274,7 +274,9 @@ def _job(args: argparse.Namespace) -> JobConfig:
         progress=False if getattr(args, "no_progress", False) else None,
         grace_s=getattr(args, "grace", None),
         max_cost_usd=args.max_cost,
-        validate_schema=getattr(args, "validate_schema", None),
+        # --max-reasks N means checking: it would do nothing otherwise
+        validate_schema=getattr(args, "validate_schema", None)
+        or (True if getattr(args, "max_reasks", None) is not None else None),
         max_reasks=getattr(args, "max_reasks", None),
     )
 

@@ -99,7 +99,7 @@ class ChatClient:
             # fail_after covers what httpx's timeouts do not: a body that trickles forever.
             with anyio.fail_after(self._timeout_s):
                 if body.get("stream") is True:
-                    return await self._post_streamed(content, start)
+                    return await self._post_streamed(content, start, _usage_asked(body))
                 response = await self._client.post(self._url, content=content)
         except TimeoutError:
             return _transport_failure("timeout", f"no answer within {self._timeout_s:g} s", start)
@@ -124,12 +124,12 @@ class ChatClient:
             return _transport_failure("invalid_response", _describe(exc), start)
         return classify(response, time.perf_counter() - start)
 
-    async def _post_streamed(self, content: bytes, start: float) -> Attempt:
+    async def _post_streamed(self, content: bytes, start: float, usage_asked: bool) -> Attempt:
         """POST a ``stream: true`` request and assemble its events into one answer.
 
         An error status, or a server that ignored ``stream`` and answered with plain JSON, is
         classified as a non-streamed answer. A stream that breaks off before ``[DONE]`` is a
-        retryable ``invalid_response``: the answer is incomplete.
+        retryable ``invalid_response``: the answer is incomplete (see ``StreamReader.problem``).
         """
         request = self._client.build_request("POST", self._url, content=content)
         response = await self._client.send(request, stream=True)
@@ -138,10 +138,10 @@ class ChatClient:
             if not (200 <= response.status_code < 300) or EVENT_STREAM not in content_type:
                 await response.aread()
                 return classify(response, time.perf_counter() - start)
-            reader = StreamReader(start)
+            reader = StreamReader(start, usage_asked=usage_asked)
             try:
-                async for line in response.aiter_lines():
-                    reader.feed_line(line)
+                async for data in response.aiter_bytes():
+                    reader.feed(data)
                     if reader.done:
                         break
                 reader.finish()
@@ -150,8 +150,9 @@ class ChatClient:
             except Exception as exc:  # httpx's, or aiohttp's passed through by its transport
                 message = f"the stream broke off: {_describe(exc)}"
                 return _broken_stream(response, message, start, reader)
-            if not reader.done:
-                return _broken_stream(response, "the stream ended before [DONE]", start, reader)
+            problem = reader.problem()
+            if problem is not None:
+                return _broken_stream(response, problem, start, reader)
             return _streamed(response, reader, time.perf_counter() - start)
         finally:
             await response.aclose()
@@ -273,6 +274,11 @@ def _error_of(status: int, body: Any, is_json: bool) -> tuple[str, str]:
             return f"http_{status}", err
     text = _snippet(body) if body is not None else "(empty body)"
     return f"http_{status}", f"HTTP {status}: {text}"
+
+
+def _usage_asked(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
 def _streamed(response: httpx.Response, reader: StreamReader, latency_s: float) -> Attempt:

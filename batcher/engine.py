@@ -48,7 +48,7 @@ READ_BATCH = 256
 
 
 class ResultSink(Protocol):
-    def append(self, result: Result, body_hash: str) -> None: ...
+    def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None: ...
 
 
 class RejectSink(Protocol):
@@ -193,15 +193,16 @@ class Engine:
                 result = await self._ask(request)
                 if result is None:
                     return  # the budget is spent: this one and the rest wait for a re-run
+                reasks = 0
                 if self._validate is not None and result.status == "ok":
-                    result = await self._check_format(request, result, self._validate.max_reasks)
+                    result, reasks = await self._check_format(request, result)
                 if result.error_code == "connection_error" and self._outage.exhausted:
                     continue  # not recorded: the endpoint is down, a re-run sends it
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(_stop_reason(result))
                     continue
-                self._record(result, request.body_hash)
+                self._record(result, request.body_hash, reasks=reasks)
 
     async def _ask(self, request: Request, *, first: bool = True) -> Result | None:
         """Send a request (with its retries) under the budget; its result, priced.
@@ -228,31 +229,46 @@ class Engine:
             result = dataclasses.replace(result, cost_usd=cost)
         return result
 
-    async def _check_format(self, request: Request, result: Result, max_reasks: int) -> Result:
+    async def _check_format(self, request: Request, result: Result) -> tuple[Result, int]:
         """Check an ok answer against the request's ``response_format``; re-ask while invalid.
 
-        The result keeps the last ok answer; its attempts, usage and cost add up every ask.
+        Returns the result and the re-asks sent. The result keeps the last ok answer; its
+        attempts, usage and cost add up every ask. Before each re-ask the answer so far is
+        journaled (provisionally), so a crash mid-way does not lose what was paid for.
         """
+        assert self._validate is not None
         expected = expected_format(request.body)
         if expected is None:
-            return result
+            return result, 0
         verdict = check_answer(result.body, expected)
-        asked = request
-        for reask in range(1, max_reasks + 1):
-            if verdict.valid or not verdict.reask or self._stopping.is_set():
+        asked, reasks = request, 0
+        while verdict.valid is False and verdict.reask and reasks < self._validate.max_reasks:
+            if self._stopping.is_set() or not self._journal_provisionally(request, result, verdict):
+                verdict = _not_asked_again(verdict)
                 break
-            asked = _reask_request(asked, result.body, verdict.error or "")
+            asked = _reask_request(asked, result.body, verdict)
             answer = await self._ask(asked, first=False)
-            if answer is None:
-                break  # the budget is spent: keep what we have
-            self._stats.reasks += 1
+            if answer is None:  # the budget is spent
+                verdict = _not_asked_again(verdict)
+                break
+            reasks += 1
             result = _combined(result, answer)
             if answer.status != "ok":
-                failed = f"{verdict.error}; re-ask {reask} failed: {answer.error_code}"
+                failed = f"{verdict.error}; re-ask {reasks} failed: {answer.error_code}"
                 verdict = Verdict(False, failed)
                 break
             verdict = check_answer(result.body, expected)
-        return dataclasses.replace(result, schema_valid=verdict.valid, schema_error=verdict.error)
+        checked = dataclasses.replace(
+            result, schema_valid=verdict.valid, schema_error=verdict.error
+        )
+        return checked, reasks
+
+    def _journal_provisionally(self, request: Request, result: Result, verdict: Verdict) -> bool:
+        """Journal an invalid answer before it is re-asked; false if the journal failed."""
+        pending = dataclasses.replace(
+            result, schema_valid=False, schema_error=f"{verdict.error} (re-ask under way)"
+        )
+        return self._journal(pending, request.body_hash, provisional=True)
 
     def _reserve(self, request: Request) -> float | None:
         """Reserve the request's worst-case cost under ``--max-cost``; ``None`` if it cannot go."""
@@ -284,18 +300,24 @@ class Engine:
             return None
         return worst
 
-    def _record(self, result: Result, body_hash: str) -> None:
+    def _record(self, result: Result, body_hash: str, *, reasks: int = 0) -> None:
         """Journal a finished request, then count it: synchronous, so nothing interleaves."""
+        if self._journal(result, body_hash):
+            self._stats.add(result)
+            self._stats.reasks += reasks
+            self._progress.advance()
+
+    def _journal(self, result: Result, body_hash: str, *, provisional: bool = False) -> bool:
+        """Append to the journal; on failure stop the run at once and return false."""
         if self._record_error is not None:
-            return  # the journal already failed: this answer is lost and will be re-sent
+            return False  # the journal already failed: this answer is lost and will be re-sent
         try:
-            self._results.append(result, body_hash)
+            self._results.append(result, body_hash, provisional=provisional)
         except OSError as exc:
             self._record_error = exc
             self.stop(f"cannot write the journal: {exc.strerror or exc}", at_once=True)
-            return
-        self._stats.add(result)
-        self._progress.advance()
+            return False
+        return True
 
     async def _send(self, request: Request) -> Result:
         started = time.time()
@@ -392,9 +414,9 @@ class Engine:
                 )
 
 
-def _reask_request(request: Request, answer: object, error: str) -> Request:
+def _reask_request(request: Request, answer: object, verdict: Verdict) -> Request:
     """The request that asks again, its token estimates grown by the two turns it adds."""
-    body = reask_body(request.body, answer, error)
+    body = reask_body(request.body, answer, verdict)
     model = body.get("model")
     added = count_message_tokens(
         body["messages"][-2:], encoding_for_model(model if isinstance(model, str) else None)
@@ -405,6 +427,10 @@ def _reask_request(request: Request, answer: object, error: str) -> Request:
         prompt_tokens=request.prompt_tokens + added,
         est_tokens=request.est_tokens + added,
     )
+
+
+def _not_asked_again(verdict: Verdict) -> Verdict:
+    return Verdict(False, f"{verdict.error}; not asked again: the run stopped", reask=False)
 
 
 def _combined(before: Result, after: Result) -> Result:

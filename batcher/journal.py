@@ -36,8 +36,17 @@ def journal_path(output: Path) -> Path:
     return output.with_name(output.name + JOURNAL_SUFFIX)
 
 
+#: Fields that change how an answer is delivered, not what is asked: turning streaming on
+#: after a partial run must not re-send (and pay for) what is done.
+_DELIVERY_FIELDS = ("stream", "stream_options")
+
+
 def request_hash(body: Mapping[str, Any]) -> str:
-    """A content hash of a request body (canonical JSON), to notice a line that changed."""
+    """A content hash of a request body (canonical JSON), to notice a line that changed.
+
+    The delivery fields (``stream``, ``stream_options``) are left out."""
+    if any(key in body for key in _DELIVERY_FIELDS):
+        body = {k: v for k, v in body.items() if k not in _DELIVERY_FIELDS}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     data = canonical.encode("utf-8", "backslashreplace")
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -95,12 +104,17 @@ class Journal:
         except OSError as exc:
             raise OutputError(f"cannot write journal {path}: {exc.strerror or exc}") from None
 
-    def append(self, result: Result, body_hash: str) -> None:
-        """Record a finished request durably enough to survive the process dying."""
-        line = encode(result, body_hash)
+    def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
+        """Record a finished request durably enough to survive the process dying.
+
+        A ``provisional`` record (an answer about to be re-asked) is kept in ``entries``, so
+        the record that follows replaces it in ``results``; on resume its cost is not counted
+        twice (the final record's cost includes it).
+        """
+        line = encode(result, body_hash, provisional=provisional)
         offset = self._size
         self._write(line)
-        if result.custom_id in self.entries:  # re-sent: this record replaces the earlier one
+        if provisional or result.custom_id in self.entries:  # a later record replaces this one
             self.entries[result.custom_id] = Entry(
                 body_hash, result.status, result.status_code, result.error_code, offset
             )
@@ -160,6 +174,7 @@ class Journal:
             f = self.path.open("rb")
         except FileNotFoundError:
             return
+        provisional: dict[str, float] = {}  # cost of an id's provisional record, to take back
         with f:
             offset = 0
             for raw in f:
@@ -172,9 +187,13 @@ class Journal:
                 record = _parse(raw)
                 if record is None or not isinstance(record.get("custom_id"), str):
                     continue  # unreadable: that request counts as not done
+                custom_id = record["custom_id"]
                 cost = record.get("cost_usd")
-                if isinstance(cost, int | float):
-                    self.spent_before += cost
+                cost = cost if isinstance(cost, int | float) else 0.0
+                # a record after a provisional one includes the provisional one's cost
+                self.spent_before += cost - provisional.pop(custom_id, 0.0)
+                if record.get("provisional") is True:
+                    provisional[custom_id] = cost
                 self.entries[record["custom_id"]] = Entry(
                     str(record.get("hash", "")),
                     str(record.get("status", "")),
@@ -189,7 +208,7 @@ class Journal:
             f.truncate(size)
 
 
-def encode(result: Result, body_hash: str) -> bytes:
+def encode(result: Result, body_hash: str, *, provisional: bool = False) -> bytes:
     """One journal line for a result."""
     usage = result.usage
     record = {
@@ -214,6 +233,8 @@ def encode(result: Result, body_hash: str) -> bytes:
         "usage": None if usage is None else _usage_dict(usage),
         "body": result.body,
     }
+    if provisional:
+        record["provisional"] = True
     # backslashreplace: a lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
     return (_ENCODE(record) + "\n").encode("utf-8", "backslashreplace")
 

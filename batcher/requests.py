@@ -73,6 +73,8 @@ def field_problem(body: Mapping[str, Any]) -> tuple[str, str] | None:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         return "stream_options", f"must be an object, got {_short(options)}"
+    if options is not None and body.get("stream") is not True:
+        return "stream_options", "is only allowed with stream: true (the API refuses it)"
     return None
 
 

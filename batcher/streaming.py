@@ -21,7 +21,10 @@ from typing import Any
 DONE = "[DONE]"
 EVENT_STREAM = "text/event-stream"
 
+_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+#: Top-level chunk fields that belong to one chunk, not to the answer.
+_PER_CHUNK = frozenset({"choices", "usage", "object", "obfuscation"})
 
 
 class StreamError(Exception):
@@ -39,8 +42,10 @@ class StreamReader:
     time from then to the first chunk that carried content, a refusal or a tool call.
     """
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, *, usage_asked: bool = False) -> None:
         self._start = start
+        self._usage_asked = usage_asked
+        self._pending = b""
         self._data: list[str] = []
         self._event = ""
         self.done = False
@@ -50,10 +55,28 @@ class StreamReader:
         self._choices: dict[int, _Choice] = {}
         self._usage: Any = None
 
+    def feed(self, data: bytes) -> None:
+        """Bytes of the response body as they arrive, split into lines here.
+
+        Only CR, LF and CRLF end a line (the SSE rule): U+2028 and friends may stand raw
+        inside a JSON string, so a general-purpose line splitter would cut an event in two.
+        """
+        buffer = self._pending + data
+        # A CR at the very end may be the first half of a CRLF: it waits for the next bytes.
+        tail_cr = buffer.endswith(b"\r")
+        if tail_cr:
+            buffer = buffer[:-1]
+        lines = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._pending = lines.pop() + (b"\r" if tail_cr else b"")
+        for line in lines:
+            self.feed_line(line)
+            if self.done:
+                return
+
     def feed_line(self, raw: bytes | str) -> None:
-        """One line of the response body, with or without its line ending."""
+        """One line of the response body, without its line ending."""
         line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        line = line.rstrip("\r\n")
+        line = line.removeprefix("\ufeff") if not self.chunks else line
         if not line:
             self._dispatch()
             return
@@ -68,7 +91,26 @@ class StreamReader:
 
     def finish(self) -> None:
         """The body ended: an event not followed by an empty line still counts."""
+        pending, self._pending = self._pending.rstrip(b"\r"), b""
+        if pending:
+            self.feed_line(pending)
         self._dispatch()
+
+    def problem(self) -> str | None:
+        """Why the stream is not a whole answer, or ``None`` when it is.
+
+        Whole means every choice has its ``finish_reason`` (and usage came, when it was asked
+        for). ``[DONE]`` alone is not enough (a proxy may end a broken stream cleanly), and a
+        stream that is whole but lost its ``[DONE]`` is kept rather than paid for again.
+        """
+        if not self._choices:
+            return "the stream has no choices"
+        unfinished = [i for i, c in self._choices.items() if c.finish_reason is None]
+        if unfinished:
+            return f"choice {unfinished[0]} has no finish_reason"
+        if not self.done and self._usage_asked and self._usage is None:
+            return "the stream ended before [DONE] and its usage"
+        return None
 
     def body(self) -> dict[str, Any]:
         """The assembled ``chat.completion`` body."""
@@ -79,7 +121,7 @@ class StreamReader:
             "model": self._head.get("model"),
         }
         for key, value in self._head.items():
-            if key not in body and key not in ("choices", "usage", "object"):
+            if key not in body:
                 body[key] = value
         body["choices"] = [self._choices[i].as_dict(i) for i in sorted(self._choices)]
         if self._usage is not None:
@@ -101,7 +143,7 @@ class StreamReader:
             raise StreamError(f"a stream event is not JSON: {_snippet(data)}") from None
         if not isinstance(chunk, dict):
             raise StreamError(f"a stream event is not a JSON object: {_snippet(data)}")
-        if event == "error" or "error" in chunk:
+        if event == "error" or chunk.get("error") is not None:
             error = chunk.get("error", chunk)
             detail = error.get("message") if isinstance(error, dict) else error
             raise StreamError(f"the server sent an error in the stream: {detail}", error=error)
@@ -109,9 +151,12 @@ class StreamReader:
 
     def _add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
+        head = self._head
         for key, value in chunk.items():
-            if key not in self._head and value is not None:
-                self._head[key] = value
+            # Azure's first chunk (prompt_filter_results) has an empty id, model and created:
+            # the first non-empty value counts.
+            if value not in (None, "", 0) and not head.get(key) and key not in _PER_CHUNK:
+                head[key] = value
         if chunk.get("usage") is not None:
             self._usage = chunk["usage"]
         choices = chunk.get("choices")
@@ -138,12 +183,16 @@ class _Choice:
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: Any = None
         self.logprobs: dict[str, Any] | None = None
-        self.extra: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}  # message fields beyond the known ones
+        self.choice_extra: dict[str, Any] = {}  # e.g. vLLM's stop_reason, Azure's filter results
 
     def add(self, delta_choice: dict[str, Any]) -> bool:
         """Fold one delta in; true when it carried output (text or a tool call)."""
         if delta_choice.get("finish_reason") is not None:
             self.finish_reason = delta_choice["finish_reason"]
+        for key, value in delta_choice.items():
+            if key not in _CHOICE_KEYS and value is not None:
+                self.choice_extra[key] = value
         logprobs = delta_choice.get("logprobs")
         if isinstance(logprobs, dict):
             merged = self.logprobs if self.logprobs is not None else {}
@@ -174,11 +223,12 @@ class _Choice:
     def _add_tool_calls(self, calls: Any) -> bool:
         if not isinstance(calls, list):
             return False
-        for position, call in enumerate(calls):
+        for call in calls:
             if not isinstance(call, dict):
                 continue
             index = call.get("index")
-            index = index if isinstance(index, int) and not isinstance(index, bool) else position
+            if not isinstance(index, int) or isinstance(index, bool):
+                index = self._index_of(call.get("id"))
             merged = self.tool_calls.setdefault(index, {})
             for key, value in call.items():
                 if key == "index" or value is None:
@@ -193,6 +243,13 @@ class _Choice:
                 else:
                     merged[key] = value
         return bool(calls)
+
+    def _index_of(self, call_id: Any) -> int:
+        """Where a tool-call fragment without an ``index`` goes: a new call when it brings a
+        new id, else the last call."""
+        if call_id is not None and all(c.get("id") != call_id for c in self.tool_calls.values()):
+            return len(self.tool_calls)
+        return max(self.tool_calls, default=0)
 
     def as_dict(self, index: int) -> dict[str, Any]:
         message: dict[str, Any] = {"role": self.role or "assistant"}
@@ -209,6 +266,7 @@ class _Choice:
             "message": message,
             "finish_reason": self.finish_reason,
             "logprobs": self.logprobs,
+            **self.choice_extra,
         }
 
 

@@ -25,12 +25,15 @@ REASK_INSTRUCTION = "Reply again with only the JSON, matching the schema exactly
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """Whether an answer matched its format; ``error`` says why not; ``reask`` whether asking
-    again could help (not after a refusal or a content filter)."""
+    """Whether an answer matched its format: ``valid`` is ``None`` when there was nothing to
+    check (the model called a tool instead). ``error`` says why not, about choice ``choice``;
+    ``reask`` whether asking again could help (not after a refusal, a content filter, an answer
+    cut off by max_tokens, or a schema that cannot be used)."""
 
-    valid: bool
+    valid: bool | None
     error: str | None = None
     reask: bool = True
+    choice: int = 0
 
 
 def expected_format(body: Mapping[str, Any]) -> tuple[str, str | None] | None:
@@ -59,46 +62,65 @@ def check_answer(body: Any, expected: tuple[str, str | None]) -> Verdict:
     kind, schema_text = expected
     validator = None
     if kind == "json_schema":
-        from jsonschema.exceptions import SchemaError
-
         try:
             validator = _validator(schema_text or "true")
-        except SchemaError as exc:
-            problem = f"the request's schema is not a valid JSON schema: {_short(exc.message)}"
-            return Verdict(False, problem, False)
+        except Exception as exc:  # SchemaError
+            message = _short(getattr(exc, "message", None) or str(exc))
+            problem = f"the request's schema is not a valid JSON schema: {message}"
+            return Verdict(False, problem, reask=False)
+    tool_calls = 0
     for position, item in enumerate(choices):
         choice: dict[str, Any] = item if isinstance(item, dict) else {}
-        found = choice.get("message")
-        message: dict[str, Any] = found if isinstance(found, dict) else {}
-        where = f"choice {position}"
-        if message.get("refusal"):
-            return Verdict(False, f"{where} refused: {_short(str(message['refusal']))}", False)
-        content = message.get("content")
-        if not isinstance(content, str):
-            reask = choice.get("finish_reason") != "content_filter"
-            return Verdict(False, f"{where} has no text content", reask)
-        try:
-            value = json.loads(content)
-        except (ValueError, RecursionError) as exc:
-            cut = (
-                " (cut off: finish_reason length)"
-                if choice.get("finish_reason") == "length"
-                else ""
-            )
-            return Verdict(False, f"{where} is not JSON{cut}: {exc}")
-        if validator is None:
-            if not isinstance(value, dict):
-                return Verdict(False, f"{where} is JSON but not an object")
-            continue
+        verdict = _check_choice(choice, position, validator)
+        if verdict is None:
+            tool_calls += 1
+        elif not verdict.valid:
+            return verdict
+    return Verdict(None if tool_calls == len(choices) else True)
+
+
+def _check_choice(choice: dict[str, Any], position: int, validator: Any) -> Verdict | None:
+    """The verdict on one choice; ``None`` when it called a tool instead of answering."""
+    found = choice.get("message")
+    message: dict[str, Any] = found if isinstance(found, dict) else {}
+    where, finish = f"choice {position}", choice.get("finish_reason")
+    content = message.get("content")
+    if message.get("tool_calls") and not content:
+        return None
+    if message.get("refusal"):
+        refusal = _short(str(message["refusal"]))
+        return Verdict(False, f"{where} refused: {refusal}", reask=False, choice=position)
+    if finish == "content_filter":
+        return Verdict(False, f"{where} was filtered", reask=False, choice=position)
+    if not isinstance(content, str):
+        return Verdict(False, f"{where} has no text content", choice=position)
+    try:
+        value = json.loads(content)
+    except (ValueError, RecursionError) as exc:
+        if finish == "length":  # the same max_tokens would cut it again
+            problem = f"{where} is cut off (finish_reason length), not JSON: {exc}"
+            return Verdict(False, problem, reask=False, choice=position)
+        return Verdict(False, f"{where} is not JSON: {exc}", choice=position)
+    if validator is None:
+        if not isinstance(value, dict):
+            return Verdict(False, f"{where} is JSON but not an object", choice=position)
+        return Verdict(True)
+    try:
         mismatch = _schema_problem(validator, value)
-        if mismatch is not None:
-            return Verdict(False, f"{where} does not match the schema: {mismatch}")
+    except Exception as exc:  # e.g. a $ref to a document that cannot be fetched
+        problem = f"the request's schema cannot be used: {_short(str(exc))}"
+        return Verdict(False, problem, reask=False, choice=position)
+    if mismatch is not None:
+        problem = f"{where} does not match the schema: {mismatch}"
+        return Verdict(False, problem, choice=position)
     return Verdict(True)
 
 
-def reask_body(body: Mapping[str, Any], answer: Any, error: str) -> dict[str, Any]:
-    """The follow-up request: the same request, its invalid reply and what was wrong with it."""
-    reply = _first_content(answer)
+def reask_body(body: Mapping[str, Any], answer: Any, verdict: Verdict) -> dict[str, Any]:
+    """The follow-up request: the same request, the invalid reply (of the choice that failed)
+    and what was wrong with it."""
+    reply = _content_of(answer, verdict.choice)
+    error = verdict.error or "it does not match the requested format"
     messages = list(body.get("messages") or [])
     messages.append({"role": "assistant", "content": reply})
     complaint = f"That reply is not valid: {error}. {REASK_INSTRUCTION}"
@@ -127,9 +149,9 @@ def _validator(schema_text: str) -> Any:
     return cls(schema)
 
 
-def _first_content(answer: Any) -> str:
+def _content_of(answer: Any, choice: int) -> str:
     try:
-        content = answer["choices"][0]["message"]["content"]
+        content = answer["choices"][choice]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         return ""
     return content if isinstance(content, str) else ""

@@ -137,3 +137,32 @@ def test_resume_plan(tmp_path: Path, retry_errors: str, expected: dict[str, str]
         plan = ResumePlan(j.entries, retry_errors=retry_errors)  # type: ignore[arg-type]
     for cid, decision in expected.items():
         assert plan.decide(cid, "h") == decision, cid
+
+
+def test_new_fields_round_trip() -> None:
+    import json
+
+    original = result("n", ttft_s=0.125, schema_valid=False, schema_error="choice 0 is not JSON")
+    assert decode(json.loads(encode(original, "h"))) == original
+
+
+def test_provisional_record_is_replaced_and_its_cost_not_counted_twice(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    with Journal(path) as journal:
+        journal.append(result("a", cost_usd=1.0, schema_valid=False), "h", provisional=True)
+        journal.append(result("a", cost_usd=1.0 + 2.0, schema_valid=False), "h", provisional=True)
+        journal.append(result("a", cost_usd=1.0 + 2.0 + 4.0, schema_valid=True), "h")
+        journal.append(result("b", cost_usd=0.5, schema_valid=False), "h", provisional=True)
+        records = list(journal.results())
+    # one record an id: the final one for a, the provisional one for b (the run died there)
+    assert [(r.custom_id, r.cost_usd) for r in records] == [("a", 7.0), ("b", 0.5)]
+    with Journal(path) as again:
+        assert again.spent_before == pytest.approx(7.5)
+        assert again.entries["a"].status == again.entries["b"].status == "ok"
+
+
+def test_turning_streaming_on_does_not_change_the_hash() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    assert request_hash(streamed) == request_hash(body)
+    assert request_hash({**body, "temperature": 0}) != request_hash(body)

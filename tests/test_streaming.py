@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batcher.config import job_from_dict
 from batcher.reader import parse_line
@@ -41,10 +43,14 @@ def delta(index: int, finish: str | None = None, logprobs: Any = None, **fields:
             "model": "m-2024", "system_fingerprint": "fp", "choices": [choice]}  # fmt: skip
 
 
-def read(lines: list[str]) -> StreamReader:
+def read(lines: list[str], cuts: list[int] | None = None) -> StreamReader:
+    """Feed the stream's bytes as a transport would: in pieces cut at ``cuts`` (default: every
+    7 bytes, so cuts fall inside lines, inside CRLFs and inside multi-byte characters)."""
+    data = "".join(lines).encode()
+    cuts = sorted(set(cuts if cuts is not None else range(7, len(data), 7)))
     reader = StreamReader(start=0.0)
-    for line in lines:
-        reader.feed_line(line.encode())
+    for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        reader.feed(data[a:b])
     reader.finish()
     return reader
 
@@ -87,6 +93,82 @@ def test_tool_call_fragments_refusal_and_logprobs_are_assembled() -> None:
     assert third["message"]["refusal"] == "I can't help." and third["message"]["content"] is None
 
 
+SAMPLE = events(
+    delta(0, role="assistant", content=""),
+    delta(0, content="line\u2028sep\u2029para\x85nel \u00e9\u6f22 \U0001f600"),
+    delta(0, "stop"),
+    "[DONE]",
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=400), max_size=30))
+def test_any_split_of_the_bytes_reads_the_same(cuts: list[int]) -> None:
+    """Only CR, LF and CRLF end a line: raw U+2028, U+2029 and U+0085 stay inside the JSON."""
+    reader = read(SAMPLE, [c for c in cuts if c < len("".join(SAMPLE).encode())])
+    assert reader.done and reader.problem() is None
+    content = reader.body()["choices"][0]["message"]["content"]
+    assert content == "line\u2028sep\u2029para\x85nel \u00e9\u6f22 \U0001f600"
+
+
+def test_cr_only_line_endings_and_a_bom() -> None:
+    lines = ["\ufeff" + line.replace("\r\n", "\r") for line in SAMPLE[:1]] + [
+        line.replace("\r\n", "\r") for line in SAMPLE[1:]
+    ]
+    reader = read(lines)
+    assert reader.done and reader.body()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_incomplete_streams_have_a_problem() -> None:
+    assert read(["data: [DONE]\n", "\n"]).problem() == "the stream has no choices"
+    unfinished = read(events(delta(0, content="half"), "[DONE]"))
+    assert unfinished.problem() == "choice 0 has no finish_reason"
+    # whole but without [DONE]: kept, unless the usage it asked for never came
+    whole = events(delta(0, content="all"), delta(0, "stop"))
+    assert read(whole).problem() is None
+    asked = StreamReader(start=0.0, usage_asked=True)
+    asked.feed("".join(whole).encode())
+    asked.finish()
+    assert asked.problem() == "the stream ended before [DONE] and its usage"
+
+
+def test_azure_empty_first_chunk_choice_extras_and_tool_calls_without_index() -> None:
+    azure_first = {
+        "id": "",
+        "object": "",
+        "created": 0,
+        "model": "",
+        "choices": [],
+        "prompt_filter_results": [{"prompt_index": 0}],
+    }
+    first = delta(
+        0,
+        role="assistant",
+        tool_calls=[
+            {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{"}}
+        ],
+    )
+    first["choices"][0]["content_filter_results"] = {"hate": {"filtered": False}}
+    first["obfuscation"] = "xyz"
+    lines = events(
+        azure_first,
+        first,
+        delta(0, tool_calls=[{"function": {"arguments": "}"}}]),
+        delta(0, tool_calls=[{"id": "call_b", "type": "function",
+                              "function": {"name": "g", "arguments": "{}"}}]),
+        {**delta(0, "tool_calls"), "error": None},
+        "[DONE]",
+    )  # fmt: skip
+    body = read(lines).body()
+    assert body["model"] == "m-2024" and body["id"] == "chatcmpl-1" and body["created"] == 7
+    assert body["prompt_filter_results"] == [{"prompt_index": 0}] and "obfuscation" not in body
+    choice = body["choices"][0]
+    assert choice["content_filter_results"] == {"hate": {"filtered": False}}
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+        {"name": "f", "arguments": "{}"},
+        {"name": "g", "arguments": "{}"},
+    ]
+
+
 def test_multi_line_data_and_missing_blank_line_at_the_end() -> None:
     chunk = json.dumps(delta(0, content="a b"), indent=1)  # one event over several data lines
     lines = [f"data: {part}\n" for part in chunk.splitlines()] + ["\n", "data: [DONE]"]
@@ -125,6 +207,8 @@ def test_stream_asks_for_usage_unless_the_line_says_otherwise() -> None:
     assert "stream_options" not in body({"prompt": "x"})
     bad = parse_line(b'{"prompt": "x", "stream": true, "stream_options": 3}', 4, {"model": "m"})
     assert isinstance(bad, Reject) and bad.reason.startswith("stream_options: must be an object")
+    alone = parse_line(b'{"prompt": "x", "stream_options": {}}', 5, {"model": "m"})
+    assert isinstance(alone, Reject) and "only allowed with stream: true" in alone.reason
 
 
 def run_job_over(tmp_path: Path, sim_url: str, name: str, request: dict[str, Any]) -> Path:
@@ -165,7 +249,9 @@ def test_streamed_records_equal_plain_ones_over_a_socket(tmp_path: Path) -> None
         assert 0.03 <= s["ttft_s"] < s["latency_s"], (s["ttft_s"], s["latency_s"])
 
 
-@pytest.mark.parametrize("kind", ["malformed", "stream_error", "reset_body", "reset_headers"])
+@pytest.mark.parametrize(
+    "kind", ["malformed", "stream_error", "reset_body", "reset_headers", "stall"]
+)
 def test_cut_off_stream_is_retried(tmp_path: Path, kind: str) -> None:
     config = SimConfig(error_rate=0.3, error_kinds=(kind,), seed=3)
     report, faults = run_against(tmp_path, config, 24, request={"stream": True})
@@ -183,7 +269,7 @@ def test_stream_that_never_finishes_is_an_error_record_after_its_attempts(tmp_pa
     assert {(r["status"], r["status_code"], r["error_code"], r["attempts"]) for r in rows} == {
         ("error", 200, "invalid_response", 2)
     }
-    assert all("before [DONE]" in r["error_message"] for r in rows)
+    assert all("has no finish_reason" in r["error_message"] for r in rows)
 
 
 def test_server_that_ignores_stream_is_read_as_plain_json(tmp_path: Path) -> None:

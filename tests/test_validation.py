@@ -18,7 +18,13 @@ from batcher.config import job_from_dict
 from batcher.errors import ConfigError
 from batcher.runner import RunReport, run_job
 from batcher.sim import SimConfig, running_sim
-from batcher.validation import REASK_INSTRUCTION, check_answer, expected_format, reask_body
+from batcher.validation import (
+    REASK_INSTRUCTION,
+    Verdict,
+    check_answer,
+    expected_format,
+    reask_body,
+)
 from batcher.writers import read_results
 
 from .helpers import run_batcher
@@ -81,7 +87,7 @@ def test_check_answer(contents: list[str | None], valid: bool, needle: str | Non
 def test_cut_off_json_says_so_and_refusals_are_not_reasked() -> None:
     assert EXPECTED is not None
     cut = check_answer(answer('{"city": "Os', finish="length"), EXPECTED)
-    assert cut.error is not None and "cut off" in cut.error
+    assert cut.error is not None and "cut off" in cut.error and not cut.reask
     refused = check_answer(answer(None, refusal="I can't help with that."), EXPECTED)
     assert not refused.valid and not refused.reask and "refused" in (refused.error or "")
 
@@ -102,13 +108,55 @@ def test_json_object_and_a_broken_schema() -> None:
     )
 
 
+def test_what_is_not_reasked_and_what_is_not_checked() -> None:
+    assert EXPECTED is not None
+    unresolvable = expected_format(
+        {"response_format": {"type": "json_schema",
+                             "json_schema": {"schema": {"$ref": "#/$defs/Missing"}}}}
+    )  # fmt: skip
+    assert unresolvable is not None
+    verdict = check_answer(answer("{}"), unresolvable)
+    assert (
+        verdict.valid is False and not verdict.reask and "cannot be used" in (verdict.error or "")
+    )
+    filtered = check_answer(answer("", finish="content_filter"), EXPECTED)
+    assert filtered.valid is False and not filtered.reask
+    tool = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c", "type": "function"}],
+                },
+            }
+        ]
+    }
+    assert check_answer(tool, EXPECTED).valid is None  # nothing to check
+
+
+def test_reask_quotes_the_choice_that_failed() -> None:
+    assert EXPECTED is not None
+    good = '{"city": "Oslo", "population": 1, "tags": []}'
+    verdict = check_answer(answer(good, '{"city": 2}'), EXPECTED)
+    assert verdict.choice == 1
+    again = reask_body(
+        {"messages": [{"role": "user", "content": "?"}]}, answer(good, '{"city": 2}'), verdict
+    )
+    assert again["messages"][1]["content"] == '{"city": 2}'
+    assert "choice 1" in again["messages"][2]["content"]
+
+
 def test_reask_body_quotes_the_reply_and_the_problem() -> None:
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": "Oslo?"}],
         "response_format": FORMAT,
     }
-    again = reask_body(body, answer('{"city": 1}'), "at /city: 1 is not of type 'string'")
+    verdict = Verdict(False, "at /city: 1 is not of type 'string'")
+    again = reask_body(body, answer('{"city": 1}'), verdict)
     assert again["messages"][:1] == body["messages"] and again["response_format"] == FORMAT
     assert again["messages"][1] == {"role": "assistant", "content": '{"city": 1}'}
     assert again["messages"][2]["role"] == "user"
@@ -117,7 +165,15 @@ def test_reask_body_quotes_the_reply_and_the_problem() -> None:
     assert body["messages"] == [{"role": "user", "content": "Oslo?"}]  # not modified
 
 
-def run_structured(tmp_path: Path, config: SimConfig, n: int, **validate: Any) -> RunReport:
+def run_structured(
+    tmp_path: Path,
+    config: SimConfig,
+    n: int,
+    *,
+    response_format: dict[str, Any] = FORMAT,
+    limits: dict[str, Any] | None = None,
+    **validate: Any,
+) -> RunReport:
     src = tmp_path / "in.jsonl"
     with src.open("w") as f:
         for i in range(n):
@@ -133,8 +189,12 @@ def run_structured(tmp_path: Path, config: SimConfig, n: int, **validate: Any) -
                     "progress": False,
                 },
                 "endpoint": {"base_url": sim.base_url},
-                "request": {"model": "gpt-4o-mini", "response_format": FORMAT},
-                "limits": {"concurrency": 8},
+                "request": {
+                    "model": "gpt-4o-mini",
+                    "response_format": response_format,
+                    "max_tokens": 100,
+                },
+                "limits": {"concurrency": 8, **(limits or {})},
                 "validate": validate,
             }
         )
@@ -216,3 +276,28 @@ def test_structured_example_job_streams_validates_and_reports(tmp_path: Path) ->
 def test_negative_max_reasks_flag_is_refused_before_sending() -> None:
     proc = run_batcher("run", "jobs/structured.toml", "--max-reasks", "-1")
     assert proc.returncode == 2 and "--max-reasks: must be >= 0" in proc.stderr
+
+
+def test_unusable_schema_does_not_stop_the_run(tmp_path: Path) -> None:
+    broken = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/No"}}}
+    report = run_structured(
+        tmp_path, SimConfig(), 3, response_format=broken, json_schema=True, max_reasks=2
+    )
+    rows = list(read_results(report.output))
+    assert report.exit_code == 0 and len(rows) == 3
+    assert {(r["schema_valid"], r["attempts"]) for r in rows} == {(False, 1)}
+    assert all("cannot be used" in r["schema_error"] for r in rows)
+
+
+def test_budget_spent_during_reasks_says_so_and_counts_every_ask(tmp_path: Path) -> None:
+    """The cap stops the re-asks: the record says they were not sent; cost adds up each ask."""
+    report = run_structured(
+        tmp_path, SimConfig(schema_error_rate=1.0), 3, limits={"concurrency": 1,
+        "max_cost_usd": 0.00012}, json_schema=True, max_reasks=5,
+    )  # fmt: skip
+    assert report.exit_code == 3 and report.stats.stopped_early
+    rows = list(read_results(report.output))
+    assert rows and all(r["schema_valid"] is False for r in rows)
+    assert any("not asked again: the run stopped" in r["schema_error"] for r in rows)
+    assert sum(r["cost_usd"] for r in rows) <= 0.00012
+    assert report.stats.reasks == sum(r["attempts"] - 1 for r in rows)
