@@ -13,17 +13,26 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import anyio
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from batcher.records import Usage
 from batcher.streaming import EVENT_STREAM, StreamError, StreamReader
+from batcher.transport import (
+    AiohttpTransport,
+    HttpxTransport,
+    Reply,
+    Transport,
+    TransportError,
+)
+
+if TYPE_CHECKING:
+    import httpx
 
 #: Statuses worth another attempt (the rules openai-python settled on).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 _TEXT_SNIPPET = 200
+# One encoder for every request body (json.dumps with options builds one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 #: Error codes of attempts that failed without a usable HTTP answer; all may clear by themselves.
 TRANSIENT_ERROR_CODES = frozenset({"timeout", "connection_error", "invalid_response"})
 
@@ -58,9 +67,9 @@ class Attempt:
 class ChatClient:
     """A shared HTTP client for one endpoint.
 
-    ``transport`` is injectable (``httpx.ASGITransport``, ``MockTransport``) for tests; by
-    default the aiohttp transport is used because httpx's own pool slows to a crawl with
-    hundreds of requests in flight (encode/httpx#3215; figures in DESIGN notes).
+    By default requests go over aiohttp's pool directly (``transport.AiohttpTransport``); an
+    ``httpx`` transport may be given instead (``httpx.ASGITransport`` for the simulator
+    in-process, ``MockTransport`` in tests).
     """
 
     def __init__(
@@ -78,87 +87,45 @@ class ChatClient:
         if api_key:
             check_api_key(api_key)
             all_headers["authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        connect_timeout_s = min(timeout_s, 30.0)
+        self._transport: Transport
         if transport is None:
-            transport = default_transport(limits)
+            self._transport = AiohttpTransport(
+                headers=all_headers,
+                max_connections=max_connections,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+            )
+        else:
+            self._transport = HttpxTransport(
+                transport,
+                headers=all_headers,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+            )
         self._timeout_s = timeout_s
         self._url = base_url.rstrip("/") + "/chat/completions"
-        self._client = httpx.AsyncClient(
-            headers=all_headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-            transport=transport,
-        )
 
     async def post(self, body: Mapping[str, Any]) -> Attempt:
         """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
-        content = json.dumps(body, separators=(",", ":")).encode()
+        content = _ENCODE(body).encode()
         start = time.perf_counter()
         try:
-            # fail_after covers what httpx's timeouts do not: a body that trickles forever.
-            with anyio.fail_after(self._timeout_s):
+            # The transport's timeout covers the whole attempt, a body that trickles included.
+            async with self._transport.post(self._url, content) as reply:
                 if body.get("stream") is True:
-                    return await self._post_streamed(content, start, _usage_asked(body))
-                response = await self._client.post(self._url, content=content)
-        except TimeoutError:
-            return _transport_failure("timeout", f"no answer within {self._timeout_s:g} s", start)
-        except httpx.TimeoutException as exc:
-            # httpx-aiohttp maps every aiohttp connection error (refused, server disconnected)
-            # to ConnectTimeout; only a real timeout underneath is a timeout.
-            cause = exc.__cause__
-            code = (
-                "timeout"
-                if cause is None or isinstance(cause, TimeoutError)
-                else "connection_error"
-            )
-            return _transport_failure(code, _describe(exc), start)
-        except (httpx.TransportError, OSError) as exc:
-            return _transport_failure("connection_error", _describe(exc), start)
-        except httpx.DecodingError as exc:  # e.g. a body that is not the gzip it claims to be
-            return _transport_failure("invalid_response", _describe(exc), start)
+                    return await _read_stream(reply, start, _usage_asked(body))
+                raw = await reply.read()
+                return classify(reply.status, reply.headers, raw, time.perf_counter() - start)
+        except TransportError as exc:
+            return _transport_failure(exc.code, str(exc), start)
         except Exception as exc:
-            # e.g. aiohttp's ClientResponseError for a malformed HTTP response, which the
-            # httpx-aiohttp transport passes through untranslated. Cancellation is not an
+            # Anything else a broken answer can make a library raise. Cancellation is not an
             # Exception, so it still propagates.
             return _transport_failure("invalid_response", _describe(exc), start)
-        return classify(response, time.perf_counter() - start)
-
-    async def _post_streamed(self, content: bytes, start: float, usage_asked: bool) -> Attempt:
-        """POST a ``stream: true`` request and assemble its events into one answer.
-
-        An error status, or a server that ignored ``stream`` and answered with plain JSON, is
-        classified as a non-streamed answer. A stream that breaks off before ``[DONE]`` is a
-        retryable ``invalid_response``: the answer is incomplete (see ``StreamReader.problem``).
-        """
-        request = self._client.build_request("POST", self._url, content=content)
-        response = await self._client.send(request, stream=True)
-        try:
-            content_type = response.headers.get("content-type", "")
-            if not (200 <= response.status_code < 300) or EVENT_STREAM not in content_type:
-                await response.aread()
-                return classify(response, time.perf_counter() - start)
-            reader = StreamReader(start, usage_asked=usage_asked)
-            try:
-                async for data in response.aiter_bytes():
-                    reader.feed(data)
-                    if reader.done:
-                        break
-                reader.finish()
-            except StreamError as exc:
-                return _broken_stream(response, str(exc), start, reader)
-            except Exception as exc:  # httpx's, or aiohttp's passed through by its transport
-                message = f"the stream broke off: {_describe(exc)}"
-                return _broken_stream(response, message, start, reader)
-            problem = reader.problem()
-            if problem is not None:
-                return _broken_stream(response, problem, start, reader)
-            return _streamed(response, reader, time.perf_counter() - start)
-        finally:
-            await response.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -180,18 +147,9 @@ def check_api_key(api_key: str) -> None:
         )
 
 
-def default_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """The production transport: aiohttp's connection pool behind httpx's API."""
-    from httpx_aiohttp import AiohttpTransport
-
-    return AiohttpTransport(limits=limits)
-
-
-def classify(response: httpx.Response, latency_s: float) -> Attempt:
-    """Map an HTTP response to an ``Attempt``: ok, retryable, or final error."""
-    status = response.status_code
-    headers = response.headers
-    body, is_json = _parse_body(response)
+def classify(status: int, headers: Mapping[str, str], raw: bytes, latency_s: float) -> Attempt:
+    """Map an HTTP answer to an ``Attempt``: ok, retryable, or final error."""
+    body, is_json = _parse_body(raw)
     code: str | None = None
     message: str | None = None
     if 200 <= status < 300:
@@ -252,8 +210,7 @@ def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> fl
     return max(0.0, delay)
 
 
-def _parse_body(response: httpx.Response) -> tuple[Any, bool]:
-    raw = response.content
+def _parse_body(raw: bytes) -> tuple[Any, bool]:
     if not raw:
         return None, False
     try:
@@ -281,34 +238,54 @@ def _usage_asked(body: Mapping[str, Any]) -> bool:
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
-def _streamed(response: httpx.Response, reader: StreamReader, latency_s: float) -> Attempt:
+async def _read_stream(reply: Reply, start: float, usage_asked: bool) -> Attempt:
+    """Read a ``stream: true`` answer and assemble its events into one answer.
+
+    An error status, or a server that ignored ``stream`` and answered with plain JSON, is
+    classified as a non-streamed answer. A stream that breaks off is a retryable
+    ``invalid_response`` with the 200 it began with: the answer is incomplete (see
+    ``StreamReader.problem``).
+    """
+    headers = reply.headers
+    if not (200 <= reply.status < 300) or EVENT_STREAM not in headers.get("content-type", ""):
+        raw = await reply.read()
+        return classify(reply.status, headers, raw, time.perf_counter() - start)
+    reader = StreamReader(start, usage_asked=usage_asked)
+    try:
+        async for data in reply.chunks():
+            reader.feed(data)
+            if reader.done:
+                break
+        reader.finish()
+        problem = reader.problem()
+    except StreamError as exc:
+        problem = str(exc)
+    except Exception as exc:  # the connection dropped mid-stream, in any library's words
+        problem = f"the stream broke off: {_describe(exc)}"
+    latency_s = time.perf_counter() - start
+    request_id = headers.get("x-request-id")
+    if problem is not None:
+        return Attempt(
+            ok=False,
+            retryable=True,
+            latency_s=latency_s,
+            status_code=reply.status,
+            request_id=request_id,
+            error_code="invalid_response",
+            error_message=f"{problem} (after {reader.chunks} chunks)",
+            headers=headers,
+            ttft_s=reader.ttft_s,
+        )
     body = reader.body()
     return Attempt(
         ok=True,
         retryable=False,
         latency_s=latency_s,
-        status_code=response.status_code,
+        status_code=reply.status,
         body=body,
         usage=Usage.from_body(body),
-        request_id=response.headers.get("x-request-id"),
-        headers=response.headers,
-        ttft_s=reader.ttft_s,
-    )
-
-
-def _broken_stream(
-    response: httpx.Response, message: str, start: float, reader: StreamReader
-) -> Attempt:
-    """A 2xx stream that did not finish: retried, as the answer is incomplete."""
-    return Attempt(
-        ok=False,
-        retryable=True,
-        latency_s=time.perf_counter() - start,
-        status_code=response.status_code,
-        request_id=response.headers.get("x-request-id"),
-        error_code="invalid_response",
-        error_message=f"{message} (after {reader.chunks} chunks)",
-        headers=response.headers,
+        request_id=request_id,
+        headers=headers,
         ttft_s=reader.ttft_s,
     )
 

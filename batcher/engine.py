@@ -321,18 +321,17 @@ class Engine:
 
     async def _send(self, request: Request) -> Result:
         started = time.time()
-        attempts = 0
-        last: Attempt | None = None
-        try:
-            async for attempt in retry_policy(self._retry, sleep=self._sleep):
-                with attempt:
-                    last, sends = await self._attempt(request)
-                    attempts += sends
-                    if last.retryable:
-                        raise RetryableAttempt(last)
-        except RetryableAttempt:
-            pass  # retries exhausted: ``last`` is the final failed attempt
-        assert last is not None
+        last, attempts = await self._attempt(request)
+        if last.retryable and self._retry.max_attempts > 1:
+            try:
+                async for attempt in retry_policy(self._retry, sleep=self._sleep, first=last):
+                    with attempt:
+                        last, sends = await self._attempt(request)
+                        attempts += sends
+                        if last.retryable:
+                            raise RetryableAttempt(last)
+            except RetryableAttempt:
+                pass  # retries exhausted: ``last`` is the final failed attempt
         return _result_of(request, last, attempts, started)
 
     async def _attempt(self, request: Request) -> tuple[Attempt, int]:

@@ -66,3 +66,26 @@ async def test_final_outcome_is_not_retried() -> None:
     calls, last = await run([final], RetryConfig(), sleep)
     assert calls == 1 and last.status_code == 400
     assert sleep.waits == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_attempts", [2, 6])
+async def test_policy_after_a_first_attempt_made_outside_it_is_the_same_policy(
+    max_attempts: int,
+) -> None:
+    """The engine makes the first attempt itself; the policy then does the rest, unchanged."""
+    config = RetryConfig(max_attempts=max_attempts, backoff_initial_s=1.0, backoff_max_s=8.0)
+    sleep = Recorder()
+    calls = 0
+    try:
+        async for attempt in retry_policy(config, sleep=sleep, first=failing(retry_after=5.0)):
+            with attempt:
+                calls += 1
+                raise RetryableAttempt(failing())
+    except RetryableAttempt:
+        pass
+    assert calls == max_attempts - 1  # with the first: max_attempts in all
+    assert sleep.waits[0] == 5.0 and len(sleep.waits) == max_attempts - 1
+    # the backoff continues from the second attempt: caps 2, 4, 8, 8 (not 1, 2, 4, 8)
+    caps = [min(8.0, 2.0**i) for i in range(1, max_attempts - 1)]
+    assert all(0 <= w <= cap for w, cap in zip(sleep.waits[1:], caps, strict=True))

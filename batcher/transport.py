@@ -1,0 +1,242 @@
+"""The HTTP layer under ``ChatClient``: POST bytes, get a status, headers and a body back.
+
+Two transports share one small interface, so the client's logic (status mapping, streaming,
+retries) is the same over both:
+
+* ``AiohttpTransport`` (the default): aiohttp's connection pool, used directly. At hundreds of
+  requests in flight httpx's own pool slows to a crawl (encode/httpx#3215), and httpx's layer
+  over an aiohttp transport still costs about as much CPU as aiohttp itself (figures in
+  bench/README.md), so the hot path has no httpx in it.
+* ``HttpxTransport``: any ``httpx.AsyncBaseTransport`` (``ASGITransport`` to run against the
+  simulator in-process, ``MockTransport`` in tests, or a custom one a library user passes).
+
+Transports raise only the three errors below; everything else a server can do is an answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+
+if TYPE_CHECKING:
+    import aiohttp
+    import httpx
+
+
+class TransportError(Exception):
+    """A request that got no usable HTTP answer. ``code`` is the error code it is recorded as."""
+
+    code = "connection_error"
+
+
+class TransportTimeout(TransportError):
+    """The transport's own timeout fired (connecting or reading)."""
+
+    code = "timeout"
+
+
+class InvalidResponse(TransportError):
+    """The server answered something that is not valid HTTP (or a body that cannot be decoded)."""
+
+    code = "invalid_response"
+
+
+class Reply(Protocol):
+    """An HTTP answer whose body has not been read yet."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Case-insensitive."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives."""
+        ...
+
+
+class Transport(Protocol):
+    """POSTs a body; the reply is valid inside the ``async with``."""
+
+    def post(self, url: str, content: bytes) -> AbstractAsyncContextManager[Reply]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpTransport:
+    """aiohttp's ``ClientSession`` with a pool of ``max_connections`` (no cookies kept)."""
+
+    def __init__(
+        self,
+        *,
+        headers: Mapping[str, str],
+        max_connections: int,
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        self._headers = dict(headers)
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._connect_timeout_s = connect_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Created on first use: aiohttp wants its session made inside the running loop.
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            # total: the whole attempt, reading the body (or the stream) included
+            timeout=aiohttp.ClientTimeout(
+                total=self._timeout_s, sock_connect=self._connect_timeout_s
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        return self._session
+
+    @asynccontextmanager
+    async def post(self, url: str, content: bytes) -> AsyncIterator[Reply]:
+        import aiohttp
+
+        session = self._session or self._open()
+        try:
+            async with session.post(url, data=content) as response:
+                yield _AiohttpReply(response)
+        except TransportError:
+            raise
+        except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
+            raise TransportTimeout(_timed_out(self._timeout_s, exc)) from exc
+        except aiohttp.ClientResponseError as exc:  # a malformed status line or headers
+            raise InvalidResponse(_describe(exc)) from exc
+        except (aiohttp.ClientError, OSError) as exc:  # refused, reset, cut off mid-body
+            raise TransportError(_describe(exc)) from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _AiohttpReply:
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.content.iter_any():
+            yield chunk
+
+
+class HttpxTransport:
+    """An ``httpx.AsyncClient`` over the given httpx transport."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        import httpx
+
+        self._timeout_s = timeout_s
+        self._client = httpx.AsyncClient(
+            headers=dict(headers),
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            transport=transport,
+        )
+
+    @asynccontextmanager
+    async def post(self, url: str, content: bytes) -> AsyncIterator[Reply]:
+        import httpx
+
+        try:
+            # fail_after covers what httpx's timeouts do not: a body that trickles forever.
+            with anyio.fail_after(self._timeout_s):
+                async with self._client.stream("POST", url, content=content) as response:
+                    yield _HttpxReply(response)
+        except TransportError:
+            raise
+        except TimeoutError as exc:
+            raise TransportTimeout(_timed_out(self._timeout_s, exc)) from exc
+        except httpx.TimeoutException as exc:
+            # httpx-aiohttp maps every aiohttp connection error (refused, server disconnected)
+            # to ConnectTimeout; only a real timeout underneath is a timeout.
+            cause = exc.__cause__
+            if cause is None or isinstance(cause, TimeoutError):
+                raise TransportTimeout(_describe(exc)) from exc
+            raise TransportError(_describe(exc)) from exc
+        except httpx.DecodingError as exc:  # e.g. a body that is not the gzip it claims to be
+            raise InvalidResponse(_describe(exc)) from exc
+        except (httpx.TransportError, OSError) as exc:
+            raise TransportError(_describe(exc)) from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _HttpxReply:
+    __slots__ = ("_response",)
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status_code
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        return await self._response.aread()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.aiter_bytes():
+            yield chunk
+
+
+def _timed_out(timeout_s: float, exc: BaseException) -> str:
+    detail = str(exc).strip()
+    return f"no answer within {timeout_s:g} s" + (f" ({detail})" if detail else "")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+__all__ = [
+    "AiohttpTransport",
+    "HttpxTransport",
+    "InvalidResponse",
+    "Reply",
+    "Transport",
+    "TransportError",
+    "TransportTimeout",
+]
