@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from batcher import jsonfast
 from batcher.records import Usage
 from batcher.streaming import EVENT_STREAM, StreamError, StreamReader
 from batcher.transport import (
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 #: Statuses worth another attempt (the rules openai-python settled on).
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 _TEXT_SNIPPET = 200
-# One encoder for every request body (json.dumps with options builds one per call).
-_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 #: Error codes of attempts that failed without a usable HTTP answer; all may clear by themselves.
 TRANSIENT_ERROR_CODES = frozenset({"timeout", "connection_error", "invalid_response"})
 
@@ -108,7 +107,7 @@ class ChatClient:
 
     async def post(self, body: Mapping[str, Any]) -> Attempt:
         """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
-        content = _ENCODE(body).encode()
+        content = jsonfast.dumps(body)
         start = time.perf_counter()
         try:
             # The transport's timeout covers the whole attempt, a body that trickles included.
@@ -214,7 +213,7 @@ def _parse_body(raw: bytes) -> tuple[Any, bool]:
     if not raw:
         return None, False
     try:
-        return json.loads(raw), True
+        return jsonfast.loads_answer(raw), True
     except (ValueError, RecursionError):
         return raw.decode("utf-8", "replace"), False
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batcher.budget import Budget
 from batcher.client import Attempt, ChatClient
@@ -143,13 +143,13 @@ class Engine:
         return self._record_error
 
     async def _read(
-        self, batches: Iterator[list[Request | Reject]], send: ObjectSendStream[Request]
+        self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
     ) -> None:
         with self._read_scope:
             await self._read_all(batches, send)
 
     async def _read_all(
-        self, batches: Iterator[list[Request | Reject]], send: ObjectSendStream[Request]
+        self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
     ) -> None:
         async with send:
             while not self._stopping.is_set():
@@ -178,16 +178,19 @@ class Engine:
                         self._progress.advance()
                     else:
                         try:
-                            await send.send(item)
+                            try:
+                                send.send_nowait(item)  # no trip round the loop when there is room
+                            except anyio.WouldBlock:
+                                await send.send(item)
                         except anyio.BrokenResourceError:
                             return  # every worker has stopped
 
                     if self._stopping.is_set():
                         return
 
-    async def _work(self, recv: ObjectReceiveStream[Request]) -> None:
+    async def _work(self, recv: MemoryObjectReceiveStream[Request]) -> None:
         async with recv:
-            async for request in recv:
+            while (request := await _next_request(recv)) is not None:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
                 result = await self._ask(request)
@@ -347,12 +350,21 @@ class Engine:
             if self._outage.exhausted:  # the run is stopping: do not knock on a dead endpoint
                 return _UNREACHABLE, sends
             sends += 1
-            async with limits.concurrency:
+            # acquire_nowait first: anyio's acquire() yields to the loop even when a slot is
+            # free, an extra trip round the event loop for every request.
+            limiter = limits.concurrency
+            try:
+                limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await limiter.acquire()
+            try:
                 await limits.acquire(tokens)
                 try:
                     attempt = await self._client.post(request.body)
                 finally:
                     limits.release(tokens)
+            finally:
+                limiter.release()
             if attempt.status_code is not None:
                 self._endpoint_answered()  # any HTTP answer: the endpoint is up
                 break
@@ -411,6 +423,21 @@ class Engine:
                 self._work_scope.deadline = min(
                     self._work_scope.deadline, anyio.current_time() + self._grace_s
                 )
+
+
+async def _next_request(recv: MemoryObjectReceiveStream[Request]) -> Request | None:
+    """The next request, ``None`` at the end; without a trip round the event loop when one is
+    waiting (``receive()`` always makes one): the worker yields soon enough, on its request."""
+    try:
+        return recv.receive_nowait()
+    except anyio.WouldBlock:
+        pass
+    except anyio.EndOfStream:
+        return None
+    try:
+        return await recv.receive()
+    except anyio.EndOfStream:
+        return None
 
 
 def _reask_request(request: Request, answer: object, verdict: Verdict) -> Request:

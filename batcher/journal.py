@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batcher import jsonfast
 from batcher.errors import ConfigError, OutputError
 from batcher.records import Result, Usage
 
 JOURNAL_SUFFIX = ".journal.jsonl"
 _HEADER = {"batcher_journal": 1}
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
 def journal_path(output: Path) -> Path:
@@ -100,7 +100,7 @@ class Journal:
             self._load()
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
-                self._write(_ENCODE(_HEADER).encode() + b"\n")
+                self._write(jsonfast.dumps(_HEADER) + b"\n")
         except OSError as exc:
             raise OutputError(f"cannot write journal {path}: {exc.strerror or exc}") from None
 
@@ -235,8 +235,8 @@ def encode(result: Result, body_hash: str, *, provisional: bool = False) -> byte
     }
     if provisional:
         record["provisional"] = True
-    # backslashreplace: a lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
-    return (_ENCODE(record) + "\n").encode("utf-8", "backslashreplace")
+    # A lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
+    return jsonfast.dumps(record) + b"\n"
 
 
 def decode(record: Mapping[str, Any]) -> Result:
@@ -277,7 +277,7 @@ def _usage_dict(usage: Usage) -> dict[str, int | None]:
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
-        record = json.loads(raw)
+        record = jsonfast.loads_exact(raw)
     except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
+from batcher import jsonfast
 from batcher.errors import InputError
 from batcher.idset import IdSet
 from batcher.journal import request_hash
@@ -189,7 +190,7 @@ def parse_line(
 
 def _loads(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return jsonfast.loads_exact(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         msg = exc.msg.removesuffix(" at")
         raise LineError(f"invalid JSON: {msg} at column {exc.colno}") from None

@@ -13,9 +13,10 @@ so the same code serves every transport batcher can post with.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
+
+from batcher import jsonfast
 
 #: The ``data:`` payload that ends an OpenAI stream.
 DONE = "[DONE]"
@@ -138,7 +139,7 @@ class StreamReader:
             self.done = True
             return
         try:
-            chunk = json.loads(data)
+            chunk = jsonfast.loads_answer(data)
         except (ValueError, RecursionError):
             raise StreamError(f"a stream event is not JSON: {_snippet(data)}") from None
         if not isinstance(chunk, dict):

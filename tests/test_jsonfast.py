@@ -1,0 +1,81 @@
+"""batcher.jsonfast: orjson where it gives the same answer as the standard library, else the
+standard library: property tests over random JSON values and random text."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batcher import jsonfast
+
+# JSON values, with big integers, awkward floats, lone surrogates and duplicate-looking keys
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with types (1 is not 1.0, True is not 1) and -0.0 told from 0.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@settings(max_examples=300)
+@given(values)
+def test_dumps_reads_back_exactly(value: Any) -> None:
+    assert same(json.loads(jsonfast.dumps(value)), value)
+    assert same(json.loads(jsonfast.dumps_text(value)), value)
+
+
+@settings(max_examples=300)
+@given(values)
+def test_loads_exact_equals_the_standard_library_on_json(value: Any) -> None:
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False, indent=1)):
+        assert same(jsonfast.loads_exact(text), json.loads(text))
+        assert same(jsonfast.loads_exact(text.encode("utf-8", "surrogatepass")), json.loads(text))
+
+
+@settings(max_examples=300)
+@given(st.text(alphabet='{}[]":,0123456789.eE-+ \\untrlfaNIy\ud800\x00') | st.text())
+def test_loads_exact_fails_or_succeeds_like_the_standard_library(text: str) -> None:
+    try:
+        expected: Any = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        expected = type(exc)
+    try:
+        got: Any = jsonfast.loads_exact(text)
+    except (ValueError, RecursionError) as exc:
+        got = type(exc)
+    if isinstance(expected, type):
+        assert got is expected
+    else:
+        assert same(got, expected) or (
+            isinstance(expected, float) and math.isnan(expected) and math.isnan(got)
+        )
+
+
+def test_duplicate_keys_and_constants() -> None:
+    assert jsonfast.loads_exact('{"a": 1, "a": 2}') == {"a": 2}
+    assert jsonfast.loads_exact('{"n": 12345678901234567890123}') == {"n": 12345678901234567890123}
+    assert math.isinf(jsonfast.loads_exact("1e400"))
+    assert jsonfast.loads_exact('"\\ud800"') == "\ud800"
