@@ -7,6 +7,7 @@ folder writable, API key present where one is needed), so a bad job sends nothin
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -14,10 +15,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import anyio
-import httpx
 
 from batcher.budget import Budget
 from batcher.client import ChatClient, check_api_key
@@ -32,7 +32,11 @@ from batcher.provenance import provenance
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
+from batcher.tokens import encoding_for_model, get_encoding
 from batcher.writers import RejectsWriter, open_writer, output_format
+
+if TYPE_CHECKING:
+    import httpx
 
 #: Below this much free space in the output folder, a run does not start.
 MIN_FREE_BYTES = 16 * 2**20
@@ -92,7 +96,7 @@ def run_job(
                     file=stream,
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            with _endpoint(job) as base_url:
+            with _endpoint(job) as base_url, _long_lived_data_frozen(job):
                 stats, rejected = anyio.run(
                     _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
                     transport, handle_signals, stream,
@@ -107,6 +111,33 @@ def run_job(
     )
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
+
+
+@contextlib.contextmanager
+def _long_lived_data_frozen(job: JobConfig) -> Iterator[None]:
+    """Keep the garbage collector off the tables that live as long as the run.
+
+    The token encodings and the model prices are hundreds of thousands of objects that the
+    collector would walk again and again, and every request leaves garbage that starts a
+    collection every 700 allocations: together about a fifth of batcher's CPU per request
+    (measured with ``gc.callbacks``). The tables are loaded first and frozen out of the
+    collector's sight, and collections come less often. Both are undone afterwards.
+    """
+    model = job.request.get("model")
+    if isinstance(model, str):
+        encoding = job.limits.encoding or encoding_for_model(model)
+        get_encoding(encoding)
+        overrides, discount = parse_pricing(job.pricing)
+        Pricer(overrides, batch_discount=discount).price(model)
+    gc.collect()
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(20_000, 20, 20)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 async def _run_async(
