@@ -27,11 +27,21 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 @dataclass(frozen=True, kw_only=True)
 class EndpointConfig:
-    """Where requests go. ``base_url = "sim"`` starts the built-in simulator in-process."""
+    """Where requests go. ``base_url = "sim"`` starts the built-in simulator in-process.
 
+    With several endpoints (``[[endpoints]]``) each has a ``name`` (recorded with every answer),
+    a ``weight`` (its share when all have room) and optionally its own ``rpm``, ``tpm`` and
+    ``concurrency`` (else the job's ``[limits]``).
+    """
+
+    name: str = "default"
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "OPENAI_API_KEY"
     headers: Mapping[str, str] = field(default_factory=dict)
+    weight: float = 1.0
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int | None = None
 
     @property
     def is_sim(self) -> bool:
@@ -86,6 +96,7 @@ class JobConfig:
     input: Path | None = None
     output: Path | None = None
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    endpoints: tuple[EndpointConfig, ...] = ()  # [[endpoints]]; endpoint is the first of them
     request: Mapping[str, Any] = field(default_factory=dict)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -103,8 +114,16 @@ class JobConfig:
             raise ConfigError("job.output", "no output file (set it in the job or pass --output)")
         return self.input, self.output
 
+    @property
+    def all_endpoints(self) -> tuple[EndpointConfig, ...]:
+        """Every endpoint requests may go to (the one ``[endpoint]``, or ``[[endpoints]]``)."""
+        return self.endpoints or (self.endpoint,)
 
-_SECTIONS = {"job", "endpoint", "request", "limits", "retry", "validate", "sim", "pricing"}
+
+_SECTIONS = {
+    "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing"
+}  # fmt: skip
+_ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
@@ -140,6 +159,9 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
 
     _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s"}, where="job")
     _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
+    endpoints = _endpoints(raw)
+    if endpoints and endpoint_t:
+        raise ConfigError("endpoints", "give either [endpoint] or [[endpoints]], not both")
     _no_unknown(limits_t, {f.name for f in dataclasses.fields(LimitsConfig)}, where="limits")
     _no_unknown(retry_t, {f.name for f in dataclasses.fields(RetryConfig)}, where="retry")
     _no_unknown(validate_t, {f.name for f in dataclasses.fields(ValidateConfig)}, where="validate")
@@ -155,21 +177,13 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         p = Path(text).expanduser()
         return p if p.is_absolute() or base_dir is None else Path(os.path.normpath(base_dir / p))
 
-    headers = endpoint_t.get("headers", {})
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise ConfigError("endpoint.headers", "must be a table of string values")
-    endpoint = EndpointConfig(
-        base_url=_typed(endpoint_t, "base_url", str, "endpoint", DEFAULT_BASE_URL),
-        api_key_env=_typed(endpoint_t, "api_key_env", str, "endpoint", "OPENAI_API_KEY"),
-        headers=dict(headers),
-    )
+    endpoint = endpoints[0] if endpoints else _endpoint(endpoint_t, "endpoint")
     job = JobConfig(
         name=_typed(job_t, "name", str, "job", "batch"),
         input=path_of("input"),
         output=path_of("output"),
         endpoint=endpoint,
+        endpoints=endpoints,
         request=dict(request),
         limits=LimitsConfig(**{k: limits_t[k] for k in limits_t}),
         retry=RetryConfig(**{k: retry_t[k] for k in retry_t}),
@@ -192,6 +206,8 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     unknown = set(given) - OVERRIDES
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown override")
+    if "base_url" in given and job.endpoints:
+        raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
     request = dict(job.request)
     if "model" in given:
         request["model"] = given["model"]
@@ -246,11 +262,15 @@ def validate(job: JobConfig) -> None:
         _check_number(getattr(ret, name), f"retry.{name}", positive=True)
     if ret.backoff_max_s < ret.backoff_initial_s:
         raise ConfigError("retry.backoff_max_s", "must be >= retry.backoff_initial_s")
-    url = job.endpoint.base_url
-    if url != SIM and not url.startswith(("http://", "https://")):
-        raise ConfigError(
-            "endpoint.base_url", f'must start with http:// or https:// or be "sim", got {url!r}'
-        )
+    for i, endpoint in enumerate(job.all_endpoints):
+        where = f"endpoints[{i}]" if job.endpoints else "endpoint"
+        url = endpoint.base_url
+        if url != SIM and not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{where}.base_url", f'must start with http:// or https:// or be "sim", got {url!r}'
+            )
+    if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
+        raise ConfigError("endpoints", "every endpoint needs a name of its own")
     check_request_fields(job.request, where="request")
     parse_pricing(job.pricing)
     if job.endpoint.is_sim:
@@ -260,6 +280,39 @@ def validate(job: JobConfig) -> None:
             SimConfig(**job.sim)
         except (TypeError, ValueError) as exc:
             raise ConfigError("sim", str(exc)) from None
+
+
+def _endpoints(raw: Mapping[str, Any]) -> tuple[EndpointConfig, ...]:
+    """The ``[[endpoints]]`` list, each checked and named (``endpoint-N`` by default)."""
+    listed = raw.get("endpoints", [])
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        raise ConfigError("endpoints", "must be a list of tables ([[endpoints]])")
+    return tuple(_endpoint(t, f"endpoints[{i}]", i + 1) for i, t in enumerate(listed))
+
+
+def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointConfig:
+    if number:
+        _no_unknown(table, _ENDPOINT_KEYS, where=where)
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}.headers", "must be a table of string values")
+    for name in ("weight", "rpm", "tpm"):
+        if table.get(name) is not None:
+            _check_number(table[name], f"{where}.{name}", positive=True)
+    if table.get("concurrency") is not None:
+        _check_int(table["concurrency"], f"{where}.concurrency", minimum=1)
+    return EndpointConfig(
+        name=_typed(table, "name", str, where, f"endpoint-{number}" if number else "default"),
+        base_url=_typed(table, "base_url", str, where, DEFAULT_BASE_URL),
+        api_key_env=_typed(table, "api_key_env", str, where, "OPENAI_API_KEY"),
+        headers=dict(headers),
+        weight=float(table.get("weight", 1.0)),
+        rpm=table.get("rpm"),
+        tpm=table.get("tpm"),
+        concurrency=table.get("concurrency"),
+    )
 
 
 def _table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:

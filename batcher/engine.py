@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -30,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from batcher.budget import Budget
 from batcher.client import Attempt, ChatClient
 from batcher.config import RetryConfig, ValidateConfig
+from batcher.endpoints import NEGLIGIBLE_WAIT_S, Endpoint, Router
 from batcher.errors import InputError
 from batcher.limits import Limits
 from batcher.outage import OUTAGE_AFTER, Outage
@@ -45,6 +46,8 @@ from batcher.validation import Verdict, check_answer, expected_format, reask_bod
 
 #: Lines read per trip to the reading thread.
 READ_BATCH = 256
+#: With several endpoints and none with room, how often a waiting request looks again.
+REROUTE_S = 0.1
 
 
 class ResultSink(Protocol):
@@ -61,8 +64,9 @@ class Engine:
     def __init__(
         self,
         *,
-        client: ChatClient,
-        limits: Limits,
+        client: ChatClient | None = None,
+        limits: Limits | None = None,
+        endpoints: Sequence[Endpoint] | None = None,
         retry: RetryConfig,
         concurrency: int,
         results: ResultSink,
@@ -77,8 +81,12 @@ class Engine:
         validate: ValidateConfig | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
-        self._client = client
-        self._limits = limits
+        if endpoints is None:
+            if client is None or limits is None:
+                raise ValueError("give client and limits, or endpoints")
+            outage = Outage(patience_s=outage_patience_s)
+            endpoints = [Endpoint(name="default", client=client, limits=limits, outage=outage)]
+        self._router = Router(endpoints)
         self._retry = retry
         self._concurrency = concurrency
         self._results = results
@@ -89,7 +97,6 @@ class Engine:
         self._pricer = pricer or Pricer()
         self._budget = budget
         self._validate = validate if validate is not None and validate.json_schema else None
-        self._outage = Outage(patience_s=outage_patience_s)
         self._grace_s = grace_s
         self._sleep = sleep
         self._stopping = anyio.Event()
@@ -199,8 +206,8 @@ class Engine:
                 reasks = 0
                 if self._validate is not None and result.status == "ok":
                     result, reasks = await self._check_format(request, result)
-                if result.error_code == "connection_error" and self._outage.exhausted:
-                    continue  # not recorded: the endpoint is down, a re-run sends it
+                if result.error_code == "connection_error" and self._router.all_exhausted:
+                    continue  # not recorded: the endpoints are down, a re-run sends it
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(_stop_reason(result))
@@ -324,69 +331,69 @@ class Engine:
 
     async def _send(self, request: Request) -> Result:
         started = time.time()
-        last, attempts = await self._attempt(request)
+        last, attempts, where = await self._attempt(request)
         if last.retryable and self._retry.max_attempts > 1:
             try:
                 async for attempt in retry_policy(self._retry, sleep=self._sleep, first=last):
                     with attempt:
-                        last, sends = await self._attempt(request)
+                        last, sends, where = await self._attempt(request)
                         attempts += sends
                         if last.retryable:
                             raise RetryableAttempt(last)
             except RetryableAttempt:
                 pass  # retries exhausted: ``last`` is the final failed attempt
-        return _result_of(request, last, attempts, started)
+        return _result_of(request, last, attempts, started, where)
 
-    async def _attempt(self, request: Request) -> tuple[Attempt, int]:
-        """One attempt, within every limit; its answer steers the limits.
+    async def _attempt(self, request: Request) -> tuple[Attempt, int, str | None]:
+        """One attempt, at the endpoint the router picks, within its limits; the answer steers
+        those limits.
 
-        While the endpoint is down (see ``outage.py``) failed connections are not returned as
-        attempts: the request waits for the next probe instead of using up its retries. Returns
-        the attempt and how many times the request was sent for it.
+        While an endpoint is down (see ``outage.py``) failed connections are not returned as
+        attempts: the request goes to another endpoint, or waits for the next probe, instead
+        of using up its retries. Returns the attempt, how many times the request was sent for
+        it, and the name of the endpoint that made it.
         """
-        limits, tokens = self._limits, request.est_tokens
+        tokens = request.est_tokens
         sends = 0
         while True:
-            if self._outage.exhausted:  # the run is stopping: do not knock on a dead endpoint
-                return _UNREACHABLE, sends
+            endpoint = await self._route()
+            if endpoint is None:  # the run is stopping: do not knock on dead endpoints
+                return _UNREACHABLE, sends, None
             sends += 1
-            # acquire_nowait first: anyio's acquire() yields to the loop even when a slot is
-            # free, an extra trip round the event loop for every request.
-            limiter = limits.concurrency
+            endpoint.assigned += 1
             try:
-                limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                await limiter.acquire()
-            try:
-                await limits.acquire(tokens)
-                try:
-                    attempt = await self._client.post(request.body)
-                finally:
-                    limits.release(tokens)
+                attempt = await self._post(endpoint, request.body, tokens)
             finally:
-                limiter.release()
+                endpoint.assigned -= 1
+            limits, outage = endpoint.limits, endpoint.outage
+            endpoint.record(attempt.ok or not attempt.retryable)
             if attempt.status_code is not None:
-                self._endpoint_answered()  # any HTTP answer: the endpoint is up
+                self._endpoint_answered(endpoint)  # any HTTP answer: the endpoint is up
                 break
             if attempt.error_code != "connection_error":
                 break  # a timeout: a slow server is not a down one; the outage state stays
-            wait = self._outage.failed()
+            wait = outage.failed()
             if wait is None:
+                if self._router.another_is_up(endpoint):
+                    continue  # fail over at once: the request did not reach a server
                 break  # an ordinary failure: the retry policy handles it
-            if self._outage.exhausted:
+            if outage.exhausted:
+                if not self._router.all_exhausted:
+                    continue  # that one is given up on; the others take its requests
                 self.stop(
-                    f"the endpoint has been unreachable for {self._outage.patience_s:g} s "
-                    f"({attempt.error_message}); check it, then run the same command again"
+                    f"the endpoint{'s have' if len(self._router.endpoints) > 1 else ' has'} "
+                    f"been unreachable for {outage.patience_s:g} s ({attempt.error_message}); "
+                    "check, then run the same command again"
                 )
-                return attempt, sends
-            if self._outage.consecutive_failures == OUTAGE_AFTER:
-                self._progress.set_status("WAITING: endpoint unreachable")
+                return attempt, sends, endpoint.name
+            if outage.consecutive_failures == OUTAGE_AFTER:
+                self._progress.set_status(f"WAITING: {self._label(endpoint)} unreachable")
                 self._progress.note(
-                    f"batcher: the endpoint is unreachable ({attempt.error_message}); waiting, "
-                    f"probing with one request (patience {self._outage.patience_s:g} s)"
+                    f"batcher: {self._label(endpoint)} is unreachable ({attempt.error_message}); "
+                    f"waiting, probing with one request (patience {outage.patience_s:g} s)"
                 )
             if self._stopping.is_set():
-                return attempt, sends  # stopping: no more probes
+                return attempt, sends, endpoint.name  # stopping: no more probes
             limits.enter_outage(wait)
         if attempt.headers:
             limits.observe(attempt.headers)
@@ -399,14 +406,52 @@ class Engine:
             limits.correct_tokens(
                 tokens, tokens - request.prompt_tokens + attempt.usage.prompt_tokens
             )
-        return attempt, sends
+        return attempt, sends, endpoint.name
 
-    def _endpoint_answered(self) -> None:
-        lasted = self._outage.answered()
+    async def _route(self) -> Endpoint | None:
+        """The endpoint for the next attempt. With several, a request waits for one with room
+        rather than queue at one: a queue at an endpoint that goes down would be stuck there
+        until it comes back, while the others could have taken it."""
+        router = self._router
+        while True:
+            endpoint = router.choose()
+            if endpoint is None or len(router.endpoints) == 1:
+                return endpoint
+            wait = endpoint.wait_s()
+            room = endpoint.assigned < endpoint.limits.concurrency.total_tokens
+            if room and wait <= NEGLIGIBLE_WAIT_S:
+                return endpoint
+            await anyio.sleep(min(wait, REROUTE_S) if room else REROUTE_S)
+
+    async def _post(self, endpoint: Endpoint, body: dict[str, Any], tokens: int) -> Attempt:
+        """POST within the endpoint's concurrency, pause and rate limits."""
+        limits = endpoint.limits
+        # acquire_nowait first: anyio's acquire() yields to the loop even when a slot is
+        # free, an extra trip round the event loop for every request.
+        limiter = limits.concurrency
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
+            await limits.acquire(tokens)
+            try:
+                return await endpoint.client.post(body)
+            finally:
+                limits.release(tokens)
+        finally:
+            limiter.release()
+
+    def _label(self, endpoint: Endpoint) -> str:
+        return "the endpoint" if len(self._router.endpoints) == 1 else f"endpoint {endpoint.name}"
+
+    def _endpoint_answered(self, endpoint: Endpoint) -> None:
+        lasted = endpoint.outage.answered()
         if lasted is not None:
-            self._limits.leave_outage()
-            self._progress.set_status("")
-            self._progress.note(f"batcher: the endpoint is back after {lasted:.0f} s")
+            endpoint.limits.leave_outage()
+            if not any(e.outage.active for e in self._router.endpoints):
+                self._progress.set_status("")
+            self._progress.note(f"batcher: {self._label(endpoint)} is back after {lasted:.0f} s")
 
     async def _watch_signals(self) -> None:
         with self._signal_scope, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
@@ -475,7 +520,9 @@ def _combined(before: Result, after: Result) -> Result:
     )
 
 
-def _result_of(request: Request, last: Attempt, attempts: int, started: float) -> Result:
+def _result_of(
+    request: Request, last: Attempt, attempts: int, started: float, endpoint: str | None = None
+) -> Result:
     body = last.body
     model = body.get("model") if last.ok and isinstance(body, dict) else None
     return Result(
@@ -495,6 +542,7 @@ def _result_of(request: Request, last: Attempt, attempts: int, started: float) -
         error_message=last.error_message,
         metadata=request.metadata,
         ttft_s=last.ttft_s,
+        endpoint=endpoint,
     )
 
 

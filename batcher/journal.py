@@ -230,6 +230,7 @@ def encode(result: Result, body_hash: str, *, provisional: bool = False) -> byte
         "ttft_s": result.ttft_s,
         "schema_valid": result.schema_valid,
         "schema_error": result.schema_error,
+        "endpoint": result.endpoint,
         "usage": None if usage is None else _usage_dict(usage),
         "body": result.body,
     }
@@ -262,6 +263,7 @@ def decode(record: Mapping[str, Any]) -> Result:
         ttft_s=record.get("ttft_s"),
         schema_valid=record.get("schema_valid"),
         schema_error=record.get("schema_error"),
+        endpoint=record.get("endpoint"),
     )
 
 

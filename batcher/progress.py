@@ -132,6 +132,9 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
             f"  in all    {s.output_ok + (s.output_error or 0):,} records in the output: "
             f"{s.output_ok:,} ok, {s.output_error or 0:,} error"
         )
+    if len(s.by_endpoint) > 1:
+        parts = ", ".join(f"{name} {n:,}" for name, n in sorted(s.by_endpoint.items()))
+        lines.append(f"  endpoints {parts}")
     if s.schema_valid or s.schema_invalid:
         lines.append(
             f"  schema    {s.schema_valid:,} valid, {s.schema_invalid:,} invalid "

@@ -112,6 +112,7 @@ class Result:
     ttft_s: float | None = None
     schema_valid: bool | None = None
     schema_error: str | None = None
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

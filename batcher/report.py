@@ -53,6 +53,7 @@ class Report:
     ttft_p99_s: float | None = None
     schema_valid: int = 0
     schema_invalid: int = 0
+    by_endpoint: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     requests_per_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
@@ -99,6 +100,8 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         else:
             report.error += 1
             errors[row.get("error_code") or "unknown"] += 1
+        if row.get("endpoint") is not None:
+            report.by_endpoint[row["endpoint"]] = report.by_endpoint.get(row["endpoint"], 0) + 1
         valid = row.get("schema_valid")
         if valid is not None:
             report.schema_valid += valid is True
@@ -159,6 +162,9 @@ def format_report(report: Report) -> str:
             f"  schema    {report.schema_valid:,} valid, {report.schema_invalid:,} invalid "
             "(answers checked against their JSON schema)"
         )
+    if len(report.by_endpoint) > 1:
+        parts = ", ".join(f"{name} {n:,}" for name, n in sorted(report.by_endpoint.items()))
+        lines.append(f"  endpoints {parts}")
     lines.append("  by model and status:")
     for model, statuses in sorted(report.groups.items()):
         for status, g in sorted(statuses.items()):

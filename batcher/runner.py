@@ -21,11 +21,13 @@ import anyio
 
 from batcher.budget import Budget
 from batcher.client import ChatClient, check_api_key
-from batcher.config import DEFAULT_BASE_URL, JobConfig
+from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
+from batcher.endpoints import Endpoint
 from batcher.engine import READ_BATCH, Engine
 from batcher.errors import ConfigError, OutputError
 from batcher.journal import Journal, journal_path
 from batcher.limits import Limits
+from batcher.outage import Outage
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import Progress, format_summary
 from batcher.provenance import provenance
@@ -82,7 +84,7 @@ def run_job(
     input_path, output = job.require_paths()
     check_output_writable(output)
     check_not_the_input(input_path, output)
-    api_key = _api_key(job)
+    api_keys = _api_keys(job)
     source = open_input(input_path)  # before the journal, so a missing input changes nothing
     try:
         jpath = journal_path(output)
@@ -96,10 +98,10 @@ def run_job(
                     file=stream,
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            with _endpoint(job) as base_url, _long_lived_data_frozen(job):
+            with _base_urls(job) as base_urls, _long_lived_data_frozen(job):
                 stats, rejected = anyio.run(
-                    _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
-                    transport, handle_signals, stream,
+                    _run_async, job, source, input_path, output, journal, plan,
+                    list(zip(base_urls, api_keys, strict=True)), transport, handle_signals, stream,
                 )  # fmt: skip
         write_output(journal, output, stats, provenance(job, input_path))
     finally:
@@ -147,12 +149,12 @@ async def _run_async(
     output: Path,
     journal: Journal,
     plan: ResumePlan,
-    base_url: str,
-    api_key: str | None,
+    targets: list[tuple[str, str | None]],
     transport: httpx.AsyncBaseTransport | None,
     handle_signals: bool,
     stream: IO[str],
 ) -> tuple[RunStats, int]:
+    """The run itself; ``targets`` are the endpoints' (base URL, API key), in job order."""
     total = await anyio.to_thread.run_sync(count_lines, input_path) if job.progress else None
     stats = RunStats()
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
@@ -168,23 +170,38 @@ async def _run_async(
     try:
         rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
         with RejectsWriter(rejects_path(output)) as rejects:
-            async with ChatClient(
-                base_url,
-                api_key=api_key,
-                headers=job.endpoint.headers,
-                timeout_s=job.retry.timeout_s,
-                max_connections=job.limits.concurrency,
-                transport=transport,
-            ) as client:
+            async with contextlib.AsyncExitStack() as clients:
+                endpoints = []
+                for config, (base_url, api_key) in zip(job.all_endpoints, targets, strict=True):
+                    concurrency = config.concurrency or job.limits.concurrency
+                    client = ChatClient(
+                        base_url,
+                        api_key=api_key,
+                        headers=config.headers,
+                        timeout_s=job.retry.timeout_s,
+                        max_connections=concurrency,
+                        transport=transport,
+                    )
+                    await clients.enter_async_context(client)
+                    limits = Limits(
+                        rpm=config.rpm or job.limits.rpm,
+                        tpm=config.tpm or job.limits.tpm,
+                        concurrency=concurrency,
+                    )
+                    outage = Outage(patience_s=job.retry.outage_patience_s)
+                    endpoints.append(
+                        Endpoint(
+                            name=config.name,
+                            client=client,
+                            limits=limits,
+                            outage=outage,
+                            weight=config.weight,
+                        )
+                    )
                 engine = Engine(
-                    client=client,
-                    limits=Limits(
-                        rpm=job.limits.rpm,
-                        tpm=job.limits.tpm,
-                        concurrency=job.limits.concurrency,
-                    ),
+                    endpoints=endpoints,
                     retry=job.retry,
-                    concurrency=job.limits.concurrency,
+                    concurrency=sum(e.limits.max_concurrency for e in endpoints),
                     results=journal,
                     rejects=rejects,
                     stats=stats,
@@ -259,32 +276,41 @@ def check_output_writable(output: Path) -> None:
         )
 
 
-def _api_key(job: JobConfig) -> str | None:
-    if job.endpoint.is_sim:
+def _api_keys(job: JobConfig) -> list[str | None]:
+    """Each endpoint's API key, from its variable; checked before anything is sent."""
+    keys = []
+    for i, endpoint in enumerate(job.all_endpoints):
+        field = f"endpoints[{i}].api_key_env" if job.endpoints else "endpoint.api_key_env"
+        keys.append(_api_key(endpoint, field))
+    return keys
+
+
+def _api_key(endpoint: EndpointConfig, field: str) -> str | None:
+    if endpoint.is_sim:
         return None
-    key = os.environ.get(job.endpoint.api_key_env) or None
+    key = os.environ.get(endpoint.api_key_env) or None
     if key is not None:
         try:
             check_api_key(key)
         except ValueError as exc:
-            raise ConfigError(
-                "endpoint.api_key_env", f"${job.endpoint.api_key_env}: {exc}"
-            ) from None
-    if key is None and job.endpoint.base_url.rstrip("/") == DEFAULT_BASE_URL:
+            raise ConfigError(field, f"${endpoint.api_key_env}: {exc}") from None
+    if key is None and endpoint.base_url.rstrip("/") == DEFAULT_BASE_URL:
         raise ConfigError(
-            "endpoint.api_key_env",
-            f"${job.endpoint.api_key_env} is not set (export your API key in that variable)",
+            field, f"${endpoint.api_key_env} is not set (export your API key in that variable)"
         )
     return key
 
 
 @contextlib.contextmanager
-def _endpoint(job: JobConfig) -> Iterator[str]:
-    """The base URL to send to; for ``sim``, a simulator running for the length of the run."""
-    if not job.endpoint.is_sim:
-        yield job.endpoint.base_url
-        return
-    from batcher.sim import SimConfig, running_sim
+def _base_urls(job: JobConfig) -> Iterator[list[str]]:
+    """The base URL of each endpoint; for ``sim``, a simulator running for the whole run."""
+    with contextlib.ExitStack() as stack:
+        urls = []
+        for endpoint in job.all_endpoints:
+            if endpoint.is_sim:
+                from batcher.sim import SimConfig, running_sim
 
-    with running_sim(SimConfig(**job.sim)) as handle:
-        yield handle.base_url
+                urls.append(stack.enter_context(running_sim(SimConfig(**job.sim))).base_url)
+            else:
+                urls.append(endpoint.base_url)
+        yield urls

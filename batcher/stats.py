@@ -28,6 +28,7 @@ class RunStats:
     completion_tokens: int = 0
     total_tokens: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
+    by_endpoint: Counter[str] = field(default_factory=Counter)  # answers by endpoint name
     cost_by_model: dict[str, float] = field(default_factory=dict)
     unpriced: int = 0  # answers with usage but no known price
     schema_valid: int = 0
@@ -59,6 +60,8 @@ class RunStats:
     def add(self, result: Result) -> None:
         """Count one finished request."""
         self.attempts += result.attempts
+        if result.endpoint is not None:
+            self.by_endpoint[result.endpoint] += 1
         if result.status == "ok":
             self.ok += 1
         else:

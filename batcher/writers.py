@@ -56,7 +56,7 @@ SCHEMA: pa.Schema = pa.schema([
     ("metadata", _S), ("response", _S),
     ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
     ("choices", _CHOICES),
-    ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S),
+    ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
@@ -182,6 +182,7 @@ def batch_output_line(result: Result) -> dict[str, Any]:
         "ttft_s": _finite(r.ttft_s),
         "schema_valid": r.schema_valid,
         "schema_error": r.schema_error,
+        "endpoint": r.endpoint,
     }
     if r.usage != Usage.from_body(r.body):
         u = r.usage
@@ -225,6 +226,7 @@ def _row_values(r: Result) -> tuple[Any, ...]:
         _finite(r.ttft_s),
         r.schema_valid,
         r.schema_error,
+        r.endpoint,
     )
 
 
@@ -587,5 +589,6 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         b.get("ttft_s"),
         b.get("schema_valid"),
         b.get("schema_error"),
+        b.get("endpoint"),
     )
     return dict(zip(_NAMES, values, strict=True))
