@@ -39,6 +39,7 @@ import argparse
 import functools
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,21 +129,23 @@ def check_output(output: Path, n: int) -> list[str]:
 
 
 def measure(
-    peer: Peer, cmd: list[str], n: int, sim: SimProcess, *, pin: bool, output: Path
+    peer: Peer, input_path: Path, n: int, sim: SimProcess, *, concurrency: int, pin: bool
 ) -> tuple[Measure | None, list[str]]:
     """Run one child against a freshly reset simulator; check the count; return its figures.
 
-    A raw client's failures come from its final JSON line; batcher's ``output`` is checked (N
-    rows, all ok), then deleted.
+    A raw client's failures come from its final JSON line; batcher's output is checked (N
+    rows, all ok). Every call gets a fresh folder for that output: a second try (busy machine)
+    on the same output would resume from the first one's journal and send nothing.
     """
-    observed = run_against_sim(cmd, sim, pin=pin)
-    child = observed.child
-    problems = child_problems(peer.label, child, n, outcome=bool(peer.child))
-    problems += check_sim_count(sim, n, peer.label)
-    if not peer.child:
-        if not problems:
+    with tempfile.TemporaryDirectory(prefix="batcher-bench-out-") as folder:
+        output = Path(folder) / "out.parquet"
+        cmd = peer_cmd(peer, sim.base_url, input_path, output, concurrency)
+        observed = run_against_sim(cmd, sim, pin=pin)
+        child = observed.child
+        problems = child_problems(peer.label, child, n, outcome=bool(peer.child))
+        problems += check_sim_count(sim, n, peer.label)
+        if not peer.child and not problems:
             problems += check_output(output, n)
-        output.unlink(missing_ok=True)
     result = Measure(
         name=peer.label, n=n, wall_s=child.wall_s, cpu_s=child.cpu_s, maxrss_mb=child.maxrss_mb,
         sim_cpu_s=observed.sim_cpu_s, other_pct=observed.other_pct,
@@ -206,10 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for empty in (False, True):
                 for peer in peers:
                     n = 0 if empty else sizes[peer.key]
-                    output = tmp / f"out-{round_no}-{peer.key}-{n}.parquet"
-                    cmd = peer_cmd(peer, sim.base_url, inputs[n], output, args.concurrency)
                     result, found = measure_quietly(
-                        functools.partial(measure, peer, cmd, n, sim, pin=args.pin, output=output),
+                        functools.partial(
+                            measure,
+                            peer,
+                            inputs[n],
+                            n,
+                            sim,
+                            concurrency=args.concurrency,
+                            pin=args.pin,
+                        ),
                         label=peer.label,
                         max_other=args.max_other,
                         retries=args.busy_retries,
