@@ -310,6 +310,74 @@ def add_measuring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write every run's figures to this file")
 
 
+def add_selection_flags(
+    parser: argparse.ArgumentParser, names: Sequence[str], *, what: str, slow: str
+) -> None:
+    """``--only``, ``--skip`` and ``--n-for NAME=N`` over ``names`` (clients or peers).
+
+    ``slow`` names the usual candidate for a smaller N, for the help text.
+    """
+
+    def name_list(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in names]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(names)}"
+            )
+        return chosen
+
+    def n_for(text: str) -> tuple[str, int]:
+        name, _, value = text.partition("=")
+        if name not in names or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected {what.upper()}=N with one of {', '.join(names)}, e.g. {slow}=2000; "
+                f"got {text}"
+            )
+        return name, int(value)
+
+    parser.add_argument("--only", type=name_list, help=f"comma-separated {what}s to run")
+    parser.add_argument(
+        "--skip", type=name_list, default=[], help=f"comma-separated {what}s to skip"
+    )
+    parser.add_argument(
+        "--n-for",
+        type=n_for,
+        action="append",
+        default=[],
+        metavar=f"{what.upper()}=N",
+        help=f"another N for one {what} (e.g. {slow}=2000); repeatable",
+    )
+
+
+def selected(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The names ``--only`` and ``--skip`` leave, in the order of ``names``."""
+    wanted = set(args.only or names) - set(args.skip)
+    return [name for name in names if name in wanted]
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def child_problems(label: str, child: ChildRun, n: int, *, outcome: bool) -> list[str]:
+    """Problems with a finished child: a non-zero exit, or (``outcome``: it prints a final JSON
+    line ``{"ok", "failed", "errors"}``, as ``transports.py --child`` does) failed requests."""
+    if child.returncode != 0:
+        tail = " / ".join(child.stderr.strip().splitlines()[-5:])
+        return [f"{label}: the child exited {child.returncode}: {tail}"]
+    if not outcome:
+        return []
+    figures = json.loads(child.stdout.strip().splitlines()[-1])
+    problems = [f"{label}: {error}" for error in figures["errors"]]
+    if figures["failed"]:
+        problems.append(f"{label}: {figures['failed']} of {n} requests failed")
+    return problems
+
+
 def measure_quietly(
     run: Callable[[], tuple[Measure | None, list[str]]],
     *,
@@ -420,12 +488,18 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), "|" + "|".join(rule) + "|", *(line(r) for r in rows)])
 
 
+# the openai SDK sits on httpx2 (and httpcore2), not on httpx
+_VERSIONS_SHOWN = (
+    "httpx", "httpcore", "aiohttp", "httpx-aiohttp", "openai", "httpx2", "uvicorn", "uvloop",
+)  # fmt: skip
+
+
 def environment_note() -> str:
     """One line about the machine and the packages that matter to the figures."""
     from importlib.metadata import PackageNotFoundError, version
 
     parts = [_git_state(), f"Python {sys.version.split()[0]}", f"{os.cpu_count()} cores"]
-    for dist in ("httpx", "httpcore", "aiohttp", "httpx-aiohttp", "uvicorn", "uvloop"):
+    for dist in _VERSIONS_SHOWN:
         try:
             parts.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:

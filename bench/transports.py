@@ -4,6 +4,9 @@
     python bench/transports.py --repeat 3 --n-for httpx-default=2000
     python bench/transports.py --only aiohttp,batcher --n 20000
 
+The ``aiohttp``, ``httpx-default`` and ``openai`` children are also ``bench/run.py``'s raw
+aiohttp, raw httpx and openai SDK peers (there measured as whole processes).
+
 One simulator (``python -m batcher sim``) serves every client; each client runs in a fresh
 child process of this same script (``--child``), so its CPU time and peak RSS are its own. The
 child times only the request phase (client creation, N requests, close): interpreter start-up
@@ -37,16 +40,20 @@ from _common import (  # bench/ is on sys.path (above), so this runs as a plain 
     Measure,
     SimProcess,
     add_measuring_flags,
+    add_selection_flags,
     check_sim_count,
+    child_problems,
     environment_note,
     format_table,
     ideal_s,
+    installed,
     log_run,
     measure_quietly,
     read_bodies,
     run_against_sim,
     running_sim,
     scratch_dir,
+    selected,
     summary_row,
     write_jsonl,
 )
@@ -86,6 +93,12 @@ CLIENTS: tuple[ClientSpec, ...] = (
         "httpx_curl_cffi",
     ),
     ClientSpec("batcher-uvloop", "batcher's ChatClient on a uvloop event loop", "uvloop", True),
+    ClientSpec(
+        "openai",
+        "openai.AsyncOpenAI(base_url=SIM), the SDK's defaults (its own httpx2 pool, "
+        "max_retries=2); chat.completions.create(**body)",
+        "openai",
+    ),
 )
 _BY_NAME = {spec.name: spec for spec in CLIENTS}
 
@@ -120,6 +133,22 @@ async def _open_client(
                 return _ok_answer(response.status, await response.read())
 
         return lambda _worker: post_aiohttp
+
+    if name == "openai":
+        import openai
+
+        # The SDK as a user would hold it: its own HTTP client and pool, default timeout and
+        # max_retries=2. A retry would show in the simulator's count (more than N received),
+        # which fails the benchmark, so the defaults cannot hide a lost request.
+        sdk = await stack.enter_async_context(
+            openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench")
+        )
+
+        async def post_openai(body: dict[str, Any]) -> bool:
+            completion = await sdk.chat.completions.create(**body)  # parsed into a model
+            return isinstance(completion.choices, list)
+
+        return lambda _worker: post_openai
 
     if name in ("batcher", "batcher-uvloop"):
         from batcher.client import ChatClient
@@ -223,31 +252,6 @@ def child_main(name: str, base_url: str, input_path: Path, concurrency: int) -> 
 # -- the parent: the simulator, the children, the table ------------------------------------------
 
 
-def _available(spec: ClientSpec) -> bool:
-    if not spec.requires:
-        return True
-    import importlib.util
-
-    return importlib.util.find_spec(spec.requires) is not None
-
-
-def _names(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in _BY_NAME]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown client(s) {', '.join(unknown)}; known: {', '.join(_BY_NAME)}"
-        )
-    return names
-
-
-def _n_for(text: str) -> tuple[str, int]:
-    name, _, value = text.partition("=")
-    if name not in _BY_NAME or not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected CLIENT=N, e.g. httpx-default=2000; got {text}")
-    return name, int(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``bench/transports.py``."""
     parser = argparse.ArgumentParser(
@@ -257,16 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=5000, help="requests per client (5000)")
     parser.add_argument("--concurrency", type=int, default=256, help="requests in flight (256)")
     parser.add_argument("--latency-ms", type=float, default=200.0, help="simulator latency (200)")
-    parser.add_argument("--only", type=_names, help="comma-separated clients to run")
-    parser.add_argument("--skip", type=_names, default=[], help="comma-separated clients to skip")
-    parser.add_argument(
-        "--n-for",
-        type=_n_for,
-        action="append",
-        default=[],
-        metavar="CLIENT=N",
-        help="a smaller N for one client (e.g. httpx-default=2000); repeatable",
-    )
+    add_selection_flags(parser, list(_BY_NAME), what="client", slow="httpx-default")
     add_measuring_flags(parser)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
@@ -275,13 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _selected(args: argparse.Namespace) -> list[ClientSpec]:
-    names = args.only or [spec.name for spec in CLIENTS]
     chosen = []
-    for name in names:
+    for name in selected(args, list(_BY_NAME)):
         spec = _BY_NAME[name]
-        if name in args.skip:
-            continue
-        if not _available(spec):
+        if spec.requires and not installed(spec.requires):
             print(f"skipping {name}: {spec.requires} is not installed", file=sys.stderr)
             continue
         chosen.append(spec)
@@ -298,13 +290,10 @@ def _run_one(
     ]  # fmt: skip
     observed = run_against_sim(cmd, sim, pin=args.pin)
     child = observed.child
+    problems = child_problems(spec.name, child, n, outcome=True)
     if child.returncode != 0:
-        tail = child.stderr.strip().splitlines()[-5:]
-        return None, [f"{spec.name}: the child exited {child.returncode}: {' / '.join(tail)}"]
+        return None, problems
     figures = json.loads(child.stdout.strip().splitlines()[-1])
-    problems = [f"{spec.name}: {e}" for e in figures["errors"]]
-    if figures["failed"]:
-        problems.append(f"{spec.name}: {figures['failed']} of {n} requests failed")
     problems += check_sim_count(sim, n, spec.name)
     measure = Measure(
         name=spec.name,
