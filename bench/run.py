@@ -3,6 +3,7 @@
     python bench/run.py --repeat 3                       # all four peers, N=5000, 256, 200 ms
     python bench/run.py --latency-ms 0 --repeat 3        # CPU cost per request, no waiting
     python bench/run.py --n-for httpx=1000               # a smaller N for the slow httpx pool
+                                                         # (its cost per request varies with N)
     python bench/run.py --skip httpx,openai              # batcher and raw aiohttp only
 
 Each round runs every peer on the same JSONL input with C in flight, each in a child process
