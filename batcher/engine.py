@@ -19,6 +19,7 @@ so the next run sends them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -79,6 +80,7 @@ class Engine:
         grace_s: float = 10.0,
         outage_patience_s: float = 1800.0,
         validate: ValidateConfig | None = None,
+        freeze_after_first: bool = False,
         sleep: Sleep = anyio.sleep,
     ) -> None:
         if endpoints is None:
@@ -97,6 +99,9 @@ class Engine:
         self._pricer = pricer or Pricer()
         self._budget = budget
         self._validate = validate if validate is not None and validate.json_schema else None
+        # Once the first answer is recorded the long-lived tables (token encodings, prices)
+        # are loaded: gc.freeze() then keeps the collector from walking them again and again.
+        self._freeze_pending = freeze_after_first
         self._grace_s = grace_s
         self._sleep = sleep
         self._stopping = anyio.Event()
@@ -316,6 +321,9 @@ class Engine:
             self._stats.add(result)
             self._stats.reasks += reasks
             self._progress.advance()
+            if self._freeze_pending:
+                self._freeze_pending = False
+                gc.freeze()
 
     def _journal(self, result: Result, body_hash: str, *, provisional: bool = False) -> bool:
         """Append to the journal; on failure stop the run at once and return false."""

@@ -34,7 +34,6 @@ from batcher.provenance import provenance
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
-from batcher.tokens import encoding_for_model, get_encoding
 from batcher.writers import RejectsWriter, open_writer, output_format
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ def run_job(
                     file=stream,
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            with _base_urls(job) as base_urls, _long_lived_data_frozen(job):
+            with _base_urls(job) as base_urls, _fewer_collections():
                 stats, rejected = anyio.run(
                     _run_async, job, source, input_path, output, journal, plan,
                     list(zip(base_urls, api_keys, strict=True)), transport, handle_signals, stream,
@@ -116,23 +115,14 @@ def run_job(
 
 
 @contextlib.contextmanager
-def _long_lived_data_frozen(job: JobConfig) -> Iterator[None]:
-    """Keep the garbage collector off the tables that live as long as the run.
+def _fewer_collections() -> Iterator[None]:
+    """Collect garbage less often during the run (undone afterwards).
 
-    The token encodings and the model prices are hundreds of thousands of objects that the
-    collector would walk again and again, and every request leaves garbage that starts a
-    collection every 700 allocations: together about a fifth of batcher's CPU per request
-    (measured with ``gc.callbacks``). The tables are loaded first and frozen out of the
-    collector's sight, and collections come less often. Both are undone afterwards.
+    Every request leaves garbage that starts a collection every 700 allocations, each walking
+    what the run keeps; with the token and price tables frozen out of the collector's sight
+    (``Engine(freeze_after_first=True)``) and thresholds of 20000/20/20, collections took 0.26 s
+    of a 5,000-request run instead of 0.75 s (measured with ``gc.callbacks``).
     """
-    model = job.request.get("model")
-    if isinstance(model, str):
-        encoding = job.limits.encoding or encoding_for_model(model)
-        get_encoding(encoding)
-        overrides, discount = parse_pricing(job.pricing)
-        Pricer(overrides, batch_discount=discount).price(model)
-    gc.collect()
-    gc.freeze()
     thresholds = gc.get_threshold()
     gc.set_threshold(20_000, 20, 20)
     try:
@@ -212,6 +202,7 @@ async def _run_async(
                     grace_s=job.grace_s,
                     outage_patience_s=job.retry.outage_patience_s,
                     validate=job.validate,
+                    freeze_after_first=True,
                 )
                 await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
             rejected = rejects.count
