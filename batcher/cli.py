@@ -258,6 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         restart=args.restart,
         retry_errors=_retry_errors(args),
         handle_signals=True,
+        lean=True,
     )
     return report.exit_code
 

@@ -24,6 +24,7 @@ from batcher.client import ChatClient, check_api_key
 from batcher.config import DEFAULT_BASE_URL, JobConfig
 from batcher.engine import READ_BATCH, Engine
 from batcher.errors import ConfigError, OutputError
+from batcher.formats import RejectsWriter, output_format
 from batcher.journal import Journal, journal_path
 from batcher.limits import Limits
 from batcher.pricing import Pricer, parse_pricing
@@ -32,7 +33,7 @@ from batcher.provenance import provenance
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
-from batcher.writers import RejectsWriter, open_writer, output_format
+from batcher.tokens import release_encodings
 
 #: Below this much free space in the output folder, a run does not start.
 MIN_FREE_BYTES = 16 * 2**20
@@ -65,6 +66,7 @@ def run_job(
     transport: httpx.AsyncBaseTransport | None = None,
     handle_signals: bool = False,
     stream: IO[str] | None = None,
+    lean: bool = False,
 ) -> RunReport:
     """Run a job to completion (blocking) and return its report; prints the summary.
 
@@ -72,7 +74,10 @@ def run_job(
     (``retry_errors`` re-sends recorded errors: ``"all"`` or only ``"retryable"`` ones), a line
     whose body changed is re-sent; ``restart=True`` forgets the journal and starts over.
     Raises ``ConfigError``/``InputError``/``OutputError`` before anything is sent when the job
-    cannot run. ``transport`` replaces the HTTP transport (tests).
+    cannot run. ``transport`` replaces the HTTP transport (tests). ``lean`` frees the token
+    tables (about 45 MB) before the output is written, which imports pyarrow (about 40 MB), so
+    the two are never resident together: for a process that ends with the run, as the CLI's
+    (a later run in the same process loads the tables again).
     """
     stream = stream or sys.stderr
     input_path, output = job.require_paths()
@@ -97,6 +102,8 @@ def run_job(
                     _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
                     transport, handle_signals, stream,
                 )  # fmt: skip
+        if lean:
+            release_encodings()
         write_output(journal, output, stats, provenance(job, input_path))
     finally:
         if source is not sys.stdin.buffer:
@@ -184,6 +191,8 @@ def write_output(
     journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
 ) -> None:
     """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
+    from batcher.writers import open_writer  # pyarrow: imported once the requests are done
+
     ok = error = 0
     with open_writer(output, metadata=metadata) as writer:
         for result in journal.results():

@@ -25,11 +25,14 @@ from typing import IO, Any, Protocol, Self
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batcher.errors import ConfigError, InputError, OutputError
-from batcher.records import Reject, Result, Usage
+from batcher.errors import InputError, OutputError
+from batcher.formats import SUFFIXES as SUFFIXES
+from batcher.formats import Closing
+from batcher.formats import RejectsWriter as RejectsWriter
+from batcher.formats import output_format as output_format
+from batcher.records import Result, Usage
 
 DEFAULT_ROW_GROUP_SIZE = 2_000  # a few MB of buffered rows; big enough for good compression
-SUFFIXES = (".jsonl", ".parquet")  # the output formats open_writer accepts
 
 _S, _I32, _I64, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float64()
 _TS = pa.timestamp("us", tz="UTC")
@@ -260,23 +263,7 @@ class Writer(Protocol):
     ) -> None: ...
 
 
-class _Closing:
-    """Context-manager support: ``with`` closes the object, also when the block raises
-    (output files override this: they are discarded when the block raises)."""
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class _AtomicFile(_Closing):
+class _AtomicFile(Closing):
     """Shared plumbing: the ``.partial`` path and an idempotent, atomic close."""
 
     def __init__(self, path: Path) -> None:
@@ -464,49 +451,6 @@ def open_writer(
     if suffix == ".parquet":
         return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata)
     return JsonlWriter(path)
-
-
-def output_format(path: Path) -> str:
-    """The output's format suffix (``.jsonl`` or ``.parquet``); ``ConfigError`` for others."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ConfigError(
-            "output", f"{str(path)!r} must end in .jsonl (OpenAI Batch API lines) or .parquet"
-        )
-    return suffix
-
-
-class RejectsWriter(_Closing):
-    """Writes ``{"line", "reason", "custom_id", "text"}`` lines for rejected input lines.
-
-    The file is created on the first reject (none when every line is valid) and truncated then,
-    so a rerun over the same input does not duplicate the previous run's rejects.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.count = 0
-        self._f: IO[str] | None = None
-
-    def write(self, reject: Reject) -> None:
-        """Append one reject."""
-        if self._f is None:
-            try:
-                self._f = open(  # noqa: SIM115 - closed in close()
-                    self.path, "w", encoding="utf-8", errors="backslashreplace", newline="\n"
-                )
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        r = reject
-        rec = {"line": r.line, "reason": r.reason, "custom_id": r.custom_id, "text": r.text}
-        self._f.write(_ENCODE(rec) + "\n")
-        self.count += 1
-
-    def close(self) -> None:
-        """Close the file if one was opened; idempotent."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
 
 
 def read_results(path: Path) -> Iterator[dict[str, Any]]:
