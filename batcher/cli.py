@@ -250,9 +250,13 @@ def _job(args: argparse.Namespace) -> JobConfig:
 
 def _run(args: argparse.Namespace) -> int:
     _lean_process()  # before pyarrow is imported
+    job = _job(args)
+    if job.input is not None:  # before the HTTP stack is imported: see load_first_encoding
+        from batcher.reader import load_first_encoding
+
+        load_first_encoding(job.input, job.request, job.limits.encoding)
     from batcher.runner import run_job
 
-    job = _job(args)
     report = run_job(
         job,
         restart=args.restart,

@@ -77,6 +77,28 @@ def count_lines(path: Path) -> int | None:
     return total
 
 
+def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str | None) -> None:
+    """Parse the input's first non-blank line, which loads the token tables it needs.
+
+    Loading ``o200k_base`` briefly needs about 30 MB more than it keeps (tiktoken's Python copy
+    of the table, freed once its tokenizer is built). Done before the HTTP client and the rest
+    are imported, that happens while the process is small instead of on top of them (issue 8).
+    Does nothing for stdin, an unreadable input or a first line that is not a request: the
+    tables then load with the first request, as they would anyway.
+    """
+    if str(path) == "-":
+        return
+    try:
+        with open_input(path) as stream:
+            for line in stream:
+                raw = line.removeprefix(_BOM).rstrip(b"\r\n")
+                if raw.strip():
+                    parse_line(raw, 1, defaults, encoding)
+                    return
+    except (OSError, EOFError, zlib.error, InputError):
+        return
+
+
 class Reader:
     """Iterates an input stream, yielding a ``Request`` or a ``Reject`` per non-blank line.
 

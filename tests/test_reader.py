@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batcher.errors import InputError
-from batcher.reader import Reader, count_lines, open_input, parse_line
+from batcher.reader import Reader, count_lines, load_first_encoding, open_input, parse_line
 from batcher.records import Reject, Request
 
 DEFAULTS = {"model": "m-default", "temperature": 0.5}
@@ -250,3 +250,28 @@ def test_idset_finds_duplicates_across_growth() -> None:
     assert len(ids) == 5000
     assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))
     assert ids.add("id-5000")
+
+
+def test_load_first_encoding_counts_the_first_request_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[tuple[object, str | None]] = []
+
+    def count(body: dict[str, object], encoding: str | None) -> int:
+        counted.append((body["model"], encoding))
+        return 1
+
+    monkeypatch.setattr("batcher.reader.estimate_prompt_tokens", count)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf\n  \n{"prompt": "hi"}\n{"prompt": "b", "model": "x"}\n')
+    load_first_encoding(src, {"model": "gpt-4o"}, None)
+    assert counted == [("gpt-4o", None)]
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"prompt": "hi", "model": "gpt-4"}\n'))
+    load_first_encoding(packed, {}, "o200k_base")
+    assert counted[1:] == [("gpt-4", "o200k_base")]
+    load_first_encoding(Path("-"), {"model": "m"}, None)  # stdin: not read
+    load_first_encoding(tmp_path / "missing.jsonl", {"model": "m"}, None)
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    load_first_encoding(tmp_path / "bad.jsonl", {"model": "m"}, None)
+    assert len(counted) == 2
