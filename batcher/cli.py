@@ -267,11 +267,18 @@ def _run(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-class _NoPandas(importlib.abc.MetaPathFinder):
-    """Refuses to import pandas (see ``_lean_process``)."""
+#: Modules a ``batcher run`` process refuses to import (see ``_lean_process``).
+_UNUSED_MODULES = ("pandas", "pyarrow._s3fs", "pyarrow._gcsfs", "pyarrow._azurefs", "pyarrow._hdfs")
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    """Refuses to import the given modules (and their submodules)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self._names = names
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
+        if any(name == n or name.startswith(n + ".") for n in self._names):
             raise ModuleNotFoundError(f"batcher run does not import {name}", name=name)
         return None
 
@@ -285,12 +292,17 @@ def _lean_process() -> None:
     - pandas is refused: the first time pyarrow turns a Python list into an array it imports
       pandas, if installed, only to check whether the list is a pandas object (about 50 MB
       resident that the Parquet writer never uses).
+    - pyarrow's S3, GCS, Azure and HDFS filesystems are refused: ``pyarrow.parquet`` imports
+      ``pyarrow.fs``, which loads each of them if it can (about 8 MB, the AWS SDK among them)
+      and carries on without those it cannot, as with a pyarrow built without them. The
+      output is a local file.
     - pyarrow allocates with the system malloc rather than its bundled mimalloc, which keeps
       about 15 MB more resident while writing Parquet. Read by pyarrow when it is first
       imported, so set before that; a value the user set is kept.
     """
-    if "pandas" not in sys.modules:
-        sys.meta_path.insert(0, _NoPandas())
+    unused = tuple(name for name in _UNUSED_MODULES if name not in sys.modules)
+    if unused:
+        sys.meta_path.insert(0, _Refuse(unused))
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
