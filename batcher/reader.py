@@ -120,23 +120,26 @@ class Reader:
         self.blank_lines = 0
 
     def __iter__(self) -> Iterator[Request | Reject]:
-        for line_no, raw in enumerate(_checked(self._stream), start=1):
-            self.lines_read = line_no
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if not raw.strip():
-                self.blank_lines += 1
-                continue
-            raw = raw.rstrip(b"\r\n")
-            item = parse_line(raw, line_no, self._defaults, self._encoding)
-            if isinstance(item, Request) and not self._seen.add(item.custom_id):
-                item = Reject(
-                    line=line_no,
-                    reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
-                    text=_text(raw),
-                    custom_id=item.custom_id,
-                )
-            yield item
+        try:
+            for line_no, raw in enumerate(_checked(self._stream), start=1):
+                self.lines_read = line_no
+                if line_no == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                if not raw.strip():
+                    self.blank_lines += 1
+                    continue
+                raw = raw.rstrip(b"\r\n")
+                item = parse_line(raw, line_no, self._defaults, self._encoding)
+                if isinstance(item, Request) and not self._seen.add(item.custom_id):
+                    item = Reject(
+                        line=line_no,
+                        reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
+                        text=_text(raw),
+                        custom_id=item.custom_id,
+                    )
+                yield item
+        finally:
+            self._seen.close()  # its temporary database, if it has one
 
     def batches(self, size: int) -> Iterator[list[Request | Reject]]:
         """The same items in lists of up to ``size`` (to cross a thread boundary cheaply)."""
