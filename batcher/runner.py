@@ -76,8 +76,9 @@ def run_job(
     Raises ``ConfigError``/``InputError``/``OutputError`` before anything is sent when the job
     cannot run. ``transport`` replaces the HTTP transport (tests). ``lean`` frees the token
     tables (about 45 MB) before the output is written, which imports pyarrow (about 40 MB), so
-    the two are never resident together: for a process that ends with the run, as the CLI's
-    (a later run in the same process loads the tables again).
+    the two are never resident together, and looks model prices up in a child process (see
+    ``Pricer``): for a process that ends with the run, as the CLI's (a later run in the same
+    process loads the tables again).
     """
     stream = stream or sys.stderr
     input_path, output = job.require_paths()
@@ -100,7 +101,7 @@ def run_job(
             with _endpoint(job) as base_url:
                 stats, rejected = anyio.run(
                     _run_async, job, source, input_path, output, journal, plan, base_url, api_key,
-                    transport, handle_signals, stream,
+                    transport, handle_signals, stream, lean,
                 )  # fmt: skip
         if lean:
             release_encodings()
@@ -128,6 +129,7 @@ async def _run_async(
     transport: httpx.AsyncBaseTransport | None,
     handle_signals: bool,
     stream: IO[str],
+    lean: bool,
 ) -> tuple[RunStats, int]:
     total = await anyio.to_thread.run_sync(count_lines, input_path) if job.progress else None
     stats = RunStats()
@@ -138,6 +140,7 @@ async def _run_async(
         overrides,
         provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
         batch_discount=discount,
+        out_of_process=lean,
     )
     cap = job.limits.max_cost_usd
     budget = Budget(cap, spent_before=journal.spent_before) if cap is not None else None
