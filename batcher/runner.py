@@ -33,10 +33,12 @@ from batcher.provenance import provenance
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
-from batcher.tokens import release_encodings
+from batcher.tokens import release_encodings, trim_malloc
 
 #: Below this much free space in the output folder, a run does not start.
 MIN_FREE_BYTES = 16 * 2**20
+#: Seconds between two ``malloc_trim`` calls during a lean run (see ``_trim_malloc_every``).
+TRIM_EVERY_S = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +79,9 @@ def run_job(
     cannot run. ``transport`` replaces the HTTP transport (tests). ``lean`` frees the token
     tables (about 45 MB) before the output is written, which imports pyarrow (about 40 MB), so
     the two are never resident together, and looks model prices up in a child process (see
-    ``Pricer``): for a process that ends with the run, as the CLI's (a later run in the same
-    process loads the tables again).
+    ``Pricer``), and returns free heap pages to the system every ``TRIM_EVERY_S`` during the
+    run: for a process that ends with the run, as the CLI's (a later run in the same process
+    loads the tables again).
     """
     stream = stream or sys.stderr
     input_path, output = job.require_paths()
@@ -174,7 +177,11 @@ async def _run_async(
                     grace_s=job.grace_s,
                     outage_patience_s=job.retry.outage_patience_s,
                 )
-                await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
+                async with anyio.create_task_group() as background:
+                    if lean:
+                        background.start_soon(_trim_malloc_every, TRIM_EVERY_S)
+                    await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
+                    background.cancel_scope.cancel()
             rejected = rejects.count
     except OSError as exc:
         raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
@@ -188,6 +195,18 @@ async def _run_async(
             file=stream,
         )
     return stats, rejected
+
+
+async def _trim_malloc_every(seconds: float) -> None:
+    """Give free heap pages back to the system every ``seconds``, for as long as the run lasts.
+
+    Each request allocates and frees a few kB; glibc's heap fragments and its resident size
+    creeps up by about 30 bytes a request (10 MB over a million), free pages it keeps but
+    never returns by itself. ``malloc_trim`` returns them (a few ms, under the heap's lock).
+    """
+    while True:
+        await anyio.sleep(seconds)
+        trim_malloc()
 
 
 def write_output(
