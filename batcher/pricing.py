@@ -9,7 +9,12 @@ one warning. ``batch_discount`` prices at the Batch API's half rate.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -97,7 +102,11 @@ def parse_pricing(table: Mapping[str, Any]) -> tuple[dict[str, Price], bool]:
 
 
 class Pricer:
-    """Prices requests by model, from the job's overrides first, then genai-prices."""
+    """Prices requests by model, from the job's overrides first, then genai-prices.
+
+    ``out_of_process`` looks prices up in a short-lived child process (``lookup_in_child``),
+    so that genai-prices' tables never load into this one.
+    """
 
     def __init__(
         self,
@@ -105,22 +114,35 @@ class Pricer:
         *,
         provider_api_url: str | None = None,
         batch_discount: bool = False,
+        out_of_process: bool = False,
     ) -> None:
         self._overrides = dict(overrides or {})
+        self._out_of_process = out_of_process
         self._api_url = provider_api_url
         self._factor = BATCH_DISCOUNT if batch_discount else 1.0
         self._known: dict[str, Price | None] = {}
         self._answered: dict[str, Price | None] = {}
         self.unknown_models: list[str] = []
+        # A lookup may run in a thread ahead of the first answer (``prefetch``); the lock
+        # makes a lookup of the same model on the event loop wait for it, not repeat it.
+        self._lock = threading.Lock()
+
+    def prefetch(self, model: str) -> threading.Thread:
+        """Look ``model``'s price up in a background thread (a lookup can take 0.3 s)."""
+        thread = threading.Thread(target=self.price, args=(model,), daemon=True)
+        thread.start()
+        return thread
 
     def price(self, model: str | None) -> Price | None:
         """The price of ``model``, or ``None`` (noted in ``unknown_models``) when unknown."""
         key = model or ""
         if key not in self._known:
-            price = self._discounted(self._overrides.get(key) or self._lookup(key))
-            if price is None:
-                self.unknown_models.append(key)
-            self._known[key] = price
+            with self._lock:
+                if key not in self._known:
+                    price = self._discounted(self._overrides.get(key) or self._lookup(key))
+                    if price is None:
+                        self.unknown_models.append(key)
+                    self._known[key] = price
         return self._known[key]
 
     def cost_of(self, asked: Any, answered: str | None, usage: Usage | None) -> float | None:
@@ -134,7 +156,9 @@ class Pricer:
             return self.cost(asked_name, usage)
         if answered is not None and answered != asked_name:
             if answered not in self._answered:
-                self._answered[answered] = self._discounted(self._lookup(answered))
+                with self._lock:
+                    if answered not in self._answered:
+                        self._answered[answered] = self._discounted(self._lookup(answered))
             price = self._answered[answered]
             if price is not None:
                 return price.cost(usage)
@@ -163,35 +187,45 @@ class Pricer:
     def _lookup(self, model: str) -> Price | None:
         if not model:
             return None
-        from genai_prices import Usage as GenaiUsage
-        from genai_prices import calc_price
+        if self._out_of_process:
+            try:
+                return lookup_in_child(model, self._api_url)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass  # no usable interpreter to start, or it failed: look up here instead
+        return lookup_price(model, self._api_url)
 
-        try:
-            found = calc_price(
-                GenaiUsage(input_tokens=0, output_tokens=0),
-                model,
-                provider_api_url=self._api_url if self._api_url else None,
-            )
-        except LookupError:
-            if self._api_url is None:
-                return None
-            try:  # an unknown gateway URL: match the model on its own
-                found = calc_price(GenaiUsage(input_tokens=0, output_tokens=0), model)
-            except LookupError:
-                return None
-        mp = found.model_price
-        base_in, base_out = _base(mp.input_mtok), _base(mp.output_mtok)
-        if base_in is None or base_out is None:
-            return None
-        cached = _base(mp.cache_read_mtok)
-        return Price(
-            input=base_in,
-            output=base_out,
-            cached=base_in if cached is None else cached,
-            source=f"genai-prices {found.provider.id}/{found.model.id}",
-            input_max=_top(mp.input_mtok),
-            output_max=_top(mp.output_mtok),
+
+def lookup_price(model: str, api_url: str | None = None) -> Price | None:
+    """``model``'s price in genai-prices (matched with the endpoint ``api_url`` when given)."""
+    from genai_prices import Usage as GenaiUsage
+    from genai_prices import calc_price
+
+    try:
+        found = calc_price(
+            GenaiUsage(input_tokens=0, output_tokens=0),
+            model,
+            provider_api_url=api_url if api_url else None,
         )
+    except LookupError:
+        if api_url is None:
+            return None
+        try:  # an unknown gateway URL: match the model on its own
+            found = calc_price(GenaiUsage(input_tokens=0, output_tokens=0), model)
+        except LookupError:
+            return None
+    mp = found.model_price
+    base_in, base_out = _base(mp.input_mtok), _base(mp.output_mtok)
+    if base_in is None or base_out is None:
+        return None
+    cached = _base(mp.cache_read_mtok)
+    return Price(
+        input=base_in,
+        output=base_out,
+        cached=base_in if cached is None else cached,
+        source=f"genai-prices {found.provider.id}/{found.model.id}",
+        input_max=_top(mp.input_mtok),
+        output_max=_top(mp.output_mtok),
+    )
 
 
 def _base(value: Any) -> float | None:
@@ -211,3 +245,32 @@ def _top(value: Any) -> float | None:
         return None
     prices = [float(t.price) for t in tiers if isinstance(getattr(t, "price", None), Decimal)]
     return max(prices) if prices else None
+
+
+def lookup_in_child(model: str, api_url: str | None = None) -> Price | None:
+    """``lookup_price`` in a child process (``python -m batcher.pricing``): about 0.4 s.
+
+    genai-prices keeps every provider's prices in memory once imported, with pydantic: about
+    12 MB that a long run would carry to its end for one or two prices (issue 8). The child
+    (about 40 MB, for those 0.4 s) answers with JSON. Raises ``OSError``, ``ValueError`` or a
+    ``SubprocessError`` when it cannot be started or fails.
+    """
+    if not sys.executable:
+        raise OSError("no Python interpreter to start")
+    args = [sys.executable, "-m", "batcher.pricing", model, *([api_url] if api_url else [])]
+    done = subprocess.run(args, capture_output=True, check=True, timeout=120)
+    found = json.loads(done.stdout)
+    if found is None:
+        return None
+    if not isinstance(found, dict):
+        raise ValueError(f"unexpected answer from the price lookup: {done.stdout[:200]!r}")
+    return Price(**found)
+
+
+def _child_main(argv: list[str]) -> None:
+    price = lookup_price(argv[0], argv[1] if len(argv) > 1 else None)
+    print(json.dumps(None if price is None else dataclasses.asdict(price)))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

@@ -79,6 +79,28 @@ def count_lines(path: Path) -> int | None:
     return total
 
 
+def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str | None) -> None:
+    """Parse the input's first non-blank line, which loads the token tables it needs.
+
+    Loading ``o200k_base`` briefly needs about 30 MB more than it keeps (tiktoken's Python copy
+    of the table, freed once its tokenizer is built). Done before the HTTP client and the rest
+    are imported, that happens while the process is small instead of on top of them (issue 8).
+    Does nothing for stdin, an unreadable input or a first line that is not a request: the
+    tables then load with the first request, as they would anyway.
+    """
+    if str(path) == "-":
+        return
+    try:
+        with open_input(path) as stream:
+            for line in stream:
+                raw = line.removeprefix(_BOM).rstrip(b"\r\n")
+                if raw.strip():
+                    parse_line(raw, 1, defaults, encoding)
+                    return
+    except (OSError, EOFError, zlib.error, InputError):
+        return
+
+
 class Reader:
     """Iterates an input stream, yielding a ``Request`` or a ``Reject`` per non-blank line.
 
@@ -100,23 +122,26 @@ class Reader:
         self.blank_lines = 0
 
     def __iter__(self) -> Iterator[Request | Reject]:
-        for line_no, raw in enumerate(_checked(self._stream), start=1):
-            self.lines_read = line_no
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM) :]
-            if not raw.strip():
-                self.blank_lines += 1
-                continue
-            raw = raw.rstrip(b"\r\n")
-            item = parse_line(raw, line_no, self._defaults, self._encoding)
-            if isinstance(item, Request) and not self._seen.add(item.custom_id):
-                item = Reject(
-                    line=line_no,
-                    reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
-                    text=_text(raw),
-                    custom_id=item.custom_id,
-                )
-            yield item
+        try:
+            for line_no, raw in enumerate(_checked(self._stream), start=1):
+                self.lines_read = line_no
+                if line_no == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                if not raw.strip():
+                    self.blank_lines += 1
+                    continue
+                raw = raw.rstrip(b"\r\n")
+                item = parse_line(raw, line_no, self._defaults, self._encoding)
+                if isinstance(item, Request) and not self._seen.add(item.custom_id):
+                    item = Reject(
+                        line=line_no,
+                        reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
+                        text=_text(raw),
+                        custom_id=item.custom_id,
+                    )
+                yield item
+        finally:
+            self._seen.close()  # its temporary database, if it has one
 
     def batches(self, size: int) -> Iterator[list[Request | Reject]]:
         """The same items in lists of up to ``size`` (to cross a thread boundary cheaply)."""

@@ -25,11 +25,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batcher import jsonfast
-from batcher.errors import ConfigError, InputError, OutputError
-from batcher.records import Reject, Result, Usage
+from batcher.errors import InputError, OutputError
+from batcher.formats import SUFFIXES as SUFFIXES
+from batcher.formats import Closing
+from batcher.formats import RejectsWriter as RejectsWriter
+from batcher.formats import output_format as output_format
+from batcher.records import Result, Usage
 
 DEFAULT_ROW_GROUP_SIZE = 2_000  # a few MB of buffered rows; big enough for good compression
-SUFFIXES = (".jsonl", ".parquet")  # the output formats open_writer accepts
+# Rows are held as Python objects only this many at a time, then as Arrow arrays until a row
+# group is full: a row group of Python rows takes about twice the memory (issue 8).
+_CONVERT_EVERY = 250
 
 _S, _I32, _I64, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float64()
 _TS = pa.timestamp("us", tz="UTC")
@@ -265,23 +271,7 @@ class Writer(Protocol):
     ) -> None: ...
 
 
-class _Closing:
-    """Context-manager support: ``with`` closes the object, also when the block raises
-    (output files override this: they are discarded when the block raises)."""
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class _AtomicFile(_Closing):
+class _AtomicFile(Closing):
     """Shared plumbing: the ``.partial`` path and an idempotent, atomic close."""
 
     def __init__(self, path: Path) -> None:
@@ -391,6 +381,8 @@ class ParquetWriter(_AtomicFile):
         self.row_group_size = row_group_size
         self._schema = SCHEMA.with_metadata(dict(metadata)) if metadata else SCHEMA
         self._cols: list[list[Any]] = [[] for _ in _NAMES]
+        self._batches: list[pa.RecordBatch] = []
+        self._buffered = 0  # rows in self._batches
         super().__init__(path)
 
     def _open(self) -> None:
@@ -401,20 +393,31 @@ class ParquetWriter(_AtomicFile):
         for col, value in zip(self._cols, _row_values(result), strict=True):
             col.append(value)
         self.rows_written += 1
-        if len(self._cols[0]) >= self.row_group_size:
-            self._write_group()
+        if len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
+            self._convert()
+            if self._buffered >= self.row_group_size:
+                self._write_group()
 
-    def _write_group(self) -> None:
+    def _convert(self) -> None:
+        """Turn the buffered Python rows into an Arrow batch: about half the memory."""
         arrays = [_array(col, field.type) for col, field in zip(self._cols, SCHEMA, strict=True)]
         self._cols = [[] for _ in _NAMES]
+        self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        self._buffered += len(arrays[0])
+
+    def _write_group(self) -> None:
+        table = pa.Table.from_batches(self._batches, schema=self._schema)
+        self._batches, self._buffered = [], 0
         try:
-            self._pq.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+            self._pq.write_table(table, row_group_size=self.row_group_size)
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from exc
 
     def _finish(self) -> None:
         try:
             if self._cols[0]:
+                self._convert()
+            if self._batches:
                 self._write_group()
         finally:
             self._pq.close()  # with no rows this still writes a valid file with the schema
@@ -469,49 +472,6 @@ def open_writer(
     if suffix == ".parquet":
         return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata)
     return JsonlWriter(path)
-
-
-def output_format(path: Path) -> str:
-    """The output's format suffix (``.jsonl`` or ``.parquet``); ``ConfigError`` for others."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ConfigError(
-            "output", f"{str(path)!r} must end in .jsonl (OpenAI Batch API lines) or .parquet"
-        )
-    return suffix
-
-
-class RejectsWriter(_Closing):
-    """Writes ``{"line", "reason", "custom_id", "text"}`` lines for rejected input lines.
-
-    The file is created on the first reject (none when every line is valid) and truncated then,
-    so a rerun over the same input does not duplicate the previous run's rejects.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.count = 0
-        self._f: IO[str] | None = None
-
-    def write(self, reject: Reject) -> None:
-        """Append one reject."""
-        if self._f is None:
-            try:
-                self._f = open(  # noqa: SIM115 - closed in close()
-                    self.path, "w", encoding="utf-8", errors="backslashreplace", newline="\n"
-                )
-            except OSError as exc:
-                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        r = reject
-        rec = {"line": r.line, "reason": r.reason, "custom_id": r.custom_id, "text": r.text}
-        self._f.write(_ENCODE(rec) + "\n")
-        self.count += 1
-
-    def close(self) -> None:
-        """Close the file if one was opened; idempotent."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
 
 
 def read_results(path: Path) -> Iterator[dict[str, Any]]:

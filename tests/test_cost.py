@@ -32,6 +32,22 @@ def test_genai_prices_lookup_prices_cached_tokens_lower() -> None:
     assert with_cache < without
 
 
+def test_prices_looked_up_in_a_child_process_are_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    url = "https://api.openai.com/v1"
+    for model, api_url in [("gpt-4o-mini", url), ("gpt-4o-2024-08-06", None),
+                           ("gemini-1.5-pro", None), ("my-finetune-xyz", url)]:  # fmt: skip
+        here = Pricer(provider_api_url=api_url, batch_discount=True)
+        there = Pricer(provider_api_url=api_url, batch_discount=True, out_of_process=True)
+        assert there.price(model) == here.price(model)
+    assert there.unknown_models == ["my-finetune-xyz"]
+    monkeypatch.setattr(sys, "executable", "")  # no interpreter to start: looked up here
+    assert Pricer(out_of_process=True).price("gpt-4o-mini") == Pricer().price("gpt-4o-mini")
+
+
 def test_unknown_model_has_no_cost_not_zero() -> None:
     pricer = Pricer()
     assert pricer.cost("my-finetune-xyz", Usage(prompt_tokens=10, completion_tokens=5)) is None

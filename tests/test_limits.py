@@ -197,3 +197,20 @@ def test_encodings_load_offline_into_a_fresh_cache(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["10", "10"]
     assert len(list((tmp_path / "c").iterdir())) == 2
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_batchers_lean_encoding_counts_as_tiktokens_own(name: str) -> None:
+    import tiktoken
+
+    from batcher.tokens import get_encoding, release_encodings
+
+    texts = ["Hello, world!", "Ünïcödé and emoji 🙂 mixed with code: def f(x): return x**2",
+             "  lots   of\n\n whitespace\t", "数字 12345678 and 'quotes' don't", ""]  # fmt: skip
+    ours = get_encoding(name)
+    assert ours._mergeable_ranks == {}  # the Python copy of the table is dropped
+    theirs = tiktoken.get_encoding(name)  # tiktoken's own, from the same cached file
+    for text in texts:
+        assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+    release_encodings()
+    assert get_encoding(name) is not ours  # loaded again after a release

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batcher.errors import InputError
-from batcher.reader import Reader, count_lines, open_input, parse_line
+from batcher.reader import Reader, count_lines, load_first_encoding, open_input, parse_line
 from batcher.records import Reject, Request
 
 DEFAULTS = {"model": "m-default", "temperature": 0.5}
@@ -250,3 +250,80 @@ def test_idset_finds_duplicates_across_growth() -> None:
     assert len(ids) == 5000
     assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))
     assert ids.add("id-5000")
+
+
+def test_idset_moves_to_a_temporary_database_and_still_finds_duplicates() -> None:
+    from batcher.idset import IdSet
+
+    ids = IdSet(spill_after=1000)
+    assert all(ids.add(f"id-{i}") for i in range(999))
+    assert not ids.on_disk
+    assert ids.add("id-999") and ids.on_disk  # the 1000th id moves the set to disk
+    assert all(ids.add(f"id-{i}") for i in range(1000, 5000))
+    assert len(ids) == 5000
+    assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))  # before and after the move
+    assert len(ids) == 5000
+    ids.close()
+    assert len(ids) == 0 and not ids.on_disk and ids.add("id-1")
+
+
+def test_idset_without_a_usable_database_stays_in_or_goes_back_to_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    from batcher import idset
+
+    class Failing:
+        """A connection whose inserts fail (a full disk), reads still work."""
+
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+        def close(self) -> None:
+            self.db.close()
+
+    ids = idset.IdSet(spill_after=100)
+    assert all(ids.add(f"id-{i}") for i in range(200)) and ids.on_disk
+    ids._db = Failing(ids._db)  # type: ignore[assignment]
+    assert ids.add("id-200") and not ids.on_disk  # back in memory, with all 200 before it
+    assert not any(ids.add(f"id-{i}") for i in range(201))
+    assert len(ids) == 201
+
+    def no_database(*args: object, **kwargs: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(idset.sqlite3, "connect", no_database)
+    ids = idset.IdSet(spill_after=100)
+    assert all(ids.add(f"id-{i}") for i in range(300)) and not ids.on_disk
+    assert not any(ids.add(f"id-{i}") for i in range(300))
+
+
+def test_load_first_encoding_counts_the_first_request_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[tuple[object, str | None]] = []
+
+    def count(body: dict[str, object], encoding: str | None) -> int:
+        counted.append((body["model"], encoding))
+        return 1
+
+    monkeypatch.setattr("batcher.reader.estimate_prompt_tokens", count)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf\n  \n{"prompt": "hi"}\n{"prompt": "b", "model": "x"}\n')
+    load_first_encoding(src, {"model": "gpt-4o"}, None)
+    assert counted == [("gpt-4o", None)]
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"prompt": "hi", "model": "gpt-4"}\n'))
+    load_first_encoding(packed, {}, "o200k_base")
+    assert counted[1:] == [("gpt-4", "o200k_base")]
+    load_first_encoding(Path("-"), {"model": "m"}, None)  # stdin: not read
+    load_first_encoding(tmp_path / "missing.jsonl", {"model": "m"}, None)
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    load_first_encoding(tmp_path / "bad.jsonl", {"model": "m"}, None)
+    assert len(counted) == 2
