@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -40,7 +39,6 @@ from batcher import sim_json
 from batcher.sim_faults import (
     EVENT_STREAM_TYPE,
     FAULT_KINDS,
-    JSON_TYPE,
     STREAM_FAULTS,
     TRANSPORT_FAULTS,
     BadRequest,
@@ -49,6 +47,16 @@ from batcher.sim_faults import (
     fault_response,
     is_int,
     validate_request,
+)
+from batcher.sim_wire import (
+    Headers,
+    Receive,
+    Response,
+    Scope,
+    Send,
+    include_usage,
+    send_response,
+    stream_events,
 )
 from batcher.tokens import count_message_tokens, encoding_for_model
 
@@ -64,11 +72,6 @@ __all__ = [
     "serve",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "sim-echo")
 """The ids listed by ``GET /v1/models``; chat completions accept any model name."""
@@ -189,16 +192,6 @@ class SimLog:
         return {"arrivals": list(self.arrivals), "rate_limited": list(self.rate_limited)}
 
 
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes
-    headers: Headers
-    content_type: bytes = JSON_TYPE
-    transport_fault: str | None = None
-    events: list[bytes] | None = None  # a streamed answer's server-sent events
-
-
 class _QuietHangUps(logging.Filter):
     """Drops uvicorn's complaint about the responses the simulator breaks off on purpose."""
 
@@ -207,10 +200,6 @@ class _QuietHangUps(logging.Filter):
 
 
 logging.getLogger("uvicorn.error").addFilter(_QuietHangUps())
-
-
-#: How long a "stall" fault waits before sending the body (a client's timeout should fire).
-STALL_S = 3600.0
 
 
 def count_prompt_tokens(messages: Sequence[Mapping[str, Any]], model: str | None = None) -> int:
@@ -349,11 +338,11 @@ class Simulator:
             self.stats.requests_received += 1
             self.stats.bad_requests += 1
             message = f"Invalid URL ({method} {path})"
-            response = _Response(404, error_body(message, "invalid_request_error"), _request_id())
+            response = Response(404, error_body(message, "invalid_request_error"), _request_id())
             self._count(404)
-        await _send(send, response, receive, self.config.stream_chunk_ms / 1000)
+        await send_response(send, response, receive, self.config.stream_chunk_ms / 1000)
 
-    async def _chat(self, raw: bytes) -> _Response:
+    async def _chat(self, raw: bytes) -> Response:
         stats = self.stats
         stats.requests_received += 1
         try:
@@ -362,7 +351,7 @@ class Simulator:
             stats.bad_requests += 1
             self._count(400)
             error = error_body(exc.message, "invalid_request_error", None, exc.param)
-            return _Response(400, error, _request_id())
+            return Response(400, error, _request_id())
         prompt_tokens = count_prompt_tokens(body["messages"], body.get("model"))
         # TPM is charged up front on the worst case, as OpenAI does: the answer is not known yet.
         cap = _request_cap(body) or self.config.max_completion_tokens
@@ -376,7 +365,7 @@ class Simulator:
             stats.rejected_429 += 1
             self._count(429)
             self.log.rate_limited.append(now - self.log.started)
-            return _Response(429, refusal, headers)
+            return Response(429, refusal, headers)
         stats.tokens_charged += reserve
 
         # Drawn on arrival, not after the sleep, so the fault sequence for a seed follows the
@@ -411,7 +400,7 @@ class Simulator:
             stats.faults_injected += 1
             self._count(status)
             transport = fault if fault in TRANSPORT_FAULTS else None
-            return _Response(status, payload, headers, content_type, transport_fault=transport)
+            return Response(status, payload, headers, content_type, transport_fault=transport)
         usage = answer["usage"]
         stats.answered_ok += 1
         stats.prompt_tokens_served += usage["prompt_tokens"]
@@ -419,22 +408,22 @@ class Simulator:
         stats.total_tokens_served += usage["total_tokens"]
         self._count(200)
         if streamed:
-            events = stream_events(answer, include_usage=_include_usage(body))
-            return _Response(200, b"", headers, EVENT_STREAM_TYPE, events=events)
-        return _Response(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
+            events = stream_events(answer, include_usage=include_usage(body))
+            return Response(200, b"", headers, EVENT_STREAM_TYPE, events=events)
+        return Response(200, json.dumps(answer, separators=(",", ":")).encode(), headers)
 
     def _stream_fault(
         self, fault: str, answer: dict[str, Any], body: Mapping[str, Any], headers: Headers
-    ) -> _Response:
+    ) -> Response:
         """A fault of a streamed answer: the stream itself goes wrong, after a 200."""
         self.stats.faults_injected += 1
         self._count(200)
-        include_usage = _include_usage(body)
+        usage = include_usage(body)
         if fault == "no_usage":
-            include_usage = False
+            usage = False
         elif fault == "huge":
             answer["choices"][0]["message"]["content"] += " lorem" * 350_000
-        events = stream_events(answer, include_usage=include_usage)
+        events = stream_events(answer, include_usage=usage)
         if fault == "malformed":  # ends cleanly half way: no [DONE]
             events = events[: len(events) // 2]
         elif fault == "stream_error":  # an error event in place of the rest
@@ -444,7 +433,7 @@ class Simulator:
                 b"data: " + error_body(message, "server_error") + b"\n\n",
             ]
         transport = fault if fault in TRANSPORT_FAULTS else None
-        return _Response(200, b"", headers, EVENT_STREAM_TYPE, transport, events)
+        return Response(200, b"", headers, EVENT_STREAM_TYPE, transport, events)
 
     def _answer(self, body: Mapping[str, Any], prompt_tokens: int) -> dict[str, Any]:
         cap = _request_cap(body)
@@ -494,8 +483,8 @@ def _request_id() -> Headers:
     return [(b"x-request-id", b"req_" + os.urandom(16).hex().encode())]
 
 
-def _json_response(status: int, payload: Any) -> _Response:
-    return _Response(status, json.dumps(payload, separators=(",", ":")).encode(), [])
+def _json_response(status: int, payload: Any) -> Response:
+    return Response(status, json.dumps(payload, separators=(",", ":")).encode(), [])
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -507,109 +496,6 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def _send(
-    send: Send, response: _Response, receive: Receive | None = None, chunk_s: float = 0.0
-) -> None:
-    if response.events is not None:
-        await _send_stream(send, response, receive, chunk_s)
-        return
-    headers = [
-        (b"content-type", response.content_type),
-        (b"content-length", str(len(response.body)).encode()),
-        *response.headers,
-    ]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    fault = response.transport_fault
-    # Returning before the response is complete makes uvicorn close the connection: to the
-    # client, the peer hung up (the one line uvicorn logs about it is filtered out below).
-    if fault == "reset_headers":
-        return
-    if fault == "reset_body":
-        half = response.body[: len(response.body) // 2]
-        await send({"type": "http.response.body", "body": half, "more_body": True})
-        return
-    if fault == "stall":
-        await _stall(receive)
-        return
-    await send({"type": "http.response.body", "body": response.body})
-
-
-def _include_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-#: Chunks a streamed choice's content is split into at most (a huge answer is not a million).
-_MAX_PIECES = 200
-
-
-def stream_events(answer: Mapping[str, Any], *, include_usage: bool) -> list[bytes]:
-    """The server-sent events OpenAI streams for ``answer``: a role chunk, one chunk a word,
-    a finish chunk per choice (choices interleaved), the usage chunk when asked, ``[DONE]``."""
-    head = {key: answer[key] for key in ("id", "created", "model", "system_fingerprint")}
-    head["object"] = "chat.completion.chunk"
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {**head, "choices": [choice], **extra}
-
-    per_choice = []
-    for choice in answer["choices"]:
-        index, content = choice["index"], choice["message"]["content"]
-        words = content.split(" ")
-        size = max(1, math.ceil(len(words) / _MAX_PIECES))
-        pieces = [
-            ("" if start == 0 else " ") + " ".join(words[start : start + size])
-            for start in range(0, len(words), size)
-        ]
-        chunks = [chunk(index, {"role": "assistant", "content": "", "refusal": None})]
-        chunks += [chunk(index, {"content": piece}) for piece in pieces]
-        chunks.append(chunk(index, {}, choice["finish_reason"]))
-        per_choice.append(chunks)
-    ordered = [c for group in itertools.zip_longest(*per_choice) for c in group if c is not None]
-    if include_usage:
-        ordered.append({**head, "choices": [], "usage": answer["usage"]})
-    events = [b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in ordered]
-    events.append(b"data: [DONE]\n\n")
-    return events
-
-
-async def _send_stream(
-    send: Send, response: _Response, receive: Receive | None, chunk_s: float
-) -> None:
-    """Send a streamed answer an event at a time (chunked: no content-length)."""
-    start = {"type": "http.response.start", "status": response.status}
-    headers = [(b"content-type", response.content_type), (b"cache-control", b"no-cache")]
-    await send({**start, "headers": [*headers, *response.headers]})
-    events = response.events or []
-    fault = response.transport_fault
-    if fault == "reset_headers":
-        return
-    if fault == "stall":
-        await _stall(receive)
-        return
-    if fault == "reset_body":
-        events = events[: len(events) // 2]
-    for i, event in enumerate(events):
-        if i and chunk_s > 0:
-            await anyio.sleep(chunk_s)
-        await send({"type": "http.response.body", "body": event, "more_body": True})
-    if fault == "reset_body":
-        return  # returning mid-body: uvicorn drops the connection without ending the chunks
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def _stall(receive: Receive | None) -> None:
-    """Until the client gives up and hangs up (or STALL_S): a stalled handler must not hold
-    the server's shutdown hostage."""
-    with anyio.move_on_after(STALL_S):
-        while receive is not None and (await receive())["type"] != "http.disconnect":
-            pass
-        if receive is None:
-            await anyio.sleep(STALL_S)
 
 
 # -- serving -------------------------------------------------------------------------------------
