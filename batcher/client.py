@@ -261,31 +261,20 @@ async def _read_stream(reply: Reply, start: float, usage_asked: bool) -> Attempt
         problem = str(exc)
     except Exception as exc:  # the connection dropped mid-stream, in any library's words
         problem = f"the stream broke off: {_describe(exc)}"
-    latency_s = time.perf_counter() - start
-    request_id = headers.get("x-request-id")
-    if problem is not None:
-        return Attempt(
-            ok=False,
-            retryable=True,
-            latency_s=latency_s,
-            status_code=reply.status,
-            request_id=request_id,
-            error_code="invalid_response",
-            error_message=f"{problem} (after {reader.chunks} chunks)",
-            headers=headers,
-            ttft_s=reader.ttft_s,
-        )
-    body = reader.body()
+    if problem is None:
+        body = reader.body()
+        outcome: dict[str, Any] = {"ok": True, "retryable": False, "body": body}
+        outcome["usage"] = Usage.from_body(body)
+    else:
+        outcome = {"ok": False, "retryable": True, "error_code": "invalid_response"}
+        outcome["error_message"] = f"{problem} (after {reader.chunks} chunks)"
     return Attempt(
-        ok=True,
-        retryable=False,
-        latency_s=latency_s,
+        latency_s=time.perf_counter() - start,
         status_code=reply.status,
-        body=body,
-        usage=Usage.from_body(body),
-        request_id=request_id,
+        request_id=headers.get("x-request-id"),
         headers=headers,
         ttft_s=reader.ttft_s,
+        **outcome,
     )
 
 
