@@ -45,7 +45,7 @@ MIN_FREE_BYTES = 16 * 2**20
 #: Seconds between two ``malloc_trim`` calls during a lean run (see ``_trim_malloc_every``).
 TRIM_EVERY_S = 10.0
 #: Rows between two ``malloc_trim`` calls while a lean run writes its output (a row group).
-TRIM_EVERY_ROWS = 2_000
+TRIM_EVERY_ROWS = 5_000
 
 
 @dataclass(frozen=True, kw_only=True)
