@@ -7,7 +7,9 @@
 A bounded memory object stream gives backpressure, so memory stays flat whatever the input
 size. A job with variants runs one ``Lane`` per variant: its own pass over the input, stream and
 workers, routed among the variant's endpoints, so variants progress side by side and a slow
-endpoint holds back only the variants that use it. Each worker records its result synchronously (one ``write``, no ``await`` in between)
+endpoint holds back only the variants that use it.
+
+Each worker records its result synchronously (one ``write``, no ``await`` in between)
 before it takes another request, so after a ``kill -9`` at most ``concurrency`` requests were
 sent and not recorded. There are ``concurrency`` workers; ``Limits`` (adaptive concurrency,
 RPM/TPM meters, 429 pauses) is waited on before every attempt, ``Budget`` (``--max-cost``)

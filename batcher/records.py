@@ -16,7 +16,8 @@ class Request:
     """One valid input line, ready to send.
 
     ``body`` is the JSON body of ``POST /chat/completions`` with the job's defaults merged under
-    the line's own fields (and the variant's overrides over them, when the job has variants). ``est_tokens`` is the prompt's tokens (``prompt_tokens``, counted
+    the line's own fields (and the variant's overrides over them, when the job has variants).
+    ``est_tokens`` is the prompt's tokens (``prompt_tokens``, counted
     with tiktoken) plus the worst-case completion, used by the TPM meter; ``body_hash``
     identifies the body, so resume notices a changed line.
     """

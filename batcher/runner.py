@@ -306,7 +306,8 @@ async def _run_async(
                     if lean:
                         background.start_soon(_trim_malloc_every, TRIM_EVERY_S)
                     await engine.run(
-                        lanes[0].batches if len(lanes) == 1 and lanes[0].endpoints is None
+                        lanes[0].batches
+                        if len(lanes) == 1 and lanes[0].endpoints is None
                         else lanes,
                         handle_signals=handle_signals,
                     )

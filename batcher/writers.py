@@ -168,11 +168,12 @@ def batch_output_line(result: Result) -> dict[str, Any]:
     """The OpenAI Batch API output line for ``result``, plus a ``batcher`` object of our fields.
 
     ``id`` is derived from ``custom_id`` (and the variant, if any) so reruns produce comparable
-    files; ``custom_id`` stays the line's own, and ``batcher.variant`` names the variant. ``response`` is
-    null only when nothing of an HTTP answer is known (no status code, body or request id);
-    ``error`` is set for every ``error`` result (and whenever an error code or message exists).
-    Usage stays in ``response.body.usage`` as the server sent it; ``batcher.usage`` appears only
-    when the result's usage differs from what the body says, so nothing is lost.
+    files; ``custom_id`` stays the line's own, and ``batcher.variant`` names the variant.
+    ``response`` is null only when nothing of an HTTP answer is known (no status code, body or
+    request id); ``error`` is set for every ``error`` result (and whenever an error code or
+    message exists). Usage stays in ``response.body.usage`` as the server sent it;
+    ``batcher.usage`` appears only when the result's usage differs from what the body says, so
+    nothing is lost.
     """
     r = result
     cid = r.custom_id
