@@ -372,3 +372,43 @@ def test_report_compares_variants_in_job_order(tmp_path: Path) -> None:
     text = format_report(report)
     assert "zeta" in text.split("by variant")[1] and "stop 4" in text
     assert pq.read_table(result.output).column_names[-1] == "variant"
+
+
+def test_the_budget_counts_every_variant(tmp_path: Path) -> None:
+    """One cap for the whole sweep: it stops all variants together, never passed; a higher cap
+    finishes the rest and pays for nothing twice."""
+    write_input(tmp_path / "in.jsonl", 6)
+    job = mock_job(tmp_path, [{"name": "v1"}, {"name": "v2", "seed": 1}, {"name": "v3"}])
+    job["request"] = {"model": "m", "max_tokens": 1}
+    job["limits"] = {"concurrency": 2}
+    job["pricing"] = {"m": {"input": 10_000.0, "output": 10_000.0}}  # an answer: 5 tokens, $0.05
+    server = Counting()
+    capped = batcher.run(job, transport=httpx.MockTransport(server), max_cost_usd=1.0)
+    sent = sum(server.calls.values())
+    assert capped.exit_code == 3 and "--max-cost" in (capped.stats.stop_reason or "")
+    assert 6 < sent < 18  # more than one variant's 6 requests were under the one cap
+    assert capped.stats.cost_usd == pytest.approx(0.05 * sent) and len(capped.stats.variant_ok) >= 2
+    finished = batcher.run(job, transport=httpx.MockTransport(server), max_cost_usd=100.0)
+    assert finished.exit_code == 0 and sum(server.calls.values()) == 18
+    assert finished.stats.skipped == sent
+
+
+def test_a_slow_endpoint_holds_back_only_its_own_variant(tmp_path: Path) -> None:
+    """One answer at a time, 150 ms each, for "slow"; the "fast" variant does not wait for it:
+    all its answers are in before the slow variant's third."""
+    write_input(tmp_path / "in.jsonl", 8)
+    with running_sim(SimConfig(latency_ms=150)) as slow, running_sim() as fast:
+        job = {
+            "job": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.parquet")},
+            "endpoints": [{"name": "slow", "base_url": slow.base_url, "concurrency": 1},
+                          {"name": "fast", "base_url": fast.base_url, "concurrency": 1}],
+            "request": {"model": "gpt-4o-mini"},
+            "variants": [{"name": "slow", "endpoint": "slow"},
+                         {"name": "fast", "endpoint": "fast"}],
+        }  # fmt: skip
+        result = batcher.run(job)
+    assert result.exit_code == 0 and result.table is not None
+    done = {v: sorted(r["finished_at"] for r in result.table.to_pylist() if r["variant"] == v)
+            for v in ("slow", "fast")}  # fmt: skip
+    assert len(done["fast"]) == len(done["slow"]) == 8
+    assert done["fast"][-1] < done["slow"][2]
