@@ -353,8 +353,23 @@ max_attempts = 1
     assert [line.split()[:5] for line in table[2:5]] == [
         [v, "gpt-4o-mini", str(n), str(n), "0.0%"] for v in "abc"
     ]
-    estimate = run_batcher("estimate", str(job), "--json")
-    assert json.loads(estimate.stdout)["by_variant"]["c"]["requests"] == n
+
+
+def test_estimate_has_a_row_per_variant_and_counts_a_rejected_line_once(tmp_path: Path) -> None:
+    from batcher.estimate import estimate
+
+    src = write_input(tmp_path / "in.jsonl", 4)
+    with src.open("a", encoding="utf-8") as f:
+        f.write("[]\n")
+    job = sweep(tmp_path, [{"name": n, "base_url": "sim"} for n in ("good", "flaky")])
+    job["variants"][2] = {**VARIANTS[2], "n": 3}
+    est = estimate(job_from_dict(job))
+    assert est.requests == 12 and est.rejected == 1
+    assert {name: v.requests for name, v in est.by_variant.items()} == {"a": 4, "b": 4, "c": 4}
+    a, c = est.by_variant["a"], est.by_variant["c"]
+    # max_tokens 16 from [request], 8 on the line of r00002; c asks for 3 choices of each
+    assert (a.output_tokens_high, c.output_tokens_high) == (56, 3 * 56)
+    assert est.by_model["gpt-4o-mini"].requests == 8 and est.by_model["gpt-4.1-mini"].requests == 4
 
 
 def test_report_compares_variants_in_job_order(tmp_path: Path) -> None:
@@ -412,3 +427,26 @@ def test_a_slow_endpoint_holds_back_only_its_own_variant(tmp_path: Path) -> None
             for v in ("slow", "fast")}  # fmt: skip
     assert len(done["fast"]) == len(done["slow"]) == 8
     assert done["fast"][-1] < done["slow"][2]
+
+
+def test_stdin_is_read_once_per_variant(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 3)
+    job = write_job(tmp_path / "job.toml", """
+[job]
+input = "-"
+output = "o.jsonl"
+[endpoint]
+base_url = "sim"
+[request]
+model = "gpt-4o-mini"
+[[variants]]
+name = "one"
+[[variants]]
+name = "two"
+temperature = 1
+""")  # fmt: skip
+    done = run_batcher("run", str(job), "--no-progress", stdin=src.read_text(encoding="utf-8"))
+    assert done.returncode == 0, done.stderr
+    assert sorted((r["custom_id"], r["variant"]) for r in rows_of(tmp_path / "o.jsonl")) == [
+        (f"r{i:05d}", v) for i in range(3) for v in ("one", "two")
+    ]
