@@ -25,7 +25,15 @@ from batcher.reader import Reader
 from batcher.records import Request
 from batcher.sim import SimConfig, running_sim
 
-from .helpers import jsonl, run_batcher, sim_process, sim_stats, write_input, write_job
+from .helpers import (
+    free_port,
+    jsonl,
+    run_batcher,
+    sim_process,
+    sim_stats,
+    write_input,
+    write_job,
+)
 
 VARIANTS = [
     {"name": "a", "temperature": 0, "endpoint": "good"},
@@ -450,3 +458,29 @@ temperature = 1
     assert sorted((r["custom_id"], r["variant"]) for r in rows_of(tmp_path / "o.jsonl")) == [
         (f"r{i:05d}", v) for i in range(3) for v in ("one", "two")
     ]
+
+
+def test_a_variant_whose_endpoint_stays_down_is_left_for_a_rerun(tmp_path: Path) -> None:
+    """Its endpoint unreachable past the outage patience: the other variant finishes, that
+    one's requests are not recorded as failed, the run ends resumable (exit 3)."""
+    write_input(tmp_path / "in.jsonl", 4)
+    with running_sim() as alive:
+        job = {
+            "job": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.jsonl")},
+            "endpoints": [{"name": "alive", "base_url": alive.base_url},
+                          {"name": "dead", "base_url": f"http://127.0.0.1:{free_port()}/v1"}],
+            "request": {"model": "m"},
+            "limits": {"concurrency": 2},
+            "retry": {"max_attempts": 20, "backoff_initial_s": 0.01, "backoff_max_s": 0.02,
+                      "outage_patience_s": 1.0},
+            "variants": [{"name": "up", "endpoint": "alive"},
+                         {"name": "down", "endpoint": "dead"}],
+        }  # fmt: skip
+        stopped = batcher.run(job)
+        assert stopped.exit_code == 3 and "dead was unreachable" in stopped.summary
+        assert sorted(rows_of(stopped.output), key=lambda r: r["custom_id"]) == [
+            {"custom_id": f"r{i:05d}", "variant": "up", "status": "ok"} for i in range(4)
+        ]
+        job["endpoints"][1]["base_url"] = alive.base_url  # it is back
+        again = batcher.run(job)
+    assert again.exit_code == 0 and again.stats.skipped == 4 and again.stats.submitted == 4
