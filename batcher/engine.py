@@ -60,7 +60,8 @@ REROUTE_S = 0.1
 @dataclass(frozen=True, kw_only=True)
 class Lane:
     """One variant's share of a run: its line batches and the endpoints it may use (all of the
-    engine's when ``None``). Only the first lane reports a rejected line that others reject too.
+    engine's when ``None``). Lanes read the same input, so a line that every variant rejects
+    is written to the rejects file and counted by whichever lane comes to it first, once.
     """
 
     batches: Iterator[list[Request | Reject]]
