@@ -1,7 +1,15 @@
 """batcher: run large batches of chat-completion requests against any OpenAI-compatible endpoint.
 
-The public surface is small on purpose; everything else lives in modules that may change.
-Names are imported on first use, so ``batcher --help`` does not pay for pyarrow and httpx.
+From Python (a notebook, say)::
+
+    import batcher
+    result = batcher.run("jobs/sweep.toml", concurrency=32)   # or: await batcher.arun(...)
+    result.table            # the output as a pyarrow.Table (None for a large output)
+    print(result.summary)
+
+The public surface is small on purpose; everything else lives in modules that may change
+(``run_job`` and ``job_from_dict``, the lower-level calls ``run`` is built on, still resolve
+here). Names are imported on first use, so ``batcher --help`` does not pay for pyarrow and httpx.
 """
 
 from __future__ import annotations
@@ -12,11 +20,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from batcher.config import JobConfig, job_from_dict, load_job, with_overrides
+    from batcher.api import RunResult, arun, run
+    from batcher.config import JobConfig, load_job, with_overrides
+    from batcher.config import job_from_dict as job_from_dict
     from batcher.errors import BatcherError, ConfigError, InputError, OutputError
-    from batcher.runner import RunReport, run_job
+    from batcher.runner import RunReport
+    from batcher.runner import run_job as run_job
 
 _HOMES = {
+    "RunResult": "batcher.api",
+    "arun": "batcher.api",
+    "run": "batcher.api",
     "JobConfig": "batcher.config",
     "job_from_dict": "batcher.config",
     "load_job": "batcher.config",
@@ -36,10 +50,11 @@ __all__ = [
     "JobConfig",
     "OutputError",
     "RunReport",
+    "RunResult",
     "__version__",
-    "job_from_dict",
+    "arun",
     "load_job",
-    "run_job",
+    "run",
     "with_overrides",
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,22 @@ class EndpointConfig:
     @property
     def is_sim(self) -> bool:
         return self.base_url == SIM
+
+
+@dataclass(frozen=True, kw_only=True)
+class VariantConfig:
+    """One arm of a sweep (``[[variants]]``): every input line runs once per variant.
+
+    ``request`` holds request fields (model, temperature, seed, n, ...) that win over the job's
+    ``[request]`` defaults and over the line's own fields. ``system``, when set, replaces the
+    line's system message (or is put first when the line has none); ``""`` removes it.
+    ``endpoints`` names the ``[[endpoints]]`` its requests may go to (all of them when empty).
+    """
+
+    name: str
+    request: Mapping[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +104,8 @@ class ValidateConfig:
 class JobConfig:
     """A whole job: input, output, endpoint, request defaults, limits, retry policy.
 
-    ``request`` holds defaults merged under every input line (the line wins). ``sim`` holds
+    ``request`` holds defaults merged under every input line (the line wins); ``variants``, when
+    given, run every line once per variant, each with its overrides. ``sim`` holds
     simulator settings used when the endpoint is ``"sim"``. ``grace_s`` is how long requests in
     flight may finish after Ctrl+C or SIGTERM.
     """
@@ -103,6 +121,7 @@ class JobConfig:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     sim: Mapping[str, Any] = field(default_factory=dict)
     pricing: Mapping[str, Any] = field(default_factory=dict)
+    variants: tuple[VariantConfig, ...] = ()  # [[variants]]; none: every line runs once
     progress: bool = True
     grace_s: float = 10.0
 
@@ -121,7 +140,8 @@ class JobConfig:
 
 
 _SECTIONS = {
-    "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing"
+    "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
+    "variants",
 }  # fmt: skip
 _ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
@@ -190,6 +210,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         validate=ValidateConfig(**{k: validate_t[k] for k in validate_t}),
         sim=dict(sim),
         pricing=dict(pricing),
+        variants=_variants(raw),
         progress=_typed(job_t, "progress", bool, "job", True),
         grace_s=job_t.get("grace_s", 10.0),
     )
@@ -272,14 +293,78 @@ def validate(job: JobConfig) -> None:
     if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
         raise ConfigError("endpoints", "every endpoint needs a name of its own")
     check_request_fields(job.request, where="request")
+    _check_variants(job)
     parse_pricing(job.pricing)
-    if job.endpoint.is_sim:
+    if any(e.is_sim for e in job.all_endpoints):
         from batcher.sim import SimConfig
 
         try:
             SimConfig(**job.sim)
         except (TypeError, ValueError) as exc:
             raise ConfigError("sim", str(exc)) from None
+
+
+#: A variant name: it is written into every record and shown in tables, so kept plain.
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Keys of a ``[[variants]]`` entry that are not request fields.
+_VARIANT_KEYS = {"name", "system", "endpoint"}
+#: Request fields a variant may not set: they belong to the line, not to a sweep.
+_LINE_ONLY = {"messages", "prompt", "custom_id", "id", "metadata"}
+
+
+def _variants(raw: Mapping[str, Any]) -> tuple[VariantConfig, ...]:
+    """The ``[[variants]]`` list: a name, request overrides, a system prompt, endpoints."""
+    listed = raw.get("variants", [])
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        raise ConfigError("variants", "must be a list of tables ([[variants]])")
+    variants = []
+    for i, table in enumerate(listed):
+        where = f"variants[{i}]"
+        if "name" not in table:
+            raise ConfigError(f"{where}.name", "every variant needs a name")
+        endpoint = table.get("endpoint", [])
+        names = [endpoint] if isinstance(endpoint, str) else endpoint
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{where}.endpoint", "must be an endpoint name or a list of them")
+        variants.append(
+            VariantConfig(
+                name=table["name"],
+                request={k: v for k, v in table.items() if k not in _VARIANT_KEYS},
+                system=table.get("system"),
+                endpoints=tuple(names),
+            )
+        )
+    return tuple(variants)
+
+
+def _check_variants(job: JobConfig) -> None:
+    """Names unique and plain, fields well typed, endpoints known: before anything is sent."""
+    known = [e.name for e in job.all_endpoints]
+    seen: set[str] = set()
+    for i, variant in enumerate(job.variants):
+        where = f"variants[{i}]"
+        name = variant.name
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}.name",
+                "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                f"digit, got {name!r}",
+            )
+        if name in seen:
+            raise ConfigError(f"{where}.name", f"{name!r} is used by an earlier variant")
+        seen.add(name)
+        for key in variant.request:
+            if key in _LINE_ONLY:
+                raise ConfigError(f"{where}.{key}", "belongs to the input lines, not a variant")
+        check_request_fields(variant.request, where=where)
+        if variant.system is not None and not isinstance(variant.system, str):
+            raise ConfigError(f"{where}.system", f"must be a string, got {variant.system!r}")
+        for endpoint in variant.endpoints:
+            if endpoint not in known:
+                raise ConfigError(
+                    f"{where}.endpoint",
+                    f"no endpoint named {endpoint!r} (the job has: {', '.join(known)})",
+                )
 
 
 def _endpoints(raw: Mapping[str, Any]) -> tuple[EndpointConfig, ...]:

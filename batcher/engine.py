@@ -5,7 +5,11 @@
      reading, resume plan)    record each result before taking the next request)
 
 A bounded memory object stream gives backpressure, so memory stays flat whatever the input
-size. Each worker records its result synchronously (one ``write``, no ``await`` in between)
+size. A job with variants runs one ``Lane`` per variant: its own pass over the input, stream and
+workers, routed among the variant's endpoints, so variants progress side by side and a slow
+endpoint holds back only the variants that use it.
+
+Each worker records its result synchronously (one ``write``, no ``await`` in between)
 before it takes another request, so after a ``kill -9`` at most ``concurrency`` requests were
 sent and not recorded. There are ``concurrency`` workers; ``Limits`` (adaptive concurrency,
 RPM/TPM meters, 429 pauses) is waited on before every attempt, ``Budget`` (``--max-cost``)
@@ -23,6 +27,7 @@ import gc
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
@@ -33,6 +38,7 @@ from batcher.client import Attempt, ChatClient
 from batcher.config import RetryConfig, ValidateConfig
 from batcher.endpoints import NEGLIGIBLE_WAIT_S, Endpoint, Router
 from batcher.errors import InputError
+from batcher.idset import IdSet
 from batcher.limits import Limits
 from batcher.outage import OUTAGE_AFTER, Outage
 from batcher.pricing import Pricer
@@ -49,6 +55,17 @@ from batcher.validation import Verdict, check_answer, expected_format, reask_bod
 READ_BATCH = 256
 #: With several endpoints and none with room, how often a waiting request looks again.
 REROUTE_S = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lane:
+    """One variant's share of a run: its line batches and the endpoints it may use (all of the
+    engine's when ``None``). Lanes read the same input, so a line that every variant rejects
+    is written to the rejects file and counted by whichever lane comes to it first, once.
+    """
+
+    batches: Iterator[list[Request | Reject]]
+    endpoints: Sequence[Endpoint] | None = None
 
 
 class ResultSink(Protocol):
@@ -107,28 +124,52 @@ class Engine:
         self._stopping = anyio.Event()
         self._record_error: OSError | None = None
         self._work_scope = anyio.CancelScope()
-        self._read_scope = anyio.CancelScope()
+        self._read_scopes: list[anyio.CancelScope] = []
+        self._rejected_lines: IdSet | None = None
         self._signalled = False
         self._signal_scope = anyio.CancelScope()
 
     async def run(
-        self, batches: Iterator[list[Request | Reject]], *, handle_signals: bool = False
+        self,
+        batches: Iterator[list[Request | Reject]] | Sequence[Lane],
+        *,
+        handle_signals: bool = False,
     ) -> RunStats:
-        """Process every batch; return the statistics (also kept in the ``stats`` given)."""
+        """Process every batch (of every lane); return the statistics (also kept in ``stats``).
+
+        One lane (an iterator of batches) gets the engine's ``concurrency`` workers; with
+        several, each lane gets as many workers as its endpoints allow in flight.
+        """
         start = time.monotonic()
-        req_send, req_recv = anyio.create_memory_object_stream[Request](2 * self._concurrency)
-        async with anyio.create_task_group() as outer:
-            if handle_signals:
-                outer.start_soon(self._watch_signals)
-            with self._work_scope:
-                async with anyio.create_task_group() as work:
-                    work.start_soon(self._read, batches, req_send)
-                    for _ in range(self._concurrency):
-                        work.start_soon(self._work, req_recv.clone())
-                    req_recv.close()
-            self._signal_scope.cancel()
+        lanes = [Lane(batches=batches)] if isinstance(batches, Iterator) else list(batches)
+        if len(lanes) > 1:
+            self._rejected_lines = IdSet()  # a line rejected by every variant counts once
+        try:
+            async with anyio.create_task_group() as outer:
+                if handle_signals:
+                    outer.start_soon(self._watch_signals)
+                with self._work_scope:
+                    async with anyio.create_task_group() as work:
+                        for lane in lanes:
+                            self._start_lane(work, lane)
+                self._signal_scope.cancel()
+        finally:
+            if self._rejected_lines is not None:
+                self._rejected_lines.close()
         self._stats.wall_s = time.monotonic() - start
         return self._stats
+
+    def _start_lane(self, work: anyio.abc.TaskGroup, lane: Lane) -> None:
+        router = self._router
+        workers = self._concurrency
+        if lane.endpoints is not None:
+            router = Router(lane.endpoints)
+            workers = sum(e.limits.max_concurrency for e in lane.endpoints)
+        req_send, req_recv = anyio.create_memory_object_stream[Request](2 * workers)
+        work.start_soon(self._read, lane.batches, req_send)
+        for _ in range(workers):
+            work.start_soon(self._work, req_recv.clone(), router)
+        req_recv.close()
 
     def stop(self, reason: str, *, at_once: bool = False) -> None:
         """Stop dispatching; requests in flight may finish (cancelled now if ``at_once``).
@@ -138,7 +179,8 @@ class Engine:
         """
         if at_once:
             self._work_scope.cancel()
-        self._read_scope.cancel()  # the reader may be waiting on a slow pipe: nothing more to read
+        for scope in self._read_scopes:  # a reader may wait on a slow pipe: nothing more to read
+            scope.cancel()
         if self._stopping.is_set():
             return
         self._stats.stopped_early = True
@@ -157,7 +199,11 @@ class Engine:
     async def _read(
         self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
     ) -> None:
-        with self._read_scope:
+        scope = anyio.CancelScope()
+        self._read_scopes.append(scope)
+        if self._stopping.is_set():
+            scope.cancel()
+        with scope:
             await self._read_all(batches, send)
 
     async def _read_all(
@@ -178,14 +224,16 @@ class Engine:
                     return
                 for item in batch:
                     if isinstance(item, Reject):
-                        try:
-                            self._rejects.write(item)
-                        except OSError as exc:
-                            self.stop(f"cannot write the rejects file: {exc.strerror or exc}")
-                            return
-                        self._stats.rejected += 1
+                        seen = self._rejected_lines
+                        if seen is None or seen.add(str(item.line)):
+                            try:
+                                self._rejects.write(item)
+                            except OSError as exc:
+                                self.stop(f"cannot write the rejects file: {exc.strerror or exc}")
+                                return
+                            self._stats.rejected += 1
                         self._progress.advance()
-                    elif self._plan and self._plan.decide(item.custom_id, item.body_hash) == "skip":
+                    elif self._plan and self._plan.decide(item.key, item.body_hash) == "skip":
                         self._stats.skipped += 1
                         self._progress.advance()
                     else:
@@ -200,18 +248,18 @@ class Engine:
                     if self._stopping.is_set():
                         return
 
-    async def _work(self, recv: MemoryObjectReceiveStream[Request]) -> None:
+    async def _work(self, recv: MemoryObjectReceiveStream[Request], router: Router) -> None:
         async with recv:
             while (request := await _next_request(recv)) is not None:
                 if self._stopping.is_set():
                     return  # not sent: it is left for the next run
-                result = await self._ask(request)
+                result = await self._ask(request, router)
                 if result is None:
                     return  # the budget is spent: this one and the rest wait for a re-run
                 reasks = 0
                 if self._validate is not None and result.status == "ok":
-                    result, reasks = await self._check_format(request, result)
-                if result.error_code == "connection_error" and self._router.all_exhausted:
+                    result, reasks = await self._check_format(request, result, router)
+                if result.error_code == "connection_error" and router.all_exhausted:
                     continue  # not recorded: the endpoints are down, a re-run sends it
                 if _stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
@@ -219,7 +267,7 @@ class Engine:
                     continue
                 self._record(result, request.body_hash, reasks=reasks)
 
-    async def _ask(self, request: Request, *, first: bool = True) -> Result | None:
+    async def _ask(self, request: Request, router: Router, *, first: bool = True) -> Result | None:
         """Send a request (with its retries) under the budget; its result, priced.
 
         ``None`` when the budget cannot take it (the run is stopping). ``first`` is false for
@@ -230,9 +278,9 @@ class Engine:
             return None
         if first:
             self._stats.submitted += 1
-            if self._plan and self._plan.known(request.custom_id):
+            if self._plan and self._plan.known(request.key):
                 self._stats.resent += 1
-        result = await self._send(request)
+        result = await self._send(request, router)
         cost = self._pricer.cost_of(request.body.get("model"), result.model, result.usage)
         if self._budget is not None:
             # An ok answer without usage may have been billed: count its worst case, and
@@ -244,7 +292,9 @@ class Engine:
             result = dataclasses.replace(result, cost_usd=cost)
         return result
 
-    async def _check_format(self, request: Request, result: Result) -> tuple[Result, int]:
+    async def _check_format(
+        self, request: Request, result: Result, router: Router
+    ) -> tuple[Result, int]:
         """Check an ok answer against the request's ``response_format``; re-ask while invalid.
 
         Returns the result and the re-asks sent. The result keeps the last ok answer; its
@@ -262,7 +312,7 @@ class Engine:
                 verdict = _not_asked_again(verdict)
                 break
             asked = _reask_request(asked, result.body, verdict)
-            answer = await self._ask(asked, first=False)
+            answer = await self._ask(asked, router, first=False)
             if answer is None:  # the budget is spent
                 verdict = _not_asked_again(verdict)
                 break
@@ -337,14 +387,14 @@ class Engine:
             return False
         return True
 
-    async def _send(self, request: Request) -> Result:
+    async def _send(self, request: Request, router: Router) -> Result:
         started = time.time()
-        last, attempts, where = await self._attempt(request)
+        last, attempts, where = await self._attempt(request, router)
         if last.retryable and self._retry.max_attempts > 1:
             try:
                 async for attempt in retry_policy(self._retry, sleep=self._sleep, first=last):
                     with attempt:
-                        last, sends, where = await self._attempt(request)
+                        last, sends, where = await self._attempt(request, router)
                         attempts += sends
                         if last.retryable:
                             raise RetryableAttempt(last)
@@ -352,7 +402,7 @@ class Engine:
                 pass  # retries exhausted: ``last`` is the final failed attempt
         return _result_of(request, last, attempts, started, where)
 
-    async def _attempt(self, request: Request) -> tuple[Attempt, int, str | None]:
+    async def _attempt(self, request: Request, router: Router) -> tuple[Attempt, int, str | None]:
         """One attempt, at the endpoint the router picks, within its limits; the answer steers
         those limits.
 
@@ -364,7 +414,7 @@ class Engine:
         tokens = request.est_tokens
         sends = 0
         while True:
-            endpoint = await self._route()
+            endpoint = await self._route(router)
             if endpoint is None:  # the run is stopping: do not knock on dead endpoints
                 return _UNREACHABLE, sends, None
             sends += 1
@@ -382,12 +432,17 @@ class Engine:
                 break  # a timeout: a slow server is not a down one; the outage state stays
             wait = outage.failed()
             if wait is None:
-                if self._router.another_is_up(endpoint):
+                if router.another_is_up(endpoint):
                     continue  # fail over at once: the request did not reach a server
                 break  # an ordinary failure: the retry policy handles it
             if outage.exhausted:
-                if not self._router.all_exhausted:
+                if not router.all_exhausted:
                     continue  # that one is given up on; the others take its requests
+                if not self._router.all_exhausted:
+                    # This variant's endpoints are gone, others still work: the variant's
+                    # requests are left unrecorded for a re-run while the others go on.
+                    self._give_up_on(router, outage.patience_s, attempt.error_message)
+                    return attempt, sends, endpoint.name
                 self.stop(
                     f"the endpoint{'s have' if len(self._router.endpoints) > 1 else ' has'} "
                     f"been unreachable for {outage.patience_s:g} s ({attempt.error_message}); "
@@ -416,11 +471,24 @@ class Engine:
             )
         return attempt, sends, endpoint.name
 
-    async def _route(self) -> Endpoint | None:
+    def _give_up_on(self, router: Router, patience_s: float, error: str | None) -> None:
+        """Some endpoints (one variant's) are past their patience while others work: the run
+        finishes the rest and ends as stopped early, so a re-run sends what they could not."""
+        names = ", ".join(e.name for e in router.endpoints)
+        if self._stats.stop_reason is None:
+            self._progress.note(
+                f"batcher: endpoint {names} unreachable for {patience_s:g} s ({error}); "
+                "its requests are left for a re-run"
+            )
+        self._stats.stopped_early = True
+        self._stats.stop_reason = self._stats.stop_reason or (
+            f"endpoint {names} was unreachable for {patience_s:g} s; run the same command again"
+        )
+
+    async def _route(self, router: Router) -> Endpoint | None:
         """The endpoint for the next attempt. With several, a request waits for one with room
         rather than queue at one: a queue at an endpoint that goes down would be stuck there
         until it comes back, while the others could have taken it."""
-        router = self._router
         while True:
             endpoint = router.choose()
             if endpoint is None or len(router.endpoints) == 1:
@@ -551,6 +619,7 @@ def _result_of(
         metadata=request.metadata,
         ttft_s=last.ttft_s,
         endpoint=endpoint,
+        variant=request.variant,
     )
 
 

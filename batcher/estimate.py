@@ -1,6 +1,7 @@
 """``batcher estimate``: what a job will send and cost, before anything is sent.
 
-It reads the input exactly as ``run`` does (same forms, defaults and rejects), counts the prompt
+It reads the input exactly as ``run`` does (same forms, defaults and rejects; once per variant
+in a job with variants, with a row for each), counts the prompt
 tokens with tiktoken, and bounds the output: **high** is every request's whole completion budget
 (``max_completion_tokens``/``max_tokens``, or 256, × ``n``); **low** assumes answers use
 ``low_fraction`` of their budget (25 % by default), or, given ``sample`` (an earlier output
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batcher.config import JobConfig
+from batcher.config import JobConfig, VariantConfig
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import format_duration
 from batcher.reader import Reader, open_input
@@ -55,6 +56,7 @@ class Estimate:
     low_basis: str = ""
     unpriced_models: list[str] = field(default_factory=list)
     by_model: dict[str, ModelEstimate] = field(default_factory=dict)
+    by_variant: dict[str, ModelEstimate] = field(default_factory=dict)  # empty without variants
     read_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -87,33 +89,46 @@ def estimate(
         else f"answers use {low_fraction:.0%} of their max_tokens"
     )
     started = time.perf_counter()
-    with open_input(job.input) as stream:
-        for item in Reader(stream, job.request, encoding=job.limits.encoding):
-            if isinstance(item, Reject):
-                result.rejected += 1
-                continue
-            model = str(item.body.get("model"))
-            budget = item.est_tokens - item.prompt_tokens
-            # a sample's average is per record, all its choices in: the same n as here is assumed
-            low = min(budget, int(budget * low_fraction if per_answer is None else per_answer))
-            m = result.by_model.setdefault(model, ModelEstimate())
-            m.requests += 1
-            m.prompt_tokens += item.prompt_tokens
-            m.output_tokens_low += low
-            m.output_tokens_high += budget
+    rejected_lines: set[int] = set()  # a line rejected in every variant counts once
+    # per variant: (model, prompt tokens, low, high) sums; priced per model below
+    variant_models: dict[str, dict[str, ModelEstimate]] = {}
+    passes: list[VariantConfig | None] = list(job.variants) or [None]
+    for variant in passes:
+        with open_input(job.input) as stream:
+            reader = Reader(stream, job.request, encoding=job.limits.encoding, variant=variant)
+            for item in reader:
+                if isinstance(item, Reject):
+                    rejected_lines.add(item.line)
+                    continue
+                model = str(item.body.get("model"))
+                budget = item.est_tokens - item.prompt_tokens
+                # a sample's average is per record, all its choices in: the same n is assumed
+                low = min(budget, int(budget * low_fraction if per_answer is None else per_answer))
+                tables = [result.by_model]
+                if variant is not None:
+                    tables.append(variant_models.setdefault(variant.name, {}))
+                for table in tables:
+                    m = table.setdefault(model, ModelEstimate())
+                    m.requests += 1
+                    m.prompt_tokens += item.prompt_tokens
+                    m.output_tokens_low += low
+                    m.output_tokens_high += budget
+    result.rejected = len(rejected_lines)
     result.read_s = time.perf_counter() - started
     for model, m in result.by_model.items():
-        price = pricer.price(model)
-        if price is None:
-            m.cost_low_usd = m.cost_high_usd = None
+        if not _price(m, pricer, model):
             result.unpriced_models.append(model)
-        else:
-            m.cost_low_usd = (
-                m.prompt_tokens * price.input + m.output_tokens_low * price.output
-            ) / 1e6
-            m.cost_high_usd = (
-                m.prompt_tokens * price.input + m.output_tokens_high * price.output
-            ) / 1e6
+    for name, models in variant_models.items():
+        total = result.by_variant[name] = ModelEstimate()
+        for model, m in models.items():
+            priced = _price(m, pricer, model)
+            for attr in ("requests", "prompt_tokens", "output_tokens_low", "output_tokens_high"):
+                setattr(total, attr, getattr(total, attr) + getattr(m, attr))
+            for attr in ("cost_low_usd", "cost_high_usd"):
+                before = getattr(total, attr)
+                setattr(total, attr, None if before is None or not priced
+                        else before + getattr(m, attr))  # fmt: skip
+    for m in result.by_model.values():
         result.requests += m.requests
         result.prompt_tokens += m.prompt_tokens
         result.output_tokens_low += m.output_tokens_low
@@ -124,6 +139,17 @@ def estimate(
     result.cost_high_usd = sum(m.cost_high_usd or 0.0 for m in costs) if costs else None
     result.eta_s, result.eta_bound = _eta(job, result, latency_s)
     return result
+
+
+def _price(m: ModelEstimate, pricer: Pricer, model: str) -> bool:
+    """Set the low and high cost of ``m``; false (costs ``None``) when the price is unknown."""
+    price = pricer.price(model)
+    if price is None:
+        m.cost_low_usd = m.cost_high_usd = None
+        return False
+    m.cost_low_usd = (m.prompt_tokens * price.input + m.output_tokens_low * price.output) / 1e6
+    m.cost_high_usd = (m.prompt_tokens * price.input + m.output_tokens_high * price.output) / 1e6
+    return True
 
 
 def _eta(job: JobConfig, est: Estimate, latency_s: float) -> tuple[float, str]:
@@ -170,6 +196,16 @@ def format_estimate(est: Estimate, *, name: str) -> str:
         )
         lines.append(
             f"    {model}: {m.requests:,} requests, {m.prompt_tokens:,} prompt tokens, {cost}"
+        )
+    for name, v in est.by_variant.items():
+        cost = (
+            f"${v.cost_low_usd:,.4f} to ${v.cost_high_usd:,.4f}"
+            if v.cost_low_usd is not None and v.cost_high_usd is not None
+            else "no known price"
+        )
+        lines.append(
+            f"    variant {name}: {v.requests:,} requests, {v.prompt_tokens:,} prompt tokens, "
+            f"{v.output_tokens_low:,} to {v.output_tokens_high:,} output tokens, {cost}"
         )
     if est.unpriced_models:
         lines.append(

@@ -8,7 +8,8 @@ power loss can lose about the last second of answers, which a resumed run sends 
 
 A torn last line (the process died mid-write) is detected on open and cut off. A request may be
 journaled more than once (re-sent with ``--retry-errors`` or because its body changed): the
-last record of an id wins.
+last record of an id wins. In a job with variants a record is known by its id and its variant
+(``records.record_key``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from batcher import jsonfast
 from batcher.errors import ConfigError, OutputError
-from batcher.records import Result, Usage
+from batcher.records import Result, Usage, record_key
 
 JOURNAL_SUFFIX = ".journal.jsonl"
 _HEADER = {"batcher_journal": 1}
@@ -114,8 +115,9 @@ class Journal:
         line = encode(result, body_hash, provisional=provisional)
         offset = self._size
         self._write(line)
-        if provisional or result.custom_id in self.entries:  # a later record replaces this one
-            self.entries[result.custom_id] = Entry(
+        key = record_key(result.custom_id, result.variant)
+        if provisional or key in self.entries:  # a later record replaces this one
+            self.entries[key] = Entry(
                 body_hash, result.status, result.status_code, result.error_code, offset
             )
         self._dirty = True
@@ -148,10 +150,10 @@ class Journal:
                 record = _parse(raw)
                 if record is None:
                     continue
-                custom_id = record.get("custom_id")
-                if not isinstance(custom_id, str):
+                key = _key_of(record)
+                if key is None:
                     continue  # unreadable: counted as not done when the journal was loaded
-                entry = self.entries.get(custom_id)
+                entry = self.entries.get(key)
                 if entry is None or entry.offset == here:
                     yield decode(record)
 
@@ -185,16 +187,16 @@ class Journal:
                 if here == 0:
                     continue  # the header
                 record = _parse(raw)
-                if record is None or not isinstance(record.get("custom_id"), str):
+                key = None if record is None else _key_of(record)
+                if record is None or key is None:
                     continue  # unreadable: that request counts as not done
-                custom_id = record["custom_id"]
                 cost = record.get("cost_usd")
                 cost = cost if isinstance(cost, int | float) else 0.0
                 # a record after a provisional one includes the provisional one's cost
-                self.spent_before += cost - provisional.pop(custom_id, 0.0)
+                self.spent_before += cost - provisional.pop(key, 0.0)
                 if record.get("provisional") is True:
-                    provisional[custom_id] = cost
-                self.entries[record["custom_id"]] = Entry(
+                    provisional[key] = cost
+                self.entries[key] = Entry(
                     str(record.get("hash", "")),
                     str(record.get("status", "")),
                     record.get("status_code"),
@@ -234,6 +236,8 @@ def encode(result: Result, body_hash: str, *, provisional: bool = False) -> byte
         "usage": None if usage is None else _usage_dict(usage),
         "body": result.body,
     }
+    if result.variant is not None:  # absent otherwise: journals of plain jobs stay as they were
+        record["variant"] = result.variant
     if provisional:
         record["provisional"] = True
     # A lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
@@ -264,7 +268,16 @@ def decode(record: Mapping[str, Any]) -> Result:
         schema_valid=record.get("schema_valid"),
         schema_error=record.get("schema_error"),
         endpoint=record.get("endpoint"),
+        variant=record.get("variant"),
     )
+
+
+def _key_of(record: Mapping[str, Any]) -> str | None:
+    """A record's key (id and variant), or ``None`` when it has no usable id."""
+    custom_id, variant = record.get("custom_id"), record.get("variant")
+    if not isinstance(custom_id, str) or not isinstance(variant, str | None):
+        return None
+    return record_key(custom_id, variant)
 
 
 def _usage_dict(usage: Usage) -> dict[str, int | None]:

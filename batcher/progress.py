@@ -135,6 +135,12 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
     if len(s.by_endpoint) > 1:
         parts = ", ".join(f"{name} {n:,}" for name, n in sorted(s.by_endpoint.items()))
         lines.append(f"  endpoints {parts}")
+    if s.variant_ok or s.variant_error:
+        names = sorted(set(s.variant_ok) | set(s.variant_error))
+        parts = ", ".join(
+            f"{name} {s.variant_ok[name]:,} ok/{s.variant_error[name]:,} error" for name in names
+        )
+        lines.append(f"  variants  {parts} (this run; batcher report compares them)")
     if s.schema_valid or s.schema_invalid:
         lines.append(
             f"  schema    {s.schema_valid:,} valid, {s.schema_invalid:,} invalid "

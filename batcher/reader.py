@@ -20,14 +20,18 @@ import sys
 import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from batcher import jsonfast
 from batcher.errors import InputError
 from batcher.idset import IdSet
 from batcher.journal import request_hash
 from batcher.records import Reject, Request
+
+if TYPE_CHECKING:
+    from batcher.config import VariantConfig
 from batcher.requests import (
+    apply_variant,
     completion_budget,
     estimate_prompt_tokens,
     field_problem,
@@ -104,7 +108,9 @@ def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str |
 class Reader:
     """Iterates an input stream, yielding a ``Request`` or a ``Reject`` per non-blank line.
 
-    Duplicate ids are rejected here, since only the reader sees every line in order.
+    Duplicate ids are rejected here, since only the reader sees every line in order. With a
+    ``variant`` every request is that variant's (a job with variants reads its input once per
+    variant).
     """
 
     def __init__(
@@ -113,10 +119,12 @@ class Reader:
         defaults: Mapping[str, Any] | None = None,
         *,
         encoding: str | None = None,
+        variant: VariantConfig | None = None,
     ) -> None:
         self._stream = stream
         self._defaults = dict(defaults or {})
         self._encoding = encoding
+        self._variant = variant
         self._seen = IdSet()
         self.lines_read = 0
         self.blank_lines = 0
@@ -131,7 +139,7 @@ class Reader:
                     self.blank_lines += 1
                     continue
                 raw = raw.rstrip(b"\r\n")
-                item = parse_line(raw, line_no, self._defaults, self._encoding)
+                item = parse_line(raw, line_no, self._defaults, self._encoding, self._variant)
                 if isinstance(item, Request) and not self._seen.add(item.custom_id):
                     item = Reject(
                         line=line_no,
@@ -176,9 +184,18 @@ def _checked(stream: IO[bytes]) -> Iterator[bytes]:
 
 
 def parse_line(
-    raw: bytes, line_no: int, defaults: Mapping[str, Any], encoding: str | None = None
+    raw: bytes,
+    line_no: int,
+    defaults: Mapping[str, Any],
+    encoding: str | None = None,
+    variant: VariantConfig | None = None,
 ) -> Request | Reject:
-    """Turn one raw line (without duplicate check) into a ``Request`` or a ``Reject``."""
+    """Turn one raw line (without duplicate check) into a ``Request`` or a ``Reject``.
+
+    The line is checked as it stands (over the defaults) before a ``variant`` is applied, so a
+    bad line is rejected alike in every variant (the rare clash of a variant's field with the
+    line's is rejected with the variant named).
+    """
     custom_id: str | None = None
     try:
         try:
@@ -196,7 +213,12 @@ def parse_line(
         problem = field_problem(body)
         if problem:
             raise LineError(f"{problem[0]}: {problem[1]}")
-        if "model" not in body:
+        if variant is not None:
+            body = apply_variant(body, variant.request, variant.system)
+            problem = field_problem(body)
+            if problem:  # only the variant's fields with the line's: stream_options, say
+                raise LineError(f"{problem[0]}: {problem[1]} (variant {variant.name})")
+        if "model" not in body:  # then no variant sets one either: the same in every variant
             raise LineError("no model: set model in the line, in the job's [request], or --model")
         body = with_stream_usage(body)
         prompt_tokens = estimate_prompt_tokens(body, encoding)
@@ -208,6 +230,7 @@ def parse_line(
             est_tokens=prompt_tokens + completion_budget(body),
             prompt_tokens=prompt_tokens,
             body_hash=request_hash(body),
+            variant=None if variant is None else variant.name,
         )
     except LineError as exc:
         return Reject(line=line_no, reason=str(exc), text=_text(raw), custom_id=custom_id)

@@ -16,7 +16,8 @@ class Request:
     """One valid input line, ready to send.
 
     ``body`` is the JSON body of ``POST /chat/completions`` with the job's defaults merged under
-    the line's own fields. ``est_tokens`` is the prompt's tokens (``prompt_tokens``, counted
+    the line's own fields (and the variant's overrides over them, when the job has variants).
+    ``est_tokens`` is the prompt's tokens (``prompt_tokens``, counted
     with tiktoken) plus the worst-case completion, used by the TPM meter; ``body_hash``
     identifies the body, so resume notices a changed line.
     """
@@ -28,6 +29,21 @@ class Request:
     est_tokens: int = 0
     prompt_tokens: int = 0
     body_hash: str = ""
+    variant: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What the journal and resume know this request by: its id, and its variant if any."""
+        return record_key(self.custom_id, self.variant)
+
+
+def record_key(custom_id: str, variant: str | None) -> str:
+    """The journal key of a request: ``custom_id``, or ``custom_id`` NUL ``variant``.
+
+    Variant names never hold a NUL (``config`` checks them), so the key splits back at its last
+    NUL; a job without variants keeps the plain ids its journals always had.
+    """
+    return custom_id if variant is None else f"{custom_id}\x00{variant}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,7 +106,8 @@ class Result:
     ``started_at``/``finished_at`` (Unix seconds) span all attempts including backoff.
     ``ttft_s`` is the last attempt's time to first token (streamed requests only);
     ``schema_valid`` says whether the answer matched the request's JSON schema (``None`` when it
-    was not checked) and ``schema_error`` why not.
+    was not checked) and ``schema_error`` why not. ``variant`` names the job's variant that
+    asked (``None`` in a job without variants).
     """
 
     custom_id: str
@@ -113,6 +130,7 @@ class Result:
     schema_valid: bool | None = None
     schema_error: str | None = None
     endpoint: str | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

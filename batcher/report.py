@@ -7,8 +7,10 @@ extra: ``pip install -e '.[report]'``) drawn as inline SVG, so no network is nee
 
 from __future__ import annotations
 
+import contextlib
 import html
 import io
+import json
 import math
 from array import array
 from collections import Counter
@@ -36,6 +38,24 @@ class Group:
 
 
 @dataclass(kw_only=True)
+class VariantRow:
+    """One variant's figures, for the side-by-side comparison of a sweep."""
+
+    models: list[str] = field(default_factory=list)
+    requests: int = 0
+    ok: int = 0
+    error: int = 0
+    error_rate: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0
+    latency_p50_s: float | None = None
+    latency_p90_s: float | None = None
+    finish_reasons: dict[str, int] = field(default_factory=dict)  # of ok answers, first choice
+
+
+@dataclass(kw_only=True)
 class Report:
     """Everything ``batcher report`` shows."""
 
@@ -54,6 +74,7 @@ class Report:
     schema_valid: int = 0
     schema_invalid: int = 0
     by_endpoint: dict[str, int] = field(default_factory=dict)
+    variants: dict[str, VariantRow] = field(default_factory=dict)  # empty without variants
     wall_s: float = 0.0
     requests_per_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
@@ -76,6 +97,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     errors: Counter[str] = Counter()
     first_start = math.inf
     last_end = -math.inf
+    variant_latencies: dict[str, array[float]] = {}
     for row in read_results(path):
         status = row.get("status") or "error"
         model = row.get("model") or "?"
@@ -100,6 +122,8 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         else:
             report.error += 1
             errors[row.get("error_code") or "unknown"] += 1
+        if row.get("variant") is not None:
+            _count_variant(report, variant_latencies, row, status, model, cost)
         if row.get("endpoint") is not None:
             report.by_endpoint[row["endpoint"]] = report.by_endpoint.get(row["endpoint"], 0) + 1
         valid = row.get("schema_valid")
@@ -124,6 +148,15 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         report.wall_s = last_end - first_start
         report.requests_per_s = report.requests / report.wall_s
     report.error_classes = dict(errors.most_common())
+    report.variants = _in_job_order(report.variants, report.provenance.get("job"))
+    for name, row_of in report.variants.items():
+        ordered = sorted(variant_latencies[name])
+        row_of.latency_p50_s = _percentile(ordered, 50)
+        row_of.latency_p90_s = _percentile(ordered, 90)
+        row_of.error_rate = row_of.error / row_of.requests if row_of.requests else 0.0
+        row_of.finish_reasons = dict(
+            sorted(row_of.finish_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
     offset = first_start if math.isfinite(first_start) else 0.0
     series = {
         "latency_s": latencies,
@@ -131,6 +164,46 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         "cost_usd": costs,
     }
     return report, series
+
+
+def _in_job_order(variants: dict[str, VariantRow], job: str | None) -> dict[str, VariantRow]:
+    """The variants in the order the job lists them (Parquet keeps the job), else by name."""
+    order: list[str] = []
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        order = [v["name"] for v in json.loads(job or "{}").get("variants", [])]
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(variants.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def _count_variant(
+    report: Report,
+    latencies: dict[str, array[float]],
+    row: dict[str, Any],
+    status: str,
+    model: str,
+    cost: float | None,
+) -> None:
+    name = row["variant"]
+    v = report.variants.get(name)
+    if v is None:
+        v = report.variants[name] = VariantRow()
+        latencies[name] = array("d")
+    v.requests += 1
+    if model not in v.models:
+        v.models.append(model)
+    v.prompt_tokens += row.get("prompt_tokens") or 0
+    v.completion_tokens += row.get("completion_tokens") or 0
+    if cost is not None:
+        v.cost_usd += cost
+    if status == "ok":
+        v.ok += 1
+        v.unpriced += cost is None
+        if row.get("latency_s") is not None:
+            latencies[name].append(row["latency_s"])
+        reason = row.get("finish_reason") or "-"
+        v.finish_reasons[reason] = v.finish_reasons.get(reason, 0) + 1
+    else:
+        v.error += 1
 
 
 def _percentile(ordered: list[float], pct: float) -> float | None:
@@ -177,6 +250,9 @@ def format_report(report: Report) -> str:
     if report.error_classes:
         top = ", ".join(f"{code} ×{n:,}" for code, n in report.error_classes.items())
         lines.append(f"  errors    {top}")
+    if report.variants:
+        lines.append("  by variant (latency of ok answers; finish reasons of their first choice):")
+        lines.extend("    " + line for line in _variant_table(report.variants))
     made = report.provenance
     if made:
         sha = made.get("input_sha256") or "-"
@@ -185,6 +261,28 @@ def format_report(report: Report) -> str:
             f"from {made.get('input', '?')} (sha256 {sha[:16]}); job in the file's metadata"
         )
     return "\n".join(lines)
+
+
+def _variant_table(variants: dict[str, VariantRow]) -> list[str]:
+    """The variants side by side, one row each, columns aligned."""
+    header = ["variant", "model", "requests", "ok", "error rate", "prompt", "completion", "cost",
+              "p50", "p90", "finish reasons"]  # fmt: skip
+    rows = [header]
+    for name, v in variants.items():
+        cost = f"${v.cost_usd:,.4f}" + ("+?" if v.unpriced else "")
+        reasons = ", ".join(f"{r} {n:,}" for r, n in v.finish_reasons.items()) or "-"
+        rows.append([
+            name, ",".join(v.models), f"{v.requests:,}", f"{v.ok:,}", f"{v.error_rate:.1%}",
+            f"{v.prompt_tokens:,}", f"{v.completion_tokens:,}", cost,
+            _s(v.latency_p50_s), _s(v.latency_p90_s), reasons,
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    numeric = {2, 3, 4, 5, 6, 7, 8, 9}  # right-aligned
+
+    def cell(i: int, text: str) -> str:
+        return text.rjust(widths[i]) if i in numeric else text.ljust(widths[i])
+
+    return ["  ".join(cell(i, t) for i, t in enumerate(row[:-1])) + "  " + row[-1] for row in rows]
 
 
 def _unpriced_note(report: Report) -> str:

@@ -122,6 +122,27 @@ def merge_defaults(defaults: Mapping[str, Any], body: Mapping[str, Any]) -> dict
     return merged
 
 
+#: Roles that hold the system prompt (``developer`` is its name for OpenAI's reasoning models).
+SYSTEM_ROLES = ("system", "developer")
+
+
+def apply_variant(
+    body: Mapping[str, Any], overrides: Mapping[str, Any], system: str | None
+) -> dict[str, Any]:
+    """A variant's request: its ``overrides`` over the line's body (the variant wins for the
+    fields it names), and its ``system`` prompt in place of the line's first system message
+    (put first when the line has none; ``""`` removes it)."""
+    merged = {**body, **overrides}
+    if system is not None:
+        messages = list(merged.get("messages") or [])
+        if messages and isinstance(messages[0], dict) and messages[0].get("role") in SYSTEM_ROLES:
+            messages.pop(0)
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        merged["messages"] = messages
+    return merged
+
+
 def estimate_prompt_tokens(body: Mapping[str, Any], encoding: str | None = None) -> int:
     """Prompt tokens of a request, counted with tiktoken (the model's encoding by default)."""
     messages = body.get("messages") or []

@@ -1,5 +1,8 @@
 """What a re-run does with each request, given the journal of earlier runs.
 
+A request is known by its id, and in a job with variants by its id and variant; its body hash
+is taken after the variant's overrides, so changing one variant re-sends that variant only.
+
 - not in the journal: **new**, sent;
 - in the journal with the same body hash and status ``ok``: **skipped** (never paid twice);
 - in the journal as an ``error``: skipped, unless ``--retry-errors`` asks to re-send all errors
@@ -39,12 +42,13 @@ class ResumePlan:
         self._retry_errors = retry_errors
         self.counts = ResumeCounts()
 
-    def known(self, custom_id: str) -> bool:
-        """Whether an earlier run recorded this id."""
-        return custom_id in self._entries
+    def known(self, key: str) -> bool:
+        """Whether an earlier run recorded this request (``Request.key``: id and variant)."""
+        return key in self._entries
 
-    def decide(self, custom_id: str, body_hash: str) -> Decision:
-        entry = self._entries.get(custom_id)
+    def decide(self, key: str, body_hash: str) -> Decision:
+        """What to do with the request known by ``key`` (``Request.key``) and ``body_hash``."""
+        entry = self._entries.get(key)
         decision: Decision
         if entry is None:
             decision = "new"

@@ -7,6 +7,7 @@ folder writable, API key present where one is needed), so a bad job sends nothin
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import shutil
@@ -21,9 +22,9 @@ import anyio
 
 from batcher.budget import Budget
 from batcher.client import ChatClient, check_api_key
-from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
+from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig, VariantConfig
 from batcher.endpoints import Endpoint
-from batcher.engine import READ_BATCH, Engine
+from batcher.engine import READ_BATCH, Engine, Lane
 from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter, output_format
 from batcher.journal import Journal, journal_path
@@ -79,6 +80,33 @@ def run_job(
 ) -> RunReport:
     """Run a job to completion (blocking) and return its report; prints the summary.
 
+    The same as ``arun_job`` (which see) on an event loop of its own.
+    """
+    run = functools.partial(
+        arun_job,
+        job,
+        restart=restart,
+        retry_errors=retry_errors,
+        transport=transport,
+        handle_signals=handle_signals,
+        stream=stream,
+        lean=lean,
+    )
+    return anyio.run(run)
+
+
+async def arun_job(
+    job: JobConfig,
+    *,
+    restart: bool = False,
+    retry_errors: RetryErrors = "none",
+    transport: httpx.AsyncBaseTransport | None = None,
+    handle_signals: bool = False,
+    stream: IO[str] | None = None,
+    lean: bool = False,
+) -> RunReport:
+    """Run a job to completion on the running event loop; return its report, print the summary.
+
     A re-run of the same job resumes from its journal: requests recorded as done are skipped
     (``retry_errors`` re-sends recorded errors: ``"all"`` or only ``"retryable"`` ones), a line
     whose body changed is re-sent; ``restart=True`` forgets the journal and starts over.
@@ -95,7 +123,8 @@ def run_job(
     check_output_writable(output)
     check_not_the_input(input_path, output)
     api_keys = _api_keys(job)
-    source = open_input(input_path)  # before the journal, so a missing input changes nothing
+    # before the journal, so a missing input changes nothing
+    sources = _open_sources(input_path, max(1, len(job.variants)))
     try:
         jpath = journal_path(output)
         if restart:
@@ -109,23 +138,27 @@ def run_job(
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
             with _base_urls(job) as base_urls, _fewer_collections():
-                stats, rejected = anyio.run(
-                    _run_async, job, source, input_path, output, journal, plan,
+                stats, rejected = await _run_async(
+                    job, sources, input_path, output, journal, plan,
                     list(zip(base_urls, api_keys, strict=True)), transport, handle_signals, stream,
                     lean,
                 )  # fmt: skip
         if lean:
             release_encodings()
-        write_output(
+        write = functools.partial(
+            write_output,
             journal,
             output,
             stats,
             provenance(job, input_path),
             trim_every=TRIM_EVERY_ROWS if lean else 0,
         )
+        # in a thread: a notebook's event loop keeps serving while pyarrow writes
+        await anyio.to_thread.run_sync(write)
     finally:
-        if source is not sys.stdin.buffer:
-            source.close()
+        for source in sources:
+            if source is not sys.stdin.buffer:
+                source.close()
     rej = rejects_path(output) if rejected else None
     summary = format_summary(
         stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
@@ -152,9 +185,31 @@ def _fewer_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _open_sources(path: Path, count: int) -> list[IO[bytes]]:
+    """The input opened ``count`` times (once per variant: each reads it through).
+
+    Standard input cannot be read twice, so with several readers it is first copied to a
+    temporary file (unlinked at once: it lives as long as the open handles).
+    """
+    if count == 1 or str(path) != "-":
+        sources: list[IO[bytes]] = []
+        try:
+            for _ in range(count):
+                sources.append(open_input(path))
+        except BaseException:
+            for source in sources:
+                source.close()
+            raise
+        return sources
+    with tempfile.NamedTemporaryFile(prefix="batcher-stdin-", suffix=".jsonl") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.flush()
+        return _open_sources(Path(spool.name), count)
+
+
 async def _run_async(
     job: JobConfig,
-    source: IO[bytes],
+    sources: list[IO[bytes]],
     input_path: Path,
     output: Path,
     journal: Journal,
@@ -165,11 +220,20 @@ async def _run_async(
     stream: IO[str],
     lean: bool,
 ) -> tuple[RunStats, int]:
-    """The run itself; ``targets`` are the endpoints' (base URL, API key), in job order."""
+    """The run itself; ``targets`` are the endpoints' (base URL, API key), in job order.
+
+    ``sources`` holds the input opened once per variant (once for a job without variants).
+    """
     total = await anyio.to_thread.run_sync(count_lines, input_path) if job.progress else None
+    if total is not None:
+        total *= len(sources)
     stats = RunStats()
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
-    reader = Reader(source, job.request, encoding=job.limits.encoding)
+    variants: list[VariantConfig | None] = list(job.variants) or [None]
+    readers = [
+        Reader(source, job.request, encoding=job.limits.encoding, variant=variant)
+        for source, variant in zip(sources, variants, strict=True)
+    ]
     overrides, discount = parse_pricing(job.pricing)
     pricer = Pricer(
         overrides,
@@ -212,6 +276,16 @@ async def _run_async(
                             weight=config.weight,
                         )
                     )
+                by_name = {e.name: e for e in endpoints}
+                lanes = [
+                    Lane(
+                        batches=reader.batches(READ_BATCH),
+                        endpoints=[by_name[n] for n in variant.endpoints]
+                        if variant is not None and variant.endpoints
+                        else None,
+                    )
+                    for reader, variant in zip(readers, variants, strict=True)
+                ]
                 engine = Engine(
                     endpoints=endpoints,
                     retry=job.retry,
@@ -231,14 +305,19 @@ async def _run_async(
                 async with anyio.create_task_group() as background:
                     if lean:
                         background.start_soon(_trim_malloc_every, TRIM_EVERY_S)
-                    await engine.run(reader.batches(READ_BATCH), handle_signals=handle_signals)
+                    await engine.run(
+                        lanes[0].batches
+                        if len(lanes) == 1 and lanes[0].endpoints is None
+                        else lanes,
+                        handle_signals=handle_signals,
+                    )
                     background.cancel_scope.cancel()
             rejected = rejects.count
     except OSError as exc:
         raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
     finally:
         progress.close()
-    stats.lines_read = reader.lines_read
+    stats.lines_read = readers[0].lines_read
     for model in pricer.unknown_models:
         print(
             f"batcher: warning: no price known for model {model!r}: its cost is left empty; "

@@ -29,6 +29,8 @@ class RunStats:
     total_tokens: int = 0
     error_codes: Counter[str] = field(default_factory=Counter)
     by_endpoint: Counter[str] = field(default_factory=Counter)  # answers by endpoint name
+    variant_ok: Counter[str] = field(default_factory=Counter)  # ok answers by variant name
+    variant_error: Counter[str] = field(default_factory=Counter)
     cost_by_model: dict[str, float] = field(default_factory=dict)
     unpriced: int = 0  # answers with usage but no known price
     schema_valid: int = 0
@@ -67,6 +69,8 @@ class RunStats:
         else:
             self.error += 1
             self.error_codes[result.error_code or "unknown"] += 1
+        if result.variant is not None:
+            (self.variant_ok if result.status == "ok" else self.variant_error)[result.variant] += 1
         if result.schema_valid is not None:
             if result.schema_valid:
                 self.schema_valid += 1

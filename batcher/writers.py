@@ -67,6 +67,7 @@ SCHEMA: pa.Schema = pa.schema([
     ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
     ("choices", _CHOICES),
     ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
+    ("variant", _S),
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
@@ -170,15 +171,19 @@ def _has_response(r: Result) -> bool:
 def batch_output_line(result: Result) -> dict[str, Any]:
     """The OpenAI Batch API output line for ``result``, plus a ``batcher`` object of our fields.
 
-    ``id`` is derived from ``custom_id`` so reruns produce comparable files. ``response`` is
-    null only when nothing of an HTTP answer is known (no status code, body or request id);
-    ``error`` is set for every ``error`` result (and whenever an error code or message exists).
-    Usage stays in ``response.body.usage`` as the server sent it; ``batcher.usage`` appears only
-    when the result's usage differs from what the body says, so nothing is lost.
+    ``id`` is derived from ``custom_id`` (and the variant, if any) so reruns produce comparable
+    files; ``custom_id`` stays the line's own, and ``batcher.variant`` names the variant.
+    ``response`` is null only when nothing of an HTTP answer is known (no status code, body or
+    request id); ``error`` is set for every ``error`` result (and whenever an error code or
+    message exists). Usage stays in ``response.body.usage`` as the server sent it;
+    ``batcher.usage`` appears only when the result's usage differs from what the body says, so
+    nothing is lost.
     """
     r = result
     cid = r.custom_id
-    digest = hashlib.sha256(cid.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    # with variants one id has a line per variant: the id hashes both, to stay unique
+    key = cid if r.variant is None else f"{cid}\x00{r.variant}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:24]
     extra: dict[str, Any] = {
         "status": r.status,
         "model": r.model,
@@ -194,6 +199,8 @@ def batch_output_line(result: Result) -> dict[str, Any]:
         "schema_error": r.schema_error,
         "endpoint": r.endpoint,
     }
+    if r.variant is not None:  # absent in a job without variants: its lines stay as they were
+        extra["variant"] = r.variant
     if r.usage != Usage.from_body(r.body):
         u = r.usage
         extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
@@ -237,6 +244,7 @@ def _row_values(r: Result) -> tuple[Any, ...]:
         r.schema_valid,
         r.schema_error,
         r.endpoint,
+        r.variant,
     )
 
 
@@ -554,5 +562,6 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         b.get("schema_valid"),
         b.get("schema_error"),
         b.get("endpoint"),
+        b.get("variant"),
     )
     return dict(zip(_NAMES, values, strict=True))

@@ -17,6 +17,24 @@ def test_all_is_small_sorted_and_resolves() -> None:
         assert getattr(batcher, name) is not None
 
 
+def test_all_is_exactly_the_documented_surface() -> None:
+    assert set(batcher.__all__) == {
+        "BatcherError", "ConfigError", "InputError", "OutputError",  # the error tree
+        "JobConfig", "load_job", "with_overrides",  # building a job
+        "run", "arun", "RunResult", "RunReport",  # running it, from a script or a notebook
+        "__version__",
+    }  # fmt: skip
+    # the lower-level calls run() is built on still resolve, outside __all__
+    assert batcher.run_job.__module__ == "batcher.runner"
+    assert batcher.job_from_dict.__module__ == "batcher.config"
+
+
+def test_importing_batcher_does_not_import_the_runner() -> None:
+    code = "import sys, batcher; print('batcher.runner' in sys.modules, 'anyio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 def test_unknown_name_raises_attribute_error() -> None:
     with pytest.raises(AttributeError, match="nope"):
         batcher.nope  # type: ignore[attr-defined]  # noqa: B018
