@@ -280,17 +280,19 @@ class Engine:
             self._stats.submitted += 1
             if self._plan and self._plan.known(request.key):
                 self._stats.resent += 1
-        result = await self._send(request, router)
-        cost = self._pricer.cost_of(request.body.get("model"), result.model, result.usage)
+        started = time.time()
+        last, attempts, where = await self._send(request, router)
+        model = _answering_model(request, last)
+        cost = self._pricer.cost_of(request.body.get("model"), model, last.usage)
         if self._budget is not None:
             # An ok answer without usage may have been billed: count its worst case, and
             # record that figure, so a resumed run's budget starts from it too.
-            if cost is None and result.status == "ok":
+            if cost is None and last.ok:
                 cost = reserved
             self._budget.settle(reserved, cost or 0.0)
-        if cost is not None:
-            result = dataclasses.replace(result, cost_usd=cost)
-        return result
+        # Built once, priced: a dataclasses.replace of a frozen Result costs more than the
+        # Result itself (issue 8).
+        return _result_of(request, last, attempts, started, where, model=model, cost=cost)
 
     async def _check_format(
         self, request: Request, result: Result, router: Router
@@ -387,8 +389,9 @@ class Engine:
             return False
         return True
 
-    async def _send(self, request: Request, router: Router) -> Result:
-        started = time.time()
+    async def _send(self, request: Request, router: Router) -> tuple[Attempt, int, str | None]:
+        """The request's last attempt (after its retries), how many times it was sent, and
+        the endpoint that made that attempt."""
         last, attempts, where = await self._attempt(request, router)
         if last.retryable and self._retry.max_attempts > 1:
             try:
@@ -400,7 +403,7 @@ class Engine:
                             raise RetryableAttempt(last)
             except RetryableAttempt:
                 pass  # retries exhausted: ``last`` is the final failed attempt
-        return _result_of(request, last, attempts, started, where)
+        return last, attempts, where
 
     async def _attempt(self, request: Request, router: Router) -> tuple[Attempt, int, str | None]:
         """One attempt, at the endpoint the router picks, within its limits; the answer steers
@@ -596,27 +599,43 @@ def _combined(before: Result, after: Result) -> Result:
     )
 
 
-def _result_of(
-    request: Request, last: Attempt, attempts: int, started: float, endpoint: str | None = None
-) -> Result:
+def _answering_model(request: Request, last: Attempt) -> str | None:
+    """The model an ok answer names, else the one asked for."""
     body = last.body
     model = body.get("model") if last.ok and isinstance(body, dict) else None
+    if isinstance(model, str):
+        return model
+    asked = request.body.get("model")
+    return asked if isinstance(asked, str) else None
+
+
+def _result_of(
+    request: Request,
+    last: Attempt,
+    attempts: int,
+    started: float,
+    endpoint: str | None,
+    *,
+    model: str | None,
+    cost: float | None,
+) -> Result:
     return Result(
         custom_id=request.custom_id,
         line=request.line,
         status="ok" if last.ok else "error",
-        model=model if isinstance(model, str) else request.body.get("model"),
+        model=model,
         attempts=attempts,
         latency_s=last.latency_s,
         started_at=started,
         finished_at=time.time(),
         status_code=last.status_code,
         request_id=last.request_id,
-        body=body,
+        body=last.body,
         usage=last.usage,
         error_code=last.error_code,
         error_message=last.error_message,
         metadata=request.metadata,
+        cost_usd=cost,
         ttft_s=last.ttft_s,
         endpoint=endpoint,
         variant=request.variant,

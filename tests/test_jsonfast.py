@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +80,13 @@ def test_duplicate_keys_and_constants() -> None:
     assert jsonfast.loads_exact('{"n": 12345678901234567890123}') == {"n": 12345678901234567890123}
     assert math.isinf(jsonfast.loads_exact("1e400"))
     assert jsonfast.loads_exact('"\\ud800"') == "\ud800"
+
+
+@pytest.mark.parametrize("digits", [18, 19, 20, 40])
+def test_long_integers_read_exactly_from_bytes_and_text(digits: int) -> None:
+    # orjson reads integers beyond 64 bits as floats; these must come back exact either way.
+    n = int("9" * digits)
+    for data in (f'{{"n": {n}, "m": [-{n}]}}', f'{{"n": {n}, "m": [-{n}]}}'.encode()):
+        got = jsonfast.loads_exact(data)
+        assert got == {"n": n, "m": [-n]}
+        assert type(got["n"]) is int
