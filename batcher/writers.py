@@ -71,6 +71,16 @@ SCHEMA: pa.Schema = pa.schema([
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
+# Dictionary encoding only where values repeat: on unique text (ids, answers, bodies) it is
+# tried on every page, then given up, which cost 10 % more CPU and 6 % more bytes (issue 8).
+_DICTIONARY = ["status", "model", "finish_reason", "error_code", "endpoint", "variant"]
+# Min/max statistics where a reader may filter on them; not on long text (answers, bodies),
+# whose values would sit in the footer, kept in memory until the file is closed.
+_STATISTICS = [
+    f.name for f in SCHEMA
+    if f.name not in {"content", "error_message", "request_id", "metadata", "response",
+                      "choices", "schema_error"}
+]  # fmt: skip
 _NAMES: tuple[str, ...] = tuple(SCHEMA.names)
 _USAGE_KEYS = _NAMES[5:10]  # prompt_tokens .. reasoning_tokens, the Usage fields
 
@@ -398,7 +408,13 @@ class ParquetWriter(_AtomicFile):
         super().__init__(path)
 
     def _open(self) -> None:
-        self._pq = pq.ParquetWriter(self.partial, self._schema, compression="zstd")
+        self._pq = pq.ParquetWriter(
+            self.partial,
+            self._schema,
+            compression="zstd",
+            use_dictionary=_DICTIONARY,
+            write_statistics=_STATISTICS,
+        )
 
     def write(self, result: Result) -> None:
         """Buffer the result's row; a full buffer is written out as a row group."""

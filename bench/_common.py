@@ -457,8 +457,9 @@ def summary_row(
 ) -> list[str]:
     """A table row of the medians of ``runs`` (all of the same client).
 
-    With ``fixed_cpu_s`` (the CPU of the same command on an empty input) a ``net CPU µs/req``
-    column follows ``CPU µs/req``: the per-request CPU without start-up and imports.
+    With ``fixed_cpu_s`` (the CPU of the same command on a one-line input) a ``net CPU µs/req``
+    column follows ``CPU µs/req``: the CPU of each further request, without start-up, imports
+    and what the first request loads.
     """
     n = runs[0].n
     wall = median([r.wall_s for r in runs])
@@ -469,7 +470,7 @@ def summary_row(
     ratio = f"{wall / ideal:.2f}" if ideal > 0 else "-"
     row = [runs[0].name, str(n), f"{wall:.2f}", ratio, f"{n / wall:,.0f}", f"{1e6 * cpu / n:,.0f}"]
     if fixed_cpu_s is not None:
-        row.append(f"{1e6 * (cpu - fixed_cpu_s) / n:,.0f}")
+        row.append(f"{1e6 * (cpu - fixed_cpu_s) / max(n - 1, 1):,.0f}")
     return [*row, f"{rss:.0f}", f"{sim_busy:.0f}", f"{other_busy:.0f}"]
 
 

@@ -282,6 +282,25 @@ def test_parquet_schema_row_groups_and_empty(tmp_path: Path) -> None:
     assert table.column("line").to_pylist() == list(range(7))
 
 
+def test_parquet_keeps_statistics_and_dictionaries_where_they_help(tmp_path: Path) -> None:
+    rs = [replace(CASES[0], custom_id=f"id-{i}", line=i) for i in range(20)]
+    with ParquetWriter(tmp_path / "s.parquet") as w:
+        for r in rs:
+            w.write(r)
+    group = pq.ParquetFile(tmp_path / "s.parquet").metadata.row_group(0)
+    chunks = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    # ids and numbers can be filtered on from the footer; long text has no min/max in it
+    assert chunks["custom_id"].statistics.min == "id-0"
+    assert chunks["custom_id"].statistics.max == "id-9"
+    assert chunks["line"].statistics.max == 19
+    assert chunks["response"].statistics is None
+    assert chunks["content"].statistics is None
+    # repeated values are dictionary-encoded, unique ones are not
+    assert "RLE_DICTIONARY" in chunks["status"].encodings
+    assert "RLE_DICTIONARY" not in chunks["response"].encodings
+    assert "RLE_DICTIONARY" not in chunks["custom_id"].encodings
+
+
 def test_parquet_survives_values_arrow_refuses(tmp_path: Path) -> None:
     odd = make("\ud800 lone", usage=Usage(prompt_tokens=2**70), attempts=3)
     write_all(ParquetWriter, tmp_path / "o.parquet", [odd, CASES[0]])
