@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-progress", action="store_true", help="log lines instead of a progress bar"
     )
+    run.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="local: this process (default); ray: Ray Data workers (the ray extra; the output "
+        "is a folder of Parquet part files)",
+    )
+    run.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        metavar="N",
+        help="with --engine ray: worker actors, each with 1/N of the limits (one per CPU)",
+    )
 
     est = sub.add_parser(
         "estimate",
@@ -280,12 +292,16 @@ def _job(args: argparse.Namespace) -> JobConfig:
         validate_schema=getattr(args, "validate_schema", None)
         or (True if getattr(args, "max_reasks", None) is not None else None),
         max_reasks=getattr(args, "max_reasks", None),
+        engine=getattr(args, "engine", None),
+        ray_workers=getattr(args, "ray_workers", None),
     )
 
 
 def _run(args: argparse.Namespace) -> int:
-    _lean_process()  # before pyarrow is imported
     job = _job(args)
+    if job.engine == "ray":
+        return _run_on_ray(job, args)
+    _lean_process()  # before pyarrow is imported
     if job.input is not None:  # before the HTTP stack is imported: see load_first_encoding
         from batcher.reader import load_first_encoding
 
@@ -299,6 +315,20 @@ def _run(args: argparse.Namespace) -> int:
         handle_signals=True,
         lean=True,
     )
+    return report.exit_code
+
+
+def _run_on_ray(job: JobConfig, args: argparse.Namespace) -> int:
+    """``--engine ray``: no lean process (Ray Data needs pandas), and Ray imported only now."""
+    from batcher.errors import ConfigError
+    from batcher.ray_engine import require_ray, run_job_on_ray
+
+    require_ray()
+    if args.retry_errors:
+        raise ConfigError(
+            "--retry-errors", "not supported with --engine ray (use the local engine for it)"
+        )
+    report = run_job_on_ray(job, restart=args.restart, handle_signals=True)
     return report.exit_code
 
 

@@ -77,6 +77,13 @@ def read_provenance(path: Path) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir():  # the Ray engine's folder of part files: the latest run's part says
+        from batcher.writers import parquet_parts
+
+        parts = parquet_parts(path)
+        if not parts:
+            return {}
+        path = parts[-1]
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException) as exc:

@@ -1,0 +1,458 @@
+"""Runs a job on Ray Data: ``batcher run --engine ray`` and ``run_job_on_ray`` (the ``ray`` extra).
+
+    driver: reader (parse, validate, rejects; skip ids already in the output)
+        ──► blocks of requests in Ray's object store
+        ──► Dataset.map_batches(BlockWorker): an actor pool, each actor batcher's own Engine
+        ──► finished blocks back to the driver ──► one Parquet part file per block (atomic)
+
+- **Input**: parsed and validated on the driver by the same ``Reader`` as the local engine, so
+  rejects (line number and reason in ``OUTPUT.rejects.jsonl``) and duplicate ids are treated
+  identically; the valid requests become the Dataset, ``block_rows`` to a block.
+- **Workers**: each actor keeps one event loop for its whole life (a blocking portal), and on it
+  one HTTP client and one set of limits per endpoint; every block is run by a fresh ``Engine``
+  over those, with its retries, 429 pauses, outages and re-asks. Two blocks run at once in each
+  actor, so the stragglers at the end of one block do not leave the actor's slots idle.
+- **Limits are divided**: with K workers each gets rpm/K, tpm/K and concurrency/K, and scales
+  what the server's ``x-ratelimit-*`` headers say by 1/K (``Limits(share=...)``). No limiter
+  actor: it would put a Ray round trip in front of every request and one actor on the path of
+  them all, while the limits that matter adapt locally anyway (429s, headers). The cost: a
+  worker that has run out of blocks does not lend its share to the others.
+- **Output**: the ``.parquet`` output is a folder of part files, ``part-<run>-<n>.parquet``,
+  each with exactly ``writers.SCHEMA``, written by the driver as blocks come back (``.partial``,
+  fsync, rename: a part is there whole or not at all). A folder, because that is what Ray,
+  Spark, DuckDB, pandas and polars read as one dataset, and it grows without rewrites.
+- **Resume**: the ids in the part files are done, ``ok`` or ``error``, as the local engine's
+  default resume treats its journal; a re-run sends only the others. A crash or Ctrl+C loses
+  the blocks in flight (at most workers × 2 × ``block_rows`` requests), which are sent again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any
+
+from batcher import jsonfast
+from batcher.config import JobConfig
+from batcher.errors import ConfigError, OutputError
+from batcher.formats import RejectsWriter
+from batcher.progress import Progress, format_summary
+from batcher.ray_worker import STOP_KEY, BlockWorker, WorkerSpec
+from batcher.reader import Reader, count_lines, open_input
+from batcher.records import Reject, Result, Usage
+from batcher.runner import (
+    RunReport,
+    _api_keys,
+    _base_urls,
+    check_not_the_input,
+    check_output_writable,
+    rejects_path,
+)
+from batcher.stats import RunStats
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+#: What a user without Ray is told (``--engine ray`` fails before anything is sent).
+INSTALL_HINT = "Ray is not installed: pip install 'batcher[ray]' (or pip install 'ray[data]')"
+#: Blocks each actor runs at once (they share its limits and connection pool).
+CALLS_PER_WORKER = 2
+#: Columns of the request blocks: a parsed ``Request`` (bodies as JSON text).
+_REQUEST_COLUMNS = (
+    "custom_id", "line", "body", "metadata", "est_tokens", "prompt_tokens", "body_hash"
+)  # fmt: skip
+#: The Parquet columns the driver reads back to count a block (``_result_of_row``).
+_COUNTED = (
+    "custom_id", "status", "model", "attempts", "endpoint", "error_code", "schema_valid",
+    "cost_usd", "prompt_tokens", "completion_tokens", "total_tokens", "line",
+)  # fmt: skip
+
+
+def require_ray() -> None:
+    """Fail with a ``ConfigError`` (exit 2, nothing sent) when Ray Data cannot be imported."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConfigError("job.engine", INSTALL_HINT) from None
+
+
+def run_job_on_ray(
+    job: JobConfig,
+    *,
+    restart: bool = False,
+    stream: IO[str] | None = None,
+    handle_signals: bool = False,
+) -> RunReport:
+    """Run a job on Ray Data (blocking) and return its report; prints the summary.
+
+    Uses the Ray instance this process is connected to (``ray.init`` called before), else the
+    cluster ``RAY_ADDRESS`` names (as under ``ray job submit``) or one running on this machine,
+    else starts a local one for the run. The output must be a ``.parquet`` path: it becomes a
+    folder of part files. A re-run sends only the ids not in it yet; ``restart=True`` deletes
+    the part files first. Raises ``ConfigError`` before anything is sent when the job cannot
+    run this way (no Ray, a JSONL output, a cost cap), as ``run_job`` does for the rest.
+    """
+    require_ray()
+    stream = stream or sys.stderr
+    input_path, output = job.require_paths()
+    _check_job(job, output)
+    check_output_writable(output)
+    check_not_the_input(input_path, output)
+    needs_key = [key is not None for key in _api_keys(job)]  # the workers read the keys
+    source = open_input(input_path)
+    stats = RunStats()
+    try:
+        output.mkdir(exist_ok=True)
+        with _locked(output):
+            if restart:
+                for part in _parts(output):
+                    part.unlink()
+            for partial in output.glob("*.partial"):
+                partial.unlink()  # a part a crash cut short: its block is sent again
+            done = _done_ids(output)
+            stats, submitted = _run(job, source, input_path, output, done, needs_key, stream,
+                                    handle_signals)  # fmt: skip
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    before = Counter(done.values())
+    stats.output_ok = before["ok"] + stats.ok
+    stats.output_error = before["error"] + stats.error
+    missing = submitted - stats.done
+    if missing and not stats.stopped_early:
+        stats.stopped_early = True
+        stats.stop_reason = f"{missing} requests were not answered (a worker stopped)"
+    rej = rejects_path(output) if stats.rejected else None
+    summary = format_summary(
+        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
+    )
+    if stats.stopped_early and stats.stop_reason:
+        summary += f"\n  stopped   {stats.stop_reason}; run the same command again to resume"
+    print(summary, file=stream, flush=True)
+    return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
+
+
+def _check_job(job: JobConfig, output: Path) -> None:
+    if output.suffix.lower() != ".parquet":
+        raise ConfigError(
+            "job.output",
+            f"the Ray engine writes Parquet: give an output ending in .parquet (a folder of "
+            f"part files), got {str(output)!r}",
+        )
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            "job.output",
+            f"{output} is a file (the local engine's output?); the Ray engine writes a folder "
+            "of part files there: choose another output or remove it",
+        )
+    if job.limits.max_cost_usd is not None:
+        raise ConfigError(
+            "limits.max_cost_usd",
+            "not supported with the Ray engine (a cap needs one ledger of reservations "
+            "across workers); run it with the local engine",
+        )
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One run at a time per output folder, as the local engine's journal lock."""
+    with (folder / ".lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                "job.output", f"another batcher run is writing {folder}; wait for it to finish"
+            ) from None
+        yield
+
+
+def _parts(output: Path) -> list[Path]:
+    from batcher.writers import parquet_parts
+
+    return parquet_parts(output)
+
+
+def _done_ids(output: Path) -> dict[str, str]:
+    """Each id already in the output's part files, with its status."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done: dict[str, str] = {}
+    for part in _parts(output):
+        try:
+            table = pq.read_table(part, columns=["custom_id", "status"])
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot read {part}: {exc}") from None
+        done.update(zip(table["custom_id"].to_pylist(), table["status"].to_pylist(), strict=True))
+    return done
+
+
+def _run(
+    job: JobConfig,
+    source: IO[bytes],
+    input_path: Path,
+    output: Path,
+    done: Mapping[str, str],
+    needs_key: list[bool],
+    stream: IO[str],
+    handle_signals: bool,
+) -> tuple[RunStats, int]:
+    """Parse on the driver, run the blocks on Ray, write parts; the stats and requests sent."""
+    from batcher.provenance import provenance
+
+    stats = RunStats()
+    total = count_lines(input_path) if job.progress else None
+    progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
+    started = time.monotonic()
+    session = _RaySession()
+    submitted = 0
+    try:
+        with _base_urls(job) as base_urls, _sigterm_as_interrupt(handle_signals):
+            rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
+            reader = Reader(source, job.request, encoding=job.limits.encoding)
+            with RejectsWriter(rejects_path(output)) as rejects:
+                refs = []
+                for block in _request_blocks(reader, done, job.ray.block_rows):
+                    if isinstance(block, Reject):
+                        rejects.write(block)
+                        stats.rejected += 1
+                    elif isinstance(block, str):
+                        stats.skipped += 1
+                    else:
+                        refs.append(session.put(block))
+                        submitted += block.num_rows
+                        continue
+                    progress.advance()
+            stats.lines_read = reader.lines_read
+            if refs:
+                workers = job.ray.workers or session.cpus()
+                workers = max(1, min(workers, len(refs)))
+                spec = WorkerSpec(
+                    job=job,
+                    targets=[
+                        (e.name, url) for e, url in zip(job.all_endpoints, base_urls, strict=True)
+                    ],
+                    needs_key=needs_key,
+                    workers=workers,
+                )
+                metadata = provenance(job, input_path)
+                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+                for n, table in enumerate(session.run(refs, spec)):
+                    reason = (table.schema.metadata or {}).get(STOP_KEY.encode())
+                    if reason and not stats.stopped_early:
+                        stats.stopped_early = True
+                        stats.stop_reason = reason.decode()
+                        progress.note(f"batcher: {stats.stop_reason}: the workers stop")
+                    if table.num_rows:
+                        _write_part(output / f"part-{stamp}-{n:05d}.parquet", table, metadata)
+                        for row in table.select(list(_COUNTED)).to_pylist():
+                            stats.add(_result_of_row(row))
+                        progress.advance(table.num_rows)
+    except KeyboardInterrupt:
+        stats.stopped_early = True
+        stats.stop_reason = "interrupted"
+        progress.note("batcher: interrupted: the blocks in flight are sent again next run")
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        session.close()
+        progress.close()
+    stats.submitted = submitted
+    stats.wall_s = time.monotonic() - started
+    return stats, submitted
+
+
+def _request_blocks(
+    reader: Reader, done: Mapping[str, str], block_rows: int
+) -> Iterator[pa.Table | Reject | str]:
+    """Tables of up to ``block_rows`` requests to send; rejects; and ids skipped (as ``str``)."""
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {name: [] for name in _REQUEST_COLUMNS}
+
+    def table() -> pa.Table:
+        block = pa.table(columns)
+        for values in columns.values():
+            values.clear()
+        return block
+
+    for item in reader:
+        if isinstance(item, Reject):
+            yield item
+        elif item.custom_id in done:
+            yield item.custom_id
+        else:
+            columns["custom_id"].append(item.custom_id)
+            columns["line"].append(item.line)
+            columns["body"].append(jsonfast.dumps_text(item.body))
+            meta = item.metadata
+            columns["metadata"].append(None if meta is None else jsonfast.dumps_text(meta))
+            columns["est_tokens"].append(item.est_tokens)
+            columns["prompt_tokens"].append(item.prompt_tokens)
+            columns["body_hash"].append(item.body_hash)
+            if len(columns["custom_id"]) >= block_rows:
+                yield table()
+    if columns["custom_id"]:
+        yield table()
+
+
+def _write_part(path: Path, table: pa.Table, metadata: Mapping[str, str]) -> None:
+    """Write one part atomically: ``.partial``, fsync, rename (a reader never sees half)."""
+    import pyarrow.parquet as pq
+
+    from batcher.writers import SCHEMA
+
+    partial = path.with_name(path.name + ".partial")
+    table = table.replace_schema_metadata(None).cast(SCHEMA).replace_schema_metadata(metadata)
+    pq.write_table(table, partial, compression="zstd")
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def _result_of_row(row: dict[str, Any]) -> Result:
+    """Enough of a ``Result`` for ``RunStats.add`` from the counted columns of a row."""
+    return Result(
+        custom_id=row["custom_id"],
+        line=row["line"],
+        status=row["status"],
+        model=row["model"],
+        attempts=row["attempts"],
+        latency_s=0.0,
+        started_at=0.0,
+        finished_at=0.0,
+        error_code=row["error_code"],
+        cost_usd=row["cost_usd"],
+        schema_valid=row["schema_valid"],
+        endpoint=row["endpoint"],
+        usage=Usage(
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+            total_tokens=row["total_tokens"],
+        )
+        if row["total_tokens"] is not None or row["prompt_tokens"] is not None
+        else None,
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, SIGTERM stops the run as Ctrl+C does (parts written so far stay)."""
+    if not enabled:
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _RaySession:
+    """Ray for one run: connected on first use, shut down after if this run started it."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def _ray(self) -> Any:
+        import ray
+
+        if not ray.is_initialized():
+            self._started = True
+            _init_ray(ray)
+        return ray
+
+    def put(self, table: pa.Table) -> Any:
+        return self._ray().put(table)
+
+    def cpus(self) -> int:
+        return max(1, int(self._ray().cluster_resources().get("CPU", 1)))
+
+    def run(self, refs: list[Any], spec: WorkerSpec) -> Iterator[pa.Table]:
+        """The finished blocks, as they come."""
+        ray = self._ray()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # batcher's own progress says how far the run is
+        ctx.print_on_execution_start = False
+        pool = ray.data.ActorPoolStrategy(
+            size=spec.workers,
+            max_concurrent_calls_per_actor=CALLS_PER_WORKER,
+            enable_true_multi_threading=True,
+        )
+        _quiet_ray_data()
+        # The spec travels with the class rather than as a constructor argument: Ray keeps
+        # constructor arguments in the object store and warns that a restarted actor could
+        # lose them.
+        worker = type("BlockWorker", (BlockWorker,), {"spec": spec})
+        dataset = ray.data.from_arrow_refs(refs).map_batches(
+            worker,
+            batch_size=None,  # a block as the driver made it
+            batch_format="pyarrow",
+            compute=pool,
+            num_cpus=1,
+        )
+        try:
+            yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        except ray.exceptions.RayError as exc:
+            raise OutputError(f"the Ray job failed: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console logs (execution plans, timings) only from errors on: batcher shows
+    progress and failures itself. Its log files in the Ray session folder keep everything."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.ERROR)
+
+
+def _init_ray(ray: Any) -> None:
+    """Connect to the cluster ``RAY_ADDRESS`` names or one running here; else start one.
+
+    Ray's own console messages from errors on only; workers' stderr (batcher's notes: an
+    endpoint down, a refused key) is still forwarded.
+    """
+    import logging
+
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": True}
+    try:
+        ray.init(address="auto", **quiet)
+    except ConnectionError:
+        ray.init(include_dashboard=False, **quiet)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The root cause's message of a Ray error, without Ray's traceback text."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    lines = [line for line in text if line.strip() and not line.startswith(" ")]
+    return lines[-1] if lines else type(cause).__name__
