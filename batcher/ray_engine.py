@@ -46,7 +46,7 @@ from batcher.config import JobConfig
 from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter
 from batcher.progress import Progress, format_summary
-from batcher.ray_worker import STOP_KEY, BlockWorker, WorkerSpec
+from batcher.ray_worker import ERROR_MARK, STOPPED, BlockWorker, WorkerSpec
 from batcher.reader import Reader, count_lines, open_input
 from batcher.records import Reject, Result, Usage
 from batcher.runner import (
@@ -248,12 +248,12 @@ def _run(
                 )
                 metadata = provenance(job, input_path)
                 stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-                for n, table in enumerate(session.run(refs, spec)):
-                    reason = (table.schema.metadata or {}).get(STOP_KEY.encode())
+                for n, block in enumerate(session.run(refs, spec)):
+                    table, reason = _split_stop_row(block)
                     if reason and not stats.stopped_early:
                         stats.stopped_early = True
-                        stats.stop_reason = reason.decode()
-                        progress.note(f"batcher: {stats.stop_reason}: the workers stop")
+                        stats.stop_reason = reason
+                        progress.note(f"batcher: {reason}: the workers stop")
                     if table.num_rows:
                         _write_part(output / f"part-{stamp}-{n:05d}.parquet", table, metadata)
                         for row in table.select(list(_COUNTED)).to_pylist():
@@ -305,6 +305,17 @@ def _request_blocks(
                 yield table()
     if columns["custom_id"]:
         yield table()
+
+
+def _split_stop_row(block: pa.Table) -> tuple[pa.Table, str | None]:
+    """The block's records, and the reason its worker stopped if it did (``ray_worker``)."""
+    import pyarrow.compute as pc
+
+    stopped = pc.equal(block["status"], STOPPED)
+    if not pc.any(stopped).as_py():
+        return block, None
+    reasons = block.filter(stopped)["error_message"].to_pylist()
+    return block.filter(pc.invert(stopped)), reasons[0]
 
 
 def _write_part(path: Path, table: pa.Table, metadata: Mapping[str, str]) -> None:
@@ -449,10 +460,16 @@ def _init_ray(ray: Any) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The root cause's message of a Ray error, without Ray's traceback text."""
-    cause: BaseException = exc
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = str(cause).strip().splitlines()
-    lines = [line for line in text if line.strip() and not line.startswith(" ")]
-    return lines[-1] if lines else type(cause).__name__
+    """What went wrong in a worker, without Ray's wrapping and traceback text: the message a
+    worker raised on purpose (``ERROR_MARK``), else the last line of the root cause."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    for error in seen:
+        for line in str(error).splitlines():
+            if ERROR_MARK in line:
+                return line[line.index(ERROR_MARK) + len(ERROR_MARK) :].strip()
+    lines = [line for line in str(seen[-1]).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(seen[-1]).__name__

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,11 +25,14 @@ from batcher.stats import RunStats
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from batcher.endpoints import Endpoint
     from batcher.limits import Limits
 
-#: Schema metadata key a worker sets on a block it could not finish (the reason).
-STOP_KEY = "batcher.stopped"
+#: The status of the extra row a worker adds to a block it could not finish, with the reason
+#: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
+#: The driver takes it out before writing.
+STOPPED = "stopped"
+#: Prefix of errors a worker raises on purpose, so the driver can find them in Ray's wrapping.
+ERROR_MARK = "[batcher] "
 
 
 def worker_limits(job: JobConfig, endpoint: EndpointConfig, workers: int) -> Limits:
@@ -62,8 +67,13 @@ class BlockWorker:
     """A Ray Data actor: runs blocks of requests through batcher's Engine, returns records.
 
     One event loop lives as long as the actor (in a thread, behind an anyio blocking portal),
-    with one HTTP client and one ``Limits`` per endpoint, so connections, learned limits and
-    429 back-off carry over from block to block; each ``__call__`` runs one block on it.
+    and on it one ``Engine``, with one HTTP client and one ``Limits`` per endpoint: the same
+    pool of workers, retries, 429 pauses and outage handling as a local run, fed by every block
+    the actor is given. Each ``__call__`` (Ray runs ``CALLS_PER_WORKER`` at once, in threads)
+    queues its block for the engine and waits until each of its requests is recorded; blocks
+    overlap in the pool, so one block's stragglers leave no slot idle. When the engine stops (a
+    refused key, no quota left, an outage past its patience) the requests not recorded are left
+    out of their blocks, and every later block comes back empty, with the reason.
     """
 
     spec: WorkerSpec  # set on the subclass the driver makes for a run
@@ -72,6 +82,9 @@ class BlockWorker:
         import anyio.from_thread
 
         spec = self._spec = self.spec
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Block] = {}  # custom_id -> the block it came in
+        self._queue: queue.SimpleQueue[list[Request | Reject]] = queue.SimpleQueue()
         self._stopped: str | None = None
         self._setup_error: str | None = None
         self._keys: list[str | None] = []
@@ -87,11 +100,11 @@ class BlockWorker:
             self._keys.append(key)
         self._exit = contextlib.ExitStack()
         self._portal = self._exit.enter_context(anyio.from_thread.start_blocking_portal())
-        self._endpoints: list[Endpoint] = []
         if self._setup_error is None:
-            self._endpoints = self._portal.call(self._open)
+            self._portal.call(self._open)
+            self._portal.start_task_soon(self._serve)
 
-    async def _open(self) -> list[Endpoint]:
+    async def _open(self) -> None:
         from batcher.client import ChatClient
         from batcher.endpoints import Endpoint
         from batcher.outage import Outage
@@ -99,7 +112,7 @@ class BlockWorker:
 
         job, k = self._spec.job, self._spec.workers
         self._clients = contextlib.AsyncExitStack()
-        endpoints = []
+        self._endpoints = []
         for (name, url), key, config in zip(
             self._spec.targets, self._keys, job.all_endpoints, strict=True
         ):
@@ -113,7 +126,7 @@ class BlockWorker:
             )
             await self._clients.enter_async_context(client)
             outage = Outage(patience_s=job.retry.outage_patience_s)
-            endpoints.append(
+            self._endpoints.append(
                 Endpoint(
                     name=name, client=client, limits=limits, outage=outage, weight=config.weight
                 )
@@ -124,52 +137,110 @@ class BlockWorker:
             provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
             batch_discount=discount,
         )
-        return endpoints
 
-    def __call__(self, block: pa.Table) -> pa.Table:
-        from batcher.writers import results_table
-
-        if self._setup_error is not None:
-            raise RuntimeError(self._setup_error)
-        if self._stopped is not None:  # a refused key, no quota, an outage: not worth trying
-            return results_table([], {STOP_KEY: self._stopped})
-        requests = [_request_of(row) for row in block.to_pylist()]
-        results, reason = self._portal.call(self._run, requests)
-        if reason is not None:
-            self._stopped = reason
-        return results_table(results, {STOP_KEY: reason} if reason else None)
-
-    def __del__(self) -> None:
-        # Close the HTTP clients on their own loop when the pool lets the actor go, instead of
-        # leaving aiohttp to complain about unclosed sessions at exit.
-        with contextlib.suppress(Exception):
-            if self._endpoints:
-                self._portal.call(self._clients.aclose)
-            self._exit.close()
-
-    async def _run(self, requests: list[Request | Reject]) -> tuple[list[Result], str | None]:
+    async def _serve(self) -> None:
+        """Run the engine over every block queued, for as long as the actor lives or until
+        the engine stops; then release every block still waiting."""
         from batcher.engine import Engine
 
         job = self._spec.job
         stats = RunStats()
-        sink = _Collected()
         engine = Engine(
             endpoints=self._endpoints,
             retry=job.retry,
             concurrency=sum(e.limits.max_concurrency for e in self._endpoints),
-            results=sink,
-            rejects=sink,
+            results=self,
+            rejects=self,
             stats=stats,
             progress=_WorkerProgress(stats, total=None, enabled=False),
             pricer=self._pricer,
             outage_patience_s=job.retry.outage_patience_s,
             validate=job.validate,
         )
-        await engine.run(iter([requests]))
-        return list(sink.results.values()), stats.stop_reason if stats.stopped_early else None
+        reason = "the worker's engine ended"
+        try:
+            await engine.run(iter(self._queue.get, None))  # blocks in the engine's read thread
+            reason = stats.stop_reason or reason
+        except BaseException as exc:
+            reason = f"the worker's engine failed: {exc!r}"
+            raise
+        finally:
+            with self._lock:
+                self._stopped = reason
+                for block in set(self._pending.values()):
+                    block.done.set()
+                self._pending.clear()
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        """Send the block's requests; its records (``writers.SCHEMA``), once all are in."""
+        from batcher.writers import results_table
+
+        if self._setup_error is not None:
+            raise RuntimeError(ERROR_MARK + self._setup_error)
+        requests = [_request_of(row) for row in block.to_pylist()]
+        waiting = _Block(len(requests))
+        with self._lock:
+            if self._stopped is None:
+                for request in requests:
+                    self._pending[request.custom_id] = waiting
+                self._queue.put([*requests])
+            else:
+                waiting.done.set()  # a refused key, no quota, an outage: not worth trying
+        waiting.done.wait()
+        table = results_table(waiting.results.values())
+        if len(waiting.results) < len(requests):
+            table = _with_stop_row(table, self._stopped or "stopped")
+        return table
+
+    def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
+        """The engine's result sink (on the loop's thread): file the record with its block.
+
+        A provisional record (an answer about to be re-asked) is replaced by the final one."""
+        with self._lock:
+            block = self._pending.get(result.custom_id)
+            if block is None:
+                return  # its block was released when the engine stopped
+            block.results[result.custom_id] = result
+            if not provisional:
+                del self._pending[result.custom_id]
+                block.left -= 1
+                if block.left == 0:
+                    block.done.set()
+
+    def write(self, reject: Reject) -> None:
+        """The engine's rejects sink: never used, the driver rejected bad lines already."""
+        raise AssertionError(f"a worker was given a reject: line {reject.line}")
+
+    def __del__(self) -> None:
+        # Close the HTTP clients on their own loop when the pool lets the actor go, instead of
+        # leaving aiohttp to complain about unclosed sessions at exit.
+        with contextlib.suppress(Exception):
+            self._portal.call(self._clients.aclose)
+        with contextlib.suppress(Exception):
+            self._exit.close()
 
 
-def _request_of(row: Mapping[str, Any]) -> Request | Reject:
+class _Block:
+    """A block a ``__call__`` waits on: its records so far, and how many are still out."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.results: dict[str, Result] = {}
+        self.done = threading.Event()
+        if size == 0:
+            self.done.set()
+
+
+def _with_stop_row(table: pa.Table, reason: str) -> pa.Table:
+    import pyarrow as pa
+
+    row = pa.Table.from_pylist(
+        [{"custom_id": "", "status": STOPPED, "error_message": reason}], schema=table.schema
+    )
+    return pa.concat_tables([table, row])
+
+
+def _request_of(row: Mapping[str, Any]) -> Request:
     meta = row["metadata"]
     return Request(
         custom_id=row["custom_id"],
@@ -180,20 +251,6 @@ def _request_of(row: Mapping[str, Any]) -> Request | Reject:
         prompt_tokens=row["prompt_tokens"],
         body_hash=row["body_hash"],
     )
-
-
-class _Collected:
-    """The engine's sinks in a worker: a block's results, the latest per id (a provisional
-    record before a re-ask is replaced by the final one)."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, Result] = {}
-
-    def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
-        self.results[result.custom_id] = result
-
-    def write(self, reject: Reject) -> None:  # the driver rejected lines already
-        raise AssertionError(f"a worker was given a reject: line {reject.line}")
 
 
 class _WorkerProgress(Progress):
