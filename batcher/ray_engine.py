@@ -97,8 +97,8 @@ def run_job_on_ray(
     """Run a job on Ray Data (blocking) and return its report; prints the summary.
 
     Uses the Ray instance this process is connected to (``ray.init`` called before), else the
-    cluster ``RAY_ADDRESS`` names (as under ``ray job submit``) or one running on this machine,
-    else starts a local one for the run. The output must be a ``.parquet`` path: it becomes a
+    cluster ``RAY_ADDRESS`` names (as under ``ray job submit``), else starts a local one for
+    the run. The output must be a ``.parquet`` path: it becomes a
     folder of part files. A re-run sends only the ids not in it yet; ``restart=True`` deletes
     the part files first. Raises ``ConfigError`` before anything is sent when the job cannot
     run this way (no Ray, a JSONL output, a cost cap), as ``run_job`` does for the rest.
@@ -445,7 +445,9 @@ def _quiet_ray_data() -> None:
 
 
 def _init_ray(ray: Any) -> None:
-    """Connect to the cluster ``RAY_ADDRESS`` names or one running here; else start one.
+    """Connect to the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it), else start a
+    local instance for this run; never join some other instance found on the machine by
+    chance.
 
     Ray's own console messages from errors on only; workers' stderr (batcher's notes: an
     endpoint down, a refused key) is still forwarded.
@@ -453,10 +455,10 @@ def _init_ray(ray: Any) -> None:
     import logging
 
     quiet = {"logging_level": logging.ERROR, "log_to_driver": True}
-    try:
-        ray.init(address="auto", **quiet)
-    except ConnectionError:
-        ray.init(include_dashboard=False, **quiet)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        ray.init(address="local", include_dashboard=False, **quiet)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,9 +12,10 @@ Three ways to run the same job, interleaved, ``--repeat`` rounds, medians:
 - ``ray (warm)``: ``run_job_on_ray`` in a process that started Ray once before the rounds
   (as on a cluster that is already up: no start-up in the figure).
 
-CPU per request is the whole machine's busy time during the run (``/proc/stat``) less the
-simulator's: Ray's driver, raylet, GCS and worker processes are not children ``wait4`` could
-measure. It includes whatever else the machine did meanwhile, shown as the load average.
+CPU per request is that of the client's whole process tree (the driver, and for Ray its GCS,
+raylet and worker processes, all descendants of the driver), sampled from ``/proc`` every
+0.1 s: per process the last user+system time seen, summed over every process seen during the
+run. Other work on a shared machine is not in it; its load average is printed beside it.
 With two or more cores the simulator runs on core 1 and everything else on core 0.
 """
 
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +41,6 @@ from _common import (
     default_pin,
     environment_note,
     format_table,
-    machine_busy_s,
     median,
     pin_preexec,
     pin_prefix,
@@ -48,6 +49,7 @@ from _common import (
     write_jsonl,
 )
 
+TICKS = os.sysconf("SC_CLK_TCK")
 PEERS = ("local", "ray-cold", "ray-warm")
 LABELS = {"local": "local", "ray-cold": "ray (cold)", "ray-warm": "ray (warm)"}
 
@@ -68,6 +70,56 @@ for line in sys.stdin:
     report = run_job_on_ray(job, stream=io.StringIO())
     print(json.dumps({"wall_s": time.perf_counter() - start, "ok": report.stats.ok}), flush=True)
 """
+
+
+class TreeCPU:
+    """CPU seconds of a process and every descendant, sampled from ``/proc`` in a thread."""
+
+    def __init__(self, root: int) -> None:
+        self._root = root
+        self._seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def total(self) -> float:
+        """CPU seconds of every process of the tree seen so far (each at its latest)."""
+        self._sample()
+        return sum(self._seen.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def _sample(self) -> None:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            parents[int(entry)] = int(fields[1])
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS
+        tree, frontier = {self._root}, [self._root]
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in tree:
+                    tree.add(child)
+                    frontier.append(child)
+        for pid in tree:
+            if pid in cpu:  # a pid reused by another process would only count higher
+                self._seen[pid] = max(self._seen.get(pid, 0.0), cpu[pid])
 
 
 def run_cmd(
@@ -113,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(environment_note(), file=sys.stderr)
     with scratch_dir() as scratch, running_sim(args.latency_ms, pin=args.pin) as sim:
         input_path = write_jsonl(scratch / "in.jsonl", args.n)
-        warm = None
+        warm, warm_cpu = None, None
         if "ray-warm" in peers:
             warm = subprocess.Popen(
                 [*pin_prefix(core), sys.executable, "-c", WARM_CHILD, str(args.ray_workers)],
@@ -123,34 +175,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert warm.stdout is not None and warm.stdin is not None
             if warm.stdout.readline().strip() != "ready":
                 raise RuntimeError("the warm Ray child did not start")
+            warm_cpu = TreeCPU(warm.pid)
         try:
             for round_no in range(1, args.repeat + 1):
                 for peer in peers:
                     with tempfile.TemporaryDirectory(dir=scratch) as folder:
                         output = Path(folder) / "out.parquet"
                         sim.reset()
-                        sim_before, busy_before = sim.cpu_s(), machine_busy_s()
                         load = os.getloadavg()[0]
                         if peer == "ray-warm":
                             assert warm is not None and warm.stdin and warm.stdout
+                            assert warm_cpu is not None
                             spec = {"input": str(input_path), "output": str(output),
                                     "base_url": sim.base_url, "model": "m",
                                     "concurrency": args.concurrency,
                                     "ray_workers": args.ray_workers}  # fmt: skip
+                            cpu_before = warm_cpu.total()
                             warm.stdin.write(json.dumps(spec) + "\n")
                             warm.stdin.flush()
                             wall = json.loads(warm.stdout.readline())["wall_s"]
+                            cpu = warm_cpu.total() - cpu_before
                         else:
                             start = time.perf_counter()
-                            done = subprocess.run(
+                            child = subprocess.Popen(
                                 [*pin_prefix(core), *run_cmd(peer, sim, input_path, output, args)],
-                                capture_output=True, text=True, env=env,
-                                preexec_fn=pin_preexec(core), check=False,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, preexec_fn=pin_preexec(core),
                             )  # fmt: skip
+                            tree = TreeCPU(child.pid)
+                            _, err = child.communicate()
                             wall = time.perf_counter() - start
-                            if done.returncode != 0:
-                                problems.append(f"{peer}: exit {done.returncode}: {done.stderr}")
-                        cpu = machine_busy_s() - busy_before - (sim.cpu_s() - sim_before)
+                            cpu = tree.total()
+                            tree.close()
+                            if child.returncode != 0:
+                                problems.append(f"{peer}: exit {child.returncode}: {err}")
                         problems += check_sim_count(sim, args.n, peer)
                         rows, ok = output_rows(output)
                         if (rows, ok) != (args.n, args.n):
@@ -164,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
         finally:
+            if warm_cpu is not None:
+                warm_cpu.close()
             if warm is not None:
                 warm.stdin.close()  # type: ignore[union-attr]
                 warm.wait(timeout=60)
