@@ -98,10 +98,10 @@ def run_job_on_ray(
 
     Uses the Ray instance this process is connected to (``ray.init`` called before), else the
     cluster ``RAY_ADDRESS`` names (as under ``ray job submit``), else starts a local one for
-    the run. The output must be a ``.parquet`` path: it becomes a
-    folder of part files. A re-run sends only the ids not in it yet; ``restart=True`` deletes
-    the part files first. Raises ``ConfigError`` before anything is sent when the job cannot
-    run this way (no Ray, a JSONL output, a cost cap), as ``run_job`` does for the rest.
+    the run. The output must be a ``.parquet`` path: it becomes a folder of part files. A
+    re-run sends only the ids not in it yet; ``restart=True`` deletes the part files first.
+    Raises ``ConfigError`` before anything is sent when the job cannot run this way (no Ray, a
+    JSONL output, a cost cap), as ``run_job`` does for the rest.
     """
     require_ray()
     stream = stream or sys.stderr
@@ -111,7 +111,6 @@ def run_job_on_ray(
     check_not_the_input(input_path, output)
     needs_key = [key is not None for key in _api_keys(job)]  # the workers read the keys
     source = open_input(input_path)
-    stats = RunStats()
     try:
         output.mkdir(exist_ok=True)
         with _locked(output):
@@ -137,8 +136,6 @@ def run_job_on_ray(
     summary = format_summary(
         stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
     )
-    if stats.stopped_early and stats.stop_reason:
-        summary += f"\n  stopped   {stats.stop_reason}; run the same command again to resume"
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 
