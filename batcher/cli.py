@@ -320,15 +320,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_on_ray(job: JobConfig, args: argparse.Namespace) -> int:
     """``--engine ray``: no lean process (Ray Data needs pandas), and Ray imported only now."""
-    from batcher.errors import ConfigError
-    from batcher.ray_engine import require_ray, run_job_on_ray
+    from batcher.ray_engine import run_job_on_ray
 
-    require_ray()
-    if args.retry_errors:
-        raise ConfigError(
-            "--retry-errors", "not supported with --engine ray (use the local engine for it)"
-        )
-    report = run_job_on_ray(job, restart=args.restart, handle_signals=True)
+    report = run_job_on_ray(
+        job, restart=args.restart, retry_errors=_retry_errors(args), handle_signals=True
+    )
     return report.exit_code
 
 

@@ -29,19 +29,17 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import sys
 import time
-import uuid
-from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from batcher import jsonfast
+from batcher import jsonfast, parts
+from batcher.client import is_retryable_failure
 from batcher.config import JobConfig
 from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter
@@ -49,6 +47,7 @@ from batcher.progress import Progress, format_summary
 from batcher.ray_worker import ERROR_MARK, STOPPED, BlockWorker, WorkerSpec
 from batcher.reader import Reader, count_lines, open_input
 from batcher.records import Reject, Result, Usage
+from batcher.resume import RetryErrors
 from batcher.runner import (
     RunReport,
     _api_keys,
@@ -91,6 +90,7 @@ def run_job_on_ray(
     job: JobConfig,
     *,
     restart: bool = False,
+    retry_errors: RetryErrors = "none",
     stream: IO[str] | None = None,
     handle_signals: bool = False,
 ) -> RunReport:
@@ -99,7 +99,9 @@ def run_job_on_ray(
     Uses the Ray instance this process is connected to (``ray.init`` called before), else the
     cluster ``RAY_ADDRESS`` names (as under ``ray job submit``), else starts a local one for
     the run. The output must be a ``.parquet`` path: it becomes a folder of part files. A
-    re-run sends only the ids not in it yet; ``restart=True`` deletes the part files first.
+    re-run sends only the ids not in it yet (``retry_errors`` re-sends recorded errors:
+    ``"all"`` or only ``"retryable"`` ones; their new records replace the old), and
+    ``restart=True`` deletes the part files first.
     Raises ``ConfigError`` before anything is sent when the job cannot run this way (no Ray, a
     JSONL output, a cost cap), as ``run_job`` does for the rest.
     """
@@ -113,21 +115,18 @@ def run_job_on_ray(
     source = open_input(input_path)
     try:
         output.mkdir(exist_ok=True)
-        with _locked(output):
-            if restart:
-                for part in _parts(output):
-                    part.unlink()
-            for partial in output.glob("*.partial"):
-                partial.unlink()  # a part a crash cut short: its block is sent again
-            done = _done_ids(output)
-            stats, submitted = _run(job, source, input_path, output, done, needs_key, stream,
-                                    handle_signals)  # fmt: skip
+        with parts.locked(output):
+            found = parts.prepare(output, restart=restart)
+            skip = {cid for cid, record in found.records.items() if _done(record, retry_errors)}
+            stats, submitted = _run(job, source, input_path, output, found, skip, needs_key,
+                                    stream, handle_signals)  # fmt: skip
+            if stats.resent:  # their old records are still in the parts written before
+                parts.compact(parts.scan(output))
+            counts = parts.scan(output).counts()
     finally:
         if source is not sys.stdin.buffer:
             source.close()
-    before = Counter(done.values())
-    stats.output_ok = before["ok"] + stats.ok
-    stats.output_error = before["error"] + stats.error
+    stats.output_ok, stats.output_error = counts["ok"], counts["error"]
     missing = submitted - stats.done
     if missing and not stats.stopped_early:
         stats.stopped_early = True
@@ -161,38 +160,14 @@ def _check_job(job: JobConfig, output: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One run at a time per output folder, as the local engine's journal lock."""
-    with (folder / ".lock").open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(
-                "job.output", f"another batcher run is writing {folder}; wait for it to finish"
-            ) from None
-        yield
-
-
-def _parts(output: Path) -> list[Path]:
-    from batcher.writers import parquet_parts
-
-    return parquet_parts(output)
-
-
-def _done_ids(output: Path) -> dict[str, str]:
-    """Each id already in the output's part files, with its status."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    done: dict[str, str] = {}
-    for part in _parts(output):
-        try:
-            table = pq.read_table(part, columns=["custom_id", "status"])
-        except (OSError, pa.ArrowException) as exc:
-            raise OutputError(f"cannot read {part}: {exc}") from None
-        done.update(zip(table["custom_id"].to_pylist(), table["status"].to_pylist(), strict=True))
-    return done
+def _done(record: parts.Record, retry_errors: RetryErrors) -> bool:
+    """Whether a recorded id is finished for this run: as the local engine's ``ResumePlan``
+    (by id only: parts keep no hash of the request, so a changed line is not noticed)."""
+    if record.status == "ok" or retry_errors == "none":
+        return True
+    if retry_errors == "all":
+        return False
+    return not is_retryable_failure(record.status_code, record.error_code)
 
 
 def _run(
@@ -200,7 +175,8 @@ def _run(
     source: IO[bytes],
     input_path: Path,
     output: Path,
-    done: Mapping[str, str],
+    found: parts.Scan,
+    skip: set[str],
     needs_key: list[bool],
     stream: IO[str],
     handle_signals: bool,
@@ -220,13 +196,15 @@ def _run(
             reader = Reader(source, job.request, encoding=job.limits.encoding)
             with RejectsWriter(rejects_path(output)) as rejects:
                 refs = []
-                for block in _request_blocks(reader, done, job.ray.block_rows):
+                for block in _request_blocks(reader, skip, job.ray.block_rows):
                     if isinstance(block, Reject):
                         rejects.write(block)
                         stats.rejected += 1
                     elif isinstance(block, str):
                         stats.skipped += 1
                     else:
+                        ids = block["custom_id"].to_pylist()
+                        stats.resent += sum(cid in found.records for cid in ids)
                         refs.append(session.put(block))
                         submitted += block.num_rows
                         continue
@@ -244,7 +222,7 @@ def _run(
                     workers=workers,
                 )
                 metadata = provenance(job, input_path)
-                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+                stamp = parts.new_stamp()
                 for n, block in enumerate(session.run(refs, spec)):
                     table, reason = _split_stop_row(block)
                     if reason and not stats.stopped_early:
@@ -252,7 +230,7 @@ def _run(
                         stats.stop_reason = reason
                         progress.note(f"batcher: {reason}: the workers stop")
                     if table.num_rows:
-                        _write_part(output / f"part-{stamp}-{n:05d}.parquet", table, metadata)
+                        parts.write_part(parts.part_path(output, stamp, n), table, metadata)
                         for row in table.select(list(_COUNTED)).to_pylist():
                             stats.add(_result_of_row(row))
                         progress.advance(table.num_rows)
@@ -271,7 +249,7 @@ def _run(
 
 
 def _request_blocks(
-    reader: Reader, done: Mapping[str, str], block_rows: int
+    reader: Reader, skip: set[str], block_rows: int
 ) -> Iterator[pa.Table | Reject | str]:
     """Tables of up to ``block_rows`` requests to send; rejects; and ids skipped (as ``str``)."""
     import pyarrow as pa
@@ -287,7 +265,7 @@ def _request_blocks(
     for item in reader:
         if isinstance(item, Reject):
             yield item
-        elif item.custom_id in done:
+        elif item.custom_id in skip:
             yield item.custom_id
         else:
             columns["custom_id"].append(item.custom_id)
@@ -313,23 +291,6 @@ def _split_stop_row(block: pa.Table) -> tuple[pa.Table, str | None]:
         return block, None
     reasons = block.filter(stopped)["error_message"].to_pylist()
     return block.filter(pc.invert(stopped)), reasons[0]
-
-
-def _write_part(path: Path, table: pa.Table, metadata: Mapping[str, str]) -> None:
-    """Write one part atomically: ``.partial``, fsync, rename (a reader never sees half)."""
-    import pyarrow.parquet as pq
-
-    from batcher.writers import SCHEMA
-
-    partial = path.with_name(path.name + ".partial")
-    table = table.replace_schema_metadata(None).cast(SCHEMA).replace_schema_metadata(metadata)
-    pq.write_table(table, partial, compression="zstd")
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(partial, path)
 
 
 def _result_of_row(row: dict[str, Any]) -> Result:

@@ -338,3 +338,65 @@ def test_a_shared_limit_learns_its_share_of_the_server_headers() -> None:
     assert whole.server_rpm == 400
     with pytest.raises(ValueError, match="share"):
         Limits(share=0)
+
+
+@pytest.mark.slow
+def test_retry_errors_resends_them_and_their_new_records_replace_the_old(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    from batcher.ray_engine import run_job_on_ray
+
+    expected = [f"r{i:05d}" for i in range(120)]
+    with running_sim(SimConfig(error_rate=0.3, error_kinds=("400", "500"), seed=5)) as faulty:
+        job = ray_job(tmp_path, faulty.base_url, n=120)
+        job = dataclasses.replace(job, retry=dataclasses.replace(job.retry, max_attempts=1))
+        first = run_job_on_ray(job, stream=io.StringIO())
+    codes = {r["custom_id"]: r["status_code"] for r in read_results(first.output)}
+    refused = {cid for cid, code in codes.items() if code == 400}  # not retryable
+    flaky = {cid for cid, code in codes.items() if code == 500}  # retryable
+    assert refused and flaky and first.exit_code == 1
+
+    with running_sim(SimConfig()) as healthy:
+        job = dataclasses.replace(
+            job, endpoint=dataclasses.replace(job.endpoint, base_url=healthy.base_url)
+        )
+        second = run_job_on_ray(job, retry_errors="retryable", stream=io.StringIO())
+        assert healthy.simulator.stats.answered_ok == len(flaky)
+        assert (second.stats.submitted, second.stats.resent) == (len(flaky), len(flaky))
+        rows = {r["custom_id"]: r["status"] for r in read_results(second.output)}
+        assert output_ids(second.output) == expected  # the old records are gone
+        assert {cid for cid, status in rows.items() if status == "error"} == refused
+
+        third = run_job_on_ray(job, retry_errors="all", stream=io.StringIO())
+        assert healthy.simulator.stats.answered_ok == len(flaky) + len(refused)
+        assert output_ids(third.output) == expected
+        assert {r["status"] for r in read_results(third.output)} == {"ok"}
+        assert third.stats.output_ok == 120 and third.stats.output_error == 0
+
+
+def test_an_id_found_twice_keeps_its_later_record(tmp_path: Path) -> None:
+    """A run that stopped between writing a re-sent request's new part and dropping its old
+    row leaves the id twice; the next run keeps the later record before anything else."""
+    from batcher.parts import part_path, prepare, write_part
+    from batcher.records import Result, Status
+    from batcher.writers import results_table
+
+    def result(cid: str, status: Status) -> Result:
+        return Result(custom_id=cid, line=1, status=status, model="m", attempts=1,
+                      latency_s=0.1, started_at=1.0, finished_at=2.0)  # fmt: skip
+
+    folder = tmp_path / "out.parquet"
+    folder.mkdir()
+    old = part_path(folder, "20260101T000000000000-aaaaaa", 0)
+    new = part_path(folder, "20260102T000000000000-bbbbbb", 0)
+    write_part(old, results_table([result("a", "error"), result("b", "ok")]), {"batcher.x": "1"})
+    write_part(new, results_table([result("a", "ok")]), None)
+    (folder / "part-cut-short.parquet.partial").write_bytes(b"PAR1")
+
+    found = prepare(folder, restart=False)
+
+    assert not found.duplicated and found.counts() == {"ok": 2}
+    assert sorted(r["custom_id"] for r in read_results(old)) == ["b"]
+    assert pq.read_schema(old).metadata == {b"batcher.x": b"1"}  # provenance kept
+    assert not list(folder.glob("*.partial"))
+    assert prepare(folder, restart=True).records == {} and not parquet_parts(folder)
