@@ -80,7 +80,7 @@ def prepare(folder: Path, *, restart: bool) -> Scan:
     if restart:
         for part in parquet_parts(folder):
             part.unlink()
-    for partial in folder.glob("*.partial"):
+    for partial in folder.glob(".*.partial"):
         partial.unlink()
     found = scan(folder)
     if found.duplicated:
@@ -139,7 +139,9 @@ def write_part(path: Path, table: pa.Table, metadata: Mapping[str, str] | None) 
     own = table.schema.metadata
     table = table.replace_schema_metadata(None).cast(SCHEMA)
     table = table.replace_schema_metadata(dict(metadata) if metadata is not None else own)
-    partial = path.with_name(path.name + ".partial")
+    # A dot first: dataset readers (pyarrow, hence pandas) skip hidden files, so one that
+    # reads the folder during a run never meets a half-written part.
+    partial = path.with_name("." + path.name + ".partial")
     pq.write_table(table, partial, compression="zstd")
     fd = os.open(partial, os.O_RDONLY)
     try:

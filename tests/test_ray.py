@@ -110,6 +110,15 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
         assert pq.read_schema(part).remove_metadata() == SCHEMA
         assert pq.read_schema(part).metadata[b"batcher.input"] == str(job.input).encode()
     assert output_ids(output) == expected
+    # The folder reads as one table in the usual tools.
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    assert len(pd.read_parquet(output)) == N
+    assert pl.read_parquet(output / "*.parquet")["custom_id"].n_unique() == N
+    sql = f"select count(distinct custom_id), count(*) from read_parquet('{output}/*.parquet')"
+    assert duckdb.sql(sql).fetchall() == [(N, N)]
     rows = list(read_results(output))
     assert {r["status"] for r in rows} == {"ok"}
     assert {r["endpoint"] for r in rows} == {"default"}
@@ -391,12 +400,12 @@ def test_an_id_found_twice_keeps_its_later_record(tmp_path: Path) -> None:
     new = part_path(folder, "20260102T000000000000-bbbbbb", 0)
     write_part(old, results_table([result("a", "error"), result("b", "ok")]), {"batcher.x": "1"})
     write_part(new, results_table([result("a", "ok")]), None)
-    (folder / "part-cut-short.parquet.partial").write_bytes(b"PAR1")
+    (folder / ".part-cut-short.parquet.partial").write_bytes(b"PAR1")
 
     found = prepare(folder, restart=False)
 
     assert not found.duplicated and found.counts() == {"ok": 2}
     assert sorted(r["custom_id"] for r in read_results(old)) == ["b"]
     assert pq.read_schema(old).metadata == {b"batcher.x": b"1"}  # provenance kept
-    assert not list(folder.glob("*.partial"))
+    assert not list(folder.glob(".*.partial"))
     assert prepare(folder, restart=True).records == {} and not parquet_parts(folder)
