@@ -8,22 +8,25 @@
 - **Input**: parsed and validated on the driver by the same ``Reader`` as the local engine, so
   rejects (line number and reason in ``OUTPUT.rejects.jsonl``) and duplicate ids are treated
   identically; the valid requests become the Dataset, ``block_rows`` to a block.
-- **Workers**: each actor keeps one event loop for its whole life (a blocking portal), and on it
-  one HTTP client and one set of limits per endpoint; every block is run by a fresh ``Engine``
-  over those, with its retries, 429 pauses, outages and re-asks. Two blocks run at once in each
-  actor, so the stragglers at the end of one block do not leave the actor's slots idle.
+- **Workers** (``ray_worker.py``): each actor runs one ``Engine`` for its whole life, on an
+  event loop of its own, with one HTTP client and one set of limits per endpoint: retries, 429
+  pauses, outages and re-asks as in a local run. Every block the actor is given feeds that
+  engine; Ray runs two calls per actor at once, so the next block is queued before the last
+  one's stragglers are done and no slot waits for a block boundary.
 - **Limits are divided**: with K workers each gets rpm/K, tpm/K and concurrency/K, and scales
   what the server's ``x-ratelimit-*`` headers say by 1/K (``Limits(share=...)``). No limiter
   actor: it would put a Ray round trip in front of every request and one actor on the path of
   them all, while the limits that matter adapt locally anyway (429s, headers). The cost: a
   worker that has run out of blocks does not lend its share to the others.
-- **Output**: the ``.parquet`` output is a folder of part files, ``part-<run>-<n>.parquet``,
-  each with exactly ``writers.SCHEMA``, written by the driver as blocks come back (``.partial``,
-  fsync, rename: a part is there whole or not at all). A folder, because that is what Ray,
-  Spark, DuckDB, pandas and polars read as one dataset, and it grows without rewrites.
+- **Output** (``parts.py``): the ``.parquet`` output is a folder of part files, one per
+  block, each with exactly ``writers.SCHEMA``, written by the driver as blocks come back
+  (hidden ``.partial``, fsync, rename: a part is there whole or not at all). A folder, because
+  that is what Ray, Spark, DuckDB, pandas and polars read as one dataset, and it grows without
+  rewrites.
 - **Resume**: the ids in the part files are done, ``ok`` or ``error``, as the local engine's
-  default resume treats its journal; a re-run sends only the others. A crash or Ctrl+C loses
-  the blocks in flight (at most workers × 2 × ``block_rows`` requests), which are sent again.
+  resume treats its journal (``--retry-errors`` re-sends errors; their new records replace the
+  old); a re-run sends only the others. A crash or Ctrl+C loses the blocks in flight (at most
+  workers × 2 × ``block_rows`` requests), which are sent again.
 """
 
 from __future__ import annotations
