@@ -8,7 +8,6 @@ Ray, so the logic can be tested without it.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import threading
@@ -45,7 +44,9 @@ def worker_limits(job: JobConfig, endpoint: EndpointConfig, workers: int) -> Lim
     return Limits(
         rpm=rpm / workers if rpm else None,
         tpm=tpm / workers if tpm else None,
-        concurrency=math.ceil((endpoint.concurrency or job.limits.concurrency) / workers),
+        # Rounded down: together the workers never have more in flight than the job allows
+        # (unless it allows fewer than there are workers: each needs one).
+        concurrency=max(1, (endpoint.concurrency or job.limits.concurrency) // workers),
         share=1 / workers,
     )
 
