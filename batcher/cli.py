@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 RUN_EPILOG = """\
 Re-running the same command resumes: requests recorded in OUTPUT.journal.jsonl are not sent
 again (unless --retry-errors), a line whose request changed is re-sent, --restart starts over.
+With --engine ray, OUTPUT (.parquet) is a folder of part files, and the ids in it are done.
 
 exit codes:
   0  every request succeeded
