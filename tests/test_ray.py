@@ -409,3 +409,47 @@ def test_an_id_found_twice_keeps_its_later_record(tmp_path: Path) -> None:
     assert pq.read_schema(old).metadata == {b"batcher.x": b"1"}  # provenance kept
     assert not list(folder.glob(".*.partial"))
     assert prepare(folder, restart=True).records == {} and not parquet_parts(folder)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_the_rerun_completes_each_id_once(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    """The driver killed after its first parts: the parts written stay, the blocks in flight
+    are sent again, and in the end every id is in the output once."""
+    import os
+    import signal
+    import time
+
+    n, block = 600, 50
+    src = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "k.parquet"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\ninput = "{src}"\noutput = "{out}"\n[request]\nmodel = "m"\n'
+        f"[limits]\nconcurrency = 8\n[ray]\nworkers = 2\nblock_rows = {block}\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address}
+    with running_sim(SimConfig(latency_ms=20)) as sim:
+        cmd = batcher_cmd(
+            "run", str(job), "--base-url", sim.base_url, "--engine", "ray", "--no-progress"
+        )
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and parquet_parts(out)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        first = output_ids(out)
+        assert 0 < len(first) < n
+
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert output_ids(out) == [f"r{i:05d}" for i in range(n)]
+        # Sent twice at most: the blocks that were in flight (2 workers × 2 blocks each).
+        assert n <= sim.simulator.stats.answered_ok <= n + 2 * 2 * block
