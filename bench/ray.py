@@ -61,7 +61,7 @@ warnings.simplefilter("ignore", DeprecationWarning)
 import ray
 from batcher.config import JobConfig, with_overrides
 from batcher.ray_engine import run_job_on_ray
-ray.init(num_cpus=int(sys.argv[1]), include_dashboard=False, logging_level="ERROR")
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, logging_level="ERROR")
 print("ready", flush=True)
 for line in sys.stdin:
     spec = json.loads(line)

@@ -45,6 +45,7 @@ def ray_instance() -> Iterator[Any]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv(KEY_VAR, KEY)  # only while Ray starts: its workers inherit it
         ray.init(
+            address="local",  # a new instance, whatever else runs on the machine
             num_cpus=2,
             include_dashboard=False,
             ignore_reinit_error=True,
