@@ -121,8 +121,8 @@ def run_job_on_ray(
         with parts.locked(output):
             found = parts.prepare(output, restart=restart)
             skip = {cid for cid, record in found.records.items() if _done(record, retry_errors)}
-            stats, submitted = _run(job, source, input_path, output, found, skip, needs_key,
-                                    stream, handle_signals)  # fmt: skip
+            stats, engine = _run(job, source, input_path, output, found, skip, needs_key,
+                                 stream, handle_signals)  # fmt: skip
             if stats.resent:  # their old records are still in the parts written before
                 parts.compact(parts.scan(output))
             counts = parts.scan(output).counts()
@@ -130,7 +130,7 @@ def run_job_on_ray(
         if source is not sys.stdin.buffer:
             source.close()
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
-    missing = submitted - stats.done
+    missing = stats.submitted - stats.done
     if missing and not stats.stopped_early:
         stats.stopped_early = True
         stats.stop_reason = f"{missing} requests were not answered (a worker stopped)"
@@ -138,6 +138,9 @@ def run_job_on_ray(
     summary = format_summary(
         stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
     )
+    lines = summary.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  output"))
+    summary = "\n".join([*lines[:at], f"  engine    {engine}", *lines[at:]])
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 
@@ -183,8 +186,9 @@ def _run(
     needs_key: list[bool],
     stream: IO[str],
     handle_signals: bool,
-) -> tuple[RunStats, int]:
-    """Parse on the driver, run the blocks on Ray, write parts; the stats and requests sent."""
+) -> tuple[RunStats, str]:
+    """Parse on the driver, run the blocks on Ray, write parts; the stats, and a line on how
+    the work was spread."""
     from batcher.provenance import provenance
 
     stats = RunStats()
@@ -193,6 +197,7 @@ def _run(
     started = time.monotonic()
     session = _RaySession()
     submitted = 0
+    engine = "ray: nothing to send"
     try:
         with _base_urls(job) as base_urls, _sigterm_as_interrupt(handle_signals):
             rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
@@ -224,6 +229,10 @@ def _run(
                     needs_key=needs_key,
                     workers=workers,
                 )
+                engine = (
+                    f"ray: {workers} worker{'s' if workers > 1 else ''}, {len(refs)} "
+                    f"block{'s' if len(refs) > 1 else ''} of up to {job.ray.block_rows} requests"
+                )
                 metadata = provenance(job, input_path)
                 stamp = parts.new_stamp()
                 for n, block in enumerate(session.run(refs, spec)):
@@ -248,7 +257,7 @@ def _run(
         progress.close()
     stats.submitted = submitted
     stats.wall_s = time.monotonic() - started
-    return stats, submitted
+    return stats, engine
 
 
 def _request_blocks(

@@ -23,7 +23,9 @@ import pytest
 from batcher.config import JobConfig, job_from_dict, with_overrides
 from batcher.errors import ConfigError
 from batcher.limits import Limits
+from batcher.provenance import read_provenance
 from batcher.ray_worker import worker_limits
+from batcher.report import build_report, format_report
 from batcher.sim import SimConfig, SimHandle, running_sim
 from batcher.writers import SCHEMA, parquet_parts, read_results
 
@@ -104,6 +106,7 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
     report = run_job_on_ray(job, stream=io.StringIO())
 
     assert report.exit_code == 1, report.summary  # the one rejected line
+    assert "engine    ray: 2 workers, 6 blocks of up to 40 requests" in report.summary
     output = report.output
     parts = parquet_parts(output)
     assert len(parts) == N // 40  # one part file per block
@@ -122,6 +125,10 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
     assert duckdb.sql(sql).fetchall() == [(N, N)]
     rows = list(read_results(output))
     assert {r["status"] for r in rows} == {"ok"}
+    made = read_provenance(output)  # as batcher report shows it
+    assert json.loads(made["job"])["engine"] == "ray"
+    summary, _ = build_report(output)
+    assert f"{N}: {N} ok, 0 error" in format_report(summary)
     assert {r["endpoint"] for r in rows} == {"default"}
     assert sim.simulator.stats.answered_ok - answered == N
     assert report.stats.ok == N and report.stats.rejected == 1
