@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 RUN_EPILOG = """\
 Re-running the same command resumes: requests recorded in OUTPUT.journal.jsonl are not sent
 again (unless --retry-errors), a line whose request changed is re-sent, --restart starts over.
+With --engine ray, OUTPUT (.parquet) is a folder of part files, and the ids in it are done.
 
 exit codes:
   0  every request succeeded
@@ -152,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-progress", action="store_true", help="log lines instead of a progress bar"
     )
+    run.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="local: this process (default); ray: Ray Data workers (the ray extra; the output "
+        "is a folder of Parquet part files)",
+    )
+    run.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        metavar="N",
+        help="with --engine ray: worker actors, each with 1/N of the limits (one per CPU)",
+    )
 
     est = sub.add_parser(
         "estimate",
@@ -280,12 +293,16 @@ def _job(args: argparse.Namespace) -> JobConfig:
         validate_schema=getattr(args, "validate_schema", None)
         or (True if getattr(args, "max_reasks", None) is not None else None),
         max_reasks=getattr(args, "max_reasks", None),
+        engine=getattr(args, "engine", None),
+        ray_workers=getattr(args, "ray_workers", None),
     )
 
 
 def _run(args: argparse.Namespace) -> int:
-    _lean_process()  # before pyarrow is imported
     job = _job(args)
+    if job.engine == "ray":
+        return _run_on_ray(job, args)
+    _lean_process()  # before pyarrow is imported
     if job.input is not None:  # before the HTTP stack is imported: see load_first_encoding
         from batcher.reader import load_first_encoding
 
@@ -298,6 +315,16 @@ def _run(args: argparse.Namespace) -> int:
         retry_errors=_retry_errors(args),
         handle_signals=True,
         lean=True,
+    )
+    return report.exit_code
+
+
+def _run_on_ray(job: JobConfig, args: argparse.Namespace) -> int:
+    """``--engine ray``: no lean process (Ray Data needs pandas), and Ray imported only now."""
+    from batcher.ray_engine import run_job_on_ray
+
+    report = run_job_on_ray(
+        job, restart=args.restart, retry_errors=_retry_errors(args), handle_signals=True
     )
     return report.exit_code
 

@@ -100,6 +100,20 @@ class ValidateConfig:
     max_reasks: int = 1
 
 
+#: The engines a job can run on: this process, or a Ray cluster (``batcher.ray_engine``).
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """Settings of ``engine = "ray"``: ``workers`` actors (by default one per CPU of the
+    cluster), each sent blocks of ``block_rows`` requests (also the unit of crash safety: a
+    block's answers are written when the whole block is done)."""
+
+    workers: int | None = None
+    block_rows: int = 500
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """A whole job: input, output, endpoint, request defaults, limits, retry policy.
@@ -107,7 +121,8 @@ class JobConfig:
     ``request`` holds defaults merged under every input line (the line wins); ``variants``, when
     given, run every line once per variant, each with its overrides. ``sim`` holds
     simulator settings used when the endpoint is ``"sim"``. ``grace_s`` is how long requests in
-    flight may finish after Ctrl+C or SIGTERM.
+    flight may finish after Ctrl+C or SIGTERM. ``engine`` is ``"local"`` (this process) or
+    ``"ray"`` (Ray Data; settings in ``ray``).
     """
 
     name: str = "batch"
@@ -124,6 +139,8 @@ class JobConfig:
     variants: tuple[VariantConfig, ...] = ()  # [[variants]]; none: every line runs once
     progress: bool = True
     grace_s: float = 10.0
+    engine: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def require_paths(self) -> tuple[Path, Path]:
         """Return (input, output), or fail naming the one that is missing."""
@@ -142,12 +159,14 @@ class JobConfig:
 _SECTIONS = {
     "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
     "variants",
+    "ray",
 }  # fmt: skip
 _ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
-     "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks"}
+     "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
+     "engine", "ray_workers"}
 )  # fmt: skip
 
 
@@ -176,8 +195,10 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     request = _table(raw, "request")
     sim = _table(raw, "sim")
     pricing = _table(raw, "pricing")
+    ray_t = _table(raw, "ray")
 
-    _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s"}, where="job")
+    _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s", "engine"}, where="job")
+    _no_unknown(ray_t, {f.name for f in dataclasses.fields(RayConfig)}, where="ray")
     _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
     endpoints = _endpoints(raw)
     if endpoints and endpoint_t:
@@ -213,6 +234,8 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         variants=_variants(raw),
         progress=_typed(job_t, "progress", bool, "job", True),
         grace_s=job_t.get("grace_s", 10.0),
+        engine=job_t.get("engine", "local"),
+        ray=RayConfig(**{k: ray_t[k] for k in ray_t}),
     )
     validate(job)
     return job
@@ -239,6 +262,8 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         request=request,
         progress=given.get("progress", job.progress),
         grace_s=given.get("grace_s", job.grace_s),
+        engine=given.get("engine", job.engine),
+        ray=dataclasses.replace(job.ray, workers=given.get("ray_workers", job.ray.workers)),
         endpoint=dataclasses.replace(
             job.endpoint, base_url=given.get("base_url", job.endpoint.base_url)
         ),
@@ -267,6 +292,11 @@ def validate(job: JobConfig) -> None:
     if job.grace_s < 0:
         raise ConfigError("job.grace_s", f"must be >= 0, got {job.grace_s!r}")
     _check_int(lim.concurrency, "limits.concurrency", minimum=1)
+    if job.engine not in ENGINES:
+        raise ConfigError("job.engine", f'must be "local" or "ray", got {job.engine!r}')
+    if job.ray.workers is not None:
+        _check_int(job.ray.workers, "ray.workers", minimum=1)
+    _check_int(job.ray.block_rows, "ray.block_rows", minimum=1)
     if lim.encoding is not None and lim.encoding not in ENCODINGS:
         raise ConfigError("limits.encoding", f"must be one of {', '.join(ENCODINGS)}")
     for name in ("rpm", "tpm", "max_cost_usd"):

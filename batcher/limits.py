@@ -135,9 +135,16 @@ class Limits:
         rpm: float | None = None,
         tpm: float | None = None,
         concurrency: int = 64,
+        share: float = 1.0,
         clock: Clock = time.monotonic,
     ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {share}")
         self._clock = clock
+        # This pool's part of limits that several pools share (the Ray engine's workers each
+        # take 1/K): the server's x-ratelimit-* figures are for the whole key, so they are
+        # scaled by it too, or K pools that each learned the server's limit would send K times it.
+        self.share = share
         self.configured_rpm = rpm
         self.configured_tpm = tpm
         self.server_rpm: float | None = None
@@ -233,6 +240,12 @@ class Limits:
         return max(0.0, self._paused_until - self._clock())
 
     def _steer(self, kind: str, figures: RateHeaders) -> None:
+        if self.share < 1.0:
+            figures = RateHeaders(
+                None if figures.limit is None else figures.limit * self.share,
+                None if figures.remaining is None else figures.remaining * self.share,
+                figures.reset_s,
+            )
         requests = kind == "requests"
         if figures.limit is not None and figures.limit > 0:
             configured = self.configured_rpm if requests else self.configured_tpm

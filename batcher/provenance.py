@@ -24,8 +24,13 @@ def job_record(job: JobConfig) -> dict[str, Any]:
     dropped because gateways take keys in headers too (``api-key``, ``x-api-key``).
     """
     record = dataclasses.asdict(job)
-    record["endpoint"]["headers"] = {name: REDACTED for name in job.endpoint.headers}
-    record["endpoint"]["base_url"] = _without_credentials(job.endpoint.base_url)
+    # [[endpoints]] too: each has its own headers and URL (endpoint is the first of them).
+    for item, endpoint in [
+        (record["endpoint"], job.endpoint),
+        *zip(record["endpoints"], job.endpoints, strict=True),
+    ]:
+        item["headers"] = {name: REDACTED for name in endpoint.headers}
+        item["base_url"] = _without_credentials(endpoint.base_url)
     for key in ("input", "output"):
         record[key] = None if record[key] is None else str(record[key])
     return record
@@ -77,6 +82,13 @@ def read_provenance(path: Path) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir():  # the Ray engine's folder of part files: the latest run's part says
+        from batcher.writers import parquet_parts
+
+        parts = parquet_parts(path)
+        if not parts:
+            return {}
+        path = parts[-1]
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowException) as exc:

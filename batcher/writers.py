@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import attrgetter
@@ -459,6 +459,22 @@ class ParquetWriter(_AtomicFile):
         self._pq.close()
 
 
+def results_table(results: Iterable[Result], metadata: Mapping[str, str] | None = None) -> pa.Table:
+    """The results as one Arrow table with exactly SCHEMA (the Ray engine's blocks)."""
+    cols: list[list[Any]] = [[] for _ in _NAMES]
+    for result in results:
+        for col, value in zip(cols, _row_values(result), strict=True):
+            col.append(value)
+    schema = SCHEMA.with_metadata(dict(metadata)) if metadata else SCHEMA
+    arrays = [_array(col, field.type) for col, field in zip(cols, SCHEMA, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def parquet_parts(folder: Path) -> list[Path]:
+    """The finished part files of a Parquet output folder (the Ray engine's), in name order."""
+    return sorted(p for p in Path(folder).glob("*.parquet") if p.is_file())
+
+
 def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
     """Build a column; on a value pyarrow refuses, coerce that column instead of losing rows."""
     try:
@@ -507,12 +523,14 @@ def read_results(path: Path) -> Iterator[dict[str, Any]]:
 
     JSONL lines without a ``batcher`` object (files from OpenAI's Batch API or vLLM) are read
     too, with the fields they lack set to ``None`` and the status derived from the answer.
+    A ``.parquet`` folder (the Ray engine's output) is read part file by part file.
     """
     path = Path(path)
     try:
         if output_format(path) == ".parquet":
-            for batch in pq.ParquetFile(path).iter_batches():
-                yield from batch.to_pylist()
+            for part in parquet_parts(path) if path.is_dir() else [path]:
+                for batch in pq.ParquetFile(part).iter_batches():
+                    yield from batch.to_pylist()
             return
         # newline="\n": only LF ends a line; U+2028, U+0085 etc. may appear raw inside strings.
         with path.open(encoding="utf-8", newline="\n") as f:

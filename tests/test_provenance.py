@@ -66,3 +66,26 @@ def test_report_on_a_broken_parquet_file_is_a_clear_error(tmp_path: Path) -> Non
     proc = run_batcher("report", str(bad))
     assert proc.returncode == 2 and "cannot read" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_headers_and_urls_of_several_endpoints_are_not_recorded() -> None:
+    from batcher.provenance import job_record
+
+    job = job_from_dict(
+        {
+            "endpoints": [
+                {"name": "a", "base_url": "sim", "headers": {"api-key": "s3cr3t-a"}},
+                {
+                    "name": "b",
+                    "base_url": "https://u:s3cr3t-b@gw.example/v1",
+                    "headers": {"x": "y"},
+                },
+            ]
+        }
+    )
+    text = json.dumps(job_record(job))
+    assert "s3cr3t" not in text and '"y"' not in text
+    assert [e["headers"] for e in job_record(job)["endpoints"]] == [
+        {"api-key": REDACTED},
+        {"x": REDACTED},
+    ]
