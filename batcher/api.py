@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import io
 import os
 import sys
@@ -27,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import anyio
 
 from batcher.config import JobConfig, job_from_dict, load_job, with_overrides
+from batcher.errors import ConfigError
 from batcher.runner import RunReport, arun_job
 
 if TYPE_CHECKING:
@@ -103,9 +106,18 @@ def run(
     except RuntimeError:
         return anyio.run(call.arun)
     # A loop runs in this thread (a notebook): anyio.run would refuse, so the run gets a loop
-    # of its own in a helper thread while this call waits, as a blocking call should.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher-run") as pool:
-        return pool.submit(anyio.run, call.arun).result()
+    # of its own in a helper thread while this call waits, as a blocking call should. An
+    # interrupt (the notebook's stop button) cancels it there: the requests in flight are
+    # dropped (a re-run sends them again), everything finished is in the journal.
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future = portal.start_task_soon(call.arun)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            with contextlib.suppress(concurrent.futures.CancelledError):
+                future.result()
+            raise
 
 
 async def arun(
@@ -137,13 +149,25 @@ class _Call:
     async def arun(self) -> RunResult:
         job = with_overrides(_job_of(self.job), progress=self.progress, **self.overrides)
         stream: IO[str] = sys.stderr if self.progress else io.StringIO()
-        report = await arun_job(
-            job,
-            restart=self.restart,
-            retry_errors=_retry_errors(self.retry_errors),
-            transport=self.transport,
-            stream=stream,
-        )
+        retry_errors = _retry_errors(self.retry_errors)
+        if job.engine == "ray":
+            if self.transport is not None:
+                raise ConfigError("job.engine", "a transport cannot be given to Ray workers")
+            from batcher.ray_engine import run_job_on_ray
+
+            on_ray = functools.partial(
+                run_job_on_ray, job, restart=self.restart, retry_errors=retry_errors,
+                stream=stream,
+            )  # fmt: skip
+            report = await anyio.to_thread.run_sync(on_ray)
+        else:
+            report = await arun_job(
+                job,
+                restart=self.restart,
+                retry_errors=retry_errors,
+                transport=self.transport,
+                stream=stream,
+            )
         table = await anyio.to_thread.run_sync(_load, report.output, self.load)
         log = stream.getvalue() if isinstance(stream, io.StringIO) else ""
         return RunResult(report=report, table=table, log=log)
@@ -173,13 +197,13 @@ def _load(output: Path, load: bool | None) -> pa.Table | None:
     """The output as a table (``SCHEMA``), unless ``load`` says no or it is too large."""
     if load is False:
         return None
-    import pyarrow as pa
+    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from batcher.writers import SCHEMA, read_results
+    from batcher.writers import read_results, rows_table
 
-    if output.suffix == ".parquet":
-        if load is None and pq.ParquetFile(output).metadata.num_rows > LOAD_MAX_ROWS:
+    if output.suffix == ".parquet":  # a file, or the Ray engine's folder of part files
+        if load is None and ds.dataset(output, format="parquet").count_rows() > LOAD_MAX_ROWS:
             return None
         return pq.read_table(output)
     rows: list[dict[str, Any]] = []
@@ -187,4 +211,4 @@ def _load(output: Path, load: bool | None) -> pa.Table | None:
         if load is None and len(rows) >= LOAD_MAX_ROWS:
             return None
         rows.append(row)
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    return rows_table(rows)

@@ -218,8 +218,11 @@ def parse_line(
             problem = field_problem(body)
             if problem:  # only the variant's fields with the line's: stream_options, say
                 raise LineError(f"{problem[0]}: {problem[1]} (variant {variant.name})")
-        if "model" not in body:  # then no variant sets one either: the same in every variant
-            raise LineError("no model: set model in the line, in the job's [request], or --model")
+        if "model" not in body:
+            where = "" if variant is None else f" (variant {variant.name})"
+            raise LineError(
+                f"no model{where}: set model in the line, in the job's [request], or --model"
+            )
         body = with_stream_usage(body)
         prompt_tokens = estimate_prompt_tokens(body, encoding)
         return Request(

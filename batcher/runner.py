@@ -121,6 +121,12 @@ async def arun_job(
     stream = stream or sys.stderr
     input_path, output = job.require_paths()
     check_output_writable(output)
+    if output.is_dir():
+        raise ConfigError(
+            "job.output",
+            f"{output} is a folder (the Ray engine's output?): choose another output, or run "
+            "the job with --engine ray",
+        )
     check_not_the_input(input_path, output)
     api_keys = _api_keys(job)
     # before the journal, so a missing input changes nothing

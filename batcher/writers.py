@@ -470,6 +470,17 @@ def results_table(results: Iterable[Result], metadata: Mapping[str, str] | None 
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows read back by ``read_results`` as one Arrow table with exactly SCHEMA; values Arrow
+    refuses (a lone surrogate in an answer) are coerced as when writing."""
+    cols: list[list[Any]] = [[] for _ in _NAMES]
+    for row in rows:
+        for col, name in zip(cols, _NAMES, strict=True):
+            col.append(row.get(name))
+    arrays = [_array(col, field.type) for col, field in zip(cols, SCHEMA, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
 def parquet_parts(folder: Path) -> list[Path]:
     """The finished part files of a Parquet output folder (the Ray engine's), in name order."""
     return sorted(p for p in Path(folder).glob("*.parquet") if p.is_file())

@@ -467,3 +467,18 @@ def test_kill_9_mid_run_then_the_rerun_completes_each_id_once(
         assert output_ids(out) == [f"r{i:05d}" for i in range(n)]
         # Sent twice at most: the blocks that were in flight (2 workers × 2 blocks each).
         assert n <= sim.simulator.stats.answered_ok <= n + 2 * 2 * block
+
+
+@pytest.mark.slow
+def test_the_python_api_runs_a_ray_job_on_ray(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    import batcher
+
+    job = ray_job(tmp_path, sim.base_url, n=30)
+    result = batcher.run(job)
+    assert result.output.is_dir()  # the Ray engine's folder of parts, not a local file
+    assert not (tmp_path / "out.parquet.journal.jsonl").exists()
+    assert result.table is not None and result.table.schema.names == SCHEMA.names
+    assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
+    assert len(output_ids(result.output)) == 30 and result.stats.ok == 30

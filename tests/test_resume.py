@@ -155,6 +155,24 @@ def test_unwritable_output_folder_sends_nothing(tmp_path: Path) -> None:
     assert sum(server.calls.values()) == 0
 
 
+def test_an_output_that_is_a_folder_sends_nothing(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.jsonl", 2)
+    (tmp_path / "o.parquet").mkdir()  # e.g. the Ray engine's output of the same job
+    server = Server()
+    job = job_from_dict(
+        {
+            "job": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.parquet")},
+            "endpoint": {"base_url": "http://mock.test/v1"},
+            "request": {"model": "m"},
+        }
+    )
+    with pytest.raises(ConfigError, match="is a folder") as info:
+        run_job(job, transport=httpx.MockTransport(server), stream=io.StringIO())
+    assert info.value.field == "job.output"
+    assert sum(server.calls.values()) == 0
+    assert not (tmp_path / "o.parquet.journal.jsonl").exists()
+
+
 def test_too_little_free_space_sends_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,8 +8,13 @@ and through the command line.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import os
+import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ import batcher
 from batcher.config import job_from_dict
 from batcher.errors import ConfigError
 from batcher.reader import Reader
-from batcher.records import Request
+from batcher.records import Reject, Request
 from batcher.sim import SimConfig, running_sim
 
 from .helpers import (
@@ -134,6 +139,23 @@ def test_variant_fields_win_over_defaults_and_the_line_and_system_replaces(tmp_p
     assert c["x"].body["temperature"] == 1 and c["x"].variant == "c"
     assert c["x"].key != a["x"].key and a["x"].key.startswith("x")
     assert len({r["x"].body_hash for r in (a, b, c, nosys)}) == 4  # hashed after the overrides
+
+
+def test_a_line_without_a_model_in_one_variant_is_rejected_naming_it(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "x", "prompt": "hi"}) + "\n", encoding="utf-8")
+    config = job_from_dict({
+        "job": {"input": str(src), "output": str(tmp_path / "o.jsonl")},
+        "endpoint": {"base_url": "sim"},
+        "variants": [{"name": "big", "model": "gpt-4o"}, {"name": "plain"}],
+    })  # fmt: skip
+    read = {}
+    for variant in config.variants:
+        with src.open("rb") as f:
+            read[variant.name] = list(Reader(f, config.request, variant=variant))
+    assert isinstance(read["big"][0], Request) and read["big"][0].body["model"] == "gpt-4o"
+    reject = read["plain"][0]
+    assert isinstance(reject, Reject) and reject.reason.startswith("no model (variant plain):")
 
 
 def test_changing_one_variant_changes_only_its_hashes(tmp_path: Path) -> None:
@@ -250,6 +272,52 @@ def test_bad_arguments_raise_instead_of_exiting(tmp_path: Path) -> None:
         batcher.run({"request": {"model": "m"}})
     with pytest.raises(TypeError, match="a path, a JobConfig or a dict"):
         batcher.run(42)  # type: ignore[arg-type]
+
+
+def test_a_jsonl_output_with_a_lone_surrogate_loads_as_a_table(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.jsonl", 2)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        text = '{"choices": [{"message": {"role": "assistant", "content": "x\\ud800y"}, '
+        text += '"finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+        return httpx.Response(200, content=text.encode(), headers={"content-type": "json"})
+
+    result = batcher.run(mock_job(tmp_path, []), transport=httpx.MockTransport(answer))
+    assert result.exit_code == 0 and result.table is not None
+    # kept as its escape text, as the Parquet writer keeps it
+    assert result.table.column("content").to_pylist() == ["x\\ud800y"] * 2
+
+
+def test_run_in_a_notebook_stops_at_an_interrupt(tmp_path: Path) -> None:
+    """A notebook's stop button raises KeyboardInterrupt in the thread that runs the cell's loop:
+    the run (on a loop of its own in a helper thread) is cancelled and sends nothing more."""
+    write_input(tmp_path / "in.jsonl", 40)
+    calls: list[str] = []
+    interrupted = threading.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content)["messages"][-1]["content"])
+        if len(calls) == 3:
+            interrupted.set()
+            os.kill(os.getpid(), signal.SIGINT)  # what the stop button does
+        await asyncio.sleep(0.2)
+        return Counting()(request)
+
+    async def cell() -> None:
+        job = mock_job(tmp_path, [])
+        job["limits"] = {"concurrency": 2}
+        batcher.run(job, transport=httpx.MockTransport(slow))
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(cell())
+    finally:
+        loop.close()
+    assert interrupted.is_set()
+    sent = len(calls)
+    time.sleep(0.5)  # were the run still going, two more requests would go out by now
+    assert sent == len(calls) < 40
 
 
 @pytest.mark.anyio
