@@ -191,6 +191,12 @@ class Engine:
             return
         self._progress.note(f"batcher: {reason}: no new requests; letting those in flight finish")
 
+    def stop_within(self, reason: str, grace_s: float) -> None:
+        """Stop as ``stop`` does, and cut off the requests still in flight after ``grace_s``
+        (what a first Ctrl+C does; the Ray engine's workers when the driver is interrupted)."""
+        self.stop(reason)
+        self._work_scope.deadline = min(self._work_scope.deadline, anyio.current_time() + grace_s)
+
     @property
     def record_error(self) -> OSError | None:
         """The error that stopped the journal, if any."""
@@ -539,13 +545,10 @@ class Engine:
                     self._work_scope.cancel()
                     continue
                 self._signalled = True
-                self.stop(f"interrupted by {signal.Signals(signum).name}")
+                self.stop_within(f"interrupted by {signal.Signals(signum).name}", self._grace_s)
                 self._progress.note(
                     f"batcher: waiting up to {self._grace_s:g} s for requests in flight "
                     "(press Ctrl+C again to stop at once)"
-                )
-                self._work_scope.deadline = min(
-                    self._work_scope.deadline, anyio.current_time() + self._grace_s
                 )
 
 

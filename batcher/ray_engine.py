@@ -25,18 +25,26 @@
   rewrites.
 - **Resume**: the ids in the part files are done, ``ok`` or ``error``, as the local engine's
   resume treats its journal (``--retry-errors`` re-sends errors; their new records replace the
-  old); a re-run sends only the others. A crash or Ctrl+C loses the blocks in flight (at most
-  workers × 2 × ``block_rows`` requests), which are sent again.
+  old); a re-run sends only the others.
+- **Stopping**: on a first Ctrl+C or SIGTERM (``handle_signals``, as the CLI runs) the driver
+  sets a stop flag (a small actor, ``StopFlag``) that every worker polls: their engines send no
+  new request and give those in flight the job's ``grace_s``, as a local run does; the driver
+  keeps writing the blocks that come back (partial ones too) for up to ``grace_s`` plus
+  ``STOP_MARGIN_S``, then ends, exit 3. A second interrupt stops at once. A kill -9 or a crash
+  of the driver loses the blocks in flight (at most workers × 2 × ``block_rows`` requests),
+  which are sent again.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
@@ -69,6 +77,8 @@ if TYPE_CHECKING:
 INSTALL_HINT = "Ray is not installed: pip install 'batcher[ray]' (or pip install 'ray[data]')"
 #: Blocks each actor runs at once (they share its limits and connection pool).
 CALLS_PER_WORKER = 2
+#: How long past ``grace_s`` an interrupted driver waits for the workers' last blocks.
+STOP_MARGIN_S = 5.0
 #: Columns of the request blocks: a parsed ``Request`` (bodies as JSON text).
 _REQUEST_COLUMNS = (
     "custom_id", "line", "body", "metadata", "est_tokens", "prompt_tokens", "body_hash"
@@ -201,11 +211,12 @@ def _run(
     total = count_lines(input_path) if job.progress else None
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     started = time.monotonic()
-    session = _RaySession()
+    stopper = _Stopper(progress, job.grace_s)
+    session = _RaySession(on_connect=stopper.reinstall)
     submitted = 0
     engine = "ray: nothing to send"
     try:
-        with _base_urls(job) as base_urls, _sigterm_as_interrupt(handle_signals):
+        with _base_urls(job) as base_urls, stopper.handling(handle_signals):
             rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
             reader = Reader(source, job.request, encoding=job.limits.encoding)
             with RejectsWriter(rejects_path(output)) as rejects:
@@ -234,6 +245,7 @@ def _run(
                     ],
                     needs_key=needs_key,
                     workers=workers,
+                    stop_flag=session.stop_flag() if handle_signals else None,
                 )
                 engine = (
                     f"ray: {workers} worker{'s' if workers > 1 else ''}, {len(refs)} "
@@ -241,9 +253,10 @@ def _run(
                 )
                 metadata = provenance(job, input_path)
                 stamp = parts.new_stamp()
+                stopper.arm(spec.stop_flag)
                 for n, block in enumerate(session.run(refs, spec)):
                     table, reason = _split_stop_row(block)
-                    if reason and not stats.stopped_early:
+                    if reason and not stats.stopped_early and stopper.reason is None:
                         stats.stopped_early = True
                         stats.stop_reason = reason
                         progress.note(f"batcher: {reason}: the workers stop")
@@ -254,13 +267,17 @@ def _run(
                         progress.advance(table.num_rows)
     except KeyboardInterrupt:
         stats.stopped_early = True
-        stats.stop_reason = "interrupted"
+        stats.stop_reason = stats.stop_reason or stopper.reason or "interrupted"
         progress.note("batcher: interrupted: the blocks in flight are sent again next run")
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
+        stopper.disarm()
         session.close()
         progress.close()
+    if stopper.reason is not None and not stats.stopped_early:  # what was answered is written
+        stats.stopped_early = True
+        stats.stop_reason = stopper.reason
     stats.submitted = submitted
     stats.wall_s = time.monotonic() - started
     return stats, engine
@@ -336,28 +353,105 @@ def _result_of_row(row: dict[str, Any]) -> Result:
     )
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt(enabled: bool) -> Iterator[None]:
-    """With ``enabled``, SIGTERM stops the run as Ctrl+C does (parts written so far stay)."""
-    if not enabled:
-        yield
-        return
+class StopFlag:
+    """The driver's word to the workers (a Ray actor): the reason to stop, once it is set."""
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self._reason: str | None = None
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def set(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+
+    def reason(self) -> str | None:
+        return self._reason
+
+
+class _Stopper:
+    """SIGINT and SIGTERM on the driver (with ``handling(True)``, in the main thread).
+
+    Before the blocks run (``arm``), an interrupt raises ``KeyboardInterrupt``: nothing was
+    sent. While they run, the first one sets the stop flag (from a helper thread: no Ray call
+    in a signal handler) and the driver goes on writing what comes back; a second one, or
+    ``grace_s`` + ``STOP_MARGIN_S`` without the run ending, raises ``KeyboardInterrupt``.
+    """
+
+    def __init__(self, progress: Progress, grace_s: float) -> None:
+        self._progress = progress
+        self._grace_s = grace_s
+        self._flag: Any = None
+        self._asked = threading.Event()  # set by the first interrupt (or by disarm)
+        self._over = threading.Event()  # the run ended
+        self._helper: threading.Thread | None = None
+        self._enabled = False
+        self.reason: str | None = None
+
+    @contextlib.contextmanager
+    def handling(self, enabled: bool) -> Iterator[None]:
+        if not enabled:
+            yield
+            return
+        previous = self._install()
+        self._enabled = True
+        try:
+            yield
+        finally:
+            self._over.set()  # the helper interrupts no more
+            self._enabled = False
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _install(self) -> dict[int, Any]:
+        return {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def reinstall(self) -> None:
+        """Take the signals back: ``ray.init`` puts its own SIGTERM handler in (exit 15)."""
+        if self._enabled:
+            self._install()
+
+    def arm(self, flag: Any) -> None:
+        """The blocks are about to run: a first interrupt now asks ``flag`` to stop them."""
+        if flag is None:
+            return
+        self._flag = flag
+        self._helper = threading.Thread(target=self._tell, name="batcher-stop", daemon=True)
+        self._helper.start()
+
+    def disarm(self) -> None:
+        self._over.set()
+        self._asked.set()
+        if self._helper is not None:
+            self._helper.join(timeout=5)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._flag is None or self.reason is not None or self._over.is_set():
+            raise KeyboardInterrupt
+        self.reason = f"interrupted by {signal.Signals(signum).name}"
+        self._asked.set()
+
+    def _tell(self) -> None:
+        self._asked.wait()
+        if self._over.is_set() or self.reason is None:
+            return
+        self._flag.set.remote(self.reason)
+        self._progress.note(
+            f"batcher: {self.reason}: the workers send no new requests; waiting up to "
+            f"{self._grace_s:g} s for those in flight (press Ctrl+C again to stop at once)"
+        )
+        if not self._over.wait(self._grace_s + STOP_MARGIN_S):
+            self._progress.note("batcher: the workers did not finish in time")
+            _thread.interrupt_main()  # the handler raises KeyboardInterrupt: it was asked once
 
 
 class _RaySession:
     """Ray for one run: connected on first use, shut down after if this run started it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_connect: Callable[[], None]) -> None:
         self._started = False
+        self._on_connect = on_connect
 
     def _ray(self) -> Any:
         import ray
@@ -365,10 +459,15 @@ class _RaySession:
         if not ray.is_initialized():
             self._started = True
             _init_ray(ray)
+            self._on_connect()
         return ray
 
     def put(self, table: pa.Table) -> Any:
         return self._ray().put(table)
+
+    def stop_flag(self) -> Any:
+        """A new ``StopFlag`` actor (no CPU: the workers may take them all)."""
+        return self._ray().remote(num_cpus=0)(StopFlag).remote()
 
     def cpus(self) -> int:
         return max(1, int(self._ray().cluster_resources().get("CPU", 1)))

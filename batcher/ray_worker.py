@@ -24,6 +24,7 @@ from batcher.stats import RunStats
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from batcher.engine import Engine
     from batcher.limits import Limits
 
 #: The status of the extra row a worker adds to a block it could not finish, with the reason
@@ -62,6 +63,15 @@ class WorkerSpec:
     targets: list[tuple[str, str]]  # (endpoint name, base URL), in the job's order
     needs_key: list[bool]  # whether the driver found a key for each endpoint
     workers: int
+    #: The driver's stop flag (a Ray actor handle, ``ray_engine.StopFlag``): its ``reason``
+    #: is set when the driver is interrupted. ``None``: nothing to watch.
+    stop_flag: Any = None
+
+
+#: How often a worker asks the driver's stop flag whether to stop (seconds).
+STOP_POLL_S = 0.3
+#: How long a worker waits for the flag's answer before asking again (seconds).
+STOP_POLL_TIMEOUT_S = 2.0
 
 
 class BlockWorker:
@@ -74,7 +84,9 @@ class BlockWorker:
     queues its block for the engine and waits until each of its requests is recorded; blocks
     overlap in the pool, so one block's stragglers leave no slot idle. When the engine stops (a
     refused key, no quota left, an outage past its patience) the requests not recorded are left
-    out of their blocks, and every later block comes back empty, with the reason.
+    out of their blocks, and every later block comes back empty, with the reason. The same
+    when the driver is interrupted (its stop flag, polled every ``STOP_POLL_S``): no new
+    requests, those in flight get the job's ``grace_s``, and what was answered comes back.
     """
 
     spec: WorkerSpec  # set on the subclass the driver makes for a run
@@ -88,6 +100,7 @@ class BlockWorker:
         self._queue: queue.SimpleQueue[list[Request | Reject]] = queue.SimpleQueue()
         self._stopped: str | None = None
         self._setup_error: str | None = None
+        self._engine: Engine | None = None
         self._keys: list[str | None] = []
         for (name, _), needed, config in zip(
             spec.targets, spec.needs_key, spec.job.all_endpoints, strict=True
@@ -104,6 +117,8 @@ class BlockWorker:
         if self._setup_error is None:
             self._portal.call(self._open)
             self._portal.start_task_soon(self._serve)
+            if spec.stop_flag is not None:
+                self._portal.start_task_soon(self._watch_stop_flag, spec.stop_flag)
 
     async def _open(self) -> None:
         from batcher.client import ChatClient
@@ -157,7 +172,9 @@ class BlockWorker:
             pricer=self._pricer,
             outage_patience_s=job.retry.outage_patience_s,
             validate=job.validate,
+            grace_s=job.grace_s,
         )
+        self._engine = engine
         reason = "the worker's engine ended"
         try:
             await engine.run(iter(self._queue.get, None))  # blocks in the engine's read thread
@@ -171,6 +188,21 @@ class BlockWorker:
                 for block in set(self._pending.values()):
                     block.done.set()
                 self._pending.clear()
+
+    async def _watch_stop_flag(self, flag: Any) -> None:
+        """Until the engine ends: ask the driver's flag whether to stop; when it says so, stop
+        the engine (no new requests; those in flight get ``grace_s``)."""
+        import anyio
+
+        while True:
+            await anyio.sleep(STOP_POLL_S)
+            with self._lock:
+                if self._stopped is not None:
+                    return
+            reason = await anyio.to_thread.run_sync(_ask_flag, flag)
+            if reason is not None and self._engine is not None:
+                self._engine.stop_within(reason, self._spec.job.grace_s)
+                return
 
     def __call__(self, block: pa.Table) -> pa.Table:
         """Send the block's requests; its records (``writers.SCHEMA``), once all are in."""
@@ -230,6 +262,20 @@ class _Block:
         self.done = threading.Event()
         if size == 0:
             self.done.set()
+
+
+def _ask_flag(flag: Any) -> str | None:
+    """The stop flag's reason (``None``: go on, also when it does not answer in time)."""
+    import ray
+
+    try:
+        reason: str | None = ray.get(flag.reason.remote(), timeout=STOP_POLL_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        return None
+    except ray.exceptions.RayError:
+        # The flag is gone: its driver went without a word (killed); Ray ends this actor.
+        return None
+    return reason
 
 
 def _with_stop_row(table: pa.Table, reason: str) -> pa.Table:

@@ -482,3 +482,94 @@ def test_the_python_api_runs_a_ray_job_on_ray(
     assert result.table is not None and result.table.schema.names == SCHEMA.names
     assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
     assert len(output_ids(result.output)) == 30 and result.stats.ok == 30
+
+
+@pytest.mark.slow
+def test_an_interrupt_lets_the_workers_finish_what_they_sent_and_keeps_it(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    """Ctrl+C (SIGINT) mid-run: the workers send no new requests, those in flight finish and
+    every answer the server sent is written (partial blocks too), exit 3; a re-run sends only
+    the rest."""
+    import os
+    import signal
+    import threading
+
+    from batcher.ray_engine import run_job_on_ray
+
+    n = 600
+    expected = [f"r{i:05d}" for i in range(n)]
+    with running_sim(SimConfig(latency_ms=300)) as slow:
+        job = ray_job(tmp_path, slow.base_url, n=n)
+        # Ctrl+C once the first part is written: blocks are finished, others half done.
+        out, stop = tmp_path / "out.parquet", threading.Event()
+
+        def interrupt() -> None:
+            while not stop.wait(0.05):
+                if out.is_dir() and parquet_parts(out):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        thread = threading.Thread(target=interrupt, daemon=True)
+        thread.start()
+        try:
+            first = run_job_on_ray(job, stream=io.StringIO(), handle_signals=True)
+        finally:
+            stop.set()
+            thread.join()
+        received = slow.simulator.stats.requests_received
+    assert first.exit_code == 3, first.summary
+    assert first.stats.stop_reason == "interrupted by SIGINT"
+    written = output_ids(first.output)
+    assert 0 < len(written) < n
+    assert len(set(written)) == len(written)
+    # Every request the server answered is in the output: none is paid for twice.
+    assert received == len(written)
+    assert first.stats.ok == len(written)
+
+    with running_sim(SimConfig()) as fast:
+        job = dataclasses.replace(
+            job, endpoint=dataclasses.replace(job.endpoint, base_url=fast.base_url)
+        )
+        second = run_job_on_ray(job, stream=io.StringIO(), handle_signals=True)
+        assert fast.simulator.stats.requests_received == n - len(written)
+    assert second.exit_code == 1, second.summary  # the rejected line
+    assert (second.stats.submitted, second.stats.skipped) == (n - len(written), len(written))
+    assert output_ids(second.output) == expected
+
+
+@pytest.mark.slow
+def test_cli_sigterm_keeps_what_was_answered(tmp_path: Path, ray_instance: Any) -> None:
+    """``batcher run --engine ray`` sent SIGTERM after its first part: exit 3, and every answer
+    the server sent is in the output."""
+    import os
+    import signal
+    import time
+
+    src = write_input(tmp_path / "in.jsonl", 600)
+    out = tmp_path / "t.parquet"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\ninput = "{src}"\noutput = "{out}"\ngrace_s = 5\n[request]\nmodel = "m"\n'
+        "[limits]\nconcurrency = 16\n[ray]\nworkers = 2\nblock_rows = 40\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address}
+    with running_sim(SimConfig(latency_ms=300)) as slow:
+        cmd = batcher_cmd(
+            "run", str(job), "--base-url", slow.base_url, "--engine", "ray", "--no-progress"
+        )
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and parquet_parts(out)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        received = slow.simulator.stats.requests_received
+    assert proc.returncode == 3, stderr
+    assert "interrupted by SIGTERM: the workers send no new requests" in stderr
+    written = output_ids(out)
+    assert 0 < len(written) < 600
+    assert received == len(written)
