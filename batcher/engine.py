@@ -279,6 +279,15 @@ class Engine:
         ``None`` when the budget cannot take it (the run is stopping). ``first`` is false for
         a re-ask, which is not another submitted request.
         """
+        pricer = self._pricer
+        asked = request.body.get("model")
+        if not pricer.known(asked):
+            # A price lookup can take 0.3 s: never on the event loop. Under --max-cost the
+            # reservation needs it now; otherwise it is made while the request is out.
+            if self._budget is not None:
+                await anyio.to_thread.run_sync(pricer.price, asked)
+            else:
+                pricer.prefetch(asked)
         reserved = self._reserve(request)
         if reserved is None:
             return None
@@ -289,7 +298,9 @@ class Engine:
         started = time.time()
         last, attempts, where = await self._send(request, router)
         model = _answering_model(request, last)
-        cost = self._pricer.cost_of(request.body.get("model"), model, last.usage)
+        if not pricer.ready(asked, model, last.usage):
+            await anyio.to_thread.run_sync(pricer.cost_of, asked, model, last.usage)
+        cost = pricer.cost_of(asked, model, last.usage)
         if self._budget is not None:
             # An ok answer without usage may have been billed: count its worst case, and
             # record that figure, so a resumed run's budget starts from it too.

@@ -123,25 +123,55 @@ class Pricer:
         self._known: dict[str, Price | None] = {}
         self._answered: dict[str, Price | None] = {}
         self.unknown_models: list[str] = []
-        # A lookup may run in a thread ahead of the first answer (``prefetch``); the lock
-        # makes a lookup of the same model on the event loop wait for it, not repeat it.
+        # A lookup may run in a thread (``prefetch``, or the engine's worker threads); the
+        # lock makes a second lookup of the same model wait for the first, not repeat it.
         self._lock = threading.Lock()
+        self._prefetching: set[str] = set()
+        self._prefetch_lock = threading.Lock()  # not ``_lock``: that one is held by lookups
 
-    def prefetch(self, model: str) -> threading.Thread:
-        """Look ``model``'s price up in a background thread (a lookup can take 0.3 s)."""
-        thread = threading.Thread(target=self.price, args=(model,), daemon=True)
-        thread.start()
-        return thread
+    def prefetch(self, model: str | None) -> None:
+        """Look ``model``'s price up in a background thread, unless it is known or under way
+        (a lookup can take 0.3 s: it runs while the first requests are out)."""
+        key = model or ""
+        with self._prefetch_lock:
+            if key in self._known or key in self._prefetching:
+                return
+            self._prefetching.add(key)
+        threading.Thread(target=self._price_of, args=(key,), daemon=True).start()
+
+    def known(self, model: str | None) -> bool:
+        """Whether ``model``'s price (or that it has none) is known: no lookup needed."""
+        key = model or ""
+        return key in self._known or key in self._overrides
+
+    def ready(self, asked: Any, answered: str | None, usage: Usage | None) -> bool:
+        """Whether ``cost_of`` can answer at once, without a lookup (which can take 0.3 s,
+        so the engine makes it in a thread rather than on its event loop)."""
+        if usage is None:
+            return True
+        asked_name = asked if isinstance(asked, str) else None
+        if asked_name is not None and asked_name in self._overrides:
+            return True
+        if answered is not None and answered != asked_name:
+            if answered not in self._answered:
+                return False
+            if self._answered[answered] is not None:
+                return True
+        return self.known(asked_name)
 
     def price(self, model: str | None) -> Price | None:
         """The price of ``model``, or ``None`` (noted in ``unknown_models``) when unknown."""
+        price = self._price_of(model or "")
         key = model or ""
+        if price is None and key not in self.unknown_models:
+            self.unknown_models.append(key)
+        return price
+
+    def _price_of(self, key: str) -> Price | None:
         if key not in self._known:
             with self._lock:
                 if key not in self._known:
                     price = self._discounted(self._overrides.get(key) or self._lookup(key))
-                    if price is None:
-                        self.unknown_models.append(key)
                     self._known[key] = price
         return self._known[key]
 

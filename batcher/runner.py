@@ -247,8 +247,6 @@ async def _run_async(
         batch_discount=discount,
         out_of_process=lean,
     )
-    if isinstance(job.request.get("model"), str):
-        pricer.prefetch(job.request["model"])  # while the first requests are out
     cap = job.limits.max_cost_usd
     budget = Budget(cap, spent_before=journal.spent_before) if cap is not None else None
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,39 @@ def test_progress_bar_shows_the_spend_so_far() -> None:
     bar.advance()
     bar.close()
     assert "$0.0123" in screen.getvalue()
+
+
+@pytest.mark.parametrize("cap", [None, 10.0])
+def test_a_slow_price_lookup_never_holds_up_the_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: float | None
+) -> None:
+    """A lookup takes ~0.3 s (genai-prices in a child process): it runs in a thread while the
+    requests go out, once per model, and every record is still priced."""
+    looked_up: list[str] = []
+    finished: list[float] = []
+
+    def slow_lookup(model: str, api_url: str | None = None) -> Price:
+        looked_up.append(model)
+        time.sleep(0.5)
+        finished.append(time.monotonic())
+        return Price(input=1.0, output=2.0, cached=0.5, source="test")
+
+    monkeypatch.setattr("batcher.pricing.lookup_price", slow_lookup)
+    sent: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(time.monotonic())
+        choice = {"message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        return httpx.Response(200, json={"model": "gpt-4o-mini", "choices": [choice],
+                                         "usage": usage})  # fmt: skip
+
+    src = write_input(tmp_path / "in.jsonl", 12)
+    limits = {"concurrency": 4} if cap is None else {"concurrency": 4, "max_cost_usd": cap}
+    report = run_job(job(tmp_path, src, limits=limits), transport=httpx.MockTransport(handler),
+                     stream=io.StringIO())  # fmt: skip
+    assert report.exit_code == 0 and looked_up == ["gpt-4o-mini"]
+    if cap is None:  # the lookup runs while the first requests are out
+        assert sum(t < finished[0] for t in sent) >= 4
+    expected = (10 * 1.0 + 5 * 2.0) / 1e6
+    assert [r["cost_usd"] for r in read_results(report.output)] == [pytest.approx(expected)] * 12
