@@ -10,14 +10,17 @@ one warning. ``batch_discount`` prices at the Batch API's half rate.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from batcher.errors import ConfigError
@@ -217,12 +220,85 @@ class Pricer:
     def _lookup(self, model: str) -> Price | None:
         if not model:
             return None
+        cache = PriceCache.default()
+        key = cache.key(model, self._api_url) if cache else ""
+        if cache:
+            hit, price = cache.get(key)
+            if hit:
+                return price
+        price = self._lookup_now(model)
+        if cache:
+            cache.put(key, price)
+        return price
+
+    def _lookup_now(self, model: str) -> Price | None:
         if self._out_of_process:
             try:
                 return lookup_in_child(model, self._api_url)
             except (OSError, ValueError, subprocess.SubprocessError):
                 pass  # no usable interpreter to start, or it failed: look up here instead
         return lookup_price(model, self._api_url)
+
+
+class PriceCache:
+    """Prices found in genai-prices, kept on disk by its version, model and endpoint URL.
+
+    A lookup costs ~0.3 s of CPU (and, from the CLI, a child process of ~40 MB); its answer
+    cannot change until genai-prices is upgraded, so a run of a model seen before reads the
+    file instead. ``$BATCHER_CACHE_DIR``, else ``$XDG_CACHE_HOME/batcher``, else
+    ``~/.cache/batcher``; ``BATCHER_CACHE_DIR=""`` turns it off. A cache that cannot be read or
+    written is ignored: it only saves time.
+    """
+
+    def __init__(self, path: Path, version: str) -> None:
+        self.path = path
+        self.version = version
+
+    @classmethod
+    def default(cls) -> PriceCache | None:
+        folder = os.environ.get("BATCHER_CACHE_DIR")
+        if folder is None:
+            xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+            folder = os.path.join(xdg, "batcher")
+        if not folder:
+            return None
+        try:
+            version = importlib.metadata.version("genai-prices")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return cls(Path(folder) / "prices.json", version)
+
+    def key(self, model: str, api_url: str | None) -> str:
+        return f"{self.version}\t{api_url or ''}\t{model}"
+
+    def get(self, key: str) -> tuple[bool, Price | None]:
+        """``(True, price)`` when ``key`` is in the file (``price`` ``None``: known unknown)."""
+        entries = self._read()
+        if key not in entries:
+            return False, None
+        found = entries[key]
+        try:
+            return True, None if found is None else Price(**found)
+        except TypeError:  # written by another version of batcher
+            return False, None
+
+    def put(self, key: str, price: Price | None) -> None:
+        entries = self._read()
+        entries[key] = None if price is None else dataclasses.asdict(price)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            partial.write_text(json.dumps(entries, indent=1), encoding="utf-8")
+            os.replace(partial, self.path)  # whole, even with another run writing it too
+        except OSError:
+            pass
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
 
 
 def lookup_price(model: str, api_url: str | None = None) -> Price | None:

@@ -318,3 +318,33 @@ def test_a_slow_price_lookup_never_holds_up_the_requests(
         assert sum(t < finished[0] for t in sent) >= 4
     expected = (10 * 1.0 + 5 * 2.0) / 1e6
     assert [r["cost_usd"] for r in read_results(report.output)] == [pytest.approx(expected)] * 12
+
+
+def test_prices_found_are_cached_on_disk_by_genai_prices_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def lookup(model: str, api_url: str | None = None) -> Price | None:
+        calls.append(model)
+        return Price(input=1.0, output=2.0, cached=0.5, source="test") if model == "m" else None
+
+    monkeypatch.setattr("batcher.pricing.lookup_price", lookup)
+    monkeypatch.setenv("BATCHER_CACHE_DIR", str(tmp_path / "cache"))
+    first = Pricer()
+    assert first.price("m") is not None and first.price("unknown-x") is None
+    assert calls == ["m", "unknown-x"] and (tmp_path / "cache" / "prices.json").exists()
+    again = Pricer()  # another run: read from the file, the unknown model too
+    assert again.price("m") == first.price("m") and again.price("unknown-x") is None
+    assert calls == ["m", "unknown-x"] and again.unknown_models == ["unknown-x"]
+    assert Pricer(provider_api_url="https://api.example/v1").price("m") is not None
+    assert calls[-1] == "m"  # another endpoint URL may mean another provider: looked up
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "999.0")
+    Pricer().price("m")  # genai-prices upgraded: looked up again
+    assert calls.count("m") == 3
+    monkeypatch.setenv("BATCHER_CACHE_DIR", "")  # off
+    Pricer().price("m")
+    assert calls.count("m") == 4
+    (tmp_path / "cache" / "prices.json").write_text("{not json")  # a damaged cache is ignored
+    monkeypatch.setenv("BATCHER_CACHE_DIR", str(tmp_path / "cache"))
+    assert Pricer().price("m") is not None and calls.count("m") == 5
