@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -240,6 +241,18 @@ class Pricer:
         return lookup_price(model, self._api_url)
 
 
+def _without_secrets(url: str | None) -> str:
+    """The URL without user, password, query or fragment: a key may hide in any of them, and
+    the cache is a file in the user's home."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class PriceCache:
     """Prices found in genai-prices, kept on disk by its version, model and endpoint URL.
 
@@ -269,7 +282,7 @@ class PriceCache:
         return cls(Path(folder) / "prices.json", version)
 
     def key(self, model: str, api_url: str | None) -> str:
-        return f"{self.version}\t{api_url or ''}\t{model}"
+        return f"{self.version}\t{_without_secrets(api_url)}\t{model}"
 
     def get(self, key: str) -> tuple[bool, Price | None]:
         """``(True, price)`` when ``key`` is in the file (``price`` ``None``: known unknown)."""

@@ -339,6 +339,11 @@ def test_prices_found_are_cached_on_disk_by_genai_prices_version(
     assert calls == ["m", "unknown-x"] and again.unknown_models == ["unknown-x"]
     assert Pricer(provider_api_url="https://api.example/v1").price("m") is not None
     assert calls[-1] == "m"  # another endpoint URL may mean another provider: looked up
+    secret = "sk-" + "s3cr3t" * 4
+    Pricer(provider_api_url=f"https://user:{secret}@api.example/v1?key={secret}").price("m")
+    cached = (tmp_path / "cache" / "prices.json").read_text()
+    assert secret not in cached and "https://api.example/v1" in cached
+    assert calls.count("m") == 2  # the same endpoint as above once the secrets are cut off
     monkeypatch.setattr("importlib.metadata.version", lambda name: "999.0")
     Pricer().price("m")  # genai-prices upgraded: looked up again
     assert calls.count("m") == 3
