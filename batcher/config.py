@@ -252,6 +252,8 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         raise ConfigError(sorted(unknown)[0], "unknown override")
     if "base_url" in given and job.endpoints:
         raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
+    if given.get("ray_workers") is not None and given.get("engine", job.engine) != "ray":
+        raise ConfigError("--ray-workers", 'only with --engine ray (or [job] engine = "ray")')
     request = dict(job.request)
     if "model" in given:
         request["model"] = given["model"]
@@ -340,6 +342,14 @@ _VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VARIANT_KEYS = {"name", "system", "endpoint"}
 #: Request fields a variant may not set: they belong to the line, not to a sweep.
 _LINE_ONLY = {"messages", "prompt", "custom_id", "id", "metadata"}
+#: Names a variant may hold by mistake (a job table, or "endpoints" for "endpoint"): they would
+#: otherwise be sent to the server as request fields.
+_NOT_REQUEST = {
+    "endpoints": "did you mean endpoint (an endpoint name or a list of them)?",
+    **{table: "is a table of the job, not a request field" for table in (
+        "job", "endpoint", "request", "limits", "retry", "validate", "sim", "pricing", "ray",
+        "variants")},
+}  # fmt: skip
 
 
 def _variants(raw: Mapping[str, Any]) -> tuple[VariantConfig, ...]:
@@ -386,6 +396,8 @@ def _check_variants(job: JobConfig) -> None:
         for key in variant.request:
             if key in _LINE_ONLY:
                 raise ConfigError(f"{where}.{key}", "belongs to the input lines, not a variant")
+            if key in _NOT_REQUEST:
+                raise ConfigError(f"{where}.{key}", _NOT_REQUEST[key])
         check_request_fields(variant.request, where=where)
         if variant.system is not None and not isinstance(variant.system, str):
             raise ConfigError(f"{where}.system", f"must be a string, got {variant.system!r}")

@@ -293,6 +293,8 @@ def test_engine_and_ray_settings_are_checked() -> None:
         job_from_dict({"ray": {"colour": 1}})
     job = with_overrides(JobConfig(), engine="ray", ray_workers=3)
     assert (job.engine, job.ray.workers) == ("ray", 3)
+    with pytest.raises(ConfigError, match=r"^--ray-workers: only with --engine ray"):
+        with_overrides(JobConfig(), ray_workers=3)
 
 
 def test_cli_engine_flag_names_itself(capsys: pytest.CaptureFixture[str]) -> None:

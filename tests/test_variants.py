@@ -100,6 +100,8 @@ def test_variants_are_parsed_with_their_overrides_system_and_endpoints() -> None
         ([{"name": "a", "endpoint": 3}], r"variants\[0\]\.endpoint", "endpoint name"),
         ([{"name": "a", "messages": []}], r"variants\[0\]\.messages", "input lines"),
         ([{"name": "a", "system": 1}], r"variants\[0\]\.system", "must be a string"),
+        ([{"name": "a", "endpoints": ["x"]}], r"variants\[0\]\.endpoints", "did you mean"),
+        ([{"name": "a", "limits": {"rpm": 1}}], r"variants\[0\]\.limits", "table of the job"),
         ({"name": "a"}, "variants", "list of tables"),
     ],
 )  # fmt: skip
