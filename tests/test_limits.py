@@ -196,7 +196,23 @@ def test_encodings_load_offline_into_a_fresh_cache(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["10", "10"]
-    assert len(list((tmp_path / "c").iterdir())) == 2
+    cached = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(cached) == 4  # the two BPE files, and the two tables parsed from them
+    parsed = [tmp_path / "c" / n for n in cached if n.endswith(".params")]
+    assert [p.name.split("-")[0] for p in parsed] == ["cl100k_base", "o200k_base"]
+    # a later run reads the parsed tables: the same counts, even with the BPE files gone
+    for name in cached:
+        if not name.endswith(".params"):
+            (tmp_path / "c" / name).write_text("not a BPE file")
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.split() == ["10", "10"], again.stderr
+    # a damaged parsed table is parsed again (here from a BPE file put back in place)
+    parsed[0].write_bytes(b"garbage")
+    for name in cached:
+        if not name.endswith(".params"):
+            (tmp_path / "c" / name).unlink()
+    third = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert third.returncode == 0 and third.stdout.split() == ["10", "10"], third.stderr
 
 
 @pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
