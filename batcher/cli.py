@@ -303,7 +303,7 @@ def _run(args: argparse.Namespace) -> int:
     if job.engine == "ray":
         return _run_on_ray(job, args)
     _lean_process()  # before pyarrow is imported
-    if job.input is not None:  # before the HTTP stack is imported: see load_first_encoding
+    if job.input is not None and job.counts_tokens:  # before the HTTP stack is imported
         from batcher.reader import load_first_encoding
 
         load_first_encoding(job.input, job.request, job.limits.encoding)

@@ -155,6 +155,17 @@ class JobConfig:
         """Every endpoint requests may go to (the one ``[endpoint]``, or ``[[endpoints]]``)."""
         return self.endpoints or (self.endpoint,)
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether prompts are counted as they are read: a TPM limit meters them, and
+        ``max_cost_usd`` reserves each request's worst case. Otherwise they are counted only
+        if a server announces a token limit (the engine counts them then)."""
+        return (
+            self.limits.tpm is not None
+            or self.limits.max_cost_usd is not None
+            or any(e.tpm is not None for e in self.all_endpoints)
+        )
+
 
 _SECTIONS = {
     "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",

@@ -28,7 +28,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -44,11 +44,11 @@ from batcher.outage import OUTAGE_AFTER, Outage
 from batcher.pricing import Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
-from batcher.requests import completion_budget, prompt_bound
+from batcher.requests import estimate_prompt_tokens, prompt_bound
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
-from batcher.tokens import count_message_tokens, encoding_for_model
+from batcher.tokens import count_message_tokens, encoding_for_model, encoding_loaded, get_encoding
 from batcher.validation import Verdict, check_answer, expected_format, reask_body
 
 #: Lines read per trip to the reading thread.
@@ -98,6 +98,7 @@ class Engine:
         outage_patience_s: float = 1800.0,
         validate: ValidateConfig | None = None,
         freeze_after_first: bool = False,
+        encoding: str | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
         if endpoints is None:
@@ -120,6 +121,8 @@ class Engine:
         # are loaded: gc.freeze() then keeps the collector from walking them again and again.
         self._freeze_pending = freeze_after_first
         self._grace_s = grace_s
+        self._encoding = encoding  # the job's [limits] encoding, for prompts counted here
+        self._loading_encoding = anyio.Lock()
         self._sleep = sleep
         self._stopping = anyio.Event()
         self._record_error: OSError | None = None
@@ -373,7 +376,10 @@ class Engine:
                 "bound what an answer can cost; set it in the job's [request] or on the lines"
             )
             return None
-        worst = price.worst_case(prompt_bound(body, request.prompt_tokens), completion_budget(body))
+        counted = request.prompt_tokens
+        if counted is None:  # read uncounted (a job sets max_cost_usd, so the runner counts)
+            counted = estimate_prompt_tokens(body, self._encoding)
+        worst = price.worst_case(prompt_bound(body, counted), request.completion_budget)
         if not self._budget.try_reserve(worst):
             budget = self._budget
             self.stop(
@@ -431,7 +437,6 @@ class Engine:
         of using up its retries. Returns the attempt, how many times the request was sent for
         it, and the name of the endpoint that made it.
         """
-        tokens = request.est_tokens
         sends = 0
         while True:
             endpoint = await self._route(router)
@@ -440,7 +445,7 @@ class Engine:
             sends += 1
             endpoint.assigned += 1
             try:
-                attempt = await self._post(endpoint, request.body, tokens)
+                attempt, request, charged = await self._post(endpoint, request)
             finally:
                 endpoint.assigned -= 1
             limits, outage = endpoint.limits, endpoint.outage
@@ -482,14 +487,28 @@ class Engine:
             limits.observe(attempt.headers)
         if attempt.status_code == 429:
             limits.on_rate_limited(attempt.retry_after)
-        if attempt.status_code is None or attempt.status_code == 429:
-            limits.correct_tokens(tokens, 0)  # not admitted: nothing was charged
+        if charged is None or request.prompt_tokens is None:
+            pass  # no meter was charged (or with a prompt not counted): nothing to correct
+        elif attempt.status_code is None or attempt.status_code == 429:
+            limits.correct_tokens(charged, 0)  # not admitted: nothing was charged
         elif attempt.usage is not None and attempt.usage.prompt_tokens is not None:
             # The server charges its own prompt count (plus the same completion budget).
             limits.correct_tokens(
-                tokens, tokens - request.prompt_tokens + attempt.usage.prompt_tokens
+                charged, charged - request.prompt_tokens + attempt.usage.prompt_tokens
             )
         return attempt, sends, endpoint.name
+
+    async def _counted(self, request: Request) -> Request:
+        """The request with its prompt counted: read uncounted, it meets a TPM meter that a
+        server's headers set up. The token table is loaded in a thread, once."""
+        model = request.body.get("model")
+        name = self._encoding or encoding_for_model(model if isinstance(model, str) else None)
+        if not encoding_loaded(name):
+            async with self._loading_encoding:
+                await anyio.to_thread.run_sync(get_encoding, name)
+        return dataclasses.replace(
+            request, prompt_tokens=estimate_prompt_tokens(request.body, self._encoding)
+        )
 
     def _give_up_on(self, router: Router, patience_s: float, error: str | None) -> None:
         """Some endpoints (one variant's) are past their patience while others work: the run
@@ -519,8 +538,15 @@ class Engine:
                 return endpoint
             await anyio.sleep(min(wait, REROUTE_S) if room else REROUTE_S)
 
-    async def _post(self, endpoint: Endpoint, body: dict[str, Any], tokens: int) -> Attempt:
-        """POST within the endpoint's concurrency, pause and rate limits."""
+    async def _post(
+        self, endpoint: Endpoint, request: Request
+    ) -> tuple[Attempt, Request, int | None]:
+        """POST within the endpoint's concurrency, pause and rate limits.
+
+        Returns the attempt, the request as sent (its prompt counted if it was read uncounted
+        and the endpoint has a TPM meter by now: a server announced a token limit) and the
+        tokens charged to that meter (``None`` if none was).
+        """
         limits = endpoint.limits
         # acquire_nowait first: anyio's acquire() yields to the loop even when a slot is
         # free, an extra trip round the event loop for every request.
@@ -530,13 +556,17 @@ class Engine:
         except anyio.WouldBlock:
             await limiter.acquire()
         try:
-            await limits.acquire(tokens)
+            if request.prompt_tokens is None and limits.tpm is not None:
+                request = await self._counted(request)
+            tokens = request.est_tokens
+            metered = await limits.acquire(tokens)
             try:
-                return await endpoint.client.post(body)
+                attempt = await endpoint.client.post(request.body)
             finally:
                 limits.release(tokens)
         finally:
             limiter.release()
+        return attempt, request, tokens if metered else None
 
     def _label(self, endpoint: Endpoint) -> str:
         return "the endpoint" if len(self._router.endpoints) == 1 else f"endpoint {endpoint.name}"
@@ -581,16 +611,13 @@ async def _next_request(recv: MemoryObjectReceiveStream[Request]) -> Request | N
 def _reask_request(request: Request, answer: object, verdict: Verdict) -> Request:
     """The request that asks again, its token estimates grown by the two turns it adds."""
     body = reask_body(request.body, answer, verdict)
+    if request.prompt_tokens is None:  # not counted: the engine counts it if a meter needs it
+        return dataclasses.replace(request, body=body)
     model = body.get("model")
     added = count_message_tokens(
         body["messages"][-2:], encoding_for_model(model if isinstance(model, str) else None)
     )
-    return dataclasses.replace(
-        request,
-        body=body,
-        prompt_tokens=request.prompt_tokens + added,
-        est_tokens=request.est_tokens + added,
-    )
+    return dataclasses.replace(request, body=body, prompt_tokens=request.prompt_tokens + added)
 
 
 def _not_asked_again(verdict: Verdict) -> Verdict:

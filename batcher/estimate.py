@@ -101,7 +101,7 @@ def estimate(
                     rejected_lines.add(item.line)
                     continue
                 model = str(item.body.get("model"))
-                budget = item.est_tokens - item.prompt_tokens
+                budget = item.completion_budget
                 # a sample's average is per record, all its choices in: the same n is assumed
                 low = min(budget, int(budget * low_fraction if per_answer is None else per_answer))
                 tables = [result.by_model]
@@ -110,7 +110,7 @@ def estimate(
                 for table in tables:
                     m = table.setdefault(model, ModelEstimate())
                     m.requests += 1
-                    m.prompt_tokens += item.prompt_tokens
+                    m.prompt_tokens += item.prompt_tokens or 0  # the reader counts here
                     m.output_tokens_low += low
                     m.output_tokens_high += budget
     result.rejected = len(rejected_lines)

@@ -164,10 +164,11 @@ class Limits:
         self.in_flight_tokens = 0
         self.rate_limited = 0  # 429s seen
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, tokens: int) -> bool:
         """Wait until a request of ``tokens`` estimated tokens may be sent, and count it in flight.
 
         The caller holds ``concurrency`` around the attempt and calls ``release`` after it.
+        Returns whether the tokens were charged to a TPM meter (to correct once answered).
         """
         self._recover()
         while True:
@@ -184,6 +185,7 @@ class Limits:
             await anyio.sleep(wait)
         self.in_flight_requests += 1
         self.in_flight_tokens += tokens
+        return self.tpm is not None
 
     def release(self, tokens: int) -> None:
         """The attempt of ``tokens`` estimated tokens is over (answered or failed)."""

@@ -81,7 +81,7 @@ CALLS_PER_WORKER = 2
 STOP_MARGIN_S = 5.0
 #: Columns of the request blocks: a parsed ``Request`` (bodies as JSON text).
 _REQUEST_COLUMNS = (
-    "custom_id", "line", "body", "metadata", "est_tokens", "prompt_tokens", "body_hash"
+    "custom_id", "line", "body", "metadata", "prompt_tokens", "completion_budget", "body_hash"
 )  # fmt: skip
 #: The Parquet columns the driver reads back to count a block (``_result_of_row``).
 _COUNTED = (
@@ -218,7 +218,9 @@ def _run(
     try:
         with _base_urls(job) as base_urls, stopper.handling(handle_signals):
             rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
-            reader = Reader(source, job.request, encoding=job.limits.encoding)
+            reader = Reader(
+                source, job.request, encoding=job.limits.encoding, count_tokens=job.counts_tokens
+            )
             with RejectsWriter(rejects_path(output)) as rejects:
                 refs = []
                 for block in _request_blocks(reader, skip, job.ray.block_rows):
@@ -308,8 +310,8 @@ def _request_blocks(
             columns["body"].append(jsonfast.dumps_text(item.body))
             meta = item.metadata
             columns["metadata"].append(None if meta is None else jsonfast.dumps_text(meta))
-            columns["est_tokens"].append(item.est_tokens)
             columns["prompt_tokens"].append(item.prompt_tokens)
+            columns["completion_budget"].append(item.completion_budget)
             columns["body_hash"].append(item.body_hash)
             if len(columns["custom_id"]) >= block_rows:
                 yield table()

@@ -173,6 +173,7 @@ class BlockWorker:
             outage_patience_s=job.retry.outage_patience_s,
             validate=job.validate,
             grace_s=job.grace_s,
+            encoding=job.limits.encoding,
         )
         self._engine = engine
         reason = "the worker's engine ended"
@@ -294,8 +295,8 @@ def _request_of(row: Mapping[str, Any]) -> Request:
         line=row["line"],
         body=jsonfast.loads_exact(row["body"]),
         metadata=None if meta is None else jsonfast.loads_exact(meta),
-        est_tokens=row["est_tokens"],
         prompt_tokens=row["prompt_tokens"],
+        completion_budget=row["completion_budget"],
         body_hash=row["body_hash"],
     )
 

@@ -17,8 +17,9 @@ class Request:
 
     ``body`` is the JSON body of ``POST /chat/completions`` with the job's defaults merged under
     the line's own fields (and the variant's overrides over them, when the job has variants).
-    ``est_tokens`` is the prompt's tokens (``prompt_tokens``, counted
-    with tiktoken) plus the worst-case completion, used by the TPM meter; ``body_hash``
+    ``prompt_tokens`` is the prompt counted with tiktoken, or ``None`` when nothing needed the
+    count when the line was read (no TPM limit, no ``--max-cost``: see ``tokens``);
+    ``completion_budget`` is the worst-case completion (``max_tokens`` × ``n``). ``body_hash``
     identifies the body, so resume notices a changed line.
     """
 
@@ -26,10 +27,16 @@ class Request:
     line: int
     body: dict[str, Any]
     metadata: dict[str, Any] | None = None
-    est_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int | None = None
+    completion_budget: int = 0
     body_hash: str = ""
     variant: str | None = None
+
+    @property
+    def est_tokens(self) -> int:
+        """What the TPM meter charges at admission: the prompt plus the completion budget (the
+        budget alone for a prompt not counted, which no TPM meter then needs)."""
+        return (self.prompt_tokens or 0) + self.completion_budget
 
     @property
     def key(self) -> str:

@@ -237,7 +237,13 @@ async def _run_async(
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     readers = [
-        Reader(source, job.request, encoding=job.limits.encoding, variant=variant)
+        Reader(
+            source,
+            job.request,
+            encoding=job.limits.encoding,
+            variant=variant,
+            count_tokens=job.counts_tokens,
+        )
         for source, variant in zip(sources, variants, strict=True)
     ]
     overrides, discount = parse_pricing(job.pricing)
@@ -305,6 +311,7 @@ async def _run_async(
                     outage_patience_s=job.retry.outage_patience_s,
                     validate=job.validate,
                     freeze_after_first=True,
+                    encoding=job.limits.encoding,
                 )
                 async with anyio.create_task_group() as background:
                     if lean:

@@ -60,13 +60,24 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     encoding = tiktoken.Encoding(**params)
     del params
     encoding._mergeable_ranks = {}
+    _loaded.add(name)
     return encoding
+
+
+#: The encodings ``get_encoding`` holds loaded.
+_loaded: set[str] = set()
+
+
+def encoding_loaded(name: str) -> bool:
+    """Whether the encoding is loaded already (counting with it does not load its table)."""
+    return name in _loaded
 
 
 def release_encodings() -> None:
     """Free the loaded encodings (about 45 MB resident for ``o200k_base``) and give the memory
     back to the system; the next count loads them again. For a process done counting."""
     get_encoding.cache_clear()
+    _loaded.clear()
     trim_malloc()
 
 

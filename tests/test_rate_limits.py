@@ -8,9 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from batcher import engine, reader
 from batcher.config import JobConfig, job_from_dict
 from batcher.runner import run_job
 from batcher.sim import SimConfig, Simulator
+from batcher.tokens import encoding_loaded, release_encodings
 from batcher.writers import read_results
 
 from .helpers import write_input
@@ -66,6 +68,59 @@ def test_tpm_limit_with_mixed_prompt_lengths(tmp_path: Path) -> None:
     )
     assert report.stats.ok == 30
     assert sim.stats.rejected_429 == 0  # the estimate matches what the server charges
+
+
+def _mixed_prompts(path: Path, n: int) -> Path:
+    lines = [
+        f'{{"custom_id": "t{i}", "prompt": "{"word " * (5 + (i * 37) % 60)}"}}\n' for i in range(n)
+    ]
+    path.write_text("".join(lines))
+    return path
+
+
+def test_a_token_limit_told_by_the_server_meters_counted_prompts(tmp_path: Path) -> None:
+    # The job sets no TPM, so lines are read uncounted; the server's first answer announces
+    # one, and from then on each prompt is counted before it is sent. Charged at their
+    # completion budget alone (20), these would draw 429s.
+    src = _mixed_prompts(tmp_path / "in.jsonl", 30)
+    release_encodings()
+    sim = Simulator(SimConfig(tpm=60_000))  # 1,000 tokens a second; the lines need ~1,900
+    report = run_job(
+        job(tmp_path, src, limits={"concurrency": 16}),
+        transport=httpx.ASGITransport(app=sim),
+        stream=io.StringIO(),
+    )
+    assert report.stats.ok == 30
+    assert sim.stats.rejected_429 == 0
+    assert encoding_loaded("o200k_base")
+
+
+def test_without_a_token_limit_prompts_are_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (The in-process simulator counts with tiktoken itself, so the count calls are watched.)
+    counted: list[object] = []
+    for module in (reader, engine):
+        monkeypatch.setattr(module, "estimate_prompt_tokens", lambda *a: counted.append(a) or 1)
+    src = _mixed_prompts(tmp_path / "in.jsonl", 10)
+    sim = Simulator(SimConfig(rpm=6000))  # request headers only
+    report = run_job(
+        job(tmp_path, src, limits={"concurrency": 4}),
+        transport=httpx.ASGITransport(app=sim),
+        stream=io.StringIO(),
+    )
+    assert report.stats.ok == 10
+    assert counted == []
+    rows = list(read_results(tmp_path / "o.jsonl"))
+    assert all(row["prompt_tokens"] > 5 and row["cost_usd"] for row in rows)  # from usage
+    # with a TPM limit in the job, every line is counted as it is read
+    run_job(
+        job(tmp_path, src, limits={"concurrency": 4, "tpm": 1_000_000}),
+        restart=True,
+        transport=httpx.ASGITransport(app=Simulator(SimConfig())),
+        stream=io.StringIO(),
+    )
+    assert len(counted) == 10
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,15 @@ def test_token_estimate_counts_prompt_with_tiktoken_plus_completion_budget() -> 
     assert forced.prompt_tokens == count_message_tokens(forced.body["messages"], "o200k_base")
 
 
+def test_uncounted_lines_keep_their_completion_budget() -> None:
+    line = {"prompt": "The quick brown fox.", "max_tokens": 100, "n": 2}
+    stream = io.BytesIO(json.dumps(line).encode() + b"\n")
+    req = next(iter(Reader(stream, DEFAULTS, count_tokens=False)))
+    assert isinstance(req, Request)
+    assert req.prompt_tokens is None
+    assert req.completion_budget == 200 and req.est_tokens == 200
+
+
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
