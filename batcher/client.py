@@ -127,6 +127,7 @@ class ChatClient:
         await self._transport.aclose()
 
     async def __aenter__(self) -> ChatClient:
+        self._transport.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

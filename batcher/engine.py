@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import gc
 import signal
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,8 +100,12 @@ class Engine:
         validate: ValidateConfig | None = None,
         freeze_after_first: bool = False,
         encoding: str | None = None,
+        warm_up: Callable[[], object] | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
+        """``warm_up`` runs in a thread as the first request goes out: work the run needs at
+        its end (the runner imports the output writer), done while the first answer is awaited
+        (with one request alone in flight, see ``Limits``) rather than after the last."""
         if endpoints is None:
             if client is None or limits is None:
                 raise ValueError("give client and limits, or endpoints")
@@ -123,6 +128,7 @@ class Engine:
         self._grace_s = grace_s
         self._encoding = encoding  # the job's [limits] encoding, for prompts counted here
         self._loading_encoding = anyio.Lock()
+        self._warm_up = warm_up
         self._sleep = sleep
         self._stopping = anyio.Event()
         self._record_error: OSError | None = None
@@ -294,6 +300,9 @@ class Engine:
         reserved = self._reserve(request)
         if reserved is None:
             return None
+        if self._warm_up is not None:
+            threading.Thread(target=self._warm_up, daemon=True).start()
+            self._warm_up = None
         if first:
             self._stats.submitted += 1
             if self._plan and self._plan.known(request.key):

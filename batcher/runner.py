@@ -29,6 +29,7 @@ from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter, output_format
 from batcher.journal import Journal, journal_path
 from batcher.limits import Limits
+from batcher.live_output import LiveOutput
 from batcher.outage import Outage
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import Progress, format_summary
@@ -143,24 +144,38 @@ async def arun_job(
                     file=stream,
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            with _base_urls(job) as base_urls, _fewer_collections():
-                stats, rejected = await _run_async(
-                    job, sources, input_path, output, journal, plan,
-                    list(zip(base_urls, api_keys, strict=True)), transport, handle_signals, stream,
-                    lean,
-                )  # fmt: skip
+            # A fresh journal: the output is written as the run goes (see live_output).
+            live = (
+                None
+                if journal.entries
+                else LiveOutput(journal, output, functools.partial(provenance, job, input_path))
+            )
+            try:
+                with _base_urls(job) as base_urls, _fewer_collections():
+                    stats, rejected = await _run_async(
+                        job, sources, input_path, output, journal, live, plan,
+                        list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
+                        stream, lean,
+                    )  # fmt: skip
+            except BaseException:
+                if live is not None:
+                    live.abort()
+                raise
         if lean:
             release_encodings()
-        write = functools.partial(
-            write_output,
-            journal,
-            output,
-            stats,
-            provenance(job, input_path),
-            trim_every=TRIM_EVERY_ROWS if lean else 0,
-        )
         # in a thread: a notebook's event loop keeps serving while pyarrow writes
-        await anyio.to_thread.run_sync(write)
+        if live is not None and await anyio.to_thread.run_sync(live.close):
+            stats.output_ok, stats.output_error = live.ok, live.error
+        else:
+            write = functools.partial(
+                write_output,
+                journal,
+                output,
+                stats,
+                provenance(job, input_path),
+                trim_every=TRIM_EVERY_ROWS if lean else 0,
+            )
+            await anyio.to_thread.run_sync(write)
     finally:
         for source in sources:
             if source is not sys.stdin.buffer:
@@ -219,6 +234,7 @@ async def _run_async(
     input_path: Path,
     output: Path,
     journal: Journal,
+    live: LiveOutput | None,
     plan: ResumePlan,
     targets: list[tuple[str, str | None]],
     transport: httpx.AsyncBaseTransport | None,
@@ -227,6 +243,8 @@ async def _run_async(
     lean: bool,
 ) -> tuple[RunStats, int]:
     """The run itself; ``targets`` are the endpoints' (base URL, API key), in job order.
+
+    Results go to ``live`` (the journal and the output) when given, else to the journal.
 
     ``sources`` holds the input opened once per variant (once for a job without variants).
     """
@@ -300,7 +318,7 @@ async def _run_async(
                     endpoints=endpoints,
                     retry=job.retry,
                     concurrency=sum(e.limits.max_concurrency for e in endpoints),
-                    results=journal,
+                    results=journal if live is None else live,
                     rejects=rejects,
                     stats=stats,
                     progress=progress,
@@ -312,6 +330,8 @@ async def _run_async(
                     validate=job.validate,
                     freeze_after_first=True,
                     encoding=job.limits.encoding,
+                    # pyarrow (0.1 s) and the provenance while the first answer is awaited
+                    warm_up=None if live is None else live.prepare,
                 )
                 async with anyio.create_task_group() as background:
                     if lean:

@@ -286,6 +286,10 @@ class Writer(Protocol):
         """Finish the file and move it onto its final path; idempotent."""
         ...
 
+    def abort(self) -> None:
+        """Drop the unfinished file; whatever was at the path before stays."""
+        ...
+
     def __enter__(self) -> Self: ...
 
     def __exit__(
