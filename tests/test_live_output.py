@@ -1,0 +1,148 @@
+"""The output written as the run goes (``batcher.live_output``), over the simulator on loopback.
+
+A run that starts with an empty journal writes its output while it runs; the file must be the
+one the journal would give (``runner.write_output``), re-asked answers included, and a run that
+fails or whose live output fails must leave a whole output, or the previous one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batcher import live_output, writers
+from batcher.config import JobConfig, job_from_dict
+from batcher.journal import Journal, journal_path
+from batcher.progress import Progress
+from batcher.runner import run_job, write_output
+from batcher.sim import SimConfig, running_sim
+from batcher.stats import RunStats
+from batcher.writers import read_results
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+    "required": ["city", "rank"],
+}
+
+
+def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobConfig:
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"c{i}", "prompt": f"City {i} as JSON"}) + "\n")
+    return job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / output), "progress": False},
+            "endpoint": {"base_url": base_url},
+            "request": {
+                "model": "gpt-4o-mini",
+                "max_tokens": 100,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "city", "schema": SCHEMA},
+                },
+            },
+            "limits": {"concurrency": 8},
+            "validate": {"json_schema": True, "max_reasks": 2},
+        }
+    )
+
+
+def rebuilt_from_journal(output: Path, into: Path) -> list[dict[str, Any]]:
+    with Journal(journal_path(output)) as journal:
+        write_output(journal, into, RunStats())
+    return list(read_results(into))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_live_output_is_what_the_journal_gives(tmp_path: Path, suffix: str) -> None:
+    config = SimConfig(schema_error_rate=0.4, seed=3, latency_ms=5, latency_jitter_ms=10)
+    with running_sim(config) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o" + suffix, 30)
+        report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 0
+    journaled = journal_path(report.output).read_text().splitlines()
+    assert any('"provisional":true' in line for line in journaled)  # re-asks were journaled
+    rows = list(read_results(report.output))
+    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in sorted(range(30), key=str)]
+    rebuilt = rebuilt_from_journal(report.output, tmp_path / ("again" + suffix))
+    assert rows == rebuilt  # same records, same order, each re-asked one in its final form
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_live_output_that_fails_is_written_from_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = writers.ParquetWriter.write
+    calls = 0
+
+    def failing_once(self: writers.ParquetWriter, result: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise OSError(28, "No space left on device")
+        real_write(self, result)
+
+    monkeypatch.setattr(writers.ParquetWriter, "write", failing_once)
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 20)
+        report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 0
+    rows = list(read_results(report.output))
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"c{i}" for i in range(20))
+    assert report.stats.output_ok == 20
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.parquet"
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 10)
+        run_job(job, stream=io.StringIO())
+        before = pq.read_table(output)
+        advanced = 0
+        real_advance = Progress.advance
+
+        def breaks_on_the_fourth(self: Progress, n: int = 1) -> None:
+            nonlocal advanced
+            advanced += 1
+            if advanced == 4:
+                raise RuntimeError("a bug")
+            real_advance(self, n)
+
+        monkeypatch.setattr(Progress, "advance", breaks_on_the_fourth)
+        with pytest.raises(BaseExceptionGroup) as failed:
+            run_job(job, restart=True, stream=io.StringIO())
+        assert failed.group_contains(RuntimeError, match="a bug", depth=None)
+    assert pq.read_table(output).equals(before)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_pyarrow_and_the_provenance_are_prepared_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    real_prepare = live_output.LiveOutput.prepare
+
+    def watched(self: live_output.LiveOutput) -> None:
+        threads.append(threading.get_ident())
+        real_prepare(self)
+
+    monkeypatch.setattr(live_output.LiveOutput, "prepare", watched)
+    with running_sim(SimConfig(latency_ms=100)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 3)
+        run_job(job, stream=io.StringIO())
+    # first from the engine's warm-up thread, while the first request was out; then the
+    # first record found it done
+    assert threads[0] != threading.get_ident()
+    assert pq.read_schema(tmp_path / "o.parquet").metadata[b"batcher.input"]
