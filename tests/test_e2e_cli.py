@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -265,3 +266,27 @@ def test_sim_port_in_use_is_a_clear_error() -> None:
         proc = run_batcher("sim", "--port", port, timeout=30)
     assert proc.returncode == 2
     assert "--port: cannot listen" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_run_without_token_limits_loads_no_token_table_numpy_or_pandas(tmp_path: Path) -> None:
+    # What a `batcher run` process keeps out (issue 8: memory and start-up): the modules
+    # still loaded at its exit are printed by a hook, and the Parquet it wrote is read back.
+    src = write_input(tmp_path / "in.jsonl", 20)
+    out = tmp_path / "out.parquet"
+    watch = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('LOADED', sorted(m for m in ('numpy', 'pandas', "
+        "'tiktoken', 'pyarrow') if m in sys.modules), file=sys.stderr))\n"
+        "sys.argv = ['batcher', *sys.argv[1:]]\n"
+        "runpy.run_module('batcher', run_name='__main__')\n"
+    )
+    with sim_process("--latency-ms", "5") as url:
+        args = ["run", "--input", str(src), "--output", str(out), "--base-url", url]
+        proc = subprocess.run(
+            [sys.executable, "-c", watch, *args, "--model", "gpt-4o-mini", "--no-progress"],
+            capture_output=True, text=True, timeout=90, cwd=ROOT, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED ['pyarrow']" in proc.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 20 and all(r["prompt_tokens"] and r["cost_usd"] for r in rows)
