@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from batcher import live_output, writers
+from batcher import live_output, runner, writers
 from batcher.config import JobConfig, job_from_dict
 from batcher.journal import Journal, journal_path
 from batcher.progress import Progress
@@ -146,3 +146,27 @@ def test_pyarrow_and_the_provenance_are_prepared_in_a_thread(
     # first record found it done
     assert threads[0] != threading.get_ident()
     assert pq.read_schema(tmp_path / "o.parquet").metadata[b"batcher.input"]
+
+
+@pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
+def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, live: bool
+) -> None:
+    # The CLI's lean process keeps memory flat for large inputs: past LIVE_OUTPUT_MAX_BYTES
+    # it writes the output from the journal at the end.
+    made: list[object] = []
+    real_init = live_output.LiveOutput.__init__
+
+    def watched(self: live_output.LiveOutput, *args: Any) -> None:
+        made.append(self)
+        real_init(self, *args)
+
+    monkeypatch.setattr(live_output.LiveOutput, "__init__", watched)
+    monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
+        report = run_job(job, stream=io.StringIO(), lean=True)
+    assert bool(made) is live
+    assert sorted(r["custom_id"] for r in read_results(report.output)) == sorted(
+        f"c{i}" for i in range(12)
+    )
