@@ -10,7 +10,6 @@ one warning. ``batch_discount`` prices at the Batch API's half rate.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
@@ -275,6 +274,8 @@ class PriceCache:
             folder = os.path.join(xdg, "batcher")
         if not folder:
             return None
+        import importlib.metadata  # 20 ms: here, in the lookup's thread, not at start-up
+
         try:
             version = importlib.metadata.version("genai-prices")
         except importlib.metadata.PackageNotFoundError:
