@@ -101,11 +101,15 @@ class Engine:
         freeze_after_first: bool = False,
         encoding: str | None = None,
         warm_up: Callable[[], object] | None = None,
+        on_token_limit: Callable[[], object] | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
         """``warm_up`` runs in a thread as the first request goes out: work the run needs at
         its end (the runner imports the output writer), done while the first answer is awaited
-        (with one request alone in flight, see ``Limits``) rather than after the last."""
+        (with one request alone in flight, see ``Limits``) rather than after the last.
+        ``on_token_limit`` is called once, when a request read uncounted meets a TPM meter (a
+        server announced a token limit): the runner has its readers count from then on, in
+        their thread, so that only requests already read are counted here."""
         if endpoints is None:
             if client is None or limits is None:
                 raise ValueError("give client and limits, or endpoints")
@@ -129,6 +133,7 @@ class Engine:
         self._encoding = encoding  # the job's [limits] encoding, for prompts counted here
         self._loading_encoding = anyio.Lock()
         self._warm_up = warm_up
+        self._on_token_limit = on_token_limit
         self._sleep = sleep
         self._stopping = anyio.Event()
         self._record_error: OSError | None = None
@@ -386,7 +391,7 @@ class Engine:
             )
             return None
         counted = request.prompt_tokens
-        if counted is None:  # read uncounted (a job sets max_cost_usd, so the runner counts)
+        if counted is None:  # not counted when read (an Engine fed by other than the runner)
             counted = estimate_prompt_tokens(body, self._encoding)
         worst = price.worst_case(prompt_bound(body, counted), request.completion_budget)
         if not self._budget.try_reserve(worst):
@@ -496,10 +501,12 @@ class Engine:
             limits.observe(attempt.headers)
         if attempt.status_code == 429:
             limits.on_rate_limited(attempt.retry_after)
-        if charged is None or request.prompt_tokens is None:
-            pass  # no meter was charged (or with a prompt not counted): nothing to correct
+        if charged is None:
+            pass  # no TPM meter was charged for this attempt: nothing to correct
         elif attempt.status_code is None or attempt.status_code == 429:
             limits.correct_tokens(charged, 0)  # not admitted: nothing was charged
+        elif request.prompt_tokens is None:
+            pass  # charged its completion budget alone (sent as the meter appeared): keep it
         elif attempt.usage is not None and attempt.usage.prompt_tokens is not None:
             # The server charges its own prompt count (plus the same completion budget).
             limits.correct_tokens(
@@ -514,7 +521,11 @@ class Engine:
         name = self._encoding or encoding_for_model(model if isinstance(model, str) else None)
         if not encoding_loaded(name):
             async with self._loading_encoding:
-                await anyio.to_thread.run_sync(get_encoding, name)
+                if not encoding_loaded(name):  # another request may have loaded it meanwhile
+                    await anyio.to_thread.run_sync(get_encoding, name)
+        if self._on_token_limit is not None:
+            self._on_token_limit()  # the lines read from now on are counted as they are read
+            self._on_token_limit = None
         return dataclasses.replace(
             request, prompt_tokens=estimate_prompt_tokens(request.body, self._encoding)
         )

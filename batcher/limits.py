@@ -179,13 +179,14 @@ class Limits:
         wait = 0.0
         if self.rpm:
             wait = max(wait, self.rpm.reserve(1))
+        charged = self.tpm is not None  # now: a meter learned while this sleeps was not charged
         if self.tpm:
             wait = max(wait, self.tpm.reserve(tokens))
         if wait > 0:
             await anyio.sleep(wait)
         self.in_flight_requests += 1
         self.in_flight_tokens += tokens
-        return self.tpm is not None
+        return charged
 
     def release(self, tokens: int) -> None:
         """The attempt of ``tokens`` estimated tokens is over (answered or failed)."""

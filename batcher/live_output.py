@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batcher.errors import OutputError
 from batcher.journal import Journal
-from batcher.records import Result
+from batcher.records import Result, record_key
 
 if TYPE_CHECKING:
     from batcher.writers import Writer
@@ -41,22 +40,37 @@ class LiveOutput:
         self._metadata: dict[str, str] | None = None
         self._preparing = threading.Lock()
         self._writer: Writer | None = None
+        # Keys whose provisional record (an answer about to be re-asked) has no final record
+        # yet: if the run ends with some (the re-ask was cancelled, or its record could not be
+        # journaled), the journal's answer for them is the provisional one, which this output
+        # does not hold, so it is written from the journal instead.
+        self._unfinished: set[str] = set()
         self.failed = False
         self.ok = 0
         self.error = 0
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
         """Journal the record (an ``OSError`` there stops the run); then write a final one."""
-        self._journal.append(result, body_hash, provisional=provisional)
-        if provisional or self.failed:
+        try:
+            self._journal.append(result, body_hash, provisional=provisional)
+        except OSError:
+            # The line may be on disk all the same (a failed fsync after the write): only the
+            # journal knows what it holds now, so the output is written from it.
+            self._give_up()
+            raise
+        key = record_key(result.custom_id, result.variant)
+        if provisional:
+            self._unfinished.add(key)
+            return
+        self._unfinished.discard(key)
+        if self.failed:
             return
         try:
             if self._writer is None:
                 self._writer = self._open()
             self._writer.write(result)
-        except (OSError, OutputError):
-            self.abort()  # the output is written from the journal at the end instead
-            self.failed = True
+        except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
+            self._give_up()
             return
         if result.status == "ok":
             self.ok += 1
@@ -66,6 +80,8 @@ class LiveOutput:
     def close(self) -> bool:
         """Finish the output (atomically, as ``write_output`` does); false if it could not be
         written as the run went, and must be written from the journal."""
+        if self._unfinished:
+            self._give_up()
         if self.failed:
             return False
         if self._writer is None:  # nothing was recorded: an output with no rows
@@ -94,3 +110,8 @@ class LiveOutput:
         """Drop the unfinished output (the run failed); whatever was there before stays."""
         if self._writer is not None:
             self._writer.abort()
+
+    def _give_up(self) -> None:
+        """Stop writing as the run goes; the output is written from the journal at the end."""
+        self.abort()
+        self.failed = True

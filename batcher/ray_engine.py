@@ -83,6 +83,8 @@ STOP_MARGIN_S = 5.0
 _REQUEST_COLUMNS = (
     "custom_id", "line", "body", "metadata", "prompt_tokens", "completion_budget", "body_hash"
 )  # fmt: skip
+#: Column types given explicitly (the others are inferred).
+_REQUEST_TYPES = {"prompt_tokens": "int64", "completion_budget": "int64", "line": "int64"}
 #: The Parquet columns the driver reads back to count a block (``_result_of_row``).
 _COUNTED = (
     "custom_id", "status", "model", "attempts", "endpoint", "error_code", "schema_valid",
@@ -294,7 +296,12 @@ def _request_blocks(
     columns: dict[str, list[Any]] = {name: [] for name in _REQUEST_COLUMNS}
 
     def table() -> pa.Table:
-        block = pa.table(columns)
+        # prompt_tokens may be all None (not counted): typed, not Arrow's null type
+        arrays = {
+            name: pa.array(values, type=_REQUEST_TYPES.get(name))
+            for name, values in columns.items()
+        }
+        block = pa.table(arrays)
         for values in columns.values():
             values.clear()
         return block

@@ -132,6 +132,13 @@ class Reader:
         self.lines_read = 0
         self.blank_lines = 0
 
+    def count_from_now(self) -> None:
+        """Count the prompts of the lines read from now on (a token limit appeared mid-run).
+
+        Called from the event loop while this reader may be iterating in its thread: one
+        attribute, read once a line."""
+        self._count = True
+
     def __iter__(self) -> Iterator[Request | Reject]:
         try:
             for line_no, raw in enumerate(_checked(self._stream), start=1):

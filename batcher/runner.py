@@ -138,6 +138,7 @@ async def arun_job(
     api_keys = _api_keys(job)
     # before the journal, so a missing input changes nothing
     sources = _open_sources(input_path, max(1, len(job.variants)))
+    live: LiveOutput | None = None
     try:
         jpath = journal_path(output)
         if restart:
@@ -151,22 +152,14 @@ async def arun_job(
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
             # A fresh journal: the output is written as the run goes (see live_output).
-            live = (
-                LiveOutput(journal, output, functools.partial(provenance, job, input_path))
-                if not journal.entries and (not lean or _small_input(input_path))
-                else None
-            )
-            try:
-                with _base_urls(job) as base_urls, _fewer_collections():
-                    stats, rejected = await _run_async(
-                        job, sources, input_path, output, journal, live, plan,
-                        list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
-                        stream, lean,
-                    )  # fmt: skip
-            except BaseException:
-                if live is not None:
-                    live.abort()
-                raise
+            if not journal.entries and (not lean or _small_input(input_path)):
+                live = LiveOutput(journal, output, functools.partial(provenance, job, input_path))
+            with _base_urls(job) as base_urls, _fewer_collections():
+                stats, rejected = await _run_async(
+                    job, sources, input_path, output, journal, live, plan,
+                    list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
+                    stream, lean,
+                )  # fmt: skip
         if lean:
             release_encodings()
         # in a thread: a notebook's event loop keeps serving while pyarrow writes
@@ -182,6 +175,10 @@ async def arun_job(
                 trim_every=TRIM_EVERY_ROWS if lean else 0,
             )
             await anyio.to_thread.run_sync(write)
+    except BaseException:
+        if live is not None:
+            live.abort()  # the .partial; a finished output is left alone
+        raise
     finally:
         for source in sources:
             if source is not sys.stdin.buffer:
@@ -338,6 +335,7 @@ async def _run_async(
                     encoding=job.limits.encoding,
                     # pyarrow (0.1 s) and the provenance while the first answer is awaited
                     warm_up=None if live is None else live.prepare,
+                    on_token_limit=functools.partial(_count_from_now, readers),
                 )
                 async with anyio.create_task_group() as background:
                     if lean:
@@ -362,6 +360,11 @@ async def _run_async(
             file=stream,
         )
     return stats, rejected
+
+
+def _count_from_now(readers: list[Reader]) -> None:
+    for reader in readers:
+        reader.count_from_now()
 
 
 def _small_input(path: Path) -> bool:

@@ -19,7 +19,9 @@ import pytest
 from batcher import live_output, runner, writers
 from batcher.config import JobConfig, job_from_dict
 from batcher.journal import Journal, journal_path
+from batcher.live_output import LiveOutput
 from batcher.progress import Progress
+from batcher.records import Result
 from batcher.runner import run_job, write_output
 from batcher.sim import SimConfig, running_sim
 from batcher.stats import RunStats
@@ -170,3 +172,56 @@ def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
     assert sorted(r["custom_id"] for r in read_results(report.output)) == sorted(
         f"c{i}" for i in range(12)
     )
+
+
+def _result(custom_id: str) -> Result:
+    return Result(
+        custom_id=custom_id, line=1, status="ok", model="m", attempts=1, latency_s=0.1,
+        started_at=1.0, finished_at=2.0, status_code=200, body={"choices": []},
+    )  # fmt: skip
+
+
+def test_a_reask_left_unfinished_sends_the_output_to_the_journal(tmp_path: Path) -> None:
+    # A provisional record (an answer about to be re-asked) whose final record never came
+    # (the re-ask was cancelled at the end of the grace period) is the journal's answer for
+    # that id: the live output does not hold it, so the output is written from the journal.
+    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+        live = LiveOutput(journal, tmp_path / "o.jsonl", dict)
+        live.append(_result("a"), "h")
+        live.append(_result("b"), "h", provisional=True)
+        assert live.close() is False
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "o.jsonl").exists()
+    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+        live = LiveOutput(journal, tmp_path / "o.jsonl", dict)  # (a journal with records
+        live.append(_result("c"), "h", provisional=True)  # would not go live; this is a unit
+        live.append(_result("c"), "h")  # test: the final record came, so the output stands)
+        assert live.close() is True
+    assert [r["custom_id"] for r in read_results(tmp_path / "o.jsonl")] == ["c"]
+
+
+def test_final_records_the_journal_refuses_leave_the_output_to_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every answer fails its schema; the journal takes each provisional record and refuses
+    # the final one (a full disk): the run stops, and the output still holds what the
+    # journal holds, the paid provisional answers.
+    real_append = Journal.append
+    provisional_ids: set[str] = set()
+
+    def append(self: Journal, result: Result, body_hash: str, *, provisional: bool = False) -> None:
+        if provisional:
+            provisional_ids.add(result.custom_id)
+        elif result.custom_id in provisional_ids:
+            raise OSError(28, "No space left on device")
+        real_append(self, result, body_hash, provisional=provisional)
+
+    monkeypatch.setattr(Journal, "append", append)
+    with running_sim(SimConfig(schema_error_rate=1.0, seed=3, latency_ms=5)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.jsonl", 10)
+        report = run_job(job, stream=io.StringIO())
+    monkeypatch.setattr(Journal, "append", real_append)
+    assert report.exit_code == 3
+    rows = list(read_results(report.output))
+    assert rows and rows == rebuilt_from_journal(report.output, tmp_path / "again.jsonl")
+    assert {r["custom_id"] for r in rows} <= provisional_ids
+    assert not list(tmp_path.glob("*.partial"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ from batcher import engine, reader
 from batcher.config import JobConfig, job_from_dict
 from batcher.runner import run_job
 from batcher.sim import SimConfig, Simulator
-from batcher.tokens import encoding_loaded, release_encodings
+from batcher.tokens import release_encodings
 from batcher.writers import read_results
 
 from .helpers import write_input
@@ -92,7 +93,33 @@ def test_a_token_limit_told_by_the_server_meters_counted_prompts(tmp_path: Path)
     )
     assert report.stats.ok == 30
     assert sim.stats.rejected_429 == 0
-    assert encoding_loaded("o200k_base")
+
+
+def test_once_the_server_tells_a_token_limit_the_reader_counts_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More lines than the reader has read ahead when the first answer comes: those already
+    # read are counted by the engine before sending, the rest by the reader as it reads them.
+    calls = {"reader": 0, "engine": 0}
+    for name, module in (("reader", reader), ("engine", engine)):
+
+        def counting(
+            *args: Any, _name: str = name, _real: Any = module.estimate_prompt_tokens
+        ) -> int:
+            calls[_name] += 1
+            return int(_real(*args))
+
+        monkeypatch.setattr(module, "estimate_prompt_tokens", counting)
+    src = _mixed_prompts(tmp_path / "in.jsonl", 800)
+    sim = Simulator(SimConfig(tpm=100_000_000))  # announced, never reached
+    report = run_job(
+        job(tmp_path, src, limits={"concurrency": 16}),
+        transport=httpx.ASGITransport(app=sim),
+        stream=io.StringIO(),
+    )
+    assert report.stats.ok == 800
+    assert calls["engine"] > 0 and calls["reader"] > 0
+    assert calls["engine"] + calls["reader"] >= 799  # all but the first, sent before the limit
 
 
 def test_without_a_token_limit_prompts_are_not_counted(
