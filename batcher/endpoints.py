@@ -11,7 +11,7 @@ combined throughput is the sum of what each allows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from batcher.client import ChatClient
@@ -38,6 +38,9 @@ class Endpoint:
     weight: float = 1.0
     failure_rate: float = field(default=0.0)
     assigned: int = 0  # attempts routed here and not over yet (waiting on limits included)
+    #: Called once with the limits after the endpoint's first ok answer, to remember what
+    #: the server announced (``known_limits``); ``None`` once called, or not wanted.
+    remember: Callable[[Limits], object] | None = None
 
     def record(self, ok: bool) -> None:
         """Note an attempt's outcome (a server error or a failed connection is not ok)."""

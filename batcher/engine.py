@@ -499,6 +499,9 @@ class Engine:
             limits.enter_outage(wait)
         if attempt.headers:
             limits.observe(attempt.headers)
+        if attempt.ok and endpoint.remember is not None:
+            endpoint.remember(limits)  # what it announced (or that it announced nothing)
+            endpoint.remember = None
         if attempt.status_code == 429:
             limits.on_rate_limited(attempt.retry_after)
         if charged is None:

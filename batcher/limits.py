@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import anyio
 
+from batcher.known_limits import Announced
+
 Clock = Callable[[], float]
 
 #: Burst a meter allows after an idle period, in seconds of its rate. Zero: requests go out
@@ -196,6 +198,25 @@ class Limits:
             self.probing = False
             if not self.outage:
                 self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
+
+    def start_from(self, announced: Announced) -> None:
+        """Start with the limits a server announced on an earlier run (``known_limits``): the
+        meters at them, and the pool open at once instead of after a probe."""
+        for kind, limit in (("requests", announced.rpm), ("tokens", announced.tpm)):
+            if limit is not None:
+                self._steer(kind, RateHeaders(limit, None, None))
+        self.probing = False
+        if not self.outage:
+            self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
+
+    def announced(self) -> Announced:
+        """The limits the server's headers announced so far (for the whole key: not scaled
+        by ``share``)."""
+        rpm, tpm = self.server_rpm, self.server_tpm
+        return Announced(
+            rpm=None if rpm is None else rpm / self.share,
+            tpm=None if tpm is None else tpm / self.share,
+        )
 
     def correct_tokens(self, estimated: int, charged: int) -> None:
         """Correct the TPM meter once the server's count of a request is known."""

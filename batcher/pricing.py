@@ -12,17 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from batcher.disk_cache import JsonCache, cache_dir, without_secrets
 from batcher.errors import ConfigError
 from batcher.records import Usage
 
@@ -240,39 +239,23 @@ class Pricer:
         return lookup_price(model, self._api_url)
 
 
-def _without_secrets(url: str | None) -> str:
-    """The URL without user, password, query or fragment: a key may hide in any of them, and
-    the cache is a file in the user's home."""
-    if not url:
-        return ""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 class PriceCache:
     """Prices found in genai-prices, kept on disk by its version, model and endpoint URL.
 
     A lookup costs ~0.3 s of CPU (and, from the CLI, a child process of ~40 MB); its answer
     cannot change until genai-prices is upgraded, so a run of a model seen before reads the
-    file instead. ``$BATCHER_CACHE_DIR``, else ``$XDG_CACHE_HOME/batcher``, else
-    ``~/.cache/batcher``; ``BATCHER_CACHE_DIR=""`` turns it off. A cache that cannot be read or
-    written is ignored: it only saves time.
+    file instead. Where it lives, and how it is turned off: ``disk_cache``.
     """
 
     def __init__(self, path: Path, version: str) -> None:
         self.path = path
         self.version = version
+        self._file = JsonCache(path)
 
     @classmethod
     def default(cls) -> PriceCache | None:
-        folder = os.environ.get("BATCHER_CACHE_DIR")
+        folder = cache_dir()
         if folder is None:
-            xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-            folder = os.path.join(xdg, "batcher")
-        if not folder:
             return None
         import importlib.metadata  # 20 ms: here, in the lookup's thread, not at start-up
 
@@ -280,14 +263,14 @@ class PriceCache:
             version = importlib.metadata.version("genai-prices")
         except importlib.metadata.PackageNotFoundError:
             return None
-        return cls(Path(folder) / "prices.json", version)
+        return cls(folder / "prices.json", version)
 
     def key(self, model: str, api_url: str | None) -> str:
-        return f"{self.version}\t{_without_secrets(api_url)}\t{model}"
+        return f"{self.version}\t{without_secrets(api_url)}\t{model}"
 
     def get(self, key: str) -> tuple[bool, Price | None]:
         """``(True, price)`` when ``key`` is in the file (``price`` ``None``: known unknown)."""
-        entries = self._read()
+        entries = self._file.read()
         if key not in entries:
             return False, None
         found = entries[key]
@@ -297,22 +280,9 @@ class PriceCache:
             return False, None
 
     def put(self, key: str, price: Price | None) -> None:
-        entries = self._read()
+        entries = self._file.read()
         entries[key] = None if price is None else dataclasses.asdict(price)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-            partial.write_text(json.dumps(entries, indent=1), encoding="utf-8")
-            os.replace(partial, self.path)  # whole, even with another run writing it too
-        except OSError:
-            pass
-
-    def _read(self) -> dict[str, Any]:
-        try:
-            entries = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return entries if isinstance(entries, dict) else {}
+        self._file.write(entries)
 
 
 def lookup_price(model: str, api_url: str | None = None) -> Price | None:

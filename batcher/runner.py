@@ -28,6 +28,7 @@ from batcher.engine import READ_BATCH, Engine, Lane
 from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter, output_format
 from batcher.journal import Journal, journal_path
+from batcher.known_limits import KnownLimits
 from batcher.limits import Limits
 from batcher.live_output import LiveOutput
 from batcher.outage import Outage
@@ -257,13 +258,20 @@ async def _run_async(
     stats = RunStats()
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     variants: list[VariantConfig | None] = list(job.variants) or [None]
+    # What each endpoint announced on an earlier run: it then starts without a probe.
+    known = KnownLimits.default()
+    remembered = [
+        None if known is None or config.is_sim else known.get(base_url)
+        for config, (base_url, _) in zip(job.all_endpoints, targets, strict=True)
+    ]
+    token_limit_known = any(a is not None and a.tpm is not None for a in remembered)
     readers = [
         Reader(
             source,
             job.request,
             encoding=job.limits.encoding,
             variant=variant,
-            count_tokens=job.counts_tokens,
+            count_tokens=job.counts_tokens or token_limit_known,
         )
         for source, variant in zip(sources, variants, strict=True)
     ]
@@ -281,7 +289,9 @@ async def _run_async(
         with RejectsWriter(rejects_path(output)) as rejects:
             async with contextlib.AsyncExitStack() as clients:
                 endpoints = []
-                for config, (base_url, api_key) in zip(job.all_endpoints, targets, strict=True):
+                for config, (base_url, api_key), announced in zip(
+                    job.all_endpoints, targets, remembered, strict=True
+                ):
                     concurrency = config.concurrency or job.limits.concurrency
                     client = ChatClient(
                         base_url,
@@ -297,6 +307,8 @@ async def _run_async(
                         tpm=config.tpm or job.limits.tpm,
                         concurrency=concurrency,
                     )
+                    if announced is not None:
+                        limits.start_from(announced)
                     outage = Outage(patience_s=job.retry.outage_patience_s)
                     endpoints.append(
                         Endpoint(
@@ -305,6 +317,9 @@ async def _run_async(
                             limits=limits,
                             outage=outage,
                             weight=config.weight,
+                            remember=None
+                            if known is None or config.is_sim
+                            else functools.partial(_remember, known, base_url),
                         )
                     )
                 by_name = {e.name: e for e in endpoints}
@@ -360,6 +375,10 @@ async def _run_async(
             file=stream,
         )
     return stats, rejected
+
+
+def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:
+    known.put(base_url, limits.announced())
 
 
 def _count_from_now(readers: list[Reader]) -> None:
