@@ -42,6 +42,16 @@ from batcher.errors import InputError
 from batcher.idset import IdSet
 from batcher.limits import Limits
 from batcher.outage import OUTAGE_AFTER, Outage
+from batcher.outcomes import (
+    UNREACHABLE,
+    answering_model,
+    combined,
+    not_asked_again,
+    reask_request,
+    result_of,
+    stop_reason,
+    stops_the_run,
+)
 from batcher.pricing import Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
@@ -49,8 +59,8 @@ from batcher.requests import estimate_prompt_tokens, prompt_bound
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
-from batcher.tokens import count_message_tokens, encoding_for_model, encoding_loaded, get_encoding
-from batcher.validation import Verdict, check_answer, expected_format, reask_body
+from batcher.tokens import encoding_for_model, encoding_loaded, get_encoding
+from batcher.validation import Verdict, check_answer, expected_format
 
 #: Lines read per trip to the reading thread.
 READ_BATCH = 256
@@ -281,9 +291,9 @@ class Engine:
                     result, reasks = await self._check_format(request, result, router)
                 if result.error_code == "connection_error" and router.all_exhausted:
                     continue  # not recorded: the endpoints are down, a re-run sends it
-                if _stops_the_run(result):
+                if stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
-                    self.stop(_stop_reason(result))
+                    self.stop(stop_reason(result))
                     continue
                 self._record(result, request.body_hash, reasks=reasks)
 
@@ -314,7 +324,7 @@ class Engine:
                 self._stats.resent += 1
         started = time.time()
         last, attempts, where = await self._send(request, router)
-        model = _answering_model(request, last)
+        model = answering_model(request, last)
         if not pricer.ready(asked, model, last.usage):
             await anyio.to_thread.run_sync(pricer.cost_of, asked, model, last.usage)
         cost = pricer.cost_of(asked, model, last.usage)
@@ -326,7 +336,7 @@ class Engine:
             self._budget.settle(reserved, cost or 0.0)
         # Built once, priced: a dataclasses.replace of a frozen Result costs more than the
         # Result itself (issue 8).
-        return _result_of(request, last, attempts, started, where, model=model, cost=cost)
+        return result_of(request, last, attempts, started, where, model=model, cost=cost)
 
     async def _check_format(
         self, request: Request, result: Result, router: Router
@@ -345,15 +355,15 @@ class Engine:
         asked, reasks = request, 0
         while verdict.valid is False and verdict.reask and reasks < self._validate.max_reasks:
             if self._stopping.is_set() or not self._journal_provisionally(request, result, verdict):
-                verdict = _not_asked_again(verdict)
+                verdict = not_asked_again(verdict)
                 break
-            asked = _reask_request(asked, result.body, verdict)
+            asked = reask_request(asked, result.body, verdict)
             answer = await self._ask(asked, router, first=False)
             if answer is None:  # the budget is spent
-                verdict = _not_asked_again(verdict)
+                verdict = not_asked_again(verdict)
                 break
             reasks += 1
-            result = _combined(result, answer)
+            result = combined(result, answer)
             if answer.status != "ok":
                 failed = f"{verdict.error}; re-ask {reasks} failed: {answer.error_code}"
                 verdict = Verdict(False, failed)
@@ -455,7 +465,7 @@ class Engine:
         while True:
             endpoint = await self._route(router)
             if endpoint is None:  # the run is stopping: do not knock on dead endpoints
-                return _UNREACHABLE, sends, None
+                return UNREACHABLE, sends, None
             sends += 1
             endpoint.assigned += 1
             try:
@@ -629,100 +639,3 @@ async def _next_request(recv: MemoryObjectReceiveStream[Request]) -> Request | N
         return await recv.receive()
     except anyio.EndOfStream:
         return None
-
-
-def _reask_request(request: Request, answer: object, verdict: Verdict) -> Request:
-    """The request that asks again, its token estimates grown by the two turns it adds."""
-    body = reask_body(request.body, answer, verdict)
-    if request.prompt_tokens is None:  # not counted: the engine counts it if a meter needs it
-        return dataclasses.replace(request, body=body)
-    model = body.get("model")
-    added = count_message_tokens(
-        body["messages"][-2:], encoding_for_model(model if isinstance(model, str) else None)
-    )
-    return dataclasses.replace(request, body=body, prompt_tokens=request.prompt_tokens + added)
-
-
-def _not_asked_again(verdict: Verdict) -> Verdict:
-    return Verdict(False, f"{verdict.error}; not asked again: the run stopped", reask=False)
-
-
-def _combined(before: Result, after: Result) -> Result:
-    """One record for a request asked twice: the later ok answer (else the earlier), with
-    attempts, usage and cost of both."""
-    kept = after if after.status == "ok" else before
-    usage = after.usage if before.usage is None else before.usage.plus(after.usage)
-    costs = [c for c in (before.cost_usd, after.cost_usd) if c is not None]
-    return dataclasses.replace(
-        kept,
-        attempts=before.attempts + after.attempts,
-        usage=usage,
-        cost_usd=sum(costs) if costs else None,
-        started_at=before.started_at,
-        finished_at=after.finished_at,
-    )
-
-
-def _answering_model(request: Request, last: Attempt) -> str | None:
-    """The model an ok answer names, else the one asked for."""
-    body = last.body
-    model = body.get("model") if last.ok and isinstance(body, dict) else None
-    if isinstance(model, str):
-        return model
-    asked = request.body.get("model")
-    return asked if isinstance(asked, str) else None
-
-
-def _result_of(
-    request: Request,
-    last: Attempt,
-    attempts: int,
-    started: float,
-    endpoint: str | None,
-    *,
-    model: str | None,
-    cost: float | None,
-) -> Result:
-    return Result(
-        custom_id=request.custom_id,
-        line=request.line,
-        status="ok" if last.ok else "error",
-        model=model,
-        attempts=attempts,
-        latency_s=last.latency_s,
-        started_at=started,
-        finished_at=time.time(),
-        status_code=last.status_code,
-        request_id=last.request_id,
-        body=last.body,
-        usage=last.usage,
-        error_code=last.error_code,
-        error_message=last.error_message,
-        metadata=request.metadata,
-        cost_usd=cost,
-        ttft_s=last.ttft_s,
-        endpoint=endpoint,
-        variant=request.variant,
-    )
-
-
-#: What an attempt that is not made any more (the outage outlasted its patience) returns.
-_UNREACHABLE = Attempt(
-    ok=False,
-    retryable=False,
-    latency_s=0.0,
-    error_code="connection_error",
-    error_message="the endpoint is unreachable: not sent",
-)
-
-
-def _stops_the_run(result: Result) -> bool:
-    """Answers that every later request would get too: a refused key, an exhausted quota."""
-    return result.status_code in (401, 403) or result.error_code == "insufficient_quota"
-
-
-def _stop_reason(result: Result) -> str:
-    detail = f"{result.status_code} {result.error_code}: {result.error_message}"
-    if result.error_code == "insufficient_quota":
-        return f"the account has no quota left ({detail}); add credits or raise the limit"
-    return f"the endpoint refused the API key ({detail}); check the key and its permissions"
