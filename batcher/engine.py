@@ -115,8 +115,8 @@ class Engine:
         sleep: Sleep = anyio.sleep,
     ) -> None:
         """``warm_up`` runs in a thread as the first request goes out: work the run needs at
-        its end (the runner imports the output writer), done while the first answer is awaited
-        (with one request alone in flight, see ``Limits``) rather than after the last.
+        its end (the runner imports the output writer), done while the first answers are
+        awaited (the probe's, when there is one: see ``Limits``) rather than after the last.
         ``on_token_limit`` is called once, when a request read uncounted meets a TPM meter (a
         server announced a token limit): the runner has its readers count from then on, in
         their thread, so that only requests already read are counted here."""
