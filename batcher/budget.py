@@ -10,6 +10,14 @@ continues under a new, higher cap.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from batcher.requests import estimate_prompt_tokens, prompt_bound
+
+if TYPE_CHECKING:
+    from batcher.pricing import Price
+    from batcher.records import Request
+
 
 class Budget:
     """Spent and reserved dollars against a cap."""
@@ -30,3 +38,33 @@ class Budget:
         """Replace a reservation by what the request really cost."""
         self.reserved = max(0.0, self.reserved - reserved)
         self.spent += actual
+
+    def reserve_for(
+        self, request: Request, price: Price | None, encoding: str | None
+    ) -> float | str:
+        """Reserve ``request``'s worst case at ``price``: the amount reserved, or why it
+        cannot be sent (a ``str``: the run stops with it). ``encoding`` counts a prompt that
+        was not counted when read."""
+        model = request.body.get("model")
+        if price is None:
+            return (
+                f"--max-cost: no price for model {model!r}, so its cost cannot be capped; "
+                f'add [pricing."{model}"] input/output prices to the job'
+            )
+        body = request.body
+        if not (body.get("max_tokens") or body.get("max_completion_tokens")):
+            return (
+                "--max-cost needs max_tokens (or max_completion_tokens) on every request, to "
+                "bound what an answer can cost; set it in the job's [request] or on the lines"
+            )
+        counted = request.prompt_tokens
+        if counted is None:  # not counted when read (an Engine fed by other than the runner)
+            counted = estimate_prompt_tokens(body, encoding)
+        worst = price.worst_case(prompt_bound(body, counted), request.completion_budget)
+        if not self.try_reserve(worst):
+            return (
+                f"--max-cost ${self.cap:g} reached: ${self.spent:.4f} spent, "
+                f"${self.reserved:.4f} reserved by requests in flight, next would reserve "
+                f"${worst:.4f}"
+            )
+        return worst

@@ -55,11 +55,10 @@ from batcher.outcomes import (
 from batcher.pricing import Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
-from batcher.requests import estimate_prompt_tokens, prompt_bound
+from batcher.requests import LateCounter
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
-from batcher.tokens import encoding_for_model, encoding_loaded, get_encoding
 from batcher.validation import Verdict, check_answer, expected_format
 
 #: Lines read per trip to the reading thread.
@@ -117,9 +116,7 @@ class Engine:
         """``warm_up`` runs in a thread as the first request goes out: work the run needs at
         its end (the runner imports the output writer), done while the first answers are
         awaited (the probe's, when there is one: see ``Limits``) rather than after the last.
-        ``on_token_limit`` is called once, when a request read uncounted meets a TPM meter (a
-        server announced a token limit): the runner has its readers count from then on, in
-        their thread, so that only requests already read are counted here."""
+        ``on_token_limit``: see ``requests.LateCounter``'s ``on_first``."""
         if endpoints is None:
             if client is None or limits is None:
                 raise ValueError("give client and limits, or endpoints")
@@ -141,9 +138,8 @@ class Engine:
         self._freeze_pending = freeze_after_first
         self._grace_s = grace_s
         self._encoding = encoding  # the job's [limits] encoding, for prompts counted here
-        self._loading_encoding = anyio.Lock()
         self._warm_up = warm_up
-        self._on_token_limit = on_token_limit
+        self._late_counter = LateCounter(encoding, on_first=on_token_limit)
         self._sleep = sleep
         self._stopping = anyio.Event()
         self._record_error: OSError | None = None
@@ -382,37 +378,17 @@ class Engine:
         return self._journal(pending, request.body_hash, provisional=True)
 
     def _reserve(self, request: Request) -> float | None:
-        """Reserve the request's worst-case cost under ``--max-cost``; ``None`` if it cannot go."""
+        """Reserve the request's worst-case cost under ``--max-cost``; ``None`` if it cannot go
+        (the run then stops, saying why)."""
         if self._budget is None:
             return 0.0
         model = request.body.get("model")
         price = self._pricer.price(model if isinstance(model, str) else None)
-        if price is None:
-            self.stop(
-                f"--max-cost: no price for model {model!r}, so its cost cannot be capped; "
-                f'add [pricing."{model}"] input/output prices to the job'
-            )
+        reserved = self._budget.reserve_for(request, price, self._encoding)
+        if isinstance(reserved, str):
+            self.stop(reserved)
             return None
-        body = request.body
-        if not (body.get("max_tokens") or body.get("max_completion_tokens")):
-            self.stop(
-                "--max-cost needs max_tokens (or max_completion_tokens) on every request, to "
-                "bound what an answer can cost; set it in the job's [request] or on the lines"
-            )
-            return None
-        counted = request.prompt_tokens
-        if counted is None:  # not counted when read (an Engine fed by other than the runner)
-            counted = estimate_prompt_tokens(body, self._encoding)
-        worst = price.worst_case(prompt_bound(body, counted), request.completion_budget)
-        if not self._budget.try_reserve(worst):
-            budget = self._budget
-            self.stop(
-                f"--max-cost ${budget.cap:g} reached: ${budget.spent:.4f} spent, "
-                f"${budget.reserved:.4f} reserved by requests in flight, next would reserve "
-                f"${worst:.4f}"
-            )
-            return None
-        return worst
+        return reserved
 
     def _record(self, result: Result, body_hash: str, *, reasks: int = 0) -> None:
         """Journal a finished request, then count it: synchronous, so nothing interleaves."""
@@ -527,22 +503,6 @@ class Engine:
             )
         return attempt, sends, endpoint.name
 
-    async def _counted(self, request: Request) -> Request:
-        """The request with its prompt counted: read uncounted, it meets a TPM meter that a
-        server's headers set up. The token table is loaded in a thread, once."""
-        model = request.body.get("model")
-        name = self._encoding or encoding_for_model(model if isinstance(model, str) else None)
-        if not encoding_loaded(name):
-            async with self._loading_encoding:
-                if not encoding_loaded(name):  # another request may have loaded it meanwhile
-                    await anyio.to_thread.run_sync(get_encoding, name)
-        if self._on_token_limit is not None:
-            self._on_token_limit()  # the lines read from now on are counted as they are read
-            self._on_token_limit = None
-        return dataclasses.replace(
-            request, prompt_tokens=estimate_prompt_tokens(request.body, self._encoding)
-        )
-
     def _give_up_on(self, router: Router, patience_s: float, error: str | None) -> None:
         """Some endpoints (one variant's) are past their patience while others work: the run
         finishes the rest and ends as stopped early, so a re-run sends what they could not."""
@@ -590,7 +550,7 @@ class Engine:
             await limiter.acquire()
         try:
             if request.prompt_tokens is None and limits.tpm is not None:
-                request = await self._counted(request)
+                request = await self._late_counter.counted(request)
             tokens = request.est_tokens
             metered = await limits.acquire(tokens)
             try:

@@ -9,12 +9,21 @@ untouched, so new API parameters work without a batcher release.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
+
 from batcher.errors import ConfigError
-from batcher.tokens import count_message_tokens, encoding_for_model
+from batcher.records import Request
+from batcher.tokens import (
+    count_message_tokens,
+    encoding_for_model,
+    encoding_loaded,
+    get_encoding,
+)
 
 #: Completion tokens assumed for the TPM estimate when a request sets no max_tokens: a
 #: middle-of-the-road answer length. Set max_tokens for a tighter estimate.
@@ -150,6 +159,31 @@ def estimate_prompt_tokens(body: Mapping[str, Any], encoding: str | None = None)
     return count_message_tokens(
         messages, encoding or encoding_for_model(model if isinstance(model, str) else None)
     )
+
+
+class LateCounter:
+    """Counts the prompt of a request read uncounted, once a TPM meter needs it (a server
+    announced a token limit mid-run). The token table loads in a thread, once; ``on_first``
+    is called the first time (the runner's readers then count the lines they read next)."""
+
+    def __init__(self, encoding: str | None, *, on_first: Callable[[], object] | None) -> None:
+        self._encoding = encoding  # the job's [limits] encoding, if it names one
+        self._on_first = on_first
+        self._loading = anyio.Lock()
+
+    async def counted(self, request: Request) -> Request:
+        """``request`` with ``prompt_tokens`` counted."""
+        model = request.body.get("model")
+        name = self._encoding or encoding_for_model(model if isinstance(model, str) else None)
+        if not encoding_loaded(name):
+            async with self._loading:
+                if not encoding_loaded(name):  # another request may have loaded it meanwhile
+                    await anyio.to_thread.run_sync(get_encoding, name)
+        if self._on_first is not None:
+            self._on_first()
+            self._on_first = None
+        counted = estimate_prompt_tokens(request.body, self._encoding)
+        return dataclasses.replace(request, prompt_tokens=counted)
 
 
 #: Tokens an image part may cost at most (a large image at high detail), for cost bounds.

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher import engine, reader
+from batcher import budget, reader, requests
 from batcher.config import JobConfig, job_from_dict
 from batcher.runner import run_job
 from batcher.sim import SimConfig, Simulator
@@ -101,7 +101,8 @@ def test_once_the_server_tells_a_token_limit_the_reader_counts_the_rest(
     # More lines than the reader has read ahead when the first answer comes: those already
     # read are counted by the engine before sending, the rest by the reader as it reads them.
     calls = {"reader": 0, "engine": 0}
-    for name, module in (("reader", reader), ("engine", engine)):
+    # (the engine counts through requests.LateCounter)
+    for name, module in (("reader", reader), ("engine", requests)):
 
         def counting(
             *args: Any, _name: str = name, _real: Any = module.estimate_prompt_tokens
@@ -127,7 +128,7 @@ def test_without_a_token_limit_prompts_are_not_counted(
 ) -> None:
     # (The in-process simulator counts with tiktoken itself, so the count calls are watched.)
     counted: list[object] = []
-    for module in (reader, engine):
+    for module in (reader, requests, budget):
         monkeypatch.setattr(module, "estimate_prompt_tokens", lambda *a: counted.append(a) or 1)
     src = _mixed_prompts(tmp_path / "in.jsonl", 10)
     sim = Simulator(SimConfig(rpm=6000))  # request headers only
