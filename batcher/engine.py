@@ -330,8 +330,7 @@ class Engine:
             if cost is None and last.ok:
                 cost = reserved
             self._budget.settle(reserved, cost or 0.0)
-        # Built once, priced: a dataclasses.replace of a frozen Result costs more than the
-        # Result itself (issue 8).
+        # Built once, priced: replacing a field of a frozen Result costs more than building it
         return result_of(request, last, attempts, started, where, model=model, cost=cost)
 
     async def _check_format(
