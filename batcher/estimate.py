@@ -6,7 +6,8 @@ tokens with tiktoken, and bounds the output: **high** is every request's whole c
 (``max_completion_tokens``/``max_tokens``, or 256, × ``n``); **low** assumes answers use
 ``low_fraction`` of their budget (25 % by default), or, given ``sample`` (an earlier output
 file), the average completion tokens its answers actually used. The ETA is the slowest of the
-job's RPM limit, its TPM limit, and concurrency × an assumed latency per answer.
+RPM limits, the TPM limits, and concurrency × an assumed latency per answer, endpoint by
+endpoint (``_eta``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batcher.config import JobConfig, VariantConfig
+from batcher.config import EndpointConfig, JobConfig, VariantConfig
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import format_duration
 from batcher.reader import Reader, open_input
@@ -153,18 +154,60 @@ def _price(m: ModelEstimate, pricer: Pricer, model: str) -> bool:
 
 
 def _eta(job: JobConfig, est: Estimate, latency_s: float) -> tuple[float, str]:
-    bounds = {
-        f"concurrency {job.limits.concurrency} × {latency_s:g} s an answer": (
-            est.requests * latency_s / job.limits.concurrency
-        )
-    }
-    if job.limits.rpm:
-        bounds[f"{job.limits.rpm:g} RPM"] = est.requests / job.limits.rpm * 60
-    if job.limits.tpm:
-        tokens = est.prompt_tokens + est.output_tokens_high  # TPM is charged on the budget
-        bounds[f"{job.limits.tpm:g} TPM"] = tokens / job.limits.tpm * 60
-    bound = max(bounds, key=lambda k: bounds[k])
-    return bounds[bound], bound
+    """How long the run takes at its limits, and what binds it.
+
+    Each endpoint sends at the slowest of its own limits (its ``concurrency``, ``rpm`` and
+    ``tpm``, else the job's ``[limits]``, as the run applies them): concurrency ÷ latency,
+    RPM ÷ 60, or TPM ÷ 60 ÷ the tokens a request is charged (prompt and whole completion
+    budget). The whole input can go no faster than all endpoints together, and a variant
+    bound to some endpoints no faster than those: the ETA is the longest of these.
+    """
+    endpoints = {e.name: e for e in job.all_endpoints}
+    groups: list[tuple[str, ModelEstimate, list[str]]] = [("", _totals(est), list(endpoints))]
+    for variant in job.variants:
+        if variant.endpoints and variant.name in est.by_variant:
+            named = f"variant {variant.name}: "
+            groups.append((named, est.by_variant[variant.name], list(variant.endpoints)))
+    best = (0.0, "no requests")
+    for label, figures, names in groups:
+        if figures.requests == 0:
+            continue
+        tokens = (figures.prompt_tokens + figures.output_tokens_high) / figures.requests
+        rates = [_rate(job, endpoints[n], tokens, latency_s) for n in names]
+        seconds = figures.requests / sum(rate for rate, _ in rates)
+        if len(rates) == 1:
+            bound = rates[0][1]
+        else:
+            bound = f"{len(rates)} endpoints: " + " + ".join(
+                f"{n} {why}" for n, (_, why) in zip(names, rates, strict=True)
+            )
+        if seconds > best[0]:
+            best = (seconds, label + bound)
+    return best
+
+
+def _totals(est: Estimate) -> ModelEstimate:
+    return ModelEstimate(
+        requests=est.requests,
+        prompt_tokens=est.prompt_tokens,
+        output_tokens_high=est.output_tokens_high,
+    )
+
+
+def _rate(
+    job: JobConfig, endpoint: EndpointConfig, tokens: float, latency_s: float
+) -> tuple[float, str]:
+    """Requests a second an endpoint sends at its tightest limit, and that limit."""
+    concurrency = endpoint.concurrency or job.limits.concurrency
+    rates = {f"concurrency {concurrency} × {latency_s:g} s an answer": concurrency / latency_s}
+    rpm = endpoint.rpm or job.limits.rpm
+    if rpm:
+        rates[f"{rpm:g} RPM"] = rpm / 60
+    tpm = endpoint.tpm or job.limits.tpm
+    if tpm:
+        rates[f"{tpm:g} TPM"] = tpm / 60 / max(tokens, 1.0)  # TPM is charged on the budget
+    why = min(rates, key=lambda k: rates[k])
+    return rates[why], why
 
 
 def _sampled_completion(sample: Path) -> float | None:

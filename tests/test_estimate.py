@@ -86,3 +86,59 @@ def test_cli_estimate_sends_nothing_and_prints_json(tmp_path: Path) -> None:
     text = run_batcher("estimate", str(ROOT / "jobs" / "demo.toml"))
     assert "batcher estimate: demo (nothing was sent)" in text.stdout
     assert "prompts/s" in text.stdout
+
+
+def test_eta_adds_up_every_endpoint_at_its_own_limits(tmp_path: Path) -> None:
+    # a: 60 RPM (1 a second); b: 2 in flight × 2 s an answer (1 a second); the run sends to
+    # both at once, so 60 requests take 30 s, not the 60 s either alone would.
+    src = write_input(tmp_path / "in.jsonl", 60)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src)},
+            "endpoints": [
+                {"name": "a", "base_url": "http://a.test/v1", "rpm": 60},
+                {"name": "b", "base_url": "http://b.test/v1", "concurrency": 2},
+            ],
+            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+            "limits": {"concurrency": 100},
+        }
+    )
+    est = estimate(job)
+    assert est.eta_s == pytest.approx(30.0)
+    assert est.eta_bound == "2 endpoints: a 60 RPM + b concurrency 2 × 2 s an answer"
+
+
+def test_eta_of_a_variant_bound_to_a_slow_endpoint(tmp_path: Path) -> None:
+    # Each variant sends all 30 lines; "small" may only use the 6 RPM endpoint: 300 s, however
+    # fast the other endpoint takes the rest.
+    src = write_input(tmp_path / "in.jsonl", 30)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src)},
+            "endpoints": [
+                {"name": "gpu", "base_url": "http://gpu.test/v1", "rpm": 6},
+                {"name": "api", "base_url": "http://api.test/v1", "rpm": 6000},
+            ],
+            "variants": [{"name": "big"}, {"name": "small", "endpoint": "gpu"}],
+            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+        }
+    )
+    est = estimate(job)
+    assert est.eta_s == pytest.approx(300.0)
+    assert est.eta_bound == "variant small: 6 RPM"
+
+
+def test_eta_uses_the_endpoints_own_token_limit(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 10)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src)},
+            "endpoints": [{"name": "only", "base_url": "http://sim.test/v1", "tpm": 1200}],
+            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+            "limits": {"rpm": 6000},
+        }
+    )
+    est = estimate(job)
+    charged = est.prompt_tokens + est.output_tokens_high  # every budget, as TPM is charged
+    assert est.eta_s == pytest.approx(charged / 1200 * 60)
+    assert est.eta_bound == "1200 TPM"
