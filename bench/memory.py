@@ -1,7 +1,7 @@
 """Peak memory of `batcher run` as the input grows: does it stay flat?
 
-    python bench/memory.py                              # N = 100,000 and 1,000,000, 0 ms
-    python bench/memory.py --sizes 10000 100000         # quicker
+    python bench/memory.py                              # N = 10⁵ and 10⁶, 0 ms, 3 rounds: ~17 min
+    python bench/memory.py --sizes 10000 100000 --repeat 1   # quicker
 
 Each size runs ``python -m batcher run`` (JSONL in, Parquet out, journal on) in a child process
 measured with ``os.wait4`` (peak RSS of that process alone), against the simulator in its own
@@ -19,8 +19,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
     CLIENT_CORE,
+    ChildRun,
     default_pin,
     format_table,
+    median,
     running_sim,
     scratch_dir,
     write_jsonl,
@@ -32,37 +34,65 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each size; medians (3)")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=default_pin())
     args = parser.parse_args()
-    rows, problems = [], []
+    runs: dict[int, list[ChildRun]] = {n: [] for n in args.sizes}
+    problems: list[str] = []
+    journal_mb: dict[int, float] = {}
     with scratch_dir() as tmp, running_sim(0, pin=args.pin) as sim:
-        for n in args.sizes:
-            src = write_jsonl(tmp / f"in-{n}.jsonl", n)
-            out = tmp / f"out-{n}.parquet"
-            cmd = [
-                sys.executable, "-m", "batcher", "run", "--input", str(src), "--output",
-                str(out), "--model", "m", "--base-url", f"{sim.base_url}",
-                "--concurrency", str(args.concurrency), "--no-progress",
-            ]  # fmt: skip
-            run = run_measured(cmd, core=CLIENT_CORE if args.pin else None, timeout_s=7200)
-            ok_rows = 0
-            if run.returncode == 0:
-                table = pq.read_table(out, columns=["status"])
-                ok_rows = sum(1 for s in table.column("status").to_pylist() if s == "ok")
-            if run.returncode != 0 or ok_rows != n:
-                problems.append(f"N={n}: exit {run.returncode}, {ok_rows} ok rows\n{run.stderr}")
-            journal_mb = (out.with_name(out.name + ".journal.jsonl").stat().st_size) / 2**20
-            rows.append(
-                [f"{n:,}", f"{run.wall_s:.1f}", f"{n / run.wall_s:,.0f}",
-                 f"{run.cpu_s / n * 1e6:,.0f}", f"{run.maxrss_mb:.0f}", f"{journal_mb:,.0f}"]
-            )  # fmt: skip
-            print(f"N={n:,}: {run.wall_s:.1f} s, peak RSS {run.maxrss_mb:.0f} MB", flush=True)
-            src.unlink()
+        inputs = {n: write_jsonl(tmp / f"in-{n}.jsonl", n) for n in args.sizes}
+        for round_no in range(1, args.repeat + 1):
+            for n in args.sizes:  # interleaved, so a slow hour weighs on every size alike
+                out = tmp / f"out-{n}.parquet"
+                journal = out.with_name(out.name + ".journal.jsonl")
+                for old in (out, journal, out.with_name(out.name + ".rejects.jsonl")):
+                    old.unlink(missing_ok=True)  # a fresh run each time, not a resume
+                cmd = [
+                    sys.executable, "-m", "batcher", "run", "--input", str(inputs[n]),
+                    "--output", str(out), "--model", "m", "--base-url", f"{sim.base_url}",
+                    "--concurrency", str(args.concurrency), "--no-progress",
+                ]  # fmt: skip
+                run = run_measured(cmd, core=CLIENT_CORE if args.pin else None, timeout_s=7200)
+                ok_rows = 0
+                if run.returncode == 0:
+                    table = pq.read_table(out, columns=["status"])
+                    ok_rows = sum(1 for s in table.column("status").to_pylist() if s == "ok")
+                if run.returncode != 0 or ok_rows != n:
+                    problems.append(
+                        f"N={n}: exit {run.returncode}, {ok_rows} ok rows\n{run.stderr}"
+                    )
+                journal_mb[n] = journal.stat().st_size / 2**20 if journal.exists() else 0.0
+                runs[n].append(run)
+                print(
+                    f"round {round_no}/{args.repeat} N={n:,}: {run.wall_s:.1f} s, "
+                    f"peak RSS {run.maxrss_mb:.0f} MB",
+                    flush=True,
+                )
+    rows = []
+    for n in args.sizes:
+        wall = median([r.wall_s for r in runs[n]])
+        cpu = median([r.cpu_s for r in runs[n]])
+        rss = [r.maxrss_mb for r in runs[n]]
+        rows.append(
+            [f"{n:,}", f"{wall:.1f}", f"{n / wall:,.0f}", f"{cpu / n * 1e6:,.0f}",
+             f"{median(rss):.0f}", ", ".join(f"{x:.0f}" for x in rss), f"{journal_mb[n]:,.0f}"]
+        )  # fmt: skip
     print()
-    print(f"`batcher run`, simulator at 0 ms, {args.concurrency} in flight, pinned={args.pin}")
+    print(
+        f"`batcher run`, simulator at 0 ms, {args.concurrency} in flight, pinned={args.pin}, "
+        f"median of {args.repeat}"
+    )
     print()
-    headers = ["N", "wall s", "req/s", "CPU µs/req", "peak RSS MB", "journal MB"]
+    headers = ["N", "wall s", "req/s", "CPU µs/req", "peak RSS MB", "each run", "journal MB"]
     print(format_table(headers, rows))
+    if len(args.sizes) > 1:
+        low = median([r.maxrss_mb for r in runs[min(args.sizes)]])
+        high = median([r.maxrss_mb for r in runs[max(args.sizes)]])
+        print(
+            f"\npeak RSS at N={max(args.sizes):,} is {100 * (high / low - 1):+.1f} % of "
+            f"N={min(args.sizes):,}'s (issue 8: within 10 %, and at most 120 MB at 10⁶)"
+        )
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
