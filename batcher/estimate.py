@@ -153,30 +153,49 @@ def _price(m: ModelEstimate, pricer: Pricer, model: str) -> bool:
     return True
 
 
+#: Variants tied to endpoints beyond which only each one's own endpoints are checked, not
+#: every union of them (2^k of those).
+_MAX_UNIONS_OF = 10
+
+
 def _eta(job: JobConfig, est: Estimate, latency_s: float) -> tuple[float, str]:
     """How long the run takes at its limits, and what binds it.
 
     Each endpoint sends at the slowest of its own limits (its ``concurrency``, ``rpm`` and
     ``tpm``, else the job's ``[limits]``, as the run applies them): concurrency ÷ latency,
     RPM ÷ 60, or TPM ÷ 60 ÷ the tokens a request is charged (prompt and whole completion
-    budget). The whole input can go no faster than all endpoints together, and a variant
-    bound to some endpoints no faster than those: the ETA is the longest of these.
+    budget). The whole input goes no faster than all endpoints together, and the variants tied
+    to some endpoints (``[[variants]] endpoint``) no faster than the union of theirs, whichever
+    other variants share them: the ETA is the longest of these bounds.
     """
     endpoints = {e.name: e for e in job.all_endpoints}
-    groups: list[tuple[str, ModelEstimate, list[str]]] = [("", _totals(est), list(endpoints))]
-    for variant in job.variants:
-        if variant.endpoints and variant.name in est.by_variant:
-            named = f"variant {variant.name}: "
-            groups.append((named, est.by_variant[variant.name], list(variant.endpoints)))
+    tied = {
+        v.name: frozenset(v.endpoints)
+        for v in job.variants
+        if v.endpoints and v.name in est.by_variant
+    }
+    groups: dict[frozenset[str], tuple[str, ModelEstimate]] = {
+        frozenset(endpoints): ("", _totals([est]))
+    }
+    for union in _unions(set(tied.values())):
+        names = [name for name, ends in tied.items() if ends <= union]
+        label = f"variant{'s' if len(names) > 1 else ''} {', '.join(names)}: "
+        figures = _totals([est.by_variant[name] for name in names])
+        if union in groups:  # the variants use every endpoint: the whole input bounds them
+            continue
+        groups[union] = (label, figures)
     best = (0.0, "no requests")
-    for label, figures, names in groups:
+    for union, (label, figures) in groups.items():
         if figures.requests == 0:
             continue
         tokens = (figures.prompt_tokens + figures.output_tokens_high) / figures.requests
+        names = [n for n in endpoints if n in union]  # in the job's order
         rates = [_rate(job, endpoints[n], tokens, latency_s) for n in names]
         seconds = figures.requests / sum(rate for rate, _ in rates)
-        if len(rates) == 1:
+        if len(endpoints) == 1:
             bound = rates[0][1]
+        elif len(rates) == 1:
+            bound = f"{names[0]} {rates[0][1]}"
         else:
             bound = f"{len(rates)} endpoints: " + " + ".join(
                 f"{n} {why}" for n, (_, why) in zip(names, rates, strict=True)
@@ -186,11 +205,24 @@ def _eta(job: JobConfig, est: Estimate, latency_s: float) -> tuple[float, str]:
     return best
 
 
-def _totals(est: Estimate) -> ModelEstimate:
+def _unions(sets: set[frozenset[str]]) -> set[frozenset[str]]:
+    """Every union of some of ``sets`` (just ``sets`` past ``_MAX_UNIONS_OF`` of them)."""
+    if len(sets) > _MAX_UNIONS_OF:
+        return sets
+    found = set(sets)
+    frontier = set(sets)
+    while frontier:
+        frontier = {a | b for a in frontier for b in sets} - found
+        found |= frontier
+    return found
+
+
+def _totals(parts: list[Estimate] | list[ModelEstimate]) -> ModelEstimate:
+    """Requests and the tokens TPM is charged for, summed over ``parts``."""
     return ModelEstimate(
-        requests=est.requests,
-        prompt_tokens=est.prompt_tokens,
-        output_tokens_high=est.output_tokens_high,
+        requests=sum(p.requests for p in parts),
+        prompt_tokens=sum(p.prompt_tokens for p in parts),
+        output_tokens_high=sum(p.output_tokens_high for p in parts),
     )
 
 
@@ -202,12 +234,17 @@ def _rate(
     rates = {f"concurrency {concurrency} × {latency_s:g} s an answer": concurrency / latency_s}
     rpm = endpoint.rpm or job.limits.rpm
     if rpm:
-        rates[f"{rpm:g} RPM"] = rpm / 60
+        rates[f"{_figure(rpm)} RPM"] = rpm / 60
     tpm = endpoint.tpm or job.limits.tpm
     if tpm:
-        rates[f"{tpm:g} TPM"] = tpm / 60 / max(tokens, 1.0)  # TPM is charged on the budget
+        rates[f"{_figure(tpm)} TPM"] = tpm / 60 / max(tokens, 1.0)  # charged on the budget
     why = min(rates, key=lambda k: rates[k])
     return rates[why], why
+
+
+def _figure(value: float) -> str:
+    """``2,000,000`` rather than ``2e+06``; ``0.5`` stays ``0.5``."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
 
 
 def _sampled_completion(sample: Path) -> float | None:

@@ -125,7 +125,7 @@ def test_eta_of_a_variant_bound_to_a_slow_endpoint(tmp_path: Path) -> None:
     )
     est = estimate(job)
     assert est.eta_s == pytest.approx(300.0)
-    assert est.eta_bound == "variant small: 6 RPM"
+    assert est.eta_bound == "variant small: gpu 6 RPM"
 
 
 def test_eta_uses_the_endpoints_own_token_limit(tmp_path: Path) -> None:
@@ -141,4 +141,59 @@ def test_eta_uses_the_endpoints_own_token_limit(tmp_path: Path) -> None:
     est = estimate(job)
     charged = est.prompt_tokens + est.output_tokens_high  # every budget, as TPM is charged
     assert est.eta_s == pytest.approx(charged / 1200 * 60)
-    assert est.eta_bound == "1200 TPM"
+    assert est.eta_bound == "1,200 TPM"
+
+
+def test_eta_of_variants_sharing_an_endpoint(tmp_path: Path) -> None:
+    # Both variants may only use gpu (named twice for one of them): 2 × 30 requests at 6 RPM,
+    # 600 s, not the 300 s each alone would take, nor the api endpoint's share of the input.
+    src = write_input(tmp_path / "in.jsonl", 30)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src)},
+            "endpoints": [
+                {"name": "gpu", "base_url": "http://gpu.test/v1", "rpm": 6},
+                {"name": "api", "base_url": "http://api.test/v1", "tpm": 2_000_000},
+            ],
+            "variants": [
+                {"name": "a", "endpoint": "gpu"},
+                {"name": "b", "endpoint": ["gpu", "gpu"]},
+                {"name": "c", "endpoint": "api"},
+            ],
+            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+        }
+    )
+    est = estimate(job)
+    assert est.eta_s == pytest.approx(600.0)
+    assert est.eta_bound == "variants a, b: gpu 6 RPM"
+
+
+def test_eta_gives_each_endpoint_the_jobs_limits_it_does_not_set(tmp_path: Path) -> None:
+    # [limits] rpm applies to each endpoint, as the run applies it: two endpoints at 60 RPM
+    # take 60 requests in 30 s; b's own 600 RPM wins over the job's.
+    src = write_input(tmp_path / "in.jsonl", 60)
+    endpoints = [
+        {"name": "a", "base_url": "http://a.test/v1"},
+        {"name": "b", "base_url": "http://b.test/v1"},
+    ]
+    job = {
+        "job": {"input": str(src)},
+        "endpoints": endpoints,
+        "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+        "limits": {"rpm": 60},
+    }
+    est = estimate(job_from_dict(job))
+    assert est.eta_s == pytest.approx(30.0)
+    assert est.eta_bound == "2 endpoints: a 60 RPM + b 60 RPM"
+    endpoints[1]["rpm"] = 600
+    est = estimate(job_from_dict(job))
+    assert est.eta_s == pytest.approx(60 / (1 + 10))
+    assert est.eta_bound == "2 endpoints: a 60 RPM + b 600 RPM"
+
+
+def test_eta_of_no_requests(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("not json\n")
+    est = estimate(job_for(src, tmp_path / "o.parquet", rpm=60))
+    assert est.requests == 0 and est.rejected == 1
+    assert (est.eta_s, est.eta_bound) == (0.0, "no requests")
