@@ -9,7 +9,6 @@ With two or more cores the simulator is pinned to core 1 and the clients to core
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +34,28 @@ _LAUNCHER = Path(__file__).resolve().parent / "_launch.py"
 _TOPICS = ("rivers", "bridges", "compilers", "volcanoes", "tea", "chess", "orbits", "bees")
 
 
-def _compile_bytecode() -> None:
+_compiled = False
+
+
+def compile_bytecode() -> None:
     """Compile batcher's and bench/'s modules to ``__pycache__``, as installing a package does.
 
     With ``PYTHONDONTWRITEBYTECODE`` set (this machine sets it) an editable checkout is never
     cached, so every measured process would compile batcher from source: ~25 ms of CPU a run
     that no installed copy pays. Site-packages (aiohttp, the openai SDK) were compiled by pip.
+    Called once by the parent scripts (``running_sim``, ``floor.py``), never in a measured
+    child. Nothing is printed: a read-only checkout just stays uncompiled.
     """
+    global _compiled
+    if _compiled:
+        return
+    _compiled = True
+    import compileall
+
     root = Path(__file__).resolve().parent.parent
-    for folder in (root / "batcher", root / "bench"):
-        compileall.compile_dir(folder, quiet=1, workers=1)
-
-
-_compile_bytecode()
+    with open(os.devnull, "w") as quiet, redirect_stdout(quiet):
+        for folder in (root / "batcher", root / "bench"):
+            compileall.compile_dir(folder, quiet=2, workers=1)
 
 
 def default_pin() -> bool:
@@ -128,6 +136,7 @@ def running_sim(
 ) -> Iterator[SimProcess]:
     """Start ``python -m batcher sim`` (on ``port``, or a free one) with ``extra_args`` (limits,
     faults); wait until ``GET /stats`` answers."""
+    compile_bytecode()
     port = port or free_port()
     core = SIM_CORE if pin else None
     cmd = [

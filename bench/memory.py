@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each size; medians (3)")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=default_pin())
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     runs: dict[int, list[ChildRun]] = {n: [] for n in args.sizes}
     problems: list[str] = []
     journal_mb: dict[int, float] = {}
@@ -62,13 +64,18 @@ def main() -> int:
                     problems.append(
                         f"N={n}: exit {run.returncode}, {ok_rows} ok rows\n{run.stderr}"
                     )
-                journal_mb[n] = journal.stat().st_size / 2**20 if journal.exists() else 0.0
+                    continue  # a failed run's figures are not a measurement
+                journal_mb[n] = journal.stat().st_size / 2**20
                 runs[n].append(run)
                 print(
                     f"round {round_no}/{args.repeat} N={n:,}: {run.wall_s:.1f} s, "
                     f"peak RSS {run.maxrss_mb:.0f} MB",
                     flush=True,
                 )
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
     rows = []
     for n in args.sizes:
         wall = median([r.wall_s for r in runs[n]])
@@ -87,15 +94,14 @@ def main() -> int:
     headers = ["N", "wall s", "req/s", "CPU µs/req", "peak RSS MB", "each run", "journal MB"]
     print(format_table(headers, rows))
     if len(args.sizes) > 1:
-        low = median([r.maxrss_mb for r in runs[min(args.sizes)]])
-        high = median([r.maxrss_mb for r in runs[max(args.sizes)]])
+        small, large = min(args.sizes), max(args.sizes)
+        low = median([r.maxrss_mb for r in runs[small]])
+        high = median([r.maxrss_mb for r in runs[large]])
         print(
-            f"\npeak RSS at N={max(args.sizes):,} is {100 * (high / low - 1):+.1f} % of "
-            f"N={min(args.sizes):,}'s (issue 8: within 10 %, and at most 120 MB at 10⁶)"
+            f"\nmedian peak RSS at N={large:,} is {100 * (high / low - 1):.1f} % above "
+            f"N={small:,}'s (issue 8 asks for 10⁶ within 10 % of 10⁵, and at most 120 MB)"
         )
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    return 1 if problems else 0
+    return 0
 
 
 if __name__ == "__main__":
