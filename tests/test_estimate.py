@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from batcher.config import job_from_dict
+from batcher.config import JobConfig, job_from_dict
 from batcher.estimate import estimate
 from batcher.pricing import Pricer
 from batcher.runner import run_job
@@ -25,6 +26,18 @@ def job_for(src: Path, out: Path, **limits: object):  # type: ignore[no-untyped-
             "endpoint": {"base_url": "http://sim.test/v1"},
             "request": {"model": "gpt-4o-mini", "max_tokens": 30},
             "limits": {"concurrency": 10, **limits},
+        }
+    )
+
+
+def endpoints_job(src: Path, endpoints: list[dict[str, Any]], **tables: Any) -> JobConfig:
+    """A job over ``src`` with these ``[[endpoints]]`` (and ``variants``, ``limits``...)."""
+    return job_from_dict(
+        {
+            "job": {"input": str(src)},
+            "endpoints": endpoints,
+            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
+            **tables,
         }
     )
 
@@ -92,18 +105,11 @@ def test_eta_adds_up_every_endpoint_at_its_own_limits(tmp_path: Path) -> None:
     # a: 60 RPM (1 a second); b: 2 in flight × 2 s an answer (1 a second); the run sends to
     # both at once, so 60 requests take 30 s, not the 60 s either alone would.
     src = write_input(tmp_path / "in.jsonl", 60)
-    job = job_from_dict(
-        {
-            "job": {"input": str(src)},
-            "endpoints": [
-                {"name": "a", "base_url": "http://a.test/v1", "rpm": 60},
-                {"name": "b", "base_url": "http://b.test/v1", "concurrency": 2},
-            ],
-            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
-            "limits": {"concurrency": 100},
-        }
-    )
-    est = estimate(job)
+    endpoints = [
+        {"name": "a", "base_url": "http://a.test/v1", "rpm": 60},
+        {"name": "b", "base_url": "http://b.test/v1", "concurrency": 2},
+    ]
+    est = estimate(endpoints_job(src, endpoints, limits={"concurrency": 100}))
     assert est.eta_s == pytest.approx(30.0)
     assert est.eta_bound == "2 endpoints: a 60 RPM + b concurrency 2 × 2 s an answer"
 
@@ -112,33 +118,20 @@ def test_eta_of_a_variant_bound_to_a_slow_endpoint(tmp_path: Path) -> None:
     # Each variant sends all 30 lines; "small" may only use the 6 RPM endpoint: 300 s, however
     # fast the other endpoint takes the rest.
     src = write_input(tmp_path / "in.jsonl", 30)
-    job = job_from_dict(
-        {
-            "job": {"input": str(src)},
-            "endpoints": [
-                {"name": "gpu", "base_url": "http://gpu.test/v1", "rpm": 6},
-                {"name": "api", "base_url": "http://api.test/v1", "rpm": 6000},
-            ],
-            "variants": [{"name": "big"}, {"name": "small", "endpoint": "gpu"}],
-            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
-        }
-    )
-    est = estimate(job)
+    endpoints = [
+        {"name": "gpu", "base_url": "http://gpu.test/v1", "rpm": 6},
+        {"name": "api", "base_url": "http://api.test/v1", "rpm": 6000},
+    ]
+    variants = [{"name": "big"}, {"name": "small", "endpoint": "gpu"}]
+    est = estimate(endpoints_job(src, endpoints, variants=variants))
     assert est.eta_s == pytest.approx(300.0)
     assert est.eta_bound == "variant small: gpu 6 RPM"
 
 
 def test_eta_uses_the_endpoints_own_token_limit(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 10)
-    job = job_from_dict(
-        {
-            "job": {"input": str(src)},
-            "endpoints": [{"name": "only", "base_url": "http://sim.test/v1", "tpm": 1200}],
-            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
-            "limits": {"rpm": 6000},
-        }
-    )
-    est = estimate(job)
+    only = [{"name": "only", "base_url": "http://sim.test/v1", "tpm": 1200}]
+    est = estimate(endpoints_job(src, only, limits={"rpm": 6000}))
     charged = est.prompt_tokens + est.output_tokens_high  # every budget, as TPM is charged
     assert est.eta_s == pytest.approx(charged / 1200 * 60)
     assert est.eta_bound == "1,200 TPM"
@@ -148,22 +141,16 @@ def test_eta_of_variants_sharing_an_endpoint(tmp_path: Path) -> None:
     # Both variants may only use gpu (named twice for one of them): 2 × 30 requests at 6 RPM,
     # 600 s, not the 300 s each alone would take, nor the api endpoint's share of the input.
     src = write_input(tmp_path / "in.jsonl", 30)
-    job = job_from_dict(
-        {
-            "job": {"input": str(src)},
-            "endpoints": [
-                {"name": "gpu", "base_url": "http://gpu.test/v1", "rpm": 6},
-                {"name": "api", "base_url": "http://api.test/v1", "tpm": 2_000_000},
-            ],
-            "variants": [
-                {"name": "a", "endpoint": "gpu"},
-                {"name": "b", "endpoint": ["gpu", "gpu"]},
-                {"name": "c", "endpoint": "api"},
-            ],
-            "request": {"model": "gpt-4o-mini", "max_tokens": 30},
-        }
-    )
-    est = estimate(job)
+    endpoints = [
+        {"name": "gpu", "base_url": "http://gpu.test/v1", "rpm": 6},
+        {"name": "api", "base_url": "http://api.test/v1", "tpm": 2_000_000},
+    ]
+    variants = [
+        {"name": "a", "endpoint": "gpu"},
+        {"name": "b", "endpoint": ["gpu", "gpu"]},
+        {"name": "c", "endpoint": "api"},
+    ]
+    est = estimate(endpoints_job(src, endpoints, variants=variants))
     assert est.eta_s == pytest.approx(600.0)
     assert est.eta_bound == "variants a, b: gpu 6 RPM"
 
@@ -172,21 +159,15 @@ def test_eta_gives_each_endpoint_the_jobs_limits_it_does_not_set(tmp_path: Path)
     # [limits] rpm applies to each endpoint, as the run applies it: two endpoints at 60 RPM
     # take 60 requests in 30 s; b's own 600 RPM wins over the job's.
     src = write_input(tmp_path / "in.jsonl", 60)
-    endpoints = [
+    endpoints: list[dict[str, Any]] = [
         {"name": "a", "base_url": "http://a.test/v1"},
         {"name": "b", "base_url": "http://b.test/v1"},
     ]
-    job = {
-        "job": {"input": str(src)},
-        "endpoints": endpoints,
-        "request": {"model": "gpt-4o-mini", "max_tokens": 30},
-        "limits": {"rpm": 60},
-    }
-    est = estimate(job_from_dict(job))
+    est = estimate(endpoints_job(src, endpoints, limits={"rpm": 60}))
     assert est.eta_s == pytest.approx(30.0)
     assert est.eta_bound == "2 endpoints: a 60 RPM + b 60 RPM"
     endpoints[1]["rpm"] = 600
-    est = estimate(job_from_dict(job))
+    est = estimate(endpoints_job(src, endpoints, limits={"rpm": 60}))
     assert est.eta_s == pytest.approx(60 / (1 + 10))
     assert est.eta_bound == "2 endpoints: a 60 RPM + b 600 RPM"
 
