@@ -72,6 +72,8 @@ def estimate(
     latency_s: float = DEFAULT_LATENCY_S,
 ) -> Estimate:
     """Estimate a job; reads the input, sends nothing."""
+    if not latency_s > 0:
+        raise ValueError(f"latency_s must be > 0, got {latency_s}")
     if job.input is None:
         from batcher.errors import ConfigError
 
@@ -178,12 +180,11 @@ def _eta(job: JobConfig, est: Estimate, latency_s: float) -> tuple[float, str]:
         frozenset(endpoints): ("", _totals([est]))
     }
     for union in _unions(set(tied.values())):
-        names = [name for name, ends in tied.items() if ends <= union]
-        label = f"variant{'s' if len(names) > 1 else ''} {', '.join(names)}: "
-        figures = _totals([est.by_variant[name] for name in names])
         if union in groups:  # the variants use every endpoint: the whole input bounds them
             continue
-        groups[union] = (label, figures)
+        names = [name for name, ends in tied.items() if ends <= union]
+        label = f"variant{'s' if len(names) > 1 else ''} {', '.join(names)}: "
+        groups[union] = (label, _totals([est.by_variant[name] for name in names]))
     best = (0.0, "no requests")
     for union, (label, figures) in groups.items():
         if figures.requests == 0:

@@ -178,3 +178,5 @@ def test_eta_of_no_requests(tmp_path: Path) -> None:
     est = estimate(job_for(src, tmp_path / "o.parquet", rpm=60))
     assert est.requests == 0 and est.rejected == 1
     assert (est.eta_s, est.eta_bound) == (0.0, "no requests")
+    with pytest.raises(ValueError, match="latency_s must be > 0"):
+        estimate(job_for(src, tmp_path / "o.parquet"), latency_s=0)
