@@ -2,6 +2,6 @@
 
 import sys
 
-from batcher.cli import main
+from batcher.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.abc
 import os
 import sys
@@ -269,6 +270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batcher: interrupted", file=sys.stderr)
         return 3
+
+
+def console_main() -> int:
+    """The ``batcher`` command and ``python -m batcher``: ``main`` in a process that ends with it.
+
+    The interpreter's shutdown runs full garbage collections over every object still alive
+    (aiohttp's, pyarrow's, the run's): about 40 ms after a 5,000-request run (issue 8).
+    Objects frozen out of the collector's sight are skipped. Nothing is owed a
+    finalizer by then: the run has closed its output, journal and connections, and the
+    interpreter flushes stdout and stderr itself. Not in ``main``, which tests and other
+    programs call in a process that goes on.
+    """
+    code = main()
+    gc.freeze()
+    return code
 
 
 def _job(args: argparse.Namespace) -> JobConfig:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
 from batcher.validation import Verdict, check_answer, expected_format
+from batcher.warm_up import WarmUp
 
 #: Lines read per trip to the reading thread.
 READ_BATCH = 256
@@ -113,9 +113,9 @@ class Engine:
         on_token_limit: Callable[[], object] | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
-        """``warm_up`` runs in a thread as the first request goes out: work the run needs at
-        its end (the runner imports the output writer), done while the first answers are
-        awaited (the probe's, when there is one: see ``Limits``) rather than after the last.
+        """``warm_up`` runs in a thread once the first requests are out (see ``WarmUp``):
+        work the run needs at its end (the runner imports the output writer), done while the
+        first answers are awaited (the probe's, when there is one: see ``Limits``).
         ``on_token_limit``: see ``requests.LateCounter``'s ``on_first``."""
         if endpoints is None:
             if client is None or limits is None:
@@ -138,7 +138,7 @@ class Engine:
         self._freeze_pending = freeze_after_first
         self._grace_s = grace_s
         self._encoding = encoding  # the job's [limits] encoding, for prompts counted here
-        self._warm_up = warm_up
+        self._warm_up = WarmUp(warm_up)
         self._late_counter = LateCounter(encoding, on_first=on_token_limit)
         self._sleep = sleep
         self._stopping = anyio.Event()
@@ -168,11 +168,13 @@ class Engine:
             async with anyio.create_task_group() as outer:
                 if handle_signals:
                     outer.start_soon(self._watch_signals)
+                outer.start_soon(self._warm_up.run)
                 with self._work_scope:
                     async with anyio.create_task_group() as work:
                         for lane in lanes:
                             self._start_lane(work, lane)
                 self._signal_scope.cancel()
+                self._warm_up.cancel()
         finally:
             if self._rejected_lines is not None:
                 self._rejected_lines.close()
@@ -311,9 +313,7 @@ class Engine:
         reserved = self._reserve(request)
         if reserved is None:
             return None
-        if self._warm_up is not None:
-            threading.Thread(target=self._warm_up, daemon=True).start()
-            self._warm_up = None
+        self._warm_up.start()
         if first:
             self._stats.submitted += 1
             if self._plan and self._plan.known(request.key):

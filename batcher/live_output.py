@@ -30,11 +30,17 @@ class LiveOutput:
     """The engine's result sink: the journal first, then the output writer (final records)."""
 
     def __init__(
-        self, journal: Journal, output: Path, metadata: Callable[[], dict[str, str]]
+        self,
+        journal: Journal,
+        output: Path,
+        metadata: Callable[[], dict[str, str]],
+        *,
+        row_group_size: int | None = None,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
-        ``prepare``)."""
+        ``prepare``). ``row_group_size``: Parquet's, when not the writer's default."""
         self._journal = journal
+        self._row_group_size = row_group_size
         self._output = output
         self._make_metadata = metadata
         self._metadata: dict[str, str] | None = None
@@ -104,7 +110,11 @@ class LiveOutput:
         from batcher.writers import open_writer
 
         self.prepare()
-        return open_writer(self._output, metadata=self._metadata)
+        if self._row_group_size is None:
+            return open_writer(self._output, metadata=self._metadata)
+        return open_writer(
+            self._output, metadata=self._metadata, row_group_size=self._row_group_size
+        )
 
     def abort(self) -> None:
         """Drop the unfinished output (the run failed); whatever was there before stays."""

@@ -50,6 +50,12 @@ TRIM_EVERY_S = 1.0
 #: The largest input a lean run (the CLI's) writes its output for as it goes (see
 #: ``_small_input``): about 35,000 short requests.
 LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
+#: Parquet row groups of an output written as the run goes from a small input (at most
+#: ``LIVE_OUTPUT_MAX_BYTES``), instead of the writer's 5,000: the last row group is written
+#: after the last answer, so a smaller one ends the run sooner (5,000 rows took ~20 ms, 1,000
+#: ~5 ms; issue 8), for a file ~5 % larger. Large inputs keep 5,000: every row group's footer
+#: metadata (~28 KB) stays in memory until the file is closed.
+SMALL_ROW_GROUP_SIZE = 1_000
 #: Rows between two ``malloc_trim`` calls while a lean run writes its output (a row group).
 TRIM_EVERY_ROWS = 5_000
 
@@ -153,8 +159,14 @@ async def arun_job(
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
             # A fresh journal: the output is written as the run goes (see live_output).
-            if not journal.entries and (not lean or _small_input(input_path)):
-                live = LiveOutput(journal, output, functools.partial(provenance, job, input_path))
+            small = _small_input(input_path)
+            if not journal.entries and (not lean or small):
+                live = LiveOutput(
+                    journal,
+                    output,
+                    functools.partial(provenance, job, input_path),
+                    row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
+                )
             with _base_urls(job) as base_urls, _fewer_collections():
                 stats, rejected = await _run_async(
                     job, sources, input_path, output, journal, live, plan,

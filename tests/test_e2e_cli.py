@@ -271,12 +271,14 @@ def test_sim_port_in_use_is_a_clear_error() -> None:
 def test_a_run_without_token_limits_loads_no_token_table_numpy_or_pandas(tmp_path: Path) -> None:
     # What a `batcher run` process keeps out (issue 8: memory and start-up): the modules
     # still loaded at its exit are printed by a hook, and the Parquet it wrote is read back.
+    # The hook also prints how many objects were frozen out of the collector's sight.
     src = write_input(tmp_path / "in.jsonl", 20)
     out = tmp_path / "out.parquet"
     watch = (
-        "import atexit, runpy, sys\n"
+        "import atexit, gc, runpy, sys\n"
         "atexit.register(lambda: print('LOADED', sorted(m for m in ('numpy', 'pandas', "
         "'tiktoken', 'pyarrow') if m in sys.modules), file=sys.stderr))\n"
+        "atexit.register(lambda: print('FROZEN', gc.get_freeze_count(), file=sys.stderr))\n"
         "sys.argv = ['batcher', *sys.argv[1:]]\n"
         "runpy.run_module('batcher', run_name='__main__')\n"
     )
@@ -288,5 +290,8 @@ def test_a_run_without_token_limits_loads_no_token_table_numpy_or_pandas(tmp_pat
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "LOADED ['pyarrow']" in proc.stderr
+    # and the heap was frozen before the interpreter's shutdown, which then skips collecting it
+    frozen = int(proc.stderr.split("FROZEN ")[1].split()[0])
+    assert frozen > 10_000
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 20 and all(r["prompt_tokens"] and r["cost_usd"] for r in rows)

@@ -159,9 +159,9 @@ def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
     made: list[object] = []
     real_init = live_output.LiveOutput.__init__
 
-    def watched(self: live_output.LiveOutput, *args: Any) -> None:
+    def watched(self: live_output.LiveOutput, *args: Any, **kwargs: Any) -> None:
         made.append(self)
-        real_init(self, *args)
+        real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(live_output.LiveOutput, "__init__", watched)
     monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
@@ -172,6 +172,22 @@ def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
     assert sorted(r["custom_id"] for r in read_results(report.output)) == sorted(
         f"c{i}" for i in range(12)
     )
+
+
+@pytest.mark.parametrize(("limit", "groups"), [(1 << 20, [5, 5, 2]), (100, [12])])
+def test_a_small_input_is_written_in_small_row_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, groups: list[int]
+) -> None:
+    # The last row group is written after the last answer: a small one ends the run sooner.
+    # A large input (here, a library run, which writes as it goes whatever the size) keeps
+    # the writer's default, since each row group's footer metadata stays in memory.
+    monkeypatch.setattr(runner, "SMALL_ROW_GROUP_SIZE", 5)
+    monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
+        run_job(job, stream=io.StringIO())
+    meta = pq.ParquetFile(tmp_path / "o.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == groups
 
 
 def _result(custom_id: str) -> Result:
