@@ -163,15 +163,18 @@ class Reader:
         finally:
             self._seen.close()  # its temporary database, if it has one
 
-    def batches(self, size: int) -> Iterator[list[Request | Reject]]:
-        """The same items in lists of up to ``size`` (to cross a thread boundary cheaply)."""
+    def batches(self, size: int, *, first: int | None = None) -> Iterator[list[Request | Reject]]:
+        """The same items in lists of up to ``size`` (to cross a thread boundary cheaply); the
+        first list of up to ``first`` when given, so the first requests can go out sooner."""
         batch: list[Request | Reject] = []
+        limit = size if first is None else first
         try:
             for item in self:
                 batch.append(item)
-                if len(batch) >= size:
+                if len(batch) >= limit:
                     yield batch
                     batch = []
+                    limit = size
         except InputError:
             if batch:
                 yield batch  # the lines read before the error still count

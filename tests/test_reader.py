@@ -229,6 +229,14 @@ def test_batches_preserve_order() -> None:
     assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
 
 
+def test_a_smaller_first_batch_gets_the_first_requests_out_sooner() -> None:
+    text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(10))
+    reader = Reader(io.BytesIO(text.encode()), DEFAULTS)
+    batches = list(reader.batches(4, first=1))
+    assert [len(b) for b in batches] == [1, 4, 4, 1]
+    assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
+
+
 class EndlessInput:
     """A binary stream that never ends: reading it whole would never return."""
 
