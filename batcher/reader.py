@@ -164,17 +164,20 @@ class Reader:
             self._seen.close()  # its temporary database, if it has one
 
     def batches(self, size: int, *, first: int | None = None) -> Iterator[list[Request | Reject]]:
-        """The same items in lists of up to ``size`` (to cross a thread boundary cheaply); the
-        first list of up to ``first`` when given, so the first requests can go out sooner."""
+        """The same items in lists of up to ``size`` (to cross a thread boundary cheaply).
+
+        With ``first``, the lists start that long and double up to ``size``: the first requests
+        go out while the next lines are read, a few at a time (see ``runner.FIRST_READ_BATCH``).
+        """
         batch: list[Request | Reject] = []
-        limit = size if first is None else first
+        limit = size if first is None else min(first, size)
         try:
             for item in self:
                 batch.append(item)
                 if len(batch) >= limit:
                     yield batch
                     batch = []
-                    limit = size
+                    limit = min(2 * limit, size)
         except InputError:
             if batch:
                 yield batch  # the lines read before the error still count

@@ -229,12 +229,13 @@ def test_batches_preserve_order() -> None:
     assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
 
 
-def test_a_smaller_first_batch_gets_the_first_requests_out_sooner() -> None:
-    text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(10))
+def test_batches_can_start_small_and_double() -> None:
+    # the pool opens a few requests at a time (runner.FIRST_READ_BATCH)
+    text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(40))
     reader = Reader(io.BytesIO(text.encode()), DEFAULTS)
-    batches = list(reader.batches(4, first=1))
-    assert [len(b) for b in batches] == [1, 4, 4, 1]
-    assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
+    batches = list(reader.batches(8, first=1))
+    assert [len(b) for b in batches] == [1, 2, 4, 8, 8, 8, 8, 1]
+    assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(40)]
 
 
 class EndlessInput:
