@@ -61,7 +61,7 @@ from batcher.stats import RunStats
 from batcher.validation import Verdict, check_answer, expected_format
 from batcher.warm_up import WarmUp
 
-#: Lines read per trip to the reading thread.
+#: Lines read per trip to the reading thread (the first trips fewer: runner.FIRST_READ_BATCH).
 READ_BATCH = 256
 #: With several endpoints and none with room, how often a waiting request looks again.
 REROUTE_S = 0.1

@@ -6,6 +6,8 @@ So ``LiveOutput`` journals each record and hands the final ones to the output wr
 and the end of the run only closes the file (the last row group and the footer), instead of
 reading the whole journal back and converting it then: about 30 µs a record, after the last
 answer (issue 8). The rows are built while requests are out, when the process mostly waits.
+The writer's import and the input's hash (the provenance) are done in a thread, never on the
+event loop: final records that come before they are done wait, in order, in memory.
 
 A run that resumes a journal writes its output from the journal at the end
 (``runner.write_output``), since earlier runs' records are merged in. So does a run whose live
@@ -45,6 +47,10 @@ class LiveOutput:
         self._make_metadata = metadata
         self._metadata: dict[str, str] | None = None
         self._preparing = threading.Lock()
+        self._prepare_started = False
+        self._prepare_failed = False
+        # Final records that came before the writer was ready: written when it opens.
+        self._waiting: list[Result] = []
         self._writer: Writer | None = None
         # Keys whose provisional record (an answer about to be re-asked) has no final record
         # yet: if the run ends with some (the re-ask was cancelled, or its record could not be
@@ -71,17 +77,29 @@ class LiveOutput:
         self._unfinished.discard(key)
         if self.failed:
             return
+        if self._writer is None and self._metadata is None and not self._prepare_failed:
+            # The writer's import and the input's hash are not done (an endpoint that answers
+            # before the loop idled): never on the event loop; the record waits for them.
+            self._waiting.append(result)
+            self._prepare_in_thread()
+            return
+        self._write([result])
+
+    def _write(self, results: list[Result]) -> None:
+        """Write records (those waiting first), opening the writer with the first."""
         try:
             if self._writer is None:
                 self._writer = self._open()
-            self._writer.write(result)
+            if self._waiting:
+                results, self._waiting = self._waiting + results, []
+            for result in results:
+                self._writer.write(result)
+                if result.status == "ok":
+                    self.ok += 1
+                else:
+                    self.error += 1
         except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
             self._give_up()
-            return
-        if result.status == "ok":
-            self.ok += 1
-        else:
-            self.error += 1
 
     def close(self) -> bool:
         """Finish the output (atomically, as ``write_output`` does); false if it could not be
@@ -90,26 +108,42 @@ class LiveOutput:
             self._give_up()
         if self.failed:
             return False
+        if self._waiting:
+            self._write([])  # opens the writer; a failure gives up (written from the journal)
+            if self.failed:
+                return False
         if self._writer is None:  # nothing was recorded: an output with no rows
             self._writer = self._open()
         self._writer.close()  # raises OutputError if the file cannot be finished
         return True
 
     def prepare(self) -> None:
-        """Import the writer (pyarrow: 0.1 s) and make the provenance. The runner has the
-        engine call this in a thread while the first request is out (``warm_up``), so that
-        neither waits on the event loop; the first record makes sure it was done."""
+        """Import the writer (pyarrow: ~50 ms) and make the provenance, in a thread: the
+        runner has the engine call this once the first requests are out (``warm_up``); a
+        record that comes first starts it itself (and waits for it, off the event loop).
+        Never raises: a failure is raised again when the writer opens."""
+        try:
+            self._prepare()
+        except Exception:
+            self._prepare_failed = True
+
+    def _prepare(self) -> None:
         with self._preparing:
             if self._metadata is None:
                 import batcher.writers  # noqa: F401
 
                 self._metadata = self._make_metadata()
 
+    def _prepare_in_thread(self) -> None:
+        if not self._prepare_started:
+            self._prepare_started = True
+            threading.Thread(target=self.prepare, daemon=True).start()
+
     def _open(self) -> Writer:
         """The writer, opened with the first record (the ``.partial`` file until ``close``)."""
         from batcher.writers import open_writer
 
-        self.prepare()
+        self._prepare()
         if self._row_group_size is None:
             return open_writer(self._output, metadata=self._metadata)
         return open_writer(

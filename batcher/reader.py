@@ -169,6 +169,8 @@ class Reader:
         With ``first``, the lists start that long and double up to ``size``: the first requests
         go out while the next lines are read, a few at a time (see ``runner.FIRST_READ_BATCH``).
         """
+        if size < 1 or (first is not None and first < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {size} and {first}")
         batch: list[Request | Reject] = []
         limit = size if first is None else min(first, size)
         try:

@@ -366,7 +366,7 @@ async def _run_async(
                     validate=job.validate,
                     freeze_after_first=True,
                     encoding=job.limits.encoding,
-                    # pyarrow (0.1 s) and the provenance while the first answer is awaited
+                    # pyarrow (~50 ms) and the provenance while the first answers are awaited
                     warm_up=None if live is None else live.prepare,
                     on_token_limit=functools.partial(_count_from_now, readers),
                 )

@@ -9,9 +9,11 @@ later, and so did every later wave's (issue 8).
 So ``WarmUp.run``, a task of the engine's, waits for the first request and then for the loop
 to go idle (the pool is out, the first answers are awaited): a short sleep wakes on time only
 when the loop has nothing else to do. After ``ON_TIME`` wake-ups on time in a row, or
-``LATEST_S`` at the latest, the work starts in a thread. If the first answer comes first, the
-output writer does the work itself (it is idempotent). A thread cannot tell an idle loop from
-a busy one by itself: the loop lets go of the GIL at every system call.
+``LATEST_S`` at the latest, the work starts in a thread. If the first answer comes first (an
+endpoint faster than the pool takes to open), the output starts the work in a thread itself,
+and its records wait for it (``LiveOutput``); the work is done once either way. A thread
+cannot tell an idle loop from a busy one by itself: the loop lets go of the GIL at
+every system call (its 1 ms sleeps woke on time while the loop was busiest).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from collections.abc import Callable
 
 import anyio
 
-#: The task's short sleep, and how late a wake-up may be and still count as on time.
+#: The task's short sleep.
 PROBE_S = 0.001
+#: How late a wake-up may be and still count as on time.
 LATE_S = 0.0005
 #: Wake-ups on time in a row that make the loop idle.
 ON_TIME = 3
@@ -31,13 +34,15 @@ LATEST_S = 0.5
 
 
 class WarmUp:
-    """Runs ``work`` once, in a daemon thread, when the loop goes idle after ``start()``."""
+    """Runs ``work`` once, in a daemon thread, when the loop goes idle after ``start()`` (or
+    ``latest_s`` after it, by default ``LATEST_S``, read when the wait begins)."""
 
-    def __init__(self, work: Callable[[], object] | None, *, latest_s: float = LATEST_S) -> None:
+    def __init__(self, work: Callable[[], object] | None, *, latest_s: float | None = None) -> None:
         self._work = work
         self._latest_s = latest_s
         self._first: anyio.Event | None = None  # made in run(): it needs the event loop
         self._scope = anyio.CancelScope()
+        #: Whether the first request has gone out (``start()`` was called).
         self.started = False
 
     def start(self) -> None:
@@ -48,7 +53,7 @@ class WarmUp:
                 self._first.set()
 
     def cancel(self) -> None:
-        """The run has ended: a work not started yet is not needed."""
+        """The run has ended: work not started yet is not needed."""
         self._scope.cancel()
 
     async def run(self) -> None:
@@ -60,11 +65,11 @@ class WarmUp:
             if not self.started:
                 self._first = anyio.Event()
                 await self._first.wait()
-            await idle_loop(self._latest_s)
+            await _until_idle(LATEST_S if self._latest_s is None else self._latest_s)
             threading.Thread(target=self._work, daemon=True).start()
 
 
-async def idle_loop(latest_s: float) -> None:
+async def _until_idle(latest_s: float) -> None:
     """Return once ``ON_TIME`` short sleeps in a row woke on time, or after ``latest_s``."""
     deadline = anyio.current_time() + latest_s
     on_time = 0

@@ -268,7 +268,9 @@ def test_sim_port_in_use_is_a_clear_error() -> None:
     assert "--port: cannot listen" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_run_without_token_limits_loads_no_token_table_numpy_or_pandas(tmp_path: Path) -> None:
+def test_a_run_loads_no_token_table_numpy_or_pandas_and_exits_with_a_frozen_heap(
+    tmp_path: Path,
+) -> None:
     # What a `batcher run` process keeps out (issue 8: memory and start-up): the modules
     # still loaded at its exit are printed by a hook, and the Parquet it wrote is read back.
     # The hook also prints how many objects were frozen out of the collector's sight.

@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow.parquet as pq
 import pytest
 
@@ -22,7 +24,7 @@ from batcher.journal import Journal, journal_path
 from batcher.live_output import LiveOutput
 from batcher.progress import Progress
 from batcher.records import Result
-from batcher.runner import run_job, write_output
+from batcher.runner import arun_job, run_job, write_output
 from batcher.sim import SimConfig, running_sim
 from batcher.stats import RunStats
 from batcher.writers import read_results
@@ -130,24 +132,57 @@ def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_pyarrow_and_the_provenance_are_prepared_in_a_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("latency_ms", [1, 100])
+def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency_ms: int
 ) -> None:
+    # They are slowed here, as a large input's hash would be. At 100 ms the warm-up starts
+    # them once the loop idles; at 1 ms answers come first. Either way the answers that come
+    # meanwhile are journaled and wait, in order, for the writer: the loop goes on.
     threads: list[int] = []
-    real_prepare = live_output.LiveOutput.prepare
+    journaled_meanwhile: list[int] = []
+    real_provenance = runner.provenance
 
-    def watched(self: live_output.LiveOutput) -> None:
+    def slow_provenance(*args: Any) -> dict[str, str]:
         threads.append(threading.get_ident())
-        real_prepare(self)
+        time.sleep(0.3)
+        lines = journal_path(tmp_path / "o.parquet").read_text().count("\n")
+        journaled_meanwhile.append(lines - 1)  # the journal's header line
+        return real_provenance(*args)
 
-    monkeypatch.setattr(live_output.LiveOutput, "prepare", watched)
-    with running_sim(SimConfig(latency_ms=100)) as sim:
-        job = structured_job(tmp_path, sim.base_url, "o.parquet", 3)
-        run_job(job, stream=io.StringIO())
-    # first from the engine's warm-up thread, while the first request was out; then the
-    # first record found it done
-    assert threads[0] != threading.get_ident()
-    assert pq.read_schema(tmp_path / "o.parquet").metadata[b"batcher.input"]
+    monkeypatch.setattr(runner, "provenance", slow_provenance)
+    with running_sim(SimConfig(latency_ms=latency_ms)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 30)
+        report = run_job(job, stream=io.StringIO())
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    assert journaled_meanwhile[0] >= 8  # a pool's worth at least: the loop was not held up
+    assert pq.read_schema(report.output).metadata[b"batcher.input"]
+    rows = list(read_results(report.output))
+    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert rows == rebuilt_from_journal(report.output, tmp_path / "again.parquet")
+
+
+def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path) -> None:
+    # Every line is rejected: no request goes out, and the warm-up, waiting for the first
+    # one, is cancelled with the run instead of holding it open.
+    src = tmp_path / "in.jsonl"
+    src.write_text("not json\n[1, 2]\n")
+    output = tmp_path / "o.parquet"
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(output), "progress": False},
+            "endpoint": {"base_url": "http://127.0.0.1:9/v1"},  # never asked
+            "request": {"model": "gpt-4o-mini"},
+        }
+    )
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            await arun_job(job, stream=io.StringIO())
+
+    anyio.run(main)
+    assert pq.read_table(output).num_rows == 0
+    assert len(list(read_results(runner.rejects_path(output)))) == 2
 
 
 @pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
@@ -241,3 +276,17 @@ def test_final_records_the_journal_refuses_leave_the_output_to_the_journal(
     assert rows and rows == rebuilt_from_journal(report.output, tmp_path / "again.jsonl")
     assert {r["custom_id"] for r in rows} <= provisional_ids
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_provenance_that_fails_sends_the_output_to_the_journal(tmp_path: Path) -> None:
+    # The records wait for the writer, whose preparation fails in its thread (quietly): the
+    # output is then written from the journal, as for any failure of the live output.
+    def broken() -> dict[str, str]:
+        raise OSError(5, "Input/output error")
+
+    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+        live = LiveOutput(journal, tmp_path / "o.jsonl", broken)
+        live.append(_result("a"), "h")
+        live.append(_result("b"), "h")
+        assert live.close() is False
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "o.jsonl").exists()

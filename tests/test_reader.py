@@ -236,6 +236,8 @@ def test_batches_can_start_small_and_double() -> None:
     batches = list(reader.batches(8, first=1))
     assert [len(b) for b in batches] == [1, 2, 4, 8, 8, 8, 8, 1]
     assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(40)]
+    with pytest.raises(ValueError, match="batch sizes"):
+        next(reader.batches(8, first=0))
 
 
 class EndlessInput:

@@ -95,12 +95,13 @@ def test_a_run_that_ends_first_cancels_the_work(first_request: bool) -> None:
 
     async def main() -> None:
         warm = WarmUp(work, latest_s=10)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(warm.run)
-            if first_request:
-                warm.start()
-            await busy_loop(0.02)  # the run: the loop was never idle
-            warm.cancel()  # the task group now ends at once
+        with anyio.fail_after(5):  # a cancel that did not take would hang here
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(warm.run)
+                if first_request:
+                    warm.start()
+                await busy_loop(0.02)  # the run: the loop was never idle
+                warm.cancel()  # the task group now ends at once
 
     anyio.run(main)
     time.sleep(0.05)
