@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--error-kinds",
         default="500,502,503,malformed",
         help="comma-separated: 500,502,503,504,malformed,no_usage,no_choices,"
-        "wrong_content_type,huge,400,429,retry_after_date,401,quota,reset_headers,reset_body,stall",
+        "wrong_content_type,huge,400,429,overloaded,retry_after_date,401,quota,reset_headers,"
+        "reset_body,stall,stream_error",
     )
     sim.add_argument(
         "--fault-retry-after",

@@ -109,14 +109,20 @@ class ChatClient:
         """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
         content = jsonfast.dumps(body)
         start = time.perf_counter()
+        status: int | None = None
         try:
             # The transport's timeout covers the whole attempt, a body that trickles included.
             async with self._transport.post(self._url, content) as reply:
+                status = reply.status
                 if body.get("stream") is True:
                     return await _read_stream(reply, start, _usage_asked(body))
                 raw = await reply.read()
-                return classify(reply.status, reply.headers, raw, time.perf_counter() - start)
+                return classify(status, reply.headers, raw, time.perf_counter() - start)
         except TransportError as exc:
+            if status is not None and exc.code == "connection_error":
+                # Cut off after the status line: the server answered, so it is up (no
+                # outage); the answer is broken, and retried like any unusable answer.
+                return _broken_answer(status, str(exc), start)
             return _transport_failure(exc.code, str(exc), start)
         except Exception as exc:
             # Anything else a broken answer can make a library raise. Cancellation is not an
@@ -286,6 +292,17 @@ def _transport_failure(code: str, message: str, start: float) -> Attempt:
         latency_s=time.perf_counter() - start,
         error_code=code,
         error_message=message,
+    )
+
+
+def _broken_answer(status: int, message: str, start: float) -> Attempt:
+    return Attempt(
+        ok=False,
+        retryable=True,
+        latency_s=time.perf_counter() - start,
+        status_code=status,
+        error_code="invalid_response",
+        error_message=f"the answer ({status}) broke off: {message}",
     )
 
 

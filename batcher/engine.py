@@ -39,7 +39,7 @@ from batcher.config import RetryConfig, ValidateConfig
 from batcher.endpoints import NEGLIGIBLE_WAIT_S, Endpoint, Router
 from batcher.errors import InputError
 from batcher.idset import IdSet
-from batcher.limits import Limits
+from batcher.limits import Limits, classify_429
 from batcher.outage import OUTAGE_AFTER, Outage
 from batcher.outcomes import (
     UNREACHABLE,
@@ -488,7 +488,11 @@ class Engine:
             endpoint.remember(limits)  # what it announced (or that it announced nothing)
             endpoint.remember = None
         if attempt.status_code == 429:
-            limits.on_rate_limited(attempt.retry_after)
+            error = f"{attempt.error_code} {attempt.error_message}"
+            verdict = classify_429(attempt.headers, error, request.est_tokens)
+            limits.on_rate_limited(attempt.retry_after, verdict)
+        elif attempt.status_code is not None:
+            limits.answered()
         if charged is None:
             pass  # no TPM meter was charged for this attempt: nothing to correct
         elif attempt.status_code is None or attempt.status_code == 429:

@@ -9,9 +9,15 @@ Three separate objects, all waited on before a request is sent:
   that sets no limit learns the server's from its first answer).
 - **Concurrency** (an ``anyio.CapacityLimiter``): at most ``concurrency`` requests in flight;
   just one until the first answer is back (a probe: it brings the server's limits).
-- **Cooldown and back-off**: a 429 pauses every new request for its ``retry-after`` (1 s
-  without one) and cuts the meters' rates and the concurrency limit by ``BACKOFF``; they climb
-  back linearly to full over ``RECOVERY_S`` seconds without a 429.
+- **Cooldown and back-off**: a 429 that says a limit was reached pauses every new request for
+  its ``retry-after`` (1 s without one) and cuts the meters' rates and the concurrency limit by
+  ``BACKOFF``; they climb back linearly to full over ``RECOVERY_S`` seconds without a 429.
+- **Overload is not a limit**: a 429 whose ``x-ratelimit-remaining-*`` headers show capacity
+  (or, without such headers, whose error says the server is overloaded) is a busy server, not a
+  breached limit (``classify_429``). Only that request waits its ``retry-after``; the pool slows
+  down only when such answers become frequent (``OverloadRatio``: AIMD on the rejection ratio,
+  as the client-side throttling of Google's SRE book does), so a server that sheds 2 % of its
+  requests costs their retries, not the run's speed.
 
 Server headers also steer: ``x-ratelimit-remaining-*`` caps how far ahead of the server the
 meters may run: the dispatch credit (what could be sent at once) is cut to what the server says
@@ -26,6 +32,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 
@@ -47,6 +54,19 @@ DEFAULT_COOLDOWN_S = 1.0
 #: The longest wait a server may ask for and be obeyed: a bogus ``retry-after`` (an HTTP date
 #: years ahead, say) must not park the pool all night.
 MAX_SERVER_WAIT_S = 600.0
+#: Share of recent answers that were overload 429s above which the pool narrows, and how
+#: quickly that share follows the answers (an exponentially weighted mean over about
+#: ``1 / OVERLOAD_ALPHA`` answers). A server that sheds 5 % sits far below the threshold (the
+#: mean's noise there is about 2 points); one that refuses a quarter of what it gets is
+#: overwhelmed by this client, and narrowing is what helps it.
+OVERLOAD_RATIO = 0.2
+OVERLOAD_ALPHA = 0.02
+
+Verdict429 = Literal["limit", "overload"]
+
+# Words of an error that say the server is busy rather than that a quota was used up.
+_OVERLOAD_WORDS = ("overload", "capacity", "busy", "server_error", "unavailable")
+_LIMIT_WORDS = ("rate limit", "rate_limit", "ratelimit", "per min", "quota", "too many")
 
 
 class RateMeter:
@@ -128,6 +148,66 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(value) * scale[unit] for value, unit in parts)
 
 
+def classify_429(
+    headers: Mapping[str, str] | None, error: str | None, tokens: int = 0
+) -> Verdict429:
+    """Whether a 429 says a limit was reached (``"limit"``) or the server is busy
+    (``"overload"``).
+
+    The signals, strongest first:
+
+    1. The rate-limit headers of the 429 itself. When ``x-ratelimit-remaining-requests`` is at
+       least 1 and ``x-ratelimit-remaining-tokens`` covers this request (``tokens``, its
+       estimate), whichever of them came, the key has capacity: the refusal is the server's
+       load, not a limit. A remaining figure at 0 (or below the request's tokens) is a limit.
+    2. Without those headers, the error's code and message: "overloaded", "capacity", "busy"
+       or ``server_error`` without any mention of a rate limit or quota is a busy server.
+    3. Otherwise a limit: the safe reading, since treating a real limit as noise would send
+       into it at full speed.
+    """
+    if headers:
+        requests = _number(headers.get("x-ratelimit-remaining-requests"))
+        remaining_tokens = _number(headers.get("x-ratelimit-remaining-tokens"))
+        if requests is not None or remaining_tokens is not None:
+            room = (requests is None or requests >= 1) and (
+                remaining_tokens is None or remaining_tokens >= max(tokens, 1)
+            )
+            return "overload" if room else "limit"
+    text = (error or "").lower()
+    if any(word in text for word in _OVERLOAD_WORDS) and not any(
+        word in text for word in _LIMIT_WORDS
+    ):
+        return "overload"
+    return "limit"
+
+
+class OverloadRatio:
+    """The share of recent answers that were overload 429s, and when it calls for slowing down.
+
+    An exponentially weighted mean of 1 (an overload 429) and 0 (any other answer). When it
+    passes ``OVERLOAD_RATIO`` the pool narrows once (multiplicative decrease) and the mean
+    starts again from 0, so the next decision rests on the answers that came after it.
+    """
+
+    __slots__ = ("_answers", "ratio")
+
+    def __init__(self) -> None:
+        self.ratio = 0.0
+        self._answers = 0
+
+    def add(self, overloaded: bool) -> bool:
+        """Count one answer; true when the pool should narrow now."""
+        self.ratio += OVERLOAD_ALPHA * ((1.0 if overloaded else 0.0) - self.ratio)
+        self._answers += 1
+        # At least a window's worth of answers before a decision: a run whose first answers
+        # happen to be 429s has not shown a rate yet.
+        if self.ratio > OVERLOAD_RATIO and self._answers * OVERLOAD_ALPHA >= 1.0:
+            self.ratio = 0.0
+            self._answers = 0
+            return True
+        return False
+
+
 class Limits:
     """Everything a request waits on before it is sent, and what answers teach it."""
 
@@ -165,6 +245,8 @@ class Limits:
         self.in_flight_requests = 0
         self.in_flight_tokens = 0
         self.rate_limited = 0  # 429s seen
+        self.overloaded = 0  # of which the server was busy, not at a limit
+        self._overload = OverloadRatio()
 
     async def acquire(self, tokens: int) -> bool:
         """Wait until a request of ``tokens`` estimated tokens may be sent, and count it in flight.
@@ -230,16 +312,30 @@ class Limits:
             if figures is not None:
                 self._steer(kind, figures)
 
-    def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429: pause the whole pool, and slow it down until 429s stop."""
+    def answered(self) -> None:
+        """Count an answer other than a 429 towards the overload ratio (``on_rate_limited``)."""
+        if self._overload.ratio and self._overload.add(False):  # 0: no overload 429 came
+            self._back_off()
+
+    def on_rate_limited(self, retry_after: float | None, verdict: Verdict429 = "limit") -> None:
+        """A 429. At a limit: pause the whole pool, and slow it down until 429s stop.
+
+        An overloaded server (``classify_429``): the request that met it waits its own
+        ``retry-after`` (the retry policy's part) and the pool goes on; it slows down only
+        when such answers pass ``OVERLOAD_RATIO`` of the recent ones.
+        """
         self.rate_limited += 1
+        if verdict == "overload":
+            self.overloaded += 1
+            if self._overload.add(True):
+                self._back_off()
+            return
         now = self._clock()
         fresh = now >= self._paused_until  # several 429s of one burst back off once
         wait = min(retry_after or DEFAULT_COOLDOWN_S, MAX_SERVER_WAIT_S)
         self._paused_until = max(self._paused_until, now + wait)
         if fresh:
-            self._recover()
-            self._set_factor(max(MIN_FACTOR, self.factor * BACKOFF))
+            self._back_off()
 
     def enter_outage(self, probe_in_s: float) -> None:
         """The endpoint is down: one request at a time, the next in ``probe_in_s``."""
@@ -297,6 +393,12 @@ class Limits:
             meter.cap_credit(figures.remaining - in_flight)
         elif figures.remaining <= 0 and figures.reset_s:
             self.cool_down(figures.reset_s)
+
+    def _back_off(self) -> None:
+        """Multiplicative decrease of the rates and the concurrency (from where recovery had
+        climbed back to)."""
+        self._recover()
+        self._set_factor(max(MIN_FACTOR, self.factor * BACKOFF))
 
     def _recover(self) -> None:
         """Climb back towards full speed, linearly over ``RECOVERY_S``."""

@@ -146,6 +146,11 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
             f"  schema    {s.schema_valid:,} valid, {s.schema_invalid:,} invalid "
             f"({s.reasks:,} re-asks)"
         )
+    if s.rate_limited:
+        lines.append(
+            f"  429s      {s.rate_limited:,}: {s.rate_limited - s.overloaded:,} at a rate limit "
+            f"(the pool paused and slowed), {s.overloaded:,} from a busy server (retried alone)"
+        )
     if s.error_codes:
         top = ", ".join(f"{code} ×{n}" for code, n in s.error_codes.most_common(5))
         lines.append(f"  errors    {top}")

@@ -386,6 +386,8 @@ async def _run_async(
     finally:
         progress.close()
     stats.lines_read = readers[0].lines_read
+    stats.rate_limited = sum(e.limits.rate_limited for e in endpoints)
+    stats.overloaded = sum(e.limits.overloaded for e in endpoints)
     for model in pricer.unknown_models:
         print(
             f"batcher: warning: no price known for model {model!r}: its cost is left empty; "

@@ -388,7 +388,7 @@ class Simulator:
             return self._stream_fault(fault, answer, body, headers)
         if fault is not None:
             status, payload, content_type = fault_response(fault, answer)
-            if fault == "429":
+            if fault in ("429", "overloaded"):
                 wait = self.config.fault_retry_after_s
                 headers.append((b"retry-after", str(math.ceil(wait)).encode()))
                 headers.append((b"retry-after-ms", str(round(wait * 1000)).encode()))

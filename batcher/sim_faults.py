@@ -25,6 +25,7 @@ FAULT_KINDS: frozenset[str] = frozenset(
         "huge",
         "400",
         "429",
+        "overloaded",
         "retry_after_date",
         "401",
         "quota",
@@ -107,6 +108,9 @@ def fault_response(kind: str, answer: dict[str, Any]) -> tuple[int, bytes, bytes
     if kind in ("429", "retry_after_date"):  # a limit the client was not told about
         message = "Rate limit reached for requests. Please try again later."
         return 429, error_body(message, "requests", "rate_limit_exceeded"), JSON_TYPE
+    if kind == "overloaded":  # a busy server (or a gateway in front of one), not a limit
+        message = "The server is currently overloaded with other requests. Please retry."
+        return 429, error_body(message, "server_error", "overloaded"), JSON_TYPE
     if kind == "401":
         message = "Incorrect API key provided. You can find your API key in your account."
         return 401, error_body(message, "invalid_request_error", "invalid_api_key"), JSON_TYPE

@@ -36,6 +36,8 @@ class RunStats:
     schema_valid: int = 0
     schema_invalid: int = 0
     reasks: int = 0  # follow-up requests sent after an invalid structured answer
+    rate_limited: int = 0  # 429 answers, of which ``overloaded`` from a busy server (no limit)
+    overloaded: int = 0
     wall_s: float = 0.0
     output_ok: int | None = None
     output_error: int | None = None

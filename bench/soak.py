@@ -7,7 +7,8 @@ Each round runs `batcher run` (JSONL in, Parquet out) twice against a fresh simu
 (20 ms latency): once fault-free, once with 10 % of answers faulty, drawn from every kind that
 a retry should overcome (5xx, HTML 502/504, malformed and truncated bodies, no choices, a 200
 HTML page, connection resets after the headers and mid-body, stalled bodies, 429s with
-retry-after in seconds and as an HTTP date). It checks that every id is in the output exactly
+retry-after in seconds and as an HTTP date, from a server whose rate-limit headers show capacity:
+both runs are given a limit of 1,000,000 RPM). It checks that every id is in the output exactly
 once and `ok`, and prints wall times and the ratio.
 """
 
@@ -33,7 +34,9 @@ KINDS = (
 
 
 def one_run(src: Path, out: Path, n: int, faults: bool) -> tuple[float, int, str]:
-    sim_args = ["--seed", "11", "--fault-retry-after", "0.1"]
+    # A limit far above what one client sends: every answer carries x-ratelimit-* headers, as
+    # a real provider's do, so the injected 429s show capacity (a busy server, not a limit).
+    sim_args = ["--seed", "11", "--fault-retry-after", "0.1", "--rpm", "1000000"]
     if faults:
         sim_args += ["--error-rate", "0.1", "--error-kinds", KINDS]
     with running_sim(20, pin=False, extra_args=sim_args) as sim:

@@ -90,3 +90,30 @@ def test_bad_request_is_an_error_record_at_once(tmp_path: Path) -> None:
     assert {(r["status"], r["status_code"], r["error_code"], r["attempts"]) for r in rows} == {
         ("error", 400, "invalid_value", 1)
     }
+
+
+def test_an_answer_cut_off_mid_body_is_a_broken_answer_not_an_outage(tmp_path: Path) -> None:
+    """Every answer breaks off after its headers: the server is up (it answered), so the run
+    never waits for an outage; each attempt is an ``invalid_response`` carrying its status."""
+    src = write_input(tmp_path / "in.jsonl", 12)
+    log = io.StringIO()
+    config = SimConfig(error_rate=1.0, error_kinds=("reset_body",), seed=7)
+    with running_sim(config) as sim:
+        job = job_from_dict(
+            {
+                "job": {"input": str(src), "output": str(tmp_path / "o.jsonl"), "progress": False},
+                "endpoint": {"base_url": sim.base_url},
+                "request": {"model": "gpt-4o-mini"},
+                "limits": {"concurrency": 4},
+                "retry": {"max_attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.02,
+                          "outage_patience_s": 60},
+            }
+        )  # fmt: skip
+        report = run_job(job, stream=log)
+    rows = list(read_results(report.output))
+    assert "unreachable" not in log.getvalue()
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"error"}
+    assert {r["error_code"] for r in rows} == {"invalid_response"}
+    assert {r["status_code"] for r in rows} == {200}
+    assert all("broke off" in r["error_message"] for r in rows)
+    assert report.stats.attempts == 24  # both attempts of each, none held back as an outage
