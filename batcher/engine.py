@@ -531,7 +531,7 @@ class Engine:
             self._stats.config_error = problem
             self._stats.config_error_endpoint = endpoint.name
             self.stop(problem, quiet=True)  # the caller says it, once, as an error
-        if attempt.ok:
+        if attempt.ok and setup.holding:
             self._record_all(setup.release())
         return self._stats.config_error is not None and not attempt.ok
 

@@ -88,6 +88,11 @@ class SetupCheck:
         self._held.append((result, body_hash))
         return True
 
+    @property
+    def holding(self) -> bool:
+        """Whether results are held back."""
+        return bool(self._held)
+
     def release(self) -> list[tuple[Result, str]]:
         """The results held back, to be recorded now (none are held afterwards)."""
         held, self._held = self._held, []
