@@ -131,12 +131,11 @@ async def arun_job(
     cannot run, and ``ConfigError`` after sending began if the endpoint showed that the job
     cannot work (its host does not resolve, or every answer is a 404: see ``setup_check``),
     with nothing recorded for the requests that met it. ``transport`` replaces the HTTP
-    transport (tests). ``lean`` frees the token
-    tables (about 45 MB; loaded only when a TPM limit or ``--max-cost`` needs counts) before
-    the output is finished, looks model prices up in a child process (see ``Pricer``), and
-    returns free heap pages to the system every ``TRIM_EVERY_S`` during the run: for a
-    process that ends with the run, as the CLI's (a later run in the same process loads the
-    tables again).
+    transport (tests). ``lean`` frees the token tables (about 45 MB; loaded only when a TPM
+    limit or ``--max-cost`` needs counts) before the output is finished, looks model prices
+    up in a child process (see ``Pricer``), and returns free heap pages to the system every
+    ``TRIM_EVERY_S`` during the run: for a process that ends with the run, as the CLI's (a
+    later run in the same process loads the tables again).
 
     A run whose journal starts empty writes its output as it goes (``LiveOutput``); one that
     resumes a journal writes it from the journal at the end (``write_output``).
