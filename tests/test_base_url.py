@@ -3,6 +3,7 @@ then OpenAI's API."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,14 @@ def test_cli_sends_to_the_variable_unless_the_job_or_the_flag_says_otherwise(
         )  # fmt: skip
         assert by_flag.returncode == 0, by_flag.stderr
         assert sim_stats(url)["answered_ok"] == 12
+
+
+def test_estimate_resolves_the_base_url_the_same_way(tmp_path: Path) -> None:
+    """The provider (and so the price) follows the base URL: Groq's, from the variable."""
+    src = write_input(tmp_path / "in.jsonl", 3)
+    args = ("estimate", "-i", str(src), "-m", "llama-3.1-8b-instant", "--json")
+    groq = {"OPENAI_BASE_URL": "https://api.groq.com/openai/v1"}
+    by_variable = json.loads(run_batcher(*args, env=groq).stdout)
+    default = json.loads(run_batcher(*args).stdout)
+    assert by_variable["unpriced_models"] == [] and by_variable["cost_high_usd"] > 0
+    assert default["unpriced_models"] == ["llama-3.1-8b-instant"]
