@@ -28,7 +28,7 @@ from batcher.records import Result
 
 #: 404/405 answers, with no success yet at the endpoint, that stop the run.
 WRONG_PATH_AFTER = 5
-#: What a 404/405 for a missing route is told from: those about a model name one.
+#: What a server answers for a path it does not serve, or a method it does not take there.
 _WRONG_PATH_STATUSES = (404, 405)
 
 
@@ -42,7 +42,8 @@ def is_wrong_path(status_code: int | None, error_code: str | None, message: str 
 def origin(url: str) -> str:
     """``scheme://host:port`` of a URL, without user or password."""
     parts = urlsplit(url)
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, "", "", ""))
 
 
