@@ -26,13 +26,15 @@ With --engine ray, OUTPUT (.parquet) is a folder of part files, and the ids in i
 exit codes:
   0  every request succeeded
   1  the run finished, but some requests failed or input lines were rejected
-  2  usage or configuration error: nothing was sent
+  2  usage or configuration error: nothing was sent, or the endpoint showed at once that
+     it cannot work (its host does not resolve; every answer a 404/405): nothing recorded
   3  stopped early (Ctrl+C, SIGTERM, --max-cost reached, key refused, quota exhausted,
      journal or output not writable): run again (with a new --max-cost) to resume
 
 The API key is read from $OPENAI_API_KEY (or the variable named by the job's
-endpoint.api_key_env) and is never written anywhere. --base-url sim runs the built-in
-simulator in-process: no key, no network.
+endpoint.api_key_env) and is never written anywhere. The base URL is --base-url, else the
+job's, else $OPENAI_BASE_URL, else OpenAI's. --base-url sim runs the built-in simulator
+in-process: no key, no network.
 """
 
 
@@ -82,7 +84,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
     parser.add_argument("--model", "-m", help="default model for lines that name none")
     parser.add_argument(
-        "--base-url", help='endpoint base URL, e.g. https://api.openai.com/v1, or "sim"'
+        "--base-url",
+        help='endpoint base URL, e.g. http://127.0.0.1:8080/v1, or "sim" (else the job\'s, '
+        "else $OPENAI_BASE_URL, else https://api.openai.com/v1)",
     )
     parser.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
     parser.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")

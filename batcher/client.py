@@ -14,12 +14,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from batcher import jsonfast
 from batcher.records import Usage
 from batcher.streaming import EVENT_STREAM, StreamError, StreamReader
 from batcher.transport import (
     AiohttpTransport,
+    ConnectFailure,
     HttpxTransport,
     Reply,
     Transport,
@@ -61,6 +63,8 @@ class Attempt:
     retry_after: float | None = None
     headers: Mapping[str, str] | None = None
     ttft_s: float | None = None
+    #: Why no connection was made, when known: the host does not resolve, or was refused.
+    connect_failure: ConnectFailure | None = None
 
 
 class ChatClient:
@@ -103,7 +107,7 @@ class ChatClient:
                 connect_timeout_s=connect_timeout_s,
             )
         self._timeout_s = timeout_s
-        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._url = chat_url(base_url)
 
     async def post(self, body: Mapping[str, Any]) -> Attempt:
         """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
@@ -123,11 +127,16 @@ class ChatClient:
                 # Cut off after the status line: the server answered, so it is up (no
                 # outage); the answer is broken, and retried like any unusable answer.
                 return _broken_answer(status, str(exc), start)
-            return _transport_failure(exc.code, str(exc), start)
+            return _transport_failure(exc.code, str(exc), start, exc.connect_failure)
         except Exception as exc:
             # Anything else a broken answer can make a library raise. Cancellation is not an
             # Exception, so it still propagates.
             return _transport_failure("invalid_response", _describe(exc), start)
+
+    @property
+    def url(self) -> str:
+        """The URL requests are POSTed to (``BASE_URL/chat/completions``)."""
+        return self._url
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -138,6 +147,13 @@ class ChatClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def chat_url(base_url: str) -> str:
+    """``BASE_URL/chat/completions``, a query in the base URL kept after the path (Azure's
+    ``?api-version=``, a gateway's key)."""
+    parts = urlsplit(base_url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
 
 
 def check_api_key(api_key: str) -> None:
@@ -285,13 +301,16 @@ async def _read_stream(reply: Reply, start: float, usage_asked: bool) -> Attempt
     )
 
 
-def _transport_failure(code: str, message: str, start: float) -> Attempt:
+def _transport_failure(
+    code: str, message: str, start: float, connect_failure: ConnectFailure | None = None
+) -> Attempt:
     return Attempt(
         ok=False,
         retryable=True,
         latency_s=time.perf_counter() - start,
         error_code=code,
         error_message=message,
+        connect_failure=connect_failure,
     )
 
 

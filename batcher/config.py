@@ -23,11 +23,24 @@ from batcher.tokens import ENCODINGS
 
 SIM = "sim"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: The variable that gives the base URL when neither a flag nor the job does (as the openai
+#: SDK and most tools read it).
+BASE_URL_ENV = "OPENAI_BASE_URL"
+
+
+def default_base_url() -> str:
+    """The base URL of an endpoint that names none: ``$OPENAI_BASE_URL`` if set, else OpenAI's.
+
+    Read when the job is made (loaded, or a ``JobConfig``/``EndpointConfig`` built), so the
+    precedence is: a flag or override, then the job file, then the variable, then the default.
+    """
+    return os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
 
 
 @dataclass(frozen=True, kw_only=True)
 class EndpointConfig:
-    """Where requests go. ``base_url = "sim"`` starts the built-in simulator in-process.
+    """Where requests go. ``base_url = "sim"`` starts the built-in simulator in-process;
+    without one, ``$OPENAI_BASE_URL`` or OpenAI's API (``default_base_url``).
 
     With several endpoints (``[[endpoints]]``) each has a ``name`` (recorded with every answer),
     a ``weight`` (its share when all have room) and optionally its own ``rpm``, ``tpm`` and
@@ -35,7 +48,7 @@ class EndpointConfig:
     """
 
     name: str = "default"
-    base_url: str = DEFAULT_BASE_URL
+    base_url: str = field(default_factory=default_base_url)
     api_key_env: str = "OPENAI_API_KEY"
     headers: Mapping[str, str] = field(default_factory=dict)
     weight: float = 1.0
@@ -331,8 +344,10 @@ def validate(job: JobConfig) -> None:
         where = f"endpoints[{i}]" if job.endpoints else "endpoint"
         url = endpoint.base_url
         if url != SIM and not url.startswith(("http://", "https://")):
+            source = f" (from ${BASE_URL_ENV})" if url == os.environ.get(BASE_URL_ENV) else ""
             raise ConfigError(
-                f"{where}.base_url", f'must start with http:// or https:// or be "sim", got {url!r}'
+                f"{where}.base_url",
+                f'must start with http:// or https:// or be "sim", got {url!r}{source}',
             )
     if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
         raise ConfigError("endpoints", "every endpoint needs a name of its own")
@@ -442,9 +457,10 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
             _check_number(table[name], f"{where}.{name}", positive=True)
     if table.get("concurrency") is not None:
         _check_int(table["concurrency"], f"{where}.concurrency", minimum=1)
+    base_url = _typed(table, "base_url", str, where)
     return EndpointConfig(
         name=_typed(table, "name", str, where, f"endpoint-{number}" if number else "default"),
-        base_url=_typed(table, "base_url", str, where, DEFAULT_BASE_URL),
+        base_url=default_base_url() if base_url is None else base_url,
         api_key_env=_typed(table, "api_key_env", str, where, "OPENAI_API_KEY"),
         headers=dict(headers),
         weight=float(table.get("weight", 1.0)),

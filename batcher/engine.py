@@ -17,7 +17,9 @@ before every request, and ``Outage`` holds requests back while the endpoint is u
 On SIGINT/SIGTERM dispatch stops at once, requests in flight get ``grace_s`` to finish, and the
 run returns with everything finished recorded. A refused key, an exhausted quota, a spent budget
 or an outage past its patience stops dispatch too; requests that met those are not recorded,
-so the next run sends them.
+so the next run sends them. So does a configuration error the endpoint's first answers show
+(``setup_check.py``: a host that does not resolve, a URL that answers only 404): the run then
+ends with ``RunStats.config_error`` set (exit 2).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from batcher.endpoints import NEGLIGIBLE_WAIT_S, Endpoint, Router
 from batcher.errors import InputError
 from batcher.idset import IdSet
 from batcher.limits import Limits, classify_429
-from batcher.outage import OUTAGE_AFTER, Outage
+from batcher.outage import Outage
 from batcher.outcomes import (
     UNREACHABLE,
     answering_model,
@@ -57,6 +59,7 @@ from batcher.records import Reject, Request, Result
 from batcher.requests import LateCounter
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
+from batcher.setup_check import SetupCheck, waiting_note
 from batcher.stats import RunStats
 from batcher.validation import Verdict, check_answer, expected_format
 from batcher.warm_up import WarmUp
@@ -123,6 +126,7 @@ class Engine:
             outage = Outage(patience_s=outage_patience_s)
             endpoints = [Endpoint(name="default", client=client, limits=limits, outage=outage)]
         self._router = Router(endpoints)
+        self._setup = {e.name: SetupCheck(e.client.url) for e in endpoints}
         self._retry = retry
         self._concurrency = concurrency
         self._results = results
@@ -173,6 +177,9 @@ class Engine:
                     async with anyio.create_task_group() as work:
                         for lane in lanes:
                             self._start_lane(work, lane)
+                if self._stats.config_error is None:
+                    for setup in self._setup.values():  # too few 404s to tell: they are errors
+                        self._record_all(setup.release())
                 self._signal_scope.cancel()
                 self._warm_up.cancel()
         finally:
@@ -193,11 +200,11 @@ class Engine:
             work.start_soon(self._work, req_recv.clone(), router)
         req_recv.close()
 
-    def stop(self, reason: str, *, at_once: bool = False) -> None:
+    def stop(self, reason: str, *, at_once: bool = False, quiet: bool = False) -> None:
         """Stop dispatching; requests in flight may finish (cancelled now if ``at_once``).
 
         Only the first reason counts; a second stop never cuts off answers in flight (only a
-        second Ctrl+C does, in ``_watch_signals``).
+        second Ctrl+C does, in ``_watch_signals``). ``quiet``: no note (the caller tells).
         """
         if at_once:
             self._work_scope.cancel()
@@ -208,6 +215,8 @@ class Engine:
         self._stats.stopped_early = True
         self._stats.stop_reason = reason
         self._stopping.set()
+        if quiet:
+            return
         if at_once:
             self._progress.note(f"batcher: {reason}: stopping")
             return
@@ -289,6 +298,11 @@ class Engine:
                     result, reasks = await self._check_format(request, result, router)
                 if result.error_code == "connection_error" and router.all_exhausted:
                     continue  # not recorded: the endpoints are down, a re-run sends it
+                if self._stats.config_error is not None and result.status != "ok":
+                    continue  # not recorded: after the job is fixed, a re-run sends it
+                setup = self._setup.get(result.endpoint or "")
+                if setup is not None and setup.hold(result, request.body_hash):
+                    continue  # maybe one of a wrong URL's 404s: recorded once that is known
                 if stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(stop_reason(result))
@@ -399,6 +413,10 @@ class Engine:
                 self._freeze_pending = False
                 gc.freeze()
 
+    def _record_all(self, results: list[tuple[Result, str]]) -> None:
+        for result, body_hash in results:
+            self._record(result, body_hash)
+
     def _journal(self, result: Result, body_hash: str, *, provisional: bool = False) -> bool:
         """Append to the journal; on failure stop the run at once and return false."""
         if self._record_error is not None:
@@ -449,6 +467,9 @@ class Engine:
                 endpoint.assigned -= 1
             limits, outage = endpoint.limits, endpoint.outage
             endpoint.record(attempt.ok or not attempt.retryable)
+            if self._check_setup(endpoint, attempt):
+                # neither retried nor recorded: the job is set up wrong
+                return dataclasses.replace(attempt, retryable=False), sends, endpoint.name
             if attempt.status_code is not None:
                 self._endpoint_answered(endpoint)  # any HTTP answer: the endpoint is up
                 break
@@ -473,12 +494,10 @@ class Engine:
                     "check, then run the same command again"
                 )
                 return attempt, sends, endpoint.name
-            if outage.consecutive_failures == OUTAGE_AFTER:
-                self._progress.set_status(f"WAITING: {self._label(endpoint)} unreachable")
-                self._progress.note(
-                    f"batcher: {self._label(endpoint)} is unreachable ({attempt.error_message}); "
-                    f"waiting, probing with one request (patience {outage.patience_s:g} s)"
-                )
+            if outage.note_due(wait):  # at its start, then at least once a minute
+                label = self._label(endpoint)
+                self._progress.set_status(f"WAITING: {label} unreachable")
+                self._progress.note(waiting_note(label, endpoint.client.url, attempt, outage))
             if self._stopping.is_set():
                 return attempt, sends, endpoint.name  # stopping: no more probes
             limits.enter_outage(wait)
@@ -505,6 +524,20 @@ class Engine:
                 charged, charged - request.prompt_tokens + attempt.usage.prompt_tokens
             )
         return attempt, sends, endpoint.name
+
+    def _check_setup(self, endpoint: Endpoint, attempt: Attempt) -> bool:
+        """Note what an attempt says of the job's setup (``setup_check.py``); true if the
+        run stops on a configuration error and the attempt failed (it is then not retried,
+        and not recorded). An ok answer records the results held back at its endpoint."""
+        setup = self._setup[endpoint.name]
+        problem = setup.check(attempt)
+        if problem is not None and self._stats.config_error is None:
+            self._stats.config_error = problem
+            self._stats.config_error_endpoint = endpoint.name
+            self.stop(problem, quiet=True)  # the caller says it, once, as an error
+        if attempt.ok and setup.holding:
+            self._record_all(setup.release())
+        return self._stats.config_error is not None and not attempt.ok
 
     def _give_up_on(self, router: Router, patience_s: float, error: str | None) -> None:
         """Some endpoints (one variant's) are past their patience while others work: the run

@@ -30,13 +30,13 @@ def job_record(job: JobConfig) -> dict[str, Any]:
         *zip(record["endpoints"], job.endpoints, strict=True),
     ]:
         item["headers"] = {name: REDACTED for name in endpoint.headers}
-        item["base_url"] = _without_credentials(endpoint.base_url)
+        item["base_url"] = without_credentials(endpoint.base_url)
     for key in ("input", "output"):
         record[key] = None if record[key] is None else str(record[key])
     return record
 
 
-def _without_credentials(url: str) -> str:
+def without_credentials(url: str) -> str:
     """A URL without user:password and query (some gateways take keys there)."""
     parts = urlsplit(url)
     if not parts.scheme:

@@ -128,12 +128,14 @@ async def arun_job(
     (``retry_errors`` re-sends recorded errors: ``"all"`` or only ``"retryable"`` ones), a line
     whose body changed is re-sent; ``restart=True`` forgets the journal and starts over.
     Raises ``ConfigError``/``InputError``/``OutputError`` before anything is sent when the job
-    cannot run. ``transport`` replaces the HTTP transport (tests). ``lean`` frees the token
-    tables (about 45 MB; loaded only when a TPM limit or ``--max-cost`` needs counts) before
-    the output is finished, looks model prices up in a child process (see ``Pricer``), and
-    returns free heap pages to the system every ``TRIM_EVERY_S`` during the run: for a
-    process that ends with the run, as the CLI's (a later run in the same process loads the
-    tables again).
+    cannot run, and ``ConfigError`` after sending began if the endpoint showed that the job
+    cannot work (its host does not resolve, or every answer is a 404: see ``setup_check``),
+    with nothing recorded for the requests that met it. ``transport`` replaces the HTTP
+    transport (tests). ``lean`` frees the token tables (about 45 MB; loaded only when a TPM
+    limit or ``--max-cost`` needs counts) before the output is finished, looks model prices
+    up in a child process (see ``Pricer``), and returns free heap pages to the system every
+    ``TRIM_EVERY_S`` during the run: for a process that ends with the run, as the CLI's (a
+    later run in the same process loads the tables again).
 
     A run whose journal starts empty writes its output as it goes (``LiveOutput``); one that
     resumes a journal writes it from the journal at the end (``write_output``).
@@ -156,6 +158,7 @@ async def arun_job(
         jpath = journal_path(output)
         if restart:
             jpath.unlink(missing_ok=True)
+        fresh = not jpath.exists()
         with Journal(jpath) as journal:
             if journal.torn_bytes:
                 print(
@@ -179,6 +182,10 @@ async def arun_job(
                     list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
                     stream, lean,
                 )  # fmt: skip
+        if stats.config_error is not None:
+            if fresh:
+                _forget_empty_journal(jpath)
+            raise ConfigError(_base_url_field(job, stats.config_error_endpoint), stats.config_error)
         if lean:
             release_encodings()
         # in a thread: a notebook's event loop keeps serving while pyarrow writes
@@ -395,6 +402,21 @@ async def _run_async(
             file=stream,
         )
     return stats, rejected
+
+
+def _base_url_field(job: JobConfig, endpoint: str | None) -> str:
+    """The job field of the named endpoint's base URL, as errors name it."""
+    names = [e.name for e in job.endpoints]
+    if endpoint not in names:
+        return "endpoint.base_url"
+    return f"endpoints[{names.index(endpoint)}].base_url"
+
+
+def _forget_empty_journal(path: Path) -> None:
+    """Remove a journal this run made and recorded nothing in (its header alone)."""
+    with contextlib.suppress(OSError):
+        if path.read_bytes().count(b"\n") <= 1:
+            path.unlink()
 
 
 def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:

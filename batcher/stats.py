@@ -43,6 +43,10 @@ class RunStats:
     output_error: int | None = None
     stopped_early: bool = False
     stop_reason: str | None = None
+    #: Set when the run stopped because the endpoint showed the job cannot work (its host
+    #: does not resolve, every answer a 404): the reason, and the endpoint's name.
+    config_error: str | None = None
+    config_error_endpoint: str | None = None
 
     @property
     def cost_usd(self) -> float:
@@ -91,11 +95,14 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok; 1 finished with failures or rejects; 3 stopped early (resumable).
+        """0 all ok; 1 finished with failures or rejects; 2 stopped on a configuration error;
+        3 stopped early (resumable).
 
         Failures count from the final output when it is known (a resumed run that skipped
         earlier errors still finished with them), else from this run.
         """
+        if self.config_error is not None:
+            return 2
         if self.stopped_early:
             return 3
         errors = self.error if self.output_error is None else self.output_error

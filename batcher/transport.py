@@ -15,9 +15,10 @@ Transports raise only the three errors below; everything else a server can do is
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import anyio
 
@@ -26,10 +27,26 @@ if TYPE_CHECKING:
     import httpx
 
 
+#: Why a connection could not be made, where that tells what to do: the host name does not
+#: exist (``"dns"``: waiting will not help), or nothing listens at the port (``"refused"``:
+#: a server may be starting).
+ConnectFailure = Literal["dns", "refused"]
+#: getaddrinfo's answers that the name does not exist (not "try again": a resolver that did
+#: not answer, as when the network is down, may answer later).
+_NO_SUCH_NAME = frozenset(
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)
+)
+
+
 class TransportError(Exception):
-    """A request that got no usable HTTP answer. ``code`` is the error code it is recorded as."""
+    """A request that got no usable HTTP answer. ``code`` is the error code it is recorded as;
+    ``connect_failure`` says why no connection was made, when that is known."""
 
     code = "connection_error"
+
+    def __init__(self, message: str, *, connect_failure: ConnectFailure | None = None) -> None:
+        super().__init__(message)
+        self.connect_failure = connect_failure
 
 
 class TransportTimeout(TransportError):
@@ -130,7 +147,7 @@ class AiohttpTransport:
         except aiohttp.ClientResponseError as exc:  # a malformed status line or headers
             raise InvalidResponse(_describe(exc)) from exc
         except (aiohttp.ClientError, OSError) as exc:  # refused, reset, cut off mid-body
-            raise TransportError(_describe(exc)) from exc
+            raise TransportError(_describe(exc), connect_failure=connect_failure(exc)) from exc
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -201,11 +218,11 @@ class HttpxTransport:
             cause = exc.__cause__
             if cause is None or isinstance(cause, TimeoutError):
                 raise TransportTimeout(_describe(exc)) from exc
-            raise TransportError(_describe(exc)) from exc
+            raise TransportError(_describe(exc), connect_failure=connect_failure(exc)) from exc
         except httpx.DecodingError as exc:  # e.g. a body that is not the gzip it claims to be
             raise InvalidResponse(_describe(exc)) from exc
         except (httpx.TransportError, OSError) as exc:
-            raise TransportError(_describe(exc)) from exc
+            raise TransportError(_describe(exc), connect_failure=connect_failure(exc)) from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -233,6 +250,27 @@ class _HttpxReply:
             yield chunk
 
 
+def connect_failure(exc: BaseException) -> ConnectFailure | None:
+    """Whether ``exc`` (or what it was raised from) is a host name that does not exist or a
+    refused connection. Libraries wrap these differently (aiohttp's ``ClientConnectorError``
+    keeps the ``OSError`` as ``os_error``, httpx's ``ConnectError`` chains it), so the chain
+    is walked."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return "dns" if current.errno in _NO_SUCH_NAME else None
+        if isinstance(current, ConnectionRefusedError):
+            return "refused"
+        inner = getattr(current, "os_error", None)  # aiohttp's ClientConnectorError
+        if isinstance(inner, BaseException) and inner is not current:
+            current = inner
+            continue
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _timed_out(timeout_s: float, exc: BaseException) -> str:
     detail = str(exc).strip()
     return f"no answer within {timeout_s:g} s" + (f" ({detail})" if detail else "")
@@ -245,10 +283,12 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "AiohttpTransport",
+    "ConnectFailure",
     "HttpxTransport",
     "InvalidResponse",
     "Reply",
     "Transport",
     "TransportError",
     "TransportTimeout",
+    "connect_failure",
 ]

@@ -17,3 +17,5 @@ def _own_price_cache(
     """Each test its own price cache (batcher.pricing.PriceCache): none of them reads what
     another looked up, and nothing is written to the user's ~/.cache."""
     monkeypatch.setenv("BATCHER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    # the machine's own endpoint would become every test job's default base URL
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)

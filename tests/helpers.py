@@ -59,9 +59,15 @@ def batcher_cmd(*args: str) -> list[str]:
 
 
 def run_batcher(
-    *args: str, stdin: str | None = None, timeout: float = 90
+    *args: str,
+    stdin: str | None = None,
+    timeout: float = 90,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    """``python -m batcher ARGS`` without the caller's API key or base URL (``env`` adds
+    variables)."""
+    cleared = ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+    env = {k: v for k, v in os.environ.items() if k not in cleared} | (env or {})
     return subprocess.run(
         batcher_cmd(*args),
         input=stdin,

@@ -137,3 +137,13 @@ async def test_refused_connection_over_the_real_transport_is_a_connection_error(
     assert attempt.retryable
     assert attempt.error_code == "connection_error"
     assert attempt.status_code is None
+
+
+def test_chat_url_keeps_a_query_after_the_path() -> None:
+    from batcher.client import chat_url
+
+    assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert (
+        chat_url("https://x.example/openai/deployments/d?api-version=2024-10-21")
+        == "https://x.example/openai/deployments/d/chat/completions?api-version=2024-10-21"
+    )

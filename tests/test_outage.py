@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from batcher.outage import MAX_PROBE_INTERVAL_S, OUTAGE_AFTER, Outage
+from batcher.outage import MAX_PROBE_INTERVAL_S, NOTE_EVERY_S, OUTAGE_AFTER, Outage
 from batcher.writers import read_results
 
 from .helpers import ROOT, batcher_cmd, free_port, sim_stats, write_input
@@ -25,6 +26,7 @@ class Clock:
 def test_outage_starts_after_consecutive_failures_and_backs_off() -> None:
     clock = Clock()
     outage = Outage(patience_s=60, clock=clock)
+    outage.answered()  # it answered before: failures must repeat before it counts as down
     assert [outage.failed() for _ in range(OUTAGE_AFTER - 1)] == [None] * (OUTAGE_AFTER - 1)
     assert outage.failed() == 1.0 and outage.active
     assert outage.failed() == 1.0  # failing together with the first: no extra step
@@ -40,10 +42,36 @@ def test_outage_starts_after_consecutive_failures_and_backs_off() -> None:
 
 def test_an_answer_resets_the_count() -> None:
     outage = Outage(patience_s=60, clock=Clock())
+    outage.answered()
     for _ in range(OUTAGE_AFTER - 1):
         outage.failed()
     assert outage.answered() is None
     assert outage.failed() is None
+
+
+def test_an_endpoint_that_never_answered_is_down_from_its_first_failure() -> None:
+    outage = Outage(patience_s=60, clock=Clock())
+    assert outage.failed() == 1.0 and outage.active  # no retries used up waiting for a server
+
+
+def test_while_down_a_note_comes_at_least_once_a_minute_and_not_at_every_probe() -> None:
+    clock = Clock()
+    outage = Outage(patience_s=3600, clock=clock)
+    noted = []
+    wait = outage.failed()
+    for _ in range(40):  # the probes back off to one every MAX_PROBE_INTERVAL_S
+        assert wait is not None
+        if outage.note_due(wait):
+            noted.append(clock.now)
+        clock.now += wait
+        wait = outage.failed()
+    gaps = [b - a for a, b in itertools.pairwise(noted)]
+    assert noted[0] == 100.0  # at once
+    assert gaps and max(gaps) <= NOTE_EVERY_S
+    assert len(noted) < 40 / 2  # not at every probe
+    assert clock.now - noted[-1] <= NOTE_EVERY_S
+    outage.answered()
+    assert not outage.note_due(1.0)  # not down: nothing to say
 
 
 def start_sim(port: int, *args: str) -> subprocess.Popen[bytes]:
