@@ -22,7 +22,7 @@ from batcher.runner import RunReport, run_job
 from batcher.writers import read_results
 
 from . import hostile
-from .helpers import write_input
+from .helpers import run_batcher, write_input, write_job
 
 CANARY = "canary-hostile-3f9d-not-a-real-key"
 #: The attempts each request gets here: enough to see a retry, few enough to be quick.
@@ -131,6 +131,32 @@ def test_a_key_in_the_query_is_in_no_record_journal_or_message(tmp_path: Path) -
         if path.is_file() and path.name != "in.jsonl":
             assert CANARY not in path.read_text(encoding="utf-8", errors="replace"), path
     assert CANARY not in report.summary and CANARY not in printed
+
+
+def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 4)
+    with src.open("a") as f:
+        f.write("not json\n")  # a rejected line: the rejects file is written too
+    server = hostile.HostileServer(
+        hostile.in_turn(hostile.raw_bytes(b"HTTP/1.1 abc\r\n\r\n"), hostile.answer())
+    )
+    with server.running():
+        url = f"{server.base_url}?api-version=2024-06-01&api-key={CANARY}"
+        job = write_job(
+            tmp_path / "job.toml",
+            f'[job]\ninput = "in.jsonl"\noutput = "o.parquet"\n[endpoint]\nbase_url = "{url}"\n'
+            '[request]\nmodel = "gpt-4o-mini"\n[limits]\nconcurrency = 1\n'
+            "[retry]\nmax_attempts = 1\n",
+        )
+        proc = run_batcher("run", str(job), "--no-progress")
+    assert proc.returncode == 1, proc.stderr  # the first request failed, the others did not
+    assert len(server.seen) == 4
+    assert CANARY not in proc.stdout + proc.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".toml"]
+    assert {p.name for p in written} >= {"in.jsonl", "o.parquet", "o.parquet.rejects.jsonl"}
+    for path in written:
+        if path.name != "in.jsonl":
+            assert CANARY.encode() not in path.read_bytes(), path
 
 
 # --- answers that contradict themselves --------------------------------------------------------
@@ -267,5 +293,7 @@ def test_an_answer_within_the_cap_is_kept(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [0, 1000, -5, 2.5, "32MiB", True])
 def test_a_size_cap_that_cannot_work_is_refused_naming_the_field(value: Any) -> None:
-    with pytest.raises(ConfigError, match=r"limits\.max_response_bytes"):
+    with pytest.raises(
+        ConfigError, match=r"limits\.max_response_bytes: must be an integer >= 1024"
+    ):
         job_from_dict({"limits": {"max_response_bytes": value}})
