@@ -60,6 +60,21 @@ def run_against(
     return report, rows, printed.getvalue()
 
 
+def transport_of(over: str) -> httpx.AsyncBaseTransport | None:
+    """The transport named: batcher's default (aiohttp, direct), plain httpx, or httpx over
+    aiohttp (``httpx-aiohttp``, as a library user may pass)."""
+    if over == "httpx":
+        return httpx.AsyncHTTPTransport()
+    if over == "httpx-aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        return AiohttpTransport()
+    return None
+
+
+TRANSPORTS = ["aiohttp", "httpx", "httpx-aiohttp"]
+
+
 def outcomes(rows: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
     return {(r["status"], r["status_code"], r["error_code"], r["attempts"]) for r in rows}
 
@@ -68,7 +83,7 @@ def outcomes(rows: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
-@pytest.mark.parametrize("over", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("over", TRANSPORTS)
 def test_a_redirect_is_not_followed_and_carries_nothing_elsewhere(
     tmp_path: Path, status: int, over: str
 ) -> None:
@@ -77,7 +92,7 @@ def test_a_redirect_is_not_followed_and_carries_nothing_elsewhere(
         target = f"{recorder.origin}/v1/chat/completions?token=leak-me"
         server = hostile.HostileServer(hostile.redirect(status, target))
         with server.running():
-            transport = httpx.AsyncHTTPTransport() if over == "httpx" else None
+            transport = transport_of(over)
             report, rows, _ = run_against(
                 tmp_path,
                 server.base_url,
@@ -202,12 +217,15 @@ def test_an_unusable_200_then_a_good_answer_is_kept(tmp_path: Path) -> None:
 GOOD = json.dumps(hostile.GOOD_ANSWER).encode()
 
 
+@pytest.mark.parametrize("over", TRANSPORTS)
 def test_a_body_that_is_not_the_gzip_it_claims_is_an_answer_error_not_an_outage(
-    tmp_path: Path,
+    tmp_path: Path, over: str
 ) -> None:
     server = hostile.HostileServer(hostile.answer(200, GOOD, headers={"Content-Encoding": "gzip"}))
     with server.running():
-        report, rows, printed = run_against(tmp_path, server.base_url, n=3)
+        report, rows, printed = run_against(
+            tmp_path, server.base_url, n=3, transport=transport_of(over)
+        )
     assert outcomes(rows) == {("error", 200, "invalid_response", ATTEMPTS)}
     assert "could not be read" in rows[0]["error_message"]
     assert "unreachable" not in printed  # an endpoint that answers is not down
@@ -251,10 +269,13 @@ def test_a_body_that_trickles_past_the_timeout_is_a_timeout(tmp_path: Path) -> N
 SMALL_CAP = {"max_response_bytes": 1 << 20}
 
 
-def test_a_gzip_bomb_stops_at_the_size_cap(tmp_path: Path) -> None:
+@pytest.mark.parametrize("over", TRANSPORTS)
+def test_a_gzip_bomb_stops_at_the_size_cap(tmp_path: Path, over: str) -> None:
     server = hostile.HostileServer(hostile.gzip_bomb(50 << 20))
     with server.running():
-        report, rows, _ = run_against(tmp_path, server.base_url, limits=SMALL_CAP)
+        report, rows, _ = run_against(
+            tmp_path, server.base_url, limits=SMALL_CAP, transport=transport_of(over)
+        )
     assert outcomes(rows) == {("error", 200, "response_too_large", 1)}  # not retried
     assert "limits.max_response_bytes" in rows[0]["error_message"]
     assert report.exit_code == 1
