@@ -152,8 +152,11 @@ def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Pat
     src = write_input(tmp_path / "in.jsonl", 4)
     with src.open("a") as f:
         f.write("not json\n")  # a rejected line: the rejects file is written too
+    # The first answer is not HTTP (an error record whose message quotes the URL), the next
+    # refuses the key: the run stops early (exit 3) and keeps its journal for a re-run.
+    refused = {"error": {"code": "invalid_api_key", "message": "bad key"}}
     server = hostile.HostileServer(
-        hostile.in_turn(hostile.raw_bytes(b"HTTP/1.1 abc\r\n\r\n"), hostile.answer())
+        hostile.in_turn(hostile.raw_bytes(b"HTTP/1.1 abc\r\n\r\n"), hostile.answer(401, refused))
     )
     with server.running():
         url = f"{server.base_url}?api-version=2024-06-01&api-key={CANARY}"
@@ -164,11 +167,19 @@ def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Pat
             "[retry]\nmax_attempts = 1\n",
         )
         proc = run_batcher("run", str(job), "--no-progress")
-    assert proc.returncode == 1, proc.stderr  # the first request failed, the others did not
-    assert len(server.seen) == 4
+    assert proc.returncode == 3, proc.stderr
+    assert len(server.seen) == 2
     assert CANARY not in proc.stdout + proc.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".toml"]
-    assert {p.name for p in written} >= {"in.jsonl", "o.parquet", "o.parquet.rejects.jsonl"}
+    assert {p.name for p in written} >= {
+        "in.jsonl",
+        "o.parquet",
+        "o.parquet.journal.jsonl",
+        "o.parquet.rejects.jsonl",
+    }
+    assert (
+        "api-version=2024-06-01&api-key=***" in (tmp_path / "o.parquet.journal.jsonl").read_text()
+    )
     for path in written:
         if path.name != "in.jsonl":
             assert CANARY.encode() not in path.read_bytes(), path
