@@ -150,8 +150,8 @@ def test_a_key_in_the_query_is_in_no_record_journal_or_message(tmp_path: Path) -
 
 def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 4)
-    with src.open("a") as f:
-        f.write("not json\n")  # a rejected line: the rejects file is written too
+    # a rejected line, first (read before the run stops): the rejects file is written too
+    src.write_text("not json\n" + src.read_text(encoding="utf-8"), encoding="utf-8")
     # The first answer is not HTTP (an error record whose message quotes the URL), the next
     # refuses the key: the run stops early (exit 3) and keeps its journal for a re-run.
     refused = {"error": {"code": "invalid_api_key", "message": "bad key"}}
