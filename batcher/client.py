@@ -7,6 +7,7 @@ final, retryable, and how long the server asked us to wait.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import math
@@ -18,9 +19,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batcher import jsonfast
 from batcher.records import Usage
+from batcher.redact import redact_url, scrub, url_origin
 from batcher.streaming import EVENT_STREAM, StreamError, StreamReader
 from batcher.transport import (
     AiohttpTransport,
+    BodyError,
     ConnectFailure,
     HttpxTransport,
     Reply,
@@ -36,6 +39,14 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429})
 _TEXT_SNIPPET = 200
 #: Error codes of attempts that failed without a usable HTTP answer; all may clear by themselves.
 TRANSIENT_ERROR_CODES = frozenset({"timeout", "connection_error", "invalid_response"})
+#: The default cap on an answer's size once decoded (``limits.max_response_bytes``): far above
+#: any real chat completion, far below what would exhaust memory.
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: The error code of an answer over that cap; not retried (the same request would most likely
+#: bring the same answer, paid for again).
+TOO_LARGE = "response_too_large"
+#: The error code of a 3xx: redirects are never followed (see ``classify``).
+REDIRECT = "redirect"
 
 
 def is_retryable_failure(status_code: int | None, error_code: str | None) -> bool:
@@ -84,6 +95,7 @@ class ChatClient:
         timeout_s: float = 600.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         all_headers = {"content-type": "application/json", "accept": "application/json"}
         all_headers.update(headers or {})
@@ -107,7 +119,9 @@ class ChatClient:
                 connect_timeout_s=connect_timeout_s,
             )
         self._timeout_s = timeout_s
-        self._url = chat_url(base_url)
+        self._base_url = base_url
+        self._url = chat_completions_url(base_url)
+        self._max_bytes = max_response_bytes
 
     async def post(self, body: Mapping[str, Any]) -> Attempt:
         """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
@@ -119,19 +133,35 @@ class ChatClient:
             async with self._transport.post(self._url, content) as reply:
                 status = reply.status
                 if body.get("stream") is True:
-                    return await _read_stream(reply, start, _usage_asked(body))
-                raw = await reply.read()
-                return classify(status, reply.headers, raw, time.perf_counter() - start)
+                    attempt = await _read_stream(
+                        reply, start, _usage_asked(body), max_bytes=self._max_bytes
+                    )
+                else:
+                    try:
+                        raw = await _read_capped(reply, self._max_bytes)
+                    except (BodyError, _TooLarge) as exc:
+                        # The server answered: a body that breaks off, lies about its encoding
+                        # or is too large is an answer error, not an unreachable endpoint.
+                        attempt = _body_failure(reply, exc, start)
+                    else:
+                        attempt = classify(status, reply.headers, raw, time.perf_counter() - start)
         except TransportError as exc:
             if status is not None and exc.code == "connection_error":
                 # Cut off after the status line: the server answered, so it is up (no
                 # outage); the answer is broken, and retried like any unusable answer.
-                return _broken_answer(status, str(exc), start)
-            return _transport_failure(exc.code, str(exc), start, exc.connect_failure)
+                attempt = _broken_answer(status, str(exc), start)
+            else:
+                attempt = _transport_failure(exc.code, str(exc), start, exc.connect_failure)
         except Exception as exc:
             # Anything else a broken answer can make a library raise. Cancellation is not an
             # Exception, so it still propagates.
-            return _transport_failure("invalid_response", _describe(exc), start)
+            attempt = _transport_failure("invalid_response", _describe(exc), start)
+        if attempt.error_message is not None:
+            # An HTTP library may quote the URL, credentials in its query string included.
+            message = scrub(attempt.error_message, self._base_url)
+            if message != attempt.error_message:
+                attempt = dataclasses.replace(attempt, error_message=message)
+        return attempt
 
     @property
     def url(self) -> str:
@@ -149,11 +179,13 @@ class ChatClient:
         await self.aclose()
 
 
-def chat_url(base_url: str) -> str:
-    """``BASE_URL/chat/completions``, a query in the base URL kept after the path (Azure's
-    ``?api-version=``, a gateway's key)."""
+def chat_completions_url(base_url: str) -> str:
+    """The URL requests go to: ``/chat/completions`` appended to the base URL's path, its query
+    string kept after it (``.../deployments/x?api-version=1`` becomes
+    ``.../deployments/x/chat/completions?api-version=1``), any fragment dropped."""
     parts = urlsplit(base_url)
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
+    path = parts.path.rstrip("/") + "/chat/completions"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
 def check_api_key(api_key: str) -> None:
@@ -178,11 +210,15 @@ def classify(status: int, headers: Mapping[str, str], raw: bytes, latency_s: flo
         if not is_json:
             code, message = "invalid_response", f"{status} with a body that is not JSON: "
             message += _snippet(body)
-        elif not isinstance(body, dict) or not isinstance(body.get("choices"), list):
-            code = "invalid_response"
-            message = f"{status} with a JSON body that has no 'choices' list"
+        else:
+            message = _unusable(status, body)
+            code = None if message is None else "invalid_response"
         # a 2xx that is not usable is retried: the server produced nothing to keep
         retryable = code is not None
+    elif 300 <= status < 400:
+        # Never followed (as the openai SDK): a redirect would carry the key and the endpoint's
+        # headers to wherever it points, and a 301/302 turns the POST into a GET.
+        code, message, retryable = REDIRECT, _redirect_message(status, headers), False
     else:
         code, message = _error_of(status, body, is_json)
         retryable = is_retryable_failure(status, code)
@@ -198,6 +234,37 @@ def classify(status: int, headers: Mapping[str, str], raw: bytes, latency_s: flo
         error_message=message,
         retry_after=None if code is None else retry_after_s(headers),
         headers=headers,
+    )
+
+
+def _unusable(status: int, body: Any) -> str | None:
+    """Why a 2xx JSON body is not an answer to keep, or ``None`` when it is one."""
+    if not isinstance(body, dict):
+        return f"{status} with a JSON body that is not an object"
+    error = body.get("error")
+    if error:
+        detail = error.get("message") if isinstance(error, dict) else None
+        return f"{status} with an error object: {_snippet(detail or error)}"
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return f"{status} with a JSON body that has no 'choices' list"
+    if not choices:
+        return f"{status} with an empty 'choices' list"
+    if not all(isinstance(choice, dict) for choice in choices):
+        return f"{status} with a choice that is not an object"
+    return None
+
+
+def _redirect_message(status: int, headers: Mapping[str, str]) -> str:
+    location = headers.get("location")
+    if location is None:
+        where = "without a Location"
+    else:
+        origin = url_origin(location)
+        where = f"to {redact_url(origin)}" if origin else "to another path on the same server"
+    return (
+        f"HTTP {status}: the endpoint redirects {where}; redirects are not followed (they "
+        "would carry the key elsewhere): set base_url to the address that answers"
     )
 
 
@@ -260,7 +327,59 @@ def _usage_asked(body: Mapping[str, Any]) -> bool:
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
-async def _read_stream(reply: Reply, start: float, usage_asked: bool) -> Attempt:
+class _TooLarge(Exception):
+    """The answer grew past ``max_bytes`` while it was read."""
+
+    code = TOO_LARGE
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            f"the answer is larger than limits.max_response_bytes ({max_bytes:,} bytes, "
+            "decoded); raise that limit if such answers are expected"
+        )
+
+
+async def _read_capped(reply: Reply, max_bytes: int) -> bytes:
+    """The whole body, decoded, or ``_TooLarge`` as soon as it passes ``max_bytes``.
+
+    A plain body that announces its length within the cap is read at once (the usual case,
+    and the fastest); any other (compressed, chunked, or announcing more) is read piece by
+    piece and counted, so a gzip bomb costs at most the cap in memory.
+    """
+    headers = reply.headers
+    length = headers.get("content-length")
+    if (
+        length is not None
+        and length.isdigit()
+        and int(length) <= max_bytes
+        and headers.get("content-encoding", "identity").lower() == "identity"
+    ):
+        return await reply.read()  # the transport reads no more than the announced length
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in reply.chunks():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _TooLarge(max_bytes)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _body_failure(reply: Reply, exc: BodyError | _TooLarge, start: float) -> Attempt:
+    """An answer whose status came but whose body could not be had."""
+    return Attempt(
+        ok=False,
+        retryable=exc.code != TOO_LARGE,
+        latency_s=time.perf_counter() - start,
+        status_code=reply.status,
+        request_id=reply.headers.get("x-request-id"),
+        error_code=exc.code,
+        error_message=f"{reply.status} with a body that could not be read: {exc}",
+        headers=reply.headers,
+    )
+
+
+async def _read_stream(reply: Reply, start: float, usage_asked: bool, *, max_bytes: int) -> Attempt:
     """Read a ``stream: true`` answer and assemble its events into one answer.
 
     An error status, or a server that ignored ``stream`` and answered with plain JSON, is
@@ -270,16 +389,25 @@ async def _read_stream(reply: Reply, start: float, usage_asked: bool) -> Attempt
     """
     headers = reply.headers
     if not (200 <= reply.status < 300) or EVENT_STREAM not in headers.get("content-type", ""):
-        raw = await reply.read()
+        try:
+            raw = await _read_capped(reply, max_bytes)
+        except (BodyError, _TooLarge) as exc:
+            return _body_failure(reply, exc, start)
         return classify(reply.status, headers, raw, time.perf_counter() - start)
     reader = StreamReader(start, usage_asked=usage_asked)
+    size = 0
     try:
         async for data in reply.chunks():
+            size += len(data)
+            if size > max_bytes:
+                raise _TooLarge(max_bytes)
             reader.feed(data)
             if reader.done:
                 break
         reader.finish()
         problem = reader.problem()
+    except _TooLarge as exc:
+        return _body_failure(reply, exc, start)
     except StreamError as exc:
         problem = str(exc)
     except Exception as exc:  # the connection dropped mid-stream, in any library's words

@@ -18,6 +18,7 @@ from typing import Any
 
 from batcher.errors import ConfigError
 from batcher.pricing import parse_pricing
+from batcher.redact import redact_url
 from batcher.requests import check_request_fields
 from batcher.tokens import ENCODINGS
 
@@ -81,13 +82,16 @@ class VariantConfig:
 class LimitsConfig:
     """Concurrency and rate limits. ``None`` means no client-side limit (the server's
     ``x-ratelimit-*`` headers still apply). ``encoding`` names the tiktoken encoding for token
-    estimates (``o200k_base`` or ``cl100k_base``; by default chosen from the model)."""
+    estimates (``o200k_base`` or ``cl100k_base``; by default chosen from the model).
+    ``max_response_bytes`` caps one answer's size once decoded: a larger one is an error
+    record (``response_too_large``), read no further."""
 
     concurrency: int = 64
     rpm: float | None = None
     tpm: float | None = None
     encoding: str | None = None
     max_cost_usd: float | None = None
+    max_response_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,6 +334,7 @@ def validate(job: JobConfig) -> None:
         value = getattr(lim, name)
         if value is not None:
             _check_number(value, f"limits.{name}", positive=True)
+    _check_int(lim.max_response_bytes, "limits.max_response_bytes", minimum=1024)
     _check_int(ret.max_attempts, "retry.max_attempts", minimum=1)
     if not isinstance(job.validate.json_schema, bool):
         raise ConfigError(
@@ -347,7 +352,7 @@ def validate(job: JobConfig) -> None:
             source = f" (from ${BASE_URL_ENV})" if url == os.environ.get(BASE_URL_ENV) else ""
             raise ConfigError(
                 f"{where}.base_url",
-                f'must start with http:// or https:// or be "sim", got {url!r}{source}',
+                f'must start with http:// or https:// or be "sim", got {redact_url(url)!r}{source}',
             )
     if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
         raise ConfigError("endpoints", "every endpoint needs a name of its own")

@@ -24,6 +24,7 @@ from typing import Any
 from batcher.disk_cache import JsonCache, cache_dir, without_secrets
 from batcher.errors import ConfigError
 from batcher.records import Usage
+from batcher.redact import redact_url
 
 #: The Batch API's discount on every token price.
 BATCH_DISCOUNT = 0.5
@@ -120,7 +121,9 @@ class Pricer:
     ) -> None:
         self._overrides = dict(overrides or {})
         self._out_of_process = out_of_process
-        self._api_url = provider_api_url
+        # genai-prices matches a provider by the URL's host and path: credentials are no use
+        # to it, and the URL goes to a child process and into the cache key.
+        self._api_url = redact_url(provider_api_url) or None
         self._factor = BATCH_DISCOUNT if batch_discount else 1.0
         self._known: dict[str, Price | None] = {}
         self._answered: dict[str, Price | None] = {}
@@ -344,11 +347,20 @@ def lookup_in_child(model: str, api_url: str | None = None) -> Price | None:
     12 MB that a long run would carry to its end for one or two prices (issue 8). The child
     (about 40 MB, for those 0.4 s) answers with JSON. Raises ``OSError``, ``ValueError`` or a
     ``SubprocessError`` when it cannot be started or fails.
+
+    The model and URL go by stdin, not argv (any local user can read a process's argv), and
+    the URL without credentials.
     """
     if not sys.executable:
         raise OSError("no Python interpreter to start")
-    args = [sys.executable, "-m", "batcher.pricing", model, *([api_url] if api_url else [])]
-    done = subprocess.run(args, capture_output=True, check=True, timeout=120)
+    question = json.dumps({"model": model, "api_url": redact_url(api_url) or None})
+    done = subprocess.run(
+        [sys.executable, "-m", "batcher.pricing"],
+        input=question.encode(),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
     found = json.loads(done.stdout)
     if found is None:
         return None
@@ -357,10 +369,12 @@ def lookup_in_child(model: str, api_url: str | None = None) -> Price | None:
     return Price(**found)
 
 
-def _child_main(argv: list[str]) -> None:
-    price = lookup_price(argv[0], argv[1] if len(argv) > 1 else None)
+def _child_main() -> None:
+    """The child's side of ``lookup_in_child``: a question on stdin, the price on stdout."""
+    question = json.loads(sys.stdin.read())
+    price = lookup_price(str(question["model"]), question.get("api_url"))
     print(json.dumps(None if price is None else dataclasses.asdict(price)))
 
 
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    _child_main()

@@ -9,9 +9,9 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from batcher.config import JobConfig
+from batcher.redact import redact_url
 
 PREFIX = "batcher."
 REDACTED = "<redacted>"
@@ -30,22 +30,10 @@ def job_record(job: JobConfig) -> dict[str, Any]:
         *zip(record["endpoints"], job.endpoints, strict=True),
     ]:
         item["headers"] = {name: REDACTED for name in endpoint.headers}
-        item["base_url"] = without_credentials(endpoint.base_url)
+        item["base_url"] = redact_url(endpoint.base_url)
     for key in ("input", "output"):
         record[key] = None if record[key] is None else str(record[key])
     return record
-
-
-def without_credentials(url: str) -> str:
-    """A URL without user:password and query (some gateways take keys there)."""
-    parts = urlsplit(url)
-    if not parts.scheme:
-        return url  # "sim"
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    if parts.username or parts.password:
-        netloc = f"{REDACTED}@{netloc}"
-    return urlunsplit((parts.scheme, netloc, parts.path, REDACTED if parts.query else "", ""))
 
 
 def file_sha256(path: Path) -> str | None:

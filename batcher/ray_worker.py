@@ -139,6 +139,7 @@ class BlockWorker:
                 headers=config.headers,
                 timeout_s=job.retry.timeout_s,
                 max_connections=limits.max_concurrency,
+                max_response_bytes=job.limits.max_response_bytes,
             )
             await self._clients.enter_async_context(client)
             outage = Outage(patience_s=job.retry.outage_patience_s)

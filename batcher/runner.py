@@ -325,6 +325,7 @@ async def _run_async(
                         timeout_s=job.retry.timeout_s,
                         max_connections=concurrency,
                         transport=transport,
+                        max_response_bytes=job.limits.max_response_bytes,
                     )
                     await clients.enter_async_context(client)
                     limits = Limits(

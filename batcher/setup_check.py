@@ -23,8 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batcher.client import Attempt
 from batcher.outage import Outage
-from batcher.provenance import without_credentials
 from batcher.records import Result
+from batcher.redact import redact_url
 
 #: 404/405 answers, with no success yet at the endpoint, that stop the run.
 WRONG_PATH_AFTER = 5
@@ -62,7 +62,7 @@ class SetupCheck:
         if attempt.status_code is None:
             if attempt.connect_failure == "dns" and not self.answered:
                 host = urlsplit(self.url).hostname
-                base_url = without_credentials(self.url).removesuffix("/chat/completions")
+                base_url = redact_url(self.url).removesuffix("/chat/completions")
                 return f"host {host!r} does not resolve ({base_url}); check the URL"
             return None
         self.answered = True
@@ -74,7 +74,7 @@ class SetupCheck:
             self.wrong_paths += 1
             if self.wrong_paths >= WRONG_PATH_AFTER:
                 return (
-                    f"{without_credentials(self.url)} answered {attempt.status_code} to "
+                    f"{redact_url(self.url)} answered {attempt.status_code} to "
                     f"{self.wrong_paths} requests and nothing else: base_url should end before "
                     "/chat/completions, usually in /v1"
                 )

@@ -10,7 +10,9 @@ retries) is the same over both:
 * ``HttpxTransport``: any ``httpx.AsyncBaseTransport`` (``ASGITransport`` to run against the
   simulator in-process, ``MockTransport`` in tests, or a custom one a library user passes).
 
-Transports raise only the three errors below; everything else a server can do is an answer.
+Transports raise only the errors below; everything else a server can do is an answer.
+Neither follows redirects: a 3xx is an answer (``client.classify`` makes it an error record),
+since following one would send the key and the endpoint's headers wherever it points.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ class InvalidResponse(TransportError):
     """The server answered something that is not valid HTTP (or a body that cannot be decoded)."""
 
     code = "invalid_response"
+
+
+class BodyError(InvalidResponse):
+    """The status and headers came, but the body broke off or could not be decoded (a
+    ``Content-Encoding`` it does not have, a ``Content-Length`` it does not fill). Raised by a
+    ``Reply``'s ``read`` and ``chunks``; a timeout while reading stays a ``TimeoutError``."""
 
 
 class Reply(Protocol):
@@ -138,7 +146,7 @@ class AiohttpTransport:
 
         session = self._session or self._open()
         try:
-            async with session.post(url, data=content) as response:
+            async with session.post(url, data=content, allow_redirects=False) as response:
                 yield _AiohttpReply(response)
         except TransportError:
             raise
@@ -169,11 +177,25 @@ class _AiohttpReply:
         return self._response.headers
 
     async def read(self) -> bytes:
-        return await self._response.read()
+        import aiohttp
+
+        try:
+            return await self._response.read()
+        except TimeoutError:
+            raise  # a timeout (an OSError too) is the transport's: the body trickled too long
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BodyError(_describe(exc)) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
-            yield chunk
+        import aiohttp
+
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except TimeoutError:
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BodyError(_describe(exc)) from exc
 
 
 class HttpxTransport:
@@ -194,6 +216,7 @@ class HttpxTransport:
             headers=dict(headers),
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             transport=transport,
+            follow_redirects=False,
         )
 
     def open(self) -> None:
@@ -243,11 +266,21 @@ class _HttpxReply:
         return self._response.headers
 
     async def read(self) -> bytes:
-        return await self._response.aread()
+        import httpx
+
+        try:
+            return await self._response.aread()
+        except (httpx.DecodingError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise BodyError(_describe(exc)) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.aiter_bytes():
-            yield chunk
+        import httpx
+
+        try:
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+        except (httpx.DecodingError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise BodyError(_describe(exc)) from exc
 
 
 def connect_failure(exc: BaseException) -> ConnectFailure | None:
@@ -283,6 +316,7 @@ def _describe(exc: BaseException) -> str:
 
 __all__ = [
     "AiohttpTransport",
+    "BodyError",
     "ConnectFailure",
     "HttpxTransport",
     "InvalidResponse",

@@ -140,7 +140,7 @@ async def test_refused_connection_over_the_real_transport_is_a_connection_error(
 
 
 def test_chat_url_keeps_a_query_after_the_path() -> None:
-    from batcher.client import chat_url
+    from batcher.client import chat_completions_url as chat_url
 
     assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
     assert (

@@ -20,6 +20,14 @@ from batcher.writers import read_results
 
 from .helpers import write_input
 
+#: The least answer that is kept as ok: one choice, with its message.
+ANSWER = {
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
+    ],
+    "usage": {"total_tokens": 1},
+}
+
 
 def test_genai_prices_lookup_prices_cached_tokens_lower() -> None:
     pricer = Pricer(provider_api_url="https://api.openai.com/v1")
@@ -241,12 +249,12 @@ def test_a_second_account_error_does_not_cut_off_answers_in_flight(tmp_path: Pat
 
     async def handler(request: httpx.Request) -> httpx.Response:
         if b"Question 0:" in request.content:  # the probe: a good answer
-            return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+            return httpx.Response(200, json=ANSWER)
         if b"Question 1:" in request.content or b"Question 2:" in request.content:
             await anyio.sleep(0.05)  # long enough for all four to be in flight
             return httpx.Response(401, json={"error": {"code": "invalid_api_key"}})
         await anyio.sleep(0.3)
-        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+        return httpx.Response(200, json=ANSWER)
 
     src = write_input(tmp_path / "in.jsonl", 5)
     run = job(tmp_path, src, limits={"concurrency": 4})

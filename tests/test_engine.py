@@ -17,6 +17,14 @@ from batcher.writers import read_results
 
 from .helpers import requests_of, write_input
 
+#: The least answer that is kept as ok: one choice, with its message.
+ANSWER = {
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
+    ],
+    "usage": {"total_tokens": 1},
+}
+
 
 class MaxRunning:
     """ASGI middleware: counts requests in flight and remembers the most seen at once."""
@@ -160,7 +168,7 @@ def test_api_key_is_sent_but_never_written(tmp_path: Path, monkeypatch: pytest.M
             return httpx.Response(
                 401, json={"error": {"message": "bad key", "code": "invalid_api_key"}}
             )
-        return httpx.Response(200, json={"choices": [], "usage": {"total_tokens": 1}})
+        return httpx.Response(200, json=ANSWER)
 
     src = write_input(tmp_path / "in.jsonl", 3)
     job = job_for(tmp_path, src, "o.jsonl", endpoint={"api_key_env": "BATCHER_TEST_KEY"})

@@ -1,0 +1,107 @@
+"""URLs without their credentials, wherever batcher writes or passes one.
+
+A base URL may carry a secret: ``https://user:password@host/...``, or a key in the query string
+(``?api-key=...``, ``?sig=...``, ``?code=...``: gateways, Azure Functions, signed URLs). Every URL
+that leaves the process in text (records' ``error_message``, logs, the summary, provenance
+metadata, cache keys, a child process's input) goes through ``redact_url``; text from a library
+that may quote the URL (an HTTP client's error message) goes through ``scrub``.
+
+The rule for the query is an allow-list, not a deny-list: every value is redacted except those
+of names known to be harmless (``api-version``), since a secret's name cannot be guessed
+(``sig``, ``code``, ``x-goog-signature``...).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
+
+#: What stands in for a redacted value.
+REDACTED = "***"
+#: Query parameters whose values are kept (lower-case): versions, never credentials.
+HARMLESS_QUERY_NAMES = frozenset({"api-version", "api_version", "apiversion", "version"})
+#: Secrets shorter than this are not searched for in free text (a value like ``1`` would
+#: blank out every digit of a message; so short a value is no credential).
+_MIN_SECRET = 4
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` with its user info, fragment and every query value but harmless ones redacted.
+
+    ``https://u:p@h/v1?api-version=1&api-key=k`` becomes ``https://***@h/v1?api-version=1&api-key=***``.
+    Text without a query or user info (``"sim"``) is returned as it is.
+    """
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        # not an absolute URL (a mistyped one, or "sim"): the same rules, by hand
+        head, sep, query = url.partition("?")
+        if "@" in head:
+            head = f"{REDACTED}@{head.rpartition('@')[2]}"
+        return head + (sep + _redact_query(query.partition("#")[0]) if sep else "")
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"{REDACTED}@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, _redact_query(parts.query), ""))
+
+
+def url_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an absolute URL (no credentials); ``None`` for a relative one."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return None
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", ""))
+
+
+def secrets_in(url: str | None) -> list[str]:
+    """The credentials a URL carries (user info, query values but harmless ones), in the
+    spellings a library may quote them in: as written, decoded and percent-encoded."""
+    if not url:
+        return []
+    parts = urlsplit(url)
+    found: list[str] = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        found += [userinfo, *userinfo.split(":", 1)]
+    for name, value in _pairs(parts.query):
+        if not _harmless(name):
+            found.append(value)
+    if parts.fragment:
+        found.append(parts.fragment)
+    spellings = {s for raw in found for s in (raw, unquote_plus(raw), quote(unquote_plus(raw)))}
+    spellings |= {quote_plus(unquote_plus(raw)) for raw in found}
+    # longest first: a secret that contains another is replaced whole
+    return sorted((s for s in spellings if len(s) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def scrub(text: str, url: str | None) -> str:
+    """``text`` with every credential of ``url`` replaced (for messages that may quote it)."""
+    for secret in secrets_in(url):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _redact_query(query: str) -> str:
+    if not query:
+        return ""
+    kept = []
+    for name, value in _pairs(query):
+        if not name:
+            kept.append(REDACTED)  # a bare value (``?k3y``): the whole item may be the secret
+        else:
+            kept.append(f"{name}={value}" if _harmless(name) else f"{name}={REDACTED}")
+    return "&".join(kept)
+
+
+def _pairs(query: str) -> list[tuple[str, str]]:
+    """The raw (still encoded) name and value of each ``&``- or ``;``-separated parameter;
+    an item without ``=`` is a value without a name."""
+    pairs = []
+    for item in query.replace(";", "&").split("&"):
+        if item:
+            name, eq, value = item.partition("=")
+            pairs.append((name, value) if eq else ("", item))
+    return pairs
+
+
+def _harmless(name: str) -> bool:
+    return unquote_plus(name).strip().lower() in HARMLESS_QUERY_NAMES
