@@ -240,7 +240,7 @@ def test_cli_base_url_that_answers_only_404_exits_2_with_a_hint(tmp_path: Path) 
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.splitlines()
     assert line.startswith("batcher: error: endpoint.base_url: http://127.0.0.1:")
-    assert "/v1/chat/completions/chat/completions?<redacted> answered 404" in line
+    assert "/v1/chat/completions/chat/completions?key=*** answered 404" in line
     assert line.endswith("base_url should end before /chat/completions, usually in /v1")
     assert "canary" not in done.stderr
     assert WRONG_PATH_AFTER <= received <= WRONG_PATH_AFTER + 2  # not one per line
