@@ -188,10 +188,25 @@ class Engine:
             router = Router(lane.endpoints)
             workers = sum(e.limits.max_concurrency for e in lane.endpoints)
         req_send, req_recv = anyio.create_memory_object_stream[Request](2 * workers)
-        work.start_soon(self._read, lane.batches, req_send)
-        for _ in range(workers):
-            work.start_soon(self._work, req_recv.clone(), router)
-        req_recv.close()
+        started = 0
+
+        def spawn() -> None:
+            """One more worker, up to ``workers``: started as requests are read, so a short
+            input never pays for a large pool it cannot use."""
+            nonlocal started
+            if started < workers:
+                started += 1
+                work.start_soon(self._work, req_recv.clone(), router)
+                if started == workers:
+                    req_recv.close()
+
+        async def read() -> None:
+            try:
+                await self._read(lane.batches, req_send, spawn)
+            finally:
+                req_recv.close()  # the workers hold their own clones
+
+        work.start_soon(read)
 
     def stop(self, reason: str, *, at_once: bool = False) -> None:
         """Stop dispatching; requests in flight may finish (cancelled now if ``at_once``).
@@ -225,17 +240,23 @@ class Engine:
         return self._record_error
 
     async def _read(
-        self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
+        self,
+        batches: Iterator[list[Request | Reject]],
+        send: MemoryObjectSendStream[Request],
+        spawn: Callable[[], None],
     ) -> None:
         scope = anyio.CancelScope()
         self._read_scopes.append(scope)
         if self._stopping.is_set():
             scope.cancel()
         with scope:
-            await self._read_all(batches, send)
+            await self._read_all(batches, send, spawn)
 
     async def _read_all(
-        self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
+        self,
+        batches: Iterator[list[Request | Reject]],
+        send: MemoryObjectSendStream[Request],
+        spawn: Callable[[], None],
     ) -> None:
         async with send:
             while not self._stopping.is_set():
@@ -265,6 +286,7 @@ class Engine:
                         self._stats.skipped += 1
                         self._progress.advance()
                     else:
+                        spawn()
                         try:
                             try:
                                 send.send_nowait(item)  # no trip round the loop when there is room
