@@ -266,11 +266,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         return _sim(args)
     except BatcherError as exc:
-        print(f"batcher: error: {exc}", file=sys.stderr)
+        _say(f"batcher: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("batcher: interrupted", file=sys.stderr)
+        _say("batcher: interrupted")
         return 3
+
+
+def _say(message: str) -> None:
+    """A line to stderr that a reader gone away cannot turn into a traceback."""
+    from batcher.quiet_stream import quiet
+
+    print(message, file=quiet(sys.stderr), flush=True)
 
 
 def console_main() -> int:
@@ -283,8 +290,11 @@ def console_main() -> int:
     connections, and the interpreter flushes stdout and stderr itself. Not in ``main``, which
     tests and other programs call in a process that goes on.
     """
+    from batcher.quiet_stream import flush_standard_streams
+
     code = main()
     gc.freeze()
+    flush_standard_streams()  # a reader gone from stdout or stderr does not change the code
     return code
 
 

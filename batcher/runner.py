@@ -35,6 +35,7 @@ from batcher.outage import Outage
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import Progress, format_summary
 from batcher.provenance import provenance
+from batcher.quiet_stream import quiet
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
@@ -138,7 +139,7 @@ async def arun_job(
     A run whose journal starts empty writes its output as it goes (``LiveOutput``); one that
     resumes a journal writes it from the journal at the end (``write_output``).
     """
-    stream = stream or sys.stderr
+    stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
     check_output_writable(output)
     if output.is_dir():
