@@ -326,6 +326,7 @@ async def _run_async(
                         tpm=config.tpm or job.limits.tpm,
                         concurrency=concurrency,
                     )
+                    limits.checks.warn = progress.note
                     if announced is not None:
                         limits.start_from(announced)
                     outage = Outage(patience_s=job.retry.outage_patience_s)
@@ -397,6 +398,7 @@ async def _run_async(
 
 
 def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:
+    limits.forget_unconfirmed()  # what this run's server did not announce is not kept
     known.put(base_url, limits.announced())
 
 
