@@ -58,6 +58,7 @@ from batcher.requests import LateCounter
 from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.stats import RunStats
+from batcher.usage_check import checked as usage_checked
 from batcher.validation import Verdict, check_answer, expected_format
 from batcher.warm_up import WarmUp
 
@@ -342,16 +343,18 @@ class Engine:
                 self._stats.resent += 1
         started = time.time()
         last, attempts, where = await self._send(request, router)
+        last = usage_checked(request, last)  # usage that cannot be true is dropped, and said
         model = answering_model(request, last)
         if not pricer.ready(asked, model, last.usage):
             await anyio.to_thread.run_sync(pricer.cost_of, asked, model, last.usage)
         cost = pricer.cost_of(asked, model, last.usage)
         if self._budget is not None:
-            # An ok answer without usage may have been billed: count its worst case, and
-            # record that figure, so a resumed run's budget starts from it too.
+            # An ok answer without (valid) usage may have been billed: count its worst case,
+            # and record that figure, so a resumed run's budget starts from it too.
             if cost is None and last.ok:
                 cost = reserved
-            self._budget.settle(reserved, cost or 0.0)
+            if self._budget.settle(reserved, cost or 0.0):
+                self.stop(self._budget.overshoot(cost or 0.0, reserved, asked, model))
         # Built once, priced: replacing a field of a frozen Result costs more than building it
         return result_of(request, last, attempts, started, where, model=model, cost=cost)
 
