@@ -243,10 +243,12 @@ def prompt_bound(body: Mapping[str, Any], counted: int) -> int:
             if key not in _COUNTED_AS_TEXT:
                 extra += _json_chars(value)  # tool_call_id, audio, refusal, ...
         calls = message.get("tool_calls")
-        if calls:
-            extra += _json_chars(calls)  # ids and wrapping (names and arguments twice: safe)
-        if message.get("function_call"):
-            extra += _json_chars(message["function_call"])
+        if isinstance(calls, list):
+            extra += sum(_call_wrapping(call) for call in calls)
+        elif calls is not None:
+            extra += _json_chars(calls)
+        if message.get("function_call") is not None:
+            extra += _call_wrapping({"function": message["function_call"]})
         content = message.get("content")
         if isinstance(content, list):
             for part in content:
@@ -265,6 +267,17 @@ def prompt_bound(body: Mapping[str, Any], counted: int) -> int:
 
 def _json_chars(value: Any) -> int:
     return len(json.dumps(value, default=str))
+
+
+def _call_wrapping(call: Any) -> int:
+    """A bound on a tool call's tokens besides its function's name and arguments (counted as
+    text): its id, type and JSON structure."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping):
+        return _json_chars(call)
+    bare = {k: "" if k in ("name", "arguments") and isinstance(v, str) else v
+            for k, v in function.items()}  # fmt: skip
+    return _json_chars({**call, "function": bare})
 
 
 def completion_budget(body: Mapping[str, Any]) -> int:

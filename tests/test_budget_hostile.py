@@ -116,6 +116,7 @@ def test_tool_call_arguments_are_in_the_bound(tmp_path: Path) -> None:
     assert 60 * each > 2 * cap  # sending them all would pass the cap twice over
     assert spent(report) <= cap  # every reservation covered its answer: no overshoot at all
     assert report.stats.stopped_early and "--max-cost $0.01 reached" in report.summary
+    assert "reserved for it" not in report.summary  # no answer cost more than its bound
     assert server.received < 60
 
 
@@ -182,3 +183,21 @@ def test_usage_that_cannot_be_true_is_never_credited(
         assert row["error_message"].startswith("usage_invalid: " + says)
         assert row["prompt_tokens"] is None and row["completion_tokens"] is None
     assert report.stats.prompt_tokens >= 0 and report.stats.completion_tokens >= 0
+
+
+def test_a_negative_cost_in_a_journal_is_not_a_credit(tmp_path: Path) -> None:
+    """A journal written before invalid usage was caught may hold negative costs: a resumed
+    run's budget does not start below zero for them."""
+    from batcher.journal import Journal
+    from batcher.records import Result
+
+    def record(cid: str, cost: float) -> Result:
+        return Result(custom_id=cid, line=1, status="ok", model="cheap", attempts=1,
+                      latency_s=0.1, started_at=0.0, finished_at=0.1, cost_usd=cost)  # fmt: skip
+
+    path = tmp_path / "j.jsonl"
+    with Journal(path) as journal:
+        journal.append(record("a", -120.0), "h")
+        journal.append(record("b", 0.25), "h")
+    with Journal(path) as again:
+        assert again.spent_before == pytest.approx(0.25)
