@@ -280,6 +280,13 @@ def _say(message: str) -> None:
     print(message, file=quiet(sys.stderr), flush=True)
 
 
+def _show(text: str) -> None:
+    """A command's output to stdout (``| head`` may stop reading it: no traceback then)."""
+    from batcher.quiet_stream import quiet
+
+    print(text, file=quiet(sys.stdout), flush=True)
+
+
 def console_main() -> int:
     """The ``batcher`` command and ``python -m batcher``: ``main`` in a process that ends with it.
 
@@ -412,9 +419,9 @@ def _estimate(args: argparse.Namespace) -> int:
     job = _job(args)
     est = estimate(job, sample=args.sample, low_fraction=args.low_fraction, latency_s=args.latency)
     if args.json:
-        print(json.dumps(est.as_dict(), indent=2))
+        _show(json.dumps(est.as_dict(), indent=2))
     else:
-        print(format_estimate(est, name=job.name))
+        _show(format_estimate(est, name=job.name))
     return 0
 
 
@@ -428,12 +435,12 @@ def _report(args: argparse.Namespace) -> int:
         raise InputError(f"no such output: {args.output}")
     report, series = build_report(args.output)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        _show(json.dumps(report.as_dict(), indent=2))
     else:
-        print(format_report(report))
+        _show(format_report(report))
     if args.html:
         write_html(report, series, args.html)
-        print(f"batcher report: wrote {args.html}", file=sys.stderr)
+        _say(f"batcher report: wrote {args.html}")
     return 0
 
 

@@ -84,3 +84,20 @@ def test_a_run_whose_stderr_reader_has_gone_finishes_with_its_output(tmp_path: P
     assert proc.wait(timeout=120) == 0
     rows = jsonl(out)
     assert len(rows) == 600 and {r["batcher"]["status"] for r in rows} == {"ok"}
+
+
+def test_estimate_piped_into_a_reader_that_stops_ends_quietly(tmp_path: Path) -> None:
+    """``batcher estimate ... | head -0``: stdout's reader is gone before the estimate is
+    printed; no traceback, exit 0."""
+    src = write_input(tmp_path / "in.jsonl", 20)
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    proc = subprocess.Popen(
+        batcher_cmd("estimate", "--input", str(src), "--model", "gpt-4o-mini", "--json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    errors = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 0, errors
+    assert "Traceback" not in errors and "BrokenPipe" not in errors
