@@ -6,6 +6,12 @@ request whose reservation would take spent + reserved past the cap is not sent, 
 stops, so the total never passes the cap even with every request in flight costing its worst.
 The cap counts what earlier runs of the same output spent (from the journal), so a resumed run
 continues under a new, higher cap.
+
+A reservation is a bound, not a promise: a gateway may answer with a pricier model than the one
+asked (the answer is costed at the model that answered), or a server bill more than the bound.
+The first answer that cost more than its reservation stops dispatch, so the total passes the
+cap by no more than what the requests then in flight overshoot. Usage that cannot be true
+(``usage_check``) is never credited: such an answer costs its reservation.
 """
 
 from __future__ import annotations
@@ -34,10 +40,25 @@ class Budget:
         self.reserved += amount
         return True
 
-    def settle(self, reserved: float, actual: float) -> None:
-        """Replace a reservation by what the request really cost."""
+    def settle(self, reserved: float, actual: float) -> bool:
+        """Replace a reservation by what the request really cost (never a credit); true when
+        it cost more than was reserved for it."""
         self.reserved = max(0.0, self.reserved - reserved)
-        self.spent += actual
+        self.spent += max(0.0, actual)
+        return actual > reserved * (1 + 1e-9) + 1e-12  # past float noise
+
+    def overshoot(self, actual: float, reserved: float, asked: object, answered: object) -> str:
+        """Why dispatch stops after an answer cost more than its reservation."""
+        by = (
+            f"answered by {answered!r}, priced above {asked!r}"
+            if answered != asked
+            else ("billed for more tokens than its bound")
+        )
+        return (
+            f"--max-cost ${self.cap:g}: an answer cost ${actual:.4f}, more than the "
+            f"${reserved:.4f} reserved for it ({by}); no new requests, so the cap holds "
+            "within those in flight"
+        )
 
     def reserve_for(
         self, request: Request, price: Price | None, encoding: str | None

@@ -271,11 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         return _sim(args)
     except BatcherError as exc:
-        print(f"batcher: error: {exc}", file=sys.stderr)
+        _say(f"batcher: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("batcher: interrupted", file=sys.stderr)
+        _say("batcher: interrupted")
         return 3
+
+
+def _say(message: str) -> None:
+    """A line to stderr that a reader gone away cannot turn into a traceback."""
+    from batcher.quiet_stream import quiet
+
+    print(message, file=quiet(sys.stderr), flush=True)
+
+
+def _show(text: str) -> None:
+    """A command's output to stdout (``| head`` may stop reading it: no traceback then)."""
+    from batcher.quiet_stream import quiet
+
+    print(text, file=quiet(sys.stdout), flush=True)
 
 
 def console_main() -> int:
@@ -288,8 +302,11 @@ def console_main() -> int:
     connections, and the interpreter flushes stdout and stderr itself. Not in ``main``, which
     tests and other programs call in a process that goes on.
     """
+    from batcher.quiet_stream import flush_standard_streams
+
     code = main()
     gc.freeze()
+    flush_standard_streams()  # a reader gone from stdout or stderr does not change the code
     return code
 
 
@@ -407,9 +424,9 @@ def _estimate(args: argparse.Namespace) -> int:
     job = _job(args)
     est = estimate(job, sample=args.sample, low_fraction=args.low_fraction, latency_s=args.latency)
     if args.json:
-        print(json.dumps(est.as_dict(), indent=2))
+        _show(json.dumps(est.as_dict(), indent=2))
     else:
-        print(format_estimate(est, name=job.name))
+        _show(format_estimate(est, name=job.name))
     return 0
 
 
@@ -423,12 +440,12 @@ def _report(args: argparse.Namespace) -> int:
         raise InputError(f"no such output: {args.output}")
     report, series = build_report(args.output)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        _show(json.dumps(report.as_dict(), indent=2))
     else:
-        print(format_report(report))
+        _show(format_report(report))
     if args.html:
         write_html(report, series, args.html)
-        print(f"batcher report: wrote {args.html}", file=sys.stderr)
+        _say(f"batcher report: wrote {args.html}")
     return 0
 
 

@@ -9,6 +9,7 @@ from any working directory; paths given as flags are relative to the working dir
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -36,6 +37,17 @@ def default_base_url() -> str:
     precedence is: a flag or override, then the job file, then the variable, then the default.
     """
     return os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+
+
+#: The most requests in flight a job may ask for: each is a task and a socket, and beyond
+#: this a run spends its time and memory on bookkeeping (a million took 111 s and 7.9 GB for
+#: five lines), while no endpoint admits as many at once.
+MAX_CONCURRENCY = 10_000
+#: The longest per-attempt timeout: a day. Longer means "never" (``inf`` breaks the transport's
+#: timers), which would leave a silent server holding a request to the end of the run.
+MAX_TIMEOUT_S = 86_400.0
+#: The longest any other duration (backoff, outage patience, grace) may be: 30 days.
+MAX_DURATION_S = 30 * 86_400.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,10 +331,10 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
 def validate(job: JobConfig) -> None:
     """Check every value of a job; raise ``ConfigError`` naming the first bad field."""
     lim, ret = job.limits, job.retry
-    _check_number(job.grace_s, "job.grace_s", positive=False)
+    _check_number(job.grace_s, "job.grace_s", positive=False, maximum=MAX_DURATION_S)
     if job.grace_s < 0:
         raise ConfigError("job.grace_s", f"must be >= 0, got {job.grace_s!r}")
-    _check_int(lim.concurrency, "limits.concurrency", minimum=1)
+    _check_int(lim.concurrency, "limits.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
     if job.engine not in ENGINES:
         raise ConfigError("job.engine", f'must be "local" or "ray", got {job.engine!r}')
     if job.ray.workers is not None:
@@ -341,8 +353,9 @@ def validate(job: JobConfig) -> None:
             "validate.json_schema", f"must be true or false, got {job.validate.json_schema!r}"
         )
     _check_int(job.validate.max_reasks, "validate.max_reasks", minimum=0)
-    for name in ("timeout_s", "backoff_initial_s", "backoff_max_s", "outage_patience_s"):
-        _check_number(getattr(ret, name), f"retry.{name}", positive=True)
+    _check_number(ret.timeout_s, "retry.timeout_s", positive=True, maximum=MAX_TIMEOUT_S)
+    for name in ("backoff_initial_s", "backoff_max_s", "outage_patience_s"):
+        _check_number(getattr(ret, name), f"retry.{name}", positive=True, maximum=MAX_DURATION_S)
     if ret.backoff_max_s < ret.backoff_initial_s:
         raise ConfigError("retry.backoff_max_s", "must be >= retry.backoff_initial_s")
     for i, endpoint in enumerate(job.all_endpoints):
@@ -461,7 +474,7 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
         if table.get(name) is not None:
             _check_number(table[name], f"{where}.{name}", positive=True)
     if table.get("concurrency") is not None:
-        _check_int(table["concurrency"], f"{where}.concurrency", minimum=1)
+        _check_int(table["concurrency"], f"{where}.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
     base_url = _typed(table, "base_url", str, where)
     return EndpointConfig(
         name=_typed(table, "name", str, where, f"endpoint-{number}" if number else "default"),
@@ -498,13 +511,19 @@ def _typed(table: Mapping[str, Any], key: str, kind: type, where: str, default: 
     return value
 
 
-def _check_int(value: Any, name: str, *, minimum: int) -> None:
+def _check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:,}, got {value:,}")
 
 
-def _check_number(value: Any, name: str, *, positive: bool) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
-        raise ConfigError(name, f"must be a number, got {value!r}")
+def _check_number(value: Any, name: str, *, positive: bool, maximum: float | None = None) -> None:
+    """A finite number (``inf`` and ``nan`` cannot work anywhere: timers overflow, rates and
+    caps never bind), ``> 0`` if ``positive``, at most ``maximum`` if given."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ConfigError(name, f"must be > 0, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {value!r}")

@@ -61,6 +61,7 @@ from batcher.resume import ResumePlan
 from batcher.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.setup_check import SetupCheck, waiting_note
 from batcher.stats import RunStats
+from batcher.usage_check import checked as usage_checked
 from batcher.validation import Verdict, check_answer, expected_format
 from batcher.warm_up import WarmUp
 
@@ -195,10 +196,25 @@ class Engine:
             router = Router(lane.endpoints)
             workers = sum(e.limits.max_concurrency for e in lane.endpoints)
         req_send, req_recv = anyio.create_memory_object_stream[Request](2 * workers)
-        work.start_soon(self._read, lane.batches, req_send)
-        for _ in range(workers):
-            work.start_soon(self._work, req_recv.clone(), router)
-        req_recv.close()
+        started = 0
+
+        def spawn() -> None:
+            """One more worker, up to ``workers``: started as requests are read, so a short
+            input never pays for a large pool it cannot use."""
+            nonlocal started
+            if started < workers:
+                started += 1
+                work.start_soon(self._work, req_recv.clone(), router)
+                if started == workers:
+                    req_recv.close()
+
+        async def read() -> None:
+            try:
+                await self._read(lane.batches, req_send, spawn)
+            finally:
+                req_recv.close()  # the workers hold their own clones
+
+        work.start_soon(read)
 
     def stop(self, reason: str, *, at_once: bool = False, quiet: bool = False) -> None:
         """Stop dispatching; requests in flight may finish (cancelled now if ``at_once``).
@@ -234,17 +250,23 @@ class Engine:
         return self._record_error
 
     async def _read(
-        self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
+        self,
+        batches: Iterator[list[Request | Reject]],
+        send: MemoryObjectSendStream[Request],
+        spawn: Callable[[], None],
     ) -> None:
         scope = anyio.CancelScope()
         self._read_scopes.append(scope)
         if self._stopping.is_set():
             scope.cancel()
         with scope:
-            await self._read_all(batches, send)
+            await self._read_all(batches, send, spawn)
 
     async def _read_all(
-        self, batches: Iterator[list[Request | Reject]], send: MemoryObjectSendStream[Request]
+        self,
+        batches: Iterator[list[Request | Reject]],
+        send: MemoryObjectSendStream[Request],
+        spawn: Callable[[], None],
     ) -> None:
         async with send:
             while not self._stopping.is_set():
@@ -274,6 +296,7 @@ class Engine:
                         self._stats.skipped += 1
                         self._progress.advance()
                     else:
+                        spawn()
                         try:
                             try:
                                 send.send_nowait(item)  # no trip round the loop when there is room
@@ -334,16 +357,18 @@ class Engine:
                 self._stats.resent += 1
         started = time.time()
         last, attempts, where = await self._send(request, router)
+        last = usage_checked(request, last)  # usage that cannot be true is dropped, and said
         model = answering_model(request, last)
         if not pricer.ready(asked, model, last.usage):
             await anyio.to_thread.run_sync(pricer.cost_of, asked, model, last.usage)
         cost = pricer.cost_of(asked, model, last.usage)
         if self._budget is not None:
-            # An ok answer without usage may have been billed: count its worst case, and
-            # record that figure, so a resumed run's budget starts from it too.
+            # An ok answer without (valid) usage may have been billed: count its worst case,
+            # and record that figure, so a resumed run's budget starts from it too.
             if cost is None and last.ok:
                 cost = reserved
-            self._budget.settle(reserved, cost or 0.0)
+            if self._budget.settle(reserved, cost or 0.0):
+                self.stop(self._budget.overshoot(cost or 0.0, reserved, asked, model))
         # Built once, priced: replacing a field of a frozen Result costs more than building it
         return result_of(request, last, attempts, started, where, model=model, cost=cost)
 

@@ -191,7 +191,9 @@ class Journal:
                 if record is None or key is None:
                     continue  # unreadable: that request counts as not done
                 cost = record.get("cost_usd")
-                cost = cost if isinstance(cost, int | float) else 0.0
+                # never a credit: a negative cost (invalid usage, recorded by an older
+                # version) would raise the cap of every later run
+                cost = max(0.0, cost) if isinstance(cost, int | float) else 0.0
                 # a record after a provisional one includes the provisional one's cost
                 self.spent_before += cost - provisional.pop(key, 0.0)
                 if record.get("provisional") is True:

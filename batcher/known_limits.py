@@ -7,8 +7,11 @@ model that answers in 30 s. The limits (or that there were none) seen in an endp
 ok answer are kept here, by URL (``disk_cache``), and a later run to the same URL within
 ``MAX_AGE_S`` starts with them, its pool open at once.
 
-If they are wrong (another key with lower limits on the same URL, or limits lowered since),
-the first answers correct them, and any 429 meanwhile is handled as always (pause, back off).
+They are only a start: each run re-learns them. What its server announces replaces them, and
+a limit its first ok answer does not announce is dropped (from the run and from this file), so
+a limit seen once, by mistake or long ago, does not pace later runs. A 429 meanwhile is
+handled as always (pause, back off). Figures no server would announce (``limit_checks``) are
+not used.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import time
 from dataclasses import dataclass
 
 from batcher.disk_cache import JsonCache, cache_dir, without_secrets
+from batcher.limit_checks import implausible
 
-#: How long what a server announced is trusted.
-MAX_AGE_S = 7 * 24 * 3600.0
+#: How long what a server announced is used as a start (each run re-learns it anyway).
+MAX_AGE_S = 24 * 3600.0
 FILE_NAME = "limits.json"
 
 
@@ -50,7 +54,10 @@ class KnownLimits:
         if not isinstance(entry, dict) or not self._fresh(entry.get("at")):
             return None
         rpm, tpm = entry.get("rpm"), entry.get("tpm")
-        if not all(v is None or (isinstance(v, int | float) and v > 0) for v in (rpm, tpm)):
+        if not all(
+            v is None or (isinstance(v, int | float) and implausible(kind, v, None) is None)
+            for kind, v in (("requests", rpm), ("tokens", tpm))
+        ):
             return None
         return Announced(rpm=rpm, tpm=tpm)
 

@@ -37,6 +37,7 @@ from typing import Literal
 import anyio
 
 from batcher.known_limits import Announced
+from batcher.limit_checks import LimitChecks
 
 Clock = Callable[[], float]
 
@@ -247,6 +248,8 @@ class Limits:
         self.rate_limited = 0  # 429s seen
         self.overloaded = 0  # of which the server was busy, not at a limit
         self._overload = OverloadRatio()
+        self.checks = LimitChecks()  # announced limits that cannot be right are ignored
+        self._repaced: anyio.Event | None = None  # set when remembered limits are dropped
 
     async def acquire(self, tokens: int) -> bool:
         """Wait until a request of ``tokens`` estimated tokens may be sent, and count it in flight.
@@ -267,10 +270,21 @@ class Limits:
         if self.tpm:
             wait = max(wait, self.tpm.reserve(tokens))
         if wait > 0:
-            await anyio.sleep(wait)
+            await self._sleep(wait)
         self.in_flight_requests += 1
         self.in_flight_tokens += tokens
         return charged
+
+    async def _sleep(self, wait: float) -> None:
+        """Sleep until a meter's slot; cut short if the pace came from limits remembered from
+        an earlier run and they are dropped meanwhile (``forget_unconfirmed``)."""
+        if not self.checks.unconfirmed:
+            await anyio.sleep(wait)
+            return
+        if self._repaced is None:
+            self._repaced = anyio.Event()
+        with anyio.move_on_after(wait):
+            await self._repaced.wait()
 
     def release(self, tokens: int) -> None:
         """The attempt of ``tokens`` estimated tokens is over (answered or failed)."""
@@ -284,12 +298,32 @@ class Limits:
     def start_from(self, announced: Announced) -> None:
         """Start with the limits a server announced on an earlier run (``known_limits``): the
         meters at them, and the pool open at once instead of after a probe."""
-        for kind, limit in (("requests", announced.rpm), ("tokens", announced.tpm)):
+        kinds = {"requests": announced.rpm, "tokens": announced.tpm}
+        for kind, limit in kinds.items():
             if limit is not None:
                 self._steer(kind, RateHeaders(limit, None, None))
+        self.checks.remembered({kind for kind, limit in kinds.items() if limit is not None})
         self.probing = False
         if not self.outage:
             self.concurrency.total_tokens = max(1, round(self.max_concurrency * self.factor))
+
+    def forget_unconfirmed(self) -> None:
+        """Drop the remembered limits (``start_from``) this run's server has not announced
+        (called at its first ok answer): the meters go back to the job's own limits, or none,
+        and requests waiting on the old pace go at once."""
+        kinds = self.checks.take_unconfirmed()
+        if not kinds:
+            return
+        if "requests" in kinds:
+            self.server_rpm = None
+            self.rpm = self.rpm if self.configured_rpm else None
+        if "tokens" in kinds:
+            self.server_tpm = None
+            self.tpm = self.tpm if self.configured_tpm else None
+        self._set_factor(self.factor)  # the meters left, at the job's own rates
+        if self._repaced is not None:
+            self._repaced.set()
+            self._repaced = None
 
     def announced(self) -> Announced:
         """The limits the server's headers announced so far (for the whole key: not scaled
@@ -360,6 +394,8 @@ class Limits:
         return max(0.0, self._paused_until - self._clock())
 
     def _steer(self, kind: str, figures: RateHeaders) -> None:
+        if figures.limit is not None and not self.checks.accept(kind, figures.limit):
+            return  # cannot be right: this answer's figures of that kind are ignored
         if self.share < 1.0:
             figures = RateHeaders(
                 None if figures.limit is None else figures.limit * self.share,

@@ -155,7 +155,7 @@ class Pricer:
         if usage is None:
             return True
         asked_name = asked if isinstance(asked, str) else None
-        if asked_name is not None and asked_name in self._overrides:
+        if asked_name in self._overrides or answered in self._overrides:
             return True
         if answered is not None and answered != asked_name:
             if answered not in self._answered:
@@ -181,12 +181,16 @@ class Pricer:
         return self._known[key]
 
     def cost_of(self, asked: Any, answered: str | None, usage: Usage | None) -> float | None:
-        """The cost of an answer. A job's ``[pricing]`` names the model it asks for, so that
-        comes first; else the model that answered (servers answer with dated names, such as
-        ``gpt-4o-2024-08-06``, priced exactly); else the model asked for."""
+        """The cost of an answer. A job's ``[pricing]`` of the model that answered comes
+        first (a gateway may answer with another model than the one asked, billed as that
+        one); then the job's price of the model asked for (a self-hosted model may answer
+        under another name); else the model that answered (servers answer with dated names,
+        such as ``gpt-4o-2024-08-06``, priced exactly); else the model asked for."""
         if usage is None:
             return None
         asked_name = asked if isinstance(asked, str) else None
+        if answered is not None and answered in self._overrides:
+            return self.cost(answered, usage)
         if asked_name is not None and asked_name in self._overrides:
             return self.cost(asked_name, usage)
         if answered is not None and answered != asked_name:

@@ -6,6 +6,7 @@ import sys
 import time
 from typing import IO, Any
 
+from batcher.quiet_stream import quiet
 from batcher.stats import RunStats
 
 #: Seconds between log lines when there is no terminal (or with --no-progress).
@@ -26,7 +27,7 @@ class Progress:
         stream: IO[str] | None = None,
     ) -> None:
         self._stats = stats
-        self._stream = stream or sys.stderr
+        self._stream = quiet(stream or sys.stderr)  # a closed stderr does not stop the run
         self._start = time.monotonic()
         self._next_postfix = 0.0
         self._next_log = self._start + LOG_EVERY_S

@@ -55,6 +55,7 @@ from batcher.config import JobConfig
 from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter
 from batcher.progress import Progress, format_summary
+from batcher.quiet_stream import quiet
 from batcher.ray_worker import ERROR_MARK, STOPPED, BlockWorker, WorkerSpec
 from batcher.reader import Reader, count_lines, open_input
 from batcher.records import Reject, Result, Usage
@@ -121,7 +122,7 @@ def run_job_on_ray(
     JSONL output, a cost cap), as ``run_job`` does for the rest.
     """
     require_ray()
-    stream = stream or sys.stderr
+    stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
     _check_job(job, output)
     check_output_writable(output)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,7 +36,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    # Finite: json.loads and TOML read NaN and Infinity, which JSON cannot carry to a server.
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_stop(v: Any) -> bool:
@@ -186,28 +188,96 @@ class LateCounter:
         return dataclasses.replace(request, prompt_tokens=counted)
 
 
-#: Tokens an image part may cost at most (a large image at high detail), for cost bounds.
+#: Tokens an image part may cost at most, for cost bounds: a large image at high detail on the
+#: tile-priced models (gpt-4o: 85 + 170 a tile, at most 8 tiles = 1,445; gpt-5: 1,190) and the
+#: patch-priced ones at 1,536 patches. Models that bill images at a multiple of that have
+#: their own figure (``IMAGE_TOKENS_BY_MODEL``).
 IMAGE_TOKENS_BOUND = 1_600
+#: Model name prefixes billed more tokens an image (OpenAI's vision pricing): gpt-4o-mini
+#: 2,833 + 5,667 a tile (8 tiles), the patch-priced minis at 1,536 patches times their factor.
+IMAGE_TOKENS_BY_MODEL = {
+    "gpt-4o-mini": 48_200,
+    "gpt-4.1-nano": 3_800,
+    "gpt-4.1-mini": 2_500,
+    "o4-mini": 2_700,
+}
+#: Message fields counted as text by ``tokens.count_message_tokens`` (the rest are bounded
+#: by their JSON here).
+_COUNTED_AS_TEXT = frozenset({"role", "content", "name", "tool_calls", "function_call"})
+#: Roles a single token encodes.
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def image_tokens_bound(model: object) -> int:
+    """The most tokens an image may cost at ``model`` (``IMAGE_TOKENS_BOUND`` or its own)."""
+    name = (model if isinstance(model, str) else "").rsplit("/", 1)[-1].lower()
+    for prefix, tokens in IMAGE_TOKENS_BY_MODEL.items():
+        if name.startswith(prefix):
+            return tokens
+    return IMAGE_TOKENS_BOUND
 
 
 def prompt_bound(body: Mapping[str, Any], counted: int) -> int:
     """An upper bound on what the server may count as prompt, for ``--max-cost`` reservations.
 
-    ``counted`` (tiktoken over the message texts) leaves out what servers also bill: tool and
-    function definitions and a JSON schema (bounded here by the tokens of their JSON text) and
-    images (``IMAGE_TOKENS_BOUND`` each).
+    ``counted`` (tiktoken over the message texts and tool-call arguments) leaves out what
+    servers also bill; each is bounded here at a token a character of its JSON (ASCII-escaped,
+    so never fewer characters than UTF-8 bytes, and a token is at least a byte): tool and
+    function definitions, a JSON schema, tool calls' ids and wrapping, any other message field
+    or content part (audio, files); and images at ``image_tokens_bound`` each.
     """
     extra = 0
     for key in ("tools", "functions", "response_format"):
         if body.get(key):
-            extra += len(json.dumps(body[key]))  # at most a token a character
+            extra += _json_chars(body[key])
+    image = image_tokens_bound(body.get("model"))
     for message in body.get("messages") or []:
-        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(message, Mapping):
+            extra += _json_chars(message)
+            continue
+        role = message.get("role")
+        # The role is encoded too (a token for the usual ones; the count leaves it out), plus
+        # a token of slack for the message's separators.
+        extra += 2 if role in _ROLES else 1 + _json_chars(role)
+        for key, value in message.items():
+            if key not in _COUNTED_AS_TEXT:
+                extra += _json_chars(value)  # tool_call_id, audio, refusal, ...
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            extra += sum(_call_wrapping(call) for call in calls)
+        elif calls is not None:
+            extra += _json_chars(calls)
+        if message.get("function_call") is not None:
+            extra += _call_wrapping({"function": message["function_call"]})
+        content = message.get("content")
         if isinstance(content, list):
-            extra += IMAGE_TOKENS_BOUND * sum(
-                1 for part in content if isinstance(part, Mapping) and part.get("type") != "text"
-            )
+            for part in content:
+                if not isinstance(part, Mapping):
+                    extra += _json_chars(part)
+                elif part.get("type") == "text" and isinstance(part.get("text"), str):
+                    continue  # counted
+                elif part.get("type") == "image_url":
+                    extra += image
+                else:
+                    extra += max(image, _json_chars(part))
+        elif content is not None and not isinstance(content, str):
+            extra += _json_chars(content)
     return counted + extra
+
+
+def _json_chars(value: Any) -> int:
+    return len(json.dumps(value, default=str))
+
+
+def _call_wrapping(call: Any) -> int:
+    """A bound on a tool call's tokens besides its function's name and arguments (counted as
+    text): its id, type and JSON structure."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping):
+        return _json_chars(call)
+    bare = {k: "" if k in ("name", "arguments") and isinstance(v, str) else v
+            for k, v in function.items()}  # fmt: skip
+    return _json_chars({**call, "function": bare})
 
 
 def completion_budget(body: Mapping[str, Any]) -> int:

@@ -35,6 +35,7 @@ from batcher.outage import Outage
 from batcher.pricing import Pricer, parse_pricing
 from batcher.progress import Progress, format_summary
 from batcher.provenance import provenance
+from batcher.quiet_stream import quiet
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
 from batcher.stats import RunStats
@@ -140,7 +141,7 @@ async def arun_job(
     A run whose journal starts empty writes its output as it goes (``LiveOutput``); one that
     resumes a journal writes it from the journal at the end (``write_output``).
     """
-    stream = stream or sys.stderr
+    stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
     check_output_writable(output)
     if output.is_dir():
@@ -333,6 +334,7 @@ async def _run_async(
                         tpm=config.tpm or job.limits.tpm,
                         concurrency=concurrency,
                     )
+                    limits.checks.warn = progress.note
                     if announced is not None:
                         limits.start_from(announced)
                     outage = Outage(patience_s=job.retry.outage_patience_s)
@@ -421,6 +423,7 @@ def _forget_empty_journal(path: Path) -> None:
 
 
 def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:
+    limits.forget_unconfirmed()  # what this run's server did not announce is not kept
     known.put(base_url, limits.announced())
 
 

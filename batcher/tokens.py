@@ -96,9 +96,11 @@ def trim_malloc() -> None:
 def count_message_tokens(messages: Sequence[Any], encoding: str) -> int:
     """Prompt tokens of a chat request, counted as OpenAI's cookbook does.
 
-    Text content (a string, or the ``text`` of content parts) and names are encoded; every
-    message adds ``TOKENS_PER_MESSAGE``, the reply ``TOKENS_PER_REPLY``. Images, audio and tool
-    definitions are not counted: the figure is an estimate for limits and cost.
+    Text content (a string, or the ``text`` of content parts), names, and the names and
+    arguments of an assistant's tool (or function) calls are encoded; every message adds
+    ``TOKENS_PER_MESSAGE``, the reply ``TOKENS_PER_REPLY``. Images, audio and tool definitions
+    are not counted: the figure is an estimate for limits (``requests.prompt_bound`` bounds the
+    rest for ``--max-cost``).
     """
     enc = get_encoding(encoding)
     total = TOKENS_PER_REPLY
@@ -125,6 +127,18 @@ def _texts(message: Mapping[str, Any]) -> list[str]:
     name = message.get("name")
     if isinstance(name, str):
         texts.append(name)
+    calls = message.get("tool_calls")
+    functions = (
+        [c.get("function") for c in calls if isinstance(c, Mapping)]
+        if isinstance(calls, list)
+        else []
+    )
+    functions.append(message.get("function_call"))  # the older form of one call
+    for function in functions:
+        if isinstance(function, Mapping):
+            texts.extend(
+                function[key] for key in ("name", "arguments") if isinstance(function.get(key), str)
+            )
     return texts
 
 

@@ -212,7 +212,8 @@ def test_prompt_bound_counts_tools_schemas_and_images() -> None:
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     }
     assert prompt_bound(body, 10) >= 10 + IMAGE_TOKENS_BOUND + 40
-    assert prompt_bound({"messages": [{"role": "user", "content": "x"}]}, 10) == 10
+    # a plain message: its role (a token) and a token of slack beyond the count
+    assert prompt_bound({"messages": [{"role": "user", "content": "x"}]}, 10) == 12
 
 
 def test_worst_case_uses_the_highest_tier() -> None:
@@ -233,12 +234,12 @@ def test_job_price_applies_when_the_server_answers_with_a_dated_name(tmp_path: P
         })  # fmt: skip
 
     src = write_input(tmp_path / "in.jsonl", 2)
-    free = job(tmp_path, src, request={"model": "gpt-4o"},
+    free = job(tmp_path, src, request={"model": "gpt-4o", "max_tokens": 1000},
                pricing={"gpt-4o": {"input": 0, "output": 0}})  # fmt: skip
     report = run_job(free, transport=httpx.MockTransport(handler), stream=io.StringIO())
     assert {r["cost_usd"] for r in read_results(report.output)} == {0.0}
     # without the override the dated name is priced exactly by genai-prices
-    paid = job(tmp_path, src, request={"model": "gpt-4o"})
+    paid = job(tmp_path, src, request={"model": "gpt-4o", "max_tokens": 1000})
     report = run_job(paid, transport=httpx.MockTransport(handler), stream=io.StringIO(),
                      restart=True)  # fmt: skip
     assert all(r["cost_usd"] > 0 for r in read_results(report.output))
