@@ -26,6 +26,7 @@ from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig, VariantC
 from batcher.endpoints import Endpoint
 from batcher.engine import READ_BATCH, Engine, Lane
 from batcher.errors import ConfigError, OutputError
+from batcher.field_names import FieldNames, job_field_warnings
 from batcher.formats import RejectsWriter, output_format
 from batcher.journal import Journal, journal_path
 from batcher.known_limits import KnownLimits
@@ -274,6 +275,9 @@ async def _run_async(
     if total is not None:
         total *= len(sources)
     stats = RunStats()
+    fields = FieldNames()
+    for message in job_field_warnings(job, fields):
+        print(message, file=stream, flush=True)
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     # What each endpoint announced on an earlier run: it then starts without a probe.
@@ -290,6 +294,8 @@ async def _run_async(
             encoding=job.limits.encoding,
             variant=variant,
             count_tokens=job.counts_tokens or token_limit_known,
+            fields=fields,
+            warn=functools.partial(_note_from_thread, progress),
         )
         for source, variant in zip(sources, variants, strict=True)
     ]
@@ -393,6 +399,14 @@ async def _run_async(
             file=stream,
         )
     return stats, rejected
+
+
+def _note_from_thread(progress: Progress, message: str) -> None:
+    """Show ``message`` from a reading thread: on the event loop, where the bar is drawn."""
+    try:
+        anyio.from_thread.run_sync(progress.note, message)
+    except RuntimeError:  # not a worker thread of the run (a reader iterated directly)
+        progress.note(message)
 
 
 def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:

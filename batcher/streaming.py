@@ -26,6 +26,7 @@ _CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
 #: Fields of a tool call that come whole, once (llama-cpp-python repeats them in every chunk).
 _SET_ONCE = frozenset({"id", "type"})
+_CALL_ORDER = ("id", "type", "function")
 #: Top-level chunk fields that belong to one chunk, not to the answer.
 _PER_CHUNK = frozenset({"choices", "usage", "object", "obfuscation"})
 
@@ -269,7 +270,7 @@ class _Choice:
             if key in self.texts:
                 message[key] = "".join(self.texts[key])
         if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["tool_calls"] = [_in_order(self.tool_calls[i]) for i in sorted(self.tool_calls)]
         if self.function_call:
             message["function_call"] = self.function_call
         message.update(self.extra)
@@ -298,6 +299,12 @@ def _merge_function(function: dict[str, Any], fragment: dict[str, Any]) -> None:
             function[part] = name if text == name else name + text
         elif text is not None:
             function[part] = text
+
+
+def _in_order(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's fields in the order of a plain answer (id, type, function), whatever
+    order its fragments brought them in, so a streamed record reads as the plain one."""
+    return {**{key: call[key] for key in _CALL_ORDER if key in call}, **call}
 
 
 def _set_once(merged: dict[str, Any], key: str, value: Any) -> None:
