@@ -101,7 +101,10 @@ class Progress:
 def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | None) -> str:
     """The one-screen summary printed at the end of every run."""
     s = stats
-    if s.stopped_early:
+    if s.stopped_early and s.config_error:
+        head = f"batcher: {name} stopped before sending anything ({s.stop_reason})"
+        tail = "  nothing   was sent: fix the job, then run the same command again"
+    elif s.stopped_early:
         head = f"batcher: {name} stopped early after {format_duration(s.wall_s)} ({s.stop_reason})"
         tail = "  resume    run the same command again to continue"
     else:

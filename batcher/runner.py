@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING
 
 import anyio
 
-from batcher.budget import Budget
+from batcher.budget import Budget, check_priced
 from batcher.client import ChatClient, check_api_key
 from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig, VariantConfig
 from batcher.endpoints import Endpoint
@@ -150,6 +150,8 @@ async def arun_job(
         )
     check_not_the_input(input_path, output)
     api_keys = _api_keys(job)
+    if job.limits.max_cost_usd is not None:  # a model with no price: nothing could be sent
+        await anyio.to_thread.run_sync(check_priced, job, _pricer(job, lean))
     # before the journal, so a missing input changes nothing
     sources = _open_sources(input_path, max(1, len(job.variants)))
     live: LiveOutput | None = None
@@ -299,13 +301,7 @@ async def _run_async(
         )
         for source, variant in zip(sources, variants, strict=True)
     ]
-    overrides, discount = parse_pricing(job.pricing)
-    pricer = Pricer(
-        overrides,
-        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
-        batch_discount=discount,
-        out_of_process=lean,
-    )
+    pricer = _pricer(job, lean)
     cap = job.limits.max_cost_usd
     budget = Budget(cap, spent_before=journal.spent_before) if cap is not None else None
     try:
@@ -392,6 +388,8 @@ async def _run_async(
     finally:
         progress.close()
     stats.lines_read = readers[0].lines_read
+    if budget is not None and budget.misconfigured and not stats.submitted:
+        stats.config_error = True  # stopped by the job's configuration before sending anything
     for model in pricer.unknown_models:
         print(
             f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
@@ -399,6 +397,16 @@ async def _run_async(
             file=stream,
         )
     return stats, rejected
+
+
+def _pricer(job: JobConfig, lean: bool) -> Pricer:
+    overrides, discount = parse_pricing(job.pricing)
+    return Pricer(
+        overrides,
+        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
+        batch_discount=discount,
+        out_of_process=lean,
+    )
 
 
 def _note_from_thread(progress: Progress, message: str) -> None:

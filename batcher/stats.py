@@ -41,6 +41,7 @@ class RunStats:
     output_error: int | None = None
     stopped_early: bool = False
     stop_reason: str | None = None
+    config_error: bool = False  # stopped by the job's configuration, before sending anything
 
     @property
     def cost_usd(self) -> float:
@@ -89,13 +90,14 @@ class RunStats:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok; 1 finished with failures or rejects; 3 stopped early (resumable).
+        """0 all ok; 1 finished with failures or rejects; 2 stopped by the job's configuration
+        before anything was sent; 3 stopped early (resumable).
 
         Failures count from the final output when it is known (a resumed run that skipped
         earlier errors still finished with them), else from this run.
         """
         if self.stopped_early:
-            return 3
+            return 2 if self.config_error else 3
         errors = self.error if self.output_error is None else self.output_error
         if errors or self.rejected:
             return 1
