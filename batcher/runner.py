@@ -38,7 +38,7 @@ from batcher.progress import Progress, format_summary
 from batcher.provenance import provenance
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
-from batcher.stats import RunStats
+from batcher.stats import RunStats, answer_warnings
 from batcher.tokens import release_encodings, trim_malloc
 
 if TYPE_CHECKING:
@@ -396,6 +396,8 @@ async def _run_async(
             f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
             file=stream,
         )
+    for message in answer_warnings(stats, streamed=job.request.get("stream") is True):
+        print(message, file=stream)
     return stats, rejected
 
 
