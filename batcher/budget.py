@@ -18,11 +18,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from batcher.errors import ConfigError
 from batcher.requests import estimate_prompt_tokens, prompt_bound
 
 if TYPE_CHECKING:
-    from batcher.pricing import Price
+    from batcher.config import JobConfig
+    from batcher.pricing import Price, Pricer
     from batcher.records import Request
+
+
+def unpriced_problem(model: object) -> str:
+    """Why ``--max-cost`` cannot run requests to ``model``, and how to give it a price."""
+    return (
+        f"no price known for model {model!r}, so its cost cannot be capped; add "
+        f'[pricing."{model}"] input = ..., output = ... (USD per million tokens) to the job'
+    )
+
+
+def check_priced(job: JobConfig, pricer: Pricer) -> None:
+    """Raise ``ConfigError`` when ``--max-cost`` is set and a model the job names (its
+    ``[request]`` default, its variants') has no price: nothing could be sent.
+
+    Models named only by the lines are checked as they come (``Budget.reserve_for``).
+    """
+    if job.limits.max_cost_usd is None:
+        return
+    models = [job.request.get("model")] + [v.request.get("model") for v in job.variants]
+    for model in dict.fromkeys(m for m in models if isinstance(m, str) and m):
+        if pricer.price(model) is None:
+            raise ConfigError("--max-cost", unpriced_problem(model))
 
 
 class Budget:
@@ -32,6 +56,9 @@ class Budget:
         self.cap = cap_usd
         self.spent = spent_before
         self.reserved = 0.0
+        #: Set when a request could not be sent for a reason of the job's configuration (a
+        #: model with no price, no completion limit) rather than the cap being reached.
+        self.misconfigured = False
 
     def try_reserve(self, amount: float) -> bool:
         """Reserve ``amount``; False (and nothing reserved) if that could pass the cap."""
@@ -68,12 +95,11 @@ class Budget:
         was not counted when read."""
         model = request.body.get("model")
         if price is None:
-            return (
-                f"--max-cost: no price for model {model!r}, so its cost cannot be capped; "
-                f'add [pricing."{model}"] input/output prices to the job'
-            )
+            self.misconfigured = True
+            return f"--max-cost: {unpriced_problem(model)}"
         body = request.body
         if not (body.get("max_tokens") or body.get("max_completion_tokens")):
+            self.misconfigured = True
             return (
                 "--max-cost needs max_tokens (or max_completion_tokens) on every request, to "
                 "bound what an answer can cost; set it in the job's [request] or on the lines"

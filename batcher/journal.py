@@ -240,6 +240,8 @@ def encode(result: Result, body_hash: str, *, provisional: bool = False) -> byte
     }
     if result.variant is not None:  # absent otherwise: journals of plain jobs stay as they were
         record["variant"] = result.variant
+    if result.choices_asked is not None:
+        record["choices_asked"] = result.choices_asked
     if provisional:
         record["provisional"] = True
     # A lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
@@ -271,6 +273,7 @@ def decode(record: Mapping[str, Any]) -> Result:
         schema_error=record.get("schema_error"),
         endpoint=record.get("endpoint"),
         variant=record.get("variant"),
+        choices_asked=record.get("choices_asked"),
     )
 
 

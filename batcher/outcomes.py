@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from batcher.client import Attempt
 from batcher.records import Request, Result
@@ -84,7 +86,14 @@ def result_of(
         ttft_s=last.ttft_s,
         endpoint=endpoint,
         variant=request.variant,
+        choices_asked=choices_asked(request.body),
     )
+
+
+def choices_asked(body: Mapping[str, Any]) -> int | None:
+    """The request's ``n`` when it asks for more than one choice, else ``None``."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None
 
 
 #: What an attempt that is not made any more (the outage outlasted its patience) returns.

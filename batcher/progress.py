@@ -70,12 +70,12 @@ class Progress:
 
     def _postfix(self) -> str:
         s = self._stats
-        cost = f" ${s.cost_usd:.4f}" if s.cost_by_model else ""
+        cost = ""
+        if s.cost_by_model:
+            cost = f" ${sum(s.cost_by_model.values()):.4f}" + ("+?" if s.unpriced else "")
         status = f" {self.status}" if self.status else ""
-        return (
-            f"tok={_si(s.total_tokens)}{cost} err={s.error} rej={s.rejected} retry={s.retries}"
-            f"{status}"
-        )
+        tokens = _si(s.total_tokens) if s.tokens_known else "?"
+        return f"tok={tokens}{cost} err={s.error} rej={s.rejected} retry={s.retries}{status}"
 
     def set_status(self, status: str) -> None:
         """Show (or, with "", clear) a state such as waiting out an outage, at once."""
@@ -91,9 +91,10 @@ class Progress:
         eta = ""
         if self._total and rate > 0:
             eta = f" eta {format_duration((self._total - s.done - s.rejected) / rate)}"
+        tokens = f"{s.total_tokens} tokens" if s.tokens_known else "tokens unknown"
         print(
             f"batcher: {s.done + s.rejected}{total} done, {rate:.1f} req/s, "
-            f"{s.total_tokens} tokens, {s.error} errors, {s.rejected} rejected{eta}",
+            f"{tokens}, {s.error} errors, {s.rejected} rejected{eta}",
             file=self._stream,
             flush=True,
         )
@@ -112,17 +113,14 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
         head,
         f"  requests  {s.done:,} done: {s.ok:,} ok, {s.error:,} error; "
         f"{s.rejected:,} lines rejected",
-        f"  tokens    {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion"
-        f" = {s.total_tokens:,}",
+        f"  tokens    {format_tokens(s)}",
         f"  speed     {s.requests_per_s:,.1f} requests/s; {s.attempts:,} attempts"
         f" ({s.retries:,} retries)",
     ]
     if s.cost_by_model or s.unpriced:
-        parts = ", ".join(f"{m} ${c:.4f}" for m, c in sorted(s.cost_by_model.items()))
-        line = f"  cost      ${s.cost_usd:.4f}" + (f" ({parts})" if parts else "")
-        if s.unpriced:
-            line += f"; {s.unpriced:,} answers of models with no known price not counted"
-        lines.append(line)
+        lines.append(f"  cost      {format_cost(s)}")
+    if s.few_choices:
+        lines.append(f"  choices   {s.few_choices:,} answers had fewer choices than their n asked")
     if s.skipped or s.resent:
         lines.append(
             f"  resume    {s.skipped:,} skipped (done before), {s.resent:,} re-sent, "
@@ -161,6 +159,30 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
     if tail:
         lines.append(tail)
     return "\n".join(lines)
+
+
+def format_tokens(s: RunStats) -> str:
+    """The token counts, or ``unknown`` when the server sent no usage for any answer."""
+    if not s.tokens_known:
+        return f"unknown (the server sent no usage for any of the {s.ok:,} answers)"
+    text = f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion = {s.total_tokens:,}"
+    if s.usage_missing:
+        text += f" (usage missing for {s.usage_missing:,} answers)"
+    return text
+
+
+def format_cost(s: RunStats) -> str:
+    """The cost of the priced answers: exact, ``at least`` when some had none, or unknown."""
+    if not s.cost_by_model:
+        return (
+            f"unknown: none of the {s.unpriced:,} answers has a price (no known price or no usage)"
+        )
+    parts = ", ".join(f"{m} ${c:.4f}" for m, c in sorted(s.cost_by_model.items()))
+    total = sum(s.cost_by_model.values())
+    text = f"${total:.4f} ({parts})"
+    if s.unpriced:
+        text = f"at least {text}; {s.unpriced:,} answers unpriced (no known price or no usage)"
+    return text
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -18,7 +18,7 @@ import json
 import stat
 import sys
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -30,6 +30,7 @@ from batcher.records import Reject, Request
 
 if TYPE_CHECKING:
     from batcher.config import VariantConfig
+    from batcher.field_names import FieldNames
 from batcher.requests import (
     apply_variant,
     completion_budget,
@@ -111,7 +112,9 @@ class Reader:
     Duplicate ids are rejected here, since only the reader sees every line in order. With a
     ``variant`` every request is that variant's (a job with variants reads its input once per
     variant). ``count_tokens=False`` leaves prompts uncounted, for a run where no limit needs
-    the counts (loading a token table costs 0.1-0.25 s and about 45 MB).
+    the counts (loading a token table costs 0.1-0.25 s and about 45 MB). With ``fields``,
+    ``warn`` is called (in the reading thread) with a warning for each near-miss field name,
+    the first time a line carries it (see ``field_names``).
     """
 
     def __init__(
@@ -122,8 +125,12 @@ class Reader:
         encoding: str | None = None,
         variant: VariantConfig | None = None,
         count_tokens: bool = True,
+        fields: FieldNames | None = None,
+        warn: Callable[[str], object] | None = None,
     ) -> None:
         self._stream = stream
+        self._fields = fields if warn is not None else None
+        self._warn = warn
         self._count = count_tokens
         self._defaults = dict(defaults or {})
         self._encoding = encoding
@@ -159,6 +166,9 @@ class Reader:
                         text=_text(raw),
                         custom_id=item.custom_id,
                     )
+                elif isinstance(item, Request) and self._fields is not None and self._warn:
+                    for message in self._fields.warnings(item.body, f"first on line {line_no}"):
+                        self._warn(message)
                 yield item
         finally:
             self._seen.close()  # its temporary database, if it has one

@@ -114,7 +114,8 @@ class Result:
     ``ttft_s`` is the last attempt's time to first token (streamed requests only);
     ``schema_valid`` says whether the answer matched the request's JSON schema (``None`` when it
     was not checked) and ``schema_error`` why not. ``variant`` names the job's variant that
-    asked (``None`` in a job without variants).
+    asked (``None`` in a job without variants). ``choices_asked`` is the request's ``n`` when
+    it asked for more than one choice (a server may answer with fewer).
     """
 
     custom_id: str
@@ -138,6 +139,7 @@ class Result:
     schema_error: str | None = None
     endpoint: str | None = None
     variant: str | None = None
+    choices_asked: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

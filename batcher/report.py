@@ -26,15 +26,22 @@ _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoni
 
 @dataclass(kw_only=True)
 class Group:
-    """Totals for one (model, status)."""
+    """Totals for one (model, status).
+
+    Token counts are summed over the answers that had usage (``None`` when no ok answer had
+    any: unknown, not 0); ``cost_usd`` over the priced ones (``None`` when ok answers came and
+    none had a cost; with ``unpriced`` answers it is a lower bound).
+    """
 
     requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float = 0.0
-    unpriced: int = 0
+    prompt_tokens: int | None = 0
+    cached_tokens: int | None = 0
+    completion_tokens: int | None = 0
+    reasoning_tokens: int | None = 0
+    cost_usd: float | None = 0.0
+    unpriced: int = 0  # ok answers without a cost (no known price, or no usage)
+    usage_missing: int = 0  # ok answers without usage
+    priced: int = 0
 
 
 @dataclass(kw_only=True)
@@ -48,8 +55,10 @@ class VariantRow:
     error_rate: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: none of its ok answers had a cost
     unpriced: int = 0
+    priced: int = 0
+    usage_missing: int = 0
     latency_p50_s: float | None = None
     latency_p90_s: float | None = None
     finish_reasons: dict[str, int] = field(default_factory=dict)  # of ok answers, first choice
@@ -63,7 +72,10 @@ class Report:
     requests: int = 0
     ok: int = 0
     error: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: answers came and none had a cost (see Group)
+    unpriced: int = 0  # ok answers without a cost
+    usage_missing: int = 0  # ok answers without usage (their tokens are unknown)
+    few_choices: int = 0  # ok answers with fewer choices than their n asked for
     groups: dict[str, dict[str, Group]] = field(default_factory=dict)  # model -> status -> Group
     latency_p50_s: float | None = None
     latency_p90_s: float | None = None
@@ -111,10 +123,15 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         if cost is None:
             group.unpriced += status == "ok"
         else:
-            group.cost_usd += cost
-            report.cost_usd += cost
+            group.priced += 1
+            group.cost_usd = (group.cost_usd or 0.0) + cost
         if status == "ok":
             report.ok += 1
+            if row.get("prompt_tokens") is None and row.get("completion_tokens") is None:
+                group.usage_missing += 1
+            asked = row.get("choices_asked")
+            if asked and len(row.get("choices") or ()) < asked:
+                report.few_choices += 1
             if row.get("latency_s") is not None:
                 latencies.append(row["latency_s"])
             if row.get("ttft_s") is not None:
@@ -135,7 +152,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             first_start = min(first_start, started.timestamp())
             last_end = max(last_end, ended.timestamp())
             finished.append(ended.timestamp())
-            costs.append(cost or 0.0)
+            costs.append(math.nan if cost is None else cost)  # unknown is not $0
     ordered = sorted(latencies)
     report.latency_p50_s = _percentile(ordered, 50)
     report.latency_p90_s = _percentile(ordered, 90)
@@ -148,6 +165,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         report.wall_s = last_end - first_start
         report.requests_per_s = report.requests / report.wall_s
     report.error_classes = dict(errors.most_common())
+    _mark_unknowns(report)
     report.variants = _in_job_order(report.variants, report.provenance.get("job"))
     for name, row_of in report.variants.items():
         ordered = sorted(variant_latencies[name])
@@ -164,6 +182,27 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         "cost_usd": costs,
     }
     return report, series
+
+
+def _mark_unknowns(report: Report) -> None:
+    """Totals of what is known; ``None`` where nothing was: the tokens of ok answers none of
+    which had usage, the cost of answers none of which had a cost."""
+    priced = 0
+    for statuses in report.groups.values():
+        for status, g in statuses.items():
+            report.unpriced += g.unpriced
+            report.usage_missing += g.usage_missing
+            priced += g.priced
+            if status == "ok" and g.usage_missing >= g.requests:
+                for name in _TOKEN_FIELDS:
+                    setattr(g, name, None)
+            if g.unpriced and not g.priced:
+                g.cost_usd = None
+    total = sum(g.cost_usd or 0.0 for s in report.groups.values() for g in s.values())
+    report.cost_usd = None if report.unpriced and not priced else total
+    for v in report.variants.values():
+        if v.unpriced and not v.priced:
+            v.cost_usd = None
 
 
 def _in_job_order(variants: dict[str, VariantRow], job: str | None) -> dict[str, VariantRow]:
@@ -194,10 +233,12 @@ def _count_variant(
     v.prompt_tokens += row.get("prompt_tokens") or 0
     v.completion_tokens += row.get("completion_tokens") or 0
     if cost is not None:
-        v.cost_usd += cost
+        v.cost_usd = (v.cost_usd or 0.0) + cost
+        v.priced += 1
     if status == "ok":
         v.ok += 1
         v.unpriced += cost is None
+        v.usage_missing += row.get("prompt_tokens") is None and row.get("completion_tokens") is None
         if row.get("latency_s") is not None:
             latencies[name].append(row["latency_s"])
         reason = row.get("finish_reason") or "-"
@@ -220,7 +261,8 @@ def format_report(report: Report) -> str:
         f"batcher report: {report.path}",
         f"  requests  {report.requests:,}: {report.ok:,} ok, {report.error:,} error; "
         f"{report.attempts:,} attempts",
-        f"  cost      ${report.cost_usd:,.4f}" + _unpriced_note(report),
+        f"  cost      {_cost(report.cost_usd, report.unpriced)}",
+        f"  tokens    {_tokens(report)}",
         f"  latency   p50 {_s(report.latency_p50_s)}, p90 {_s(report.latency_p90_s)}, "
         f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
         f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
@@ -229,6 +271,10 @@ def format_report(report: Report) -> str:
         lines.append(
             f"  1st token p50 {_s(report.ttft_p50_s)}, p90 {_s(report.ttft_p90_s)}, "
             f"p99 {_s(report.ttft_p99_s)} (streamed ok answers)"
+        )
+    if report.few_choices:
+        lines.append(
+            f"  choices   {report.few_choices:,} answers had fewer choices than their n asked"
         )
     if report.schema_valid or report.schema_invalid:
         lines.append(
@@ -241,12 +287,18 @@ def format_report(report: Report) -> str:
     lines.append("  by model and status:")
     for model, statuses in sorted(report.groups.items()):
         for status, g in sorted(statuses.items()):
-            cost = f"${g.cost_usd:,.4f}" + (f" ({g.unpriced:,} unpriced)" if g.unpriced else "")
-            lines.append(
-                f"    {model} {status}: {g.requests:,} requests, {g.prompt_tokens:,} prompt "
-                f"({g.cached_tokens:,} cached), {g.completion_tokens:,} completion "
-                f"({g.reasoning_tokens:,} reasoning) tokens, {cost}"
-            )
+            cost = "cost unknown" if g.cost_usd is None else f"${g.cost_usd:,.4f}"
+            cost += f" ({g.unpriced:,} unpriced)" if g.unpriced and g.cost_usd is not None else ""
+            if g.prompt_tokens is None:
+                tokens = "tokens unknown (no usage)"
+            else:
+                tokens = (
+                    f"{g.prompt_tokens:,} prompt ({g.cached_tokens:,} cached), "
+                    f"{g.completion_tokens:,} completion ({g.reasoning_tokens:,} reasoning) tokens"
+                )
+                if g.usage_missing:
+                    tokens += f" (usage missing for {g.usage_missing:,})"
+            lines.append(f"    {model} {status}: {g.requests:,} requests, {tokens}, {cost}")
     if report.error_classes:
         top = ", ".join(f"{code} ×{n:,}" for code, n in report.error_classes.items())
         lines.append(f"  errors    {top}")
@@ -269,11 +321,12 @@ def _variant_table(variants: dict[str, VariantRow]) -> list[str]:
               "p50", "p90", "finish reasons"]  # fmt: skip
     rows = [header]
     for name, v in variants.items():
-        cost = f"${v.cost_usd:,.4f}" + ("+?" if v.unpriced else "")
+        cost = "?" if v.cost_usd is None else f"${v.cost_usd:,.4f}" + ("+?" if v.unpriced else "")
         reasons = ", ".join(f"{r} {n:,}" for r, n in v.finish_reasons.items()) or "-"
+        unknown = "+?" if v.usage_missing else ""
         rows.append([
             name, ",".join(v.models), f"{v.requests:,}", f"{v.ok:,}", f"{v.error_rate:.1%}",
-            f"{v.prompt_tokens:,}", f"{v.completion_tokens:,}", cost,
+            f"{v.prompt_tokens:,}" + unknown, f"{v.completion_tokens:,}" + unknown, cost,
             _s(v.latency_p50_s), _s(v.latency_p90_s), reasons,
         ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
@@ -285,13 +338,60 @@ def _variant_table(variants: dict[str, VariantRow]) -> list[str]:
     return ["  ".join(cell(i, t) for i, t in enumerate(row[:-1])) + "  " + row[-1] for row in rows]
 
 
-def _unpriced_note(report: Report) -> str:
-    unpriced = sum(g.unpriced for statuses in report.groups.values() for g in statuses.values())
-    return f" (+ {unpriced:,} ok answers with no known price)" if unpriced else ""
+def _cost(total: float | None, unpriced: int) -> str:
+    """A cost total: exact, a lower bound when some ok answers had no cost, or unknown."""
+    if total is None:
+        return (
+            f"unknown: none of the {unpriced:,} ok answers has a cost (no known price or no usage)"
+        )
+    if unpriced:
+        return (
+            f"at least ${total:,.4f}; {unpriced:,} ok answers unpriced (no known price or no usage)"
+        )
+    return f"${total:,.4f}"
+
+
+def _tokens(report: Report) -> str:
+    """Prompt and completion tokens of the answers that had usage; unknown when none had."""
+    groups = [g for statuses in report.groups.values() for g in statuses.values()]
+    if report.ok and report.usage_missing >= report.ok:
+        return f"unknown (no usage in any of the {report.ok:,} ok answers)"
+    prompt = sum(g.prompt_tokens or 0 for g in groups)
+    completion = sum(g.completion_tokens or 0 for g in groups)
+    text = f"{prompt:,} prompt + {completion:,} completion"
+    if report.usage_missing:
+        text += f" (usage missing for {report.usage_missing:,} answers)"
+    return text
 
 
 def _s(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
+
+
+def _cost_chart(plt: Any, series: dict[str, array[float]]) -> Any:
+    """Cumulative cost of the priced answers; answers with no cost (NaN) are left out and
+    counted in the title, and with none priced the chart says the cost is unknown rather
+    than draw a flat $0."""
+    pairs = sorted(zip(series["finished_s"], series["cost_usd"], strict=True))
+    priced = [(t, cost) for t, cost in pairs if not math.isnan(cost)]
+    unknown = len(pairs) - len(priced)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    title = "Cost over time"
+    if priced:
+        running, total = [], 0.0
+        for _, cost in priced:
+            total += cost
+            running.append(total)
+        ax.plot([t for t, _ in priced], running, color="#c44e52")
+        if unknown:
+            title += f" (at least: {unknown:,} answers without a cost left out)"
+    elif unknown:
+        title += " (unknown)"
+        ax.text(0.5, 0.5, f"cost unknown: none of the {unknown:,} answers has a cost",
+                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        ax.set_yticks([])
+    ax.set(title=title, xlabel="seconds since start", ylabel="USD")
+    return fig
 
 
 def write_html(report: Report, series: dict[str, array[float]], target: Path) -> None:
@@ -323,15 +423,7 @@ def write_html(report: Report, series: dict[str, array[float]], target: Path) ->
     ax.plot(done, range(1, len(done) + 1), color="#55a868")
     ax.set(title="Completions over time", xlabel="seconds since start", ylabel="done")
     charts.append(svg(fig))
-    pairs = sorted(zip(series["finished_s"], series["cost_usd"], strict=True))
-    running, total = [], 0.0
-    for _, cost in pairs:
-        total += cost
-        running.append(total)
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot([t for t, _ in pairs], running, color="#c44e52")
-    ax.set(title="Cost over time", xlabel="seconds since start", ylabel="USD")
-    charts.append(svg(fig))
+    charts.append(svg(_cost_chart(plt, series)))
     body = "\n".join(f"<figure>{chart}</figure>" for chart in charts)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"

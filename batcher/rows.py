@@ -50,7 +50,7 @@ SCHEMA: pa.Schema = pa.schema([
     ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
     ("choices", _CHOICES),
     ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
-    ("variant", _S),
+    ("variant", _S), ("choices_asked", _I32),
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
@@ -184,6 +184,8 @@ def batch_output_line(result: Result) -> dict[str, Any]:
     }
     if r.variant is not None:  # absent in a job without variants: its lines stay as they were
         extra["variant"] = r.variant
+    if r.choices_asked is not None:  # absent for requests of one choice, likewise
+        extra["choices_asked"] = r.choices_asked
     if r.usage != Usage.from_body(r.body):
         u = r.usage
         extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
@@ -228,6 +230,7 @@ def row_values(r: Result) -> tuple[Any, ...]:
         r.schema_error,
         r.endpoint,
         r.variant,
+        r.choices_asked,
     )
 
 
@@ -327,5 +330,6 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         b.get("schema_error"),
         b.get("endpoint"),
         b.get("variant"),
+        b.get("choices_asked"),
     )
     return dict(zip(NAMES, values, strict=True))

@@ -20,12 +20,13 @@ from typing import IO, TYPE_CHECKING
 
 import anyio
 
-from batcher.budget import Budget
+from batcher.budget import Budget, check_priced
 from batcher.client import ChatClient, check_api_key
 from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig, VariantConfig
 from batcher.endpoints import Endpoint
 from batcher.engine import READ_BATCH, Engine, Lane
 from batcher.errors import ConfigError, OutputError
+from batcher.field_names import FieldNames, job_field_warnings
 from batcher.formats import RejectsWriter, output_format
 from batcher.journal import Journal, journal_path
 from batcher.known_limits import KnownLimits
@@ -38,7 +39,7 @@ from batcher.provenance import provenance
 from batcher.quiet_stream import quiet
 from batcher.reader import Reader, count_lines, open_input
 from batcher.resume import ResumePlan, RetryErrors
-from batcher.stats import RunStats
+from batcher.stats import RunStats, answer_warnings
 from batcher.tokens import release_encodings, trim_malloc
 
 if TYPE_CHECKING:
@@ -152,6 +153,8 @@ async def arun_job(
         )
     check_not_the_input(input_path, output)
     api_keys = _api_keys(job)
+    if job.limits.max_cost_usd is not None:  # a model with no price: nothing could be sent
+        await anyio.to_thread.run_sync(check_priced, job, _pricer(job, lean))
     # before the journal, so a missing input changes nothing
     sources = _open_sources(input_path, max(1, len(job.variants)))
     live: LiveOutput | None = None
@@ -186,7 +189,8 @@ async def arun_job(
         if stats.config_error is not None:
             if fresh:
                 _forget_empty_journal(jpath)
-            raise ConfigError(_base_url_field(job, stats.config_error_endpoint), stats.config_error)
+            field = stats.config_error_field or _base_url_field(job, stats.config_error_endpoint)
+            raise ConfigError(field, stats.config_error)
         if lean:
             release_encodings()
         # in a thread: a notebook's event loop keeps serving while pyarrow writes
@@ -282,6 +286,9 @@ async def _run_async(
     if total is not None:
         total *= len(sources)
     stats = RunStats()
+    fields = FieldNames()
+    for message in job_field_warnings(job, fields):
+        print(message, file=stream, flush=True)
     progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     # What each endpoint announced on an earlier run: it then starts without a probe.
@@ -298,16 +305,12 @@ async def _run_async(
             encoding=job.limits.encoding,
             variant=variant,
             count_tokens=job.counts_tokens or token_limit_known,
+            fields=fields,
+            warn=functools.partial(_note_from_thread, progress),
         )
         for source, variant in zip(sources, variants, strict=True)
     ]
-    overrides, discount = parse_pricing(job.pricing)
-    pricer = Pricer(
-        overrides,
-        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
-        batch_discount=discount,
-        out_of_process=lean,
-    )
+    pricer = _pricer(job, lean)
     cap = job.limits.max_cost_usd
     budget = Budget(cap, spent_before=journal.spent_before) if cap is not None else None
     try:
@@ -398,12 +401,19 @@ async def _run_async(
     stats.lines_read = readers[0].lines_read
     stats.rate_limited = sum(e.limits.rate_limited for e in endpoints)
     stats.overloaded = sum(e.limits.overloaded for e in endpoints)
+    if budget is not None and budget.misconfigured and not stats.submitted:
+        # stopped by the job's configuration (a model with no price) before sending anything
+        reason = stats.stop_reason or "no price known for a model of the job"
+        stats.config_error = reason.removeprefix("--max-cost: ")
+        stats.config_error_field = "--max-cost"
     for model in pricer.unknown_models:
         print(
             f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
             f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
             file=stream,
         )
+    for message in answer_warnings(stats, streamed=job.request.get("stream") is True):
+        print(message, file=stream)
     return stats, rejected
 
 
@@ -420,6 +430,24 @@ def _forget_empty_journal(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.read_bytes().count(b"\n") <= 1:
             path.unlink()
+
+
+def _pricer(job: JobConfig, lean: bool) -> Pricer:
+    overrides, discount = parse_pricing(job.pricing)
+    return Pricer(
+        overrides,
+        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
+        batch_discount=discount,
+        out_of_process=lean,
+    )
+
+
+def _note_from_thread(progress: Progress, message: str) -> None:
+    """Show ``message`` from a reading thread: on the event loop, where the bar is drawn."""
+    try:
+        anyio.from_thread.run_sync(progress.note, message)
+    except RuntimeError:  # not a worker thread of the run (a reader iterated directly)
+        progress.note(message)
 
 
 def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:

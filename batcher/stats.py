@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from batcher.records import Result
 
@@ -32,7 +33,9 @@ class RunStats:
     variant_ok: Counter[str] = field(default_factory=Counter)  # ok answers by variant name
     variant_error: Counter[str] = field(default_factory=Counter)
     cost_by_model: dict[str, float] = field(default_factory=dict)
-    unpriced: int = 0  # answers with usage but no known price
+    unpriced: int = 0  # ok answers with no cost: a model with no known price, or no usage
+    usage_missing: int = 0  # ok answers the server sent no token counts for
+    few_choices: int = 0  # ok answers with fewer choices than the request's n asked for
     schema_valid: int = 0
     schema_invalid: int = 0
     reasks: int = 0  # follow-up requests sent after an invalid structured answer
@@ -47,9 +50,14 @@ class RunStats:
     #: does not resolve, every answer a 404): the reason, and the endpoint's name.
     config_error: str | None = None
     config_error_endpoint: str | None = None
+    config_error_field: str | None = None  # the job field to name, when not a base URL
 
     @property
-    def cost_usd(self) -> float:
+    def cost_usd(self) -> float | None:
+        """What the priced answers cost; ``None`` when answers came and none had a cost (no
+        price, or no usage): unknown, not $0. With ``unpriced`` answers it is a lower bound."""
+        if self.unpriced and not self.cost_by_model:
+            return None
         return sum(self.cost_by_model.values())
 
     @property
@@ -86,12 +94,22 @@ class RunStats:
         if result.cost_usd is not None:
             key = result.model or "?"
             self.cost_by_model[key] = self.cost_by_model.get(key, 0.0) + result.cost_usd
-        elif usage is not None:
+        elif result.status == "ok":
             self.unpriced += 1
         if usage is not None:
             self.prompt_tokens += usage.prompt_tokens or 0
             self.completion_tokens += usage.completion_tokens or 0
             self.total_tokens += usage.total_tokens or 0
+        if result.status == "ok":
+            if usage is None or usage.prompt_tokens is usage.completion_tokens is None:
+                self.usage_missing += 1
+            if result.choices_asked and _choices(result.body) < result.choices_asked:
+                self.few_choices += 1
+
+    @property
+    def tokens_known(self) -> bool:
+        """False when answers came and none had usage: the token counts are unknown."""
+        return not (self.ok and self.usage_missing >= self.ok)
 
     @property
     def exit_code(self) -> int:
@@ -104,8 +122,37 @@ class RunStats:
         if self.config_error is not None:
             return 2
         if self.stopped_early:
-            return 3
+            return 2 if self.config_error else 3
         errors = self.error if self.output_error is None else self.output_error
         if errors or self.rejected:
             return 1
         return 0
+
+
+def _choices(body: Any) -> int:
+    """How many choices an answer has (0 for an odd body)."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    return len(choices) if isinstance(choices, list) else 0
+
+
+def answer_warnings(stats: RunStats, *, streamed: bool) -> list[str]:
+    """Warnings about what the answers lacked, once each at the end of a run: usage (so
+    tokens and cost are unknown for them) and choices (fewer than ``n`` asked for)."""
+    found = []
+    if stats.usage_missing:
+        hint = (
+            " (a server that ignores stream_options.include_usage does this: run without "
+            "stream, or give the server a newer version)"
+            if streamed
+            else ""
+        )
+        found.append(
+            f"batcher: warning: the server sent no usage for {stats.usage_missing:,} of "
+            f"{stats.ok:,} answers: their tokens and cost are unknown, not 0{hint}"
+        )
+    if stats.few_choices:
+        found.append(
+            f"batcher: warning: {stats.few_choices:,} answers had fewer choices than their n "
+            "asked for (the server may not support n > 1: send one request per choice instead)"
+        )
+    return found

@@ -24,6 +24,9 @@ EVENT_STREAM = "text/event-stream"
 
 _CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+#: Fields of a tool call that come whole, once (llama-cpp-python repeats them in every chunk).
+_SET_ONCE = frozenset({"id", "type"})
+_CALL_ORDER = ("id", "type", "function")
 #: Top-level chunk fields that belong to one chunk, not to the answer.
 _PER_CHUNK = frozenset({"choices", "usage", "object", "obfuscation"})
 
@@ -107,6 +110,12 @@ class StreamReader:
         if not self._choices:
             return "the stream has no choices"
         unfinished = [i for i, c in self._choices.items() if c.finish_reason is None]
+        if unfinished and self.done:
+            # llama-cpp-python does this to a running stream when another request arrives
+            return (
+                "the server ended the stream before the answer finished ([DONE] without "
+                f"finish_reason for choice {unfinished[0]})"
+            )
         if unfinished:
             return f"choice {unfinished[0]} has no finish_reason"
         if not self.done and self._usage_asked and self._usage is None:
@@ -182,6 +191,7 @@ class _Choice:
         self.role: str | None = None
         self.texts: dict[str, list[str]] = {}
         self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.function_call: dict[str, Any] = {}  # the legacy single call (``functions``)
         self.finish_reason: Any = None
         self.logprobs: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}  # message fields beyond the known ones
@@ -217,6 +227,9 @@ class _Choice:
                     output = output or bool(value)
             elif key == "tool_calls":
                 output = self._add_tool_calls(value) or output
+            elif key == "function_call" and isinstance(value, dict):
+                _merge_function(self.function_call, value)
+                output = True
             elif value is not None:
                 self.extra[key] = value
         return output
@@ -235,12 +248,9 @@ class _Choice:
                 if key == "index" or value is None:
                     continue
                 if key == "function" and isinstance(value, dict):
-                    function = merged.setdefault("function", {})
-                    for part, text in value.items():
-                        if part in ("name", "arguments") and isinstance(text, str):
-                            function[part] = function.get(part, "") + text
-                        elif text is not None:
-                            function[part] = text
+                    _merge_function(merged.setdefault("function", {}), value)
+                elif key in _SET_ONCE:
+                    _set_once(merged, key, value)
                 else:
                     merged[key] = value
         return bool(calls)
@@ -260,7 +270,9 @@ class _Choice:
             if key in self.texts:
                 message[key] = "".join(self.texts[key])
         if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["tool_calls"] = [_in_order(self.tool_calls[i]) for i in sorted(self.tool_calls)]
+        if self.function_call:
+            message["function_call"] = self.function_call
         message.update(self.extra)
         return {
             "index": index,
@@ -269,6 +281,36 @@ class _Choice:
             "logprobs": self.logprobs,
             **self.choice_extra,
         }
+
+
+def _merge_function(function: dict[str, Any], fragment: dict[str, Any]) -> None:
+    """Fold one fragment of a function call in: ``arguments`` appended, ``name`` once.
+
+    OpenAI sends the name in the first fragment only; llama-cpp-python repeats it (and the
+    call's id) in every one, so appending it gave ``get_weatherget_weather``. A fragment equal
+    to the name so far is such a repeat; any other is appended, for a server that splits a
+    name across fragments as it splits the arguments.
+    """
+    for part, text in fragment.items():
+        if part == "arguments" and isinstance(text, str):
+            function[part] = function.get(part, "") + text
+        elif part == "name" and isinstance(text, str):
+            name = function.get(part) or ""
+            function[part] = name if text == name else name + text
+        elif text is not None:
+            function[part] = text
+
+
+def _in_order(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's fields in the order of a plain answer (id, type, function), whatever
+    order its fragments brought them in, so a streamed record reads as the plain one."""
+    return {**{key: call[key] for key in _CALL_ORDER if key in call}, **call}
+
+
+def _set_once(merged: dict[str, Any], key: str, value: Any) -> None:
+    """Keep the first non-empty ``value`` of ``key``; a later one (a repeat) changes nothing."""
+    if value not in (None, "") and merged.get(key) in (None, ""):
+        merged[key] = value
 
 
 def _snippet(text: str) -> str:

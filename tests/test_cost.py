@@ -160,17 +160,49 @@ def test_max_cost_is_never_passed_and_a_higher_cap_resumes(tmp_path: Path) -> No
     assert second.stats.skipped == first.stats.done
 
 
-def test_max_cost_with_an_unpriced_model_sends_nothing(tmp_path: Path) -> None:
+def test_max_cost_with_an_unpriced_model_is_a_configuration_error(tmp_path: Path) -> None:
+    """Decided before the run: nothing sent, nothing written, the model and [pricing] named."""
     src = write_input(tmp_path / "in.jsonl", 5)
     sim = Simulator()
-    report = run_job(
-        job(tmp_path, src, request={"model": "house-model-7b"}, limits={"max_cost_usd": 5.0}),
-        transport=httpx.ASGITransport(app=sim),
-        stream=io.StringIO(),
-    )
-    assert report.exit_code == 3
+    capped = job(tmp_path, src, request={"model": "house-model-7b"}, limits={"max_cost_usd": 5.0})
+    with pytest.raises(ConfigError) as raised:
+        run_job(capped, transport=httpx.ASGITransport(app=sim), stream=io.StringIO())
+    assert str(raised.value).startswith("--max-cost: no price known for model 'house-model-7b'")
+    assert '[pricing."house-model-7b"]' in str(raised.value)
     assert sim.stats.requests_received == 0
-    assert "no price for model 'house-model-7b'" in report.summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_cli_max_cost_with_an_unpriced_model_exits_2(tmp_path: Path) -> None:
+    from .helpers import run_batcher
+
+    src = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "o.jsonl"
+    proc = run_batcher(
+        "run", "--input", str(src), "--output", str(out), "--model", "house-model-7b",
+        "--base-url", "sim", "--max-cost", "1", "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("batcher: error: --max-cost: no price known for model")
+    assert "resume" not in proc.stderr and not out.exists()
+
+
+def test_a_line_naming_an_unpriced_model_stops_with_exit_2_if_nothing_was_sent(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi", "model": "house-model-7b"}\n{"prompt": "ho"}\n')
+    sim = Simulator()
+    with pytest.raises(
+        ConfigError, match=r"^--max-cost: no price known for model 'house-model-7b'"
+    ):
+        run_job(
+            job(tmp_path, src, limits={"max_cost_usd": 5.0, "concurrency": 1}),
+            transport=httpx.ASGITransport(app=sim),
+            stream=io.StringIO(),
+        )
+    assert sim.stats.requests_received == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
 
 
 def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:

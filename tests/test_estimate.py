@@ -180,3 +180,10 @@ def test_eta_of_no_requests(tmp_path: Path) -> None:
     assert (est.eta_s, est.eta_bound) == (0.0, "no requests")
     with pytest.raises(ValueError, match="latency_s must be > 0"):
         estimate(job_for(src, tmp_path / "o.parquet"), latency_s=0)
+
+
+def test_eta_is_never_shorter_than_one_answer(tmp_path: Path) -> None:
+    """20 requests at concurrency 64: all in flight at once, and each takes 2 s."""
+    src = write_input(tmp_path / "in.jsonl", 20)
+    est = estimate(job_for(src, tmp_path / "o.parquet", concurrency=64), latency_s=2.0)
+    assert (est.eta_s, est.eta_bound) == (2.0, "one answer: 2 s")

@@ -120,7 +120,7 @@ def test_cr_only_line_endings_and_a_bom() -> None:
 
 def test_incomplete_streams_have_a_problem() -> None:
     assert read(["data: [DONE]\n", "\n"]).problem() == "the stream has no choices"
-    unfinished = read(events(delta(0, content="half"), "[DONE]"))
+    unfinished = read(events(delta(0, content="half")))
     assert unfinished.problem() == "choice 0 has no finish_reason"
     # whole but without [DONE]: kept, unless the usage it asked for never came
     whole = events(delta(0, content="all"), delta(0, "stop"))
@@ -308,3 +308,139 @@ def test_server_that_ignores_stream_is_read_as_plain_json(tmp_path: Path) -> Non
     rows = list(read_results(report.output))
     assert report.exit_code == 0 and {r["status"] for r in rows} == {"ok"}
     assert all(r["content"].startswith("sim-") and r["ttft_s"] is None for r in rows)
+
+
+# A plain answer with a tool call, and the same answer with a legacy function call: what a
+# stream of either must assemble into.
+PLAIN_TOOL_CALL = {
+    "id": "chatcmpl-9", "object": "chat.completion", "created": 7, "model": "m-2024",
+    "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+        "role": "assistant", "content": None, "refusal": None,
+        "tool_calls": [{"id": "call_0", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}]}}],
+    "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29},
+}  # fmt: skip
+PLAIN_FUNCTION_CALL = {
+    **PLAIN_TOOL_CALL,
+    "choices": [{"index": 0, "finish_reason": "function_call", "logprobs": None, "message": {
+        "role": "assistant", "content": None, "refusal": None,
+        "function_call": {"name": "get_weather",
+                          "arguments": '{"city": "Oslo", "unit": "C"}'}}}],
+}  # fmt: skip
+ARGUMENT_PIECES = ['{"ci', 'ty": "Os', 'lo", "un', 'it": "C"}']
+
+
+def call_chunks(plain: dict[str, Any], style: str) -> list[dict[str, Any]]:
+    """The chunks of ``plain``'s one call as a server streams them: ``openai`` names the call
+    (and gives its id) in the first fragment only; ``llama`` (llama-cpp-python) repeats the
+    name and id in every fragment, after a first fragment with empty arguments."""
+    choice = plain["choices"][0]
+    legacy = "function_call" in choice["message"]
+    pieces = ([""] if style == "llama" else []) + ARGUMENT_PIECES
+    chunks = [{**delta(0, role="assistant", content=None), "id": plain["id"]}]
+    for i, piece in enumerate(pieces):
+        named = style == "llama" or i == 0
+        function = {"name": "get_weather", "arguments": piece} if named else {"arguments": piece}
+        if legacy:
+            fields: dict[str, Any] = {"function_call": function}
+        else:
+            call: dict[str, Any] = {"index": 0, "function": function}
+            if named:
+                call |= {"id": "call_0", "type": "function"}
+            fields = {"tool_calls": [call]}
+        chunks.append({**delta(0, **fields), "id": plain["id"]})
+    chunks.append({**delta(0, choice["finish_reason"]), "id": plain["id"]})
+    usage = {"id": plain["id"], "object": "chat.completion.chunk", "created": 7,
+             "model": "m-2024", "choices": [], "usage": plain["usage"]}  # fmt: skip
+    return [*chunks, usage]
+
+
+@pytest.mark.parametrize("style", ["openai", "llama"])
+@pytest.mark.parametrize("plain", [PLAIN_TOOL_CALL, PLAIN_FUNCTION_CALL], ids=["tool", "legacy"])
+def test_streamed_calls_assemble_into_the_plain_answer(plain: dict[str, Any], style: str) -> None:
+    reader = read(events(*call_chunks(plain, style), "[DONE]"))
+    assert reader.problem() is None
+    body = reader.body()
+    body.pop("system_fingerprint")
+    assert body == plain
+
+
+def test_a_different_name_fragment_is_appended_a_repeated_one_is_not() -> None:
+    """A server that splits the name gets it joined; the whole name or the id given again is
+    kept once."""
+    parts = [("get_", "call_1"), ("weather", "call_1"), ("get_weather", None)]
+    chunks = [
+        delta(0, tool_calls=[{"index": 0, "id": cid, "function": {"name": name}}])
+        for name, cid in parts
+    ]
+    body = read(events(*chunks, delta(0, "tool_calls"), "[DONE]")).body()
+    call = body["choices"][0]["message"]["tool_calls"][0]
+    assert call == {"id": "call_1", "function": {"name": "get_weather"}}
+
+
+def test_done_without_finish_reason_says_the_server_cut_the_stream() -> None:
+    cut = read(events(delta(0, content="half"), "[DONE]")).problem()
+    assert cut == (
+        "the server ended the stream before the answer finished ([DONE] without "
+        "finish_reason for choice 0)"
+    )
+
+
+class CallServer:
+    """A MockTransport handler answering every request with ``plain``: as it is, or streamed
+    in llama-cpp-python's style; a stream is cut (``[DONE]`` without ``finish_reason``) the
+    first ``cuts`` times, as llama-cpp-python does when another request interrupts it."""
+
+    def __init__(self, plain: dict[str, Any], cuts: int = 0) -> None:
+        self.plain = plain
+        self.cuts = cuts
+
+    def __call__(self, request: Any) -> Any:
+        import httpx
+
+        if not json.loads(request.content).get("stream"):
+            return httpx.Response(200, json=self.plain)
+        chunks: list[Any] = call_chunks(self.plain, "llama")
+        if self.cuts:
+            self.cuts -= 1
+            chunks = chunks[:2]
+        text = "".join(events(*chunks, "[DONE]"))
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+
+def run_calls(
+    tmp_path: Path, server: CallServer, name: str, stream: bool, exit_code: int = 0
+) -> list[dict[str, Any]]:
+    import httpx
+
+    src = write_input(tmp_path / "in.jsonl", 3)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / name), "progress": False},
+            "endpoint": {"base_url": "http://llama.test/v1"},
+            "request": {"model": "m-2024", "stream": stream},
+            "retry": {"max_attempts": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.01},
+        }
+    )
+    report = run_job(job, transport=httpx.MockTransport(server), stream=io.StringIO())
+    assert report.exit_code == exit_code, report.summary
+    return sorted(read_results(report.output), key=lambda r: r["custom_id"])
+
+
+@pytest.mark.parametrize("plain", [PLAIN_TOOL_CALL, PLAIN_FUNCTION_CALL], ids=["tool", "legacy"])
+def test_streamed_call_records_equal_plain_ones(tmp_path: Path, plain: dict[str, Any]) -> None:
+    plain_rows = run_calls(tmp_path, CallServer(plain), "plain.jsonl", stream=False)
+    stream_rows = run_calls(tmp_path, CallServer(plain), "streamed.jsonl", stream=True)
+    same = ("status", "model", "content", "finish_reason", "prompt_tokens", "completion_tokens",
+            "choices")  # fmt: skip
+    for p, s in zip(plain_rows, stream_rows, strict=True):
+        assert {k: s[k] for k in same} == {k: p[k] for k in same}
+        stream_body = json.loads(s["response"])
+        stream_body.pop("system_fingerprint")
+        assert stream_body == json.loads(p["response"]) == plain
+
+
+def test_a_cut_stream_is_retried_and_the_error_says_so(tmp_path: Path) -> None:
+    rows = run_calls(tmp_path, CallServer(PLAIN_TOOL_CALL, cuts=9), "cut.jsonl", True, 1)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("error", 2)}
+    assert all("the server ended the stream before" in r["error_message"] for r in rows)
