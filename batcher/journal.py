@@ -259,7 +259,7 @@ def decode(record: Mapping[str, Any]) -> Result:
         status_code=record.get("status_code"),
         request_id=record.get("request_id"),
         body=record.get("body"),
-        usage=Usage(**usage) if isinstance(usage, dict) else None,
+        usage=_usage_of(usage) if isinstance(usage, dict) else None,
         error_code=record.get("error_code"),
         error_message=record.get("error_message"),
         metadata=record.get("metadata"),
@@ -278,6 +278,21 @@ def _key_of(record: Mapping[str, Any]) -> str | None:
     if not isinstance(custom_id, str) or not isinstance(variant, str | None):
         return None
     return record_key(custom_id, variant)
+
+
+#: The usage fields this version journals; a journal written by another version may hold
+#: more (``audio_tokens``, say), which are ignored rather than refused.
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+                 "reasoning_tokens")  # fmt: skip
+
+
+def _usage_of(record: Mapping[str, Any]) -> Usage:
+    """A journal record's usage: the known fields that hold integers, nothing else."""
+    return Usage(**{name: _int_or_none(record.get(name)) for name in _USAGE_FIELDS})
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _usage_dict(usage: Usage) -> dict[str, int | None]:
