@@ -45,12 +45,48 @@ def dumps_text(value: Any) -> str:
         return _STD_ENCODE(value)
 
 
+#: The deepest nesting of arrays and objects accepted in an input line or a server's answer.
+#: Every later stage handles a value this deep: orjson writes up to 254 levels, and a journal
+#: record or an output line wraps a value in at most 3 more. Past 254 the standard library
+#: takes over, and its recursion a value ~980 levels deep exhausts (``RecursionError``: the
+#: run stopped on that line, every time). Real JSON schemas nest a few tens of levels.
+MAX_DEPTH = 200
+TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
+
+
+def too_deep(value: Any, text: bytes | str, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (parsed from ``text``) nests arrays and objects deeper than ``limit``.
+
+    A text with at most ``limit`` brackets cannot be deeper, which settles nearly every value
+    with two ``count`` calls; the rest are walked without recursion."""
+    if isinstance(text, str):
+        brackets = text.count("[") + text.count("{")
+    else:
+        brackets = text.count(b"[") + text.count(b"{")
+    if brackets <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue  # the top value itself: a string full of brackets, say
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def loads_answer(data: bytes | str) -> Any:
-    """Parse a server's JSON; raises ``ValueError`` (or ``RecursionError``) when it is not JSON."""
+    """Parse a server's JSON; raises ``ValueError`` (or ``RecursionError``) when it is not JSON
+    or nests deeper than ``MAX_DEPTH``."""
     try:
-        return orjson.loads(data)
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)  # NaN or deep nesting: or a real error
+        value = json.loads(data)  # NaN or deep nesting: or a real error
+    if too_deep(value, data):
+        raise ValueError(TOO_DEEP)
+    return value
 
 
 # 19 digits in a row: a number that may not fit in 64 bits (or a long mantissa). Rare in text.

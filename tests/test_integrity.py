@@ -1,0 +1,159 @@
+"""Integrity under careless use and odd data: one bad line never stops a run, an answer too
+deep to keep is an error and not a crash, two runs never share an output, a stop never turns
+requests into errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batcher.config import job_from_dict
+from batcher.journal import encode
+from batcher.jsonfast import MAX_DEPTH
+from batcher.reader import parse_line
+from batcher.records import Reject, Request, Result
+from batcher.runner import run_job
+from batcher.writers import open_writer, read_results
+
+from .helpers import jsonl
+
+
+def nested_text(depth: int) -> str:
+    """JSON text of a value ``depth`` levels deep (a JSON schema, say), built as text: the
+    standard library's encoder cannot write the deepest ones."""
+    opens = ['{"type":"array","items":' if i % 2 == 0 else "[" for i in range(depth - 1)]
+    closes = ["}" if i % 2 == 0 else "]" for i in reversed(range(depth - 1))]
+    return "".join(opens) + '{"type":"string"}' + "".join(closes)
+
+
+def nested(depth: int) -> Any:
+    return json.loads(nested_text(depth))
+
+
+def deep_line(custom_id: str, depth: int) -> str:
+    """An input line ``depth`` levels deep: its metadata nests ``depth - 1`` levels."""
+    return f'{{"custom_id":"{custom_id}","prompt":"hi","metadata":{nested_text(depth - 1)}}}'
+
+
+def depth_of(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    return 0
+
+
+def test_deep_line_helper_nests_as_told() -> None:
+    assert depth_of(json.loads(deep_line("x", 7))) == 7
+    assert depth_of(json.loads(deep_line("x", MAX_DEPTH))) == MAX_DEPTH
+
+
+def test_a_line_too_deep_is_rejected_with_its_line_and_the_run_goes_on(tmp_path: Path) -> None:
+    """980 levels (a big JSON schema) stopped every run; now that line is rejected, with its
+    number and why, and the lines at the limit are sent, journaled and written."""
+    src = tmp_path / "in.jsonl"
+    schema = nested(MAX_DEPTH - 3)  # in response_format: sent to the server as it is
+    at_limit = {
+        "custom_id": "schema",
+        "prompt": "hi",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    assert depth_of(at_limit) == MAX_DEPTH
+    lines = [
+        deep_line("deep-980", 980),
+        deep_line("over", MAX_DEPTH + 1),
+        deep_line("at-limit", MAX_DEPTH),
+        json.dumps(at_limit),
+        json.dumps({"custom_id": "plain", "prompt": "hi"}),
+    ]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(out), "progress": False},
+            "endpoint": {"base_url": "sim"},
+            "request": {"model": "m"},
+        }
+    )
+    report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 1  # lines were rejected; every request was answered
+    rejects = jsonl(tmp_path / "out.parquet.rejects.jsonl")
+    assert [(r["line"], r["custom_id"], r["reason"]) for r in rejects] == [
+        (1, "deep-980", f"nested deeper than {MAX_DEPTH} levels"),
+        (2, "over", f"nested deeper than {MAX_DEPTH} levels"),
+    ]
+    rows = {r["custom_id"]: r for r in read_results(out)}
+    assert sorted(rows) == ["at-limit", "plain", "schema"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert depth_of(json.loads(rows["at-limit"]["metadata"])) == MAX_DEPTH - 1  # kept whole
+
+    # and a second run resumes the journal (read back, written again from it) alike
+    again = run_job(job, stream=io.StringIO())
+    assert again.stats.skipped == 3 and again.stats.submitted == 0
+    assert {r["custom_id"] for r in read_results(out)} == set(rows)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=1, max_value=2 * MAX_DEPTH))
+def test_every_line_the_reader_accepts_can_be_journaled_and_written(depth: int) -> None:
+    """Accepted exactly up to the limit; whatever is accepted goes through every later stage."""
+    item = parse_line(deep_line("x", depth).encode(), 1, {"model": "m"})
+    if depth > MAX_DEPTH:
+        assert isinstance(item, Reject) and item.reason == f"nested deeper than {MAX_DEPTH} levels"
+        return
+    assert isinstance(item, Request)
+    result = Result(
+        custom_id=item.custom_id, line=1, status="ok", model="m", attempts=1, latency_s=0.0,
+        started_at=0.0, finished_at=0.0, metadata=item.metadata,
+        body={"choices": [{"message": {"content": "x"}}], "extra": item.metadata},
+    )  # fmt: skip
+    assert json.loads(encode(result, item.body_hash))["metadata"] == item.metadata
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("o.parquet", "o.jsonl"):
+            with open_writer(Path(folder) / name) as writer:
+                writer.write(result)
+            (row,) = read_results(Path(folder) / name)
+            kept = row["metadata"]
+            assert (json.loads(kept) if isinstance(kept, str) else kept) == item.metadata
+
+
+def test_an_answer_too_deep_to_keep_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """A server's answer ~1,000 levels deep is parsed, but could not be journaled: it is an
+    invalid answer (retried, then recorded as an error), and the run finishes."""
+    deep = "[" * 1000 + "]" * 1000
+    answer = '{"choices":[{"message":{"role":"assistant","content":"x"}}],"extra":' + deep + "}"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        good = b'"good"' in request.content
+        content = b'{"choices":[{"message":{"content":"fine"}}]}' if good else answer.encode()
+        return httpx.Response(200, content=content, headers={"content-type": "application/json"})
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        json.dumps({"custom_id": "deep", "prompt": "x"})
+        + "\n"
+        + json.dumps({"custom_id": "fine", "prompt": "good"})
+        + "\n",
+        encoding="utf-8",
+    )
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / "o.jsonl"), "progress": False},
+            "endpoint": {"base_url": "http://mock.test/v1"},
+            "request": {"model": "m"},
+            "retry": {"max_attempts": 1},
+        }
+    )
+    report = run_job(job, transport=httpx.MockTransport(handler), stream=io.StringIO())
+    assert report.exit_code == 1
+    rows = {r["custom_id"]: r for r in read_results(report.output)}
+    assert rows["fine"]["status"] == "ok"
+    assert rows["deep"]["status"] == "error"
+    assert rows["deep"]["error_code"] == "invalid_response"
