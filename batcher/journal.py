@@ -77,9 +77,14 @@ class Journal:
         self,
         path: Path,
         *,
+        restart: bool = False,
         fsync_every_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Open (or create) and lock the journal; ``restart`` empties it once it is locked.
+
+        Raises ``ConfigError`` when another process holds it: two runs of one output would
+        both send everything and write the same output file."""
         self.path = path
         self.entries: dict[str, Entry] = {}
         self.torn_bytes = 0
@@ -91,13 +96,24 @@ class Journal:
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                # One run per output: two at once would both send everything.
+                # One run per output: two at once would both send everything. Held until the
+                # output is written (the runner closes the journal last), so no two processes
+                # ever write the same OUTPUT.partial.
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holder = lock_holder(self._fd)
                 os.close(self._fd)
+                who = "another batcher run" + (f" (pid {holder})" if holder else "")
+                output = path.name.removesuffix(JOURNAL_SUFFIX)
                 raise ConfigError(
-                    "job.output", f"another batcher run is writing {path}; wait for it to end"
+                    "job.output",
+                    f"{who} holds {path.with_name(output)}; wait for it to end "
+                    "(--restart too: it would delete that run's journal)",
                 ) from None
+            if restart:
+                # Emptied, never unlinked: a new file would carry a lock of its own, and a
+                # run still writing the old one would go on unseen.
+                os.ftruncate(self._fd, 0)
             self._load()
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
@@ -208,6 +224,24 @@ class Journal:
         self.torn_bytes = self.path.stat().st_size - size
         with self.path.open("r+b") as f:
             f.truncate(size)
+
+
+def lock_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on the file open as ``fd``, when the system says
+    (Linux's ``/proc/locks``); ``None`` otherwise."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 21416 fe:00:2146321 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                    pid = int(fields[4])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def encode(result: Result, body_hash: str, *, provisional: bool = False) -> bytes:

@@ -153,51 +153,52 @@ async def arun_job(
     sources = _open_sources(input_path, max(1, len(job.variants)))
     live: LiveOutput | None = None
     try:
-        jpath = journal_path(output)
-        if restart:
-            jpath.unlink(missing_ok=True)
-        with Journal(jpath) as journal:
-            if journal.torn_bytes:
-                print(
-                    f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
-                    "bytes, by a crash or a full disk); that request will be sent again",
-                    file=stream,
-                )
-            plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            # A fresh journal: the output is written as the run goes (see live_output).
-            small = _small_input(input_path)
-            if not journal.entries and (not lean or small):
-                live = LiveOutput(
-                    journal,
-                    output,
-                    functools.partial(provenance, job, input_path),
-                    row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
-                )
-            with _base_urls(job) as base_urls, _fewer_collections():
-                stats, rejected = await _run_async(
-                    job, sources, input_path, output, journal, live, plan,
-                    list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
-                    stream, lean,
-                )  # fmt: skip
-        if lean:
-            release_encodings()
-        # in a thread: a notebook's event loop keeps serving while pyarrow writes
-        if live is not None and await anyio.to_thread.run_sync(live.close):
-            stats.output_ok, stats.output_error = live.ok, live.error
-        else:
-            write = functools.partial(
-                write_output,
-                journal,
-                output,
-                stats,
-                provenance(job, input_path),
-                trim_every=TRIM_EVERY_ROWS if lean else 0,
-            )
-            await anyio.to_thread.run_sync(write)
-    except BaseException:
-        if live is not None:
-            live.abort()  # the .partial; a finished output is left alone
-        raise
+        # Locked before anything is deleted: --restart empties the journal only once no
+        # other run holds it. The lock is held until the output is written.
+        with Journal(journal_path(output), restart=restart) as journal:
+            try:
+                if journal.torn_bytes:
+                    print(
+                        f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
+                        "bytes, by a crash or a full disk); that request will be sent again",
+                        file=stream,
+                    )
+                plan = ResumePlan(journal.entries, retry_errors=retry_errors)
+                # A fresh journal: the output is written as the run goes (see live_output).
+                small = _small_input(input_path)
+                if not journal.entries and (not lean or small):
+                    live = LiveOutput(
+                        journal,
+                        output,
+                        functools.partial(provenance, job, input_path),
+                        row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
+                    )
+                with _base_urls(job) as base_urls, _fewer_collections():
+                    stats, rejected = await _run_async(
+                        job, sources, input_path, output, journal, live, plan,
+                        list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
+                        stream, lean,
+                    )  # fmt: skip
+                journal.sync()  # the journal on disk before the output derived from it
+                if lean:
+                    release_encodings()
+                # in a thread: a notebook's event loop keeps serving while pyarrow writes
+                if live is not None and await anyio.to_thread.run_sync(live.close):
+                    stats.output_ok, stats.output_error = live.ok, live.error
+                else:
+                    write = functools.partial(
+                        write_output,
+                        journal,
+                        output,
+                        stats,
+                        provenance(job, input_path),
+                        trim_every=TRIM_EVERY_ROWS if lean else 0,
+                    )
+                    await anyio.to_thread.run_sync(write)
+            except BaseException:
+                if live is not None:
+                    live.abort()  # the .partial, while the lock is ours; an output is left alone
+                raise
     finally:
         for source in sources:
             if source is not sys.stdin.buffer:

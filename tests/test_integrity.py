@@ -4,25 +4,33 @@ requests into errors."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batcher import runner
 from batcher.config import job_from_dict
-from batcher.journal import encode
+from batcher.errors import ConfigError
+from batcher.journal import Journal, encode, journal_path
 from batcher.jsonfast import MAX_DEPTH
+from batcher.live_output import LiveOutput
 from batcher.reader import parse_line
 from batcher.records import Reject, Request, Result
 from batcher.runner import run_job
 from batcher.writers import open_writer, read_results
 
-from .helpers import jsonl
+from .helpers import ROOT, batcher_cmd, jsonl, run_batcher, sim_process, sim_stats, write_input
 
 
 def nested_text(depth: int) -> str:
@@ -157,3 +165,97 @@ def test_an_answer_too_deep_to_keep_is_an_error_not_a_crash(tmp_path: Path) -> N
     assert rows["fine"]["status"] == "ok"
     assert rows["deep"]["status"] == "error"
     assert rows["deep"]["error_code"] == "invalid_response"
+
+
+def run_args(src: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return [
+        "run", "--input", str(src), "--output", str(out), "--model", "m", "--base-url", url,
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_restart_is_refused_while_another_run_holds_the_output(tmp_path: Path) -> None:
+    """``--restart`` used to delete the running run's journal: both sent everything (paid
+    twice) and the output was left unreadable. Now it is refused (exit 2, nothing sent,
+    nothing deleted), naming the output and the other run's pid; that run ends whole."""
+    n = 40
+    src = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out.parquet"
+    journal = out.with_name(out.name + ".journal.jsonl")
+    with sim_process("--latency-ms", "100") as url:
+        first = subprocess.Popen(
+            batcher_cmd(*run_args(src, out, url, "--concurrency", "2")),
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (journal.exists() and journal.read_bytes().count(b"\n") > 2):
+                assert first.poll() is None and time.monotonic() < deadline, "no record came"
+                time.sleep(0.02)
+            second = run_batcher(*run_args(src, out, url, "--restart"))
+            received_meanwhile = sim_stats(url)["requests_received"]
+            _, first_err = first.communicate(timeout=60)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+        received = sim_stats(url)["requests_received"]
+    assert second.returncode == 2, second.stderr
+    assert f"(pid {first.pid}) holds {out}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert received_meanwhile < n  # the first run was still going when refused
+    assert first.returncode == 0, first_err
+    assert received == n  # nothing was sent twice
+    rows = list(read_results(out))
+    assert sorted(r["custom_id"] for r in rows) == [f"r{i:05d}" for i in range(n)]
+    assert journal.read_bytes().count(b"\n") == n + 1  # the header and every record
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_a_run_holds_its_journal_lock_until_its_output_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another run (a plain one or ``--restart``) must not start between this run's last
+    record and its output's rename: both would write the same ``OUTPUT.partial``."""
+    src = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.parquet"
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(out), "progress": False},
+            "endpoint": {"base_url": "sim"},
+            "request": {"model": "m"},
+        }
+    )
+    locked: list[bool] = []
+
+    def journal_locked() -> bool:
+        with journal_path(out).open("rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def checking(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            locked.append(journal_locked())
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(LiveOutput, "close", checking(LiveOutput.close))
+    monkeypatch.setattr(runner, "write_output", checking(runner.write_output))
+    assert run_job(job, stream=io.StringIO()).exit_code == 0  # written as it goes
+    src.write_text(src.read_text(encoding="utf-8") + '{"prompt": "one more"}\n')
+    assert run_job(job, stream=io.StringIO()).exit_code == 0  # written from the journal
+    assert locked == [True, True]
+    assert not journal_locked()  # and released at the end
+    with Journal(journal_path(out)):  # a run in progress: both kinds of re-run are refused
+        for restart in (False, True):
+            with pytest.raises(ConfigError, match=f"another batcher run .*holds {out}"):
+                run_job(job, restart=restart, stream=io.StringIO())
+    assert len(list(read_results(out))) == 4  # nothing was deleted
