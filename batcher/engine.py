@@ -45,6 +45,7 @@ from batcher.outcomes import (
     UNREACHABLE,
     answering_model,
     combined,
+    cut_off,
     not_asked_again,
     reask_request,
     result_of,
@@ -289,6 +290,8 @@ class Engine:
                     result, reasks = await self._check_format(request, result, router)
                 if result.error_code == "connection_error" and router.all_exhausted:
                     continue  # not recorded: the endpoints are down, a re-run sends it
+                if self._stopping.is_set() and cut_off(result):
+                    continue  # a stop (Ctrl+C, say) cut its retries short: a re-run sends it
                 if stops_the_run(result):
                     # Not recorded: after the key or the quota is fixed, a re-run sends it.
                     self.stop(stop_reason(result))

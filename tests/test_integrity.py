@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import signal
 import subprocess
 import tempfile
 import time
@@ -30,7 +31,17 @@ from batcher.records import Reject, Request, Result
 from batcher.runner import run_job
 from batcher.writers import open_writer, read_results
 
-from .helpers import ROOT, batcher_cmd, jsonl, run_batcher, sim_process, sim_stats, write_input
+from .helpers import (
+    ROOT,
+    batcher_cmd,
+    free_port,
+    ids_of,
+    jsonl,
+    run_batcher,
+    sim_process,
+    sim_stats,
+    write_input,
+)
 
 
 def nested_text(depth: int) -> str:
@@ -259,3 +270,47 @@ def test_a_run_holds_its_journal_lock_until_its_output_is_written(
             with pytest.raises(ConfigError, match=f"another batcher run .*holds {out}"):
                 run_job(job, restart=restart, stream=io.StringIO())
     assert len(list(read_results(out))) == 4  # nothing was deleted
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_outage_records_no_error_and_a_rerun_sends_everything(
+    tmp_path: Path,
+) -> None:
+    """SIGINT while the endpoint refuses connections: the requests in flight were recorded as
+    connection errors, which a plain re-run keeps (exit 1). They are left for the re-run."""
+    n = 6
+    src = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out.jsonl"
+    down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: every connection is refused
+    proc = subprocess.Popen(
+        batcher_cmd(
+            *run_args(src, out, down, "--concurrency", "4", "--max-attempts", "2", "--grace", "10")
+        ),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        while "unreachable" not in seen:  # the outage has begun, requests are in flight
+            line = proc.stderr.readline()
+            assert line, f"the run ended before the outage: {seen}"
+            seen += line
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, seen + rest
+    assert "Traceback" not in rest
+    assert jsonl(out) == []  # nothing recorded: no answer came
+    with sim_process() as url:
+        rerun = run_batcher(*run_args(src, out, url))
+        received = sim_stats(url)["requests_received"]
+    assert rerun.returncode == 0, rerun.stderr
+    assert received == n
+    rows = jsonl(out)
+    assert sorted(ids_of(rows)) == [f"r{i:05d}" for i in range(n)]
+    assert all(row["error"] is None for row in rows)
