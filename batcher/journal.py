@@ -106,9 +106,7 @@ class Journal:
                 who = "another batcher run" + (f" (pid {holder})" if holder else "")
                 output = path.name.removesuffix(JOURNAL_SUFFIX)
                 raise ConfigError(
-                    "job.output",
-                    f"{who} holds {path.with_name(output)}; wait for it to end "
-                    "(--restart too: it would delete that run's journal)",
+                    "job.output", f"{who} holds {path.with_name(output)}; wait for it to end"
                 ) from None
             if restart:
                 # Emptied, never unlinked: a new file would carry a lock of its own, and a
