@@ -47,6 +47,7 @@ from batcher.outcomes import (
     UNREACHABLE,
     answering_model,
     combined,
+    cut_off,
     not_asked_again,
     reask_request,
     result_of,
@@ -323,6 +324,8 @@ class Engine:
                     continue  # not recorded: the endpoints are down, a re-run sends it
                 if self._stats.config_error is not None and result.status != "ok":
                     continue  # not recorded: after the job is fixed, a re-run sends it
+                if self._stopping.is_set() and cut_off(result):
+                    continue  # a stop (Ctrl+C, say) cut its retries short: a re-run sends it
                 setup = self._setup.get(result.endpoint or "")
                 if setup is not None and setup.hold(result, request.body_hash):
                     continue  # maybe one of a wrong URL's 404s: recorded once that is known

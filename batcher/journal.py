@@ -77,9 +77,14 @@ class Journal:
         self,
         path: Path,
         *,
+        restart: bool = False,
         fsync_every_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Open (or create) and lock the journal; ``restart`` empties it once it is locked.
+
+        Raises ``ConfigError`` when another process holds it: two runs of one output would
+        both send everything and write the same output file."""
         self.path = path
         self.entries: dict[str, Entry] = {}
         self.torn_bytes = 0
@@ -91,13 +96,22 @@ class Journal:
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                # One run per output: two at once would both send everything.
+                # One run per output: two at once would both send everything. Held until the
+                # output is written (the runner closes the journal last), so no two processes
+                # ever write the same OUTPUT.partial.
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holder = lock_holder(self._fd)
                 os.close(self._fd)
+                who = "another batcher run" + (f" (pid {holder})" if holder else "")
+                output = path.name.removesuffix(JOURNAL_SUFFIX)
                 raise ConfigError(
-                    "job.output", f"another batcher run is writing {path}; wait for it to end"
+                    "job.output", f"{who} holds {path.with_name(output)}; wait for it to end"
                 ) from None
+            if restart:
+                # Emptied, never unlinked: a new file would carry a lock of its own, and a
+                # run still writing the old one would go on unseen.
+                os.ftruncate(self._fd, 0)
             self._load()
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
@@ -130,6 +144,13 @@ class Journal:
             os.fsync(self._fd)
             self._dirty = False
         self._last_sync = self._clock()
+
+    def forget_if_empty(self) -> None:
+        """Remove the journal file if it holds no record, only its header: a run that stopped
+        before recording anything (a configuration error) leaves nothing behind. Called by the
+        lock's holder, before ``close``."""
+        if self._fd >= 0 and self._size <= len(jsonfast.dumps(_HEADER)) + 1:
+            self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -212,6 +233,24 @@ class Journal:
             f.truncate(size)
 
 
+def lock_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on the file open as ``fd``, when the system says
+    (Linux's ``/proc/locks``); ``None`` otherwise."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 21416 fe:00:2146321 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                    pid = int(fields[4])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def encode(result: Result, body_hash: str, *, provisional: bool = False) -> bytes:
     """One journal line for a result."""
     usage = result.usage
@@ -263,7 +302,7 @@ def decode(record: Mapping[str, Any]) -> Result:
         status_code=record.get("status_code"),
         request_id=record.get("request_id"),
         body=record.get("body"),
-        usage=Usage(**usage) if isinstance(usage, dict) else None,
+        usage=_usage_of(usage) if isinstance(usage, dict) else None,
         error_code=record.get("error_code"),
         error_message=record.get("error_message"),
         metadata=record.get("metadata"),
@@ -283,6 +322,21 @@ def _key_of(record: Mapping[str, Any]) -> str | None:
     if not isinstance(custom_id, str) or not isinstance(variant, str | None):
         return None
     return record_key(custom_id, variant)
+
+
+#: The usage fields this version journals; a journal written by another version may hold
+#: more (``audio_tokens``, say), which are ignored rather than refused.
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+                 "reasoning_tokens")  # fmt: skip
+
+
+def _usage_of(record: Mapping[str, Any]) -> Usage:
+    """A journal record's usage: the known fields that hold integers, nothing else."""
+    return Usage(**{name: _int_or_none(record.get(name)) for name in _USAGE_FIELDS})
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _usage_dict(usage: Usage) -> dict[str, int | None]:

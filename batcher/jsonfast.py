@@ -45,12 +45,62 @@ def dumps_text(value: Any) -> str:
         return _STD_ENCODE(value)
 
 
-def loads_answer(data: bytes | str) -> Any:
-    """Parse a server's JSON; raises ``ValueError`` (or ``RecursionError``) when it is not JSON."""
+#: How deep ``orjson.dumps`` writes (254 in every release so far: tests/test_jsonfast.py checks
+#: it); deeper values fall back to the standard library (see ``dumps``).
+ORJSON_MAX_DEPTH = 254
+#: The deepest nesting of arrays and objects accepted in an input line or a server's answer.
+#: Every later stage handles a value this deep: orjson writes 254 levels, and a journal record
+#: or an output line wraps a value in at most 3 more. Past 254 the standard library took over,
+#: and a value ~980 levels deep exhausted its recursion (``RecursionError``: the run stopped on
+#: that line, every time). Real JSON schemas nest a few tens of levels.
+MAX_DEPTH = 200
+TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
+
+
+def too_deep(value: Any, text: bytes | str, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (parsed from ``text``) nests arrays and objects deeper than ``limit``.
+
+    A text with at most ``limit`` brackets cannot be deeper: two ``count`` calls settle nearly
+    every value. Otherwise orjson, asked to write the value inside ``ORJSON_MAX_DEPTH - limit``
+    arrays, fails exactly when it is deeper than ``limit`` (in C: a 140 kB answer with
+    logprobs takes ~0.1 ms, a walk in Python 4 ms); when orjson refuses the value for another
+    reason (an integer beyond 64 bits), it is walked, without recursion."""
+    if isinstance(text, str):
+        brackets = text.count("[") + text.count("{")
+    else:
+        brackets = text.count(b"[") + text.count(b"{")
+    if brackets <= limit:
+        return False
+    wrapped = value
+    for _ in range(ORJSON_MAX_DEPTH - limit):
+        wrapped = [wrapped]
     try:
-        return orjson.loads(data)
+        orjson.dumps(wrapped, default=str)
+        return False
+    except TypeError:
+        pass
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue  # the top value itself: a string full of brackets, say
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def loads_answer(data: bytes | str) -> Any:
+    """Parse a server's JSON; raises ``ValueError`` (or ``RecursionError``) when it is not JSON
+    or nests deeper than ``MAX_DEPTH``."""
+    try:
+        value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)  # NaN or deep nesting: or a real error
+        value = json.loads(data)  # NaN or deep nesting: or a real error
+    if too_deep(value, data):
+        raise ValueError(TOO_DEEP)
+    return value
 
 
 # 19 digits in a row: a number that may not fit in 64 bits (or a long mantissa). Rare in text.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from batcher.client import Attempt
+from batcher.client import Attempt, is_retryable_failure
 from batcher.records import Request, Result
 from batcher.tokens import count_message_tokens, encoding_for_model
 from batcher.validation import Verdict, reask_body
@@ -104,6 +104,19 @@ UNREACHABLE = Attempt(
     error_code="connection_error",
     error_message="the endpoint is unreachable: not sent",
 )
+
+
+def cut_off(result: Result) -> bool:
+    """Whether a failed request may have failed only because the run stopped: its failure
+    is one a retry may clear (a refused connection in an outage, a 503...), and nothing was
+    billed. Recorded, it would stay an error on a plain re-run; left out, the re-run sends it.
+    """
+    return (
+        result.status == "error"
+        and result.usage is None
+        and not result.cost_usd
+        and is_retryable_failure(result.status_code, result.error_code)
+    )
 
 
 def stops_the_run(result: Result) -> bool:

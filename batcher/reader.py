@@ -240,6 +240,8 @@ def parse_line(
         if not isinstance(obj, dict):
             raise LineError(f"not a JSON object (got {_json_kind(obj)})")
         custom_id = _custom_id(obj, line_no)
+        if jsonfast.too_deep(obj, text):
+            raise LineError(jsonfast.TOO_DEEP)  # the journal and the output could not hold it
         body, metadata = _body_of(obj)
         body = merge_defaults(defaults, body)
         if "messages" not in body:
@@ -279,7 +281,7 @@ def _loads(text: str) -> Any:
         msg = exc.msg.removesuffix(" at")
         raise LineError(f"invalid JSON: {msg} at column {exc.colno}") from None
     except RecursionError:
-        raise LineError("invalid JSON: nested too deeply") from None
+        raise LineError(jsonfast.TOO_DEEP) from None
 
 
 def _no_constant(name: str) -> Any:
@@ -295,8 +297,23 @@ def _custom_id(obj: Mapping[str, Any], line_no: int) -> str:
             value = str(value)
             if not value:
                 raise LineError(f"{key} must not be empty")
+            _check_unicode(key, value)
             return value
     return f"line-{line_no}"
+
+
+def _check_unicode(key: str, value: str) -> None:
+    """Refuse an id holding a lone surrogate (from a ``"\\ud800"`` escape): it is no text
+    and cannot be written as UTF-8, and its stand-in ``\\ud800`` would make two ids one."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = f"\\u{ord(value[exc.start]):04x}"
+        raise LineError(
+            f"{key} is not valid Unicode: lone surrogate {char} at character {exc.start + 1}"
+        ) from None
 
 
 def _body_of(obj: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

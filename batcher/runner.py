@@ -159,57 +159,63 @@ async def arun_job(
     sources = _open_sources(input_path, max(1, len(job.variants)))
     live: LiveOutput | None = None
     try:
+        # Locked before anything is deleted: --restart empties the journal only once no
+        # other run holds it. The lock is held until the output is written.
         jpath = journal_path(output)
-        if restart:
-            jpath.unlink(missing_ok=True)
-        fresh = not jpath.exists()
-        with Journal(jpath) as journal:
-            if journal.torn_bytes:
-                print(
-                    f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
-                    "bytes, by a crash or a full disk); that request will be sent again",
-                    file=stream,
-                )
-            plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            # A fresh journal: the output is written as the run goes (see live_output).
-            small = _small_input(input_path)
-            if not journal.entries and (not lean or small):
-                live = LiveOutput(
-                    journal,
-                    output,
-                    functools.partial(provenance, job, input_path),
-                    row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
-                )
-            with _base_urls(job) as base_urls, _fewer_collections():
-                stats, rejected = await _run_async(
-                    job, sources, input_path, output, journal, live, plan,
-                    list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
-                    stream, lean,
-                )  # fmt: skip
-        if stats.config_error is not None:
-            if fresh:
-                _forget_empty_journal(jpath)
-            field = stats.config_error_field or _base_url_field(job, stats.config_error_endpoint)
-            raise ConfigError(field, stats.config_error)
-        if lean:
-            release_encodings()
-        # in a thread: a notebook's event loop keeps serving while pyarrow writes
-        if live is not None and await anyio.to_thread.run_sync(live.close):
-            stats.output_ok, stats.output_error = live.ok, live.error
-        else:
-            write = functools.partial(
-                write_output,
-                journal,
-                output,
-                stats,
-                provenance(job, input_path),
-                trim_every=TRIM_EVERY_ROWS if lean else 0,
-            )
-            await anyio.to_thread.run_sync(write)
-    except BaseException:
-        if live is not None:
-            live.abort()  # the .partial; a finished output is left alone
-        raise
+        fresh = restart or not jpath.exists()
+        with Journal(jpath, restart=restart) as journal:
+            try:
+                if journal.torn_bytes:
+                    print(
+                        f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
+                        "bytes, by a crash or a full disk); that request will be sent again",
+                        file=stream,
+                    )
+                plan = ResumePlan(journal.entries, retry_errors=retry_errors)
+                # A fresh journal: the output is written as the run goes (see live_output).
+                small = _small_input(input_path)
+                if not journal.entries and (not lean or small):
+                    live = LiveOutput(
+                        journal,
+                        output,
+                        functools.partial(provenance, job, input_path),
+                        row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
+                    )
+                with _base_urls(job) as base_urls, _fewer_collections():
+                    stats, rejected = await _run_async(
+                        job, sources, input_path, output, journal, live, plan,
+                        list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
+                        stream, lean,
+                    )  # fmt: skip
+                if stats.config_error is not None:
+                    # The endpoint showed the job cannot work: no output (the except below
+                    # removes the live one's .partial), and the journal goes if it is empty.
+                    field = stats.config_error_field or _base_url_field(
+                        job, stats.config_error_endpoint
+                    )
+                    if fresh:
+                        journal.forget_if_empty()
+                    raise ConfigError(field, stats.config_error)
+                journal.sync()  # the journal on disk before the output derived from it
+                if lean:
+                    release_encodings()
+                # in a thread: a notebook's event loop keeps serving while pyarrow writes
+                if live is not None and await anyio.to_thread.run_sync(live.close):
+                    stats.output_ok, stats.output_error = live.ok, live.error
+                else:
+                    write = functools.partial(
+                        write_output,
+                        journal,
+                        output,
+                        stats,
+                        provenance(job, input_path),
+                        trim_every=TRIM_EVERY_ROWS if lean else 0,
+                    )
+                    await anyio.to_thread.run_sync(write)
+            except BaseException:
+                if live is not None:
+                    live.abort()  # the .partial, while the lock is ours; an output is left alone
+                raise
     finally:
         for source in sources:
             if source is not sys.stdin.buffer:
@@ -423,13 +429,6 @@ def _base_url_field(job: JobConfig, endpoint: str | None) -> str:
     if endpoint not in names:
         return "endpoint.base_url"
     return f"endpoints[{names.index(endpoint)}].base_url"
-
-
-def _forget_empty_journal(path: Path) -> None:
-    """Remove a journal this run made and recorded nothing in (its header alone)."""
-    with contextlib.suppress(OSError):
-        if path.read_bytes().count(b"\n") <= 1:
-            path.unlink()
 
 
 def _pricer(job: JobConfig, lean: bool) -> Pricer:

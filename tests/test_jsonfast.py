@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,3 +91,25 @@ def test_long_integers_read_exactly_from_bytes_and_text(digits: int) -> None:
         got = jsonfast.loads_exact(data)
         assert got == {"n": n, "m": [-n]}
         assert type(got["n"]) is int
+
+
+def test_orjson_writes_exactly_its_known_depth() -> None:
+    """``too_deep`` relies on orjson refusing a value one level deeper than this."""
+    value: object = 0
+    for _ in range(jsonfast.ORJSON_MAX_DEPTH):
+        value = [value]
+    assert orjson.dumps(value)
+    with pytest.raises(TypeError):
+        orjson.dumps([value])
+    assert jsonfast.MAX_DEPTH + 3 <= jsonfast.ORJSON_MAX_DEPTH  # room for a record's wrapping
+
+
+@pytest.mark.parametrize("depth", [1, 2, 199, 200, 201, 300])
+@pytest.mark.parametrize("big", [False, True])  # orjson refuses integers past 64 bits
+def test_too_deep_exactly_past_the_limit(depth: int, big: bool) -> None:
+    value: object = {"a": "[{" * 300}
+    for i in range(depth - 1):
+        value = [value] if i % 2 else {"k": value, "n": 2**70 if big else 1}
+    text = json.dumps(value)
+    assert jsonfast.too_deep(value, text) is (depth > jsonfast.MAX_DEPTH)
+    assert jsonfast.too_deep(value, text.encode()) is (depth > jsonfast.MAX_DEPTH)

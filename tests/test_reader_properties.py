@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
+from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batcher.reader import Reader
-from batcher.records import Reject, Request
+from batcher.records import Reject, Request, Result
+from batcher.writers import open_writer, read_results
 
 DEFAULTS = {"model": "m"}
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,4 +108,40 @@ def test_huge_line_and_deep_nesting() -> None:
     deep = b'{"prompt": "p", "metadata": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     items = check(huge + b"\n" + deep + b"\n")
     assert isinstance(items[0], Request)
-    assert isinstance(items[1], Reject) and "nested too deeply" in items[1].reason
+    assert isinstance(items[1], Reject) and "nested deeper than" in items[1].reason
+
+
+# Ids built from pieces that collide once a lone surrogate is written as its escape text.
+id_pieces = st.sampled_from(["a", "é", "\ud800", "\udfff", "\\ud800", "\\udfff", "\\", "u"])
+ids = st.lists(id_pieces, min_size=1, max_size=4).map("".join)
+
+
+@SETTINGS
+@given(st.lists(ids, min_size=1, max_size=8, unique=True))
+@example(["a\ud800", "a\\ud800"])
+@example(["\ud800", "\udfff"])
+def test_distinct_accepted_ids_stay_distinct_in_the_outputs(custom_ids: list[str]) -> None:
+    """An id with a lone surrogate is rejected with its line; the ids accepted come back
+    from a Parquet and a JSONL output exactly, each once."""
+    data = b"".join(
+        json.dumps({"custom_id": cid, "prompt": "p"}).encode() + b"\n" for cid in custom_ids
+    )
+    items = check(data)
+    accepted = [i for i in items if isinstance(i, Request)]
+    for item in items:
+        if isinstance(item, Reject):
+            assert "lone surrogate" in item.reason, item.reason
+            assert any(0xD800 <= ord(c) <= 0xDFFF for c in custom_ids[item.line - 1])
+    results = [
+        Result(custom_id=r.custom_id, line=r.line, status="ok", model="m", attempts=1,
+               latency_s=0.0, started_at=0.0, finished_at=0.0, body={"choices": []})
+        for r in accepted
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ("out.parquet", "out.jsonl"):
+            path = Path(folder) / name
+            with open_writer(path) as writer:
+                for result in results:
+                    writer.write(result)
+            back = [row["custom_id"] for row in read_results(path)]
+            assert back == [r.custom_id for r in accepted]

@@ -189,3 +189,26 @@ def test_too_little_free_space_sends_nothing(
         run(tmp_path, server)
     assert info.value.field == "job.output"
     assert sum(server.calls.values()) == 0
+
+
+def test_a_journal_with_fields_this_version_does_not_know_resumes(tmp_path: Path) -> None:
+    """A journal written by another version (an unknown usage field, an unknown record field)
+    is read: the unknown fields are ignored, the known ones kept, nothing is sent again."""
+    write_input(tmp_path / "in.jsonl", 3)
+    server = Server()
+    run(tmp_path, server)
+    journal = tmp_path / "o.parquet.journal.jsonl"
+    lines = journal.read_text(encoding="utf-8").splitlines()
+    for i in range(1, len(lines)):
+        record = json.loads(lines[i])
+        record["usage"]["audio_tokens"] = 7
+        record["usage"]["prompt_tokens_details"] = {"cached_tokens": 0}
+        record["a_field_from_the_future"] = {"x": 1}
+        lines[i] = json.dumps(record)
+    journal.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    server.calls.clear()
+    report = run(tmp_path, server)
+    assert report.exit_code == 0 and sum(server.calls.values()) == 0
+    rows = list(read_results(report.output))
+    assert sorted(r["custom_id"] for r in rows) == ["r00000", "r00001", "r00002"]
+    assert all(r["status"] == "ok" and r["prompt_tokens"] == 1 for r in rows)
