@@ -297,7 +297,7 @@ def console_main() -> int:
 
     The interpreter's shutdown runs full garbage collections over every object still alive
     (aiohttp's, pyarrow's, the run's). Objects frozen out of the collector's sight are
-    skipped: the shutdown took ~60 ms after a 5,000-request run, ~18 ms frozen (issue 8).
+    skipped: the shutdown took ~60 ms after a 5,000-request run, ~18 ms frozen.
     Nothing is owed a finalizer by then: the run has closed its output, journal and
     connections, and the interpreter flushes stdout and stderr itself. Not in ``main``, which
     tests and other programs call in a process that goes on.
@@ -392,7 +392,7 @@ class _Refuse(importlib.abc.MetaPathFinder):
 
 
 def _lean_process() -> None:
-    """Settings that keep a ``batcher run`` process small (issue 8: peak RSS).
+    """Settings that keep a ``batcher run`` process small (its peak RSS).
 
     A ``run`` process is this command's own and ends with it, so these change nothing else;
     library callers of ``run_job`` are not affected.

@@ -1,8 +1,8 @@
 """The output formats, and the rejects file: the parts of output writing that need no pyarrow.
 
 ``batcher run`` imports these at start and ``batcher.writers`` (pyarrow: about 40 MB resident)
-only when it writes the output, after the requests are done and their token tables are freed
-(issue 8). ``batcher.writers`` re-exports both names.
+only when it writes the output, after the requests are done and their token tables are freed.
+``batcher.writers`` re-exports both names.
 """
 
 from __future__ import annotations

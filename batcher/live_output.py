@@ -5,7 +5,7 @@ Such a run's output is exactly its journal's final records, in the order they we
 So ``LiveOutput`` journals each record and hands the final ones to the output writer at once,
 and the end of the run only closes the file (the last row group and the footer), instead of
 reading the whole journal back and converting it then: about 30 µs a record, after the last
-answer (issue 8). The rows are built while requests are out, when the process mostly waits.
+answer. The rows are built while requests are out, when the process mostly waits.
 The writer's import and the input's hash (the provenance) are done in a thread, never on the
 event loop: final records that come before they are done wait, in order, in memory.
 

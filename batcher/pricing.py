@@ -348,7 +348,7 @@ def lookup_in_child(model: str, api_url: str | None = None) -> Price | None:
     """``lookup_price`` in a child process (``python -m batcher.pricing``): about 0.4 s.
 
     genai-prices keeps every provider's prices in memory once imported, with pydantic: about
-    12 MB that a long run would carry to its end for one or two prices (issue 8). The child
+    12 MB that a long run would carry to its end for one or two prices (peak RSS). The child
     (about 40 MB, for those 0.4 s) answers with JSON. Raises ``OSError``, ``ValueError`` or a
     ``SubprocessError`` when it cannot be started or fails.
 

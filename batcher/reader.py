@@ -89,7 +89,7 @@ def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str |
 
     Loading ``o200k_base`` briefly needs about 30 MB more than it keeps (tiktoken's Python copy
     of the table, freed once its tokenizer is built). Done before the HTTP client and the rest
-    are imported, that happens while the process is small instead of on top of them (issue 8).
+    are imported, that happens while the process is small instead of on top of them (peak RSS).
     Does nothing for stdin, an unreadable input or a first line that is not a request: the
     tables then load with the first request, as they would anyway.
     """

@@ -56,12 +56,12 @@ LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
 #: ``READ_BATCH``. The pool then opens a few requests at a time: each few's connections are
 #: made and their requests written while the next are read and started. Read 256 at once,
 #: all 256 connections were opened before the first request was written, ~50 ms later at 256
-#: in flight; the whole run ended ~60 ms later at 5,000 requests (issue 8).
+#: in flight; the whole run ended ~60 ms later at 5,000 requests.
 FIRST_READ_BATCH = 4
 #: Parquet row groups of an output written as the run goes from a small input (at most
 #: ``LIVE_OUTPUT_MAX_BYTES``), instead of the writer's 5,000: the last row group is written
 #: after the last answer, so a smaller one ends the run sooner (5,000 rows took ~20 ms, 1,000
-#: ~5 ms; issue 8), for a file ~5 % larger. Large inputs keep 5,000: every row group's footer
+#: ~5 ms), for a file ~5 % larger. Large inputs keep 5,000: every row group's footer
 #: metadata (~28 KB) stays in memory until the file is closed.
 SMALL_ROW_GROUP_SIZE = 1_000
 #: Rows between two ``malloc_trim`` calls while a lean run writes its output (a row group).

@@ -4,7 +4,7 @@ The runner hands the engine such work (importing the output writer, pyarrow: ~50
 Done on the event loop, it would hold up the first answers. Started in a thread as the first
 request went out, it competed with the loop while the loop was still opening the pool: with
 256 in flight the first wave took ~85 ms to go out instead of ~50, its answers came back ~40 ms
-later, and so did every later wave's (issue 8).
+later, and so did every later wave's.
 
 So ``WarmUp.run``, a task of the engine's, waits for the first request and then for the loop
 to go idle (the pool is out, the first answers are awaited): a short sleep wakes on time only

@@ -34,14 +34,14 @@ from batcher.rows import read_results as read_results
 # About 6 MB of buffered rows. Each row group also costs the writer about 30 KB of footer
 # metadata held until the file closes (pyarrow has no buffered row-group mode to avoid it):
 # with 2,000-row groups a 1,000,000-row output grew the process by 20 MB over a 100,000-row one,
-# with 5,000 by 8 MB, while 20,000-row groups cost more in buffered rows than they save (issue 8).
+# with 5,000 by 8 MB, while 20,000-row groups cost more in buffered rows than they save.
 DEFAULT_ROW_GROUP_SIZE = 5_000
 # Rows are held as Python objects only this many at a time, then as Arrow arrays until a row
-# group is full: a row group of Python rows takes about twice the memory (issue 8).
+# group is full: a row group of Python rows takes about twice the memory.
 _CONVERT_EVERY = 250
 
 # Dictionary encoding only where values repeat: on unique text (ids, answers, bodies) it is
-# tried on every page, then given up, which cost 10 % more CPU and 6 % more bytes (issue 8).
+# tried on every page, then given up, which cost 10 % more CPU and 6 % more bytes.
 _DICTIONARY = ["status", "model", "finish_reason", "error_code", "endpoint", "variant"]
 # Min/max statistics where a reader may filter on them; not on long text (answers, bodies),
 # whose values would sit in the footer, kept in memory until the file is closed.

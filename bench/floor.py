@@ -2,7 +2,7 @@
 
     python bench/floor.py --repeat 5          # N=5000, 256 in flight, 200 ms
 
-Issue 8 asks for a wall time within 1.15× of the ideal N × latency / concurrency. This script
+The target is a wall time within 1.15× of the ideal N × latency / concurrency. This script
 measures what stands between that ideal and a whole ``python`` process on this machine, with
 batcher and the simulator left out:
 

@@ -99,7 +99,7 @@ def main() -> int:
         high = median([r.maxrss_mb for r in runs[large]])
         print(
             f"\nmedian peak RSS at N={large:,} is {100 * (high / low - 1):.1f} % above "
-            f"N={small:,}'s (issue 8 asks for 10⁶ within 10 % of 10⁵, and at most 120 MB)"
+            f"N={small:,}'s (the target: 10⁶ within 10 % of 10⁵, and at most 120 MB)"
         )
     return 0
 

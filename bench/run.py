@@ -74,7 +74,7 @@ from _common import (  # bench/ is on sys.path (above), so this runs as a plain 
 
 TRANSPORTS = Path(__file__).resolve().parent / "transports.py"
 RATIO_HEADER = "wall ÷ aiohttp"
-TARGET = 1.15  # issue #8: within 1.15× of raw aiohttp's wall time, and ≤ 1.15× ideal
+TARGET = 1.15  # the targets: within 1.15× of raw aiohttp's wall time, and ≤ 1.15× ideal
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ def _report(
 
 
 def _against_targets(args: argparse.Namespace, runs: Sequence[Measure], ratios: list[float]) -> str:
-    """One line: batcher run against issue #8's targets (vs raw aiohttp, vs ideal)."""
+    """One line: batcher run against its targets (vs raw aiohttp, vs ideal)."""
 
     def verdict(value: float) -> str:
         return "met" if value <= TARGET else "missed"

@@ -1,4 +1,4 @@
-"""The Parquet output loads in pandas, polars, DuckDB and Hugging Face `datasets` (issue 7.6).
+"""The Parquet output loads in pandas, polars, DuckDB and Hugging Face `datasets`.
 
 All four are in the test extra. `datasets` is pointed at a private cache and kept offline.
 """

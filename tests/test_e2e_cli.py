@@ -271,7 +271,7 @@ def test_sim_port_in_use_is_a_clear_error() -> None:
 def test_a_run_loads_no_token_table_numpy_or_pandas_and_exits_with_a_frozen_heap(
     tmp_path: Path,
 ) -> None:
-    # What a `batcher run` process keeps out (issue 8: memory and start-up): the modules
+    # What a `batcher run` process keeps out (for memory and start-up): the modules
     # still loaded at its exit are printed by a hook, and the Parquet it wrote is read back.
     # The hook also prints how many objects were frozen out of the collector's sight.
     src = write_input(tmp_path / "in.jsonl", 20)

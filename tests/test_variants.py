@@ -1,7 +1,7 @@
 """Sweeps: a job's ``[[variants]]`` run every line once per variant, each keyed (id, variant).
 
-Config and request building without a network; resume and rejects over ``MockTransport``; the
-issue's end-to-end (three variants, one endpoint failing half its requests, then a resume that
+Config and request building without a network; resume and rejects over ``MockTransport``; an
+end-to-end sweep (three variants, one endpoint failing half its requests, then a resume that
 finishes only that variant's retryable errors) over real loopback sockets, through the library
 and through the command line.
 """
@@ -332,7 +332,7 @@ async def test_arun_and_run_work_inside_a_running_event_loop(tmp_path: Path) -> 
     assert again.stats.skipped == 4 and again.table is not None
 
 
-# --- the issue's end-to-end: one variant's endpoint fails half its requests ---------------
+# --- end to end: one variant's endpoint fails half its requests ---------------------------
 
 
 def check_once_each(rows: list[dict[str, Any]], n: int) -> Counter[tuple[str, str]]:
