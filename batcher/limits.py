@@ -83,13 +83,27 @@ class RateMeter:
         self._tat = clock()  # theoretical arrival time of the next unit
         self.per_minute = per_minute
         self._interval = 60.0 / per_minute
+        self._booked_at = per_minute  # the slowest rate a slot now reserved may have been set at
 
-    def set_rate(self, per_minute: float) -> None:
-        """Change the rate for every later reservation."""
+    def set_rate(self, per_minute: float) -> bool:
+        """Change the rate. What is already booked ahead (or the credit) keeps its units and
+        is re-spaced at the new rate, so the next reservation follows at the new pace.
+
+        Returns true when the rate has at least doubled since the slowest pace a reservation
+        still waiting may have been made at: those waits are stale (a limit remembered low, a
+        back-off recovered from), and waiters should book again (``Limits``).
+        """
         if per_minute <= 0:
             raise ValueError("per_minute must be > 0")
+        now = self._clock()
+        self._tat = now + (self._tat - now) * (self.per_minute / per_minute)
         self.per_minute = per_minute
         self._interval = 60.0 / per_minute
+        if per_minute >= 2 * self._booked_at:
+            self._booked_at = per_minute
+            return True
+        self._booked_at = min(self._booked_at, per_minute)
+        return False
 
     def reserve(self, amount: float) -> float:
         """Reserve ``amount`` units; return the seconds to wait before using them."""
@@ -263,28 +277,40 @@ class Limits:
             if pause <= 0:
                 break
             await anyio.sleep(pause)
-        wait = 0.0
-        if self.rpm:
-            wait = max(wait, self.rpm.reserve(1))
-        charged = self.tpm is not None  # now: a meter learned while this sleeps was not charged
-        if self.tpm:
-            wait = max(wait, self.tpm.reserve(tokens))
-        if wait > 0:
-            await self._sleep(wait)
+        while True:
+            rpm, tpm, wait = self.rpm, self.tpm, 0.0
+            if rpm:
+                wait = max(wait, rpm.reserve(1))
+            charged = tpm is not None  # now: a meter learned while this sleeps was not charged
+            if tpm:
+                wait = max(wait, tpm.reserve(tokens))
+            if wait <= 0 or await self._slept(wait):
+                break
+            # The pace rose a lot while this waited (``_repace``): give the slots back, and
+            # book again at the new pace rather than wait out the old one.
+            if rpm:
+                rpm.refund(1)
+            if tpm:
+                tpm.refund(tokens)
         self.in_flight_requests += 1
         self.in_flight_tokens += tokens
         return charged
 
-    async def _sleep(self, wait: float) -> None:
-        """Sleep until a meter's slot; cut short if the pace came from limits remembered from
-        an earlier run and they are dropped meanwhile (``forget_unconfirmed``)."""
-        if not self.checks.unconfirmed:
-            await anyio.sleep(wait)
-            return
+    async def _slept(self, wait: float) -> bool:
+        """Sleep until a meter's slot; false if cut short because the pace rose meanwhile."""
         if self._repaced is None:
             self._repaced = anyio.Event()
         with anyio.move_on_after(wait):
             await self._repaced.wait()
+            return False
+        return True
+
+    def _repace(self) -> None:
+        """Wake the requests waiting for a meter's slot, to book again: the pace they booked
+        at is stale (remembered limits dropped, a limit at least doubled)."""
+        if self._repaced is not None:
+            self._repaced.set()
+            self._repaced = None
 
     def release(self, tokens: int) -> None:
         """The attempt of ``tokens`` estimated tokens is over (answered or failed)."""
@@ -321,9 +347,7 @@ class Limits:
             self.server_tpm = None
             self.tpm = self.tpm if self.configured_tpm else None
         self._set_factor(self.factor)  # the meters left, at the job's own rates
-        if self._repaced is not None:
-            self._repaced.set()
-            self._repaced = None
+        self._repace()
 
     def announced(self) -> Announced:
         """The limits the server's headers announced so far (for the whole key: not scaled
@@ -419,8 +443,8 @@ class Limits:
                         self.rpm = meter
                     else:
                         self.tpm = meter
-                else:
-                    meter.set_rate(base * self.factor)
+                elif meter.set_rate(base * self.factor):
+                    self._repace()
         meter = self.rpm if requests else self.tpm
         if figures.remaining is None:
             return
@@ -456,7 +480,8 @@ class Limits:
         ):
             if meter is not None:
                 base = min(configured or math.inf, learned or math.inf)
-                meter.set_rate(base * factor)
+                if meter.set_rate(base * factor):
+                    self._repace()
         if not self.probing and not self.outage:
             self.concurrency.total_tokens = max(1, round(self.max_concurrency * factor))
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
+from batcher.known_limits import Announced
 from batcher.limits import (
     BACKOFF,
     RECOVERY_S,
@@ -49,8 +51,9 @@ def test_token_meter_weights_refunds_and_rate_changes() -> None:
     meter.refund(400)  # the first request was charged 100, not 500
     assert meter.reserve(100) == pytest.approx(2.0)
     meter.set_rate(12000)
-    assert meter.reserve(100) == pytest.approx(3.0)  # the next slot, then at 200 a second
-    assert meter.reserve(1) == pytest.approx(3.5)
+    # the 300 tokens booked ahead are re-spaced at 200 a second: 1.5 s, then the next 100
+    assert meter.reserve(100) == pytest.approx(1.5)
+    assert meter.reserve(1) == pytest.approx(2.0)
 
 
 def test_cap_credit_stops_the_meter_running_ahead() -> None:
@@ -230,3 +233,47 @@ def test_batchers_lean_encoding_counts_as_tiktokens_own(name: str) -> None:
         assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
     release_encodings()
     assert get_encoding(name) is not ours  # loaded again after a release
+
+
+def test_a_rate_change_re_spaces_what_is_booked_ahead() -> None:
+    clock = Clock()
+    meter = RateMeter(6, clock=clock)  # one every 10 s
+    assert [meter.reserve(1) for _ in range(3)] == pytest.approx([0.0, 10.0, 20.0])
+    assert meter.set_rate(600)  # a hundredfold: the waits booked at 6 a minute are stale
+    assert meter.reserve(1) == pytest.approx(0.3)  # 3 units booked ahead, at 0.1 s each
+    assert not meter.set_rate(900)  # 1.5x: not stale enough to book again
+    assert meter.set_rate(1800)  # twice the pace the waiting slots were booked at (900)
+
+
+@pytest.mark.anyio
+async def test_requests_waiting_on_a_remembered_low_limit_go_when_the_server_raises_it() -> None:
+    """A limit remembered at 6 a minute (a day-old cache, say), and the first answer says
+    10,000: the requests booked 10 and 20 s ahead book again and go at the new pace."""
+    limits = Limits(concurrency=8)
+    limits.start_from(Announced(rpm=6, tpm=None))
+    done: list[int] = []
+
+    async def one(i: int) -> None:
+        await limits.acquire(0)
+        done.append(i)
+
+    with anyio.fail_after(5):  # the old pace would take 20 s
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+            await anyio.sleep(0.05)
+            assert done == [0]  # the others wait on the remembered pace
+            limits.observe({"x-ratelimit-limit-requests": "10000"})
+    assert sorted(done) == [0, 1, 2]
+
+
+@pytest.mark.anyio
+async def test_dropping_a_remembered_limit_lets_the_job_pace_resume_at_once() -> None:
+    limits = Limits(rpm=600, concurrency=8)
+    limits.start_from(Announced(rpm=6, tpm=None))
+    await limits.acquire(0)
+    with anyio.move_on_after(0.05):
+        await limits.acquire(0)  # books 10 s ahead at the remembered pace
+    limits.forget_unconfirmed()  # the server announced none: back to the job's 600
+    with anyio.fail_after(5):
+        await limits.acquire(0)  # ~0.1-0.2 s at 600 a minute, not ~20 s
