@@ -36,9 +36,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.llama_server
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table
-
 from batcher.rows import read_results
 from tests.llama_server import MODEL_ALIAS, N_CTX, llama_server
 
@@ -154,7 +151,11 @@ def bulk(tmp: Path, base_url: str, args: argparse.Namespace) -> bool:
     )
     for text, count in errors.most_common(5):
         print(f"  error     {count} × {text}")
-    print("  batcher's summary:\n    " + "\n    ".join(stderr.strip().splitlines()))
+    lines = stderr.strip().splitlines()
+    ends = [i for i, line in enumerate(lines) if " finished in " in line]
+    shown = [line for line in lines[: ends[-1] if ends else 0] if "warning" in line]
+    shown += lines[ends[-1] :] if ends else lines[-8:]  # the summary, not the progress lines
+    print("  batcher said:\n    " + "\n    ".join(shown))
     return code == 0 and status["ok"] == len(rows) == args.n
 
 
@@ -175,38 +176,72 @@ def describe(row: dict[str, Any]) -> str:
     return (repr(row["content"])[:70] + extra).replace("\n", " ")
 
 
+def wrong(cid: str, row: dict[str, Any], expected: str) -> str | None:
+    """What batcher got wrong in a case's record, if anything (not what the server lacks)."""
+    if row["status"] != expected:
+        return f"expected {expected}"
+    if cid.startswith("tool"):
+        calls = json.loads(row["choices"][0]["tool_calls"] or "[]")
+        if [c["function"]["name"] for c in calls] != ["get_weather"]:
+            return "tool call name is not get_weather"
+        try:
+            json.loads(calls[0]["function"]["arguments"])
+        except ValueError:
+            return "tool call arguments are not JSON"
+    if cid == "json" and row["finish_reason"] == "stop":
+        try:
+            json.loads(row["content"])
+        except ValueError:
+            return "content is not JSON"
+    return None
+
+
+def server_notes(row: dict[str, Any], line: dict[str, Any]) -> str:
+    """What the server left out of its answer: usage, choices."""
+    notes = []
+    if row["status"] == "ok" and row["prompt_tokens"] is None:
+        notes.append("no usage")
+    if row["status"] == "ok" and len(row["choices"]) < line.get("n", 1):
+        notes.append(f"{len(row['choices'])} of {line['n']} choices")
+    return f" [server: {', '.join(notes)}]" if notes else ""
+
+
 def cases(tmp: Path, base_url: str, max_tokens: int) -> bool:
     """Run one line per case and print what batcher recorded; whether each came out as expected."""
-    lines = [{"custom_id": cid, "max_tokens": max_tokens, **line} for cid, line, _ in CASES]
+    lines = [
+        {"custom_id": cid, "max_tokens": max_tokens, "temperature": 0, **line}
+        for cid, line, _ in CASES
+    ]
     src = write_lines(tmp / "cases.jsonl", lines)
     out = tmp / "cases.parquet"
     wall, _, code = run_batcher(src, out, base_url, 1)
     rows = {row["custom_id"]: row for row in read_results(out)}
-    table, good = [], True
-    for cid, _, expected in CASES:
+    print(f"\ncases: {len(CASES)} lines, one in flight, exit {code}, {wall:.1f} s")
+    bad = []
+    for cid, line, expected in CASES:
         row = rows[cid]
-        usage = (
+        tokens = (
             "-"
             if row["prompt_tokens"] is None
             else f"{row['prompt_tokens']}+{row['completion_tokens']}"
         )
-        fine = row["status"] == expected
-        good &= fine
-        table.append([
-            cid, row["status"] + ("" if fine else " (!)"), str(row["attempts"]),
-            str(row["finish_reason"]), usage, str(len(row["choices"] or [])), describe(row),
-        ])  # fmt: skip
-    print(f"\ncases: {len(CASES)} lines, one in flight, exit {code}, {wall:.1f} s")
-    print(
-        format_table(["case", "status", "tries", "finish", "tokens", "choices", "recorded"], table)
-    )
-    return good
+        problem = wrong(cid, row, expected)
+        if problem:
+            bad.append(f"{cid}: {problem}")
+        print(
+            f"  {cid:<14} {row['status'] + (' (!)' if problem else ''):<6} tries {row['attempts']}"
+            f"  finish {row['finish_reason']!s:<10} tokens {tokens:<6}"
+            f" choices {len(row['choices'] or [])}  {describe(row)}{server_notes(row, line)}"
+        )
+    for problem in bad:
+        print(f"  (!) {problem}")
+    return not bad
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", help="a server already running (else one is started)")
-    parser.add_argument("--n", type=int, default=100, help="bulk requests (100)")
+    parser.add_argument("--n", type=int, default=100, help="bulk requests (100; 0: cases only)")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight (2)")
     parser.add_argument("--max-tokens", type=int, default=32, help="per answer (32)")
     parser.add_argument("--stream", action="store_true", help="stream the bulk requests")
@@ -225,7 +260,7 @@ def main() -> int:
         )
         with server as base_url:
             print(f"server: {base_url} (model {MODEL_ALIAS}, n_ctx {N_CTX})")
-            good = bulk(tmp, base_url, args)
+            good = bulk(tmp, base_url, args) if args.n > 0 else True
             if not args.skip_cases:
                 good &= cases(tmp, base_url, args.max_tokens)
     return 0 if good else 1
