@@ -72,6 +72,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "ok",
     ),
     ("overflow", {"prompt": "apple " * (N_CTX + 500)}, "error"),
+    ("overflow-streamed", {"prompt": "apple " * (N_CTX + 500), "stream": True}, "error"),
 ]  # fmt: skip
 
 
@@ -229,7 +230,7 @@ def cases(tmp: Path, base_url: str, max_tokens: int) -> bool:
         if problem:
             bad.append(f"{cid}: {problem}")
         print(
-            f"  {cid:<14} {row['status'] + (' (!)' if problem else ''):<6} tries {row['attempts']}"
+            f"  {cid:<17} {row['status'] + (' (!)' if problem else ''):<6} tries {row['attempts']}"
             f"  finish {row['finish_reason']!s:<10} tokens {tokens:<6}"
             f" choices {len(row['choices'] or [])}  {describe(row)}{server_notes(row, line)}"
         )
