@@ -6,7 +6,7 @@ Opt-in (CI does not run it): ``pip install -e '.[realserver]'``, then
 
 Every case runs batcher itself (the CLI or ``batcher.run``) over a loopback socket against one
 server started for the module (``tests/llama_server.py``), and checks what batcher recorded.
-Answers are greedy (``temperature = 0``) and short (16-48 tokens): the model is small and slow
+Answers are greedy (``temperature = 0``) and short (16-64 tokens): the model is small and slow
 on a CPU, and its words are not what is tested, only their shape.
 """
 
