@@ -359,19 +359,26 @@ class Engine:
             if self._plan and self._plan.known(request.key):
                 self._stats.resent += 1
         started = time.time()
-        last, attempts, where = await self._send(request, router)
+        sent = await self._send(request, router, reserved)
+        last, attempts, where = sent.last, sent.attempts, sent.where
         last = usage_checked(request, last)  # usage that cannot be true is dropped, and said
         model = answering_model(request, last)
         if not pricer.ready(asked, model, last.usage):
             await anyio.to_thread.run_sync(pricer.cost_of, asked, model, last.usage)
         cost = pricer.cost_of(asked, model, last.usage)
         if self._budget is not None:
-            # An ok answer without (valid) usage may have been billed: count its worst case,
-            # and record that figure, so a resumed run's budget starts from it too.
-            if cost is None and last.ok:
-                cost = reserved
-            if self._budget.settle(reserved, cost or 0.0):
-                self.stop(self._budget.overshoot(cost or 0.0, reserved, asked, model))
+            # An answer without (valid) usage may have been billed, and so may a 2xx that
+            # could not be used: count its worst case, and record that figure (with what the
+            # retried ones were charged), so a resumed run's budget starts from it too.
+            if not sent.reserved:
+                cost = None  # ``last`` went unretried for the budget: in ``sent.charged``
+            else:
+                if cost is None and (last.ok or _maybe_billed(last)):
+                    cost = reserved
+                if self._budget.settle(reserved, cost or 0.0):
+                    self.stop(self._budget.overshoot(cost or 0.0, reserved, asked, model))
+            if sent.charged:
+                cost = (cost or 0.0) + sent.charged
         # Built once, priced: replacing a field of a frozen Result costs more than building it
         return result_of(request, last, attempts, started, where, model=model, cost=cost)
 
@@ -457,21 +464,47 @@ class Engine:
             return False
         return True
 
-    async def _send(self, request: Request, router: Router) -> tuple[Attempt, int, str | None]:
+    async def _send(self, request: Request, router: Router, reserved: float = 0.0) -> _Sent:
         """The request's last attempt (after its retries), how many times it was sent, and
-        the endpoint that made that attempt."""
+        the endpoint that made that attempt.
+
+        Under ``--max-cost`` a 2xx that could not be used (broken, empty, an error object, too
+        large) may have been billed: before it is retried it is charged at its worst case
+        (``reserved``) and the retry reserves again; when the budget cannot take the retry,
+        the run stops and the request ends with that attempt.
+        """
         last, attempts, where = await self._attempt(request, router)
+        charged, live = 0.0, True
         if last.retryable and self._retry.max_attempts > 1:
             try:
                 async for attempt in retry_policy(self._retry, sleep=self._sleep, first=last):
                     with attempt:
+                        if self._budget is not None and _maybe_billed(last):
+                            charged += reserved
+                            live = self._charge_and_reserve_again(reserved)
+                            if not live:
+                                break
                         last, sends, where = await self._attempt(request, router)
                         attempts += sends
                         if last.retryable:
                             raise RetryableAttempt(last)
             except RetryableAttempt:
                 pass  # retries exhausted: ``last`` is the final failed attempt
-        return last, attempts, where
+        return _Sent(last, attempts, where, charged, reserved=live)
+
+    def _charge_and_reserve_again(self, reserved: float) -> bool:
+        """Count an unusable 2xx at its worst case and reserve for its retry; false (the run
+        stopping) when the budget cannot take the retry."""
+        assert self._budget is not None
+        self._budget.settle(reserved, reserved)
+        if self._budget.try_reserve(reserved):
+            return True
+        self.stop(
+            f"--max-cost ${self._budget.cap:g} reached: ${self._budget.spent:.4f} spent, "
+            "answers that could not be used counted at their worst case (they may have "
+            "been billed)"
+        )
+        return False
 
     async def _attempt(self, request: Request, router: Router) -> tuple[Attempt, int, str | None]:
         """One attempt, at the endpoint the router picks, within its limits; the answer steers
@@ -648,6 +681,25 @@ class Engine:
                     f"batcher: waiting up to {self._grace_s:g} s for requests in flight "
                     "(press Ctrl+C again to stop at once)"
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """What ``Engine._send`` returns: the last attempt, the sends, the endpoint that made the
+    last attempt, the dollars charged for unusable 2xx answers retried, and whether the
+    request's reservation is still held (to settle)."""
+
+    last: Attempt
+    attempts: int
+    where: str | None
+    charged: float = 0.0
+    reserved: bool = True
+
+
+def _maybe_billed(attempt: Attempt) -> bool:
+    """A 2xx that could not be used: the server answered, and may have billed it."""
+    status = attempt.status_code
+    return not attempt.ok and status is not None and 200 <= status < 300
 
 
 async def _next_request(recv: MemoryObjectReceiveStream[Request]) -> Request | None:

@@ -68,6 +68,13 @@ Verdict429 = Literal["limit", "overload"]
 # Words of an error that say the server is busy rather than that a quota was used up.
 _OVERLOAD_WORDS = ("overload", "capacity", "busy", "server_error", "unavailable")
 _LIMIT_WORDS = ("rate limit", "rate_limit", "ratelimit", "per min", "quota", "too many")
+# Limits the per-minute x-ratelimit-* headers do not describe: a 429 naming one is a limit
+# whatever those headers show (a day's quota spent, a cap on concurrent requests).
+_UNSEEN_LIMIT_WORDS = ("per day", "rpd", "tpd", "daily", "concurren", "quota")
+#: A 429's tokens left must cover this many times the request's estimate to show capacity:
+#: the estimate can be short of what the server charges at admission (it may leave out the
+#: prompt, and tokenizers differ), and a token limit must not pass for a busy server.
+TOKEN_MARGIN = 2
 
 
 class RateMeter:
@@ -171,24 +178,29 @@ def classify_429(
 
     The signals, strongest first:
 
+    0. An error that names a limit those headers do not describe (a day's quota, concurrent
+       requests) is a limit, whatever the headers show.
     1. The rate-limit headers of the 429 itself. When ``x-ratelimit-remaining-requests`` is at
-       least 1 and ``x-ratelimit-remaining-tokens`` covers this request (``tokens``, its
-       estimate), whichever of them came, the key has capacity: the refusal is the server's
-       load, not a limit. A remaining figure at 0 (or below the request's tokens) is a limit.
+       least 1 and ``x-ratelimit-remaining-tokens`` covers this request twice over
+       (``TOKEN_MARGIN`` × ``tokens``, its estimate), whichever of them came, the key has
+       capacity: the refusal is the server's load, not a limit. A remaining figure at 0 (or
+       below that) is a limit.
     2. Without those headers, the error's code and message: "overloaded", "capacity", "busy"
        or ``server_error`` without any mention of a rate limit or quota is a busy server.
     3. Otherwise a limit: the safe reading, since treating a real limit as noise would send
        into it at full speed.
     """
+    text = (error or "").lower()
+    if any(word in text for word in _UNSEEN_LIMIT_WORDS):
+        return "limit"
     if headers:
         requests = _number(headers.get("x-ratelimit-remaining-requests"))
         remaining_tokens = _number(headers.get("x-ratelimit-remaining-tokens"))
         if requests is not None or remaining_tokens is not None:
             room = (requests is None or requests >= 1) and (
-                remaining_tokens is None or remaining_tokens >= max(tokens, 1)
+                remaining_tokens is None or remaining_tokens >= max(TOKEN_MARGIN * tokens, 1)
             )
             return "overload" if room else "limit"
-    text = (error or "").lower()
     if any(word in text for word in _OVERLOAD_WORDS) and not any(
         word in text for word in _LIMIT_WORDS
     ):

@@ -201,3 +201,46 @@ def test_a_negative_cost_in_a_journal_is_not_a_credit(tmp_path: Path) -> None:
         journal.append(record("b", 0.25), "h")
     with Journal(path) as again:
         assert again.spent_before == pytest.approx(0.25)
+
+
+class Unusable:
+    """Answers 200 with usage but an error object instead of choices: an answer that may have
+    been billed and cannot be used, every time."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def __call__(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        self.received += 1
+        usage = {"prompt_tokens": 10, "completion_tokens": MAX_TOKENS, "total_tokens": 110}
+        return 200, {"error": {"message": "upstream failed"}, "usage": usage}, {}
+
+
+def test_unusable_2xx_answers_count_against_the_cap(tmp_path: Path) -> None:
+    """Every answer is a 200 that cannot be used, retried up to 4 times: each was counted at its
+    worst case, so the cap binds (it was never reached: they cost nothing), and the records
+    carry what was counted, so a resumed run starts from it."""
+    server = Unusable()
+    cap = 0.002  # about sixteen attempts' worst case at "cheap"
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in plain_lines(40)))
+    with serving(json_app(server)) as url:
+        job = job_from_dict(
+            {"job": {"input": str(src), "output": str(tmp_path / "o.parquet"),
+                     "progress": False},
+             "endpoint": {"base_url": url},
+             "request": {"model": "cheap", "max_tokens": MAX_TOKENS},
+             "limits": {"concurrency": 2, "max_cost_usd": cap},
+             "pricing": {"cheap": CHEAP},
+             "retry": {"max_attempts": 4, "backoff_initial_s": 0.001, "backoff_max_s": 0.002}}
+        )  # fmt: skip
+        report = run_job(job, stream=io.StringIO())
+    rows = list(read_results(report.output))
+    assert report.exit_code == 3 and "--max-cost" in (report.stats.stop_reason or "")
+    assert server.received < 40  # stopped by the cap, long before every line was tried
+    worst = (prompt_bound({"messages": [{"role": "user", "content": "question 10"}]}, 4)
+             + MAX_TOKENS) * 1.0 / 1e6  # fmt: skip
+    assert {r["status"] for r in rows} == {"error"}
+    assert all(r["cost_usd"] > 0 for r in rows)
+    assert spent(report) <= cap
+    assert server.received * worst * 0.5 <= spent(report)  # every attempt counted

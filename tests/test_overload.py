@@ -41,6 +41,27 @@ from tests.test_limits import Clock
             10,
             "limit",
         ),
+        # tokens left, but fewer than twice this request's estimate: the token limit, likely
+        (
+            {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "1500"},
+            None,
+            800,
+            "limit",
+        ),
+        # a limit the per-minute headers do not describe: a limit whatever they show
+        (
+            {"x-ratelimit-remaining-requests": "4999"},
+            "rate_limit_exceeded Rate limit reached on requests per day (RPD): Limit 10000",
+            0,
+            "limit",
+        ),
+        (
+            {"x-ratelimit-remaining-requests": "99"},
+            "http_429 Too many concurrent requests",
+            0,
+            "limit",
+        ),
+        ({"x-ratelimit-remaining-requests": "99"}, "insufficient_quota You exceeded", 0, "limit"),
         # tokens left, but fewer than this request needs: the token limit refused it
         (
             {"x-ratelimit-remaining-requests": "40", "x-ratelimit-remaining-tokens": "300"},
