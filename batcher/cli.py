@@ -27,7 +27,8 @@ exit codes:
   0  every request succeeded
   1  the run finished, but some requests failed or input lines were rejected
   2  usage or configuration error: nothing was sent, or the endpoint showed at once that
-     it cannot work (its host does not resolve; every answer a 404/405): nothing recorded
+     it cannot work (its host does not resolve; every answer a 404/405): its failed
+     requests not recorded (a re-run after the fix sends them)
   3  stopped early (Ctrl+C, SIGTERM, --max-cost reached, key refused, quota exhausted,
      journal or output not writable): run again (with a new --max-cost) to resume
 

@@ -470,6 +470,17 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise ConfigError(f"{where}.headers", "must be a table of string values")
+    for name, value in headers.items():
+        # A stray newline (a value pasted with its line end) would fail every request; the
+        # value is not quoted: a header may carry a key.
+        if not (name.isascii() and name.isprintable() and name.strip() and ":" not in name):
+            raise ConfigError(f"{where}.headers", f"{name!r} is not a valid header name")
+        if not value.isprintable() or value != value.strip():
+            raise ConfigError(
+                f"{where}.headers.{name}",
+                "the value contains control characters or surrounding whitespace (a stray "
+                "newline?); the value is not shown",
+            )
     for name in ("weight", "rpm", "tpm"):
         if table.get(name) is not None:
             _check_number(table[name], f"{where}.{name}", positive=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batcher.config import JobConfig, load_job, with_overrides
+from batcher.config import JobConfig, job_from_dict, load_job, with_overrides
 from batcher.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -90,3 +90,15 @@ def test_require_paths_names_the_missing_one() -> None:
     with pytest.raises(ConfigError) as info:
         JobConfig(output=Path("o.jsonl")).require_paths()
     assert info.value.field == "job.input"
+
+
+@pytest.mark.parametrize("value", ["sk-secret\n", "sk-sec\r\nret", " sk-secret"])
+def test_a_header_value_with_a_stray_newline_is_refused_without_showing_it(value: str) -> None:
+    raw = {
+        "job": {"input": "in.jsonl", "output": "out.parquet"},
+        "endpoint": {"base_url": "http://127.0.0.1:1/v1", "headers": {"api-key": value}},
+    }
+    with pytest.raises(ConfigError) as info:
+        job_from_dict(raw)
+    assert info.value.field == "endpoint.headers.api-key"
+    assert "sk-sec" not in str(info.value)

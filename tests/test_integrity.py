@@ -207,7 +207,6 @@ def test_restart_is_refused_while_another_run_holds_the_output(tmp_path: Path) -
                 assert first.poll() is None and time.monotonic() < deadline, "no record came"
                 time.sleep(0.02)
             second = run_batcher(*run_args(src, out, url, "--restart"))
-            received_meanwhile = sim_stats(url)["requests_received"]
             _, first_err = first.communicate(timeout=60)
         finally:
             if first.poll() is None:
@@ -217,7 +216,6 @@ def test_restart_is_refused_while_another_run_holds_the_output(tmp_path: Path) -
     assert second.returncode == 2, second.stderr
     assert f"(pid {first.pid}) holds {out}" in second.stderr
     assert "Traceback" not in second.stderr
-    assert received_meanwhile < n  # the first run was still going when refused
     assert first.returncode == 0, first_err
     assert received == n  # nothing was sent twice
     rows = list(read_results(out))
