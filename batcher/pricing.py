@@ -104,6 +104,10 @@ def parse_pricing(table: Mapping[str, Any]) -> tuple[dict[str, Price], bool]:
     return models, discount
 
 
+#: Distinct names of answering models whose prices are looked up (see ``Pricer._looks_up``).
+MAX_ANSWERING_MODELS = 64
+
+
 class Pricer:
     """Prices requests by model, from the job's overrides first, then genai-prices.
 
@@ -157,7 +161,7 @@ class Pricer:
         asked_name = asked if isinstance(asked, str) else None
         if asked_name in self._overrides or answered in self._overrides:
             return True
-        if answered is not None and answered != asked_name:
+        if answered is not None and answered != asked_name and self._looks_up(answered):
             if answered not in self._answered:
                 return False
             if self._answered[answered] is not None:
@@ -193,7 +197,7 @@ class Pricer:
             return self.cost(answered, usage)
         if asked_name is not None and asked_name in self._overrides:
             return self.cost(asked_name, usage)
-        if answered is not None and answered != asked_name:
+        if answered is not None and answered != asked_name and self._looks_up(answered):
             if answered not in self._answered:
                 with self._lock:
                     if answered not in self._answered:
@@ -202,6 +206,12 @@ class Pricer:
             if price is not None:
                 return price.cost(usage)
         return self.cost(asked_name, usage)
+
+    def _looks_up(self, answered: str) -> bool:
+        """Whether the price of a model that answered is (or may be) looked up: at most
+        ``MAX_ANSWERING_MODELS`` names, so a server that names a new model in every answer
+        cannot make a lookup per answer; past them an answer is priced as the model asked."""
+        return answered in self._answered or len(self._answered) < MAX_ANSWERING_MODELS
 
     def cost(self, model: str | None, usage: Usage | None) -> float | None:
         """What an answer cost; ``None`` if the model's price or the usage is unknown."""

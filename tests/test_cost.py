@@ -394,3 +394,23 @@ def test_prices_found_are_cached_on_disk_by_genai_prices_version(
     (tmp_path / "cache" / "prices.json").write_text("{not json")  # a damaged cache is ignored
     monkeypatch.setenv("BATCHER_CACHE_DIR", str(tmp_path / "cache"))
     assert Pricer().price("m") is not None and calls.count("m") == 5
+
+
+def test_a_server_naming_a_new_model_in_every_answer_cannot_force_a_lookup_each() -> None:
+    from batcher.pricing import MAX_ANSWERING_MODELS
+    from batcher.records import Usage
+
+    pricer = Pricer({"asked": Price(input=1.0, output=2.0, cached=1.0, source="t")})
+    looked_up: list[str] = []
+
+    def lookup(model: str) -> None:
+        looked_up.append(model)
+
+    pricer._lookup = lookup  # type: ignore[method-assign]
+    usage = Usage(prompt_tokens=1_000_000, completion_tokens=0, total_tokens=1_000_000)
+    for i in range(3 * MAX_ANSWERING_MODELS):
+        pricer.cost_of("unpriced", f"model-{i}", usage)
+    assert len([m for m in looked_up if m.startswith("model-")]) == MAX_ANSWERING_MODELS
+    assert pricer.ready("unpriced", "model-9999", usage)  # no lookup waits for this name
+    # past the cap an answer is priced as the model asked for
+    assert pricer.cost_of("asked", "model-9999", usage) == pytest.approx(1.0)
