@@ -10,14 +10,18 @@ given a limit of 1,000,000 RPM in every run, so all its answers carry `x-ratelim
 as a real provider's do, and the 429s show thousands of requests remaining), and with 2 % of
 the `overloaded` fault (a 429 with no such headers whose error says the server is overloaded).
 Prints each run's wall time and the ratio of the medians to the clean run; checks that every id
-is in the output exactly once and `ok`. Beside each faulty run, its floor: the clean run's median
-plus the longest chain of retry-afters one request met (its attempts less one, times 0.5 s),
-which no client that honours `retry-after` can beat when that request was refused near the end.
+is in the output exactly once and `ok`. Beside each faulty run, a reference: the clean run's
+median plus the longest chain of retry-afters one request met (its attempts less one, times
+0.5 s): what a client that honours `retry-after` pays when that request was refused near the
+end. `--raw` runs a bare aiohttp loop beside batcher in every case (the same 128 in flight,
+every 429 retried after its `retry-after`, the answers written to Parquet at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import statistics
 import subprocess
 import sys
@@ -39,17 +43,21 @@ CASES = {
 }
 
 
-def one_run(src: Path, out: Path, n: int, faults: tuple[str, ...]) -> tuple[float, int, str]:
+def one_run(
+    src: Path, out: Path, n: int, faults: tuple[str, ...], *, raw: bool = False
+) -> tuple[float, int, str]:
     """Wall time, the most attempts one request took, and a note."""
     sim_args = ["--seed", "7", "--rpm", "1000000", "--fault-retry-after", "0.5", *faults]
     with running_sim(20, pin=False, extra_args=sim_args) as sim:
         started = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "batcher", "run", "--input", str(src), "--output", str(out),
-             "--model", "gpt-4o-mini", "--base-url", sim.base_url, "--concurrency", "128",
-             "--max-attempts", "12", "--no-progress", "--restart"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+        if raw:
+            cmd = [sys.executable, __file__, "--raw-child", sim.base_url, str(src), str(out)]
+        else:
+            cmd = [sys.executable, "-m", "batcher", "run", "--input", str(src), "--output",
+                   str(out), "--model", "gpt-4o-mini", "--base-url", sim.base_url,
+                   "--concurrency", "128", "--max-attempts", "12", "--no-progress",
+                   "--restart"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.monotonic() - started
     problems = []
     chain = 0
@@ -66,13 +74,60 @@ def one_run(src: Path, out: Path, n: int, faults: tuple[str, ...]) -> tuple[floa
     return wall, chain, "; ".join([line, *problems]) if problems else line
 
 
+async def raw_client(
+    base_url: str, lines: list[dict[str, object]], out: Path, concurrency: int = 128
+) -> None:
+    """A bare aiohttp loop: ``concurrency`` workers POST the lines; a 429 or 5xx is retried
+    after its ``retry-after-ms``/``retry-after`` (else 0.5 s), up to 12 attempts; the answers
+    are written to Parquet at the end."""
+    import aiohttp
+    import pyarrow as pa
+
+    queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    for line in lines:
+        queue.put_nowait(line)
+    rows: list[dict[str, object]] = []
+    url = base_url + "/chat/completions"
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            line = queue.get_nowait()
+            body = {k: v for k, v in line.items() if k != "custom_id"}
+            for attempt in range(1, 13):
+                async with session.post(url, json=body) as response:
+                    data = await response.read()
+                    if response.status == 200:
+                        answer = json.loads(data)
+                        content = answer["choices"][0]["message"]["content"]
+                        rows.append({"custom_id": line["custom_id"], "status": "ok",
+                                     "attempts": attempt, "content": content})  # fmt: skip
+                        break
+                    wait = response.headers.get("retry-after-ms")
+                    await asyncio.sleep(float(wait) / 1000 if wait else 0.5)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), out)
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--raw-child":
+        lines = [json.loads(line) for line in Path(sys.argv[3]).read_text().splitlines()]
+        asyncio.run(raw_client(sys.argv[2], lines, Path(sys.argv[4])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    parser.add_argument("--raw", action="store_true", help="a bare aiohttp loop beside batcher")
     args = parser.parse_args()
     names = [c for c in args.cases.split(",") if c]
+    if args.raw:
+        CASES.update({f"{name} raw": CASES[name] for name in names})
+        names = [n for name in names for n in (name, f"{name} raw")]
     walls: dict[str, list[float]] = {name: [] for name in names}
     chains: dict[str, list[int]] = {name: [] for name in names}
     failed = 0
@@ -80,19 +135,22 @@ def main() -> int:
         src = write_jsonl(Path(tmp) / "in.jsonl", args.n, model="gpt-4o-mini")
         for round_no in range(args.repeat):
             for name in names:
-                wall, chain, note = one_run(src, Path(tmp) / "out.parquet", args.n, CASES[name])
+                wall, chain, note = one_run(
+                    src, Path(tmp) / "out.parquet", args.n, CASES[name], raw=name.endswith(" raw")
+                )
                 walls[name].append(wall)
                 chains[name].append(chain)
                 failed += "exit" in note or "rows" in note or "statuses" in note
                 print(f"round {round_no + 1} {name:14} {wall:6.2f} s  {note}", flush=True)
-    base = statistics.median(walls["clean"]) if "clean" in walls else None
     print(f"\nN={args.n:,}, 128 in flight, 20 ms, medians of {args.repeat}:")
     for name in names:
+        clean = "clean raw" if name.endswith(" raw") else "clean"
+        base = statistics.median(walls[clean]) if clean in walls else None
         m = statistics.median(walls[name])
-        ratio = f" ({m / base:.2f}× clean)" if base else ""
-        if base and name != "clean":
+        ratio = f" ({m / base:.2f}× {clean})" if base else ""
+        if base and name != clean:
             floor = base + 0.5 * statistics.median(chains[name])
-            ratio += f"; floor {floor:.2f} s ({floor / base:.2f}×)"
+            ratio += f"; clean + longest retry chain {floor:.2f} s ({floor / base:.2f}×)"
         print(f"  {name:14} {m:6.2f} s{ratio}")
     print(f"every id once and ok: {'yes' if not failed else 'NO'}")
     return 1 if failed else 0
