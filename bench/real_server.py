@@ -37,22 +37,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.llama_server
 from batcher.rows import read_results
-from tests.llama_server import MODEL_ALIAS, N_CTX, llama_server
+from tests.llama_server import MODEL_ALIAS, N_CTX, WEATHER_TOOL, llama_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "sample_data" / "prompts.jsonl"
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
+TOOL = WEATHER_TOOL
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 FORCE = {"type": "function", "function": {"name": "get_weather"}}
 # (id, line, what batcher should record); max_tokens is added where the line has none

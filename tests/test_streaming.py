@@ -25,6 +25,7 @@ from batcher.streaming import StreamError, StreamReader
 from batcher.writers import read_results
 
 from .helpers import write_input
+from .loopback import read_body
 from .test_faults import run_against
 
 
@@ -282,13 +283,7 @@ def test_server_that_ignores_stream_is_read_as_plain_json(tmp_path: Path) -> Non
 
     async def plain_json(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            body = b""
-            while True:
-                message = await receive()
-                body += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
-            request = json.loads(body)
+            request = json.loads(await read_body(receive))
             request.pop("stream"), request.pop("stream_options")
 
             async def replay() -> dict[str, Any]:
