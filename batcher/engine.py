@@ -68,6 +68,8 @@ from batcher.warm_up import WarmUp
 
 #: Lines read per trip to the reading thread (the first trips fewer: runner.FIRST_READ_BATCH).
 READ_BATCH = 256
+#: A pause the rate-limit headers ask for that is long enough to say so.
+LONG_PAUSE_S = 30.0
 #: With several endpoints and none with room, how often a waiting request looks again.
 REROUTE_S = 0.1
 
@@ -562,8 +564,11 @@ class Engine:
             if self._stopping.is_set():
                 return attempt, sends, endpoint.name  # stopping: no more probes
             limits.enter_outage(wait)
-        if attempt.headers:
-            limits.observe(attempt.headers)
+        if attempt.headers and limits.observe(attempt.headers) >= LONG_PAUSE_S:
+            self._progress.note(
+                f"batcher: {self._label(endpoint)} says nothing remains of its rate limit for "
+                f"{limits.paused_s:.0f} s (x-ratelimit-remaining-* 0 until its reset); waiting"
+            )
         if attempt.ok and endpoint.remember is not None:
             endpoint.remember(limits)  # what it announced (or that it announced nothing)
             endpoint.remember = None

@@ -375,12 +375,18 @@ class Limits:
         if self.tpm and charged != estimated:
             self.tpm.refund(estimated - charged)
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Let an answer's ``x-ratelimit-*`` headers steer the meters."""
+    def observe(self, headers: Mapping[str, str]) -> float:
+        """Let an answer's ``x-ratelimit-*`` headers steer the meters. Returns the seconds of a
+        pool-wide pause they started (nothing remaining until a reset, with no limit to pace
+        by), else 0: a long one is worth saying."""
+        paused_until = self._paused_until
         for kind in ("requests", "tokens"):
             figures = parse_rate_headers(headers, kind)
             if figures is not None:
                 self._steer(kind, figures)
+        if self._paused_until > paused_until:
+            return self._paused_until - self._clock()
+        return 0.0
 
     def answered(self) -> None:
         """Count an answer other than a 429 towards the overload ratio (``on_rate_limited``)."""

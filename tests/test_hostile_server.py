@@ -329,3 +329,20 @@ def test_a_size_cap_that_cannot_work_is_refused_naming_the_field(value: Any) -> 
         ConfigError, match=r"limits\.max_response_bytes: must be an integer >= 1024"
     ):
         job_from_dict({"limits": {"max_response_bytes": value}})
+
+
+def test_headers_that_pause_the_pool_for_long_are_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first answer says nothing remains until a reset (and names no limit to pace by):
+    the pool pauses until then, and the run says so instead of going silent. (The threshold
+    for saying it is lowered so the test waits 1 s, not 30.)"""
+    monkeypatch.setattr("batcher.engine.LONG_PAUSE_S", 0.5)
+    spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+    server = hostile.HostileServer(hostile.in_turn(hostile.answer(headers=spent), hostile.answer()))
+    with server.running():
+        report, rows, printed = run_against(
+            tmp_path, server.base_url, n=2, limits={"concurrency": 1}
+        )
+    assert report.exit_code == 0 and len(rows) == 2
+    assert "says nothing remains of its rate limit for 1 s" in printed

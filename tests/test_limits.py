@@ -126,8 +126,11 @@ async def test_remaining_caps_the_credit_by_what_is_in_flight() -> None:
 def test_nothing_remaining_without_a_limit_pauses_until_the_reset() -> None:
     clock = Clock()
     limits = Limits(clock=clock)
-    limits.observe({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"})
-    assert limits.paused_s == pytest.approx(3.0)
+    started = limits.observe(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"}
+    )
+    assert started == pytest.approx(3.0) and limits.paused_s == pytest.approx(3.0)
+    assert limits.observe({"x-ratelimit-remaining-requests": "5"}) == 0.0  # no new pause
 
 
 def test_429_pauses_the_pool_backs_off_once_per_burst_and_recovers_gradually() -> None:
