@@ -25,6 +25,8 @@ from batcher.tokens import ENCODINGS
 
 SIM = "sim"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: An HTTP header name (RFC 9110's token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: The variable that gives the base URL when neither a flag nor the job does (as the openai
 #: SDK and most tools read it).
 BASE_URL_ENV = "OPENAI_BASE_URL"
@@ -473,7 +475,7 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
     for name, value in headers.items():
         # A stray newline (a value pasted with its line end) would fail every request; the
         # value is not quoted: a header may carry a key.
-        if not (name.isascii() and name.isprintable() and name.strip() and ":" not in name):
+        if not _HEADER_NAME.fullmatch(name):
             raise ConfigError(f"{where}.headers", f"{name!r} is not a valid header name")
         if not value.isprintable() or value != value.strip():
             raise ConfigError(

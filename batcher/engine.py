@@ -30,7 +30,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -54,7 +54,7 @@ from batcher.outcomes import (
     stop_reason,
     stops_the_run,
 )
-from batcher.pricing import Pricer
+from batcher.pricing import MAX_ANSWERING_MODELS, Pricer
 from batcher.progress import Progress
 from batcher.records import Reject, Request, Result
 from batcher.requests import LateCounter
@@ -372,6 +372,11 @@ class Engine:
             # An answer without (valid) usage may have been billed, and so may a 2xx that
             # could not be used: count its worst case, and record that figure (with what the
             # retried ones were charged), so a resumed run's budget starts from it too.
+            if pricer.answering_models_capped and not self._stopping.is_set():
+                self.stop(
+                    f"--max-cost: the endpoint named more than {MAX_ANSWERING_MODELS} models in "
+                    "its answers; an answer's cost can no longer be known, so the cap cannot hold"
+                )
             if not sent.reserved:
                 cost = None  # ``last`` went unretried for the budget: in ``sent.charged``
             else:
@@ -688,11 +693,10 @@ class Engine:
                 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
+class _Sent(NamedTuple):
     """What ``Engine._send`` returns: the last attempt, the sends, the endpoint that made the
     last attempt, the dollars charged for unusable 2xx answers retried, and whether the
-    request's reservation is still held (to settle)."""
+    request's reservation is still held (to settle). A tuple: one is made per request."""
 
     last: Attempt
     attempts: int

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import anyio
+import anyio.lowlevel
 
 from batcher.known_limits import Announced
 from batcher.limit_checks import LimitChecks
@@ -93,24 +94,26 @@ class RateMeter:
         self._booked_at = per_minute  # the slowest rate a slot now reserved may have been set at
 
     def set_rate(self, per_minute: float) -> bool:
-        """Change the rate. What is already booked ahead (or the credit) keeps its units and
-        is re-spaced at the new rate, so the next reservation follows at the new pace.
+        """Change the rate for every later reservation.
 
         Returns true when the rate has at least doubled since the slowest pace a reservation
         still waiting may have been made at: those waits are stale (a limit remembered low, a
-        back-off recovered from), and waiters should book again (``Limits``).
+        back-off recovered from), and the waiters must give their slots back (``refund``) and
+        book again (``Limits.acquire``). What is booked ahead is then re-spaced at the new
+        rate, so their refunds bring it back to now. A slower rate stretches it likewise, so
+        the next reservation comes after the waiters at the new pace; a faster one that is
+        not stale leaves it (the waiters keep their slots, the next one follows them).
         """
         if per_minute <= 0:
             raise ValueError("per_minute must be > 0")
-        now = self._clock()
-        self._tat = now + (self._tat - now) * (self.per_minute / per_minute)
+        stale = per_minute >= 2 * self._booked_at
+        if stale or per_minute < self.per_minute:
+            now = self._clock()
+            self._tat = now + (self._tat - now) * (self.per_minute / per_minute)
         self.per_minute = per_minute
         self._interval = 60.0 / per_minute
-        if per_minute >= 2 * self._booked_at:
-            self._booked_at = per_minute
-            return True
-        self._booked_at = min(self._booked_at, per_minute)
-        return False
+        self._booked_at = per_minute if stale else min(self._booked_at, per_minute)
+        return stale
 
     def reserve(self, amount: float) -> float:
         """Reserve ``amount`` units; return the seconds to wait before using them."""
@@ -299,11 +302,14 @@ class Limits:
             if wait <= 0 or await self._slept(wait):
                 break
             # The pace rose a lot while this waited (``_repace``): give the slots back, and
-            # book again at the new pace rather than wait out the old one.
+            # book again at the new pace rather than wait out the old one. Every waiter woken
+            # gives its slot back before any books again (the checkpoint): otherwise each
+            # would get the last slot back and all would go at once.
             if rpm:
                 rpm.refund(1)
             if tpm:
                 tpm.refund(tokens)
+            await anyio.lowlevel.checkpoint()
         self.in_flight_requests += 1
         self.in_flight_tokens += tokens
         return charged
@@ -379,13 +385,14 @@ class Limits:
         """Let an answer's ``x-ratelimit-*`` headers steer the meters. Returns the seconds of a
         pool-wide pause they started (nothing remaining until a reset, with no limit to pace
         by), else 0: a long one is worth saying."""
-        paused_until = self._paused_until
+        now = self._clock()
+        paused = self._paused_until > now  # the answers in flight repeat it: said once
         for kind in ("requests", "tokens"):
             figures = parse_rate_headers(headers, kind)
             if figures is not None:
                 self._steer(kind, figures)
-        if self._paused_until > paused_until:
-            return self._paused_until - self._clock()
+        if not paused and self._paused_until > now:
+            return self._paused_until - now
         return 0.0
 
     def answered(self) -> None:

@@ -132,6 +132,9 @@ class Pricer:
         self._known: dict[str, Price | None] = {}
         self._answered: dict[str, Price | None] = {}
         self.unknown_models: list[str] = []
+        #: Set once an answer named a model past ``MAX_ANSWERING_MODELS``: priced as the model
+        #: asked for, which may be cheaper than what answered.
+        self.answering_models_capped = False
         # A lookup may run in a thread (``prefetch``, or the engine's worker threads); the
         # lock makes a second lookup of the same model wait for the first, not repeat it.
         self._lock = threading.Lock()
@@ -211,7 +214,10 @@ class Pricer:
         """Whether the price of a model that answered is (or may be) looked up: at most
         ``MAX_ANSWERING_MODELS`` names, so a server that names a new model in every answer
         cannot make a lookup per answer; past them an answer is priced as the model asked."""
-        return answered in self._answered or len(self._answered) < MAX_ANSWERING_MODELS
+        if answered in self._answered or len(self._answered) < MAX_ANSWERING_MODELS:
+            return True
+        self.answering_models_capped = True
+        return False
 
     def cost(self, model: str | None, usage: Usage | None) -> float | None:
         """What an answer cost; ``None`` if the model's price or the usage is unknown."""

@@ -244,3 +244,42 @@ def test_unusable_2xx_answers_count_against_the_cap(tmp_path: Path) -> None:
     assert all(r["cost_usd"] > 0 for r in rows)
     assert spent(report) <= cap
     assert server.received * worst * 0.5 <= spent(report)  # every attempt counted
+
+
+class ManyNames:
+    """Answers as a new model every time (a gateway gone wrong, or a hostile one)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    async def __call__(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        self.received += 1
+        usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
+        return 200, chat_answer(f"model-{self.received}", usage), {}
+
+
+def test_too_many_answering_model_names_stop_a_capped_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the answering names whose prices are looked up, an answer would be priced as the
+    model asked, maybe below what answered: under --max-cost the run stops (the limit is
+    lowered from 64 to 3 so the test looks up few names)."""
+    monkeypatch.setattr("batcher.pricing.MAX_ANSWERING_MODELS", 3)
+    monkeypatch.setattr("batcher.engine.MAX_ANSWERING_MODELS", 3)
+    server = ManyNames()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in plain_lines(40)))
+    with serving(json_app(server)) as url:
+        job = job_from_dict(
+            {"job": {"input": str(src), "output": str(tmp_path / "o.parquet"),
+                     "progress": False},
+             "endpoint": {"base_url": url},
+             # priced by genai-prices, not the job: the answering model's price is looked up
+             "request": {"model": "gpt-4o-mini", "max_tokens": MAX_TOKENS},
+             "limits": {"concurrency": 1, "max_cost_usd": 1.0},
+             "retry": {"max_attempts": 1}}
+        )  # fmt: skip
+        report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 3
+    assert "named more than 3 models" in (report.stats.stop_reason or "")
+    assert server.received < 10

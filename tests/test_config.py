@@ -102,3 +102,14 @@ def test_a_header_value_with_a_stray_newline_is_refused_without_showing_it(value
         job_from_dict(raw)
     assert info.value.field == "endpoint.headers.api-key"
     assert "sk-sec" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["api key", "x-key;", "x:y", ""])
+def test_a_header_name_that_is_not_a_token_is_refused(name: str) -> None:
+    raw = {
+        "job": {"input": "in.jsonl", "output": "out.parquet"},
+        "endpoint": {"base_url": "http://127.0.0.1:1/v1", "headers": {name: "v"}},
+    }
+    with pytest.raises(ConfigError) as info:
+        job_from_dict(raw)
+    assert info.value.field == "endpoint.headers"

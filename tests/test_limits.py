@@ -131,6 +131,9 @@ def test_nothing_remaining_without_a_limit_pauses_until_the_reset() -> None:
     )
     assert started == pytest.approx(3.0) and limits.paused_s == pytest.approx(3.0)
     assert limits.observe({"x-ratelimit-remaining-requests": "5"}) == 0.0  # no new pause
+    # the answers in flight repeat it: the pause they extend is not a new one to say
+    again = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "4s"}
+    assert limits.observe(again) == 0.0 and limits.paused_s == pytest.approx(4.0)
 
 
 def test_429_pauses_the_pool_backs_off_once_per_burst_and_recovers_gradually() -> None:
@@ -245,7 +248,7 @@ def test_a_rate_change_re_spaces_what_is_booked_ahead() -> None:
     assert meter.set_rate(600)  # a hundredfold: the waits booked at 6 a minute are stale
     assert meter.reserve(1) == pytest.approx(0.3)  # 3 units booked ahead, at 0.1 s each
     assert not meter.set_rate(900)  # 1.5x: not stale enough to book again
-    assert meter.set_rate(1800)  # twice the pace the waiting slots were booked at (900)
+    assert meter.set_rate(1200)  # twice the pace of the slots booked since the last re-book (600)
 
 
 @pytest.mark.anyio
@@ -280,3 +283,36 @@ async def test_dropping_a_remembered_limit_lets_the_job_pace_resume_at_once() ->
     limits.forget_unconfirmed()  # the server announced none: back to the job's 600
     with anyio.fail_after(5):
         await limits.acquire(0)  # ~0.1-0.2 s at 600 a minute, not ~20 s
+
+
+@pytest.mark.anyio
+async def test_waiters_that_book_again_keep_their_order_and_spacing() -> None:
+    """Remembered at 600 a minute, then the server says 2,400: the four requests waiting book
+    again one interval apart, in order, not all at the one slot that was last."""
+    clock = Clock()  # frozen: the waits booked are what the meter computed, nothing else
+    limits = Limits(concurrency=8, clock=clock)
+    limits.start_from(Announced(rpm=600, tpm=None))
+    assert limits.rpm is not None
+    waits: list[float] = []
+    reserve = limits.rpm.reserve
+
+    def recorded(amount: float) -> float:
+        waits.append(reserve(amount))
+        return waits[-1]
+
+    limits.rpm.reserve = recorded  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(limits.acquire, 0)
+        await anyio.sleep(0.01)
+        assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])  # booked at 600 a minute
+        limits.observe({"x-ratelimit-limit-requests": "2400"})
+    assert waits[5:] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # booked again at 2,400
+
+
+def test_a_small_rise_leaves_the_waiters_slots_and_the_next_follows_them() -> None:
+    clock = Clock()
+    meter = RateMeter(600, clock=clock)
+    assert [meter.reserve(1) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+    assert not meter.set_rate(900)  # under twice: the waiters keep their slots
+    assert meter.reserve(1) == pytest.approx(0.3)  # after them, not among them
