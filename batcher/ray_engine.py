@@ -56,13 +56,14 @@ from batcher.errors import ConfigError, OutputError
 from batcher.formats import RejectsWriter
 from batcher.progress import Progress, format_summary
 from batcher.quiet_stream import quiet
-from batcher.ray_worker import ERROR_MARK, STOPPED, BlockWorker, WorkerSpec
+from batcher.ray_worker import CONFIG_ERROR, ERROR_MARK, STOPPED, BlockWorker, WorkerSpec
 from batcher.reader import Reader, count_lines, open_input
 from batcher.records import Reject, Result, Usage
 from batcher.resume import RetryErrors
 from batcher.runner import (
     RunReport,
     _api_keys,
+    _base_url_field,
     _base_urls,
     check_not_the_input,
     check_output_writable,
@@ -142,6 +143,8 @@ def run_job_on_ray(
     finally:
         if source is not sys.stdin.buffer:
             source.close()
+    if stats.config_error is not None:  # what was answered elsewhere stays in the parts
+        raise ConfigError(_base_url_field(job, stats.config_error_endpoint), stats.config_error)
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
     missing = stats.submitted - stats.done
     if missing and not stats.stopped_early:
@@ -260,7 +263,11 @@ def _run(
                 stamp = parts.new_stamp()
                 stopper.arm(spec.stop_flag)
                 for n, block in enumerate(session.run(refs, spec)):
-                    table, reason = _split_stop_row(block)
+                    table, stop = _split_stop_row(block)
+                    reason = None if stop is None else stop["error_message"]
+                    if stop is not None and stop["error_code"] == CONFIG_ERROR:
+                        stats.config_error = stats.config_error or reason
+                        stats.config_error_endpoint = stop["endpoint"]
                     if reason and not stats.stopped_early and stopper.reason is None:
                         stats.stopped_early = True
                         stats.stop_reason = reason
@@ -327,15 +334,16 @@ def _request_blocks(
         yield table()
 
 
-def _split_stop_row(block: pa.Table) -> tuple[pa.Table, str | None]:
-    """The block's records, and the reason its worker stopped if it did (``ray_worker``)."""
+def _split_stop_row(block: pa.Table) -> tuple[pa.Table, dict[str, Any] | None]:
+    """The block's records, and the row saying why its worker stopped if it did
+    (``ray_worker``: its ``error_message``, ``error_code`` and ``endpoint``)."""
     import pyarrow.compute as pc
 
     stopped = pc.equal(block["status"], STOPPED)
     if not pc.any(stopped).as_py():
         return block, None
-    reasons = block.filter(stopped)["error_message"].to_pylist()
-    return block.filter(pc.invert(stopped)), reasons[0]
+    rows = block.filter(stopped).select(["error_message", "error_code", "endpoint"]).to_pylist()
+    return block.filter(pc.invert(stopped)), rows[0]
 
 
 def _result_of_row(row: dict[str, Any]) -> Result:

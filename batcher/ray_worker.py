@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
 #: The driver takes it out before writing.
 STOPPED = "stopped"
+#: The stop row's ``error_code`` when the job's setup cannot work at an endpoint.
+CONFIG_ERROR = "config_error"
 #: Prefix of errors a worker raises on purpose, so the driver can find them in Ray's wrapping.
 ERROR_MARK = "[batcher] "
 
@@ -99,6 +101,8 @@ class BlockWorker:
         self._pending: dict[str, _Block] = {}  # custom_id -> the block it came in
         self._queue: queue.SimpleQueue[list[Request | Reject]] = queue.SimpleQueue()
         self._stopped: str | None = None
+        #: The endpoint whose setup cannot work (``setup_check``), when that stopped the engine.
+        self._config_error_endpoint: str | None = None
         self._setup_error: str | None = None
         self._engine: Engine | None = None
         self._keys: list[str | None] = []
@@ -181,6 +185,9 @@ class BlockWorker:
         try:
             await engine.run(iter(self._queue.get, None))  # blocks in the engine's read thread
             reason = stats.stop_reason or reason
+            if stats.config_error is not None:  # the driver stops the run with exit 2
+                reason = stats.config_error
+                self._config_error_endpoint = stats.config_error_endpoint or ""
         except BaseException as exc:
             reason = f"the worker's engine failed: {exc!r}"
             raise
@@ -224,7 +231,9 @@ class BlockWorker:
         waiting.done.wait()
         table = results_table(waiting.results.values())
         if len(waiting.results) < len(requests):
-            table = _with_stop_row(table, self._stopped or "stopped")
+            table = _with_stop_row(
+                table, self._stopped or "stopped", config_error=self._config_error_endpoint
+            )
         return table
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
@@ -280,13 +289,16 @@ def _ask_flag(flag: Any) -> str | None:
     return reason
 
 
-def _with_stop_row(table: pa.Table, reason: str) -> pa.Table:
+def _with_stop_row(table: pa.Table, reason: str, *, config_error: str | None = None) -> pa.Table:
+    """``table`` and the row saying why its worker stopped; ``config_error`` names the endpoint
+    when the job's setup cannot work there (``error_code`` ``CONFIG_ERROR``)."""
     import pyarrow as pa
 
-    row = pa.Table.from_pylist(
-        [{"custom_id": "", "status": STOPPED, "error_message": reason}], schema=table.schema
-    )
-    return pa.concat_tables([table, row])
+    row = {"custom_id": "", "status": STOPPED, "error_message": reason}
+    if config_error is not None:
+        row |= {"error_code": CONFIG_ERROR, "endpoint": config_error}
+    row_table = pa.Table.from_pylist([row], schema=table.schema)
+    return pa.concat_tables([table, row_table])
 
 
 def _request_of(row: Mapping[str, Any]) -> Request:

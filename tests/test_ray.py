@@ -223,6 +223,22 @@ def test_a_refused_key_stops_every_worker_and_records_nothing(
 
 
 @pytest.mark.slow
+def test_a_host_that_does_not_resolve_stops_a_ray_run_as_a_configuration_error(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    """As locally: exit 2 (a ``ConfigError``) naming the endpoint's field and the host, and
+    nothing recorded (a re-run after the fix sends everything)."""
+    from batcher.ray_engine import run_job_on_ray
+
+    job = ray_job(tmp_path, "http://does-not-exist.invalid/v1", n=40)
+    with pytest.raises(ConfigError) as info:
+        run_job_on_ray(job, stream=io.StringIO())
+    assert info.value.field == "endpoint.base_url"
+    assert "does-not-exist.invalid" in str(info.value)
+    assert output_ids(job.output) == []
+
+
+@pytest.mark.slow
 def test_cli_engine_ray_on_an_existing_cluster(
     tmp_path: Path, ray_instance: Any, sim: SimHandle
 ) -> None:
