@@ -87,17 +87,27 @@ def plain_lines(n: int) -> list[dict[str, Any]]:
 
 
 def run_capped(
-    tmp_path: Path, url: str, lines: list[dict[str, Any]], cap: float, *, concurrency: int = 4
+    tmp_path: Path,
+    url: str,
+    lines: list[dict[str, Any]],
+    cap: float,
+    *,
+    concurrency: int = 4,
+    model: str = "cheap",
+    pricing: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> RunReport:
+    """Run ``lines`` against ``url`` under ``--max-cost cap`` (one attempt each unless
+    ``retry`` says otherwise; the job prices "cheap" and "dear" unless ``pricing`` is given)."""
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
     job = job_from_dict(
         {"job": {"input": str(src), "output": str(tmp_path / "o.parquet"), "progress": False},
          "endpoint": {"base_url": url},
-         "request": {"model": "cheap", "max_tokens": MAX_TOKENS},
+         "request": {"model": model, "max_tokens": MAX_TOKENS},
          "limits": {"concurrency": concurrency, "max_cost_usd": cap},
-         "pricing": {"cheap": CHEAP, "dear": DEAR},
-         "retry": {"max_attempts": 1}}
+         "pricing": {"cheap": CHEAP, "dear": DEAR} if pricing is None else pricing,
+         "retry": {"max_attempts": 1, **(retry or {})}}
     )  # fmt: skip
     return run_job(job, stream=io.StringIO())
 
@@ -222,19 +232,9 @@ def test_unusable_2xx_answers_count_against_the_cap(tmp_path: Path) -> None:
     carry what was counted, so a resumed run starts from it."""
     server = Unusable()
     cap = 0.002  # about sixteen attempts' worst case at "cheap"
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(line) + "\n" for line in plain_lines(40)))
+    retry = {"max_attempts": 4, "backoff_initial_s": 0.001, "backoff_max_s": 0.002}
     with serving(json_app(server)) as url:
-        job = job_from_dict(
-            {"job": {"input": str(src), "output": str(tmp_path / "o.parquet"),
-                     "progress": False},
-             "endpoint": {"base_url": url},
-             "request": {"model": "cheap", "max_tokens": MAX_TOKENS},
-             "limits": {"concurrency": 2, "max_cost_usd": cap},
-             "pricing": {"cheap": CHEAP},
-             "retry": {"max_attempts": 4, "backoff_initial_s": 0.001, "backoff_max_s": 0.002}}
-        )  # fmt: skip
-        report = run_job(job, stream=io.StringIO())
+        report = run_capped(tmp_path, url, plain_lines(40), cap, concurrency=2, retry=retry)
     rows = list(read_results(report.output))
     assert report.exit_code == 3 and "--max-cost" in (report.stats.stop_reason or "")
     assert server.received < 40  # stopped by the cap, long before every line was tried
@@ -267,19 +267,11 @@ def test_too_many_answering_model_names_stop_a_capped_run(
     monkeypatch.setattr("batcher.pricing.MAX_ANSWERING_MODELS", 3)
     monkeypatch.setattr("batcher.engine.MAX_ANSWERING_MODELS", 3)
     server = ManyNames()
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps(line) + "\n" for line in plain_lines(40)))
     with serving(json_app(server)) as url:
-        job = job_from_dict(
-            {"job": {"input": str(src), "output": str(tmp_path / "o.parquet"),
-                     "progress": False},
-             "endpoint": {"base_url": url},
-             # priced by genai-prices, not the job: the answering model's price is looked up
-             "request": {"model": "gpt-4o-mini", "max_tokens": MAX_TOKENS},
-             "limits": {"concurrency": 1, "max_cost_usd": 1.0},
-             "retry": {"max_attempts": 1}}
-        )  # fmt: skip
-        report = run_job(job, stream=io.StringIO())
+        # priced by genai-prices, not the job: the answering model's price is looked up
+        report = run_capped(
+            tmp_path, url, plain_lines(40), 1.0, concurrency=1, model="gpt-4o-mini", pricing={}
+        )
     assert report.exit_code == 3
     assert "named more than 3 models" in (report.stats.stop_reason or "")
     assert server.received < 10
