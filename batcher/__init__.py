@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from batcher.config import JobConfig, load_job, with_overrides
     from batcher.config import job_from_dict as job_from_dict
     from batcher.errors import BatcherError, ConfigError, InputError, OutputError
-    from batcher.runner import RunReport
-    from batcher.runner import run_job as run_job
+    from batcher.runner.run import RunReport
+    from batcher.runner.run import run_job as run_job
 
 _HOMES = {
     "RunResult": "batcher.api",
@@ -39,8 +39,8 @@ _HOMES = {
     "ConfigError": "batcher.errors",
     "InputError": "batcher.errors",
     "OutputError": "batcher.errors",
-    "RunReport": "batcher.runner",
-    "run_job": "batcher.runner",
+    "RunReport": "batcher.runner.run",
+    "run_job": "batcher.runner.run",
 }
 
 __all__ = [

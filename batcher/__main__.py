@@ -2,6 +2,6 @@
 
 import sys
 
-from batcher.cli import console_main
+from batcher.cli.main import console_main
 
 sys.exit(console_main())

@@ -30,14 +30,14 @@ import anyio
 
 from batcher.config import JobConfig, job_from_dict, load_job, with_overrides
 from batcher.errors import ConfigError
-from batcher.runner import RunReport, arun_job
+from batcher.runner.run import RunReport, arun_job
 
 if TYPE_CHECKING:
     import httpx
     import pyarrow as pa
 
-    from batcher.resume import RetryErrors
-    from batcher.stats import RunStats
+    from batcher.output.resume import RetryErrors
+    from batcher.runner.stats import RunStats
 
 #: Outputs with more rows than this are not loaded into ``RunResult.table`` unless asked
 #: (``load=True``): a row holds the whole answer, about 1-2 kB, so 100,000 rows are a few
@@ -153,7 +153,7 @@ class _Call:
         if job.engine == "ray":
             if self.transport is not None:
                 raise ConfigError("job.engine", "a transport cannot be given to Ray workers")
-            from batcher.ray_engine import run_job_on_ray
+            from batcher.ray.driver import run_job_on_ray
 
             on_ray = functools.partial(
                 run_job_on_ray, job, restart=self.restart, retry_errors=retry_errors,
@@ -200,7 +200,7 @@ def _load(output: Path, load: bool | None) -> pa.Table | None:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from batcher.writers import read_results, rows_table
+    from batcher.output.writers import read_results, rows_table
 
     if output.suffix == ".parquet":  # a file, or the Ray engine's folder of part files
         if load is None and ds.dataset(output, format="parquet").count_rows() > LOAD_MAX_ROWS:

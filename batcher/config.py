@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.cost.pricing import parse_pricing
+from batcher.cost.tokens import ENCODINGS
 from batcher.errors import ConfigError
-from batcher.pricing import parse_pricing
-from batcher.redact import redact_url
-from batcher.requests import check_request_fields
-from batcher.tokens import ENCODINGS
+from batcher.http.redact import redact_url
+from batcher.input.requests import check_request_fields
 
 SIM = "sim"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -130,7 +130,7 @@ class ValidateConfig:
     max_reasks: int = 1
 
 
-#: The engines a job can run on: this process, or a Ray cluster (``batcher.ray_engine``).
+#: The engines a job can run on: this process, or a Ray cluster (``batcher.ray.driver``).
 ENGINES = ("local", "ray")
 
 
@@ -375,7 +375,7 @@ def validate(job: JobConfig) -> None:
     _check_variants(job)
     parse_pricing(job.pricing)
     if any(e.is_sim for e in job.all_endpoints):
-        from batcher.sim import SimConfig
+        from batcher.sim.app import SimConfig
 
         try:
             SimConfig(**job.sim)

@@ -60,7 +60,7 @@ import io, json, sys, time, warnings
 warnings.simplefilter("ignore", DeprecationWarning)
 import ray
 from batcher.config import JobConfig, with_overrides
-from batcher.ray_engine import run_job_on_ray
+from batcher.ray.driver import run_job_on_ray
 ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, logging_level="ERROR")
 print("ready", flush=True)
 for line in sys.stdin:

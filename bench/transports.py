@@ -82,7 +82,7 @@ CLIENTS: tuple[ClientSpec, ...] = (
         "httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport(limits=C))",
         "httpx_aiohttp",
     ),
-    ClientSpec("batcher", "batcher.client.ChatClient(max_connections=C), default transport"),
+    ClientSpec("batcher", "batcher.http.client.ChatClient(max_connections=C), default transport"),
     ClientSpec(
         "httpx-sharded",
         f"{_SHARDS} httpx.AsyncClient pools of C/{_SHARDS} connections, worker i uses pool i % "
@@ -152,7 +152,7 @@ async def _open_client(
         return lambda _worker: post_openai
 
     if name in ("batcher", "batcher-uvloop"):
-        from batcher.client import ChatClient
+        from batcher.http.client import ChatClient
 
         chat = await stack.enter_async_context(
             ChatClient(base_url, api_key=None, max_connections=concurrency)
@@ -234,8 +234,8 @@ async def _drive(
 _IMPORTS = {
     "aiohttp": ("aiohttp",),
     "openai": ("openai",),
-    "batcher": ("batcher.client", "aiohttp"),
-    "batcher-uvloop": ("batcher.client", "aiohttp"),
+    "batcher": ("batcher.http.client", "aiohttp"),
+    "batcher-uvloop": ("batcher.http.client", "aiohttp"),
     "httpx-aiohttp": ("httpx", "httpx_aiohttp"),
     "httpx-curl-cffi": ("httpx", "httpx_curl_cffi"),
 }

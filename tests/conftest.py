@@ -14,7 +14,7 @@ def anyio_backend() -> str:
 def _own_price_cache(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each test its own price cache (batcher.pricing.PriceCache): none of them reads what
+    """Each test its own price cache (batcher.cost.pricing.PriceCache): none of them reads what
     another looked up, and nothing is written to the user's ~/.cache."""
     monkeypatch.setenv("BATCHER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     # the machine's own endpoint would become every test job's default base URL

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from batcher.reader import Reader
+from batcher.input.reader import Reader
 from batcher.records import Request
 
 ROOT = Path(__file__).parent.parent

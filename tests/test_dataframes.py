@@ -12,10 +12,9 @@ import httpx
 import pytest
 
 from batcher.config import job_from_dict
-from batcher.runner import run_job
-from batcher.sim import SimConfig, Simulator
-
-from .helpers import write_input
+from batcher.runner.run import run_job
+from batcher.sim.app import SimConfig, Simulator
+from tests.helpers import write_input
 
 N = 12
 

@@ -1,0 +1,1 @@
+"""Prices, token counts, the budget cap and the pre-flight estimate."""

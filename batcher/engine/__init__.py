@@ -1,0 +1,1 @@
+"""The concurrent core: dispatch, attempts with retries, re-asks, recording."""

@@ -1,0 +1,1 @@
+"""One POST to a chat-completions endpoint: client, transport, streamed answers, redaction."""

@@ -1,0 +1,464 @@
+"""One POST to ``/chat/completions`` and the mapping of its outcome to an ``Attempt``.
+
+``ChatClient.post`` never raises for what a server or network can do wrong: every HTTP status,
+connection error, timeout and malformed body becomes an ``Attempt`` that says whether it is
+final, retryable, and how long the server asked us to wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from batcher import jsonfast
+from batcher.http.redact import redact_url, scrub, url_origin
+from batcher.http.streaming import EVENT_STREAM, StreamError, StreamReader
+from batcher.http.transport import (
+    AiohttpTransport,
+    BodyError,
+    ConnectFailure,
+    HttpxTransport,
+    Reply,
+    Transport,
+    TransportError,
+)
+from batcher.records import Usage
+
+if TYPE_CHECKING:
+    import httpx
+
+#: Statuses worth another attempt (the rules openai-python settled on).
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+_TEXT_SNIPPET = 200
+#: Error codes of attempts that failed without a usable HTTP answer; all may clear by themselves.
+TRANSIENT_ERROR_CODES = frozenset({"timeout", "connection_error", "invalid_response"})
+#: The default cap on an answer's size once decoded (``limits.max_response_bytes``): far above
+#: any real chat completion, far below what would exhaust memory.
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: The error code of an answer over that cap; not retried (the same request would most likely
+#: bring the same answer, paid for again).
+TOO_LARGE = "response_too_large"
+#: The error code of a 3xx: redirects are never followed (see ``classify``).
+REDIRECT = "redirect"
+
+
+def is_retryable_failure(status_code: int | None, error_code: str | None) -> bool:
+    """Whether a failed request's final outcome is of a class that may clear by itself."""
+    if error_code == "insufficient_quota":
+        return False
+    if error_code in TRANSIENT_ERROR_CODES:
+        return True
+    return status_code is not None and (status_code in RETRYABLE_STATUSES or status_code >= 500)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """The outcome of one HTTP attempt."""
+
+    ok: bool
+    retryable: bool
+    latency_s: float
+    status_code: int | None = None
+    body: Any = None
+    usage: Usage | None = None
+    request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None
+    headers: Mapping[str, str] | None = None
+    ttft_s: float | None = None
+    #: Why no connection was made, when known: the host does not resolve, or was refused.
+    connect_failure: ConnectFailure | None = None
+
+
+class ChatClient:
+    """A shared HTTP client for one endpoint.
+
+    By default requests go over aiohttp's pool directly (``transport.AiohttpTransport``); an
+    ``httpx`` transport may be given instead (``httpx.ASGITransport`` for the simulator
+    in-process, ``MockTransport`` in tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 600.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        all_headers = {"content-type": "application/json", "accept": "application/json"}
+        all_headers.update(headers or {})
+        if api_key:
+            check_api_key(api_key)
+            all_headers["authorization"] = f"Bearer {api_key}"
+        connect_timeout_s = min(timeout_s, 30.0)
+        self._transport: Transport
+        if transport is None:
+            self._transport = AiohttpTransport(
+                headers=all_headers,
+                max_connections=max_connections,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+            )
+        else:
+            self._transport = HttpxTransport(
+                transport,
+                headers=all_headers,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+            )
+        self._timeout_s = timeout_s
+        self._base_url = base_url
+        self._url = chat_completions_url(base_url)
+        self._max_bytes = max_response_bytes
+
+    async def post(self, body: Mapping[str, Any]) -> Attempt:
+        """Send one request; return its ``Attempt`` (never raises for server or network faults)."""
+        content = jsonfast.dumps(body)
+        start = time.perf_counter()
+        status: int | None = None
+        try:
+            # The transport's timeout covers the whole attempt, a body that trickles included.
+            async with self._transport.post(self._url, content) as reply:
+                status = reply.status
+                if body.get("stream") is True:
+                    attempt = await _read_stream(
+                        reply, start, _usage_asked(body), max_bytes=self._max_bytes
+                    )
+                else:
+                    try:
+                        raw = await _read_capped(reply, self._max_bytes)
+                    except (BodyError, _TooLarge) as exc:
+                        # The server answered: a body that breaks off, lies about its encoding
+                        # or is too large is an answer error, not an unreachable endpoint.
+                        attempt = _body_failure(reply, exc, start)
+                    else:
+                        attempt = classify(status, reply.headers, raw, time.perf_counter() - start)
+        except TransportError as exc:
+            if status is not None and exc.code == "connection_error":
+                # Cut off after the status line: the server answered, so it is up (no
+                # outage); the answer is broken, and retried like any unusable answer.
+                attempt = _broken_answer(status, str(exc), start)
+            else:
+                attempt = _transport_failure(exc.code, str(exc), start, exc.connect_failure)
+        except Exception as exc:
+            # Anything else a broken answer can make a library raise. Cancellation is not an
+            # Exception, so it still propagates.
+            attempt = _transport_failure("invalid_response", _describe(exc), start)
+        if attempt.error_message is not None:
+            # An HTTP library may quote the URL, credentials in its query string included.
+            message = scrub(attempt.error_message, self._base_url)
+            if message != attempt.error_message:
+                attempt = dataclasses.replace(attempt, error_message=message)
+        return attempt
+
+    @property
+    def url(self) -> str:
+        """The URL requests are POSTed to (``BASE_URL/chat/completions``)."""
+        return self._url
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> ChatClient:
+        self._transport.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def chat_completions_url(base_url: str) -> str:
+    """The URL requests go to: ``/chat/completions`` appended to the base URL's path, its query
+    string kept after it (``.../deployments/x?api-version=1`` becomes
+    ``.../deployments/x/chat/completions?api-version=1``), any fragment dropped."""
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/") + "/chat/completions"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def check_api_key(api_key: str) -> None:
+    """Refuse a key that cannot go in a header (a stray newline from a .env file, say).
+
+    Raises ``ValueError`` without the key in its message: HTTP libraries quote a bad header
+    value in their errors, which would put the key into every error record.
+    """
+    if not api_key.isascii() or not api_key.isprintable() or api_key != api_key.strip():
+        raise ValueError(
+            "the API key contains whitespace or control characters (is there a stray newline "
+            "or carriage return in the variable?)"
+        )
+
+
+def classify(status: int, headers: Mapping[str, str], raw: bytes, latency_s: float) -> Attempt:
+    """Map an HTTP answer to an ``Attempt``: ok, retryable, or final error."""
+    body, is_json = _parse_body(raw)
+    code: str | None = None
+    message: str | None = None
+    if 200 <= status < 300:
+        if not is_json:
+            code, message = "invalid_response", f"{status} with a body that is not JSON: "
+            message += _snippet(body)
+        else:
+            message = _unusable(status, body)
+            code = None if message is None else "invalid_response"
+        # a 2xx that is not usable is retried: the server produced nothing to keep
+        retryable = code is not None
+    elif 300 <= status < 400:
+        # Never followed (as the openai SDK): a redirect would carry the key and the endpoint's
+        # headers to wherever it points, and a 301/302 turns the POST into a GET.
+        code, message, retryable = REDIRECT, _redirect_message(status, headers), False
+    else:
+        code, message = _error_of(status, body, is_json)
+        retryable = is_retryable_failure(status, code)
+    return Attempt(
+        ok=code is None,
+        retryable=retryable,
+        latency_s=latency_s,
+        status_code=status,
+        body=body,
+        usage=Usage.from_body(body) if code is None else None,
+        request_id=headers.get("x-request-id"),
+        error_code=code,
+        error_message=message,
+        retry_after=None if code is None else retry_after_s(headers),
+        headers=headers,
+    )
+
+
+def _unusable(status: int, body: Any) -> str | None:
+    """Why a 2xx JSON body is not an answer to keep, or ``None`` when it is one."""
+    if not isinstance(body, dict):
+        return f"{status} with a JSON body that is not an object"
+    error = body.get("error")
+    if error:
+        detail = error.get("message") if isinstance(error, dict) else None
+        return f"{status} with an error object: {_snippet(detail or error)}"
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return f"{status} with a JSON body that has no 'choices' list"
+    if not choices:
+        return f"{status} with an empty 'choices' list"
+    if not all(isinstance(choice, dict) for choice in choices):
+        return f"{status} with a choice that is not an object"
+    return None
+
+
+def _redirect_message(status: int, headers: Mapping[str, str]) -> str:
+    location = headers.get("location")
+    if location is None:
+        where = "without a Location"
+    else:
+        origin = url_origin(location)
+        where = f"to {redact_url(origin)}" if origin else "to another path on the same server"
+    return (
+        f"HTTP {status}: the endpoint redirects {where}; redirects are not followed (they "
+        "would carry the key elsewhere): set base_url to the address that answers"
+    )
+
+
+def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait: ``retry-after-ms``, then ``retry-after``.
+
+    ``retry-after`` may be seconds or an HTTP date. Unparseable or negative values are ignored.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            if math.isfinite(value) and value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if math.isfinite(value) and value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, delay)
+
+
+def _parse_body(raw: bytes) -> tuple[Any, bool]:
+    if not raw:
+        return None, False
+    try:
+        return jsonfast.loads_answer(raw), True
+    except (ValueError, RecursionError):
+        return raw.decode("utf-8", "replace"), False
+
+
+def _error_of(status: int, body: Any, is_json: bool) -> tuple[str, str]:
+    """The error code and message of a non-2xx answer, from an OpenAI-shaped body if any."""
+    if is_json and isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            code = err.get("code") or err.get("type") or f"http_{status}"
+            message = err.get("message") or f"HTTP {status}"
+            return str(code), str(message)
+        if isinstance(err, str):  # vLLM and some gateways
+            return f"http_{status}", err
+    text = _snippet(body) if body is not None else "(empty body)"
+    return f"http_{status}", f"HTTP {status}: {text}"
+
+
+def _usage_asked(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+class _TooLarge(Exception):
+    """The answer grew past ``max_bytes`` while it was read."""
+
+    code = TOO_LARGE
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(
+            f"the answer is larger than limits.max_response_bytes ({max_bytes:,} bytes, "
+            "decoded); raise that limit if such answers are expected"
+        )
+
+
+async def _read_capped(reply: Reply, max_bytes: int) -> bytes:
+    """The whole body, decoded, or ``_TooLarge`` as soon as it passes ``max_bytes``.
+
+    A plain body that announces its length within the cap is read at once (the usual case,
+    and the fastest); any other (compressed, chunked, or announcing more) is read piece by
+    piece and counted, so a gzip bomb costs at most the cap in memory.
+    """
+    headers = reply.headers
+    length = headers.get("content-length")
+    if (
+        length is not None
+        and length.isdigit()
+        and int(length) <= max_bytes
+        and headers.get("content-encoding", "identity").lower() == "identity"
+    ):
+        return await reply.read()  # the transport reads no more than the announced length
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in reply.chunks():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _TooLarge(max_bytes)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _body_failure(reply: Reply, exc: BodyError | _TooLarge, start: float) -> Attempt:
+    """An answer whose status came but whose body could not be had."""
+    return Attempt(
+        ok=False,
+        retryable=exc.code != TOO_LARGE,
+        latency_s=time.perf_counter() - start,
+        status_code=reply.status,
+        request_id=reply.headers.get("x-request-id"),
+        error_code=exc.code,
+        error_message=f"{reply.status} with a body that could not be read: {exc}",
+        headers=reply.headers,
+    )
+
+
+async def _read_stream(reply: Reply, start: float, usage_asked: bool, *, max_bytes: int) -> Attempt:
+    """Read a ``stream: true`` answer and assemble its events into one answer.
+
+    An error status, or a server that ignored ``stream`` and answered with plain JSON, is
+    classified as a non-streamed answer. A stream that breaks off is a retryable
+    ``invalid_response`` with the 200 it began with: the answer is incomplete (see
+    ``StreamReader.problem``).
+    """
+    headers = reply.headers
+    if not (200 <= reply.status < 300) or EVENT_STREAM not in headers.get("content-type", ""):
+        try:
+            raw = await _read_capped(reply, max_bytes)
+        except (BodyError, _TooLarge) as exc:
+            return _body_failure(reply, exc, start)
+        return classify(reply.status, headers, raw, time.perf_counter() - start)
+    reader = StreamReader(start, usage_asked=usage_asked)
+    size = 0
+    try:
+        async for data in reply.chunks():
+            size += len(data)
+            if size > max_bytes:
+                raise _TooLarge(max_bytes)
+            reader.feed(data)
+            if reader.done:
+                break
+        reader.finish()
+        problem = reader.problem()
+    except _TooLarge as exc:
+        return _body_failure(reply, exc, start)
+    except StreamError as exc:
+        problem = str(exc)
+    except Exception as exc:  # the connection dropped mid-stream, in any library's words
+        problem = f"the stream broke off: {_describe(exc)}"
+    if problem is None:
+        body = reader.body()
+        outcome: dict[str, Any] = {"ok": True, "retryable": False, "body": body}
+        outcome["usage"] = Usage.from_body(body)
+    else:
+        outcome = {"ok": False, "retryable": True, "error_code": "invalid_response"}
+        outcome["error_message"] = f"{problem} (after {reader.chunks} chunks)"
+    return Attempt(
+        latency_s=time.perf_counter() - start,
+        status_code=reply.status,
+        request_id=headers.get("x-request-id"),
+        headers=headers,
+        ttft_s=reader.ttft_s,
+        **outcome,
+    )
+
+
+def _transport_failure(
+    code: str, message: str, start: float, connect_failure: ConnectFailure | None = None
+) -> Attempt:
+    return Attempt(
+        ok=False,
+        retryable=True,
+        latency_s=time.perf_counter() - start,
+        error_code=code,
+        error_message=message,
+        connect_failure=connect_failure,
+    )
+
+
+def _broken_answer(status: int, message: str, start: float) -> Attempt:
+    return Attempt(
+        ok=False,
+        retryable=True,
+        latency_s=time.perf_counter() - start,
+        status_code=status,
+        error_code="invalid_response",
+        error_message=f"the answer ({status}) broke off: {message}",
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _snippet(body: Any) -> str:
+    text = body if isinstance(body, str) else json.dumps(body)
+    text = " ".join(text.split())
+    return text if len(text) <= _TEXT_SNIPPET else text[: _TEXT_SNIPPET - 3] + "..."

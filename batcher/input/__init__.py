@@ -1,0 +1,1 @@
+"""Reading input: JSONL lines into requests and rejects."""

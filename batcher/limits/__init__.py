@@ -1,0 +1,1 @@
+"""Rate limits: RPM/TPM meters, adaptive concurrency, 429s, limits remembered between runs."""

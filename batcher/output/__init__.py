@@ -1,0 +1,1 @@
+"""What a run leaves: journal, output files, provenance, resume plan, reports."""

@@ -1,0 +1,161 @@
+"""The output written as the run goes, for a run whose journal starts empty.
+
+Such a run's output is exactly its journal's final records, in the order they were journaled
+(``Journal.results``: a provisional record, made before a re-ask, is replaced by the final one).
+So ``LiveOutput`` journals each record and hands the final ones to the output writer at once,
+and the end of the run only closes the file (the last row group and the footer), instead of
+reading the whole journal back and converting it then: about 30 µs a record, after the last
+answer. The rows are built while requests are out, when the process mostly waits.
+The writer's import and the input's hash (the provenance) are done in a thread, never on the
+event loop: final records that come before they are done wait, in order, in memory.
+
+A run that resumes a journal writes its output from the journal at the end
+(``runner.write_output``), since earlier runs' records are merged in. So does a run whose live
+output failed (a full disk, say): the journal holds everything either way.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batcher.output.journal import Journal
+from batcher.records import Result, record_key
+
+if TYPE_CHECKING:
+    from batcher.output.writers import Writer
+
+
+class LiveOutput:
+    """The engine's result sink: the journal first, then the output writer (final records)."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        output: Path,
+        metadata: Callable[[], dict[str, str]],
+        *,
+        row_group_size: int | None = None,
+    ) -> None:
+        """``metadata`` makes the output's provenance (it hashes the input: called once, in
+        ``prepare``). ``row_group_size``: Parquet's, when not the writer's default."""
+        self._journal = journal
+        self._row_group_size = row_group_size
+        self._output = output
+        self._make_metadata = metadata
+        self._metadata: dict[str, str] | None = None
+        self._preparing = threading.Lock()
+        self._prepare_started = False
+        self._prepare_failed = False
+        # Final records that came before the writer was ready: written when it opens.
+        self._waiting: list[Result] = []
+        self._writer: Writer | None = None
+        # Keys whose provisional record (an answer about to be re-asked) has no final record
+        # yet: if the run ends with some (the re-ask was cancelled, or its record could not be
+        # journaled), the journal's answer for them is the provisional one, which this output
+        # does not hold, so it is written from the journal instead.
+        self._unfinished: set[str] = set()
+        self.failed = False
+        self.ok = 0
+        self.error = 0
+
+    def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
+        """Journal the record (an ``OSError`` there stops the run); then write a final one."""
+        try:
+            self._journal.append(result, body_hash, provisional=provisional)
+        except OSError:
+            # The line may be on disk all the same (a failed fsync after the write): only the
+            # journal knows what it holds now, so the output is written from it.
+            self._give_up()
+            raise
+        key = record_key(result.custom_id, result.variant)
+        if provisional:
+            self._unfinished.add(key)
+            return
+        self._unfinished.discard(key)
+        if self.failed:
+            return
+        if self._writer is None and self._metadata is None and not self._prepare_failed:
+            # The writer's import and the input's hash are not done (an endpoint that answers
+            # before the loop idled): never on the event loop; the record waits for them.
+            self._waiting.append(result)
+            self._prepare_in_thread()
+            return
+        self._write([result])
+
+    def _write(self, results: list[Result]) -> None:
+        """Write records (those waiting first), opening the writer with the first."""
+        try:
+            if self._writer is None:
+                self._writer = self._open()
+            if self._waiting:
+                results, self._waiting = self._waiting + results, []
+            for result in results:
+                self._writer.write(result)
+                if result.status == "ok":
+                    self.ok += 1
+                else:
+                    self.error += 1
+        except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
+            self._give_up()
+
+    def close(self) -> bool:
+        """Finish the output (atomically, as ``write_output`` does); false if it could not be
+        written as the run went, and must be written from the journal."""
+        if self._unfinished:
+            self._give_up()
+        if self.failed:
+            return False
+        if self._waiting:
+            self._write([])  # opens the writer; a failure gives up (written from the journal)
+            if self.failed:
+                return False
+        if self._writer is None:  # nothing was recorded: an output with no rows
+            self._writer = self._open()
+        self._writer.close()  # raises OutputError if the file cannot be finished
+        return True
+
+    def prepare(self) -> None:
+        """Import the writer (pyarrow: ~50 ms) and make the provenance, in a thread: the
+        runner has the engine call this once the first requests are out (``warm_up``); a
+        record that comes first starts it itself (and waits for it, off the event loop).
+        Never raises: a failure is raised again when the writer opens."""
+        try:
+            self._prepare()
+        except Exception:
+            self._prepare_failed = True
+
+    def _prepare(self) -> None:
+        with self._preparing:
+            if self._metadata is None:
+                import batcher.output.writers  # noqa: F401
+
+                self._metadata = self._make_metadata()
+
+    def _prepare_in_thread(self) -> None:
+        if not self._prepare_started:
+            self._prepare_started = True
+            threading.Thread(target=self.prepare, daemon=True).start()
+
+    def _open(self) -> Writer:
+        """The writer, opened with the first record (the ``.partial`` file until ``close``)."""
+        from batcher.output.writers import open_writer
+
+        self._prepare()
+        if self._row_group_size is None:
+            return open_writer(self._output, metadata=self._metadata)
+        return open_writer(
+            self._output, metadata=self._metadata, row_group_size=self._row_group_size
+        )
+
+    def abort(self) -> None:
+        """Drop the unfinished output (the run failed); whatever was there before stays."""
+        if self._writer is not None:
+            self._writer.abort()
+
+    def _give_up(self) -> None:
+        """Stop writing as the run goes; the output is written from the journal at the end."""
+        self.abort()
+        self.failed = True

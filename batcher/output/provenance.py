@@ -1,0 +1,90 @@
+"""How an output was made: the job (without secrets), batcher's version and the input's hash,
+stored in the Parquet file's key-value metadata and shown by ``batcher report``."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from batcher.config import JobConfig
+from batcher.http.redact import redact_url
+
+PREFIX = "batcher."
+REDACTED = "<redacted>"
+
+
+def job_record(job: JobConfig) -> dict[str, Any]:
+    """The job as JSON-ready data, with every endpoint header value redacted.
+
+    The API key is never part of a job (only the name of its variable is); header values are
+    dropped because gateways take keys in headers too (``api-key``, ``x-api-key``).
+    """
+    record = dataclasses.asdict(job)
+    # [[endpoints]] too: each has its own headers and URL (endpoint is the first of them).
+    for item, endpoint in [
+        (record["endpoint"], job.endpoint),
+        *zip(record["endpoints"], job.endpoints, strict=True),
+    ]:
+        item["headers"] = {name: REDACTED for name in endpoint.headers}
+        item["base_url"] = redact_url(endpoint.base_url)
+    for key in ("input", "output"):
+        record[key] = None if record[key] is None else str(record[key])
+    return record
+
+
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of a file's bytes; ``None`` for stdin or a file that cannot be read again."""
+    if str(path) == "-" or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def provenance(job: JobConfig, input_path: Path) -> dict[str, str]:
+    """The key-value metadata for an output of ``job``."""
+    from batcher import __version__
+
+    return {
+        PREFIX + "version": __version__,
+        PREFIX + "job": json.dumps(job_record(job), sort_keys=True, default=str),
+        PREFIX + "input": str(input_path),
+        PREFIX + "input_sha256": file_sha256(input_path) or "",
+        PREFIX + "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def read_provenance(path: Path) -> dict[str, str]:
+    """The provenance stored in a Parquet output (empty for JSONL or files without it)."""
+    if path.suffix.lower() != ".parquet":
+        return {}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.is_dir():  # the Ray engine's folder of part files: the latest run's part says
+        from batcher.output.writers import parquet_parts
+
+        parts = parquet_parts(path)
+        if not parts:
+            return {}
+        path = parts[-1]
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as exc:
+        from batcher.errors import InputError
+
+        raise InputError(f"cannot read {path}: {exc}") from None
+    return {
+        key.decode()[len(PREFIX) :]: value.decode()
+        for key, value in metadata.items()
+        if key.startswith(PREFIX.encode())
+    }

@@ -1,0 +1,335 @@
+"""Results as output rows, and rows read back: the fixed Parquet ``SCHEMA``, the Batch API JSONL
+line of a result, and ``read_results``, which reads either format back into the same dicts (the
+Parquet column names) for ``batcher report``, resume tools and the round-trip tests.
+
+The writers (``writers.py``) put these rows into files; this module has no file state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batcher import jsonfast
+from batcher.errors import InputError
+from batcher.output.formats import output_format
+from batcher.records import Result, Usage
+
+_S, _I32, _I64, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float64()
+_TS = pa.timestamp("us", tz="UTC")
+# Every choice when n > 1 (content and finish_reason columns keep the first, for convenience);
+# tool calls as JSON text, so nothing about them is lost.
+_CHOICES = pa.list_(
+    pa.struct(
+        [
+            ("index", pa.int64()),
+            ("content", pa.string()),
+            ("finish_reason", pa.string()),
+            ("refusal", pa.string()),
+            ("tool_calls", pa.string()),
+        ]
+    )
+)
+# fmt: off
+SCHEMA: pa.Schema = pa.schema([
+    ("custom_id", _S), ("status", _S), ("model", _S), ("content", _S), ("finish_reason", _S),
+    ("prompt_tokens", _I64), ("completion_tokens", _I64), ("total_tokens", _I64),
+    ("cached_tokens", _I64), ("reasoning_tokens", _I64),
+    ("cost_usd", _F64), ("attempts", _I32), ("latency_s", _F64), ("status_code", _I32),
+    ("error_code", _S), ("error_message", _S), ("request_id", _S),
+    ("metadata", _S), ("response", _S),
+    ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
+    ("choices", _CHOICES),
+    ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
+    ("variant", _S), ("choices_asked", _I32),
+])
+"""The fixed Parquet schema; every output file has exactly these columns in this order."""
+# fmt: on
+NAMES: tuple[str, ...] = tuple(SCHEMA.names)
+_USAGE_KEYS = NAMES[5:10]  # prompt_tokens .. reasoning_tokens, the Usage fields
+
+# Compact, non-ASCII as is; default=str keeps odd values (Decimal, bytes...) from raising.
+ENCODE = jsonfast.dumps_text
+_EPOCH = datetime(1970, 1, 1)  # naive: isoformat() + "Z" is cheaper than an aware isoformat
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
+_MIN_US = round((datetime(1, 1, 2) - _EPOCH).total_seconds()) * 1_000_000
+_MAX_US = round((datetime(9999, 12, 30) - _EPOCH).total_seconds()) * 1_000_000
+_NO_USAGE = (None, None, None, None, None)
+
+
+def _us(ts: float) -> int | None:
+    """Unix seconds to integer microseconds, the one rounding both formats share."""
+    try:
+        us = round(ts * 1_000_000)
+    except (ValueError, OverflowError, TypeError):  # NaN, inf, not a number
+        return None
+    return us if _MIN_US <= us <= _MAX_US else None  # keep within datetime's range
+
+
+@lru_cache(maxsize=4096)
+def _second_iso(sec: int) -> str:
+    return (_EPOCH + timedelta(seconds=sec)).isoformat()
+
+
+def _iso(us: int | None) -> str | None:
+    """ISO-8601 UTC with microseconds; results finish at about the same seconds, so the
+    formatted second is cached (about 3x cheaper than formatting a datetime each time)."""
+    if us is None:
+        return None
+    sec, frac = divmod(us, 1_000_000)
+    return f"{_second_iso(sec)}.{frac:06d}Z"
+
+
+def _finite(x: float | None) -> float | None:
+    # NaN/inf would make the JSONL line invalid JSON for non-Python readers.
+    return x if x is None or math.isfinite(x) else None
+
+
+def _text(value: Any) -> str | None:
+    """A string column value: strings as they are, anything else as JSON text."""
+    if value is None or isinstance(value, str):
+        return value
+    return ENCODE(value)
+
+
+def _first_choice(body: Any) -> tuple[str | None, str | None]:
+    """``(content, finish_reason)`` of the first choice; ``(None, None)`` for odd bodies."""
+    if not isinstance(body, dict):
+        return None, None
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None, None
+    choice = choices[0]
+    message = choice.get("message")
+    content = _text(message.get("content")) if isinstance(message, dict) else None
+    return content, _text(choice.get("finish_reason"))
+
+
+def _choices(body: Any) -> list[dict[str, Any]] | None:
+    """Every choice of an answer as a row of the ``choices`` column; ``None`` for odd bodies."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return None
+    rows = []
+    for position, choice in enumerate(body["choices"]):
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
+        index = choice.get("index")
+        calls = message.get("tool_calls")
+        rows.append(
+            {
+                "index": index if isinstance(index, int) and not isinstance(index, bool)
+                else position,
+                "content": _text(message.get("content")),
+                "finish_reason": _text(choice.get("finish_reason")),
+                "refusal": _text(message.get("refusal")),
+                "tool_calls": None if calls is None else ENCODE(calls),
+            }
+        )  # fmt: skip
+    return rows
+
+
+_USAGE_OF = attrgetter(*_USAGE_KEYS)  # Usage's fields are named like the columns
+
+
+def _usage_tuple(usage: Usage | None) -> tuple[int | None, ...]:
+    return _NO_USAGE if usage is None else _USAGE_OF(usage)
+
+
+def _has_response(r: Result) -> bool:
+    # "No HTTP answer" means nothing of one is known; checking all three keeps the line lossless.
+    return r.status_code is not None or r.body is not None or r.request_id is not None
+
+
+def batch_output_line(result: Result) -> dict[str, Any]:
+    """The OpenAI Batch API output line for ``result``, plus a ``batcher`` object of our fields.
+
+    ``id`` is derived from ``custom_id`` (and the variant, if any) so reruns produce comparable
+    files; ``custom_id`` stays the line's own, and ``batcher.variant`` names the variant.
+    ``response`` is null only when nothing of an HTTP answer is known (no status code, body or
+    request id); ``error`` is set for every ``error`` result (and whenever an error code or
+    message exists). Usage stays in ``response.body.usage`` as the server sent it;
+    ``batcher.usage`` appears only when the result's usage differs from what the body says, so
+    nothing is lost.
+    """
+    r = result
+    cid = r.custom_id
+    # with variants one id has a line per variant: the id hashes both, to stay unique
+    key = cid if r.variant is None else f"{cid}\x00{r.variant}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    extra: dict[str, Any] = {
+        "status": r.status,
+        "model": r.model,
+        "attempts": r.attempts,
+        "latency_s": _finite(r.latency_s),
+        "started_at": _iso(_us(r.started_at)),
+        "finished_at": _iso(_us(r.finished_at)),
+        "metadata": r.metadata,
+        "cost_usd": _finite(r.cost_usd),
+        "line": r.line,
+        "ttft_s": _finite(r.ttft_s),
+        "schema_valid": r.schema_valid,
+        "schema_error": r.schema_error,
+        "endpoint": r.endpoint,
+    }
+    if r.variant is not None:  # absent in a job without variants: its lines stay as they were
+        extra["variant"] = r.variant
+    if r.choices_asked is not None:  # absent for requests of one choice, likewise
+        extra["choices_asked"] = r.choices_asked
+    if r.usage != Usage.from_body(r.body):
+        u = r.usage
+        extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
+    has_error = r.status == "error" or r.error_code is not None or r.error_message is not None
+    return {
+        "id": "batch_req_" + digest,
+        "custom_id": cid,
+        "response": {"status_code": r.status_code, "request_id": r.request_id, "body": r.body}
+        if _has_response(r)
+        else None,
+        "error": {"code": r.error_code, "message": r.error_message} if has_error else None,
+        "batcher": extra,
+    }
+
+
+def row_values(r: Result) -> tuple[Any, ...]:
+    """One row in SCHEMA order, timestamps as integer microseconds (cheapest for pyarrow)."""
+    content, finish = _first_choice(r.body)
+    body = r.body
+    return (
+        r.custom_id,
+        r.status,
+        r.model,
+        content,
+        finish,
+        *_usage_tuple(r.usage),
+        _finite(r.cost_usd),
+        r.attempts,
+        _finite(r.latency_s),
+        r.status_code,
+        r.error_code,
+        r.error_message,
+        r.request_id,
+        None if r.metadata is None else ENCODE(r.metadata),
+        None if body is None else _text(body),
+        _us(r.started_at),
+        _us(r.finished_at),
+        r.line,
+        _choices(body),
+        _finite(r.ttft_s),
+        r.schema_valid,
+        r.schema_error,
+        r.endpoint,
+        r.variant,
+        r.choices_asked,
+    )
+
+
+def _to_dt(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH_UTC + timedelta(microseconds=us)
+
+
+def parquet_row(result: Result) -> dict[str, Any]:
+    """The Parquet row for ``result`` as a dict in SCHEMA order (timestamps as aware datetimes)."""
+    row = dict(zip(NAMES, row_values(result), strict=True))
+    row["started_at"] = _to_dt(row["started_at"])
+    row["finished_at"] = _to_dt(row["finished_at"])
+    return row
+
+
+def parquet_parts(folder: Path) -> list[Path]:
+    """The finished part files of a Parquet output folder (the Ray engine's), in name order."""
+    return sorted(p for p in Path(folder).glob("*.parquet") if p.is_file())
+
+
+def read_results(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield one dict per result (Parquet column names, SCHEMA order) from either format.
+
+    JSONL lines without a ``batcher`` object (files from OpenAI's Batch API or vLLM) are read
+    too, with the fields they lack set to ``None`` and the status derived from the answer.
+    A ``.parquet`` folder (the Ray engine's output) is read part file by part file.
+    """
+    path = Path(path)
+    try:
+        if output_format(path) == ".parquet":
+            for part in parquet_parts(path) if path.is_dir() else [path]:
+                for batch in pq.ParquetFile(part).iter_batches():
+                    yield from batch.to_pylist()
+            return
+        # newline="\n": only LF ends a line; U+2028, U+0085 etc. may appear raw inside strings.
+        with path.open(encoding="utf-8", newline="\n") as f:
+            for n, text in enumerate(f, 1):
+                if text.strip():
+                    try:
+                        yield _row_from_line(jsonfast.loads_exact(text))
+                    except (ValueError, TypeError, AttributeError) as exc:
+                        raise InputError(f"{path}:{n}: not a batch output line ({exc})") from exc
+    except (OSError, pa.ArrowException) as exc:  # missing file, or not a Parquet file
+        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
+    """The Parquet-shaped dict for one batch output line (the inverse of batch_output_line)."""
+    resp = obj.get("response")
+    resp = resp if isinstance(resp, dict) else {}
+    err = obj.get("error")
+    b = obj.get("batcher")
+    body = resp.get("body")
+    status_code = resp.get("status_code")
+    if isinstance(err, dict):
+        error_code, error_message = err.get("code"), err.get("message")
+    else:  # vLLM writes the error inline as a string
+        error_code, error_message = None, err
+    if isinstance(b, dict):
+        status = b.get("status")
+        model = b.get("model")
+    else:
+        failed = err is not None or (isinstance(status_code, int) and status_code >= 400)
+        status = "error" if failed else "ok"
+        model = body.get("model") if isinstance(body, dict) else None
+        b = {}
+    if "usage" in b:
+        u = b["usage"]
+        usage = tuple(u.get(k) for k in _USAGE_KEYS) if isinstance(u, dict) else _NO_USAGE
+    else:
+        usage = _usage_tuple(Usage.from_body(body))
+    content, finish = _first_choice(body)
+    meta = b.get("metadata")
+    started, finished = b.get("started_at"), b.get("finished_at")
+    values = (
+        obj.get("custom_id"),
+        status,
+        model,
+        content,
+        finish,
+        *usage,
+        b.get("cost_usd"),
+        b.get("attempts"),
+        b.get("latency_s"),
+        status_code,
+        error_code,
+        error_message,
+        resp.get("request_id"),
+        None if meta is None else ENCODE(meta),
+        None if body is None else _text(body),
+        None if started is None else datetime.fromisoformat(started),
+        None if finished is None else datetime.fromisoformat(finished),
+        b.get("line"),
+        _choices(body),
+        b.get("ttft_s"),
+        b.get("schema_valid"),
+        b.get("schema_error"),
+        b.get("endpoint"),
+        b.get("variant"),
+        b.get("choices_asked"),
+    )
+    return dict(zip(NAMES, values, strict=True))

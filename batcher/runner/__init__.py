@@ -1,0 +1,1 @@
+"""A whole run set up and summed up: runner, progress, statistics."""

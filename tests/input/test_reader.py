@@ -1,0 +1,349 @@
+"""The reader: the three input forms, defaults merging, and every kind of rejected line."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from batcher.errors import InputError
+from batcher.input.reader import Reader, count_lines, load_first_encoding, open_input, parse_line
+from batcher.records import Reject, Request
+
+DEFAULTS = {"model": "m-default", "temperature": 0.5}
+
+
+def read(text: str | bytes, defaults: dict[str, object] | None = None) -> list[Request | Reject]:
+    raw = text.encode() if isinstance(text, str) else text
+    return list(Reader(io.BytesIO(raw), DEFAULTS if defaults is None else defaults))
+
+
+def one(line: str, defaults: dict[str, object] | None = None) -> Request | Reject:
+    items = read(line + "\n", defaults)
+    assert len(items) == 1
+    return items[0]
+
+
+def test_batch_api_form() -> None:
+    line = {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    req = one(json.dumps(line))
+    assert isinstance(req, Request)
+    assert req.custom_id == "r1"
+    assert req.body == {
+        "model": "gpt-4o",
+        "temperature": 0.5,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert req.metadata is None
+
+
+def test_body_form_keeps_unknown_fields_and_takes_metadata_out() -> None:
+    line = {
+        "id": "b7",
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0,
+        "logprobs": True,
+        "some_future_field": {"x": [1, 2]},
+        "metadata": {"split": "test"},
+    }
+    req = one(json.dumps(line))
+    assert isinstance(req, Request)
+    assert req.custom_id == "b7"
+    assert req.metadata == {"split": "test"}
+    assert req.body["temperature"] == 0  # the line wins over the default 0.5
+    assert req.body["model"] == "m-default"
+    assert req.body["logprobs"] is True
+    assert req.body["some_future_field"] == {"x": [1, 2]}
+    assert "metadata" not in req.body and "id" not in req.body
+
+
+def test_every_reference_field_passes_through() -> None:
+    fields = {
+        "model": "gpt-4o",
+        "temperature": 1,
+        "top_p": 0.9,
+        "n": 2,
+        "stream": False,
+        "stop": ["\n"],
+        "max_tokens": 10,
+        "presence_penalty": 0.1,
+        "frequency_penalty": -0.2,
+        "logit_bias": {"50256": -100},
+        "user": "u1",
+        "response_format": {"type": "json_object"},
+        "seed": 42,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "auto",
+    }
+    req = one(json.dumps({"messages": [{"role": "user", "content": "x"}], **fields}))
+    assert isinstance(req, Request)
+    for key, value in fields.items():
+        assert req.body[key] == value
+
+
+def test_prompt_form_with_system() -> None:
+    req = one(json.dumps({"custom_id": "p", "prompt": "Hello", "system": "Be brief", "n": 3}))
+    assert isinstance(req, Request)
+    assert req.body["messages"] == [
+        {"role": "system", "content": "Be brief"},
+        {"role": "user", "content": "Hello"},
+    ]
+    assert req.body["n"] == 3
+
+
+def test_ids_default_to_line_numbers_and_numbers_become_strings() -> None:
+    items = read('{"prompt": "a"}\n\n{"prompt": "b"}\n{"id": 5, "prompt": "c"}\n')
+    assert [i.custom_id for i in items] == ["line-1", "line-3", "5"]
+
+
+def test_token_estimate_counts_prompt_with_tiktoken_plus_completion_budget() -> None:
+    from batcher.cost.tokens import count_message_tokens
+
+    line = {"prompt": "The quick brown fox jumps over the lazy dog.", "max_tokens": 100, "n": 2}
+    req = one(json.dumps(line))
+    assert isinstance(req, Request)
+    # m-default is not an OpenAI model: cl100k_base; the sentence is 10 tokens there
+    assert req.prompt_tokens == 3 + 3 + 10
+    assert req.prompt_tokens == count_message_tokens(req.body["messages"], "cl100k_base")
+    assert req.est_tokens == req.prompt_tokens + 100 * 2
+    default = one(json.dumps({"prompt": "hi"}))
+    assert isinstance(default, Request)
+    assert default.est_tokens == default.prompt_tokens + 256  # DEFAULT_COMPLETION_TOKENS
+    stream = io.BytesIO(json.dumps({"prompt": "üñï"}).encode() + b"\n")
+    forced = next(iter(Reader(stream, DEFAULTS, encoding="o200k_base")))
+    assert isinstance(forced, Request)
+    assert forced.prompt_tokens == count_message_tokens(forced.body["messages"], "o200k_base")
+
+
+def test_uncounted_lines_keep_their_completion_budget() -> None:
+    line = {"prompt": "The quick brown fox.", "max_tokens": 100, "n": 2}
+    stream = io.BytesIO(json.dumps(line).encode() + b"\n")
+    req = next(iter(Reader(stream, DEFAULTS, count_tokens=False)))
+    assert isinstance(req, Request)
+    assert req.prompt_tokens is None
+    assert req.completion_budget == 200 and req.est_tokens == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"prompt": "unterminated', "invalid JSON"),
+        (b"[1, 2]", "not a JSON object (got an array)"),
+        (b'"text"', "not a JSON object (got a string)"),
+        (b'{"prompt": "caf\xe9"}', "invalid UTF-8 at byte 15"),
+        (b'{"temperature": 1}', "no 'messages', 'prompt' or 'body'"),
+        (b'{"messages": []}', "messages: must not be empty"),
+        (b'{"messages": "hi"}', "messages: must be a list"),
+        (b'{"messages": [{"content": "x"}]}', "no string 'role'"),
+        (b'{"prompt": "x", "temperature": "hot"}', "temperature: must be a number"),
+        (b'{"prompt": "x", "n": 0}', "n: must be an integer >= 1"),
+        (b'{"prompt": "x", "max_tokens": true}', "max_tokens: must be an integer"),
+        (b'{"prompt": "x", "seed": 1.5}', "seed: must be an integer"),
+        (b'{"prompt": "x", "stop": [1]}', "stop: must be a string or a list of strings"),
+        (b'{"prompt": "x", "stream": 1}', "stream: must be true or false"),
+        (b'{"prompt": ""}', "prompt must be a non-empty string"),
+        (b'{"prompt": "x", "metadata": 3}', "metadata must be an object"),
+        (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string"),
+        (b'{"body": {"messages": [{"role": "user"}]}, "method": "GET"}', "method must be POST"),
+        (b'{"body": {"messages": [{"role": "user"}]}, "url": "/v1/embeddings"}', "not supported"),
+        (b'{"body": [], "url": "/v1/chat/completions"}', "body must be an object"),
+        (b'{"prompt": "x", "temperature": NaN}', "NaN is not allowed"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 200 levels"),
+    ],
+)
+def test_rejects_name_the_reason(raw: bytes, reason: str) -> None:
+    (item,) = read(raw + b"\n")
+    assert isinstance(item, Reject)
+    assert item.line == 1
+    assert reason in item.reason
+    assert "\n" not in item.reason
+
+
+def test_missing_model_is_rejected_without_a_default() -> None:
+    item = one('{"prompt": "x"}', defaults={})
+    assert isinstance(item, Reject)
+    assert "no model" in item.reason
+
+
+def test_duplicate_id_is_rejected_and_the_run_goes_on() -> None:
+    items = read(
+        '{"id": "a", "prompt": "1"}\n{"id": "a", "prompt": "2"}\n{"id": "b", "prompt": "3"}\n'
+    )
+    assert [type(i).__name__ for i in items] == ["Request", "Reject", "Request"]
+    dup = items[1]
+    assert isinstance(dup, Reject)
+    assert dup.line == 2 and "duplicate id 'a'" in dup.reason
+    assert dup.text == '{"id": "a", "prompt": "2"}'
+
+
+def test_bom_and_crlf_are_tolerated() -> None:
+    items = read(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"prompt": "b"}\r\n')
+    assert all(isinstance(i, Request) for i in items)
+    assert len(items) == 2
+
+
+def test_reject_keeps_the_line_text() -> None:
+    item = parse_line(b'{"prompt": 1}\n', 9, DEFAULTS)
+    assert isinstance(item, Reject)
+    assert item.line == 9 and item.text == '{"prompt": 1}'
+
+
+def test_gzip_and_counting(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert count_lines(path) == 2
+    with open_input(path) as stream:
+        items = list(Reader(stream, DEFAULTS))
+    assert [i.custom_id for i in items] == ["line-1", "line-3"]
+
+
+def test_missing_input_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        open_input(tmp_path / "nope.jsonl")
+
+
+def test_sample_messy_file_rejects_and_accepts_the_expected_lines() -> None:
+    path = Path(__file__).parents[2] / "sample_data" / "messy.jsonl"
+    with open_input(path) as stream:
+        items = list(Reader(stream, {"model": "m"}))
+    accepted = [i.custom_id for i in items if isinstance(i, Request)]
+    rejected = {i.line for i in items if isinstance(i, Reject)}
+    assert accepted == ["ok-1", "ok-2", "42"]
+    assert rejected == {3, 4, 5, 6, 7, 8, 11, 12}
+
+
+def test_batches_preserve_order() -> None:
+    text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(10))
+    reader = Reader(io.BytesIO(text.encode()), DEFAULTS)
+    batches = list(reader.batches(4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(10)]
+
+
+def test_batches_can_start_small_and_double() -> None:
+    # the pool opens a few requests at a time (runner.FIRST_READ_BATCH)
+    text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(40))
+    reader = Reader(io.BytesIO(text.encode()), DEFAULTS)
+    batches = list(reader.batches(8, first=1))
+    assert [len(b) for b in batches] == [1, 2, 4, 8, 8, 8, 8, 1]
+    assert [i.custom_id for b in batches for i in b] == [str(i) for i in range(40)]
+    with pytest.raises(ValueError, match="batch sizes"):
+        next(reader.batches(8, first=0))
+
+
+class EndlessInput:
+    """A binary stream that never ends: reading it whole would never return."""
+
+    def __init__(self) -> None:
+        self.lines_given = 0
+
+    def __iter__(self) -> EndlessInput:
+        return self
+
+    def __next__(self) -> bytes:
+        self.lines_given += 1
+        return json.dumps({"prompt": f"p{self.lines_given}"}).encode() + b"\n"
+
+
+def test_reader_streams_line_by_line() -> None:
+    source = EndlessInput()
+    reader = Reader(source, DEFAULTS)  # type: ignore[arg-type]
+    first = [item.custom_id for _, item in zip(range(5), reader, strict=False)]
+    assert first == ["line-1", "line-2", "line-3", "line-4", "line-5"]
+    assert source.lines_given <= 6  # nothing read ahead beyond what was asked
+
+
+def test_idset_finds_duplicates_across_growth() -> None:
+    from batcher.input.idset import IdSet
+
+    ids = IdSet()
+    assert all(ids.add(f"id-{i}") for i in range(5000))
+    assert len(ids) == 5000
+    assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))
+    assert ids.add("id-5000")
+
+
+def test_idset_moves_to_a_temporary_database_and_still_finds_duplicates() -> None:
+    from batcher.input.idset import IdSet
+
+    ids = IdSet(spill_after=1000)
+    assert all(ids.add(f"id-{i}") for i in range(999))
+    assert not ids.on_disk
+    assert ids.add("id-999") and ids.on_disk  # the 1000th id moves the set to disk
+    assert all(ids.add(f"id-{i}") for i in range(1000, 5000))
+    assert len(ids) == 5000
+    assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))  # before and after the move
+    assert len(ids) == 5000
+    ids.close()
+    assert len(ids) == 0 and not ids.on_disk and ids.add("id-1")
+
+
+def test_idset_without_a_usable_database_stays_in_or_goes_back_to_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sqlite3
+
+    from batcher.input import idset
+
+    class Failing:
+        """A connection whose inserts fail (a full disk), reads still work."""
+
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+        def close(self) -> None:
+            self.db.close()
+
+    ids = idset.IdSet(spill_after=100)
+    assert all(ids.add(f"id-{i}") for i in range(200)) and ids.on_disk
+    ids._db = Failing(ids._db)  # type: ignore[assignment]
+    assert ids.add("id-200") and not ids.on_disk  # back in memory, with all 200 before it
+    assert not any(ids.add(f"id-{i}") for i in range(201))
+    assert len(ids) == 201
+
+    def no_database(*args: object, **kwargs: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(idset.sqlite3, "connect", no_database)
+    ids = idset.IdSet(spill_after=100)
+    assert all(ids.add(f"id-{i}") for i in range(300)) and not ids.on_disk
+    assert not any(ids.add(f"id-{i}") for i in range(300))
+
+
+def test_load_first_encoding_counts_the_first_request_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[tuple[object, str | None]] = []
+
+    def count(body: dict[str, object], encoding: str | None) -> int:
+        counted.append((body["model"], encoding))
+        return 1
+
+    monkeypatch.setattr("batcher.input.reader.estimate_prompt_tokens", count)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf\n  \n{"prompt": "hi"}\n{"prompt": "b", "model": "x"}\n')
+    load_first_encoding(src, {"model": "gpt-4o"}, None)
+    assert counted == [("gpt-4o", None)]
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"prompt": "hi", "model": "gpt-4"}\n'))
+    load_first_encoding(packed, {}, "o200k_base")
+    assert counted[1:] == [("gpt-4", "o200k_base")]
+    load_first_encoding(Path("-"), {"model": "m"}, None)  # stdin: not read
+    load_first_encoding(tmp_path / "missing.jsonl", {"model": "m"}, None)
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    load_first_encoding(tmp_path / "bad.jsonl", {"model": "m"}, None)
+    assert len(counted) == 2

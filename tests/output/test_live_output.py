@@ -1,0 +1,293 @@
+"""The output written as the run goes (``batcher.output.live_output``), over the simulator.
+
+A run that starts with an empty journal writes its output while it runs; the file must be the
+one the journal would give (``runner.write_output``), re-asked answers included, and a run that
+fails or whose live output fails must leave a whole output, or the previous one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pyarrow.parquet as pq
+import pytest
+
+from batcher.config import JobConfig, job_from_dict
+from batcher.output import live_output, writers
+from batcher.output.journal import Journal, journal_path
+from batcher.output.live_output import LiveOutput
+from batcher.output.writers import read_results
+from batcher.records import Result
+from batcher.runner import run as runner
+from batcher.runner.progress import Progress
+from batcher.runner.run import arun_job, run_job, write_output
+from batcher.runner.stats import RunStats
+from batcher.sim.app import SimConfig, running_sim
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+    "required": ["city", "rank"],
+}
+
+
+def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobConfig:
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"c{i}", "prompt": f"City {i} as JSON"}) + "\n")
+    return job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / output), "progress": False},
+            "endpoint": {"base_url": base_url},
+            "request": {
+                "model": "gpt-4o-mini",
+                "max_tokens": 100,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "city", "schema": SCHEMA},
+                },
+            },
+            "limits": {"concurrency": 8},
+            "validate": {"json_schema": True, "max_reasks": 2},
+        }
+    )
+
+
+def rebuilt_from_journal(output: Path, into: Path) -> list[dict[str, Any]]:
+    with Journal(journal_path(output)) as journal:
+        write_output(journal, into, RunStats())
+    return list(read_results(into))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_live_output_is_what_the_journal_gives(tmp_path: Path, suffix: str) -> None:
+    config = SimConfig(schema_error_rate=0.4, seed=3, latency_ms=5, latency_jitter_ms=10)
+    with running_sim(config) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o" + suffix, 30)
+        report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 0
+    journaled = journal_path(report.output).read_text().splitlines()
+    assert any('"provisional":true' in line for line in journaled)  # re-asks were journaled
+    rows = list(read_results(report.output))
+    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in sorted(range(30), key=str)]
+    rebuilt = rebuilt_from_journal(report.output, tmp_path / ("again" + suffix))
+    assert rows == rebuilt  # same records, same order, each re-asked one in its final form
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_live_output_that_fails_is_written_from_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = writers.ParquetWriter.write
+    calls = 0
+
+    def failing_once(self: writers.ParquetWriter, result: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise OSError(28, "No space left on device")
+        real_write(self, result)
+
+    monkeypatch.setattr(writers.ParquetWriter, "write", failing_once)
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 20)
+        report = run_job(job, stream=io.StringIO())
+    assert report.exit_code == 0
+    rows = list(read_results(report.output))
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"c{i}" for i in range(20))
+    assert report.stats.output_ok == 20
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "o.parquet"
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 10)
+        run_job(job, stream=io.StringIO())
+        before = pq.read_table(output)
+        advanced = 0
+        real_advance = Progress.advance
+
+        def breaks_on_the_fourth(self: Progress, n: int = 1) -> None:
+            nonlocal advanced
+            advanced += 1
+            if advanced == 4:
+                raise RuntimeError("a bug")
+            real_advance(self, n)
+
+        monkeypatch.setattr(Progress, "advance", breaks_on_the_fourth)
+        with pytest.raises(BaseExceptionGroup) as failed:
+            run_job(job, restart=True, stream=io.StringIO())
+        assert failed.group_contains(RuntimeError, match="a bug", depth=None)
+    assert pq.read_table(output).equals(before)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("latency_ms", [1, 100])
+def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency_ms: int
+) -> None:
+    # They are slowed here, as a large input's hash would be. At 100 ms the warm-up starts
+    # them once the loop idles; at 1 ms answers come first. Either way the answers that come
+    # meanwhile are journaled and wait, in order, for the writer: the loop goes on.
+    threads: list[int] = []
+    journaled_meanwhile: list[int] = []
+    real_provenance = runner.provenance
+
+    def slow_provenance(*args: Any) -> dict[str, str]:
+        threads.append(threading.get_ident())
+        time.sleep(0.3)
+        lines = journal_path(tmp_path / "o.parquet").read_text().count("\n")
+        journaled_meanwhile.append(lines - 1)  # the journal's header line
+        return real_provenance(*args)
+
+    monkeypatch.setattr(runner, "provenance", slow_provenance)
+    with running_sim(SimConfig(latency_ms=latency_ms)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 30)
+        report = run_job(job, stream=io.StringIO())
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    assert journaled_meanwhile[0] >= 8  # a pool's worth at least: the loop was not held up
+    assert pq.read_schema(report.output).metadata[b"batcher.input"]
+    rows = list(read_results(report.output))
+    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert rows == rebuilt_from_journal(report.output, tmp_path / "again.parquet")
+
+
+def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path) -> None:
+    # Every line is rejected: no request goes out, and the warm-up, waiting for the first
+    # one, is cancelled with the run instead of holding it open.
+    src = tmp_path / "in.jsonl"
+    src.write_text("not json\n[1, 2]\n")
+    output = tmp_path / "o.parquet"
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(output), "progress": False},
+            "endpoint": {"base_url": "http://127.0.0.1:9/v1"},  # never asked
+            "request": {"model": "gpt-4o-mini"},
+        }
+    )
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            await arun_job(job, stream=io.StringIO())
+
+    anyio.run(main)
+    assert pq.read_table(output).num_rows == 0
+    assert len(list(read_results(runner.rejects_path(output)))) == 2
+
+
+@pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
+def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, live: bool
+) -> None:
+    # The CLI's lean process keeps memory flat for large inputs: past LIVE_OUTPUT_MAX_BYTES
+    # it writes the output from the journal at the end.
+    made: list[object] = []
+    real_init = live_output.LiveOutput.__init__
+
+    def watched(self: live_output.LiveOutput, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(live_output.LiveOutput, "__init__", watched)
+    monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
+        report = run_job(job, stream=io.StringIO(), lean=True)
+    assert bool(made) is live
+    assert sorted(r["custom_id"] for r in read_results(report.output)) == sorted(
+        f"c{i}" for i in range(12)
+    )
+
+
+@pytest.mark.parametrize(("limit", "groups"), [(1 << 20, [5, 5, 2]), (100, [12])])
+def test_a_small_input_is_written_in_small_row_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, groups: list[int]
+) -> None:
+    # The last row group is written after the last answer: a small one ends the run sooner.
+    # A large input (here, a library run, which writes as it goes whatever the size) keeps
+    # the writer's default, since each row group's footer metadata stays in memory.
+    monkeypatch.setattr(runner, "SMALL_ROW_GROUP_SIZE", 5)
+    monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
+    with running_sim(SimConfig(latency_ms=2)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
+        run_job(job, stream=io.StringIO())
+    meta = pq.ParquetFile(tmp_path / "o.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == groups
+
+
+def _result(custom_id: str) -> Result:
+    return Result(
+        custom_id=custom_id, line=1, status="ok", model="m", attempts=1, latency_s=0.1,
+        started_at=1.0, finished_at=2.0, status_code=200, body={"choices": []},
+    )  # fmt: skip
+
+
+def test_a_reask_left_unfinished_sends_the_output_to_the_journal(tmp_path: Path) -> None:
+    # A provisional record (an answer about to be re-asked) whose final record never came
+    # (the re-ask was cancelled at the end of the grace period) is the journal's answer for
+    # that id: the live output does not hold it, so the output is written from the journal.
+    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+        live = LiveOutput(journal, tmp_path / "o.jsonl", dict)
+        live.append(_result("a"), "h")
+        live.append(_result("b"), "h", provisional=True)
+        assert live.close() is False
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "o.jsonl").exists()
+    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+        live = LiveOutput(journal, tmp_path / "o.jsonl", dict)  # (a journal with records
+        live.append(_result("c"), "h", provisional=True)  # would not go live; this is a unit
+        live.append(_result("c"), "h")  # test: the final record came, so the output stands)
+        assert live.close() is True
+    assert [r["custom_id"] for r in read_results(tmp_path / "o.jsonl")] == ["c"]
+
+
+def test_final_records_the_journal_refuses_leave_the_output_to_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every answer fails its schema; the journal takes each provisional record and refuses
+    # the final one (a full disk): the run stops, and the output still holds what the
+    # journal holds, the paid provisional answers.
+    real_append = Journal.append
+    provisional_ids: set[str] = set()
+
+    def append(self: Journal, result: Result, body_hash: str, *, provisional: bool = False) -> None:
+        if provisional:
+            provisional_ids.add(result.custom_id)
+        elif result.custom_id in provisional_ids:
+            raise OSError(28, "No space left on device")
+        real_append(self, result, body_hash, provisional=provisional)
+
+    monkeypatch.setattr(Journal, "append", append)
+    with running_sim(SimConfig(schema_error_rate=1.0, seed=3, latency_ms=5)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.jsonl", 10)
+        report = run_job(job, stream=io.StringIO())
+    monkeypatch.setattr(Journal, "append", real_append)
+    assert report.exit_code == 3
+    rows = list(read_results(report.output))
+    assert rows and rows == rebuilt_from_journal(report.output, tmp_path / "again.jsonl")
+    assert {r["custom_id"] for r in rows} <= provisional_ids
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_provenance_that_fails_sends_the_output_to_the_journal(tmp_path: Path) -> None:
+    # The records wait for the writer, whose preparation fails in its thread (quietly): the
+    # output is then written from the journal, as for any failure of the live output.
+    def broken() -> dict[str, str]:
+        raise OSError(5, "Input/output error")
+
+    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+        live = LiveOutput(journal, tmp_path / "o.jsonl", broken)
+        live.append(_result("a"), "h")
+        live.append(_result("b"), "h")
+        assert live.close() is False
+    assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "o.jsonl").exists()

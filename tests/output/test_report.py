@@ -1,0 +1,108 @@
+"""``batcher report``: totals by model and status, percentiles, errors, JSON and HTML."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from batcher.output.report import build_report, format_report, write_html
+from batcher.output.writers import open_writer
+from batcher.records import Result, Usage
+from tests.helpers import run_batcher
+
+
+def result(i: int, model: str, status: str, latency: float, cost: float | None) -> Result:
+    ok = status == "ok"
+    return Result(
+        custom_id=f"r{i}",
+        line=i,
+        status="ok" if ok else "error",
+        model=model,
+        attempts=1 if ok else 3,
+        latency_s=latency,
+        started_at=1000.0 + i,
+        finished_at=1000.0 + i + latency,
+        status_code=200 if ok else 503,
+        usage=Usage(
+            prompt_tokens=10,
+            completion_tokens=5,
+            total_tokens=15,
+            cached_tokens=2,
+            reasoning_tokens=1,
+        )
+        if ok
+        else None,
+        error_code=None if ok else "http_503",
+        cost_usd=cost,
+        body={"choices": [{"message": {"content": "x"}}]} if ok else None,
+    )
+
+
+@pytest.fixture(params=["jsonl", "parquet"])
+def output(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    path = tmp_path / f"o.{request.param}"
+    with open_writer(path) as writer:
+        for i in range(100):  # latencies 0.01 … 1.00 s for model a
+            writer.write(result(i, "a", "ok", (i + 1) / 100, 0.001))
+        for i in range(100, 110):
+            writer.write(result(i, "b", "ok", 0.5, None))
+        for i in range(110, 115):
+            writer.write(result(i, "b", "error", 0.1, None))
+    return path
+
+
+def test_totals_percentiles_and_errors(output: Path) -> None:
+    report, _ = build_report(output)
+    assert (report.requests, report.ok, report.error) == (115, 110, 5)
+    a = report.groups["a"]["ok"]
+    assert (a.requests, a.prompt_tokens, a.cached_tokens, a.completion_tokens) == (
+        100,
+        1000,
+        200,
+        500,
+    )
+    assert a.reasoning_tokens == 100 and a.cost_usd == pytest.approx(0.1)
+    assert report.groups["b"]["ok"].unpriced == 10
+    assert report.groups["b"]["error"].requests == 5
+    assert report.cost_usd == pytest.approx(0.1)
+    # 110 ok latencies: 100 spread over 0.01..1.00 and ten of 0.5
+    assert report.latency_p50_s == pytest.approx(0.5)
+    assert report.latency_p99_s == pytest.approx(0.99)
+    assert report.latency_p90_s == pytest.approx(0.89)  # rank 99 of 110: 0.89 (10 × 0.5 below)
+    assert report.requests_per_s == pytest.approx(115 / (114 + 0.1))
+    assert report.error_classes == {"http_503": 5}
+    assert report.attempts == 100 + 10 + 15
+    assert report.wall_s == pytest.approx(114 + 0.1)
+    text = format_report(report)
+    assert "115: 110 ok, 5 error" in text and "http_503 ×5" in text
+
+
+def test_html_is_self_contained_with_three_charts(output: Path, tmp_path: Path) -> None:
+    report, series = build_report(output)
+    page = tmp_path / "r.html"
+    write_html(report, series, page)
+    content = page.read_text()
+    assert content.count("<svg") == 3
+    assert "Latency of ok answers" in content and "Cost over time" in content
+    # nothing to fetch: no scripts, stylesheets or images from elsewhere
+    assert not re.search(r"(src|href)=['\"]https?://", content)
+
+
+def test_cli_report_json(output: Path) -> None:
+    proc = run_batcher("report", str(output), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["requests"] == 115 and data["error_classes"] == {"http_503": 5}
+    missing = run_batcher("report", str(output) + ".nope")
+    assert missing.returncode == 2 and "no such output" in missing.stderr
+
+
+def test_cli_refuses_bad_html_targets_and_fractions(output: Path, tmp_path: Path) -> None:
+    proc = run_batcher("report", str(output), "--html", str(tmp_path / "no" / "r.html"))
+    assert proc.returncode == 2 and "--html: cannot write" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    est = run_batcher("estimate", "--input", str(output), "--low-fraction", "3")
+    assert est.returncode == 2 and "between 0 and 1" in est.stderr

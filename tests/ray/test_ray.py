@@ -1,0 +1,619 @@
+"""The Ray engine (``--engine ray``) on a local Ray instance against the simulator on 127.0.0.1.
+
+One Ray instance (``num_cpus=2``) and one simulator serve the whole module; each run is a few
+hundred requests. Ray is in the test extra, so these run in CI; ``importorskip`` is only a guard
+for a machine without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batcher.config import JobConfig, VariantConfig, job_from_dict, with_overrides
+from batcher.errors import ConfigError
+from batcher.limits.meters import Limits
+from batcher.output.provenance import read_provenance
+from batcher.output.report import build_report, format_report
+from batcher.output.writers import SCHEMA, parquet_parts, read_results
+from batcher.ray.worker import worker_limits
+from batcher.sim.app import SimConfig, SimHandle, running_sim
+from tests.helpers import ROOT, batcher_cmd, write_input
+
+# Ray Data's DataContext sets its own deprecated fields when it is first created (ray 2.60):
+# ignore deprecation warnings raised in that module only.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+
+N = 240
+#: The key the CLI test's job names: in the environment the Ray instance starts with, as a key
+#: would be set on the nodes of a cluster.
+KEY_VAR, KEY = "BATCHER_TEST_RAY_KEY", "sk-test-" + "x" * 24
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_VAR, KEY)  # only while Ray starts: its workers inherit it
+        ray.init(
+            address="local",  # a new instance, whatever else runs on the machine
+            num_cpus=2,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
+    try:
+        yield ray
+    finally:
+        started = _ray_processes_under(os.getpid())
+        ray.shutdown()
+        # Workers of drivers that were killed (the kill -9 and interrupt tests) can outlive
+        # the instance, orphaned, holding ~220 MB each: end what this module started.
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _ray_processes_under(root: int) -> list[int]:
+    """Ray's processes descended from ``root`` (read from /proc: this suite runs on Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            todo.append(child)
+            if b"ray" in cmdline:
+                found.append(child)
+    return found
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimHandle]:
+    # Faults that the workers' engines retry: every request still ends ok.
+    with running_sim(SimConfig(latency_ms=5, error_rate=0.05, seed=3)) as running:
+        yield running
+
+
+def ray_job(tmp_path: Path, base_url: str, n: int = N, **job: Any) -> JobConfig:
+    src = write_input(tmp_path / "in.jsonl", n)
+    with src.open("a", encoding="utf-8") as f:
+        f.write('{"custom_id": "bad", "messages": "not a list"}\n')  # rejected, line n + 1
+    return job_from_dict(
+        {
+            "job": {
+                "input": str(src),
+                "output": str(tmp_path / "out.parquet"),
+                "progress": False,
+                "engine": "ray",
+                **job,
+            },
+            "endpoint": {"base_url": base_url},
+            "request": {"model": "gpt-4o-mini"},
+            "limits": {"concurrency": 16},
+            "retry": {"max_attempts": 6, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+            "ray": {"workers": 2, "block_rows": 40},
+        }
+    )
+
+
+def output_ids(output: Path) -> list[str]:
+    return sorted(row["custom_id"] for row in read_results(output))
+
+
+@pytest.mark.slow
+def test_each_id_once_then_resume_sends_only_what_is_missing(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+
+    job = ray_job(tmp_path, sim.base_url)
+    expected = [f"r{i:05d}" for i in range(N)]
+    answered = sim.simulator.stats.answered_ok
+
+    report = run_job_on_ray(job, stream=io.StringIO())
+
+    assert report.exit_code == 1, report.summary  # the one rejected line
+    assert "engine    ray: 2 workers, 6 blocks of up to 40 requests" in report.summary
+    output = report.output
+    parts = parquet_parts(output)
+    assert len(parts) == N // 40  # one part file per block
+    for part in parts:
+        assert pq.read_schema(part).remove_metadata() == SCHEMA
+        assert pq.read_schema(part).metadata[b"batcher.input"] == str(job.input).encode()
+    assert output_ids(output) == expected
+    # The folder reads as one table in the usual tools.
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    assert len(pd.read_parquet(output)) == N
+    assert pl.read_parquet(output / "*.parquet")["custom_id"].n_unique() == N
+    sql = f"select count(distinct custom_id), count(*) from read_parquet('{output}/*.parquet')"
+    assert duckdb.sql(sql).fetchall() == [(N, N)]
+    rows = list(read_results(output))
+    assert {r["status"] for r in rows} == {"ok"}
+    made = read_provenance(output)  # as batcher report shows it
+    assert json.loads(made["job"])["engine"] == "ray"
+    summary, _ = build_report(output)
+    assert f"{N}: {N} ok, 0 error" in format_report(summary)
+    assert {r["endpoint"] for r in rows} == {"default"}
+    assert sim.simulator.stats.answered_ok - answered == N
+    assert report.stats.ok == N and report.stats.rejected == 1
+    rejects = [json.loads(line) for line in report.rejects.read_text().splitlines()]  # type: ignore[union-attr]
+    assert [(r["line"], r["custom_id"]) for r in rejects] == [(N + 1, "bad")]
+    assert "messages" in rejects[0]["reason"]
+
+    # Again: nothing is sent.
+    answered = sim.simulator.stats.answered_ok
+    again = run_job_on_ray(job, stream=io.StringIO())
+    assert sim.simulator.stats.answered_ok == answered
+    assert (again.stats.submitted, again.stats.skipped) == (0, N)
+    assert again.stats.output_ok == N and again.exit_code == 1
+
+    # A part lost (as if the run had stopped before it): only its ids are sent again.
+    lost = parts[2]
+    lost_ids = pq.read_table(lost, columns=["custom_id"])["custom_id"].to_pylist()
+    lost.unlink()
+    third = run_job_on_ray(job, stream=io.StringIO())
+    assert sim.simulator.stats.answered_ok - answered == len(lost_ids) == 40
+    assert third.stats.submitted == 40 and third.stats.skipped == N - 40
+    assert output_ids(output) == expected  # every id exactly once
+
+    # --restart: everything again, still once each.
+    fourth = run_job_on_ray(job, restart=True, stream=io.StringIO())
+    assert fourth.stats.submitted == N
+    assert output_ids(output) == expected
+
+
+@pytest.mark.slow
+def test_workers_import_this_checkout(ray_instance: Any) -> None:
+    import batcher
+
+    @ray_instance.remote
+    def where() -> str:
+        import batcher
+
+        return batcher.__file__
+
+    assert ray_instance.get(where.remote()) == batcher.__file__
+
+
+@pytest.mark.slow
+def test_a_refused_key_stops_every_worker_and_records_nothing(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+
+    with running_sim(SimConfig(error_rate=1.0, error_kinds=("401",))) as refusing:
+        job = ray_job(tmp_path, refusing.base_url, n=120)
+        report = run_job_on_ray(job, stream=io.StringIO())
+        # As locally: at most the requests in flight (the job's concurrency, 16, over all
+        # workers) are sent once the key is refused; later blocks are not tried.
+        assert refusing.simulator.stats.requests_received <= 16
+    assert report.exit_code == 3
+    assert "refused the API key" in (report.stats.stop_reason or "")
+    assert output_ids(report.output) == []  # not recorded: a re-run after the fix sends them
+
+
+@pytest.mark.slow
+def test_a_host_that_does_not_resolve_stops_a_ray_run_as_a_configuration_error(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    """As locally: exit 2 (a ``ConfigError``) naming the endpoint's field and the host, and
+    nothing recorded (a re-run after the fix sends everything)."""
+    from batcher.ray.driver import run_job_on_ray
+
+    job = ray_job(tmp_path, "http://does-not-exist.invalid/v1", n=40)
+    with pytest.raises(ConfigError) as info:
+        run_job_on_ray(job, stream=io.StringIO())
+    assert info.value.field == "endpoint.base_url"
+    assert "does-not-exist.invalid" in str(info.value)
+    assert output_ids(job.output) == []
+
+
+@pytest.mark.slow
+def test_cli_engine_ray_on_an_existing_cluster(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    """``batcher run --engine ray`` joins the cluster ``RAY_ADDRESS`` names, as under
+    ``ray job submit``, and never prints the API key."""
+
+    src = write_input(tmp_path / "in.jsonl", 100)
+    out = tmp_path / "cli.parquet"
+    env = {**os.environ, "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address}
+    env[KEY_VAR] = KEY
+    job = tmp_path / "job.toml"
+    job.write_text(
+        textwrap.dedent(f"""
+            [job]
+            input = "{src}"
+            output = "{out}"
+            [endpoint]
+            base_url = "{sim.base_url}"
+            api_key_env = "{KEY_VAR}"
+            [request]
+            model = "gpt-4o-mini"
+            [retry]
+            backoff_initial_s = 0.01
+            backoff_max_s = 0.05
+        """),
+        encoding="utf-8",
+    )
+    cmd = batcher_cmd("run", str(job), "--engine", "ray", "--ray-workers", "2", "--no-progress")
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=90, cwd=ROOT, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "100 done: 100 ok" in done.stderr
+    assert KEY not in done.stderr + done.stdout
+    assert output_ids(out) == [f"r{i:05d}" for i in range(100)]
+    assert all(KEY.encode() not in p.read_bytes() for p in parquet_parts(out))
+
+
+@pytest.mark.slow
+def test_a_key_missing_on_the_workers_is_named(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver has the key but the cluster's workers do not: one clear line, exit 3."""
+    from batcher.errors import OutputError
+    from batcher.ray.driver import run_job_on_ray
+
+    monkeypatch.setenv("BATCHER_TEST_DRIVER_ONLY_KEY", KEY)
+    job = ray_job(tmp_path, sim.base_url, n=40)
+    job = dataclasses.replace(
+        job, endpoint=dataclasses.replace(job.endpoint, api_key_env="BATCHER_TEST_DRIVER_ONLY_KEY")
+    )
+    with pytest.raises(OutputError) as exc:
+        run_job_on_ray(job, stream=io.StringIO())
+    assert str(exc.value) == (
+        "the Ray job failed: endpoint default: $BATCHER_TEST_DRIVER_ONLY_KEY is not set on this "
+        "Ray worker (set it in the workers' environment; see the README)"
+    )
+    assert exc.value.exit_code == 3
+
+
+@pytest.mark.slow
+def test_engine_ray_without_ray_fails_before_sending(tmp_path: Path) -> None:
+    """No traceback, exit 2, the extra named, nothing written."""
+    src = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "o.parquet"
+    code = textwrap.dedent("""
+        import sys
+        class NoRay:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ray" or name.startswith("ray."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, NoRay())
+        from batcher.cli.main import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    args = ["run", "--input", str(src), "--output", str(out), "--model", "m", "--engine", "ray"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "batcher: error: job.engine: Ray is not installed: pip install 'batcher[ray]' "
+        "(or pip install 'ray[data]')"
+    ]
+    assert not out.exists()
+
+
+def test_engine_and_ray_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"^job\.engine: must be \"local\" or \"ray\""):
+        job_from_dict({"job": {"engine": "spark"}})
+    with pytest.raises(ConfigError, match=r"^ray\.workers: must be an integer >= 1"):
+        job_from_dict({"ray": {"workers": 0}})
+    with pytest.raises(ConfigError, match=r"^ray\.block_rows"):
+        job_from_dict({"ray": {"block_rows": "many"}})
+    with pytest.raises(ConfigError, match=r"^ray\.colour"):
+        job_from_dict({"ray": {"colour": 1}})
+    job = with_overrides(JobConfig(), engine="ray", ray_workers=3)
+    assert (job.engine, job.ray.workers) == ("ray", 3)
+    with pytest.raises(ConfigError, match=r"^--ray-workers: only with --engine ray"):
+        with_overrides(JobConfig(), ray_workers=3)
+
+
+def test_cli_engine_flag_names_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    from batcher.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--engine", "spark"])
+    assert exc.value.code == 2
+    assert "argument --engine: invalid choice: 'spark'" in capsys.readouterr().err
+
+
+def test_ray_engine_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from batcher.ray.driver import run_job_on_ray
+
+    src = write_input(tmp_path / "in.jsonl", 2)
+    base = {"input": str(src), "model": "m", "base_url": "sim", "engine": "ray"}
+    jsonl = with_overrides(JobConfig(), output=str(tmp_path / "o.jsonl"), **base)
+    with pytest.raises(ConfigError, match=r"^job\.output: the Ray engine writes Parquet"):
+        run_job_on_ray(jsonl)
+    capped = with_overrides(
+        JobConfig(), output=str(tmp_path / "o.parquet"), max_cost_usd=1.0, **base
+    )
+    with pytest.raises(ConfigError, match=r"^limits\.max_cost_usd: not supported"):
+        run_job_on_ray(capped)
+    sweep = dataclasses.replace(
+        with_overrides(JobConfig(), output=str(tmp_path / "o.parquet"), **base),
+        variants=(VariantConfig(name="a"), VariantConfig(name="b")),
+    )
+    with pytest.raises(ConfigError, match=r"^variants: not supported with the Ray engine"):
+        run_job_on_ray(sweep)
+    (tmp_path / "file.parquet").write_bytes(b"")
+    local_output = with_overrides(JobConfig(), output=str(tmp_path / "file.parquet"), **base)
+    with pytest.raises(ConfigError, match=r"is a file"):
+        run_job_on_ray(local_output)
+
+
+def test_limits_are_divided_between_workers() -> None:
+    job = job_from_dict(
+        {
+            "endpoints": [
+                {"name": "a", "base_url": "sim"},
+                {"name": "b", "base_url": "sim", "rpm": 90, "concurrency": 5},
+            ],
+            "limits": {"rpm": 600, "tpm": 30000, "concurrency": 64},
+        }
+    )
+    a = worker_limits(job, job.endpoints[0], 4)
+    assert (a.configured_rpm, a.configured_tpm, a.max_concurrency) == (150, 7500, 16)
+    b = worker_limits(job, job.endpoints[1], 4)
+    assert (b.configured_rpm, b.configured_tpm, b.max_concurrency) == (22.5, 7500, 1)  # 5 // 4
+    assert worker_limits(job, job.endpoints[1], 8).max_concurrency == 1  # never 0
+
+
+def test_a_shared_limit_learns_its_share_of_the_server_headers() -> None:
+    """A worker with 1/4 of the limits learns 1/4 of the key's server limit (else 4 workers
+    that each learned it would send 4 times what the key allows)."""
+    now = [0.0]
+    limits = Limits(concurrency=8, share=0.25, clock=lambda: now[0])
+    limits.observe({"x-ratelimit-limit-requests": "400", "x-ratelimit-remaining-requests": "8"})
+    assert limits.server_rpm == 100
+    assert limits.rpm is not None
+    assert [limits.rpm.reserve(1) for _ in range(3)] == pytest.approx([0.0, 0.6, 1.2])
+    whole = Limits(concurrency=8, clock=lambda: now[0])
+    whole.observe({"x-ratelimit-limit-requests": "400"})
+    assert whole.server_rpm == 400
+    with pytest.raises(ValueError, match="share"):
+        Limits(share=0)
+
+
+@pytest.mark.slow
+def test_retry_errors_resends_them_and_their_new_records_replace_the_old(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+
+    expected = [f"r{i:05d}" for i in range(120)]
+    with running_sim(SimConfig(error_rate=0.3, error_kinds=("400", "500"), seed=5)) as faulty:
+        job = ray_job(tmp_path, faulty.base_url, n=120)
+        job = dataclasses.replace(job, retry=dataclasses.replace(job.retry, max_attempts=1))
+        first = run_job_on_ray(job, stream=io.StringIO())
+    codes = {r["custom_id"]: r["status_code"] for r in read_results(first.output)}
+    refused = {cid for cid, code in codes.items() if code == 400}  # not retryable
+    flaky = {cid for cid, code in codes.items() if code == 500}  # retryable
+    assert refused and flaky and first.exit_code == 1
+
+    with running_sim(SimConfig()) as healthy:
+        job = dataclasses.replace(
+            job, endpoint=dataclasses.replace(job.endpoint, base_url=healthy.base_url)
+        )
+        second = run_job_on_ray(job, retry_errors="retryable", stream=io.StringIO())
+        assert healthy.simulator.stats.answered_ok == len(flaky)
+        assert (second.stats.submitted, second.stats.resent) == (len(flaky), len(flaky))
+        rows = {r["custom_id"]: r["status"] for r in read_results(second.output)}
+        assert output_ids(second.output) == expected  # the old records are gone
+        assert {cid for cid, status in rows.items() if status == "error"} == refused
+
+        third = run_job_on_ray(job, retry_errors="all", stream=io.StringIO())
+        assert healthy.simulator.stats.answered_ok == len(flaky) + len(refused)
+        assert output_ids(third.output) == expected
+        assert {r["status"] for r in read_results(third.output)} == {"ok"}
+        assert third.stats.output_ok == 120 and third.stats.output_error == 0
+
+
+def test_an_id_found_twice_keeps_its_later_record(tmp_path: Path) -> None:
+    """A run that stopped between writing a re-sent request's new part and dropping its old
+    row leaves the id twice; the next run keeps the later record before anything else."""
+    from batcher.output.parts import part_path, prepare, write_part
+    from batcher.output.writers import results_table
+    from batcher.records import Result, Status
+
+    def result(cid: str, status: Status) -> Result:
+        return Result(custom_id=cid, line=1, status=status, model="m", attempts=1,
+                      latency_s=0.1, started_at=1.0, finished_at=2.0)  # fmt: skip
+
+    folder = tmp_path / "out.parquet"
+    folder.mkdir()
+    old = part_path(folder, "20260101T000000000000-aaaaaa", 0)
+    new = part_path(folder, "20260102T000000000000-bbbbbb", 0)
+    write_part(old, results_table([result("a", "error"), result("b", "ok")]), {"batcher.x": "1"})
+    write_part(new, results_table([result("a", "ok")]), None)
+    (folder / ".part-cut-short.parquet.partial").write_bytes(b"PAR1")
+
+    found = prepare(folder, restart=False)
+
+    assert not found.duplicated and found.counts() == {"ok": 2}
+    assert sorted(r["custom_id"] for r in read_results(old)) == ["b"]
+    assert pq.read_schema(old).metadata == {b"batcher.x": b"1"}  # provenance kept
+    assert not list(folder.glob(".*.partial"))
+    assert prepare(folder, restart=True).records == {} and not parquet_parts(folder)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_the_rerun_completes_each_id_once(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    """The driver killed after its first parts: the parts written stay, the blocks in flight
+    are sent again, and in the end every id is in the output once."""
+    import time
+
+    n, block = 600, 50
+    src = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "k.parquet"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\ninput = "{src}"\noutput = "{out}"\n[request]\nmodel = "m"\n'
+        f"[limits]\nconcurrency = 8\n[ray]\nworkers = 2\nblock_rows = {block}\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address}
+    with running_sim(SimConfig(latency_ms=20)) as sim:
+        cmd = batcher_cmd(
+            "run", str(job), "--base-url", sim.base_url, "--engine", "ray", "--no-progress"
+        )
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and parquet_parts(out)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        first = output_ids(out)
+        assert 0 < len(first) < n
+
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert output_ids(out) == [f"r{i:05d}" for i in range(n)]
+        # Sent twice at most: the blocks that were in flight (2 workers × 2 blocks each).
+        assert n <= sim.simulator.stats.answered_ok <= n + 2 * 2 * block
+
+
+@pytest.mark.slow
+def test_the_python_api_runs_a_ray_job_on_ray(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    import batcher
+
+    job = ray_job(tmp_path, sim.base_url, n=30)
+    result = batcher.run(job)
+    assert result.output.is_dir()  # the Ray engine's folder of parts, not a local file
+    assert not (tmp_path / "out.parquet.journal.jsonl").exists()
+    assert result.table is not None and result.table.schema.names == SCHEMA.names
+    assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
+    assert len(output_ids(result.output)) == 30 and result.stats.ok == 30
+
+
+@pytest.mark.slow
+def test_an_interrupt_lets_the_workers_finish_what_they_sent_and_keeps_it(
+    tmp_path: Path, ray_instance: Any
+) -> None:
+    """Ctrl+C (SIGINT) mid-run: the workers send no new requests, those in flight finish and
+    every answer the server sent is written (partial blocks too), exit 3; a re-run sends only
+    the rest."""
+    import threading
+
+    from batcher.ray.driver import run_job_on_ray
+
+    n = 600
+    expected = [f"r{i:05d}" for i in range(n)]
+    with running_sim(SimConfig(latency_ms=300)) as slow:
+        job = ray_job(tmp_path, slow.base_url, n=n)
+        # Ctrl+C once the first part is written: blocks are finished, others half done.
+        out, stop = tmp_path / "out.parquet", threading.Event()
+
+        def interrupt() -> None:
+            while not stop.wait(0.05):
+                if out.is_dir() and parquet_parts(out):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        thread = threading.Thread(target=interrupt, daemon=True)
+        thread.start()
+        try:
+            first = run_job_on_ray(job, stream=io.StringIO(), handle_signals=True)
+        finally:
+            stop.set()
+            thread.join()
+        received = slow.simulator.stats.requests_received
+    assert first.exit_code == 3, first.summary
+    assert first.stats.stop_reason == "interrupted by SIGINT"
+    written = output_ids(first.output)
+    assert 0 < len(written) < n
+    assert len(set(written)) == len(written)
+    # Every request the server answered is in the output: none is paid for twice.
+    assert received == len(written)
+    assert first.stats.ok == len(written)
+
+    with running_sim(SimConfig()) as fast:
+        job = dataclasses.replace(
+            job, endpoint=dataclasses.replace(job.endpoint, base_url=fast.base_url)
+        )
+        second = run_job_on_ray(job, stream=io.StringIO(), handle_signals=True)
+        assert fast.simulator.stats.requests_received == n - len(written)
+    assert second.exit_code == 1, second.summary  # the rejected line
+    assert (second.stats.submitted, second.stats.skipped) == (n - len(written), len(written))
+    assert output_ids(second.output) == expected
+
+
+@pytest.mark.slow
+def test_cli_sigterm_keeps_what_was_answered(tmp_path: Path, ray_instance: Any) -> None:
+    """``batcher run --engine ray`` sent SIGTERM after its first part: exit 3, and every answer
+    the server sent is in the output."""
+    import time
+
+    src = write_input(tmp_path / "in.jsonl", 600)
+    out = tmp_path / "t.parquet"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'[job]\ninput = "{src}"\noutput = "{out}"\ngrace_s = 5\n[request]\nmodel = "m"\n'
+        "[limits]\nconcurrency = 16\n[ray]\nworkers = 2\nblock_rows = 40\n",
+        encoding="utf-8",
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_instance.get_runtime_context().gcs_address}
+    with running_sim(SimConfig(latency_ms=300)) as slow:
+        cmd = batcher_cmd(
+            "run", str(job), "--base-url", slow.base_url, "--engine", "ray", "--no-progress"
+        )
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while not (out.is_dir() and parquet_parts(out)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        received = slow.simulator.stats.requests_received
+    assert proc.returncode == 3, stderr
+    assert "interrupted by SIGTERM: the workers send no new requests" in stderr
+    written = output_ids(out)
+    assert 0 < len(written) < 600
+    assert received == len(written)
