@@ -25,7 +25,6 @@ ends with ``RunStats.config_error`` set (exit 2).
 from __future__ import annotations
 
 import dataclasses
-import gc
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -114,7 +113,6 @@ class Engine:
         grace_s: float = 10.0,
         outage_patience_s: float = 1800.0,
         validate: ValidateConfig | None = None,
-        freeze_after_first: bool = False,
         encoding: str | None = None,
         warm_up: Callable[[], object] | None = None,
         on_token_limit: Callable[[], object] | None = None,
@@ -141,9 +139,6 @@ class Engine:
         self._pricer = pricer or Pricer()
         self._budget = budget
         self._validate = validate if validate is not None and validate.json_schema else None
-        # Once the first answer is recorded the long-lived tables (token encodings, prices)
-        # are loaded: gc.freeze() then keeps the collector from walking them again and again.
-        self._freeze_pending = freeze_after_first
         self._grace_s = grace_s
         self._encoding = encoding  # the job's [limits] encoding, for prompts counted here
         self._warm_up = WarmUp(warm_up)
@@ -451,9 +446,6 @@ class Engine:
             self._stats.add(result)
             self._stats.reasks += reasks
             self._progress.advance()
-            if self._freeze_pending:
-                self._freeze_pending = False
-                gc.freeze()
 
     def _record_all(self, results: list[tuple[Result, str]]) -> None:
         for result, body_hash in results:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import os
 import shutil
 import sys
@@ -181,7 +180,7 @@ async def arun_job(
                         functools.partial(provenance, job, input_path),
                         row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
                     )
-                with _base_urls(job) as base_urls, _fewer_collections():
+                with _base_urls(job) as base_urls:
                     stats, rejected = await _run_async(
                         job, sources, input_path, output, journal, live, plan,
                         list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
@@ -226,24 +225,6 @@ async def arun_job(
     )
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
-
-
-@contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
-    """Collect garbage less often during the run (undone afterwards).
-
-    Every request leaves garbage that starts a collection every 700 allocations, each walking
-    what the run keeps; with the token and price tables frozen out of the collector's sight
-    (``Engine(freeze_after_first=True)``) and thresholds of 20000/20/20, collections took 0.26 s
-    of a 5,000-request run instead of 0.75 s (measured with ``gc.callbacks``).
-    """
-    thresholds = gc.get_threshold()
-    gc.set_threshold(20_000, 20, 20)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
 
 
 def _open_sources(path: Path, count: int) -> list[IO[bytes]]:
@@ -383,7 +364,6 @@ async def _run_async(
                     grace_s=job.grace_s,
                     outage_patience_s=job.retry.outage_patience_s,
                     validate=job.validate,
-                    freeze_after_first=True,
                     encoding=job.limits.encoding,
                     # pyarrow (~50 ms) and the provenance while the first answers are awaited
                     warm_up=None if live is None else live.prepare,
