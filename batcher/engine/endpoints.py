@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from batcher.engine.outage import Outage
 from batcher.http.client import ChatClient
-from batcher.limits.meters import Limits
+from batcher.limits.endpoint import Limits
 
 #: How fast the failure rate follows new outcomes (an exponentially weighted average).
 FAILURE_SMOOTHING = 0.1

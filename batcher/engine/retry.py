@@ -23,7 +23,7 @@ from tenacity.wait import wait_base
 
 from batcher.config import RetryConfig
 from batcher.http.client import Attempt
-from batcher.limits.meters import MAX_SERVER_WAIT_S
+from batcher.limits.endpoint import MAX_SERVER_WAIT_S
 
 Sleep = Callable[[float], Awaitable[None]]
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from batcher.engine.core import Engine
-    from batcher.limits.meters import Limits
+    from batcher.limits.endpoint import Limits
 
 #: The status of the extra row a worker adds to a block it could not finish, with the reason
 #: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
@@ -40,7 +40,7 @@ ERROR_MARK = "[batcher] "
 def worker_limits(job: JobConfig, endpoint: EndpointConfig, workers: int) -> Limits:
     """One worker's limits at an endpoint: 1/``workers`` of its RPM, TPM and concurrency
     (at least one request in flight), and of what the server's headers will say."""
-    from batcher.limits.meters import Limits
+    from batcher.limits.endpoint import Limits
 
     rpm = endpoint.rpm or job.limits.rpm
     tpm = endpoint.tpm or job.limits.tpm

@@ -30,8 +30,8 @@ from batcher.errors import ConfigError, OutputError
 from batcher.http.client import ChatClient, check_api_key
 from batcher.input.field_names import FieldNames, job_field_warnings
 from batcher.input.reader import Reader, count_lines, open_input
+from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import KnownLimits
-from batcher.limits.meters import Limits
 from batcher.output.formats import RejectsWriter, output_format
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput

@@ -17,7 +17,7 @@ from batcher.config import job_from_dict
 from batcher.engine.endpoints import Endpoint, Router
 from batcher.engine.outage import Outage
 from batcher.errors import ConfigError
-from batcher.limits.meters import Limits
+from batcher.limits.endpoint import Limits
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
 from batcher.sim.app import SimConfig, running_sim

@@ -17,8 +17,8 @@ import pytest
 
 from batcher.config import JobConfig, job_from_dict
 from batcher.disk_cache import JsonCache
+from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import MAX_AGE_S, Announced, KnownLimits
-from batcher.limits.meters import Limits
 from batcher.runner.run import run_job
 from tests.helpers import write_input
 

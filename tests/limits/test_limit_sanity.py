@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from batcher.disk_cache import JsonCache
+from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import Announced, KnownLimits
-from batcher.limits.meters import Limits
 from tests.helpers import run_batcher, write_input
 from tests.loopback import chat_answer, json_app, serving
 

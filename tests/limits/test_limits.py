@@ -7,8 +7,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batcher.limits.known_limits import Announced
-from batcher.limits.meters import (
+from batcher.limits.endpoint import (
     BACKOFF,
     RECOVERY_S,
     Limits,
@@ -16,6 +15,7 @@ from batcher.limits.meters import (
     parse_duration,
     parse_rate_headers,
 )
+from batcher.limits.known_limits import Announced
 
 
 class Clock:

@@ -10,7 +10,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.limits.meters import (
+from batcher.limits.endpoint import (
     BACKOFF,
     OVERLOAD_ALPHA,
     Limits,

@@ -25,7 +25,7 @@ import pytest
 
 from batcher.config import JobConfig, VariantConfig, job_from_dict, with_overrides
 from batcher.errors import ConfigError
-from batcher.limits.meters import Limits
+from batcher.limits.endpoint import Limits
 from batcher.output.provenance import read_provenance
 from batcher.output.report import build_report, format_report
 from batcher.output.writers import SCHEMA, parquet_parts, read_results

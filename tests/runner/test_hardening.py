@@ -17,7 +17,7 @@ import pytest
 from batcher.config import JobConfig, job_from_dict
 from batcher.errors import ConfigError
 from batcher.http.client import ChatClient
-from batcher.limits.meters import MAX_SERVER_WAIT_S, Limits
+from batcher.limits.endpoint import MAX_SERVER_WAIT_S, Limits
 from batcher.output.journal import Journal, journal_path
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
