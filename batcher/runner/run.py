@@ -37,6 +37,7 @@ from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput
 from batcher.output.provenance import provenance
 from batcher.output.resume import ResumePlan, RetryErrors
+from batcher.runner.housekeeping import Housekeeping
 from batcher.runner.progress import Progress, format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats, answer_warnings
@@ -95,6 +96,7 @@ def run_job(
     handle_signals: bool = False,
     stream: IO[str] | None = None,
     lean: bool = False,
+    housekeeping: Housekeeping | None = None,
 ) -> RunReport:
     """Run a job to completion (blocking) and return its report; prints the summary.
 
@@ -109,6 +111,7 @@ def run_job(
         handle_signals=handle_signals,
         stream=stream,
         lean=lean,
+        housekeeping=housekeeping,
     )
     return anyio.run(run)
 
@@ -122,6 +125,7 @@ async def arun_job(
     handle_signals: bool = False,
     stream: IO[str] | None = None,
     lean: bool = False,
+    housekeeping: Housekeeping | None = None,
 ) -> RunReport:
     """Run a job to completion on the running event loop; return its report, print the summary.
 
@@ -140,6 +144,8 @@ async def arun_job(
 
     A run whose journal starts empty writes its output as it goes (``LiveOutput``); one that
     resumes a journal writes it from the journal at the end (``write_output``).
+    ``housekeeping``: what the process that owns the run does around it (the CLI's tuning);
+    a library run has none and changes nothing process-wide.
     """
     stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
@@ -184,7 +190,7 @@ async def arun_job(
                     stats, rejected = await _run_async(
                         job, sources, input_path, output, journal, live, plan,
                         list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
-                        stream, lean,
+                        stream, lean, housekeeping,
                     )  # fmt: skip
                 if stats.config_error is not None:
                     # The endpoint showed the job cannot work: no output (the except below
@@ -198,6 +204,8 @@ async def arun_job(
                 journal.sync()  # the journal on disk before the output derived from it
                 if lean:
                     release_encodings()
+                if housekeeping is not None:
+                    housekeeping.before_output()
                 # in a thread: a notebook's event loop keeps serving while pyarrow writes
                 if live is not None and await anyio.to_thread.run_sync(live.close):
                     stats.output_ok, stats.output_error = live.ok, live.error
@@ -262,6 +270,7 @@ async def _run_async(
     handle_signals: bool,
     stream: IO[str],
     lean: bool,
+    housekeeping: Housekeeping | None,
 ) -> tuple[RunStats, int]:
     """The run itself; ``targets`` are the endpoints' (base URL, API key), in job order.
 
@@ -372,6 +381,8 @@ async def _run_async(
                 async with anyio.create_task_group() as background:
                     if lean:
                         background.start_soon(_trim_malloc_every, TRIM_EVERY_S)
+                    if housekeeping is not None:
+                        background.start_soon(housekeeping.during_run)
                     await engine.run(
                         lanes[0].batches
                         if len(lanes) == 1 and lanes[0].endpoints is None
