@@ -59,7 +59,8 @@ from batcher.errors import InputError
 from batcher.http.client import Attempt, ChatClient
 from batcher.input.idset import IdSet
 from batcher.input.requests import LateCounter
-from batcher.limits.endpoint import Limits, classify_429
+from batcher.limits.endpoint import Limits
+from batcher.limits.overload import classify_429
 from batcher.output.resume import ResumePlan
 from batcher.records import Reject, Request, Result
 from batcher.runner.progress import Progress

@@ -1,50 +1,39 @@
-"""Client-side limits: RPM/TPM meters, an adaptive concurrency limit, and 429 cooldowns.
+"""An endpoint's limits: everything a request waits on before it is sent, and what answers teach.
 
-Three separate objects, all waited on before a request is sent:
+Three separate things, all waited on before a request is sent:
 
-- **Meters** (``RateMeter``): GCRA ("virtual scheduling", a token bucket): a request reserves
-  its cost and sleeps exactly until its slot, so waiters queue in order with no polling and
-  capacity is spread evenly instead of spent in per-minute bursts. Their rate is the job's
-  ``rpm``/``tpm``, lowered to the server's ``x-ratelimit-limit-*`` when that is smaller (a job
-  that sets no limit learns the server's from its first answer).
+- **Meters** (``batcher.limits.meters.RateMeter``): their rate is the job's ``rpm``/``tpm``,
+  lowered to the server's ``x-ratelimit-limit-*`` when that is smaller (a job that sets no
+  limit learns the server's from its first answer).
 - **Concurrency** (an ``anyio.CapacityLimiter``): at most ``concurrency`` requests in flight;
   just one until the first answer is back (a probe: it brings the server's limits).
 - **Cooldown and back-off**: a 429 that says a limit was reached pauses every new request for
   its ``retry-after`` (1 s without one) and cuts the meters' rates and the concurrency limit by
   ``BACKOFF``; they climb back linearly to full over ``RECOVERY_S`` seconds without a 429.
-- **Overload is not a limit**: a 429 whose ``x-ratelimit-remaining-*`` headers show capacity
-  (or, without such headers, whose error says the server is overloaded) is a busy server, not a
-  breached limit (``classify_429``). Only that request waits its ``retry-after``; the pool slows
-  down only when such answers become frequent (``OverloadRatio``: AIMD on the rejection ratio,
-  as the client-side throttling of Google's SRE book does), so a server that sheds 2 % of its
-  requests costs their retries, not the run's speed.
+  A 429 of a busy server is not a limit (``batcher.limits.overload``): only that request waits,
+  unless such answers become frequent.
 
-Server headers also steer: ``x-ratelimit-remaining-*`` caps how far ahead of the server the
-meters may run: the dispatch credit (what could be sent at once) is cut to what the server says
-remains, less what is in flight, and then refills at the limit's rate. With no limit header,
-``remaining`` at 0 pauses the pool until ``x-ratelimit-reset-*``.
+Server headers also steer (``batcher.limits.headers``): ``x-ratelimit-remaining-*`` caps how
+far ahead of the server the meters may run: the dispatch credit (what could be sent at once) is
+cut to what the server says remains, less what is in flight, and then refills at the limit's
+rate. With no limit header, ``remaining`` at 0 pauses the pool until ``x-ratelimit-reset-*``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
 
 import anyio
 import anyio.lowlevel
 
+from batcher.limits.headers import RateHeaders, parse_rate_headers
 from batcher.limits.known_limits import Announced
 from batcher.limits.limit_checks import LimitChecks
+from batcher.limits.meters import Clock, RateMeter
+from batcher.limits.overload import OverloadRatio, Verdict429
 
-Clock = Callable[[], float]
-
-#: Burst a meter allows after an idle period, in seconds of its rate. Zero: requests go out
-#: evenly spaced, which is what a server enforcing "per minute" over short windows accepts.
-DEFAULT_BURST_S = 0.0
 #: Factor applied to the rates and the concurrency limit by each 429 (not more than once per
 #: cooldown), and the floor it cannot go below.
 BACKOFF = 0.7
@@ -56,186 +45,6 @@ DEFAULT_COOLDOWN_S = 1.0
 #: The longest wait a server may ask for and be obeyed: a bogus ``retry-after`` (an HTTP date
 #: years ahead, say) must not park the pool all night.
 MAX_SERVER_WAIT_S = 600.0
-#: Share of recent answers that were overload 429s above which the pool narrows, and how
-#: quickly that share follows the answers (an exponentially weighted mean over about
-#: ``1 / OVERLOAD_ALPHA`` answers). A server that sheds 5 % sits far below the threshold (the
-#: mean's noise there is about 2 points); one that refuses a quarter of what it gets is
-#: overwhelmed by this client, and narrowing is what helps it.
-OVERLOAD_RATIO = 0.2
-OVERLOAD_ALPHA = 0.02
-
-Verdict429 = Literal["limit", "overload"]
-
-# Words of an error that say the server is busy rather than that a quota was used up.
-_OVERLOAD_WORDS = ("overload", "capacity", "busy", "server_error", "unavailable")
-_LIMIT_WORDS = ("rate limit", "rate_limit", "ratelimit", "per min", "quota", "too many")
-# Limits the per-minute x-ratelimit-* headers do not describe: a 429 naming one is a limit
-# whatever those headers show (a day's quota spent, a cap on concurrent requests).
-_UNSEEN_LIMIT_WORDS = ("per day", "rpd", "tpd", "daily", "concurren", "quota")
-#: A 429's tokens left must cover this many times the request's estimate to show capacity:
-#: the estimate can be short of what the server charges at admission (it may leave out the
-#: prompt, and tokenizers differ), and a token limit must not pass for a busy server.
-TOKEN_MARGIN = 2
-
-
-class RateMeter:
-    """A continuous meter of ``per_minute`` units (requests or tokens) a minute."""
-
-    def __init__(
-        self, per_minute: float, *, burst_s: float = DEFAULT_BURST_S, clock: Clock = time.monotonic
-    ) -> None:
-        if per_minute <= 0:
-            raise ValueError("per_minute must be > 0")
-        self._clock = clock
-        self._tolerance = burst_s
-        self._tat = clock()  # theoretical arrival time of the next unit
-        self.per_minute = per_minute
-        self._interval = 60.0 / per_minute
-        self._booked_at = per_minute  # the slowest rate a slot now reserved may have been set at
-
-    def set_rate(self, per_minute: float) -> bool:
-        """Change the rate for every later reservation.
-
-        Returns true when the rate has at least doubled since the slowest pace a reservation
-        still waiting may have been made at: those waits are stale (a limit remembered low, a
-        back-off recovered from), and the waiters must give their slots back (``refund``) and
-        book again (``Limits.acquire``). What is booked ahead is then re-spaced at the new
-        rate, so their refunds bring it back to now. A slower rate stretches it likewise, so
-        the next reservation comes after the waiters at the new pace; a faster one that is
-        not stale leaves it (the waiters keep their slots, the next one follows them).
-        """
-        if per_minute <= 0:
-            raise ValueError("per_minute must be > 0")
-        stale = per_minute >= 2 * self._booked_at
-        if stale or per_minute < self.per_minute:
-            now = self._clock()
-            self._tat = now + (self._tat - now) * (self.per_minute / per_minute)
-        self.per_minute = per_minute
-        self._interval = 60.0 / per_minute
-        self._booked_at = per_minute if stale else min(self._booked_at, per_minute)
-        return stale
-
-    def reserve(self, amount: float) -> float:
-        """Reserve ``amount`` units; return the seconds to wait before using them."""
-        now = self._clock()
-        tat = max(self._tat, now)
-        start = max(now, tat - self._tolerance)
-        self._tat = tat + amount * self._interval
-        return start - now
-
-    def refund(self, amount: float) -> None:
-        """Give back units reserved but not used (or take more, with a negative amount)."""
-        self._tat -= amount * self._interval
-
-    def cap_credit(self, units: float) -> None:
-        """Allow at most ``units`` to be sent before the meter's own pace resumes."""
-        self._tat = max(self._tat, self._clock() - units * self._interval)
-
-    def delay(self) -> float:
-        """Seconds until one more unit could go (0 if now)."""
-        return max(0.0, self._tat - self._tolerance - self._clock())
-
-
-@dataclass(frozen=True, slots=True)
-class RateHeaders:
-    """The ``x-ratelimit-*`` figures of one answer, for one kind (requests or tokens)."""
-
-    limit: float | None
-    remaining: float | None
-    reset_s: float | None
-
-
-def parse_rate_headers(headers: Mapping[str, str], kind: str) -> RateHeaders | None:
-    """Read ``x-ratelimit-{limit,remaining,reset}-{kind}``; ``None`` if none is present."""
-    limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
-    remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
-    reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-    if limit is None and remaining is None and reset is None:
-        return None
-    return RateHeaders(limit, remaining, reset)
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-def parse_duration(text: str | None) -> float | None:
-    """Seconds in an OpenAI reset duration (``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``)."""
-    if not text:
-        return None
-    text = text.strip()
-    number = _number(text)
-    if number is not None:
-        return number
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(value + unit for value, unit in parts) != text:
-        return None
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(value) * scale[unit] for value, unit in parts)
-
-
-def classify_429(
-    headers: Mapping[str, str] | None, error: str | None, tokens: int = 0
-) -> Verdict429:
-    """Whether a 429 says a limit was reached (``"limit"``) or the server is busy
-    (``"overload"``).
-
-    The signals, strongest first:
-
-    0. An error that names a limit those headers do not describe (a day's quota, concurrent
-       requests) is a limit, whatever the headers show.
-    1. The rate-limit headers of the 429 itself. When ``x-ratelimit-remaining-requests`` is at
-       least 1 and ``x-ratelimit-remaining-tokens`` covers this request twice over
-       (``TOKEN_MARGIN`` × ``tokens``, its estimate), whichever of them came, the key has
-       capacity: the refusal is the server's load, not a limit. A remaining figure at 0 (or
-       below that) is a limit.
-    2. Without those headers, the error's code and message: "overloaded", "capacity", "busy"
-       or ``server_error`` without any mention of a rate limit or quota is a busy server.
-    3. Otherwise a limit: the safe reading, since treating a real limit as noise would send
-       into it at full speed.
-    """
-    text = (error or "").lower()
-    if any(word in text for word in _UNSEEN_LIMIT_WORDS):
-        return "limit"
-    if headers:
-        requests = _number(headers.get("x-ratelimit-remaining-requests"))
-        remaining_tokens = _number(headers.get("x-ratelimit-remaining-tokens"))
-        if requests is not None or remaining_tokens is not None:
-            room = (requests is None or requests >= 1) and (
-                remaining_tokens is None or remaining_tokens >= max(TOKEN_MARGIN * tokens, 1)
-            )
-            return "overload" if room else "limit"
-    if any(word in text for word in _OVERLOAD_WORDS) and not any(
-        word in text for word in _LIMIT_WORDS
-    ):
-        return "overload"
-    return "limit"
-
-
-class OverloadRatio:
-    """The share of recent answers that were overload 429s, and when it calls for slowing down.
-
-    An exponentially weighted mean of 1 (an overload 429) and 0 (any other answer). When it
-    passes ``OVERLOAD_RATIO`` the pool narrows once (multiplicative decrease) and the mean
-    starts again from 0, so the next decision rests on the answers that came after it.
-    """
-
-    __slots__ = ("_answers", "ratio")
-
-    def __init__(self) -> None:
-        self.ratio = 0.0
-        self._answers = 0
-
-    def add(self, overloaded: bool) -> bool:
-        """Count one answer; true when the pool should narrow now."""
-        self.ratio += OVERLOAD_ALPHA * ((1.0 if overloaded else 0.0) - self.ratio)
-        self._answers += 1
-        # At least a window's worth of answers before a decision: a run whose first answers
-        # happen to be 429s has not shown a rate yet.
-        if self.ratio > OVERLOAD_RATIO and self._answers * OVERLOAD_ALPHA >= 1.0:
-            self.ratio = 0.0
-            self._answers = 0
-            return True
-        return False
 
 
 class Limits:
@@ -509,13 +318,3 @@ class Limits:
                     self._repace()
         if not self.probing and not self.outage:
             self.concurrency.total_tokens = max(1, round(self.max_concurrency * factor))
-
-
-def _number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None

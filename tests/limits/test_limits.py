@@ -7,15 +7,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from batcher.limits.endpoint import (
-    BACKOFF,
-    RECOVERY_S,
-    Limits,
-    RateMeter,
-    parse_duration,
-    parse_rate_headers,
-)
+from batcher.limits.endpoint import BACKOFF, RECOVERY_S, Limits
+from batcher.limits.headers import parse_duration, parse_rate_headers
 from batcher.limits.known_limits import Announced
+from batcher.limits.meters import RateMeter
 
 
 class Clock:

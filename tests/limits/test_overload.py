@@ -10,13 +10,8 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.limits.endpoint import (
-    BACKOFF,
-    OVERLOAD_ALPHA,
-    Limits,
-    OverloadRatio,
-    classify_429,
-)
+from batcher.limits.endpoint import BACKOFF, Limits
+from batcher.limits.overload import OVERLOAD_ALPHA, OverloadRatio, classify_429
 from batcher.sim.app import SimConfig
 from tests.helpers import run_batcher, sim_process, write_input
 from tests.limits.test_limits import Clock
