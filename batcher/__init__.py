@@ -21,9 +21,10 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from batcher.api import RunResult, arun, run
-    from batcher.config import JobConfig, load_job, with_overrides
-    from batcher.config import job_from_dict as job_from_dict
+    from batcher.config import JobConfig
     from batcher.errors import BatcherError, ConfigError, InputError, OutputError
+    from batcher.job_file import job_from_dict as job_from_dict
+    from batcher.job_file import load_job, with_overrides
     from batcher.runner.run import RunReport
     from batcher.runner.run import run_job as run_job
 
@@ -32,9 +33,9 @@ _HOMES = {
     "arun": "batcher.api",
     "run": "batcher.api",
     "JobConfig": "batcher.config",
-    "job_from_dict": "batcher.config",
-    "load_job": "batcher.config",
-    "with_overrides": "batcher.config",
+    "job_from_dict": "batcher.job_file",
+    "load_job": "batcher.job_file",
+    "with_overrides": "batcher.job_file",
     "BatcherError": "batcher.errors",
     "ConfigError": "batcher.errors",
     "InputError": "batcher.errors",

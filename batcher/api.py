@@ -28,8 +28,9 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from batcher.config import JobConfig, job_from_dict, load_job, with_overrides
+from batcher.config import JobConfig
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict, load_job, with_overrides
 from batcher.runner.run import RunReport, arun_job
 
 if TYPE_CHECKING:

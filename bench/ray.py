@@ -59,7 +59,8 @@ WARM_CHILD = """
 import io, json, sys, time, warnings
 warnings.simplefilter("ignore", DeprecationWarning)
 import ray
-from batcher.config import JobConfig, with_overrides
+from batcher.config import JobConfig
+from batcher.job_file import with_overrides
 from batcher.ray.driver import run_job_on_ray
 ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, logging_level="ERROR")
 print("ready", flush=True)

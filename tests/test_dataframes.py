@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batcher.config import job_from_dict
+from batcher.job_file import job_from_dict
 from batcher.runner.run import run_job
 from batcher.sim.app import SimConfig, Simulator
 from tests.helpers import write_input

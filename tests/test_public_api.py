@@ -26,7 +26,7 @@ def test_all_is_exactly_the_documented_surface() -> None:
     }  # fmt: skip
     # the lower-level calls run() is built on still resolve, outside __all__
     assert batcher.run_job.__module__ == "batcher.runner.run"
-    assert batcher.job_from_dict.__module__ == "batcher.config"
+    assert batcher.job_from_dict.__module__ == "batcher.job_file"
 
 
 def test_importing_batcher_does_not_import_the_runner() -> None:

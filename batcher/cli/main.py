@@ -312,7 +312,8 @@ def console_main() -> int:
 
 
 def _job(args: argparse.Namespace) -> JobConfig:
-    from batcher.config import JobConfig, load_job, with_overrides
+    from batcher.config import JobConfig
+    from batcher.job_file import load_job, with_overrides
 
     job = load_job(args.job) if args.job else JobConfig()
     return with_overrides(

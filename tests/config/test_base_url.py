@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from batcher.config import DEFAULT_BASE_URL, JobConfig, job_from_dict, load_job, with_overrides
+from batcher.config import DEFAULT_BASE_URL, JobConfig
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict, load_job, with_overrides
 from tests.helpers import run_batcher, sim_process, sim_stats, write_input, write_job
 
 LOCAL = "http://127.0.0.1:8080/v1"

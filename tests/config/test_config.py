@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from batcher.config import JobConfig, job_from_dict, load_job, with_overrides
+from batcher.config import JobConfig
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict, load_job, with_overrides
 
 ROOT = Path(__file__).parents[2]
 

@@ -9,9 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.config import MAX_CONCURRENCY, job_from_dict, with_overrides
+from batcher.config import MAX_CONCURRENCY
 from batcher.engine.core import Engine
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict, with_overrides
 from batcher.runner.run import run_job
 from batcher.sim.app import Simulator
 from tests.helpers import run_batcher, write_input

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from batcher.config import job_from_dict
 from batcher.cost.tokens import get_encoding
 from batcher.input.requests import prompt_bound
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
 from tests.loopback import chat_answer, json_app, serving

@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.config import JobConfig, job_from_dict
+from batcher.config import JobConfig
 from batcher.cost.pricing import Price, Pricer, parse_pricing
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.records import Usage
 from batcher.runner.run import run_job

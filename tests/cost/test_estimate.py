@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.config import JobConfig, job_from_dict
+from batcher.config import JobConfig
 from batcher.cost.estimate import estimate
 from batcher.cost.pricing import Pricer
+from batcher.job_file import job_from_dict
 from batcher.runner.run import run_job
 from batcher.sim.app import SimConfig, Simulator
 from tests.helpers import ROOT, requests_of, run_batcher, write_input

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from batcher.config import job_from_dict
 from batcher.engine.endpoints import Endpoint, Router
 from batcher.engine.outage import Outage
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict
 from batcher.limits.endpoint import Limits
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job

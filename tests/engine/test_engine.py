@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from batcher.config import job_from_dict
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
 from batcher.sim.app import SimConfig, Simulator, expected_content

@@ -14,10 +14,10 @@ import anyio
 import httpx
 import pytest
 
-from batcher.config import job_from_dict
 from batcher.engine.setup_check import WRONG_PATH_AFTER, SetupCheck, is_wrong_path
 from batcher.errors import ConfigError
 from batcher.http.client import Attempt, ChatClient
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
 from tests.helpers import free_port, run_batcher, sim_process, sim_stats, write_input, write_job

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from batcher.config import job_from_dict
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
 from batcher.sim.app import SimConfig, running_sim

@@ -142,7 +142,7 @@ def test_patience_runs_out_the_run_stops_and_nothing_is_recorded_as_failed(
 ) -> None:
     import io
 
-    from batcher.config import job_from_dict
+    from batcher.job_file import job_from_dict
     from batcher.runner.run import run_job
 
     src = write_input(tmp_path / "in.jsonl", 6)

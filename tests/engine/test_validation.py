@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from batcher.config import job_from_dict
 from batcher.engine.validation import (
     REASK_INSTRUCTION,
     Verdict,
@@ -23,6 +22,7 @@ from batcher.engine.validation import (
     reask_body,
 )
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
 from batcher.sim.app import SimConfig, running_sim

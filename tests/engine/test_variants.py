@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import batcher
-from batcher.config import job_from_dict
 from batcher.errors import ConfigError
 from batcher.input.reader import Reader
+from batcher.job_file import job_from_dict
 from batcher.records import Reject, Request
 from batcher.sim.app import SimConfig, running_sim
 from tests.helpers import (

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from batcher.config import job_from_dict
 from batcher.cost.pricing import Pricer, lookup_in_child
 from batcher.errors import ConfigError
 from batcher.http.client import chat_completions_url
 from batcher.http.redact import redact_url, scrub, url_origin
+from batcher.job_file import job_from_dict
 
 SECRET = "s3cr3t-k9-not-a-real-key"
 

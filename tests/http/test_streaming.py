@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batcher.config import job_from_dict
 from batcher.http.streaming import StreamError, StreamReader
 from batcher.input.reader import parse_line
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.records import Reject, Request
 from batcher.runner.run import run_job

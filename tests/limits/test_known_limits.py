@@ -15,8 +15,9 @@ import anyio
 import httpx
 import pytest
 
-from batcher.config import JobConfig, job_from_dict
+from batcher.config import JobConfig
 from batcher.disk_cache import JsonCache
+from batcher.job_file import job_from_dict
 from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import MAX_AGE_S, Announced, KnownLimits
 from batcher.runner.run import run_job

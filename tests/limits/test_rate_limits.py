@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.config import JobConfig, job_from_dict
+from batcher.config import JobConfig
 from batcher.cost import budget
 from batcher.cost.tokens import release_encodings
 from batcher.input import reader, requests
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
 from batcher.sim.app import SimConfig, Simulator

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batcher.config import job_from_dict
 from batcher.errors import ConfigError
 from batcher.input.reader import parse_line
+from batcher.job_file import job_from_dict
 from batcher.jsonfast import MAX_DEPTH
 from batcher.output.journal import Journal, encode, journal_path
 from batcher.output.live_output import LiveOutput

@@ -18,7 +18,8 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.config import JobConfig, job_from_dict
+from batcher.config import JobConfig
+from batcher.job_file import job_from_dict
 from batcher.output import live_output, writers
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput

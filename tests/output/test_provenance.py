@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 import batcher
-from batcher.config import job_from_dict
+from batcher.job_file import job_from_dict
 from batcher.output.provenance import REDACTED, read_provenance
 from batcher.output.report import build_report, format_report
 from batcher.runner.run import run_job

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.config import job_from_dict
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
 from tests.helpers import write_input

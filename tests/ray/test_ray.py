@@ -23,8 +23,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.config import JobConfig, VariantConfig, job_from_dict, with_overrides
+from batcher.config import JobConfig, VariantConfig
 from batcher.errors import ConfigError
+from batcher.job_file import job_from_dict, with_overrides
 from batcher.limits.endpoint import Limits
 from batcher.output.provenance import read_provenance
 from batcher.output.report import build_report, format_report

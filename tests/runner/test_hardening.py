@@ -14,9 +14,10 @@ import anyio
 import httpx
 import pytest
 
-from batcher.config import JobConfig, job_from_dict
+from batcher.config import JobConfig
 from batcher.errors import ConfigError
 from batcher.http.client import ChatClient
+from batcher.job_file import job_from_dict
 from batcher.limits.endpoint import MAX_SERVER_WAIT_S, Limits
 from batcher.output.journal import Journal, journal_path
 from batcher.output.writers import read_results

@@ -1,0 +1,145 @@
+"""Checking a job: every value of a ``JobConfig`` in range and well typed, before anything is sent.
+
+A bad value fails with an error that names the field (``limits.concurrency: must be an integer
+>= 1, got 0``). ``batcher.job_file`` calls ``validate`` on every job it builds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+from batcher.config import (
+    BASE_URL_ENV,
+    ENGINES,
+    MAX_CONCURRENCY,
+    MAX_DURATION_S,
+    MAX_TIMEOUT_S,
+    SIM,
+    JobConfig,
+)
+from batcher.cost.pricing import parse_pricing
+from batcher.cost.tokens import ENCODINGS
+from batcher.errors import ConfigError
+from batcher.http.redact import redact_url
+from batcher.input.requests import check_request_fields
+
+
+def validate(job: JobConfig) -> None:
+    """Check every value of a job; raise ``ConfigError`` naming the first bad field."""
+    lim, ret = job.limits, job.retry
+    check_number(job.grace_s, "job.grace_s", positive=False, maximum=MAX_DURATION_S)
+    if job.grace_s < 0:
+        raise ConfigError("job.grace_s", f"must be >= 0, got {job.grace_s!r}")
+    check_int(lim.concurrency, "limits.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
+    if job.engine not in ENGINES:
+        raise ConfigError("job.engine", f'must be "local" or "ray", got {job.engine!r}')
+    if job.ray.workers is not None:
+        check_int(job.ray.workers, "ray.workers", minimum=1)
+    check_int(job.ray.block_rows, "ray.block_rows", minimum=1)
+    if lim.encoding is not None and lim.encoding not in ENCODINGS:
+        raise ConfigError("limits.encoding", f"must be one of {', '.join(ENCODINGS)}")
+    for name in ("rpm", "tpm", "max_cost_usd"):
+        value = getattr(lim, name)
+        if value is not None:
+            check_number(value, f"limits.{name}", positive=True)
+    check_int(lim.max_response_bytes, "limits.max_response_bytes", minimum=1024)
+    check_int(ret.max_attempts, "retry.max_attempts", minimum=1)
+    if not isinstance(job.validate.json_schema, bool):
+        raise ConfigError(
+            "validate.json_schema", f"must be true or false, got {job.validate.json_schema!r}"
+        )
+    check_int(job.validate.max_reasks, "validate.max_reasks", minimum=0)
+    check_number(ret.timeout_s, "retry.timeout_s", positive=True, maximum=MAX_TIMEOUT_S)
+    for name in ("backoff_initial_s", "backoff_max_s", "outage_patience_s"):
+        check_number(getattr(ret, name), f"retry.{name}", positive=True, maximum=MAX_DURATION_S)
+    if ret.backoff_max_s < ret.backoff_initial_s:
+        raise ConfigError("retry.backoff_max_s", "must be >= retry.backoff_initial_s")
+    for i, endpoint in enumerate(job.all_endpoints):
+        where = f"endpoints[{i}]" if job.endpoints else "endpoint"
+        url = endpoint.base_url
+        if url != SIM and not url.startswith(("http://", "https://")):
+            source = f" (from ${BASE_URL_ENV})" if url == os.environ.get(BASE_URL_ENV) else ""
+            raise ConfigError(
+                f"{where}.base_url",
+                f'must start with http:// or https:// or be "sim", got {redact_url(url)!r}{source}',
+            )
+    if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
+        raise ConfigError("endpoints", "every endpoint needs a name of its own")
+    check_request_fields(job.request, where="request")
+    _check_variants(job)
+    parse_pricing(job.pricing)
+    if any(e.is_sim for e in job.all_endpoints):
+        from batcher.sim.app import SimConfig
+
+        try:
+            SimConfig(**job.sim)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("sim", str(exc)) from None
+
+
+#: A variant name: it is written into every record and shown in tables, so kept plain.
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Request fields a variant may not set: they belong to the line, not to a sweep.
+_LINE_ONLY = {"messages", "prompt", "custom_id", "id", "metadata"}
+#: Names a variant may hold by mistake (a job table, or "endpoints" for "endpoint"): they would
+#: otherwise be sent to the server as request fields.
+_NOT_REQUEST = {
+    "endpoints": "did you mean endpoint (an endpoint name or a list of them)?",
+    **{table: "is a table of the job, not a request field" for table in (
+        "job", "endpoint", "request", "limits", "retry", "validate", "sim", "pricing", "ray",
+        "variants")},
+}  # fmt: skip
+
+
+def _check_variants(job: JobConfig) -> None:
+    """Names unique and plain, fields well typed, endpoints known: before anything is sent."""
+    known = [e.name for e in job.all_endpoints]
+    seen: set[str] = set()
+    for i, variant in enumerate(job.variants):
+        where = f"variants[{i}]"
+        name = variant.name
+        if not isinstance(name, str) or not _VARIANT_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}.name",
+                "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+                f"digit, got {name!r}",
+            )
+        if name in seen:
+            raise ConfigError(f"{where}.name", f"{name!r} is used by an earlier variant")
+        seen.add(name)
+        for key in variant.request:
+            if key in _LINE_ONLY:
+                raise ConfigError(f"{where}.{key}", "belongs to the input lines, not a variant")
+            if key in _NOT_REQUEST:
+                raise ConfigError(f"{where}.{key}", _NOT_REQUEST[key])
+        check_request_fields(variant.request, where=where)
+        if variant.system is not None and not isinstance(variant.system, str):
+            raise ConfigError(f"{where}.system", f"must be a string, got {variant.system!r}")
+        for endpoint in variant.endpoints:
+            if endpoint not in known:
+                raise ConfigError(
+                    f"{where}.endpoint",
+                    f"no endpoint named {endpoint!r} (the job has: {', '.join(known)})",
+                )
+
+
+def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None) -> None:
+    """An integer (not a bool) ``>= minimum``, at most ``maximum`` if given."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(name, f"must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:,}, got {value:,}")
+
+
+def check_number(value: Any, name: str, *, positive: bool, maximum: float | None = None) -> None:
+    """A finite number (``inf`` and ``nan`` cannot work anywhere: timers overflow, rates and
+    caps never bind), ``> 0`` if ``positive``, at most ``maximum`` if given."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(name, f"must be > 0, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {value!r}")

@@ -1,0 +1,261 @@
+"""Building a job: from a job file (``load_job``), from its parsed tables (``job_from_dict``),
+and with command-line flags over it (``with_overrides``); each result is checked (``validate``).
+
+Relative paths in a job file are resolved against the job file's folder, so a job runs the same
+from any working directory; paths given as flags are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from batcher.config import (
+    MAX_CONCURRENCY,
+    EndpointConfig,
+    JobConfig,
+    LimitsConfig,
+    RayConfig,
+    RetryConfig,
+    ValidateConfig,
+    VariantConfig,
+    default_base_url,
+)
+from batcher.errors import ConfigError
+from batcher.input.requests import check_request_fields
+from batcher.job_checks import check_int, check_number, validate
+
+#: An HTTP header name (RFC 9110's token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SECTIONS = {
+    "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
+    "variants",
+    "ray",
+}  # fmt: skip
+_ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
+#: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
+OVERRIDES = frozenset(
+    {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
+     "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
+     "engine", "ray_workers"}
+)  # fmt: skip
+
+
+def load_job(path: str | os.PathLike[str]) -> JobConfig:
+    """Read and validate a job file."""
+    import tomllib  # here: a run given by flags alone does without it (4 ms at start-up)
+
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("job", f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("job", f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("job", f"{path} is not valid TOML: {exc}") from None
+    return job_from_dict(raw, base_dir=path.resolve().parent)
+
+
+def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> JobConfig:
+    """Build a job from the parsed TOML tables (also the Python API's entry point)."""
+    _no_unknown(raw, _SECTIONS, where="")
+    job_t = _table(raw, "job")
+    endpoint_t = _table(raw, "endpoint")
+    limits_t = _table(raw, "limits")
+    retry_t = _table(raw, "retry")
+    validate_t = _table(raw, "validate")
+    request = _table(raw, "request")
+    sim = _table(raw, "sim")
+    pricing = _table(raw, "pricing")
+    ray_t = _table(raw, "ray")
+
+    _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s", "engine"}, where="job")
+    _no_unknown(ray_t, {f.name for f in dataclasses.fields(RayConfig)}, where="ray")
+    _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
+    endpoints = _endpoints(raw)
+    if endpoints and endpoint_t:
+        raise ConfigError("endpoints", "give either [endpoint] or [[endpoints]], not both")
+    _no_unknown(limits_t, {f.name for f in dataclasses.fields(LimitsConfig)}, where="limits")
+    _no_unknown(retry_t, {f.name for f in dataclasses.fields(RetryConfig)}, where="retry")
+    _no_unknown(validate_t, {f.name for f in dataclasses.fields(ValidateConfig)}, where="validate")
+    check_request_fields(request, where="request")
+
+    def path_of(key: str) -> Path | None:
+        value = job_t.get(key)
+        if value is None:
+            return None
+        text = _typed(job_t, key, str, "job")
+        if text == "-":
+            return Path("-")
+        p = Path(text).expanduser()
+        return p if p.is_absolute() or base_dir is None else Path(os.path.normpath(base_dir / p))
+
+    endpoint = endpoints[0] if endpoints else _endpoint(endpoint_t, "endpoint")
+    job = JobConfig(
+        name=_typed(job_t, "name", str, "job", "batch"),
+        input=path_of("input"),
+        output=path_of("output"),
+        endpoint=endpoint,
+        endpoints=endpoints,
+        request=dict(request),
+        limits=LimitsConfig(**{k: limits_t[k] for k in limits_t}),
+        retry=RetryConfig(**{k: retry_t[k] for k in retry_t}),
+        validate=ValidateConfig(**{k: validate_t[k] for k in validate_t}),
+        sim=dict(sim),
+        pricing=dict(pricing),
+        variants=_variants(raw),
+        progress=_typed(job_t, "progress", bool, "job", True),
+        grace_s=job_t.get("grace_s", 10.0),
+        engine=job_t.get("engine", "local"),
+        ray=RayConfig(**{k: ray_t[k] for k in ray_t}),
+    )
+    validate(job)
+    return job
+
+
+def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
+    """Apply command-line flags (``None`` means "not given") over a job, then validate.
+
+    Accepted keys: ``OVERRIDES``.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    unknown = set(given) - OVERRIDES
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown override")
+    if "base_url" in given and job.endpoints:
+        raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
+    if given.get("ray_workers") is not None and given.get("engine", job.engine) != "ray":
+        raise ConfigError("--ray-workers", 'only with --engine ray (or [job] engine = "ray")')
+    request = dict(job.request)
+    if "model" in given:
+        request["model"] = given["model"]
+    job = dataclasses.replace(
+        job,
+        input=Path(given["input"]) if "input" in given else job.input,
+        output=Path(given["output"]) if "output" in given else job.output,
+        request=request,
+        progress=given.get("progress", job.progress),
+        grace_s=given.get("grace_s", job.grace_s),
+        engine=given.get("engine", job.engine),
+        ray=dataclasses.replace(job.ray, workers=given.get("ray_workers", job.ray.workers)),
+        endpoint=dataclasses.replace(
+            job.endpoint, base_url=given.get("base_url", job.endpoint.base_url)
+        ),
+        limits=dataclasses.replace(
+            job.limits,
+            **{k: given[k] for k in ("concurrency", "rpm", "tpm", "max_cost_usd") if k in given},
+        ),
+        retry=dataclasses.replace(
+            job.retry,
+            **{k: given[k] for k in ("max_attempts", "timeout_s") if k in given},
+        ),
+        validate=dataclasses.replace(
+            job.validate,
+            json_schema=given.get("validate_schema", job.validate.json_schema),
+            max_reasks=given.get("max_reasks", job.validate.max_reasks),
+        ),
+    )
+    validate(job)
+    return job
+
+
+#: Keys of a ``[[variants]]`` entry that are not request fields.
+_VARIANT_KEYS = {"name", "system", "endpoint"}
+
+
+def _variants(raw: Mapping[str, Any]) -> tuple[VariantConfig, ...]:
+    """The ``[[variants]]`` list: a name, request overrides, a system prompt, endpoints."""
+    listed = raw.get("variants", [])
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        raise ConfigError("variants", "must be a list of tables ([[variants]])")
+    variants = []
+    for i, table in enumerate(listed):
+        where = f"variants[{i}]"
+        if "name" not in table:
+            raise ConfigError(f"{where}.name", "every variant needs a name")
+        endpoint = table.get("endpoint", [])
+        names = [endpoint] if isinstance(endpoint, str) else endpoint
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{where}.endpoint", "must be an endpoint name or a list of them")
+        variants.append(
+            VariantConfig(
+                name=table["name"],
+                request={k: v for k, v in table.items() if k not in _VARIANT_KEYS},
+                system=table.get("system"),
+                endpoints=tuple(names),
+            )
+        )
+    return tuple(variants)
+
+
+def _endpoints(raw: Mapping[str, Any]) -> tuple[EndpointConfig, ...]:
+    """The ``[[endpoints]]`` list, each checked and named (``endpoint-N`` by default)."""
+    listed = raw.get("endpoints", [])
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        raise ConfigError("endpoints", "must be a list of tables ([[endpoints]])")
+    return tuple(_endpoint(t, f"endpoints[{i}]", i + 1) for i, t in enumerate(listed))
+
+
+def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointConfig:
+    if number:
+        _no_unknown(table, _ENDPOINT_KEYS, where=where)
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}.headers", "must be a table of string values")
+    for name, value in headers.items():
+        # A stray newline (a value pasted with its line end) would fail every request; the
+        # value is not quoted: a header may carry a key.
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"{where}.headers", f"{name!r} is not a valid header name")
+        if not value.isprintable() or value != value.strip():
+            raise ConfigError(
+                f"{where}.headers.{name}",
+                "the value contains control characters or surrounding whitespace (a stray "
+                "newline?); the value is not shown",
+            )
+    for name in ("weight", "rpm", "tpm"):
+        if table.get(name) is not None:
+            check_number(table[name], f"{where}.{name}", positive=True)
+    if table.get("concurrency") is not None:
+        check_int(table["concurrency"], f"{where}.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
+    base_url = _typed(table, "base_url", str, where)
+    return EndpointConfig(
+        name=_typed(table, "name", str, where, f"endpoint-{number}" if number else "default"),
+        base_url=default_base_url() if base_url is None else base_url,
+        api_key_env=_typed(table, "api_key_env", str, where, "OPENAI_API_KEY"),
+        headers=dict(headers),
+        weight=float(table.get("weight", 1.0)),
+        rpm=table.get("rpm"),
+        tpm=table.get("tpm"),
+        concurrency=table.get("concurrency"),
+    )
+
+
+def _table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(name, "must be a table")
+    return value
+
+
+def _no_unknown(table: Mapping[str, Any], known: set[str], *, where: str) -> None:
+    for key in table:
+        if key not in known:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(name, f"unknown key (expected one of: {', '.join(sorted(known))})")
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    value = table.get(key, default)
+    if value is not None and (
+        not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}.{key}", f"must be {kind.__name__}, got {value!r}")
+    return value
