@@ -72,7 +72,7 @@ def validate(job: JobConfig) -> None:
     _check_variants(job)
     parse_pricing(job.pricing)
     if any(e.is_sim for e in job.all_endpoints):
-        from batcher.sim.app import SimConfig
+        from batcher.sim.config import SimConfig
 
         try:
             SimConfig(**job.sim)

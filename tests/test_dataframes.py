@@ -13,7 +13,8 @@ import pytest
 
 from batcher.job_file import job_from_dict
 from batcher.runner.run import run_job
-from batcher.sim.app import SimConfig, Simulator
+from batcher.sim.app import Simulator
+from batcher.sim.config import SimConfig
 from tests.helpers import write_input
 
 N = 12

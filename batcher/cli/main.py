@@ -463,7 +463,8 @@ def _retry_errors(args: argparse.Namespace) -> RetryErrors:
 
 def _sim(args: argparse.Namespace) -> int:
     from batcher.errors import ConfigError
-    from batcher.sim.app import SimConfig, serve
+    from batcher.sim.config import SimConfig
+    from batcher.sim.serve import serve
 
     try:
         config = SimConfig(

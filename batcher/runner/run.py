@@ -576,7 +576,8 @@ def _base_urls(job: JobConfig) -> Iterator[list[str]]:
         urls = []
         for endpoint in job.all_endpoints:
             if endpoint.is_sim:
-                from batcher.sim.app import SimConfig, running_sim
+                from batcher.sim.config import SimConfig
+                from batcher.sim.serve import running_sim
 
                 urls.append(stack.enter_context(running_sim(SimConfig(**job.sim))).base_url)
             else:

@@ -48,7 +48,7 @@ async def send_response(
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     fault = response.transport_fault
     # Returning before the response is complete makes uvicorn close the connection: to the
-    # client, the peer hung up (the one line uvicorn logs about it is filtered out below).
+    # client, the peer hung up (``batcher.sim.serve`` filters out the line uvicorn logs).
     if fault == "reset_headers":
         return
     if fault == "reset_body":

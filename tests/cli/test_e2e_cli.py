@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.output.writers import read_results
-from batcher.sim.app import expected_content
+from batcher.sim.answers import expected_content
 from tests.helpers import (
     ROOT,
     batcher_cmd,

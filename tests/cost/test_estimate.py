@@ -15,7 +15,8 @@ from batcher.cost.estimate import estimate
 from batcher.cost.pricing import Pricer
 from batcher.job_file import job_from_dict
 from batcher.runner.run import run_job
-from batcher.sim.app import SimConfig, Simulator
+from batcher.sim.app import Simulator
+from batcher.sim.config import SimConfig
 from tests.helpers import ROOT, requests_of, run_batcher, write_input
 
 

@@ -20,7 +20,8 @@ from batcher.job_file import job_from_dict
 from batcher.limits.endpoint import Limits
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
-from batcher.sim.app import SimConfig, running_sim
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import running_sim
 from tests.helpers import free_port, write_input
 
 

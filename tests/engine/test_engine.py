@@ -13,7 +13,9 @@ import pytest
 from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
-from batcher.sim.app import SimConfig, Simulator, expected_content
+from batcher.sim.answers import expected_content
+from batcher.sim.app import Simulator
+from batcher.sim.config import SimConfig
 from tests.helpers import requests_of, write_input
 
 #: The least answer that is kept as ok: one choice, with its message.

@@ -25,7 +25,8 @@ from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
-from batcher.sim.app import SimConfig, running_sim
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import running_sim
 from tests.helpers import run_batcher
 
 SCHEMA: dict[str, Any] = {

@@ -28,7 +28,8 @@ from batcher.errors import ConfigError
 from batcher.input.reader import Reader
 from batcher.job_file import job_from_dict
 from batcher.records import Reject, Request
-from batcher.sim.app import SimConfig, running_sim
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import running_sim
 from tests.helpers import (
     free_port,
     jsonl,

@@ -22,7 +22,8 @@ from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.records import Reject, Request
 from batcher.runner.run import run_job
-from batcher.sim.app import SimConfig, running_sim
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import running_sim
 from tests.engine.test_faults import run_against
 from tests.helpers import write_input
 from tests.loopback import read_body

@@ -12,7 +12,7 @@ import pytest
 
 from batcher.limits.endpoint import BACKOFF, Limits
 from batcher.limits.overload import OVERLOAD_ALPHA, OverloadRatio, classify_429
-from batcher.sim.app import SimConfig
+from batcher.sim.config import SimConfig
 from tests.helpers import run_batcher, sim_process, write_input
 from tests.limits.test_limits import Clock
 

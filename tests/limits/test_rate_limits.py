@@ -16,7 +16,8 @@ from batcher.input import reader, requests
 from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
-from batcher.sim.app import SimConfig, Simulator
+from batcher.sim.app import Simulator
+from batcher.sim.config import SimConfig
 from tests.helpers import write_input
 
 

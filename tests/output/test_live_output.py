@@ -29,7 +29,8 @@ from batcher.runner import run as runner
 from batcher.runner.progress import Progress
 from batcher.runner.run import arun_job, run_job, write_output
 from batcher.runner.stats import RunStats
-from batcher.sim.app import SimConfig, running_sim
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import running_sim
 
 SCHEMA = {
     "type": "object",

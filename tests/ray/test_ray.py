@@ -31,7 +31,8 @@ from batcher.output.provenance import read_provenance
 from batcher.output.report import build_report, format_report
 from batcher.output.writers import SCHEMA, parquet_parts, read_results
 from batcher.ray.worker import worker_limits
-from batcher.sim.app import SimConfig, SimHandle, running_sim
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import SimHandle, running_sim
 from tests.helpers import ROOT, batcher_cmd, write_input
 
 # Ray Data's DataContext sets its own deprecated fields when it is first created (ray 2.60):

@@ -10,14 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from batcher.sim.app import (
-    SimConfig,
-    Simulator,
-    count_prompt_tokens,
-    expected_content,
-    running_sim,
-)
+from batcher.sim.answers import count_prompt_tokens, expected_content
+from batcher.sim.app import Simulator
+from batcher.sim.config import SimConfig
 from batcher.sim.faults import format_duration
+from batcher.sim.serve import running_sim
 
 CHAT = "/v1/chat/completions"
 

@@ -1,0 +1,125 @@
+"""Serving the simulator over a socket: ``serve`` (``batcher sim``, blocking) and ``running_sim``
+(a background thread on a free loopback port, for tests and ``base_url = "sim"``).
+
+    with running_sim(SimConfig()) as handle: handle.base_url      # over a loopback socket
+    serve(SimConfig(), port=8000)                                 # `batcher sim`
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from batcher.sim.app import Simulator
+from batcher.sim.config import SimConfig
+
+
+class _QuietHangUps(logging.Filter):
+    """Drops uvicorn's complaint about the responses the simulator breaks off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ASGI callable returned without completing")
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietHangUps())
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimHandle:
+    """A simulator running in a background thread, as yielded by ``running_sim``."""
+
+    base_url: str
+    port: int
+    simulator: Simulator
+
+
+class _ThreadServer(uvicorn.Server):
+    """A uvicorn server that tells another thread when its startup is over, however it ended."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.ready.set()
+
+
+def _uvicorn_config(sim: Simulator, log_level: str, **extra: Any) -> uvicorn.Config:
+    # ws="none": the simulator speaks no WebSocket, and importing a websockets backend only
+    # risks deprecation warnings. The graceful-shutdown bound keeps a stuck client from
+    # holding a shutdown (and a test) hostage.
+    return uvicorn.Config(
+        sim,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        ws="none",
+        timeout_graceful_shutdown=5,
+        **extra,
+    )
+
+
+def serve(
+    config: SimConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"
+) -> None:
+    """Serve the simulator with uvicorn until Ctrl+C (or SIGTERM); blocks.
+
+    The socket is bound here, before uvicorn starts, so a port in use raises ``OSError``
+    instead of uvicorn's ``sys.exit``.
+    """
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.create_server(address[:2], family=family)
+    server = uvicorn.Server(_uvicorn_config(Simulator(config), log_level))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn has already shut down gracefully; it re-raises the captured SIGINT so that
+        # the default handler runs, which for us only means "stop" — not a traceback.
+        pass
+    finally:
+        sock.close()
+
+
+@contextmanager
+def running_sim(
+    config: SimConfig | None = None, *, startup_timeout: float = 10.0
+) -> Iterator[SimHandle]:
+    """Run a simulator on a free loopback port in a daemon thread for the ``with`` block.
+
+    The thread has its own event loop, so this works from sync code and from inside another
+    event loop alike. uvicorn only installs signal handlers from the main thread, so Ctrl+C
+    still reaches the caller. Logging is left as the caller configured it.
+    """
+    sim = Simulator(config)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    server = _ThreadServer(_uvicorn_config(sim, "warning", log_config=None))
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            server.ready.set()  # also when startup failed before reaching our hook
+
+    thread = threading.Thread(target=run, name=f"batcher-sim-{port}", daemon=True)
+    thread.start()
+    try:
+        if not server.ready.wait(startup_timeout) or not server.started:
+            raise RuntimeError(f"the simulator did not start on 127.0.0.1:{port}")
+        yield SimHandle(base_url=f"http://127.0.0.1:{port}/v1", port=port, simulator=sim)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
