@@ -436,7 +436,9 @@ def _report(args: argparse.Namespace) -> int:
     import json
 
     from batcher.errors import InputError
-    from batcher.output.report import build_report, format_report, write_html
+    from batcher.output.report import build_report
+    from batcher.output.report_html import write_html
+    from batcher.output.report_text import format_report
 
     if not args.output.exists():
         raise InputError(f"no such output: {args.output}")

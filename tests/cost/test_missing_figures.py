@@ -11,7 +11,9 @@ import pytest
 
 import batcher
 from batcher.api import RunResult
-from batcher.output.report import build_report, format_report, write_html
+from batcher.output.report import build_report
+from batcher.output.report_html import write_html
+from batcher.output.report_text import format_report
 from tests.helpers import run_batcher
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}

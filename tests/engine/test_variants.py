@@ -455,7 +455,8 @@ def test_report_compares_variants_in_job_order(tmp_path: Path) -> None:
     job = mock_job(tmp_path, [{"name": "zeta"}, {"name": "alpha", "temperature": 1}])
     job["job"]["output"] = str(tmp_path / "o.parquet")
     result = batcher.run(job, transport=httpx.MockTransport(Counting()))
-    from batcher.output.report import build_report, format_report
+    from batcher.output.report import build_report
+    from batcher.output.report_text import format_report
 
     report, _ = build_report(result.output)
     assert list(report.variants) == ["zeta", "alpha"]  # as the job lists them

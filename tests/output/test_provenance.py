@@ -12,7 +12,8 @@ import httpx
 import batcher
 from batcher.job_file import job_from_dict
 from batcher.output.provenance import REDACTED, read_provenance
-from batcher.output.report import build_report, format_report
+from batcher.output.report import build_report
+from batcher.output.report_text import format_report
 from batcher.runner.run import run_job
 from batcher.sim.app import Simulator
 from tests.helpers import write_input

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from batcher.output.report import build_report, format_report, write_html
+from batcher.output.report import build_report
+from batcher.output.report_html import write_html
+from batcher.output.report_text import format_report
 from batcher.output.writers import open_writer
 from batcher.records import Result, Usage
 from tests.helpers import run_batcher

@@ -28,7 +28,8 @@ from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, with_overrides
 from batcher.limits.endpoint import Limits
 from batcher.output.provenance import read_provenance
-from batcher.output.report import build_report, format_report
+from batcher.output.report import build_report
+from batcher.output.report_text import format_report
 from batcher.output.writers import SCHEMA, parquet_parts, read_results
 from batcher.ray.worker import worker_limits
 from batcher.sim.config import SimConfig
