@@ -119,3 +119,22 @@ def test_example_jobs_and_sample_data_are_described() -> None:
         str(p.relative_to(ROOT)) for p in examples if str(p.relative_to(ROOT)) not in docs
     ]
     assert undescribed == []
+
+
+def _module_map() -> set[str]:
+    """The modules named in the first column of DESIGN_NOTES.md's "Layout of the code" table."""
+    text = (ROOT / "DESIGN_NOTES.md").read_text(encoding="utf-8")
+    section = text.split("## Layout of the code", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([\w/]+\.py)` \|", section, re.MULTILINE))
+
+
+def test_design_notes_map_names_every_module() -> None:
+    package = ROOT / "batcher"
+    modules = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if not (p.name == "__init__.py" and p.parent != package)  # a subpackage's one-liner
+    }
+    listed = _module_map()
+    assert sorted(modules - listed) == []  # every module has its line
+    assert sorted(listed - modules) == []  # and every line a module
