@@ -32,7 +32,12 @@ _HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.MULTILINE)
 
 
 def _pages() -> list[Path]:
+    """The user documentation: the README and docs/."""
     return [README, *sorted(DOCS.glob("*.md"))]
+
+
+#: Other Markdown whose links must resolve too.
+OTHER_PAGES = [ROOT / name for name in ("DESIGN_NOTES.md", "CHANGELOG.md", "bench/README.md")]
 
 
 def _prose(path: Path) -> str:
@@ -92,7 +97,7 @@ def test_broken_links_are_found(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("page", [*_pages(), *OTHER_PAGES], ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page: Path) -> None:
     assert broken_links(page) == []
 
