@@ -143,3 +143,15 @@ def test_design_notes_map_names_every_module() -> None:
     listed = _module_map()
     assert sorted(modules - listed) == []  # every module has its line
     assert sorted(listed - modules) == []  # and every line a module
+
+
+def test_quick_start_has_the_two_commands_and_the_fast_loop() -> None:
+    text = README.read_text(encoding="utf-8")
+    quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    for command in (
+        "pip install -e . && batcher run jobs/demo.toml",
+        "pip install -e '.[test]' && scripts/check",
+        'python -m pytest -m "not slow"',
+    ):
+        assert command in quick_start
+    assert (ROOT / "jobs" / "demo.toml").is_file()
