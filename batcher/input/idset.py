@@ -6,7 +6,7 @@ id (1 MiB at most); past that they move to a private temporary SQLite database, 
 2 MiB page cache in memory and the rest in SQLite's temporary file (``$SQLITE_TMPDIR``,
 ``$TMPDIR``, ``/var/tmp`` or ``/tmp``; about 20 MB a million ids, deleted when the set is closed
 or the process ends, however it ends). A Python ``set`` of ids costs about 90 bytes an id, the
-table alone 16-32 (16 MB at a million); this way memory no longer grows with the input.
+table alone 16-32 (16 MB at a million); this way memory does not grow with the input.
 An add costs about 0.6 µs in memory and 2-4 µs on disk.
 
 Two different ids share a fingerprint with probability about n²/2⁶⁵ (3·10⁻⁸ for a million ids);

@@ -8,7 +8,7 @@
 - **Input**: parsed and validated on the driver by the same ``Reader`` as the local engine, so
   rejects (line number and reason in ``OUTPUT.rejects.jsonl``) and duplicate ids are treated
   identically; the valid requests become the Dataset, ``block_rows`` to a block.
-- **Workers** (``ray_worker.py``): each actor runs one ``Engine`` for its whole life, on an
+- **Workers** (``worker.py``): each actor runs one ``Engine`` for its whole life, on an
   event loop of its own, with one HTTP client and one set of limits per endpoint: retries, 429
   pauses, outages and re-asks as in a local run. Every block the actor is given feeds that
   engine; Ray runs two calls per actor at once, so the next block is queued before the last
@@ -337,7 +337,7 @@ def _request_blocks(
 
 def _split_stop_row(block: pa.Table) -> tuple[pa.Table, dict[str, Any] | None]:
     """The block's records, and the row saying why its worker stopped if it did
-    (``ray_worker``: its ``error_message``, ``error_code`` and ``endpoint``)."""
+    (``worker``: its ``error_message``, ``error_code`` and ``endpoint``)."""
     import pyarrow.compute as pc
 
     stopped = pc.equal(block["status"], STOPPED)

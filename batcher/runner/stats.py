@@ -1,4 +1,5 @@
-"""Run statistics: counted by the single writer task, shown by the progress bar and summary."""
+"""Run statistics: each worker counts its own result as it journals it (synchronously, on the
+event loop's thread); shown by the progress bar and the summary."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def _run(tmp_path: Path, base_url: str, n: int) -> Any:
     return run_batcher(
         "run", "--input", str(src), "--output", str(out), "--base-url", base_url,
         "--model", "m", "--concurrency", "4", "--no-progress", "--restart",
-        timeout=60,  # a stalled run (the old behaviour) fails here rather than hang
+        timeout=60,  # a stalled run fails here rather than hang
     )  # fmt: skip
 
 

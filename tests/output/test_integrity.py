@@ -186,9 +186,9 @@ def run_args(src: Path, out: Path, url: str, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_restart_is_refused_while_another_run_holds_the_output(tmp_path: Path) -> None:
-    """``--restart`` used to delete the running run's journal: both sent everything (paid
-    twice) and the output was left unreadable. Now it is refused (exit 2, nothing sent,
-    nothing deleted), naming the output and the other run's pid; that run ends whole."""
+    """``--restart`` beside a running run would delete its journal: both would send
+    everything (paid twice) and leave the output unreadable. It is refused (exit 2, nothing
+    sent, nothing deleted), naming the output and the other run's pid; that run ends whole."""
     n = 40
     src = write_input(tmp_path / "in.jsonl", n)
     out = tmp_path / "out.parquet"
@@ -273,8 +273,8 @@ def test_a_run_holds_its_journal_lock_until_its_output_is_written(
 def test_ctrl_c_during_an_outage_records_no_error_and_a_rerun_sends_everything(
     tmp_path: Path,
 ) -> None:
-    """SIGINT while the endpoint refuses connections: the requests in flight were recorded as
-    connection errors, which a plain re-run keeps (exit 1). They are left for the re-run."""
+    """SIGINT while the endpoint refuses connections: the requests in flight are not recorded
+    as connection errors (which a plain re-run would keep, exit 1) but left for the re-run."""
     n = 6
     src = write_input(tmp_path / "in.jsonl", n)
     out = tmp_path / "out.jsonl"
