@@ -37,6 +37,8 @@ import uvicorn
 
 from batcher.cost.tokens import count_message_tokens, encoding_for_model
 from batcher.sim import json_values as sim_json
+from batcher.sim.batches import PREFIXES as BATCH_PREFIXES
+from batcher.sim.batches import BatchService
 from batcher.sim.faults import (
     EVENT_STREAM_TYPE,
     FAULT_KINDS,
@@ -297,6 +299,7 @@ class Simulator:
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(f"latency-{self.config.seed}")
         self._schema_rng = random.Random(f"schema-{self.config.seed}")
+        self.batches = BatchService(self._answer)  # the Files and Batches API
 
     def reset_stats(self) -> None:
         """Zero the counters and the log (not the rate-limit buckets)."""
@@ -324,11 +327,16 @@ class Simulator:
             if raw is None:
                 return  # the client hung up before sending its body: nobody to answer
             response = await self._chat(raw)
+        elif path.startswith(BATCH_PREFIXES):
+            raw = await _read_body(receive)
+            if raw is None:
+                return
+            response = await self.batches.handle(scope, raw)
         elif path in _MODELS_PATHS and method == "GET":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "sim"} for m in MODELS]
             response = _json_response(200, {"object": "list", "data": data})
         elif path == "/stats" and method == "GET":
-            response = _json_response(200, self.stats.as_dict())
+            response = _json_response(200, self.stats.as_dict() | self.batches.counts())
         elif path == "/log" and method == "GET":
             response = _json_response(200, self.log.as_dict())
         elif path == "/stats/reset" and method == "POST":
