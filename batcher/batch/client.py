@@ -11,7 +11,6 @@ retry never makes a second batch. The API key never appears in an error.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,9 +29,6 @@ from batcher.http.redact import redact_url, scrub
 T = TypeVar("T")
 #: The endpoint batcher's batches serve.
 CHAT_ENDPOINT = "/v1/chat/completions"
-#: How far before a ``create`` began a batch it made may seem to have been created (the
-#: server's clock is not ours).
-_CLOCK_SLACK_S = 3600.0
 
 
 class BatchAPIError(BatcherError):
@@ -105,26 +101,40 @@ class BatchClient:
         endpoint: str = CHAT_ENDPOINT,
     ) -> Batch:
         """Create a batch of an uploaded file. Before a retry it lists the batches made since
-        it began and returns one carrying ``metadata``, if the failed attempt made it."""
+        the file was uploaded (by the server's clock) and returns one carrying ``metadata``,
+        if the failed attempt made it."""
         body = {
             "input_file_id": input_file_id,
             "endpoint": endpoint,
             "completion_window": completion_window,
             "metadata": metadata,
         }
-        began = time.time()
 
         async def send() -> Batch:
             reply = await self._http.post(self._url("/batches"), json=body)
             return Batch.from_json(self._json(reply, f"batch of file {input_file_id}"))
 
         async def made_already() -> Batch | None:
-            for batch in await self.list_all(since=began - _CLOCK_SLACK_S):
+            since = await self.file_created_at(input_file_id)
+            for batch in await self.list_all(since=since):
                 if batch.metadata is not None and metadata.items() <= batch.metadata.items():
                     return batch
             return None
 
         return await self._call(f"batch of file {input_file_id}", send, made_already)
+
+    async def file_created_at(self, file_id: str) -> float:
+        """When the server says a file was uploaded (Unix seconds; 0 when it does not say)."""
+        what = f"file {file_id}"
+
+        async def send() -> float:
+            created = self._json(await self._http.get(self._url(f"/files/{file_id}")), what)
+            value = created.get("created_at")
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            return 0.0
+
+        return await self._call(what, send)
 
     async def retrieve(self, batch_id: str) -> Batch:
         """The batch as the server shows it now."""
