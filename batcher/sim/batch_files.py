@@ -6,12 +6,14 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 #: The only endpoint the simulator's batches serve.
 CHAT_ENDPOINT = "/v1/chat/completions"
+_WINDOW = re.compile(r"^([1-9][0-9]{0,3})([hd])$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,3 +153,25 @@ def _line_error(number: int, raw: bytes, seen: set[str], stored: StoredFile) -> 
         return LineError(number, "mismatched_model", message, "body.model")
     stored.lines.append(BatchLine(custom_id, body))
     return None
+
+
+def window_seconds(value: Any) -> float:
+    """A ``completion_window`` (``"24h"``, ``"7d"``) in seconds; ``ValueError`` otherwise."""
+    found = _WINDOW.match(value) if isinstance(value, str) else None
+    if found is None:
+        raise ValueError("completion_window must be a duration such as '24h'")
+    return int(found[1]) * (3600 if found[2] == "h" else 86400)
+
+
+def batch_metadata(value: Any) -> dict[str, str] | None:
+    """Metadata as OpenAI allows it: at most 16 string pairs, keys ≤ 64, values ≤ 512
+    characters; ``ValueError`` otherwise."""
+    if value is None:
+        return None
+    pairs = value.items() if isinstance(value, dict) and len(value) <= 16 else [(None, None)]
+    if all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+        for k, v in pairs
+    ):
+        return dict(value)
+    raise ValueError("metadata must be at most 16 string pairs (keys ≤ 64, values ≤ 512 chars)")

@@ -14,39 +14,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from batcher.cost.tokens import count_message_tokens, encoding_for_model
 from batcher.sim.batch_files import (
     CHAT_ENDPOINT,
     LineError,
     StoredFile,
     UploadError,
+    batch_metadata,
     check_batch_file,
     multipart_fields,
+    window_seconds,
+)
+from batcher.sim.batch_output import (
+    REQUEST_ERRORS,
+    Answer,
+    file_lines,
+    new_id,
+    plan_outcomes,
+    prompt_tokens,
 )
 from batcher.sim.batch_timeline import ACTIVE, TERMINAL, Durations, SimBatch
-from batcher.sim.faults import BadRequest, error_body, validate_request
+from batcher.sim.faults import error_body
 from batcher.sim.wire import Response, Scope
 
 #: Paths this module serves (with or without the ``/v1`` prefix).
 PREFIXES = ("/v1/files", "/v1/batches", "/files", "/batches")
-#: The simulator's chat answer for a body and its prompt tokens (``Simulator._answer``).
-Answer = Callable[[dict[str, Any], int], dict[str, Any]]
-_WINDOW = re.compile(r"^([1-9][0-9]{0,3})([hd])$")
-_REQUEST_ERRORS = {
-    "500": ("The server had an error while processing your request.", "server_error"),
-    "503": ("The engine is currently overloaded, please try again later.", "server_error"),
-    "429": ("Rate limit reached for requests.", "rate_limit_exceeded"),
-    "400": ("Invalid request.", "invalid_request_error"),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,9 +68,9 @@ class BatchSimConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate must be within [0, 1], got {self.error_rate!r}")
-        unknown = [kind for kind in self.error_kinds if kind not in _REQUEST_ERRORS]
+        unknown = [kind for kind in self.error_kinds if kind not in REQUEST_ERRORS]
         if unknown or not self.error_kinds:
-            raise ValueError(f"error_kinds must be some of {sorted(_REQUEST_ERRORS)}")
+            raise ValueError(f"error_kinds must be some of {sorted(REQUEST_ERRORS)}")
 
 
 class BatchService:
@@ -153,14 +150,14 @@ class BatchService:
             raise _Refusal(_error(400, "Missing required parameter: 'file'.", "file"))
         filename, data = fields["file"]
         stored = StoredFile(
-            id=_new_id("file-"),
+            id=new_id("file-"),
             owner=owner,
             filename=filename or "upload.jsonl",
             purpose="batch",
             data=data,
             created_at=int(self.clock()),
         )
-        self.files[stored.id] = check_batch_file(stored, _prompt_tokens)
+        self.files[stored.id] = check_batch_file(stored, prompt_tokens)
         self.uploads += 1
         return _ok(stored.as_dict())
 
@@ -187,20 +184,22 @@ class BatchService:
         stored = self._file(owner, str(request.get("input_file_id")))
         if request.get("endpoint") != CHAT_ENDPOINT:
             raise _Refusal(_error(400, f"endpoint must be {CHAT_ENDPOINT!r}", "endpoint"))
-        window = request.get("completion_window")
-        found = _WINDOW.match(window) if isinstance(window, str) else None
-        if found is None or not isinstance(window, str):
-            message = "completion_window must be a duration such as '24h'"
-            raise _Refusal(_error(400, message, "completion_window"))
-        metadata = _metadata(request.get("metadata"))
+        window = str(request.get("completion_window"))
+        try:
+            window_s = window_seconds(window)
+        except ValueError as exc:
+            raise _Refusal(_error(400, str(exc), "completion_window")) from None
+        try:
+            metadata = batch_metadata(request.get("metadata"))
+        except ValueError as exc:
+            raise _Refusal(_error(400, str(exc), "metadata")) from None
         now = self.clock()
-        window_s = int(found[1]) * (3600 if found[2] == "h" else 86400)
         config = self.config
         durations = Durations(
             config.validating_s, config.in_progress_s, config.finalizing_s, config.cancelling_s
         )
         batch = SimBatch(
-            id=_new_id("batch_"),
+            id=new_id("batch_"),
             seq=self.created,
             owner=owner,
             file=stored,
@@ -210,27 +209,17 @@ class BatchService:
             metadata=metadata,
             created_at=now,
             durations=durations,
-            outcomes=self._plan(stored, self.created),
+            outcomes=plan_outcomes(
+                stored.lines,
+                error_rate=config.error_rate,
+                error_kinds=config.error_kinds,
+                seed=f"{config.seed}-batch-{self.created}",
+            ),
             refused=self._over_limit(owner, stored, now),
         )
         self.batches[batch.id] = batch
         self.created += 1
         return _ok(self._view(batch))
-
-    def _plan(self, stored: StoredFile, seq: int) -> list[str]:
-        """Each request's outcome: a 400 where the chat route would give one, else an error
-        drawn at ``error_rate``, else ``"ok"`` (seeded per batch: reproducible)."""
-        rng = random.Random(f"{self.config.seed}-batch-{seq}")
-        plan = []
-        for line in stored.lines:
-            try:
-                validate_request(json.dumps(line.body).encode())
-            except BadRequest:
-                plan.append("400")
-                continue
-            drawn = self.config.error_rate and rng.random() < self.config.error_rate
-            plan.append(rng.choice(self.config.error_kinds) if drawn else "ok")
-        return plan
 
     def _over_limit(self, owner: str, stored: StoredFile, now: float) -> list[LineError]:
         limit = self.config.enqueued_token_limit
@@ -298,27 +287,19 @@ class BatchService:
 
     def _settle(self, batch: SimBatch, now: float) -> None:
         """Write the output and error files of a batch that has ended with answers."""
-        if batch.files_made or batch.status(now) not in ("completed", "expired", "cancelled"):
+        status = batch.status(now)
+        if batch.files_made or status not in ("completed", "expired", "cancelled"):
             return
         batch.files_made = True
-        done = batch.done(now)
-        reason = "batch_expired" if batch.status(now) == "expired" else "batch_cancelled"
-        outputs: list[bytes] = []
-        errors: list[bytes] = []
-        for index, (line, outcome) in enumerate(zip(batch.file.lines, batch.outcomes, strict=True)):
-            if index >= done:
-                message = f"This request could not be executed before the batch ended ({reason})."
-                entry = {"response": None, "error": {"code": reason, "message": message}}
-            elif outcome == "ok":
-                answer = self.answer(line.body, _prompt_tokens(line.body))
-                entry = {"response": _response(200, answer), "error": None}
-            else:
-                entry = {"response": _response(int(outcome), _request_error(outcome, line.body))}
-                entry["error"] = None
-            text = json.dumps({"id": _new_id("batch_req_"), "custom_id": line.custom_id, **entry})
-            (outputs if outcome == "ok" and index < done else errors).append(text.encode())
-        # Output order need not follow the input: clients must match lines by custom_id.
-        random.Random(batch.id).shuffle(outputs)
+        reason = "batch_expired" if status == "expired" else "batch_cancelled"
+        outputs, errors = file_lines(
+            batch.file.lines,
+            batch.outcomes,
+            batch.done(now),
+            reason,
+            self.answer,
+            shuffle_seed=batch.id,
+        )
         batch.output_file_id = self._output_file(batch, outputs, "output")
         batch.error_file_id = self._output_file(batch, errors, "error")
 
@@ -326,7 +307,7 @@ class BatchService:
         if not lines:
             return None
         stored = StoredFile(
-            id=_new_id("file-"),
+            id=new_id("file-"),
             owner=batch.owner,
             filename=f"{batch.id}_{kind}.jsonl",
             purpose="batch_output",
@@ -345,52 +326,11 @@ class _Refusal(Exception):
         self.response = response
 
 
-def _metadata(value: Any) -> dict[str, str] | None:
-    """Metadata as OpenAI allows it: at most 16 string pairs, keys ≤ 64, values ≤ 512 chars."""
-    if value is None:
-        return None
-    pairs = value.items() if isinstance(value, dict) and len(value) <= 16 else [(None, None)]
-    if all(
-        isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-        for k, v in pairs
-    ):
-        return dict(value)
-    message = "metadata must be at most 16 string pairs (keys ≤ 64, values ≤ 512 characters)"
-    raise _Refusal(_error(400, message, "metadata"))
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    messages = body.get("messages")
-    model = body.get("model")
-    try:
-        return count_message_tokens(messages, encoding_for_model(model))  # type: ignore[arg-type]
-    except (TypeError, AttributeError, ValueError, KeyError):
-        return 0
-
-
-def _request_error(outcome: str, body: dict[str, Any]) -> dict[str, Any]:
-    message, kind = _REQUEST_ERRORS[outcome]
-    if outcome == "400":
-        try:
-            validate_request(json.dumps(body).encode())
-        except BadRequest as exc:
-            message = exc.message
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
-def _response(status: int, body: dict[str, Any]) -> dict[str, Any]:
-    return {"status_code": status, "request_id": _new_id("req_"), "body": body}
-
-
 def _header(scope: Scope, name: bytes) -> str:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return ""
-
-
-def _new_id(prefix: str) -> str:
-    return prefix + os.urandom(12).hex()
 
 
 def _ok(payload: dict[str, Any]) -> Response:
