@@ -94,9 +94,10 @@ class BatchService:
         self.uploads_failed = 0
 
     def counts(self) -> dict[str, int]:
-        """What ``/stats`` adds: batches created, files uploaded, uploads failed on purpose."""
+        """What ``/stats`` shows under ``batches``: batches created, files uploaded, uploads
+        failed on purpose."""
         return {
-            "batches_created": self.created,
+            "created": self.created,
             "files_uploaded": self.uploads,
             "uploads_failed": self.uploads_failed,
         }

@@ -46,8 +46,8 @@ async def test_an_upload_that_fails_twice_then_succeeds(tmp_path: Path) -> None:
         async with client(sim.base_url, sleeps) as api:
             file_id = await api.upload(input_file(tmp_path))
             assert await api.download(file_id) == input_file(tmp_path).read_bytes()
-        assert sim.stats()["uploads_failed"] == 2
-        assert sim.stats()["files_uploaded"] == 1
+        assert sim.stats()["batches"]["uploads_failed"] == 2
+        assert sim.stats()["batches"]["files_uploaded"] == 1
     assert len(sleeps.waits) == 2
 
 
@@ -128,7 +128,7 @@ async def test_a_create_whose_answer_was_lost_makes_one_batch(tmp_path: Path) ->
                 file_id = await api.upload(input_file(tmp_path))
                 batch = await api.create(file_id, metadata={"batcher_chunk": "c1"})
                 listed = await api.list_all()
-        assert sim.stats()["batches_created"] == 1
+        assert sim.stats()["batches"]["created"] == 1
     assert [b.id for b in listed] == [batch.id]
     assert batch.metadata == {"batcher_chunk": "c1"}
     assert len(sleeps.waits) == 1

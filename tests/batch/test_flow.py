@@ -75,7 +75,7 @@ async def test_several_models_and_chunks_every_id_once_after_a_crash(tmp_path: P
             with StateJournal(state_file) as journal:
                 for index, chunk in enumerate(plan.chunks[:4]):
                     await submit(api, journal, chunk, tmp_path, crash=index == 3)
-            assert sim.stats()["batches_created"] == 4
+            assert sim.stats()["batches"]["created"] == 4
 
             # second process: the journal knows three batches; adoption finds the fourth
             states = read_states(state_file)
@@ -91,7 +91,7 @@ async def test_several_models_and_chunks_every_id_once_after_a_crash(tmp_path: P
                 for chunk in unknown:
                     if chunk.key not in found:
                         await submit(api, journal, chunk, tmp_path)
-            assert sim.stats()["batches_created"] == len(plan.chunks)
+            assert sim.stats()["batches"]["created"] == len(plan.chunks)
 
             sim.clock.advance(60)
             states = read_states(state_file)

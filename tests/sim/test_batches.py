@@ -50,7 +50,7 @@ def test_status_progression_and_answers_equal_online_ones() -> None:
             assert line["response"]["status_code"] == 200
             assert answer["choices"] == online["choices"]
             assert answer["usage"] == online["usage"]
-        assert sim.stats()["batches_created"] == 1
+        assert sim.stats()["batches"]["created"] == 1
 
 
 def test_a_bad_file_fails_validation_naming_its_lines() -> None:
@@ -169,8 +169,8 @@ def test_the_first_uploads_fail_when_asked() -> None:
         files = {"file": ("in.jsonl", (request_line("a", "hi") + "\n").encode())}
         statuses = [http.post("/files", data=data, files=files).status_code for _ in range(3)]
         assert statuses == [500, 500, 200]
-        assert sim.stats()["uploads_failed"] == 2
-        assert sim.stats()["files_uploaded"] == 1
+        assert sim.stats()["batches"]["uploads_failed"] == 2
+        assert sim.stats()["batches"]["files_uploaded"] == 1
 
 
 def test_the_enqueued_token_limit_fails_a_batch_until_others_finish() -> None:
@@ -186,7 +186,7 @@ def test_the_enqueued_token_limit_fails_a_batch_until_others_finish() -> None:
         sim.clock.advance(10)  # the first has completed
         assert http.get(f"/batches/{first['id']}").json()["status"] == "completed"
         assert create(http, file_id)["status"] == "validating"
-        assert sim.stats()["batches_created"] == 3
+        assert sim.stats()["batches"]["created"] == 3
 
 
 @pytest.mark.parametrize(
