@@ -336,9 +336,7 @@ class Simulator:
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "sim"} for m in MODELS]
             response = _json_response(200, {"object": "list", "data": data})
         elif path == "/stats" and method == "GET":
-            response = _json_response(
-                200, self.stats.as_dict() | {"batches": self.batches.counts()}
-            )
+            response = _json_response(200, self.stats.as_dict() | self.batches.stats())
         elif path == "/log" and method == "GET":
             response = _json_response(200, self.log.as_dict())
         elif path == "/stats/reset" and method == "POST":

@@ -93,14 +93,15 @@ class BatchService:
         self.uploads = 0
         self.uploads_failed = 0
 
-    def counts(self) -> dict[str, int]:
-        """What ``/stats`` shows under ``batches``: batches created, files uploaded, uploads
+    def stats(self) -> dict[str, dict[str, int]]:
+        """What ``/stats`` adds, under ``batches``: batches created, files uploaded, uploads
         failed on purpose."""
-        return {
+        counts = {
             "created": self.created,
             "files_uploaded": self.uploads,
             "uploads_failed": self.uploads_failed,
         }
+        return {"batches": counts}
 
     async def handle(self, scope: Scope, body: bytes) -> Response:
         """Answer ``scope``'s request (its whole ``body`` read)."""

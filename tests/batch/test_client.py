@@ -14,7 +14,7 @@ from batcher.sim.app import Simulator
 from batcher.sim.batches import BatchSimConfig
 from tests.batch_sim import KEY, OTHER_KEY, batch_sim, lines_of, request_line
 from tests.helpers import free_port
-from tests.loopback import serving
+from tests.loopback import json_app, serving
 
 pytestmark = pytest.mark.anyio
 FAST = RetryConfig(max_attempts=4, backoff_initial_s=0.01, backoff_max_s=0.02, timeout_s=10)
@@ -171,3 +171,18 @@ async def test_progress_cancel_and_download_to(tmp_path: Path) -> None:
         f"q{i}" for i in range(5)
     ]
     assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+async def test_a_server_quoting_the_key_does_not_put_it_in_the_error() -> None:
+    async def refuse(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        message = f"Incorrect API key provided: {KEY}. You can find your API key at ..."
+        return 401, {"error": {"message": message, "code": "invalid_api_key"}}, {}
+
+    sleeps = Sleeps()
+    with serving(json_app(refuse)) as url:
+        async with client(url, sleeps) as api:
+            with pytest.raises(BatchAPIError) as caught:
+                await api.retrieve("batch_abc")
+    assert KEY not in str(caught.value)
+    assert "401 invalid_api_key: Incorrect API key provided: ***" in str(caught.value)
+    assert sleeps.waits == []
