@@ -1,6 +1,6 @@
 """An async client of the Files and Batches API (OpenAI's, and the servers that copy it).
 
-Every call retries what may clear by itself (connection errors, timeouts, 408/409/429/5xx,
+Every call retries what may clear by itself (connection errors, timeouts, 408/429/5xx,
 waiting for ``retry-after`` when sent) with the same tenacity policy as online requests
 (``engine.retry``). A 404 for a batch or file id is not retried: the key cannot see it (another
 key or project made it), and ``NotVisibleError`` says so. A ``create`` that fails in a way that
@@ -14,7 +14,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -167,7 +167,7 @@ class BatchClient:
                 params["after"] = after
 
             async def send(params: dict[str, str | int] = params) -> dict[str, Any]:
-                reply = await self._http.get(self._url("/batches"), params=params)
+                reply = await self._http.get(self._url("/batches", params))
                 return self._json(reply, "list of batches")
 
             page = await self._call("list of batches", send)
@@ -212,9 +212,14 @@ class BatchClient:
 
         await self._call(what, send)
 
-    def _url(self, path: str) -> str:
+    def _url(self, path: str, params: dict[str, str | int] | None = None) -> str:
+        """The base URL's path with ``path`` added; its query kept, ``params`` after it (httpx
+        would replace the query with ``params``, losing an ``api-version``)."""
         parts = urlsplit(self._base)
-        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))
+        query = "&".join(q for q in (parts.query, urlencode(params or {})) if q)
+        return urlunsplit(
+            parts._replace(path=parts.path.rstrip("/") + path, query=query, fragment="")
+        )
 
     async def _call(
         self,

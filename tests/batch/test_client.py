@@ -3,6 +3,7 @@ failures, a 404 under another key, a create whose answer was lost, paging, downl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +187,20 @@ async def test_a_server_quoting_the_key_does_not_put_it_in_the_error() -> None:
     assert KEY not in str(caught.value)
     assert "401 invalid_api_key: Incorrect API key provided: ***" in str(caught.value)
     assert sleeps.waits == []
+
+
+async def test_the_base_urls_query_is_kept_on_every_call() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append((scope["path"], scope["query_string"].decode()))
+        page = {"object": "list", "data": [], "has_more": False}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(page).encode()})
+
+    with serving(app) as url:
+        async with client(f"{url}?api-version=2024-10-21", Sleeps()) as api:
+            assert await api.list_all(page_size=5) == []
+    assert seen == [("/v1/batches", "api-version=2024-10-21&limit=5")]
