@@ -101,8 +101,9 @@ class BatchClient:
         endpoint: str = CHAT_ENDPOINT,
     ) -> Batch:
         """Create a batch of an uploaded file. Before a retry it lists the batches made since
-        the file was uploaded (by the server's clock) and returns one carrying ``metadata``,
-        if the failed attempt made it."""
+        the file was uploaded (by the server's clock) and returns the one of this file
+        carrying ``metadata``, if the failed attempt made it (``metadata`` must not be empty
+        for that)."""
         body = {
             "input_file_id": input_file_id,
             "endpoint": endpoint,
@@ -117,11 +118,13 @@ class BatchClient:
         async def made_already() -> Batch | None:
             since = await self.file_created_at(input_file_id)
             for batch in await self.list_all(since=since):
-                if batch.metadata is not None and metadata.items() <= batch.metadata.items():
+                mine = batch.input_file_id in (None, input_file_id)
+                if mine and batch.metadata and metadata.items() <= batch.metadata.items():
                     return batch
             return None
 
-        return await self._call(f"batch of file {input_file_id}", send, made_already)
+        look = made_already if metadata else None
+        return await self._call(f"batch of file {input_file_id}", send, look)
 
     async def file_created_at(self, file_id: str) -> float:
         """When the server says a file was uploaded (Unix seconds; 0 when it does not say)."""

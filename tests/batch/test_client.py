@@ -120,10 +120,12 @@ async def test_429_waits_for_retry_after(tmp_path: Path) -> None:
     assert sleeps.waits == [7.0]
 
 
-async def test_a_create_whose_answer_was_lost_makes_one_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", [True, False])
+async def test_a_create_that_failed_makes_one_batch(tmp_path: Path, lost: bool) -> None:
+    """Whether the failed attempt made the batch (its answer lost) or not, one batch."""
     sleeps = Sleeps()
     with batch_sim() as sim:
-        faults = [("POST", "/v1/batches", 502, {"x-lost": "1"})]
+        faults = [("POST", "/v1/batches", 502, {"x-lost": "1"} if lost else {})]
         with serving(flaky(sim.handle.simulator, faults)) as url:
             async with client(url, sleeps) as api:
                 file_id = await api.upload(input_file(tmp_path))
