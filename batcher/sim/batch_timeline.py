@@ -11,6 +11,7 @@ for ``cancelling_s``, then ``cancelled`` with what it finished before the cancel
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,3 +176,23 @@ class SimBatch:
             stamps["finalizing_at"] = when(finalizing)
             stamps["completed_at"] = when(completed)
         return stamps
+
+
+def over_token_limit(
+    batches: Iterable[SimBatch], stored: StoredFile, now: float, limit: int
+) -> list[LineError]:
+    """Why a batch of ``stored`` is refused for the enqueued-token limit (OpenAI's error), or
+    nothing: the limit holds the prompt tokens of the active ``batches`` of the same model."""
+    enqueued = sum(
+        batch.file.prompt_tokens
+        for batch in batches
+        if batch.file.model == stored.model and batch.status(now) in ACTIVE
+    )
+    if enqueued + stored.prompt_tokens <= limit:
+        return []
+    message = (
+        f"Enqueued token limit reached for {stored.model} in organization org-sim. "
+        f"Limit: {limit:,} enqueued tokens. Please try again once some in_progress batches "
+        "have been completed."
+    )
+    return [LineError(0, "token_limit_exceeded", message)]

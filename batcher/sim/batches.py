@@ -38,7 +38,7 @@ from batcher.sim.batch_output import (
     plan_outcomes,
     prompt_tokens,
 )
-from batcher.sim.batch_timeline import ACTIVE, TERMINAL, Durations, SimBatch
+from batcher.sim.batch_timeline import TERMINAL, Durations, SimBatch, over_token_limit
 from batcher.sim.faults import error_body
 from batcher.sim.wire import Response, Scope
 
@@ -227,21 +227,8 @@ class BatchService:
         limit = self.config.enqueued_token_limit
         if limit is None or stored.errors:
             return []
-        enqueued = sum(
-            batch.file.prompt_tokens
-            for batch in self.batches.values()
-            if batch.owner == owner
-            and batch.file.model == stored.model
-            and batch.status(now) in ACTIVE
-        )
-        if enqueued + stored.prompt_tokens <= limit:
-            return []
-        message = (
-            f"Enqueued token limit reached for {stored.model} in organization org-sim. "
-            f"Limit: {limit:,} enqueued tokens. Please try again once some in_progress batches "
-            "have been completed."
-        )
-        return [LineError(0, "token_limit_exceeded", message)]
+        mine = (batch for batch in self.batches.values() if batch.owner == owner)
+        return over_token_limit(mine, stored, now, limit)
 
     def _list(self, owner: str, query: dict[str, str]) -> Response:
         try:
