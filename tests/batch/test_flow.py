@@ -112,3 +112,26 @@ async def test_several_models_and_chunks_every_id_once_after_a_crash(tmp_path: P
         assert content == expected_content(by_id[custom_id].body)
         assert result.usage is not None and result.usage.total_tokens
         assert custom_id in {r.custom_id for r in batch_of[answer.batch_id].requests}
+
+
+async def test_an_expired_batch_reads_back_its_answers_and_what_to_resubmit(
+    tmp_path: Path,
+) -> None:
+    config = BatchSimConfig(validating_s=0, in_progress_s=100, finalizing_s=0, window_s=40)
+    plan = plan_chunks(requests(10)[::2], job=JOB, max_requests=100, max_bytes=10**6)
+    [chunk] = plan.chunks
+    with batch_sim(config) as sim:
+        async with BatchClient(sim.base_url, api_key=KEY) as api:
+            file_id = await api.upload(chunk.write(tmp_path / "c.jsonl"))
+            batch = await api.create(file_id, metadata=chunk.metadata(JOB))
+            sim.clock.advance(1000)
+            ended = await api.retrieve(batch.id)
+            files = [await api.download(f) for f in (ended.output_file_id, ended.error_file_id)]
+    assert ended.status == "expired"
+    got = read_back(chunk, ended, [f for f in files if f])
+    kept = sorted(cid for cid, a in got.answers.items() if a.result.status == "ok")
+    again = sorted(cid for cid, a in got.answers.items() if not a.answered)
+    assert kept == ["r000", "r002"]  # 2 of 5 done when 40 of 100 seconds had passed
+    assert again == ["r004", "r006", "r008"]
+    assert all(got.answers[cid].retryable for cid in again)
+    assert ended.request_counts.completed == 2 and ended.request_counts.failed == 3
