@@ -29,6 +29,8 @@ from typing import Any
 import anyio
 
 from batcher.sim.answers import completion, count_prompt_tokens, request_cap
+from batcher.sim.batches import PREFIXES as BATCH_PREFIXES
+from batcher.sim.batches import BatchService
 from batcher.sim.config import SimConfig
 from batcher.sim.faults import (
     EVENT_STREAM_TYPE,
@@ -117,6 +119,7 @@ class Simulator:
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(f"latency-{self.config.seed}")
         self._schema_rng = random.Random(f"schema-{self.config.seed}")
+        self.batches = BatchService(self._answer)  # the Files and Batches API
 
     def reset_stats(self) -> None:
         """Zero the counters and the log (not the rate-limit buckets)."""
@@ -144,11 +147,16 @@ class Simulator:
             if raw is None:
                 return  # the client hung up before sending its body: nobody to answer
             response = await self._chat(raw)
+        elif path.startswith(BATCH_PREFIXES):
+            raw = await _read_body(receive)
+            if raw is None:
+                return
+            response = await self.batches.handle(scope, raw)
         elif path in _MODELS_PATHS and method == "GET":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "sim"} for m in MODELS]
             response = _json_response(200, {"object": "list", "data": data})
         elif path == "/stats" and method == "GET":
-            response = _json_response(200, self.stats.as_dict())
+            response = _json_response(200, self.stats.as_dict() | self.batches.stats())
         elif path == "/log" and method == "GET":
             response = _json_response(200, self.log.as_dict())
         elif path == "/stats/reset" and method == "POST":
@@ -259,6 +267,15 @@ class Simulator:
             ]
         transport = fault if fault in TRANSPORT_FAULTS else None
         return Response(200, b"", headers, EVENT_STREAM_TYPE, transport, events)
+
+    def _answer(self, body: dict[str, Any], prompt_tokens: int) -> dict[str, Any]:
+        """The chat completion answering ``body``, as the chat route builds it."""
+        return completion(
+            body,
+            prompt_tokens,
+            natural_max=self.config.max_completion_tokens,
+            broken=self._broken_json,
+        )
 
     def _broken_json(self) -> bool:
         """Whether this JSON choice is broken on purpose (drawn at ``schema_error_rate``)."""

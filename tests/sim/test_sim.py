@@ -324,6 +324,7 @@ async def test_stats_count_every_outcome_and_reset() -> None:
         "total_tokens_served",
         "tokens_charged",
         "by_status",
+        "batches",  # the Batches API's counts
     }
     assert stats["requests_received"] == 5
     assert stats["answered_ok"] == 2

@@ -1,0 +1,143 @@
+"""The journal of chunk states (``OUTPUT.batches.jsonl``): what a rerun knows of its batches.
+
+One JSON line per change of a chunk: its whole state after the change (uploaded file id, batch
+id, status, request counts), appended and fsynced before the change is acted on, so a crash
+loses nothing that happened before it. Reading keeps the latest line of each chunk. A torn
+last line (the process died mid-write) is ignored when read and cut off when the journal is
+opened for writing; a broken line elsewhere is an error naming it (the file was edited).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batcher.batch.api import RequestCounts
+from batcher.errors import OutputError
+
+STATE_SUFFIX = ".batches.jsonl"
+
+
+def state_path(output: Path) -> Path:
+    """The chunk-state journal beside an output: ``OUTPUT.batches.jsonl``."""
+    return output.with_name(output.name + STATE_SUFFIX)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkState:
+    """What is known of a chunk. ``status`` is batcher's (``planned``, ``uploaded``,
+    ``collected``) or the batch's own once it exists (``validating`` ... ``completed``)."""
+
+    chunk: str
+    status: str = "planned"
+    file_id: str | None = None
+    batch_id: str | None = None
+    request_counts: RequestCounts = dataclasses.field(default_factory=RequestCounts)
+    updated_at: float = 0.0
+
+    def as_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ChunkState:
+        counts = record.get("request_counts")
+        return cls(
+            chunk=str(record["chunk"]),
+            status=str(record.get("status") or "planned"),
+            file_id=record.get("file_id"),
+            batch_id=record.get("batch_id"),
+            request_counts=RequestCounts(**counts) if isinstance(counts, dict) else RequestCounts(),
+            updated_at=float(record.get("updated_at") or 0.0),
+        )
+
+
+def read_states(path: Path) -> dict[str, ChunkState]:
+    """The latest state of each chunk in the journal at ``path`` (empty when there is none)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    states: dict[str, ChunkState] = {}
+    for state in _parse(path, data)[0]:
+        states[state.chunk] = state
+    return states
+
+
+class StateJournal:
+    """The journal opened for appending; ``states`` holds the latest state of each chunk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        existed = path.exists()
+        data = path.read_bytes() if existed else b""
+        parsed, whole = _parse(path, data)
+        self.states: dict[str, ChunkState] = {state.chunk: state for state in parsed}
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if whole < len(data):
+            os.ftruncate(self._fd, whole)  # the torn tail of a write the process died in
+            os.fsync(self._fd)
+        if not existed:
+            _fsync_dir(path.parent)
+
+    def record(self, chunk: str, **changes: Any) -> ChunkState:
+        """Append the chunk's state with ``changes`` applied (fsynced); returns it."""
+        before = self.states.get(chunk) or ChunkState(chunk=chunk)
+        state = dataclasses.replace(before, **changes, updated_at=time.time())
+        line = json.dumps(state.as_record(), separators=(",", ":")).encode() + b"\n"
+        try:
+            os.write(self._fd, line)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot record a batch's state: {exc}") from None
+        self.states[chunk] = state
+        return state
+
+    def close(self) -> None:
+        """Close the file (every record is already on disk)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> StateJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse(path: Path, data: bytes) -> tuple[list[ChunkState], int]:
+    """The states in ``data`` and the length of its whole lines (a torn last one left out)."""
+    states: list[ChunkState] = []
+    lines = data.split(b"\n")
+    whole = 0
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if last and not line:
+            break
+        try:
+            record = json.loads(line)
+            state = ChunkState.from_record(record)
+        except (ValueError, KeyError, TypeError):
+            if last or (number == len(lines) - 1 and not lines[-1]):
+                break  # the last line: torn by a crash mid-write
+            message = f"{path}: line {number} is not a chunk state; fix or remove it"
+            raise OutputError(message) from None
+        if last:
+            break  # parseable but without its newline: not known to be whole
+        states.append(state)
+        whole += len(line) + 1
+    return states, whole
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new file's directory entry durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
