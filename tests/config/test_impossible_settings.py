@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from batcher.config import MAX_CONCURRENCY, job_from_dict, with_overrides
-from batcher.engine.core import Engine
+from batcher.engine.dispatch import Engine
 from batcher.errors import ConfigError
 from batcher.runner.run import run_job
 from batcher.sim.app import Simulator
