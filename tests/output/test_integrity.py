@@ -114,7 +114,7 @@ def test_a_line_too_deep_is_rejected_with_its_line_and_the_run_goes_on(tmp_path:
     assert depth_of(json.loads(rows["at-limit"]["metadata"])) == MAX_DEPTH - 1  # kept whole
 
     # and a second run resumes the journal (read back, written again from it) alike
-    again = run_job(job, stream=io.StringIO())
+    again = run_job(job, stream=io.StringIO(), sim=sim_server)
     assert again.stats.skipped == 3 and again.stats.submitted == 0
     assert {r["custom_id"] for r in read_results(out)} == set(rows)
 
@@ -266,7 +266,7 @@ def test_a_run_holds_its_journal_lock_until_its_output_is_written(
     with Journal(journal_path(out)):  # a run in progress: both kinds of re-run are refused
         for restart in (False, True):
             with pytest.raises(ConfigError, match=f"another batcher run .*holds {out}"):
-                run_job(job, restart=restart, stream=io.StringIO())
+                run_job(job, restart=restart, stream=io.StringIO(), sim=sim_server)
     assert len(list(read_results(out))) == 4  # nothing was deleted
 
 
