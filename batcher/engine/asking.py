@@ -14,11 +14,12 @@ import anyio
 
 from batcher.cost.budget import Budget
 from batcher.cost.pricing import MAX_ANSWERING_MODELS, Pricer
-from batcher.engine.attempt import Sender, maybe_billed
+from batcher.engine.attempt import Sender, Sent, maybe_billed
 from batcher.engine.control import RunControl
 from batcher.engine.endpoints import Router
 from batcher.engine.outcomes import answering_model, result_of
 from batcher.engine.usage_check import checked as usage_checked
+from batcher.http.client import Attempt
 from batcher.output.resume import ResumePlan
 from batcher.records import Request, Result
 
@@ -77,47 +78,40 @@ class Asker:
             await anyio.to_thread.run_sync(pricer.cost_of, asked, model, last.usage)
         cost = pricer.cost_of(asked, model, last.usage)
         if self._budget is not None:
-            cost = self._settle(
-                self._budget,
-                sent.reserved,
-                reserved,
-                cost,
-                last.ok or maybe_billed(last),
-                asked,
-                model,
-            )
-            if sent.charged:
-                cost = (cost or 0.0) + sent.charged
+            cost = self._settle(sent, last, reserved, cost, (asked, model))
         return result_of(request, last, attempts, started, where, model=model, cost=cost)
 
     def _settle(
         self,
-        budget: Budget,
-        held: bool,
+        sent: Sent,
+        last: Attempt,
         reserved: float,
         cost: float | None,
-        billed: bool,
-        asked: object,
-        model: str | None,
+        models: tuple[object, str | None],
     ) -> float | None:
-        """Settle a request's reservation with its cost; the cost to record.
+        """Settle a request's reservation with its cost; the cost to record (``models``: the
+        model asked for and the one that answered, to say why a cost overshot).
 
         An answer without (valid) usage may have been billed, and so may a 2xx that could not
-        be used: its worst case is counted and recorded, so a resumed run's budget starts from
-        it too. ``held``: false when the last attempt went unretried for the budget (it is
-        then in what the retries were charged).
+        be used: its worst case is counted and recorded (with what its retried attempts were
+        charged), so a resumed run's budget starts from it too.
         """
+        budget = self._budget
+        assert budget is not None
         if self._pricer.answering_models_capped and not self._stopping.is_set():
             self._control.stop(
                 f"--max-cost: the endpoint named more than {MAX_ANSWERING_MODELS} models in "
                 "its answers; an answer's cost can no longer be known, so the cap cannot hold"
             )
-        if not held:
-            return None
-        if cost is None and billed:
-            cost = reserved
-        if budget.settle(reserved, cost or 0.0):
-            self._control.stop(budget.overshoot(cost or 0.0, reserved, asked, model))
+        if not sent.reserved:
+            cost = None  # ``last`` went unretried for the budget: in ``sent.charged``
+        else:
+            if cost is None and (last.ok or maybe_billed(last)):
+                cost = reserved
+            if budget.settle(reserved, cost or 0.0):
+                self._control.stop(budget.overshoot(cost or 0.0, reserved, *models))
+        if sent.charged:
+            cost = (cost or 0.0) + sent.charged
         return cost
 
     def _reserve(self, request: Request) -> float | None:
