@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from batcher import jsonfast
-from batcher.config import EndpointConfig, JobConfig
+from batcher.config import JobConfig
 from batcher.records import Reject, Request, Result
 from batcher.runner.progress import Progress
 from batcher.runner.stats import RunStats
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from batcher.engine.dispatch import Engine
-    from batcher.limits.endpoint import Limits
 
 #: The status of the extra row a worker adds to a block it could not finish, with the reason
 #: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
@@ -35,14 +34,6 @@ STOPPED = "stopped"
 CONFIG_ERROR = "config_error"
 #: Prefix of errors a worker raises on purpose, so the driver can find them in Ray's wrapping.
 ERROR_MARK = "[batcher] "
-
-
-def worker_limits(job: JobConfig, endpoint: EndpointConfig, workers: int) -> Limits:
-    """One worker's limits at an endpoint: 1/``workers`` of its RPM, TPM and concurrency
-    (at least one request in flight), and of what the server's headers will say."""
-    from batcher.runner.wiring import endpoint_limits
-
-    return endpoint_limits(job, endpoint, workers)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,9 +35,6 @@ from batcher.output.live_output import LiveOutput
 from batcher.output.provenance import provenance
 from batcher.output.resume import ResumePlan, RetryErrors
 from batcher.runner.checks import (
-    MIN_FREE_BYTES as MIN_FREE_BYTES,
-)
-from batcher.runner.checks import (
     api_keys,
     base_url_field,
     check_not_the_input,
@@ -63,15 +60,7 @@ from batcher.runner.wiring import (
 if TYPE_CHECKING:
     import httpx
 
-__all__ = [
-    "RunReport",
-    "arun_job",
-    "check_not_the_input",
-    "check_output_writable",
-    "rejects_path",
-    "run_job",
-    "write_output",
-]
+__all__ = ["RunReport", "arun_job", "rejects_path", "run_job", "write_output"]
 
 #: The largest input whose output a fresh run writes as it goes (see ``_small_input``):
 #: about 35,000 short requests.
