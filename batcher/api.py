@@ -32,6 +32,7 @@ from batcher.config import JobConfig
 from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, load_job, with_overrides
 from batcher.runner.run import RunReport, arun_job
+from batcher.sim import sim_server
 
 if TYPE_CHECKING:
     import httpx
@@ -168,6 +169,7 @@ class _Call:
                 retry_errors=retry_errors,
                 transport=self.transport,
                 stream=stream,
+                sim=sim_server,
             )
         table = await anyio.to_thread.run_sync(_load, report.output, self.load)
         log = stream.getvalue() if isinstance(stream, io.StringIO) else ""

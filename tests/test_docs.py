@@ -4,6 +4,7 @@ inputs are described where they are used."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def test_design_notes_map_names_every_module() -> None:
     modules = {
         str(p.relative_to(package))
         for p in package.rglob("*.py")
-        if not (p.name == "__init__.py" and p.parent != package)  # a subpackage's one-liner
+        # a subpackage's __init__ is mapped when it holds code, not just its docstring
+        if not (p.name == "__init__.py" and p.parent != package and _docstring_only(p))
     }
     listed = _module_map()
     assert sorted(modules - listed) == []  # every module has its line
@@ -155,3 +157,9 @@ def test_quick_start_has_the_two_commands_and_the_fast_loop() -> None:
     ):
         assert command in quick_start
     assert (ROOT / "jobs" / "demo.toml").is_file()
+
+
+def _docstring_only(path: Path) -> bool:
+    """Whether a module holds nothing but its docstring (a subpackage's one-line ``__init__``)."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return len(body) <= 1 and all(isinstance(node, ast.Expr) for node in body)

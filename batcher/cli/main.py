@@ -349,13 +349,14 @@ def _run(args: argparse.Namespace) -> int:
 
         load_first_encoding(job.input, job.request, job.limits.encoding)
     from batcher.runner.run import run_job
+    from batcher.sim import sim_server
 
     report = run_job(
         job,
         restart=args.restart,
         retry_errors=_retry_errors(args),
         handle_signals=True,
-        lean=True,
+        sim=sim_server,
     )
     return report.exit_code
 

@@ -10,10 +10,7 @@ one warning. ``batch_discount`` prices at the Batch API's half rate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import subprocess
-import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,11 +106,7 @@ MAX_ANSWERING_MODELS = 64
 
 
 class Pricer:
-    """Prices requests by model, from the job's overrides first, then genai-prices.
-
-    ``out_of_process`` looks prices up in a short-lived child process (``lookup_in_child``),
-    so that genai-prices' tables never load into this one.
-    """
+    """Prices requests by model, from the job's overrides first, then genai-prices."""
 
     def __init__(
         self,
@@ -121,12 +114,10 @@ class Pricer:
         *,
         provider_api_url: str | None = None,
         batch_discount: bool = False,
-        out_of_process: bool = False,
     ) -> None:
         self._overrides = dict(overrides or {})
-        self._out_of_process = out_of_process
         # genai-prices matches a provider by the URL's host and path: credentials are no use
-        # to it, and the URL goes to a child process and into the cache key.
+        # to it, and the URL goes into the cache key.
         self._api_url = redact_url(provider_api_url) or None
         self._factor = BATCH_DISCOUNT if batch_discount else 1.0
         self._known: dict[str, Price | None] = {}
@@ -248,24 +239,16 @@ class Pricer:
             hit, price = cache.get(key)
             if hit:
                 return price
-        price = self._lookup_now(model)
+        price = lookup_price(model, self._api_url)
         if cache:
             cache.put(key, price)
         return price
-
-    def _lookup_now(self, model: str) -> Price | None:
-        if self._out_of_process:
-            try:
-                return lookup_in_child(model, self._api_url)
-            except (OSError, ValueError, subprocess.SubprocessError):
-                pass  # no usable interpreter to start, or it failed: look up here instead
-        return lookup_price(model, self._api_url)
 
 
 class PriceCache:
     """Prices found in genai-prices, kept on disk by its version, model and endpoint URL.
 
-    A lookup costs ~0.3 s of CPU (and, from the CLI, a child process of ~40 MB); its answer
+    A lookup costs ~0.3 s of CPU (and genai-prices' tables, ~12 MB, stay loaded); its answer
     cannot change until genai-prices is upgraded, so a run of a model seen before reads the
     file instead. Where it lives, and how it is turned off: ``disk_cache``.
     """
@@ -358,43 +341,3 @@ def _top(value: Any) -> float | None:
         return None
     prices = [float(t.price) for t in tiers if isinstance(getattr(t, "price", None), Decimal)]
     return max(prices) if prices else None
-
-
-def lookup_in_child(model: str, api_url: str | None = None) -> Price | None:
-    """``lookup_price`` in a child process (``python -m batcher.cost.pricing``): about 0.4 s.
-
-    genai-prices keeps every provider's prices in memory once imported, with pydantic: about
-    12 MB that a long run would carry to its end for one or two prices (peak RSS). The child
-    (about 40 MB, for those 0.4 s) answers with JSON. Raises ``OSError``, ``ValueError`` or a
-    ``SubprocessError`` when it cannot be started or fails.
-
-    The model and URL go by stdin, not argv (any local user can read a process's argv), and
-    the URL without credentials.
-    """
-    if not sys.executable:
-        raise OSError("no Python interpreter to start")
-    question = json.dumps({"model": model, "api_url": redact_url(api_url) or None})
-    done = subprocess.run(
-        [sys.executable, "-m", "batcher.cost.pricing"],
-        input=question.encode(),
-        capture_output=True,
-        check=True,
-        timeout=120,
-    )
-    found = json.loads(done.stdout)
-    if found is None:
-        return None
-    if not isinstance(found, dict):
-        raise ValueError(f"unexpected answer from the price lookup: {done.stdout[:200]!r}")
-    return Price(**found)
-
-
-def _child_main() -> None:
-    """The child's side of ``lookup_in_child``: a question on stdin, the price on stdout."""
-    question = json.loads(sys.stdin.read())
-    price = lookup_price(str(question["model"]), question.get("api_url"))
-    print(json.dumps(None if price is None else dataclasses.asdict(price)))
-
-
-if __name__ == "__main__":
-    _child_main()

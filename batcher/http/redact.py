@@ -3,7 +3,7 @@
 A base URL may carry a secret: ``https://user:password@host/...``, or a key in the query string
 (``?api-key=...``, ``?sig=...``, ``?code=...``: gateways, Azure Functions, signed URLs). Every URL
 that leaves the process in text (records' ``error_message``, logs, the summary, provenance
-metadata, cache keys, a child process's input) goes through ``redact_url``; text from a library
+metadata, cache keys) goes through ``redact_url``; text from a library
 that may quote the URL (an HTTP client's error message) goes through ``scrub``.
 
 The rule for the query is an allow-list, not a deny-list: every value is redacted except those

@@ -6,8 +6,9 @@ So ``LiveOutput`` journals each record and hands the final ones to the output wr
 and the end of the run only closes the file (the last row group and the footer), instead of
 reading the whole journal back and converting it then: about 30 µs a record, after the last
 answer. The rows are built while requests are out, when the process mostly waits.
-The writer's import and the input's hash (the provenance) are done in a thread, never on the
-event loop: final records that come before they are done wait, in order, in memory.
+The writer's import and the input's hash (the provenance) are done in a thread, started by the
+first final record, never on the event loop: final records that come before they are done
+wait, in order, in memory.
 
 A run that resumes a journal writes its output from the journal at the end
 (``runner.write_output``), since earlier runs' records are merged in. So does a run whose live
@@ -40,7 +41,7 @@ class LiveOutput:
         row_group_size: int | None = None,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
-        ``prepare``). ``row_group_size``: Parquet's, when not the writer's default."""
+        a thread). ``row_group_size``: Parquet's, when not the writer's default."""
         self._journal = journal
         self._row_group_size = row_group_size
         self._output = output
@@ -78,8 +79,8 @@ class LiveOutput:
         if self.failed:
             return
         if self._writer is None and self._metadata is None and not self._prepare_failed:
-            # The writer's import and the input's hash are not done (an endpoint that answers
-            # before the loop idled): never on the event loop; the record waits for them.
+            # The writer's import and the input's hash are not done: never on the event loop;
+            # the record waits for them.
             self._waiting.append(result)
             self._prepare_in_thread()
             return
@@ -117,11 +118,10 @@ class LiveOutput:
         self._writer.close()  # raises OutputError if the file cannot be finished
         return True
 
-    def prepare(self) -> None:
-        """Import the writer (pyarrow: ~50 ms) and make the provenance, in a thread: the
-        runner has the engine call this once the first requests are out (``warm_up``); a
-        record that comes first starts it itself (and waits for it, off the event loop).
-        Never raises: a failure is raised again when the writer opens."""
+    def _prepare_quietly(self) -> None:
+        """Import the writer (pyarrow: ~50 ms) and make the provenance (in a thread, started
+        by the first final record). Never raises: a failure is raised again when the writer
+        opens."""
         try:
             self._prepare()
         except Exception:
@@ -137,7 +137,7 @@ class LiveOutput:
     def _prepare_in_thread(self) -> None:
         if not self._prepare_started:
             self._prepare_started = True
-            threading.Thread(target=self.prepare, daemon=True).start()
+            threading.Thread(target=self._prepare_quietly, daemon=True).start()
 
     def _open(self) -> Writer:
         """The writer, opened with the first record (the ``.partial`` file until ``close``)."""

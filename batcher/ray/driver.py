@@ -59,18 +59,19 @@ from batcher.output.formats import RejectsWriter
 from batcher.output.resume import RetryErrors
 from batcher.ray.worker import CONFIG_ERROR, ERROR_MARK, STOPPED, BlockWorker, WorkerSpec
 from batcher.records import Reject, Result, Usage
-from batcher.runner.progress import Progress, format_summary
-from batcher.runner.quiet_stream import quiet
-from batcher.runner.run import (
-    RunReport,
-    _api_keys,
-    _base_url_field,
-    _base_urls,
+from batcher.runner.checks import (
+    api_keys,
+    base_url_field,
     check_not_the_input,
     check_output_writable,
     rejects_path,
 )
+from batcher.runner.progress import Progress, format_summary
+from batcher.runner.quiet_stream import quiet
+from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats
+from batcher.runner.wiring import base_urls
+from batcher.sim import sim_server
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -129,7 +130,7 @@ def run_job_on_ray(
     _check_job(job, output)
     check_output_writable(output)
     check_not_the_input(input_path, output)
-    needs_key = [key is not None for key in _api_keys(job)]  # the workers read the keys
+    needs_key = [key is not None for key in api_keys(job)]  # the workers read the keys
     source = open_input(input_path)
     try:
         output.mkdir(exist_ok=True)
@@ -145,7 +146,7 @@ def run_job_on_ray(
         if source is not sys.stdin.buffer:
             source.close()
     if stats.config_error is not None:  # what was answered elsewhere stays in the parts
-        raise ConfigError(_base_url_field(job, stats.config_error_endpoint), stats.config_error)
+        raise ConfigError(base_url_field(job, stats.config_error_endpoint), stats.config_error)
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
     missing = stats.submitted - stats.done
     if missing and not stats.stopped_early:
@@ -153,11 +154,9 @@ def run_job_on_ray(
         stats.stop_reason = f"{missing} requests were not answered (a worker stopped)"
     rej = rejects_path(output) if stats.rejected else None
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
-    )
-    lines = summary.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("  output"))
-    summary = "\n".join([*lines[:at], f"  engine    {engine}", *lines[at:]])
+        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None,
+        engine=engine,
+    )  # fmt: skip
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 
@@ -223,7 +222,7 @@ def _run(
     submitted = 0
     engine = "ray: nothing to send"
     try:
-        with _base_urls(job) as base_urls, stopper.handling(handle_signals):
+        with base_urls(job, sim_server) as urls, stopper.handling(handle_signals):
             rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
             reader = Reader(
                 source, job.request, encoding=job.limits.encoding, count_tokens=job.counts_tokens
@@ -249,9 +248,7 @@ def _run(
                 workers = max(1, min(workers, len(refs)))
                 spec = WorkerSpec(
                     job=job,
-                    targets=[
-                        (e.name, url) for e, url in zip(job.all_endpoints, base_urls, strict=True)
-                    ],
+                    targets=[(e.name, url) for e, url in zip(job.all_endpoints, urls, strict=True)],
                     needs_key=needs_key,
                     workers=workers,
                     stop_flag=session.stop_flag() if handle_signals else None,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from batcher import jsonfast
-from batcher.config import EndpointConfig, JobConfig
+from batcher.config import JobConfig
 from batcher.records import Reject, Request, Result
 from batcher.runner.progress import Progress
 from batcher.runner.stats import RunStats
@@ -24,8 +24,7 @@ from batcher.runner.stats import RunStats
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from batcher.engine.core import Engine
-    from batcher.limits.endpoint import Limits
+    from batcher.engine.dispatch import Engine
 
 #: The status of the extra row a worker adds to a block it could not finish, with the reason
 #: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
@@ -35,23 +34,6 @@ STOPPED = "stopped"
 CONFIG_ERROR = "config_error"
 #: Prefix of errors a worker raises on purpose, so the driver can find them in Ray's wrapping.
 ERROR_MARK = "[batcher] "
-
-
-def worker_limits(job: JobConfig, endpoint: EndpointConfig, workers: int) -> Limits:
-    """One worker's limits at an endpoint: 1/``workers`` of its RPM, TPM and concurrency
-    (at least one request in flight), and of what the server's headers will say."""
-    from batcher.limits.endpoint import Limits
-
-    rpm = endpoint.rpm or job.limits.rpm
-    tpm = endpoint.tpm or job.limits.tpm
-    return Limits(
-        rpm=rpm / workers if rpm else None,
-        tpm=tpm / workers if tpm else None,
-        # Rounded down: together the workers never have more in flight than the job allows
-        # (unless it allows fewer than there are workers: each needs one).
-        concurrency=max(1, (endpoint.concurrency or job.limits.concurrency) // workers),
-        share=1 / workers,
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,60 +107,33 @@ class BlockWorker:
                 self._portal.start_task_soon(self._watch_stop_flag, spec.stop_flag)
 
     async def _open(self) -> None:
-        from batcher.cost.pricing import Pricer, parse_pricing
-        from batcher.engine.endpoints import Endpoint
-        from batcher.engine.outage import Outage
-        from batcher.http.client import ChatClient
+        from batcher.runner.wiring import Target, build_pricer, open_endpoints
 
-        job, k = self._spec.job, self._spec.workers
+        job = self._spec.job
+        targets = [
+            Target(config=config, name=name, base_url=url, api_key=key)
+            for (name, url), key, config in zip(
+                self._spec.targets, self._keys, job.all_endpoints, strict=True
+            )
+        ]
         self._clients = contextlib.AsyncExitStack()
-        self._endpoints = []
-        for (name, url), key, config in zip(
-            self._spec.targets, self._keys, job.all_endpoints, strict=True
-        ):
-            limits = worker_limits(job, config, k)
-            client = ChatClient(
-                url,
-                api_key=key,
-                headers=config.headers,
-                timeout_s=job.retry.timeout_s,
-                max_connections=limits.max_concurrency,
-                max_response_bytes=job.limits.max_response_bytes,
-            )
-            await self._clients.enter_async_context(client)
-            outage = Outage(patience_s=job.retry.outage_patience_s)
-            self._endpoints.append(
-                Endpoint(
-                    name=name, client=client, limits=limits, outage=outage, weight=config.weight
-                )
-            )
-        overrides, discount = parse_pricing(job.pricing)
-        self._pricer = Pricer(
-            overrides,
-            provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
-            batch_discount=discount,
+        self._endpoints = await open_endpoints(
+            job, targets, self._clients, workers=self._spec.workers
         )
+        self._pricer = build_pricer(job)
 
     async def _serve(self) -> None:
         """Run the engine over every block queued, for as long as the actor lives or until
         the engine stops; then release every block still waiting."""
-        from batcher.engine.core import Engine
+        from batcher.engine.control import Sinks
+        from batcher.engine.dispatch import Engine
+        from batcher.runner.wiring import engine_settings
 
-        job = self._spec.job
         stats = RunStats()
+        progress = _WorkerProgress(stats, total=None, enabled=False)
+        sinks = Sinks(results=self, rejects=self, stats=stats, progress=progress)
         engine = Engine(
-            endpoints=self._endpoints,
-            retry=job.retry,
-            concurrency=sum(e.limits.max_concurrency for e in self._endpoints),
-            results=self,
-            rejects=self,
-            stats=stats,
-            progress=_WorkerProgress(stats, total=None, enabled=False),
-            pricer=self._pricer,
-            outage_patience_s=job.retry.outage_patience_s,
-            validate=job.validate,
-            grace_s=job.grace_s,
-            encoding=job.limits.encoding,
+            self._endpoints, engine_settings(self._spec.job), sinks, pricer=self._pricer
         )
         self._engine = engine
         reason = "the worker's engine ended"

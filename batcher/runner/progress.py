@@ -100,8 +100,11 @@ class Progress:
         )
 
 
-def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | None) -> str:
-    """The one-screen summary printed at the end of every run."""
+def format_summary(
+    stats: RunStats, *, name: str, output: str, rejects: str | None, engine: str | None = None
+) -> str:
+    """The one-screen summary printed at the end of every run; ``engine``: how the work was
+    spread (the Ray engine's line), when there is more to say than a local run."""
     s = stats
     if s.stopped_early:
         head = f"batcher: {name} stopped early after {format_duration(s.wall_s)} ({s.stop_reason})"
@@ -153,6 +156,8 @@ def format_summary(stats: RunStats, *, name: str, output: str, rejects: str | No
     if s.error_codes:
         top = ", ".join(f"{code} ×{n}" for code, n in s.error_codes.most_common(5))
         lines.append(f"  errors    {top}")
+    if engine:
+        lines.append(f"  engine    {engine}")
     lines.append(f"  output    {output}")
     if rejects:
         lines.append(f"  rejects   {rejects}")

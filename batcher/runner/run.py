@@ -1,56 +1,69 @@
-"""Sets up and runs a whole job: checks, simulator, client, writers, engine, summary.
+"""Sets up and runs a whole job: checks, endpoints, journal, writers, engine, summary.
 
-Everything that can be checked before sending is checked here first (input readable, output
-folder writable, API key present where one is needed), so a bad job sends nothing.
+Everything that can be checked before sending is checked here first (``checks.py``: input
+readable, output folder writable, API key present where one is needed), so a bad job sends
+nothing. What the run is built from (endpoints, pricer, budget) comes from ``wiring.py``,
+shared with the Ray engine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import anyio
 
-from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig, VariantConfig
+from batcher.config import JobConfig, VariantConfig
 from batcher.cost.budget import Budget, check_priced
-from batcher.cost.pricing import Pricer, parse_pricing
-from batcher.cost.tokens import release_encodings, trim_malloc
-from batcher.engine.core import READ_BATCH, Engine, Lane
+from batcher.cost.pricing import Pricer
+from batcher.engine.control import Sinks
+from batcher.engine.dispatch import READ_BATCH, Engine, Lane
 from batcher.engine.endpoints import Endpoint
-from batcher.engine.outage import Outage
 from batcher.errors import ConfigError, OutputError
-from batcher.http.client import ChatClient, check_api_key
 from batcher.input.field_names import FieldNames, job_field_warnings
 from batcher.input.reader import Reader, count_lines, open_input
-from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import KnownLimits
-from batcher.output.formats import RejectsWriter, output_format
+from batcher.output.formats import RejectsWriter
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput
 from batcher.output.provenance import provenance
 from batcher.output.resume import ResumePlan, RetryErrors
+from batcher.runner.checks import (
+    api_keys,
+    base_url_field,
+    check_not_the_input,
+    check_output_writable,
+    check_sim_available,
+    rejects_path,
+)
 from batcher.runner.housekeeping import Housekeeping
 from batcher.runner.progress import Progress, format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats, answer_warnings
+from batcher.runner.wiring import (
+    SimServer,
+    Target,
+    base_urls,
+    build_budget,
+    build_pricer,
+    engine_settings,
+    open_endpoints,
+    remembered,
+)
 
 if TYPE_CHECKING:
     import httpx
 
-#: Below this much free space in the output folder, a run does not start.
-MIN_FREE_BYTES = 16 * 2**20
-#: Seconds between two ``malloc_trim`` calls during a lean run (see ``_trim_malloc_every``).
-TRIM_EVERY_S = 1.0
-#: The largest input a lean run (the CLI's) writes its output for as it goes (see
-#: ``_small_input``): about 35,000 short requests.
+__all__ = ["RunReport", "arun_job", "rejects_path", "run_job", "write_output"]
+
+#: The largest input whose output a fresh run writes as it goes (see ``_small_input``):
+#: about 35,000 short requests.
 LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
 #: Lines in the first trip to the reading thread; each later trip reads twice as many, up to
 #: ``READ_BATCH``. The pool then opens a few requests at a time: each few's connections are
@@ -58,14 +71,11 @@ LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
 #: all 256 connections were opened before the first request was written, ~50 ms later at 256
 #: in flight; the whole run ended ~60 ms later at 5,000 requests.
 FIRST_READ_BATCH = 4
-#: Parquet row groups of an output written as the run goes from a small input (at most
+#: Parquet row groups of an output written as the run goes (from an input of at most
 #: ``LIVE_OUTPUT_MAX_BYTES``), instead of the writer's 5,000: the last row group is written
 #: after the last answer, so a smaller one ends the run sooner (5,000 rows took ~20 ms, 1,000
-#: ~5 ms), for a file ~5 % larger. Large inputs keep 5,000: every row group's footer
-#: metadata (~28 KB) stays in memory until the file is closed.
+#: ~5 ms), for a file ~5 % larger.
 SMALL_ROW_GROUP_SIZE = 1_000
-#: Rows between two ``malloc_trim`` calls while a lean run writes its output (a row group).
-TRIM_EVERY_ROWS = 5_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,9 +92,18 @@ class RunReport:
         return self.stats.exit_code
 
 
-def rejects_path(output: Path) -> Path:
-    """Where rejected lines go: ``OUTPUT.rejects.jsonl`` beside the output."""
-    return output.with_name(output.name + ".rejects.jsonl")
+@dataclass(frozen=True, kw_only=True)
+class _Setting:
+    """A run's job and the caller's choices for it, as the steps of a run need them."""
+
+    job: JobConfig
+    input_path: Path
+    output: Path
+    stream: IO[str]
+    keys: list[str | None]
+    transport: httpx.AsyncBaseTransport | None
+    handle_signals: bool
+    housekeeping: Housekeeping | None
 
 
 def run_job(
@@ -95,8 +114,8 @@ def run_job(
     transport: httpx.AsyncBaseTransport | None = None,
     handle_signals: bool = False,
     stream: IO[str] | None = None,
-    lean: bool = False,
     housekeeping: Housekeeping | None = None,
+    sim: SimServer | None = None,
 ) -> RunReport:
     """Run a job to completion (blocking) and return its report; prints the summary.
 
@@ -110,8 +129,8 @@ def run_job(
         transport=transport,
         handle_signals=handle_signals,
         stream=stream,
-        lean=lean,
         housekeeping=housekeeping,
+        sim=sim,
     )
     return anyio.run(run)
 
@@ -124,8 +143,8 @@ async def arun_job(
     transport: httpx.AsyncBaseTransport | None = None,
     handle_signals: bool = False,
     stream: IO[str] | None = None,
-    lean: bool = False,
     housekeeping: Housekeeping | None = None,
+    sim: SimServer | None = None,
 ) -> RunReport:
     """Run a job to completion on the running event loop; return its report, print the summary.
 
@@ -136,93 +155,34 @@ async def arun_job(
     cannot run, and ``ConfigError`` after sending began if the endpoint showed that the job
     cannot work (its host does not resolve, or every answer is a 404: see ``setup_check``),
     with nothing recorded for the requests that met it. ``transport`` replaces the HTTP
-    transport (tests). ``lean`` frees the token tables (about 45 MB; loaded only when a TPM
-    limit or ``--max-cost`` needs counts) before the output is finished, looks model prices
-    up in a child process (see ``Pricer``), and returns free heap pages to the system every
-    ``TRIM_EVERY_S`` during the run: for a process that ends with the run, as the CLI's (a
-    later run in the same process loads the tables again).
+    transport (tests).
 
-    A run whose journal starts empty writes its output as it goes (``LiveOutput``); one that
-    resumes a journal writes it from the journal at the end (``write_output``).
+    A run whose journal starts empty writes its output as it goes (``LiveOutput``) when its
+    input is a file of at most ``LIVE_OUTPUT_MAX_BYTES``; otherwise (a larger input, stdin, a
+    resumed journal) it writes the output from the journal at the end (``write_output``).
     ``housekeeping``: what the process that owns the run does around it (the CLI's tuning);
-    a library run has none and changes nothing process-wide.
+    a library run has none and changes nothing process-wide. ``sim``: starts the simulator
+    behind ``base_url = "sim"`` (without it such an endpoint is a ``ConfigError``).
     """
     stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
-    check_output_writable(output)
-    if output.is_dir():
-        raise ConfigError(
-            "job.output",
-            f"{output} is a folder (the Ray engine's output?): choose another output, or run "
-            "the job with --engine ray",
-        )
-    check_not_the_input(input_path, output)
-    api_keys = _api_keys(job)
+    keys = _check_job(job, input_path, output, sim is not None)
+    setting = _Setting(
+        job=job, input_path=input_path, output=output, stream=stream, keys=keys,
+        transport=transport, handle_signals=handle_signals, housekeeping=housekeeping,
+    )  # fmt: skip
+    pricer = build_pricer(job)
     if job.limits.max_cost_usd is not None:  # a model with no price: nothing could be sent
-        await anyio.to_thread.run_sync(check_priced, job, _pricer(job, lean))
+        await anyio.to_thread.run_sync(check_priced, job, pricer)
     # before the journal, so a missing input changes nothing
     sources = _open_sources(input_path, max(1, len(job.variants)))
-    live: LiveOutput | None = None
     try:
-        # Locked before anything is deleted: --restart empties the journal only once no
-        # other run holds it. The lock is held until the output is written.
-        jpath = journal_path(output)
-        fresh = restart or not jpath.exists()
-        with Journal(jpath, restart=restart) as journal:
-            try:
-                if journal.torn_bytes:
-                    print(
-                        f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
-                        "bytes, by a crash or a full disk); that request will be sent again",
-                        file=stream,
-                    )
-                plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-                # A fresh journal: the output is written as the run goes (see live_output).
-                small = _small_input(input_path)
-                if not journal.entries and (not lean or small):
-                    live = LiveOutput(
-                        journal,
-                        output,
-                        functools.partial(provenance, job, input_path),
-                        row_group_size=SMALL_ROW_GROUP_SIZE if small else None,
-                    )
-                with _base_urls(job) as base_urls:
-                    stats, rejected = await _run_async(
-                        job, sources, input_path, output, journal, live, plan,
-                        list(zip(base_urls, api_keys, strict=True)), transport, handle_signals,
-                        stream, lean, housekeeping,
-                    )  # fmt: skip
-                if stats.config_error is not None:
-                    # The endpoint showed the job cannot work: no output (the except below
-                    # removes the live one's .partial), and the journal goes if it is empty.
-                    field = stats.config_error_field or _base_url_field(
-                        job, stats.config_error_endpoint
-                    )
-                    if fresh:
-                        journal.forget_if_empty()
-                    raise ConfigError(field, stats.config_error)
-                journal.sync()  # the journal on disk before the output derived from it
-                if lean:
-                    release_encodings()
-                if housekeeping is not None:
-                    housekeeping.before_output()
-                # in a thread: a notebook's event loop keeps serving while pyarrow writes
-                if live is not None and await anyio.to_thread.run_sync(live.close):
-                    stats.output_ok, stats.output_error = live.ok, live.error
-                else:
-                    write = functools.partial(
-                        write_output,
-                        journal,
-                        output,
-                        stats,
-                        provenance(job, input_path),
-                        trim_every=TRIM_EVERY_ROWS if lean else 0,
-                    )
-                    await anyio.to_thread.run_sync(write)
-            except BaseException:
-                if live is not None:
-                    live.abort()  # the .partial, while the lock is ours; an output is left alone
-                raise
+        # The simulator, if the job has a "sim" endpoint, before the journal: a [sim] table
+        # it refuses changes nothing.
+        with base_urls(job, sim) as urls:
+            stats, rejected = await _run_journaled(
+                setting, sources, urls, pricer, restart, retry_errors
+            )
     finally:
         for source in sources:
             if source is not sys.stdin.buffer:
@@ -233,6 +193,92 @@ async def arun_job(
     )
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
+
+
+def _check_job(job: JobConfig, input_path: Path, output: Path, sim: bool) -> list[str | None]:
+    """The checks made before anything is sent; the endpoints' API keys."""
+    check_output_writable(output)
+    if output.is_dir():
+        raise ConfigError(
+            "job.output",
+            f"{output} is a folder (the Ray engine's output?): choose another output, or run "
+            "the job with --engine ray",
+        )
+    check_not_the_input(input_path, output)
+    keys = api_keys(job)
+    check_sim_available(job, sim)
+    return keys
+
+
+async def _run_journaled(
+    setting: _Setting,
+    sources: list[IO[bytes]],
+    urls: list[str],
+    pricer: Pricer,
+    restart: bool,
+    retry_errors: RetryErrors,
+) -> tuple[RunStats, int]:
+    """The run under its journal, then its output; the stats and the lines rejected.
+
+    The journal is locked before anything is deleted: ``restart`` empties it only once no
+    other run holds it. The lock is held until the output is written.
+    """
+    job, output, stream = setting.job, setting.output, setting.stream
+    jpath = journal_path(output)
+    fresh = restart or not jpath.exists()
+    live: LiveOutput | None = None
+    with Journal(jpath, restart=restart) as journal:
+        try:
+            if journal.torn_bytes:
+                print(
+                    f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
+                    "bytes, by a crash or a full disk); that request will be sent again",
+                    file=stream,
+                )
+            plan = ResumePlan(journal.entries, retry_errors=retry_errors)
+            live = _live_output(setting, journal)
+            stats, rejected = await _run_async(setting, sources, urls, journal, live, plan, pricer)
+            if stats.config_error is not None:
+                # The endpoint showed the job cannot work: no output (the except below
+                # removes the live one's .partial), and the journal goes if it is empty.
+                field = stats.config_error_field or base_url_field(job, stats.config_error_endpoint)
+                if fresh:
+                    journal.forget_if_empty()
+                raise ConfigError(field, stats.config_error)
+            journal.sync()  # the journal on disk before the output derived from it
+            if setting.housekeeping is not None:
+                setting.housekeeping.before_output()
+            await _write(setting, journal, live, stats)
+        except BaseException:
+            if live is not None:
+                live.abort()  # the .partial, while the lock is ours; an output is left alone
+            raise
+    return stats, rejected
+
+
+def _live_output(setting: _Setting, journal: Journal) -> LiveOutput | None:
+    """The output written as the run goes, for a fresh journal and a small input file
+    (``_small_input``); ``None``: written from the journal at the end."""
+    if journal.entries or not _small_input(setting.input_path):
+        return None
+    return LiveOutput(
+        journal,
+        setting.output,
+        functools.partial(provenance, setting.job, setting.input_path),
+        row_group_size=SMALL_ROW_GROUP_SIZE,
+    )
+
+
+async def _write(
+    setting: _Setting, journal: Journal, live: LiveOutput | None, stats: RunStats
+) -> None:
+    """Finish the output: the live one, else (none, or it failed) from the journal. In a
+    thread: a notebook's event loop keeps serving while pyarrow writes."""
+    if live is not None and await anyio.to_thread.run_sync(live.close):
+        stats.output_ok, stats.output_error = live.ok, live.error
+        return
+    metadata = provenance(setting.job, setting.input_path)
+    await anyio.to_thread.run_sync(write_output, journal, setting.output, stats, metadata)
 
 
 def _open_sources(path: Path, count: int) -> list[IO[bytes]]:
@@ -258,43 +304,95 @@ def _open_sources(path: Path, count: int) -> list[IO[bytes]]:
 
 
 async def _run_async(
-    job: JobConfig,
+    setting: _Setting,
     sources: list[IO[bytes]],
-    input_path: Path,
-    output: Path,
+    urls: list[str],
     journal: Journal,
     live: LiveOutput | None,
     plan: ResumePlan,
-    targets: list[tuple[str, str | None]],
-    transport: httpx.AsyncBaseTransport | None,
-    handle_signals: bool,
-    stream: IO[str],
-    lean: bool,
-    housekeeping: Housekeeping | None,
+    pricer: Pricer,
 ) -> tuple[RunStats, int]:
-    """The run itself; ``targets`` are the endpoints' (base URL, API key), in job order.
-
-    Results go to ``live`` (the journal and the output) when given, else to the journal.
-
-    ``sources`` holds the input opened once per variant (once for a job without variants).
-    """
-    total = await anyio.to_thread.run_sync(count_lines, input_path) if job.progress else None
-    if total is not None:
-        total *= len(sources)
+    """The requests sent, recorded to ``live`` (the journal and the output) when given, else
+    to the journal; the stats and the lines rejected. ``sources`` holds the input opened once
+    per variant (once for a job without variants); ``urls``: the endpoints' base URLs."""
+    job, output = setting.job, setting.output
     stats = RunStats()
-    fields = FieldNames()
+    fields = FieldNames()  # a near-miss name warned about in the job is not warned again
     for message in job_field_warnings(job, fields):
-        print(message, file=stream, flush=True)
-    progress = Progress(stats, total=total, enabled=job.progress, stream=stream)
+        print(message, file=setting.stream, flush=True)
+    progress = await _progress(setting, stats, len(sources))
     variants: list[VariantConfig | None] = list(job.variants) or [None]
-    # What each endpoint announced on an earlier run: it then starts without a probe.
     known = KnownLimits.default()
-    remembered = [
-        None if known is None or config.is_sim else known.get(base_url)
-        for config, (base_url, _) in zip(job.all_endpoints, targets, strict=True)
+    targets = _targets(setting, urls, known)
+    readers = _readers(job, sources, variants, targets, progress, fields)
+    budget = build_budget(job, journal.spent_before)
+    endpoints: list[Endpoint] = []
+    try:
+        rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
+        with RejectsWriter(rejects_path(output)) as rejects:
+            async with contextlib.AsyncExitStack() as clients:
+                endpoints = await open_endpoints(
+                    job, targets, clients, known=known, transport=setting.transport,
+                    warn=progress.note,
+                )  # fmt: skip
+                sinks = Sinks(
+                    results=journal if live is None else live,
+                    rejects=rejects,
+                    stats=stats,
+                    progress=progress,
+                )
+                engine = Engine(
+                    endpoints, engine_settings(job), sinks, plan=plan, pricer=pricer,
+                    budget=budget, on_token_limit=functools.partial(_count_from_now, readers),
+                )  # fmt: skip
+                await _run_engine(setting, engine, _lanes(readers, variants, endpoints))
+            rejected = rejects.count
+    except OSError as exc:
+        raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
+    finally:
+        progress.close()
+    _count_the_run(stats, readers, endpoints, budget)
+    _warn_after_run(setting, stats, pricer)
+    return stats, rejected
+
+
+async def _progress(setting: _Setting, stats: RunStats, passes: int) -> Progress:
+    """The progress display (its total: the input's lines, once per pass over it)."""
+    job = setting.job
+    total = (
+        await anyio.to_thread.run_sync(count_lines, setting.input_path) if job.progress else None
+    )
+    if total is not None:
+        total *= passes
+    return Progress(stats, total=total, enabled=job.progress, stream=setting.stream)
+
+
+def _targets(setting: _Setting, urls: list[str], known: KnownLimits | None) -> list[Target]:
+    """Each endpoint's base URL, key and what it announced on an earlier run."""
+    job = setting.job
+    announced = remembered(job, urls, known)
+    return [
+        Target(config=config, name=config.name, base_url=url, api_key=key, announced=limits)
+        for config, url, key, limits in zip(
+            job.all_endpoints, urls, setting.keys, announced, strict=True
+        )
     ]
-    token_limit_known = any(a is not None and a.tpm is not None for a in remembered)
-    readers = [
+
+
+def _readers(
+    job: JobConfig,
+    sources: list[IO[bytes]],
+    variants: list[VariantConfig | None],
+    targets: list[Target],
+    progress: Progress,
+    fields: FieldNames,
+) -> list[Reader]:
+    """One reader per pass over the input (per variant). Prompts are counted as they are
+    read when the job needs it, or when an endpoint announced a token limit before."""
+    token_limit_known = any(
+        t.announced is not None and t.announced.tpm is not None for t in targets
+    )
+    return [
         Reader(
             source,
             job.request,
@@ -306,95 +404,40 @@ async def _run_async(
         )
         for source, variant in zip(sources, variants, strict=True)
     ]
-    pricer = _pricer(job, lean)
-    cap = job.limits.max_cost_usd
-    budget = Budget(cap, spent_before=journal.spent_before) if cap is not None else None
-    try:
-        rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
-        with RejectsWriter(rejects_path(output)) as rejects:
-            async with contextlib.AsyncExitStack() as clients:
-                endpoints = []
-                for config, (base_url, api_key), announced in zip(
-                    job.all_endpoints, targets, remembered, strict=True
-                ):
-                    concurrency = config.concurrency or job.limits.concurrency
-                    client = ChatClient(
-                        base_url,
-                        api_key=api_key,
-                        headers=config.headers,
-                        timeout_s=job.retry.timeout_s,
-                        max_connections=concurrency,
-                        transport=transport,
-                        max_response_bytes=job.limits.max_response_bytes,
-                    )
-                    await clients.enter_async_context(client)
-                    limits = Limits(
-                        rpm=config.rpm or job.limits.rpm,
-                        tpm=config.tpm or job.limits.tpm,
-                        concurrency=concurrency,
-                    )
-                    limits.checks.warn = progress.note
-                    if announced is not None:
-                        limits.start_from(announced)
-                    outage = Outage(patience_s=job.retry.outage_patience_s)
-                    endpoints.append(
-                        Endpoint(
-                            name=config.name,
-                            client=client,
-                            limits=limits,
-                            outage=outage,
-                            weight=config.weight,
-                            remember=None
-                            if known is None or config.is_sim
-                            else functools.partial(_remember, known, base_url),
-                        )
-                    )
-                by_name = {e.name: e for e in endpoints}
-                lanes = [
-                    Lane(
-                        batches=reader.batches(READ_BATCH, first=FIRST_READ_BATCH),
-                        endpoints=[by_name[n] for n in variant.endpoints]
-                        if variant is not None and variant.endpoints
-                        else None,
-                    )
-                    for reader, variant in zip(readers, variants, strict=True)
-                ]
-                engine = Engine(
-                    endpoints=endpoints,
-                    retry=job.retry,
-                    concurrency=sum(e.limits.max_concurrency for e in endpoints),
-                    results=journal if live is None else live,
-                    rejects=rejects,
-                    stats=stats,
-                    progress=progress,
-                    plan=plan,
-                    pricer=pricer,
-                    budget=budget,
-                    grace_s=job.grace_s,
-                    outage_patience_s=job.retry.outage_patience_s,
-                    validate=job.validate,
-                    encoding=job.limits.encoding,
-                    # pyarrow (~50 ms) and the provenance while the first answers are awaited
-                    warm_up=None if live is None else live.prepare,
-                    on_token_limit=functools.partial(_count_from_now, readers),
-                )
-                async with anyio.create_task_group() as background:
-                    if lean:
-                        background.start_soon(_trim_malloc_every, TRIM_EVERY_S)
-                    if housekeeping is not None:
-                        background.start_soon(housekeeping.during_run)
-                    await engine.run(
-                        lanes[0].batches
-                        if len(lanes) == 1 and lanes[0].endpoints is None
-                        else lanes,
-                        handle_signals=handle_signals,
-                    )
-                    background.cancel_scope.cancel()
-            rejected = rejects.count
-    except OSError as exc:
-        raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
-    finally:
-        progress.close()
+
+
+def _lanes(
+    readers: list[Reader], variants: list[VariantConfig | None], endpoints: list[Endpoint]
+) -> list[Lane]:
+    """One lane per reader, routed among its variant's endpoints (all when it names none)."""
+    by_name = {e.name: e for e in endpoints}
+    return [
+        Lane(
+            batches=reader.batches(READ_BATCH, first=FIRST_READ_BATCH),
+            endpoints=[by_name[n] for n in variant.endpoints]
+            if variant is not None and variant.endpoints
+            else None,
+        )
+        for reader, variant in zip(readers, variants, strict=True)
+    ]
+
+
+async def _run_engine(setting: _Setting, engine: Engine, lanes: list[Lane]) -> None:
+    """Run the engine over the lanes (one lane on every endpoint: its batches alone), with
+    the owning process's housekeeping beside it."""
+    one = len(lanes) == 1 and lanes[0].endpoints is None
+    async with anyio.create_task_group() as background:
+        if setting.housekeeping is not None:
+            background.start_soon(setting.housekeeping.during_run)
+        await engine.run(lanes[0].batches if one else lanes, handle_signals=setting.handle_signals)
+        background.cancel_scope.cancel()
+
+
+def _count_the_run(
+    stats: RunStats, readers: list[Reader], endpoints: list[Endpoint], budget: Budget | None
+) -> None:
+    """What the run's parts counted, into its stats; a budget stopped before anything was
+    sent is the job's configuration error."""
     stats.lines_read = readers[0].lines_read
     stats.rate_limited = sum(e.limits.rate_limited for e in endpoints)
     stats.overloaded = sum(e.limits.overloaded for e in endpoints)
@@ -403,33 +446,20 @@ async def _run_async(
         reason = stats.stop_reason or "no price known for a model of the job"
         stats.config_error = reason.removeprefix("--max-cost: ")
         stats.config_error_field = "--max-cost"
+
+
+def _warn_after_run(setting: _Setting, stats: RunStats, pricer: Pricer) -> None:
+    """Models without a price, and what the answers suggest about the job."""
+    stream = setting.stream
     for model in pricer.unknown_models:
         print(
             f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
             f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
             file=stream,
         )
-    for message in answer_warnings(stats, streamed=job.request.get("stream") is True):
+    streamed = setting.job.request.get("stream") is True
+    for message in answer_warnings(stats, streamed=streamed):
         print(message, file=stream)
-    return stats, rejected
-
-
-def _base_url_field(job: JobConfig, endpoint: str | None) -> str:
-    """The job field of the named endpoint's base URL, as errors name it."""
-    names = [e.name for e in job.endpoints]
-    if endpoint not in names:
-        return "endpoint.base_url"
-    return f"endpoints[{names.index(endpoint)}].base_url"
-
-
-def _pricer(job: JobConfig, lean: bool) -> Pricer:
-    overrides, discount = parse_pricing(job.pricing)
-    return Pricer(
-        overrides,
-        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
-        batch_discount=discount,
-        out_of_process=lean,
-    )
 
 
 def _note_from_thread(progress: Progress, message: str) -> None:
@@ -440,18 +470,13 @@ def _note_from_thread(progress: Progress, message: str) -> None:
         progress.note(message)
 
 
-def _remember(known: KnownLimits, base_url: str, limits: Limits) -> None:
-    limits.forget_unconfirmed()  # what this run's server did not announce is not kept
-    known.put(base_url, limits.announced())
-
-
 def _count_from_now(readers: list[Reader]) -> None:
     for reader in readers:
         reader.count_from_now()
 
 
 def _small_input(path: Path) -> bool:
-    """Whether a lean run writes its output as it goes: an input file of at most
+    """Whether a fresh run writes its output as it goes: an input file of at most
     ``LIVE_OUTPUT_MAX_BYTES`` (stdin's size is unknown: no).
 
     Writing as the run goes keeps pyarrow (~35 MB) resident during the run, and the row
@@ -468,35 +493,10 @@ def _small_input(path: Path) -> bool:
         return False
 
 
-async def _trim_malloc_every(seconds: float) -> None:
-    """Give free heap pages back to the system every ``seconds``, for as long as the run lasts.
-
-    Each request allocates and frees a few kB; glibc's heap fragments and its resident size
-    creeps up by about 30 bytes a request (10 MB over a million), free pages it keeps but
-    never returns by itself. ``malloc_trim`` returns them (3-4 ms, under the heap's lock).
-    Every second: with the output written as the run goes, the Arrow buffers of each row
-    group are freed among the requests' objects, and trimming every 10 s let the heap grow
-    by ~20 MB in between (bench/memory.py: 100,000 requests peaked at 120 MB, 110 MB with 1 s).
-    """
-    while True:
-        await anyio.sleep(seconds)
-        trim_malloc()
-
-
 def write_output(
-    journal: Journal,
-    output: Path,
-    stats: RunStats,
-    metadata: dict[str, str] | None = None,
-    *,
-    trim_every: int = 0,
+    journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write the output from the journal's latest records, atomically (``.partial`` + rename).
-
-    ``trim_every`` > 0 gives free heap pages back to the system every that many rows: building
-    each row group's arrays fragments glibc's heap, whose resident size otherwise grows by
-    about 25 bytes a row (25 MB over a million).
-    """
+    """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
     from batcher.output.writers import open_writer  # pyarrow: imported once the requests are done
 
     ok = error = 0
@@ -507,79 +507,4 @@ def write_output(
                 ok += 1
             else:
                 error += 1
-            if trim_every and (ok + error) % trim_every == 0:
-                trim_malloc()
     stats.output_ok, stats.output_error = ok, error
-
-
-def check_not_the_input(input_path: Path, output: Path) -> None:
-    """Refuse an output (or its journal or rejects file) that is the input itself."""
-    if str(input_path) == "-" or not input_path.exists():
-        return
-    for produced in (output, journal_path(output), rejects_path(output)):
-        same = produced.samefile(input_path) if produced.exists() else False
-        if same or produced.resolve() == input_path.resolve():
-            raise ConfigError("job.output", f"{produced} is the input: it would be overwritten")
-
-
-def check_output_writable(output: Path) -> None:
-    """Fail before sending anything if the output is unusable: format, folder, free space."""
-    output_format(output)
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise ConfigError("job.output", f"folder {folder} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".batcher-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            "job.output", f"folder {folder} is not writable: {exc.strerror}"
-        ) from None
-    free = shutil.disk_usage(folder).free
-    if free < MIN_FREE_BYTES:
-        raise ConfigError(
-            "job.output",
-            f"only {free // 1024} KiB free in {folder}; free some space (batcher needs at least "
-            f"{MIN_FREE_BYTES // 2**20} MiB for its journal and output)",
-        )
-
-
-def _api_keys(job: JobConfig) -> list[str | None]:
-    """Each endpoint's API key, from its variable; checked before anything is sent."""
-    keys = []
-    for i, endpoint in enumerate(job.all_endpoints):
-        field = f"endpoints[{i}].api_key_env" if job.endpoints else "endpoint.api_key_env"
-        keys.append(_api_key(endpoint, field))
-    return keys
-
-
-def _api_key(endpoint: EndpointConfig, field: str) -> str | None:
-    if endpoint.is_sim:
-        return None
-    key = os.environ.get(endpoint.api_key_env) or None
-    if key is not None:
-        try:
-            check_api_key(key)
-        except ValueError as exc:
-            raise ConfigError(field, f"${endpoint.api_key_env}: {exc}") from None
-    if key is None and endpoint.base_url.rstrip("/") == DEFAULT_BASE_URL:
-        raise ConfigError(
-            field, f"${endpoint.api_key_env} is not set (export your API key in that variable)"
-        )
-    return key
-
-
-@contextlib.contextmanager
-def _base_urls(job: JobConfig) -> Iterator[list[str]]:
-    """The base URL of each endpoint; for ``sim``, a simulator running for the whole run."""
-    with contextlib.ExitStack() as stack:
-        urls = []
-        for endpoint in job.all_endpoints:
-            if endpoint.is_sim:
-                from batcher.sim.config import SimConfig
-                from batcher.sim.serve import running_sim
-
-                urls.append(stack.enter_context(running_sim(SimConfig(**job.sim))).base_url)
-            else:
-                urls.append(endpoint.base_url)
-        yield urls

@@ -63,8 +63,6 @@ def test_flags_override_the_job(tmp_path: Path) -> None:
         ("[job]\ngrace_s = -1\n", "job.grace_s"),
         ('[job]\ngrace_s = "long"\n', "job.grace_s"),
         ('[jobs]\nname = "x"\n', "jobs"),
-        ('[endpoint]\nbase_url = "sim"\n[sim]\nerror_rate = 2\n', "sim"),
-        ('[endpoint]\nbase_url = "sim"\n[sim]\nlatency = 2\n', "sim"),
     ],
 )
 def test_bad_job_names_the_field(tmp_path: Path, text: str, field: str) -> None:

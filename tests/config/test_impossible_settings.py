@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from batcher.config import MAX_CONCURRENCY
-from batcher.engine.core import Engine
+from batcher.engine.dispatch import Engine
 from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, with_overrides
 from batcher.runner.run import run_job

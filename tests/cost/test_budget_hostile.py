@@ -264,7 +264,7 @@ def test_too_many_answering_model_names_stop_a_capped_run(
     model asked, maybe below what answered: under --max-cost the run stops (the limit is
     lowered from 64 to 3 so the test looks up few names)."""
     monkeypatch.setattr("batcher.cost.pricing.MAX_ANSWERING_MODELS", 3)
-    monkeypatch.setattr("batcher.engine.core.MAX_ANSWERING_MODELS", 3)
+    monkeypatch.setattr("batcher.engine.asking.MAX_ANSWERING_MODELS", 3)
     server = ManyNames()
     with serving(json_app(server)) as url:
         # priced by genai-prices, not the job: the answering model's price is looked up

@@ -336,7 +336,7 @@ def test_headers_that_pause_the_pool_for_long_are_said(
     """The first answer says nothing remains until a reset (and names no limit to pace by):
     the pool pauses until then, and the run says so instead of going silent. (The threshold
     for saying it is lowered so the test waits 1 s, not 30.)"""
-    monkeypatch.setattr("batcher.engine.core.LONG_PAUSE_S", 0.5)
+    monkeypatch.setattr("batcher.engine.attempt.LONG_PAUSE_S", 0.5)
     spent = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
     server = hostile.HostileServer(hostile.in_turn(hostile.answer(headers=spent), hostile.answer()))
     with server.running():

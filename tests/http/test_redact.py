@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-from typing import Any
-
 import pytest
 
-from batcher.cost.pricing import Pricer, lookup_in_child
+from batcher.cost.pricing import Pricer
 from batcher.errors import ConfigError
 from batcher.http.client import chat_completions_url
 from batcher.http.redact import redact_url, scrub, url_origin
@@ -71,25 +68,6 @@ def test_a_bad_base_url_is_named_without_its_key() -> None:
     assert caught.value.field == "endpoint.base_url" and SECRET not in str(caught.value)
 
 
-def test_the_price_child_gets_no_url_in_argv_and_no_credentials(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[tuple[list[str], Any]] = []
-    real_run = subprocess.run
-
-    def spy(args: list[str], **kw: Any) -> Any:
-        calls.append((list(args), kw.get("input")))
-        return real_run(args, **kw)
-
-    monkeypatch.setattr(subprocess, "run", spy)
-    url = f"https://user:{SECRET}@api.openai.com/v1?api-key={SECRET}"
-    price = lookup_in_child("gpt-4o-mini", url)
-    assert price is not None and price.input > 0  # the child still finds the price
-    [(argv, given)] = calls
-    assert all("http" not in arg and SECRET not in arg for arg in argv)
-    assert SECRET not in given.decode()
-
-
 def test_a_pricer_keeps_no_credentials_of_its_endpoint() -> None:
-    pricer = Pricer(provider_api_url=f"https://h/v1?api-key={SECRET}", out_of_process=True)
+    pricer = Pricer(provider_api_url=f"https://h/v1?api-key={SECRET}")
     assert SECRET not in repr(vars(pricer))

@@ -30,6 +30,7 @@ from batcher.output.writers import open_writer, read_results
 from batcher.records import Reject, Request, Result
 from batcher.runner import run as runner
 from batcher.runner.run import run_job
+from batcher.sim import sim_server
 from tests.helpers import (
     ROOT,
     batcher_cmd,
@@ -100,7 +101,7 @@ def test_a_line_too_deep_is_rejected_with_its_line_and_the_run_goes_on(tmp_path:
             "request": {"model": "m"},
         }
     )
-    report = run_job(job, stream=io.StringIO())
+    report = run_job(job, stream=io.StringIO(), sim=sim_server)
     assert report.exit_code == 1  # lines were rejected; every request was answered
     rejects = jsonl(tmp_path / "out.parquet.rejects.jsonl")
     assert [(r["line"], r["custom_id"], r["reason"]) for r in rejects] == [
@@ -113,7 +114,7 @@ def test_a_line_too_deep_is_rejected_with_its_line_and_the_run_goes_on(tmp_path:
     assert depth_of(json.loads(rows["at-limit"]["metadata"])) == MAX_DEPTH - 1  # kept whole
 
     # and a second run resumes the journal (read back, written again from it) alike
-    again = run_job(job, stream=io.StringIO())
+    again = run_job(job, stream=io.StringIO(), sim=sim_server)
     assert again.stats.skipped == 3 and again.stats.submitted == 0
     assert {r["custom_id"] for r in read_results(out)} == set(rows)
 
@@ -257,15 +258,15 @@ def test_a_run_holds_its_journal_lock_until_its_output_is_written(
 
     monkeypatch.setattr(LiveOutput, "close", checking(LiveOutput.close))
     monkeypatch.setattr(runner, "write_output", checking(runner.write_output))
-    assert run_job(job, stream=io.StringIO()).exit_code == 0  # written as it goes
+    assert run_job(job, stream=io.StringIO(), sim=sim_server).exit_code == 0  # as it goes
     src.write_text(src.read_text(encoding="utf-8") + '{"prompt": "one more"}\n')
-    assert run_job(job, stream=io.StringIO()).exit_code == 0  # written from the journal
+    assert run_job(job, stream=io.StringIO(), sim=sim_server).exit_code == 0  # from the journal
     assert locked == [True, True]
     assert not journal_locked()  # and released at the end
     with Journal(journal_path(out)):  # a run in progress: both kinds of re-run are refused
         for restart in (False, True):
             with pytest.raises(ConfigError, match=f"another batcher run .*holds {out}"):
-                run_job(job, restart=restart, stream=io.StringIO())
+                run_job(job, restart=restart, stream=io.StringIO(), sim=sim_server)
     assert len(list(read_results(out))) == 4  # nothing was deleted
 
 

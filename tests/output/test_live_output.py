@@ -139,9 +139,9 @@ def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
 def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency_ms: int
 ) -> None:
-    # They are slowed here, as a large input's hash would be. At 100 ms the warm-up starts
-    # them once the loop idles; at 1 ms answers come first. Either way the answers that come
-    # meanwhile are journaled and wait, in order, for the writer: the loop goes on.
+    # They are slowed here, as a large input's hash would be. The first answer starts them in
+    # a thread, at 1 ms as at 100 ms: the answers that come meanwhile are journaled and wait,
+    # in order, for the writer; the loop goes on.
     threads: list[int] = []
     journaled_meanwhile: list[int] = []
     real_provenance = runner.provenance
@@ -166,8 +166,8 @@ def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
 
 
 def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path) -> None:
-    # Every line is rejected: no request goes out, and the warm-up, waiting for the first
-    # one, is cancelled with the run instead of holding it open.
+    # Every line is rejected: no request goes out, no answer comes, and the run ends at once
+    # with an output of no rows.
     src = tmp_path / "in.jsonl"
     src.write_text("not json\n[1, 2]\n")
     output = tmp_path / "o.parquet"
@@ -189,11 +189,11 @@ def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path
 
 
 @pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
-def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
+def test_a_run_writes_as_it_goes_only_below_the_size_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, live: bool
 ) -> None:
-    # The CLI's lean process keeps memory flat for large inputs: past LIVE_OUTPUT_MAX_BYTES
-    # it writes the output from the journal at the end.
+    # Memory stays flat for large inputs: past LIVE_OUTPUT_MAX_BYTES a run (a library one as
+    # well as the CLI's) writes the output from the journal at the end.
     made: list[object] = []
     real_init = live_output.LiveOutput.__init__
 
@@ -205,7 +205,7 @@ def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
     monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
     with running_sim(SimConfig(latency_ms=2)) as sim:
         job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
-        report = run_job(job, stream=io.StringIO(), lean=True)
+        report = run_job(job, stream=io.StringIO())
     assert bool(made) is live
     assert sorted(r["custom_id"] for r in read_results(report.output)) == sorted(
         f"c{i}" for i in range(12)
@@ -217,8 +217,8 @@ def test_a_small_input_is_written_in_small_row_groups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, groups: list[int]
 ) -> None:
     # The last row group is written after the last answer: a small one ends the run sooner.
-    # A large input (here, a library run, which writes as it goes whatever the size) keeps
-    # the writer's default, since each row group's footer metadata stays in memory.
+    # A large input is written from the journal at the end, with the writer's default, since
+    # each row group's footer metadata stays in memory.
     monkeypatch.setattr(runner, "SMALL_ROW_GROUP_SIZE", 5)
     monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
     with running_sim(SimConfig(latency_ms=2)) as sim:

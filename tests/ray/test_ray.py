@@ -31,7 +31,7 @@ from batcher.output.provenance import read_provenance
 from batcher.output.report import build_report
 from batcher.output.report_text import format_report
 from batcher.output.writers import SCHEMA, parquet_parts, read_results
-from batcher.ray.worker import worker_limits
+from batcher.runner.wiring import endpoint_limits
 from batcher.sim.config import SimConfig
 from batcher.sim.serve import SimHandle, running_sim
 from tests.helpers import ROOT, batcher_cmd, write_input
@@ -393,11 +393,11 @@ def test_limits_are_divided_between_workers() -> None:
             "limits": {"rpm": 600, "tpm": 30000, "concurrency": 64},
         }
     )
-    a = worker_limits(job, job.endpoints[0], 4)
+    a = endpoint_limits(job, job.endpoints[0], 4)
     assert (a.configured_rpm, a.configured_tpm, a.max_concurrency) == (150, 7500, 16)
-    b = worker_limits(job, job.endpoints[1], 4)
+    b = endpoint_limits(job, job.endpoints[1], 4)
     assert (b.configured_rpm, b.configured_tpm, b.max_concurrency) == (22.5, 7500, 1)  # 5 // 4
-    assert worker_limits(job, job.endpoints[1], 8).max_concurrency == 1  # never 0
+    assert endpoint_limits(job, job.endpoints[1], 8).max_concurrency == 1  # never 0
 
 
 def test_a_shared_limit_learns_its_share_of_the_server_headers() -> None:

@@ -1,0 +1,108 @@
+"""What is checked before anything is sent, by the local and the Ray engines alike: the output
+is usable and is not the input, every endpoint's API key is there and sendable, and a ``sim``
+endpoint has a simulator to run it. Each failure is a ``ConfigError`` naming the job field.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
+from batcher.errors import ConfigError
+from batcher.http.client import check_api_key
+from batcher.output.formats import output_format
+from batcher.output.journal import journal_path
+
+#: Below this much free space in the output folder, a run does not start.
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def rejects_path(output: Path) -> Path:
+    """Where rejected lines go: ``OUTPUT.rejects.jsonl`` beside the output."""
+    return output.with_name(output.name + ".rejects.jsonl")
+
+
+def check_output_writable(output: Path) -> None:
+    """Fail before sending anything if the output is unusable: format, folder, free space."""
+    output_format(output)
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError("job.output", f"folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".batcher-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            "job.output", f"folder {folder} is not writable: {exc.strerror}"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(
+            "job.output",
+            f"only {free // 1024} KiB free in {folder}; free some space (batcher needs at least "
+            f"{MIN_FREE_BYTES // 2**20} MiB for its journal and output)",
+        )
+
+
+def check_not_the_input(input_path: Path, output: Path) -> None:
+    """Refuse an output (or its journal or rejects file) that is the input itself."""
+    if str(input_path) == "-" or not input_path.exists():
+        return
+    for produced in (output, journal_path(output), rejects_path(output)):
+        same = produced.samefile(input_path) if produced.exists() else False
+        if same or produced.resolve() == input_path.resolve():
+            raise ConfigError("job.output", f"{produced} is the input: it would be overwritten")
+
+
+def api_keys(job: JobConfig) -> list[str | None]:
+    """Each endpoint's API key, from its variable, in the job's order (``None``: none needed
+    or none set); refused when it cannot be sent or when the default endpoint has none."""
+    keys = []
+    for i, endpoint in enumerate(job.all_endpoints):
+        field = f"endpoints[{i}].api_key_env" if job.endpoints else "endpoint.api_key_env"
+        keys.append(_api_key(endpoint, field))
+    return keys
+
+
+def _api_key(endpoint: EndpointConfig, field: str) -> str | None:
+    if endpoint.is_sim:
+        return None
+    key = os.environ.get(endpoint.api_key_env) or None
+    if key is not None:
+        try:
+            check_api_key(key)
+        except ValueError as exc:
+            raise ConfigError(field, f"${endpoint.api_key_env}: {exc}") from None
+    if key is None and endpoint.base_url.rstrip("/") == DEFAULT_BASE_URL:
+        raise ConfigError(
+            field, f"${endpoint.api_key_env} is not set (export your API key in that variable)"
+        )
+    return key
+
+
+def base_url_field(job: JobConfig, endpoint: str | None) -> str:
+    """The job field of the named endpoint's base URL, as errors name it (the single
+    endpoint's when the name is not one of ``[[endpoints]]``)."""
+    names = [e.name for e in job.endpoints]
+    if endpoint not in names:
+        return "endpoint.base_url"
+    return f"endpoints[{names.index(endpoint)}].base_url"
+
+
+def check_sim_available(job: JobConfig, available: bool) -> None:
+    """Refuse a ``base_url = "sim"`` endpoint when the caller gives no simulator to run it
+    (the core never imports the optional simulator: the ``batcher`` command and
+    ``batcher.run`` give it)."""
+    if available:
+        return
+    for i, endpoint in enumerate(job.all_endpoints):
+        if endpoint.is_sim:
+            field = f"endpoints[{i}].base_url" if job.endpoints else "endpoint.base_url"
+            raise ConfigError(
+                field,
+                '"sim" needs the built-in simulator, which this caller does not provide: '
+                "run the job with batcher.run or the batcher command, or pass sim=",
+            )
