@@ -37,7 +37,7 @@ def test_importing_batcher_does_not_import_the_runner() -> None:
 
 def test_unknown_name_raises_attribute_error() -> None:
     with pytest.raises(AttributeError, match="nope"):
-        batcher.nope  # type: ignore[attr-defined]  # noqa: B018
+        batcher.nope  # noqa: B018
 
 
 def test_cli_help_does_not_import_pyarrow_or_httpx() -> None:

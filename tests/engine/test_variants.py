@@ -224,7 +224,8 @@ def test_a_bad_line_is_rejected_once_not_once_per_variant(tmp_path: Path) -> Non
     with src.open("a", encoding="utf-8") as f:
         f.write("{not json\n")
         f.write(json.dumps({"custom_id": "r00001", "prompt": "a duplicate id"}) + "\n")
-    variants = [{"name": "v1"}, {"name": "v2", "temperature": 1}, {"name": "v3", "seed": 2}]
+    variants: list[dict[str, Any]] = [{"name": "v1"}, {"name": "v2", "temperature": 1},
+                                      {"name": "v3", "seed": 2}]  # fmt: skip
     result = batcher.run(mock_job(tmp_path, variants), transport=httpx.MockTransport(Counting()))
     rejects = jsonl(result.report.rejects or Path("missing"))
     assert sorted((r["line"], r["reason"].split(":")[0]) for r in rejects) == [
@@ -242,7 +243,7 @@ def test_run_returns_a_table_with_the_variant_column_and_prints_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_input(tmp_path / "in.jsonl", 3)
-    variants = [{"name": "v1"}, {"name": "v2", "temperature": 1}]
+    variants: list[dict[str, Any]] = [{"name": "v1"}, {"name": "v2", "temperature": 1}]
     result = batcher.run(mock_job(tmp_path, variants), transport=httpx.MockTransport(Counting()),
                          output=str(tmp_path / "o.parquet"))  # fmt: skip
     assert capsys.readouterr() == ("", "")
@@ -534,7 +535,7 @@ def test_a_variant_whose_endpoint_stays_down_is_left_for_a_rerun(tmp_path: Path)
     one's requests are not recorded as failed, the run ends resumable (exit 3)."""
     write_input(tmp_path / "in.jsonl", 4)
     with running_sim() as alive:
-        job = {
+        job: dict[str, Any] = {
             "job": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.jsonl")},
             "endpoints": [{"name": "alive", "base_url": alive.base_url},
                           {"name": "dead", "base_url": f"http://127.0.0.1:{free_port()}/v1"}],

@@ -88,7 +88,7 @@ def test_parse_rate_headers() -> None:
     }
     figures = parse_rate_headers(headers, "requests")
     assert figures is not None
-    assert (figures.limit, figures.remaining, figures.reset_s) == (600, 599, pytest.approx(0.1))
+    assert (figures.limit, figures.remaining, figures.reset_s) == pytest.approx((600, 599, 0.1))
     assert parse_rate_headers(headers, "tokens") is None
 
 

@@ -22,6 +22,7 @@ from batcher.config import JobConfig, job_from_dict
 from batcher.output import live_output, writers
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput
+from batcher.output.provenance import provenance
 from batcher.output.writers import read_results
 from batcher.records import Result
 from batcher.runner import run as runner
@@ -35,6 +36,12 @@ SCHEMA = {
     "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
     "required": ["city", "rank"],
 }
+
+
+def output_count(stats: RunStats) -> int:
+    """Records in the final output (a finished run knows how many)."""
+    assert stats.output_ok is not None and stats.output_error is not None
+    return stats.output_ok + stats.output_error
 
 
 def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobConfig:
@@ -76,7 +83,7 @@ def test_live_output_is_what_the_journal_gives(tmp_path: Path, suffix: str) -> N
     journaled = journal_path(report.output).read_text().splitlines()
     assert any('"provisional":true' in line for line in journaled)  # re-asks were journaled
     rows = list(read_results(report.output))
-    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert len(rows) == 30 == output_count(report.stats)
     assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in sorted(range(30), key=str)]
     rebuilt = rebuilt_from_journal(report.output, tmp_path / ("again" + suffix))
     assert rows == rebuilt  # same records, same order, each re-asked one in its final form
@@ -137,19 +144,27 @@ def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
 def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency_ms: int
 ) -> None:
-    # They are slowed here, as a large input's hash would be. At 100 ms the warm-up starts
-    # them once the loop idles; at 1 ms answers come first. Either way the answers that come
-    # meanwhile are journaled and wait, in order, for the writer: the loop goes on.
+    # They are held here, as a large input's hash would be, until a pool's worth of answers
+    # is journaled: only a loop that goes on meanwhile journals them. At 100 ms the warm-up
+    # starts them once the loop idles; at 1 ms answers come first. Either way the answers
+    # that come meanwhile are journaled and wait, in order, for the writer.
     threads: list[int] = []
     journaled_meanwhile: list[int] = []
-    real_provenance = runner.provenance
+
+    def journaled() -> int:
+        try:
+            lines = journal_path(tmp_path / "o.parquet").read_text().count("\n")
+        except FileNotFoundError:
+            return 0
+        return max(lines - 1, 0)  # the journal's header line
 
     def slow_provenance(*args: Any) -> dict[str, str]:
         threads.append(threading.get_ident())
-        time.sleep(0.3)
-        lines = journal_path(tmp_path / "o.parquet").read_text().count("\n")
-        journaled_meanwhile.append(lines - 1)  # the journal's header line
-        return real_provenance(*args)
+        deadline = time.monotonic() + 30  # generous: the loop journals these in milliseconds
+        while journaled() < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        journaled_meanwhile.append(journaled())
+        return provenance(*args)
 
     monkeypatch.setattr(runner, "provenance", slow_provenance)
     with running_sim(SimConfig(latency_ms=latency_ms)) as sim:
@@ -159,7 +174,7 @@ def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     assert journaled_meanwhile[0] >= 8  # a pool's worth at least: the loop was not held up
     assert pq.read_schema(report.output).metadata[b"batcher.input"]
     rows = list(read_results(report.output))
-    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert len(rows) == 30 == output_count(report.stats)
     assert rows == rebuilt_from_journal(report.output, tmp_path / "again.parquet")
 
 
