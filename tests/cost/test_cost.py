@@ -40,6 +40,7 @@ def test_genai_prices_lookup_prices_cached_tokens_lower() -> None:
     assert with_cache < without
 
 
+@pytest.mark.slow
 def test_prices_looked_up_in_a_child_process_are_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -172,6 +173,7 @@ def test_max_cost_with_an_unpriced_model_is_a_configuration_error(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+@pytest.mark.slow
 def test_cli_max_cost_with_an_unpriced_model_exits_2(tmp_path: Path) -> None:
     from tests.helpers import run_batcher
 
@@ -204,6 +206,7 @@ def test_a_line_naming_an_unpriced_model_stops_with_exit_2_if_nothing_was_sent(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
     from tests.helpers import run_batcher
 

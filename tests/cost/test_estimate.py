@@ -87,6 +87,7 @@ def test_unknown_model_has_no_cost_and_is_named(tmp_path: Path) -> None:
     assert est.eta_bound == "600 TPM"
 
 
+@pytest.mark.slow
 def test_cli_estimate_sends_nothing_and_prints_json(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 5)
     proc = run_batcher(

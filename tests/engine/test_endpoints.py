@@ -37,6 +37,7 @@ def job_over(tmp_path: Path, n: int, endpoints: list[dict[str, Any]], **limits: 
     )
 
 
+@pytest.mark.slow
 def test_two_endpoints_give_the_sum_of_their_limits(tmp_path: Path) -> None:
     """1,200 + 2,400 RPM: about 60 requests a second together, shared about 1:2, none lost."""
     slow_cfg = SimConfig(rpm=1200, burst_s=0.25, latency_ms=20)

@@ -139,6 +139,7 @@ def test_an_outage_mid_run_loses_nothing_and_fails_nothing(tmp_path: Path) -> No
     assert {r["status"] for r in rows} == {"ok"}
 
 
+@pytest.mark.slow
 def test_patience_runs_out_the_run_stops_and_nothing_is_recorded_as_failed(
     tmp_path: Path,
 ) -> None:

@@ -486,6 +486,7 @@ def test_the_budget_counts_every_variant(tmp_path: Path) -> None:
     assert finished.stats.skipped == sent
 
 
+@pytest.mark.slow
 def test_a_slow_endpoint_holds_back_only_its_own_variant(tmp_path: Path) -> None:
     """One answer at a time, 150 ms each, for "slow"; the "fast" variant does not wait for it:
     all its answers are in before the slow variant's third."""
@@ -507,6 +508,7 @@ def test_a_slow_endpoint_holds_back_only_its_own_variant(tmp_path: Path) -> None
     assert done["fast"][-1] < done["slow"][2]
 
 
+@pytest.mark.slow
 def test_stdin_is_read_once_per_variant(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 3)
     job = write_job(tmp_path / "job.toml", """
@@ -530,6 +532,7 @@ temperature = 1
     ]
 
 
+@pytest.mark.slow
 def test_a_variant_whose_endpoint_stays_down_is_left_for_a_rerun(tmp_path: Path) -> None:
     """Its endpoint unreachable past the outage patience: the other variant finishes, that
     one's requests are not recorded as failed, the run ends resumable (exit 3)."""

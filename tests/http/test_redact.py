@@ -71,6 +71,7 @@ def test_a_bad_base_url_is_named_without_its_key() -> None:
     assert caught.value.field == "endpoint.base_url" and SECRET not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_the_price_child_gets_no_url_in_argv_and_no_credentials(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -52,10 +52,10 @@ def connections_of(monkeypatch: pytest.MonkeyPatch, factory: type[Connection]) -
 
 
 # A few ids repeat, so both answers of ``add`` are exercised.
-ids_added = st.lists(st.text(max_size=6), max_size=300)
+ids_added = st.lists(st.text(max_size=4), max_size=150)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(ids=ids_added, spill_after=st.sampled_from([1, 7, 64, idset.SPILL_AFTER]))
 def test_add_answers_as_a_set_would(ids: list[str], spill_after: int) -> None:
     seen: set[str] = set()

@@ -185,6 +185,7 @@ def test_one_probe_request_until_the_first_answer() -> None:
     assert limits.concurrency.total_tokens == 32 and not limits.probing
 
 
+@pytest.mark.slow
 def test_encodings_load_offline_into_a_fresh_cache(tmp_path: Path) -> None:
     import subprocess
     import sys

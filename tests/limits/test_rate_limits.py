@@ -31,6 +31,7 @@ def job(tmp_path: Path, src: Path, **tables: dict[str, object]) -> JobConfig:
     return job_from_dict(raw)
 
 
+@pytest.mark.slow
 def test_told_nothing_the_limit_is_learned_from_headers(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 40)
     sim = Simulator(SimConfig(rpm=1200))  # 20 a second, a burst of 20
@@ -43,6 +44,7 @@ def test_told_nothing_the_limit_is_learned_from_headers(tmp_path: Path) -> None:
     assert sim.stats.rejected_429 == 0  # paced at the server's limit from the first answers
 
 
+@pytest.mark.slow
 def test_told_a_higher_limit_the_servers_lower_one_wins(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 40)
     sim = Simulator(SimConfig(rpm=1200, burst_s=0.5))  # a burst of only 10
@@ -79,6 +81,7 @@ def _mixed_prompts(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_token_limit_told_by_the_server_meters_counted_prompts(tmp_path: Path) -> None:
     # The job sets no TPM, so lines are read uncounted; the server's first answer announces
     # one, and from then on each prompt is counted before it is sent. Charged at their

@@ -201,6 +201,7 @@ def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path
     assert len(list(read_results(runner.rejects_path(output)))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
 def test_a_lean_run_writes_as_it_goes_only_below_the_size_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, live: bool

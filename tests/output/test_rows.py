@@ -102,7 +102,7 @@ def read_back(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return list(read_results(path))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(results())
 def test_every_field_lands_in_its_column(r: Result) -> None:
     row = parquet_row(r)
@@ -129,7 +129,7 @@ def test_every_field_lands_in_its_column(r: Result) -> None:
     assert len(row_values(r)) == len(NAMES)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(results(), max_size=5))
 def test_a_batch_line_reads_back_as_the_row(rs: list[Result]) -> None:
     assert read_back([batch_output_line(r) for r in rs]) == [parquet_row(r) for r in rs]
