@@ -57,6 +57,7 @@ def test_told_a_higher_limit_the_servers_lower_one_wins(tmp_path: Path) -> None:
     assert sim.stats.rejected_429 <= 1
 
 
+@pytest.mark.slow
 def test_tpm_limit_with_mixed_prompt_lengths(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     lines = [

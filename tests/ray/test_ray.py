@@ -355,6 +355,7 @@ def test_cli_engine_flag_names_itself(capsys: pytest.CaptureFixture[str]) -> Non
     assert "argument --engine: invalid choice: 'spark'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ray_engine_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     from batcher.ray.driver import run_job_on_ray
