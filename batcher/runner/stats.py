@@ -1,4 +1,5 @@
-"""Run statistics: counted by the single writer task, shown by the progress bar and summary."""
+"""Run statistics: counted on the event loop as each request is recorded, shown by the progress
+bar and the summary."""
 
 from __future__ import annotations
 
