@@ -93,3 +93,11 @@ def test_a_required_property_is_what_breaks_an_object() -> None:
     value = instance(schema, b"\x01\x02")
     assert set(value) == {"city", "rank"}
     assert broken(schema, value) == {"city": value["city"]}
+
+
+def test_every_property_of_a_wide_object_matches() -> None:
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(12)},
+              "required": [f"p{i}" for i in range(12)]}  # fmt: skip
+    value = instance(schema, b"abc")
+    assert all(isinstance(value[f"p{i}"], int) for i in range(12))
+    assert valid(schema, value)
