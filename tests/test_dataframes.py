@@ -55,9 +55,11 @@ def test_polars(output: Path) -> None:
 def test_duckdb(output: Path) -> None:
     import duckdb
 
-    rows = duckdb.sql(
+    relation = duckdb.sql(
         f"select status, count(*), sum(total_tokens) from read_parquet('{output}') group by 1"
-    ).fetchall()
+    )
+    assert relation is not None  # a select gives a relation (other statements give None)
+    rows = relation.fetchall()
     assert rows[0][0] == "ok" and rows[0][1] == N and rows[0][2] > 0
 
 

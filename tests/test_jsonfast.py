@@ -42,6 +42,7 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(values)
 def test_dumps_reads_back_exactly(value: Any) -> None:
@@ -49,6 +50,7 @@ def test_dumps_reads_back_exactly(value: Any) -> None:
     assert same(json.loads(jsonfast.dumps_text(value)), value)
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(values)
 def test_loads_exact_equals_the_standard_library_on_json(value: Any) -> None:

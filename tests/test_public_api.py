@@ -29,6 +29,7 @@ def test_all_is_exactly_the_documented_surface() -> None:
     assert batcher.job_from_dict.__module__ == "batcher.job_file"
 
 
+@pytest.mark.slow
 def test_importing_batcher_does_not_import_the_runner() -> None:
     code = "import sys, batcher; print('batcher.runner.run' in sys.modules, 'anyio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -37,9 +38,10 @@ def test_importing_batcher_does_not_import_the_runner() -> None:
 
 def test_unknown_name_raises_attribute_error() -> None:
     with pytest.raises(AttributeError, match="nope"):
-        batcher.nope  # type: ignore[attr-defined]  # noqa: B018
+        batcher.nope  # noqa: B018
 
 
+@pytest.mark.slow
 def test_cli_help_does_not_import_pyarrow_or_httpx() -> None:
     code = "import sys, batcher.cli.main; print('pyarrow' in sys.modules, 'httpx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

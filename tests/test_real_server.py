@@ -141,7 +141,7 @@ def test_streamed_answers_equal_plain_ones_and_none_is_cut_off(server: str, tmp_
     """Greedy decoding gives the same words either way; with the server's
     ``--interrupt_requests False`` three streams in flight at once all finish first time."""
     prompt = "Name three colours."
-    lines = [
+    lines: list[dict[str, Any]] = [
         {"custom_id": "plain", "prompt": prompt},
         *({"custom_id": f"s{i}", "prompt": prompt, "stream": True} for i in range(3)),
     ]

@@ -15,10 +15,19 @@ from typing import Any
 _WORDS = ("amber", "birch", "cedar", "delta", "ember", "flint", "grove", "heron")
 
 
-def instance(schema: Any, digest: bytes, depth: int = 0) -> Any:
-    """A value valid against ``schema``, chosen by the bytes of ``digest``."""
+#: Nesting past which a value is a plain word, whatever its schema asks (no real schema nests
+#: this deep; the bound keeps an absurd one from exhausting the stack).
+_MAX_NESTING = 64
+
+
+def instance(schema: Any, digest: bytes, depth: int = 0, nesting: int = 0) -> Any:
+    """A value valid against ``schema``, chosen by the bytes of ``digest``.
+
+    ``depth`` picks the byte of ``digest`` a value starts from (each property and item its
+    own); ``nesting`` is how deep in the value it is.
+    """
     pick = digest[depth % len(digest)]
-    if not isinstance(schema, Mapping) or depth > 8:
+    if not isinstance(schema, Mapping) or nesting > _MAX_NESTING:
         return _WORDS[pick % len(_WORDS)]
     if "const" in schema:
         return schema["const"]
@@ -27,7 +36,7 @@ def instance(schema: Any, digest: bytes, depth: int = 0) -> Any:
     for key in ("anyOf", "oneOf", "allOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:
-            return instance(options[0], digest, depth + 1)
+            return instance(options[0], digest, depth + 1, nesting + 1)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -36,17 +45,20 @@ def instance(schema: Any, digest: bytes, depth: int = 0) -> Any:
     if kind == "object":
         properties = schema.get("properties") or {}
         return {
-            name: instance(sub, digest, depth + 1 + i)
+            name: instance(sub, digest, depth + 1 + i, nesting + 1)
             for i, (name, sub) in enumerate(properties.items())
         }
     if kind == "array":
         count = max(int(schema.get("minItems", 0)), 1 + pick % 3)
         if "maxItems" in schema:
             count = min(count, int(schema["maxItems"]))
-        return [instance(schema.get("items"), digest, depth + 1 + i) for i in range(count)]
+        items = schema.get("items")
+        return [instance(items, digest, depth + 1 + i, nesting + 1) for i in range(count)]
     if kind in ("integer", "number"):
-        low = schema.get("minimum", 0)
-        high = schema.get("maximum", low + 100)
+        high = schema.get("maximum")
+        # 0 when the range holds it; a range with only a maximum below 0 ends at it
+        low = schema.get("minimum", 0 if high is None else min(0, high))
+        high = low + 100 if high is None else high
         value = low + pick % (int(high - low) + 1) if high >= low else low
         return int(value) if kind == "integer" else float(value)
     if kind == "boolean":

@@ -87,6 +87,7 @@ def test_cli_sends_to_the_variable_unless_the_job_or_the_flag_says_otherwise(
         assert sim_stats(url)["answered_ok"] == 12
 
 
+@pytest.mark.slow
 def test_estimate_resolves_the_base_url_the_same_way(tmp_path: Path) -> None:
     """The provider (and so the price) follows the base URL: Groq's, from the variable."""
     src = write_input(tmp_path / "in.jsonl", 3)

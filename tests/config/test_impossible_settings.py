@@ -56,6 +56,7 @@ def test_library_overrides_are_checked_the_same_way() -> None:
     assert with_overrides(job, concurrency=MAX_CONCURRENCY).limits.concurrency == MAX_CONCURRENCY
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("flag", "value", "field"),
     [("--timeout", "inf", "retry.timeout_s"), ("--concurrency", "1000000", "limits.concurrency"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ def test_max_cost_with_an_unpriced_model_is_a_configuration_error(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+@pytest.mark.slow
 def test_cli_max_cost_with_an_unpriced_model_exits_2(tmp_path: Path) -> None:
     from tests.helpers import run_batcher
 
@@ -189,6 +190,7 @@ def test_a_line_naming_an_unpriced_model_stops_with_exit_2_if_nothing_was_sent(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
 
 
+@pytest.mark.slow
 def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
     from tests.helpers import run_batcher
 
@@ -265,13 +267,20 @@ def test_job_price_applies_when_the_server_answers_with_a_dated_name(tmp_path: P
 def test_a_second_account_error_does_not_cut_off_answers_in_flight(tmp_path: Path) -> None:
     import anyio
 
+    in_flight = 0
+    all_four = anyio.Event()
+
     async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight
         if b"Question 0:" in request.content:  # the probe: a good answer
             return httpx.Response(200, json=ANSWER)
+        in_flight += 1
+        if in_flight == 4:
+            all_four.set()
+        await all_four.wait()  # the refusals come once all four are in flight
         if b"Question 1:" in request.content or b"Question 2:" in request.content:
-            await anyio.sleep(0.05)  # long enough for all four to be in flight
             return httpx.Response(401, json={"error": {"code": "invalid_api_key"}})
-        await anyio.sleep(0.3)
+        await anyio.sleep(0.3)  # the ok answers come well after both refusals
         return httpx.Response(200, json=ANSWER)
 
     src = write_input(tmp_path / "in.jsonl", 5)
@@ -315,21 +324,26 @@ def test_a_slow_price_lookup_never_holds_up_the_requests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: float | None
 ) -> None:
     """A lookup takes ~0.3 s (genai-prices in a child process): it runs in a thread while the
-    requests go out, once per model, and every record is still priced."""
+    requests go out, once per model, and every record is still priced. (Under a cost cap the
+    requests wait for the price, which the budget needs: there the lookup is not held.)"""
     looked_up: list[str] = []
-    finished: list[float] = []
+    sent_before_the_price: list[int] = []
+    four_sent = threading.Event()
 
     def slow_lookup(model: str, api_url: str | None = None) -> Price:
         looked_up.append(model)
-        time.sleep(0.5)
-        finished.append(time.monotonic())
+        if cap is None:  # held until a pool's worth of requests went out: only a loop that
+            four_sent.wait(timeout=30)  # goes on meanwhile sends them
+        sent_before_the_price.append(len(sent))
         return Price(input=1.0, output=2.0, cached=0.5, source="test")
 
     monkeypatch.setattr("batcher.cost.pricing.lookup_price", slow_lookup)
-    sent: list[float] = []
+    sent: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(time.monotonic())
+        sent.append(request)
+        if len(sent) >= 4:
+            four_sent.set()
         choice = {"message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}
         usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
         return httpx.Response(200, json={"model": "gpt-4o-mini", "choices": [choice],
@@ -341,7 +355,7 @@ def test_a_slow_price_lookup_never_holds_up_the_requests(
                      stream=io.StringIO())  # fmt: skip
     assert report.exit_code == 0 and looked_up == ["gpt-4o-mini"]
     if cap is None:  # the lookup runs while the first requests are out
-        assert sum(t < finished[0] for t in sent) >= 4
+        assert sent_before_the_price[0] >= 4
     expected = (10 * 1.0 + 5 * 2.0) / 1e6
     assert [r["cost_usd"] for r in read_results(report.output)] == [pytest.approx(expected)] * 12
 

@@ -54,8 +54,9 @@ def test_estimate_brackets_what_the_run_then_uses(tmp_path: Path) -> None:
     assert est.requests == 60 and est.rejected == 1
     assert est.prompt_tokens == report.stats.prompt_tokens  # tiktoken, as the server counts
     assert est.output_tokens_low <= report.stats.completion_tokens <= est.output_tokens_high
-    assert est.cost_low_usd is not None and est.cost_high_usd is not None
-    assert est.cost_low_usd <= report.stats.cost_usd <= est.cost_high_usd
+    spent = report.stats.cost_usd
+    assert est.cost_low_usd is not None and est.cost_high_usd is not None and spent is not None
+    assert est.cost_low_usd <= spent <= est.cost_high_usd
     price = Pricer().price("gpt-4o-mini")
     assert price is not None
     high = (est.prompt_tokens * price.input + est.output_tokens_high * price.output) / 1e6
@@ -71,7 +72,7 @@ def test_sample_of_an_earlier_output_sets_the_low_bound(tmp_path: Path) -> None:
     est = estimate(job, sample=report.output)
     # the same prompts again: the sample's average length, within each request's budget
     average = report.stats.completion_tokens / 20
-    budgets = [r.est_tokens - r.prompt_tokens for r in requests_of(src, job.request).values()]
+    budgets = [r.completion_budget for r in requests_of(src, job.request).values()]
     assert est.output_tokens_low == sum(min(b, int(average)) for b in budgets)
     assert "measured in" in est.low_basis
 
@@ -88,6 +89,7 @@ def test_unknown_model_has_no_cost_and_is_named(tmp_path: Path) -> None:
     assert est.eta_bound == "600 TPM"
 
 
+@pytest.mark.slow
 def test_cli_estimate_sends_nothing_and_prints_json(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 5)
     proc = run_batcher(

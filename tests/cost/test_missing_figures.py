@@ -73,6 +73,7 @@ def test_answers_without_usage_are_counted_and_warned_about_once(tmp_path: Path)
     assert "  cost      at least $" in text
 
 
+@pytest.mark.slow
 def test_no_usage_at_all_is_unknown_not_zero(tmp_path: Path) -> None:
     result = run(tmp_path, Server(with_usage=0), stream=False)
     assert result.stats.cost_usd is None and not result.stats.tokens_known

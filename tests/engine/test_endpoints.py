@@ -38,6 +38,7 @@ def job_over(tmp_path: Path, n: int, endpoints: list[dict[str, Any]], **limits: 
     )
 
 
+@pytest.mark.slow
 def test_two_endpoints_give_the_sum_of_their_limits(tmp_path: Path) -> None:
     """1,200 + 2,400 RPM: about 60 requests a second together, shared about 1:2, none lost."""
     slow_cfg = SimConfig(rpm=1200, burst_s=0.25, latency_ms=20)
@@ -79,12 +80,13 @@ def test_router_prefers_room_then_weight() -> None:
         limits = Limits(rpm=rpm, concurrency=10)
         limits.probing = False
         limits.concurrency.total_tokens = 10
-        return Endpoint(name=name, client=None, limits=limits, outage=Outage(patience_s=1),
-                        weight=weight)  # type: ignore[arg-type]  # fmt: skip
+        # no client: the router reads only the limits, weights and counts
+        return Endpoint(name=name, client=None, limits=limits,  # type: ignore[arg-type]
+                        outage=Outage(patience_s=1), weight=weight)  # fmt: skip
 
     a, b = endpoint("a", 1.0), endpoint("b", 3.0)
     router = Router([a, b])
-    picks = Counter()
+    picks: Counter[str] = Counter()
     for _ in range(8):  # in flight: the router spreads 1:3
         chosen = router.choose()
         assert chosen is not None

@@ -212,6 +212,7 @@ def test_404s_before_a_success_are_held_then_recorded(tmp_path: Path) -> None:
 # --- the command line, over real loopback sockets ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_host_that_does_not_resolve_exits_2_at_once_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
@@ -251,6 +252,7 @@ def test_cli_base_url_that_answers_only_404_exits_2_with_a_hint(tmp_path: Path) 
     assert len(list(read_results(out))) == 200
 
 
+@pytest.mark.slow
 def test_cli_refused_before_the_first_answer_waits_for_the_server_and_says_so(
     tmp_path: Path,
 ) -> None:

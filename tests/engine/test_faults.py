@@ -50,7 +50,7 @@ def run_against(
 @pytest.mark.parametrize(
     "kind",
     ["500", "502", "503", "504", "malformed", "no_choices", "wrong_content_type",
-     "reset_headers", "reset_body", "stall"],
+     "reset_headers", "reset_body", pytest.param("stall", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_retryable_fault_ends_ok(tmp_path: Path, kind: str) -> None:
     config = SimConfig(error_rate=0.3, error_kinds=(kind,), seed=7)
@@ -62,7 +62,10 @@ def test_retryable_fault_ends_ok(tmp_path: Path, kind: str) -> None:
     assert report.stats.retries == faults  # one retry per fault
 
 
-@pytest.mark.parametrize("kind", ["429", "retry_after_date"])
+@pytest.mark.parametrize(
+    "kind",
+    ["429", pytest.param("retry_after_date", marks=pytest.mark.slow)],  # whole seconds
+)
 def test_rate_limit_faults_pause_then_end_ok(tmp_path: Path, kind: str) -> None:
     config = SimConfig(error_rate=0.15, error_kinds=(kind,), seed=5, fault_retry_after_s=0.1)
     report, faults = run_against(tmp_path, config, 12)

@@ -29,10 +29,12 @@ def test_outage_starts_after_consecutive_failures_and_backs_off() -> None:
     assert [outage.failed() for _ in range(OUTAGE_AFTER - 1)] == [None] * (OUTAGE_AFTER - 1)
     assert outage.failed() == 1.0 and outage.active
     assert outage.failed() == 1.0  # failing together with the first: no extra step
-    waits = []
+    waits: list[float] = []
     for _ in range(8):
         clock.now += outage.probe_interval_s
-        waits.append(outage.failed())
+        wait = outage.failed()
+        assert wait is not None
+        waits.append(wait)
     assert waits[:5] == [2.0, 4.0, 8.0, 16.0, 30.0] and max(waits) == MAX_PROBE_INTERVAL_S
     assert outage.exhausted  # more than 60 s have passed
     assert outage.answered() == pytest.approx(clock.now - 100.0)
@@ -137,6 +139,7 @@ def test_an_outage_mid_run_loses_nothing_and_fails_nothing(tmp_path: Path) -> No
     assert {r["status"] for r in rows} == {"ok"}
 
 
+@pytest.mark.slow
 def test_patience_runs_out_the_run_stops_and_nothing_is_recorded_as_failed(
     tmp_path: Path,
 ) -> None:

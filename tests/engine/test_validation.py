@@ -249,6 +249,7 @@ def test_bad_validate_table_names_the_field() -> None:
         job_from_dict({"validate": {"json_schema": "yes"}})
 
 
+@pytest.mark.slow
 def test_structured_example_job_streams_validates_and_reports(tmp_path: Path) -> None:
     """jobs/structured.toml from the command line: streamed, checked, re-asked, reported."""
     out = tmp_path / "s.parquet"
@@ -273,6 +274,7 @@ def test_structured_example_job_streams_validates_and_reports(tmp_path: Path) ->
     assert invalid and all(r["attempts"] == 1 and r["schema_error"] for r in invalid)
 
 
+@pytest.mark.slow
 def test_negative_max_reasks_flag_is_refused_before_sending() -> None:
     proc = run_batcher("run", "jobs/structured.toml", "--max-reasks", "-1")
     assert proc.returncode == 2 and "--max-reasks: must be >= 0" in proc.stderr

@@ -225,7 +225,8 @@ def test_a_bad_line_is_rejected_once_not_once_per_variant(tmp_path: Path) -> Non
     with src.open("a", encoding="utf-8") as f:
         f.write("{not json\n")
         f.write(json.dumps({"custom_id": "r00001", "prompt": "a duplicate id"}) + "\n")
-    variants = [{"name": "v1"}, {"name": "v2", "temperature": 1}, {"name": "v3", "seed": 2}]
+    variants: list[dict[str, Any]] = [{"name": "v1"}, {"name": "v2", "temperature": 1},
+                                      {"name": "v3", "seed": 2}]  # fmt: skip
     result = batcher.run(mock_job(tmp_path, variants), transport=httpx.MockTransport(Counting()))
     rejects = jsonl(result.report.rejects or Path("missing"))
     assert sorted((r["line"], r["reason"].split(":")[0]) for r in rejects) == [
@@ -243,7 +244,7 @@ def test_run_returns_a_table_with_the_variant_column_and_prints_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_input(tmp_path / "in.jsonl", 3)
-    variants = [{"name": "v1"}, {"name": "v2", "temperature": 1}]
+    variants: list[dict[str, Any]] = [{"name": "v1"}, {"name": "v2", "temperature": 1}]
     result = batcher.run(mock_job(tmp_path, variants), transport=httpx.MockTransport(Counting()),
                          output=str(tmp_path / "o.parquet"))  # fmt: skip
     assert capsys.readouterr() == ("", "")
@@ -487,6 +488,7 @@ def test_the_budget_counts_every_variant(tmp_path: Path) -> None:
     assert finished.stats.skipped == sent
 
 
+@pytest.mark.slow
 def test_a_slow_endpoint_holds_back_only_its_own_variant(tmp_path: Path) -> None:
     """One answer at a time, 150 ms each, for "slow"; the "fast" variant does not wait for it:
     all its answers are in before the slow variant's third."""
@@ -508,6 +510,7 @@ def test_a_slow_endpoint_holds_back_only_its_own_variant(tmp_path: Path) -> None
     assert done["fast"][-1] < done["slow"][2]
 
 
+@pytest.mark.slow
 def test_stdin_is_read_once_per_variant(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 3)
     job = write_job(tmp_path / "job.toml", """
@@ -531,12 +534,13 @@ temperature = 1
     ]
 
 
+@pytest.mark.slow
 def test_a_variant_whose_endpoint_stays_down_is_left_for_a_rerun(tmp_path: Path) -> None:
     """Its endpoint unreachable past the outage patience: the other variant finishes, that
     one's requests are not recorded as failed, the run ends resumable (exit 3)."""
     write_input(tmp_path / "in.jsonl", 4)
     with running_sim() as alive:
-        job = {
+        job: dict[str, Any] = {
             "job": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.jsonl")},
             "endpoints": [{"name": "alive", "base_url": alive.base_url},
                           {"name": "dead", "base_url": f"http://127.0.0.1:{free_port()}/v1"}],

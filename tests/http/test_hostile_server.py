@@ -147,6 +147,7 @@ def test_a_key_in_the_query_is_in_no_record_journal_or_message(tmp_path: Path) -
     assert CANARY not in report.summary and CANARY not in printed
 
 
+@pytest.mark.slow
 def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 4)
     # a rejected line, first (read before the run stops): the rejects file is written too
@@ -330,6 +331,7 @@ def test_a_size_cap_that_cannot_work_is_refused_naming_the_field(value: Any) -> 
         job_from_dict({"limits": {"max_response_bytes": value}})
 
 
+@pytest.mark.slow
 def test_headers_that_pause_the_pool_for_long_are_said(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

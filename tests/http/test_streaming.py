@@ -251,8 +251,10 @@ def test_streamed_records_equal_plain_ones_over_a_socket(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "kind", ["malformed", "stream_error", "reset_body", "reset_headers", "stall"]
-)
+    "kind",
+    ["malformed", "stream_error", "reset_body", "reset_headers",
+     pytest.param("stall", marks=pytest.mark.slow)],  # waits out a read timeout
+)  # fmt: skip
 def test_cut_off_stream_is_retried(tmp_path: Path, kind: str) -> None:
     config = SimConfig(error_rate=0.3, error_kinds=(kind,), seed=3)
     report, faults = run_against(tmp_path, config, 24, request={"stream": True})

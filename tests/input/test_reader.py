@@ -115,7 +115,7 @@ def test_token_estimate_counts_prompt_with_tiktoken_plus_completion_budget() -> 
     assert req.prompt_tokens == count_message_tokens(req.body["messages"], "cl100k_base")
     assert req.est_tokens == req.prompt_tokens + 100 * 2
     default = one(json.dumps({"prompt": "hi"}))
-    assert isinstance(default, Request)
+    assert isinstance(default, Request) and default.prompt_tokens is not None
     assert default.est_tokens == default.prompt_tokens + 256  # DEFAULT_COMPLETION_TOKENS
     stream = io.BytesIO(json.dumps({"prompt": "üñï"}).encode() + b"\n")
     forced = next(iter(Reader(stream, DEFAULTS, encoding="o200k_base")))
@@ -260,68 +260,6 @@ def test_reader_streams_line_by_line() -> None:
     first = [item.custom_id for _, item in zip(range(5), reader, strict=False)]
     assert first == ["line-1", "line-2", "line-3", "line-4", "line-5"]
     assert source.lines_given <= 6  # nothing read ahead beyond what was asked
-
-
-def test_idset_finds_duplicates_across_growth() -> None:
-    from batcher.input.idset import IdSet
-
-    ids = IdSet()
-    assert all(ids.add(f"id-{i}") for i in range(5000))
-    assert len(ids) == 5000
-    assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))
-    assert ids.add("id-5000")
-
-
-def test_idset_moves_to_a_temporary_database_and_still_finds_duplicates() -> None:
-    from batcher.input.idset import IdSet
-
-    ids = IdSet(spill_after=1000)
-    assert all(ids.add(f"id-{i}") for i in range(999))
-    assert not ids.on_disk
-    assert ids.add("id-999") and ids.on_disk  # the 1000th id moves the set to disk
-    assert all(ids.add(f"id-{i}") for i in range(1000, 5000))
-    assert len(ids) == 5000
-    assert not any(ids.add(f"id-{i}") for i in range(0, 5000, 7))  # before and after the move
-    assert len(ids) == 5000
-    ids.close()
-    assert len(ids) == 0 and not ids.on_disk and ids.add("id-1")
-
-
-def test_idset_without_a_usable_database_stays_in_or_goes_back_to_memory(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import sqlite3
-
-    from batcher.input import idset
-
-    class Failing:
-        """A connection whose inserts fail (a full disk), reads still work."""
-
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
-
-        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-            if sql.startswith("INSERT"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return self.db.execute(sql, *args)
-
-        def close(self) -> None:
-            self.db.close()
-
-    ids = idset.IdSet(spill_after=100)
-    assert all(ids.add(f"id-{i}") for i in range(200)) and ids.on_disk
-    ids._db = Failing(ids._db)  # type: ignore[assignment]
-    assert ids.add("id-200") and not ids.on_disk  # back in memory, with all 200 before it
-    assert not any(ids.add(f"id-{i}") for i in range(201))
-    assert len(ids) == 201
-
-    def no_database(*args: object, **kwargs: object) -> sqlite3.Connection:
-        raise sqlite3.OperationalError("unable to open database file")
-
-    monkeypatch.setattr(idset.sqlite3, "connect", no_database)
-    ids = idset.IdSet(spill_after=100)
-    assert all(ids.add(f"id-{i}") for i in range(300)) and not ids.on_disk
-    assert not any(ids.add(f"id-{i}") for i in range(300))
 
 
 def test_load_first_encoding_counts_the_first_request_only(

@@ -7,6 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -82,12 +83,14 @@ def test_random_bytes(data: bytes) -> None:
     check(data)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(json_values, max_size=8))
 def test_random_json_values(values: list[object]) -> None:
     check(b"".join(json.dumps(v).encode() + b"\n" for v in values))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(plausible, max_size=8), st.sampled_from([b"\n", b"\r\n"]), st.booleans())
 def test_plausible_lines_with_crlf_and_bom(lines: list[object], newline: bytes, bom: bool) -> None:
@@ -103,6 +106,7 @@ def test_odd_characters_in_prompts(text: str, odd: str) -> None:
     assert len(items) == 1
 
 
+@pytest.mark.slow
 def test_huge_line_and_deep_nesting() -> None:
     huge = json.dumps({"prompt": "x" * 5_000_000}).encode()
     deep = b'{"prompt": "p", "metadata": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
@@ -116,6 +120,7 @@ id_pieces = st.sampled_from(["a", "é", "\ud800", "\udfff", "\\ud800", "\\udfff"
 ids = st.lists(id_pieces, min_size=1, max_size=4).map("".join)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(ids, min_size=1, max_size=8, unique=True))
 @example(["a\ud800", "a\\ud800"])

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batcher.disk_cache import JsonCache
 from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import Announced, KnownLimits
@@ -94,6 +96,7 @@ def _run(tmp_path: Path, base_url: str, n: int) -> Any:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_one_absurd_header_neither_stalls_the_run_nor_is_remembered(tmp_path: Path) -> None:
     answered = 0
 
@@ -111,6 +114,7 @@ def test_one_absurd_header_neither_stalls_the_run_nor_is_remembered(tmp_path: Pa
         assert entry["rpm"] is None
 
 
+@pytest.mark.slow
 def test_a_run_whose_server_announces_no_limit_clears_the_remembered_one(tmp_path: Path) -> None:
     async def handler(body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         return 200, chat_answer("m", USAGE), {}

@@ -83,7 +83,7 @@ def test_parse_rate_headers() -> None:
     }
     figures = parse_rate_headers(headers, "requests")
     assert figures is not None
-    assert (figures.limit, figures.remaining, figures.reset_s) == (600, 599, pytest.approx(0.1))
+    assert (figures.limit, figures.remaining, figures.reset_s) == pytest.approx((600, 599, 0.1))
     assert parse_rate_headers(headers, "tokens") is None
 
 
@@ -180,6 +180,7 @@ def test_one_probe_request_until_the_first_answer() -> None:
     assert limits.concurrency.total_tokens == 32 and not limits.probing
 
 
+@pytest.mark.slow
 def test_encodings_load_offline_into_a_fresh_cache(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -33,6 +33,7 @@ def job(tmp_path: Path, src: Path, **tables: dict[str, object]) -> JobConfig:
     return job_from_dict(raw)
 
 
+@pytest.mark.slow
 def test_told_nothing_the_limit_is_learned_from_headers(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 40)
     sim = Simulator(SimConfig(rpm=1200))  # 20 a second, a burst of 20
@@ -45,6 +46,7 @@ def test_told_nothing_the_limit_is_learned_from_headers(tmp_path: Path) -> None:
     assert sim.stats.rejected_429 == 0  # paced at the server's limit from the first answers
 
 
+@pytest.mark.slow
 def test_told_a_higher_limit_the_servers_lower_one_wins(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 40)
     sim = Simulator(SimConfig(rpm=1200, burst_s=0.5))  # a burst of only 10
@@ -57,6 +59,7 @@ def test_told_a_higher_limit_the_servers_lower_one_wins(tmp_path: Path) -> None:
     assert sim.stats.rejected_429 <= 1
 
 
+@pytest.mark.slow
 def test_tpm_limit_with_mixed_prompt_lengths(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     lines = [
@@ -81,6 +84,7 @@ def _mixed_prompts(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_token_limit_told_by_the_server_meters_counted_prompts(tmp_path: Path) -> None:
     # The job sets no TPM, so lines are read uncounted; the server's first answer announces
     # one, and from then on each prompt is counted before it is sent. Charged at their
@@ -130,8 +134,13 @@ def test_without_a_token_limit_prompts_are_not_counted(
 ) -> None:
     # (The in-process simulator counts with tiktoken itself, so the count calls are watched.)
     counted: list[object] = []
+
+    def count(*args: object) -> int:
+        counted.append(args)
+        return 1
+
     for module in (reader, requests, budget):
-        monkeypatch.setattr(module, "estimate_prompt_tokens", lambda *a: counted.append(a) or 1)
+        monkeypatch.setattr(module, "estimate_prompt_tokens", count)
     src = _mixed_prompts(tmp_path / "in.jsonl", 10)
     sim = Simulator(SimConfig(rpm=6000))  # request headers only
     report = run_job(

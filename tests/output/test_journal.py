@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,8 @@ def test_garbage_line_in_the_middle_counts_as_not_done(tmp_path: Path) -> None:
 
 
 def test_fsync_at_most_every_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import batcher.output.journal as journal_module
-
     syncs: list[int] = []
-    monkeypatch.setattr(journal_module.os, "fsync", lambda fd: syncs.append(fd))
+    monkeypatch.setattr(os, "fsync", syncs.append)
     now = [100.0]
     j = Journal(tmp_path / "j.jsonl", fsync_every_s=1.0, clock=lambda: now[0])
     for i in range(5):

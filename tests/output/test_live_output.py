@@ -23,6 +23,7 @@ from batcher.job_file import job_from_dict
 from batcher.output import live_output, writers
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput
+from batcher.output.provenance import provenance
 from batcher.output.writers import read_results
 from batcher.records import Result
 from batcher.runner import run as runner
@@ -37,6 +38,12 @@ SCHEMA = {
     "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
     "required": ["city", "rank"],
 }
+
+
+def output_count(stats: RunStats) -> int:
+    """Records in the final output (a finished run knows how many)."""
+    assert stats.output_ok is not None and stats.output_error is not None
+    return stats.output_ok + stats.output_error
 
 
 def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobConfig:
@@ -78,7 +85,7 @@ def test_live_output_is_what_the_journal_gives(tmp_path: Path, suffix: str) -> N
     journaled = journal_path(report.output).read_text().splitlines()
     assert any('"provisional":true' in line for line in journaled)  # re-asks were journaled
     rows = list(read_results(report.output))
-    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert len(rows) == 30 == output_count(report.stats)
     assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in sorted(range(30), key=str)]
     rebuilt = rebuilt_from_journal(report.output, tmp_path / ("again" + suffix))
     assert rows == rebuilt  # same records, same order, each re-asked one in its final form
@@ -139,19 +146,27 @@ def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
 def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency_ms: int
 ) -> None:
-    # They are slowed here, as a large input's hash would be. The first answer starts them in
-    # a thread, at 1 ms as at 100 ms: the answers that come meanwhile are journaled and wait,
-    # in order, for the writer; the loop goes on.
+    # They are held here, as a large input's hash would be, until a pool's worth of answers
+    # is journaled: only a loop that goes on meanwhile journals them. The first final record
+    # starts them in a thread; the answers that come meanwhile are journaled and wait, in
+    # order, for the writer.
     threads: list[int] = []
     journaled_meanwhile: list[int] = []
-    real_provenance = runner.provenance
+
+    def journaled() -> int:
+        try:
+            lines = journal_path(tmp_path / "o.parquet").read_text().count("\n")
+        except FileNotFoundError:
+            return 0
+        return max(lines - 1, 0)  # the journal's header line
 
     def slow_provenance(*args: Any) -> dict[str, str]:
         threads.append(threading.get_ident())
-        time.sleep(0.3)
-        lines = journal_path(tmp_path / "o.parquet").read_text().count("\n")
-        journaled_meanwhile.append(lines - 1)  # the journal's header line
-        return real_provenance(*args)
+        deadline = time.monotonic() + 30  # generous: the loop journals these in milliseconds
+        while journaled() < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        journaled_meanwhile.append(journaled())
+        return provenance(*args)
 
     monkeypatch.setattr(runner, "provenance", slow_provenance)
     with running_sim(SimConfig(latency_ms=latency_ms)) as sim:
@@ -161,7 +176,7 @@ def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     assert journaled_meanwhile[0] >= 8  # a pool's worth at least: the loop was not held up
     assert pq.read_schema(report.output).metadata[b"batcher.input"]
     rows = list(read_results(report.output))
-    assert len(rows) == 30 == report.stats.output_ok + report.stats.output_error
+    assert len(rows) == 30 == output_count(report.stats)
     assert rows == rebuilt_from_journal(report.output, tmp_path / "again.parquet")
 
 
@@ -188,6 +203,7 @@ def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path
     assert len(list(read_results(runner.rejects_path(output)))) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
 def test_a_run_writes_as_it_goes_only_below_the_size_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, live: bool

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 import batcher
 from batcher.job_file import job_from_dict
@@ -58,6 +59,7 @@ def test_credentials_in_the_base_url_are_not_recorded() -> None:
     assert url.startswith("https://") and "gw.example/v1" in url
 
 
+@pytest.mark.slow
 def test_report_on_a_broken_parquet_file_is_a_clear_error(tmp_path: Path) -> None:
     from tests.helpers import run_batcher
 

@@ -93,6 +93,7 @@ def test_html_is_self_contained_with_three_charts(output: Path, tmp_path: Path) 
     assert not re.search(r"(src|href)=['\"]https?://", content)
 
 
+@pytest.mark.slow
 def test_cli_report_json(output: Path) -> None:
     proc = run_batcher("report", str(output), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -102,6 +103,7 @@ def test_cli_report_json(output: Path) -> None:
     assert missing.returncode == 2 and "no such output" in missing.stderr
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_html_targets_and_fractions(output: Path, tmp_path: Path) -> None:
     proc = run_batcher("report", str(output), "--html", str(tmp_path / "no" / "r.html"))
     assert proc.returncode == 2 and "--html: cannot write" in proc.stderr

@@ -19,13 +19,12 @@ from batcher.output.writers import (
     SCHEMA,
     JsonlWriter,
     ParquetWriter,
-    RejectsWriter,
     batch_output_line,
     open_writer,
     parquet_row,
     read_results,
 )
-from batcher.records import Reject, Result, Usage
+from batcher.records import Result, Usage
 
 T0 = 1_700_000_000.123456
 
@@ -342,22 +341,6 @@ def test_open_writer(tmp_path: Path) -> None:
         open_writer(tmp_path / "a.csv")
     assert info.value.field == "output" and ".parquet" in str(info.value)
     assert not (tmp_path / "a.csv").exists()
-
-
-def test_rejects_writer(tmp_path: Path) -> None:
-    path = tmp_path / "out.rejects.jsonl"
-    with RejectsWriter(path) as rw:
-        pass
-    assert rw.count == 0 and not path.exists()
-    with RejectsWriter(path) as rw:
-        rw.write(Reject(line=3, reason="not valid JSON", text="{oops 🎉"))
-        rw.write(Reject(line=9, reason="duplicate custom_id", text="{}", custom_id="a"))
-    assert rw.count == 2
-    lines = [json.loads(s) for s in path.read_text(encoding="utf-8").split("\n")[:-1]]
-    assert lines == [
-        {"line": 3, "reason": "not valid JSON", "custom_id": None, "text": "{oops 🎉"},
-        {"line": 9, "reason": "duplicate custom_id", "custom_id": "a", "text": "{}"},
-    ]
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])

@@ -158,7 +158,8 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
     assert len(pd.read_parquet(output)) == N
     assert pl.read_parquet(output / "*.parquet")["custom_id"].n_unique() == N
     sql = f"select count(distinct custom_id), count(*) from read_parquet('{output}/*.parquet')"
-    assert duckdb.sql(sql).fetchall() == [(N, N)]
+    relation = duckdb.sql(sql)
+    assert relation is not None and relation.fetchall() == [(N, N)]
     rows = list(read_results(output))
     assert {r["status"] for r in rows} == {"ok"}
     made = read_provenance(output)  # as batcher report shows it
@@ -198,7 +199,7 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
 def test_workers_import_this_checkout(ray_instance: Any) -> None:
     import batcher
 
-    @ray_instance.remote
+    @ray_instance.remote  # type: ignore[untyped-decorator]  # ray is untyped here
     def where() -> str:
         import batcher
 
@@ -237,7 +238,7 @@ def test_a_host_that_does_not_resolve_stops_a_ray_run_as_a_configuration_error(
         run_job_on_ray(job, stream=io.StringIO())
     assert info.value.field == "endpoint.base_url"
     assert "does-not-exist.invalid" in str(info.value)
-    assert output_ids(job.output) == []
+    assert job.output is not None and output_ids(job.output) == []
 
 
 @pytest.mark.slow
@@ -357,6 +358,7 @@ def test_cli_engine_flag_names_itself(capsys: pytest.CaptureFixture[str]) -> Non
     assert "argument --engine: invalid choice: 'spark'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ray_engine_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     from batcher.ray.driver import run_job_on_ray

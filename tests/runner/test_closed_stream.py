@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from batcher.runner.progress import Progress
 from batcher.runner.quiet_stream import QuietStream
 from batcher.runner.stats import RunStats
@@ -65,6 +67,7 @@ def test_quiet_stream_passes_writes_through_while_the_reader_is_there() -> None:
     assert target.getvalue() == "a\n" and not stream.broken
 
 
+@pytest.mark.slow
 def test_a_run_whose_stderr_reader_has_gone_finishes_with_its_output(tmp_path: Path) -> None:
     """A real process, its stderr a pipe closed by the reader before the first message: the
     run's warnings and summary fail to be written; the run ends normally, every answer in the
@@ -85,6 +88,7 @@ def test_a_run_whose_stderr_reader_has_gone_finishes_with_its_output(tmp_path: P
     assert len(rows) == 600 and {r["batcher"]["status"] for r in rows} == {"ok"}
 
 
+@pytest.mark.slow
 def test_estimate_piped_into_a_reader_that_stops_ends_quietly(tmp_path: Path) -> None:
     """``batcher estimate ... | head -0``: stdout's reader is gone before the estimate is
     printed; no traceback, exit 0."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -130,7 +131,7 @@ def test_count_prompt_tokens_uses_the_models_encoding() -> None:
     # 3 priming + 3 per message + tiktoken's count: "Hello, world!" is 4 tokens in both.
     assert count_prompt_tokens([{"role": "user", "content": "Hello, world!"}], "gpt-4o") == 10
     parts = [{"type": "text", "text": "two words"}, {"type": "image_url", "image_url": {}}]
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": parts, "name": "bob"},
         {"role": "assistant", "content": None},
@@ -350,12 +351,12 @@ async def test_stats_count_every_outcome_and_reset() -> None:
 @pytest.mark.anyio
 async def test_lifespan_is_answered() -> None:
     incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-    sent: list[dict[str, Any]] = []
+    sent: list[Mapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return next(incoming)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Mapping[str, Any]) -> None:
         sent.append(message)
 
     await Simulator()({"type": "lifespan"}, receive, send)
