@@ -31,7 +31,9 @@ def state_path(output: Path) -> Path:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkState:
     """What is known of a chunk. ``status`` is batcher's (``planned``, ``uploaded``,
-    ``collected``) or the batch's own once it exists (``validating`` ... ``completed``)."""
+    ``collected``) or the batch's own once it exists (``validating`` ... ``completed``).
+    ``resubmit``, once collected: the requests that go into a batch of the next round, with
+    the attempts each has used."""
 
     chunk: str
     status: str = "planned"
@@ -39,6 +41,7 @@ class ChunkState:
     batch_id: str | None = None
     request_counts: RequestCounts = dataclasses.field(default_factory=RequestCounts)
     updated_at: float = 0.0
+    resubmit: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,7 +56,14 @@ class ChunkState:
             batch_id=record.get("batch_id"),
             request_counts=RequestCounts(**counts) if isinstance(counts, dict) else RequestCounts(),
             updated_at=float(record.get("updated_at") or 0.0),
+            resubmit=_tries(record.get("resubmit")),
         )
+
+
+def _tries(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int)}
 
 
 def read_states(path: Path) -> dict[str, ChunkState]:
