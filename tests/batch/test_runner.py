@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ def test_several_models_and_chunks_every_id_once_at_half_price(tmp_path: Path) -
     assert len({r["batch_id"] for r in got}) == 6
     for r in got:
         price = PRICES[r["model"]]
-        full = (r["prompt_tokens"] * price["input"] + r["completion_tokens"] * price["output"]) / 1e6
+        full = (
+            r["prompt_tokens"] * price["input"] + r["completion_tokens"] * price["output"]
+        ) / 1e6
         assert r["cost_usd"] == pytest.approx(full / 2)
         question = f"question {int(r['custom_id'][1:])}"
         assert r["content"] == expected_content(
