@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from batcher.batch.api import Batch
+from batcher.batch.api import ENDED, Batch
 from batcher.batch.chunks import Chunk, plan_chunks
 from batcher.batch.results import BatchAnswer, answer_of, read_back
 from batcher.batch.submit import BatchRun, Live, forget_batch, note, submit, unrecorded
@@ -95,7 +95,8 @@ async def _step(run: BatchRun, live: Live, active: list[Live]) -> list[Live]:
     if not batch.ended:
         return [live]
     if batch.status == "failed" and any(e.code == TOKEN_LIMIT for e in batch.errors):
-        if live.waiting or _others_in_flight(run, live, active):
+        live.refusals += 1
+        if live.refusals < 2 or _others_in_flight(run, live, active):
             forget_batch(run, chunk)
             live.waiting = True
             run.say(
@@ -103,7 +104,7 @@ async def _step(run: BatchRun, live: Live, active: list[Live]) -> list[Live]:
                 "earlier batches end"
             )
             return [live]
-        # refused with nothing else queued: it can never fit
+        # refused again with nothing else queued: it can never fit
         reason = (
             f"{TOKEN_LIMIT}: this chunk alone is over the queue's enqueued-token limit; lower "
             "batch.max_requests"
@@ -117,13 +118,18 @@ async def _step(run: BatchRun, live: Live, active: list[Live]) -> list[Live]:
 
 
 def _others_in_flight(run: BatchRun, live: Live, active: list[Live]) -> bool:
+    """Whether another chunk of the run has a batch that has not ended."""
     for other in active:
         if other is live:
             continue
         state = run.states.states.get(other.chunk.key)
-        if state is not None and state.batch_id is not None:
+        if state is not None and state.batch_id is not None and state.status not in _OVER:
             return True
     return False
+
+
+#: Chunk statuses of a batch that holds nothing in the queue any more.
+_OVER = frozenset({*ENDED, "collected"})
 
 
 def _overall(run: BatchRun, active: list[Live]) -> str:

@@ -177,7 +177,9 @@ async def arun_batch_job(
 async def _drive(
     run: BatchRun, requests: list[Request], detach: bool, cancel: bool, handle_signals: bool
 ) -> bool:
-    """Submit, then follow (or cancel) the job's batches; true when every one was collected."""
+    """Submit, then follow (or cancel) the job's batches; true when every batch submitted was
+    followed to its end (the output is then written), false when detached, cancelled or
+    interrupted."""
     job, stats = run.job, run.stats
     plan = plan_chunks(
         requests,
@@ -217,7 +219,7 @@ async def _drive(
     if interrupted:
         _stop(stats, "interrupted: the batches keep running; run again to collect them")
         return False
-    return not stats.stopped_early
+    return True
 
 
 async def _watch_signals(scope: anyio.CancelScope) -> None:

@@ -39,6 +39,7 @@ class Live:
     tries: dict[str, int] = field(default_factory=dict)
     reserved: float = 0.0
     waiting: bool = False
+    refusals: int = 0  # times this run saw its batch refused by the queue
 
 
 @dataclass(kw_only=True)
@@ -101,7 +102,7 @@ async def submit(run: BatchRun, live: Live) -> bool:
             path.unlink(missing_ok=True)
         state = run.states.record(chunk.key, status="uploaded", file_id=file_id)
     else:
-        found = await find_made(run, chunk, state.file_id)
+        found = await find_made(run, chunk, state.file_id, state.refused)
         if found is not None:
             run.say(f"batch {found.id} ({chunk.model}): adopted ({found.status})")
             note(run, chunk, found)
@@ -118,11 +119,14 @@ async def submit(run: BatchRun, live: Live) -> bool:
     return True
 
 
-async def find_made(run: BatchRun, chunk: Chunk, file_id: str | None) -> Batch | None:
-    """The batch a run that died after creating it left for ``chunk`` (found by metadata)."""
+async def find_made(
+    run: BatchRun, chunk: Chunk, file_id: str | None, refused: tuple[str, ...] = ()
+) -> Batch | None:
+    """The batch a run that died after creating it left for ``chunk`` (found by metadata;
+    not one the queue ``refused``)."""
     since = await run.api.file_created_at(file_id) if file_id else None
-    found = adopt([chunk], await run.api.list_all(since=since), job=run.name)
-    return found.get(chunk.key)
+    batches = [b for b in await run.api.list_all(since=since) if b.id not in refused]
+    return adopt([chunk], batches, job=run.name).get(chunk.key)
 
 
 def note(run: BatchRun, chunk: Chunk, batch: Batch) -> None:
@@ -136,7 +140,8 @@ def forget_batch(run: BatchRun, chunk: Chunk) -> None:
     """Journal the chunk as uploaded with no batch (its batch was refused by the queue): the
     next ``submit`` creates another of the same file."""
     state = run.states.states[chunk.key]
-    run.states.record(chunk.key, status="uploaded", batch_id=None, file_id=state.file_id)
+    refused = (*state.refused, state.batch_id) if state.batch_id else state.refused
+    run.states.record(chunk.key, status="uploaded", batch_id=None, refused=refused)
 
 
 def reserve(run: BatchRun, live: Live, requests: list[Request]) -> bool:

@@ -52,7 +52,7 @@ if method is not None:
         return got
 
     setattr(client.BatchClient, method, dying)
-report = run_batch_job(job_from_dict(raw))
+report = run_batch_job(job_from_dict(raw), handle_signals=point == "sigint")
 sys.exit(report.exit_code)
 """
 
@@ -122,4 +122,28 @@ def test_killed_at_random_moments_then_rerun(
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate()
+        finish_and_check(sim, tmp_path, monkeypatch)
+
+
+def test_ctrl_c_while_polling_leaves_the_batches_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = BatchSimConfig(validating_s=0.2, in_progress_s=60, finalizing_s=0.2)
+    with batch_sim(slow) as sim:
+        sim.handle.simulator.batches.clock = time.time
+        proc = child("sigint", raw_job(sim, tmp_path))
+        assert proc.stderr is not None
+        created = 0
+        while created < CHUNKS:  # every batch created: the run is polling
+            line = proc.stderr.readline().decode()
+            assert line, "the run ended before creating its batches"
+            created += "created" in line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, err.decode()
+        assert "interrupted: the batches keep running" in err.decode()
+        with sim.http() as http:
+            statuses = {b["status"] for b in http.get("/batches").json()["data"]}
+        assert statuses <= {"validating", "in_progress"}  # none cancelled
+        sim.handle.simulator.batches.clock = lambda: time.time() + 120  # they have all ended
         finish_and_check(sim, tmp_path, monkeypatch)

@@ -191,3 +191,46 @@ def test_cancel_cancels_the_batches_and_a_rerun_collects_the_rest(tmp_path: Path
     assert final.exit_code == 0
     assert sorted(r["custom_id"] for r in got) == [f"r{i:03d}" for i in range(8)]
     assert created == 4  # what the cancelled batches had not run went into new ones
+
+
+def test_a_batch_over_the_enqueued_token_limit_waits_then_goes(tmp_path: Path) -> None:
+    # one chunk's prompts fit the queue, two do not: the second waits for the first to end
+    with batch_sim(dataclasses.replace(FAST, enqueued_token_limit=60)) as sim:
+        job = batch_job(sim, tmp_path, 8, models=("sim-a",), max_requests=4)
+        out = text()
+        report = run_batch_job(job, sleep=clock_sleep(sim), stream=out)
+        created = sim.stats()["batches"]["created"]
+    assert report.exit_code == 0, out.getvalue()
+    assert "over the enqueued-token limit" in out.getvalue()
+    assert created == 3  # the refused batch created again once
+    got = rows(tmp_path / "out.parquet")
+    assert sorted(r["custom_id"] for r in got) == [f"r{i:03d}" for i in range(8)]
+    assert len({r["batch_id"] for r in got}) == 2
+
+
+def test_a_chunk_alone_over_the_token_limit_fails_clearly(tmp_path: Path) -> None:
+    with batch_sim(dataclasses.replace(FAST, enqueued_token_limit=5)) as sim:
+        job = batch_job(sim, tmp_path, 2, models=("sim-a",), max_requests=4)
+        report = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+        created = sim.stats()["batches"]["created"]
+    assert report.exit_code == 1 and created == 2
+    got = rows(tmp_path / "out.parquet")
+    assert all("lower batch.max_requests" in r["error_message"] for r in got)
+
+
+def test_max_cost_reserves_each_chunk_before_it_is_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with batch_sim(FAST) as sim:
+        job = batch_job(sim, tmp_path, 8)
+        capped = dataclasses.replace(job, limits=dataclasses.replace(job.limits, max_cost_usd=1e-5))
+        report = run_batch_job(capped, sleep=clock_sleep(sim), stream=text())
+        assert report.exit_code == 3 and sim.stats()["batches"]["created"] == 0
+        assert "--max-cost" in report.summary
+        # worst case of sim-a's 4 requests at the batch price (~$0.00005) fits; sim-b's not
+        capped = dataclasses.replace(job, limits=dataclasses.replace(job.limits, max_cost_usd=1e-4))
+        report = run_batch_job(capped, sleep=clock_sleep(sim), stream=text())
+        assert report.exit_code == 3 and sim.stats()["batches"]["created"] == 1
+        got = rows(tmp_path / "out.parquet")
+        assert sorted(r["custom_id"] for r in got) == ["r000", "r002", "r004", "r006"]
+        assert sum(r["cost_usd"] for r in got) <= 1e-4
