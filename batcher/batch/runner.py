@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import anyio
+import anyio.abc
 
 from batcher.batch.api import Batch
 from batcher.batch.chunks import plan_chunks
@@ -194,38 +195,48 @@ async def _drive(
     if cancel:
         await _cancel(run, lives)
         return False
+    followed = False
+    with anyio.CancelScope() as scope:
+        if not handle_signals:
+            followed = await _submit_and_follow(run, lives, detach)
+        else:  # Ctrl+C or SIGTERM: stop here, the batches keep running
+            try:
+                async with anyio.create_task_group() as group:
+                    await group.start(_watch_signals, scope)
+                    followed = await _submit_and_follow(run, lives, detach)
+                    group.cancel_scope.cancel()
+            except BaseExceptionGroup as group_error:  # the error itself, not its group
+                if len(group_error.exceptions) == 1:
+                    raise group_error.exceptions[0] from None
+                raise
+    if scope.cancelled_caught:
+        _stop(stats, "interrupted: the batches keep running; run again to collect them")
+    return followed and not scope.cancelled_caught
+
+
+async def _submit_and_follow(run: BatchRun, lives: list[Live], detach: bool) -> bool:
+    """Submit every chunk that has no batch yet, then follow them all unless ``detach``."""
     submitted = [live for live in lives if await submit(run, live)]
     if run.stop_reason is not None:
-        _stop(stats, run.stop_reason)
+        _stop(run.stats, run.stop_reason)
     if detach:
-        running = len(submitted)
         _stop(
-            stats,
-            f"detached: {running} batch(es) submitted; run the same command again without "
-            "--detach to collect them (--cancel cancels them)",
+            run.stats,
+            f"detached: {len(submitted)} batch(es) submitted; run the same command again "
+            "without --detach to collect them (--cancel cancels them)",
         )
         return False
-    interrupted = False
-    with anyio.CancelScope() as scope:
-        if handle_signals:
-            async with anyio.create_task_group() as group:
-                group.start_soon(_watch_signals, scope)
-                await follow(run, submitted)
-                group.cancel_scope.cancel()
-        else:
-            await follow(run, submitted)
-    if scope.cancelled_caught:
-        interrupted = True
-    if interrupted:
-        _stop(stats, "interrupted: the batches keep running; run again to collect them")
-        return False
+    await follow(run, submitted)
     return True
 
 
-async def _watch_signals(scope: anyio.CancelScope) -> None:
+async def _watch_signals(
+    scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
     import signal
 
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for _ in signals:
             scope.cancel()
             return
