@@ -109,8 +109,8 @@ async def arun_batch_job(
 ) -> RunReport:
     """Run ``job`` through the Batch API; return the same report an online run returns.
 
-    ``restart`` forgets the journals (the batches of an earlier run are left alone: a chunk
-    whose batch exists is still adopted by its metadata). ``sleep`` replaces the wait between
+    ``restart`` forgets the journals and submits every chunk again (the batches of an
+    earlier run are left alone, neither adopted nor cancelled). ``sleep`` replaces the wait between
     two polls (tests). Raises ``ConfigError`` before anything is sent when the job cannot
     run, and ``NotVisibleError`` (exit 2) when the key cannot see a journaled batch.
     """
