@@ -15,15 +15,11 @@ are never asked again, and a created batch is never created twice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -34,20 +30,17 @@ from batcher.batch.api import Batch
 from batcher.batch.chunks import plan_chunks
 from batcher.batch.client import BatchClient
 from batcher.batch.collect import chunk_job, follow, leaves
+from batcher.batch.prepare import ServeSim, api_key, base_url, batch_pricer, read_all
 from batcher.batch.results import answer_of
 from batcher.batch.state import StateJournal, state_path
 from batcher.batch.submit import BatchRun, Live, submit
-from batcher.config import DEFAULT_BASE_URL, JobConfig, VariantConfig
+from batcher.config import JobConfig
 from batcher.cost.budget import Budget, check_priced
-from batcher.cost.pricing import Pricer, parse_pricing
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
-from batcher.http.client import check_api_key
-from batcher.input.reader import Reader, open_input
-from batcher.output.formats import RejectsWriter
 from batcher.output.journal import Journal, journal_path
 from batcher.output.provenance import provenance
-from batcher.records import Reject, Request
+from batcher.records import Request
 from batcher.runner.progress import format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import (
@@ -61,10 +54,6 @@ from batcher.runner.stats import RunStats
 
 if TYPE_CHECKING:
     import httpx
-
-#: Given a ``base_url = "sim"`` job, a context that serves the simulator (Batches API
-#: included) for the run and yields its base URL.
-ServeSim = Callable[[JobConfig], AbstractContextManager[str]]
 
 
 def run_batch_job(
@@ -125,19 +114,19 @@ async def arun_batch_job(
         raise ConfigError(
             "endpoint.base_url", '"sim" in batch mode needs the simulator served (batcher run)'
         )
-    api_key = _api_key(job)
-    pricer = _pricer(job)
+    key = api_key(job)
+    pricer = batch_pricer(job)
     if job.limits.max_cost_usd is not None:
         await anyio.to_thread.run_sync(check_priced, job, pricer)
     stats = RunStats()
     with Journal(journal_path(output), restart=restart) as journal:
         if restart:
             state_path(output).unlink(missing_ok=True)
-        requests = await anyio.to_thread.run_sync(_read_all, job, input_path, output, stats)
-        with StateJournal(state_path(output)) as states, _base_url(job, serve_sim) as base_url:
+        requests = await anyio.to_thread.run_sync(read_all, job, input_path, output, stats)
+        with StateJournal(state_path(output)) as states, base_url(job, serve_sim) as url:
             async with BatchClient(
-                base_url,
-                api_key=api_key,
+                url,
+                api_key=key,
                 retry=job.retry,
                 headers=dict(job.endpoint.headers),
                 transport=transport,
@@ -227,6 +216,8 @@ async def _submit_and_follow(run: BatchRun, lives: list[Live], detach: bool) -> 
         )
         return False
     await follow(run, submitted)
+    if run.stop_reason is not None:  # a later round's chunk over --max-cost
+        _stop(run.stats, run.stop_reason)
     return True
 
 
@@ -272,65 +263,3 @@ def _refuse(run: BatchRun, request: Request, reason: str) -> None:
     run.journal.append(result, request.body_hash)
     run.recorded.add(request.key)
     run.stats.add(result)
-
-
-def _read_all(job: JobConfig, input_path: Path, output: Path, stats: RunStats) -> list[Request]:
-    """Every valid request of the input (once per variant); rejects written beside the
-    output, as an online run writes them."""
-    requests: list[Request] = []
-    variants: list[VariantConfig | None] = list(job.variants) or [None]
-    rejects_path(output).unlink(missing_ok=True)
-    with RejectsWriter(rejects_path(output)) as rejects:
-        for variant in variants:
-            with open_input(input_path) as source:
-                reader = Reader(
-                    source,
-                    job.request,
-                    encoding=job.limits.encoding,
-                    variant=variant,
-                    count_tokens=job.limits.max_cost_usd is not None,
-                )
-                for item in reader:
-                    if isinstance(item, Reject):
-                        if variant is variants[0]:
-                            rejects.write(item)
-                    else:
-                        requests.append(item)
-                stats.lines_read = reader.lines_read
-        stats.rejected = rejects.count
-    return requests
-
-
-def _api_key(job: JobConfig) -> str | None:
-    endpoint = job.endpoint
-    if endpoint.is_sim:
-        return None
-    key = os.environ.get(endpoint.api_key_env) or None
-    if key is not None:
-        try:
-            check_api_key(key)
-        except ValueError as exc:
-            raise ConfigError("endpoint.api_key_env", f"${endpoint.api_key_env}: {exc}") from None
-    if key is None and endpoint.base_url.rstrip("/") == DEFAULT_BASE_URL:
-        raise ConfigError(
-            "endpoint.api_key_env",
-            f"${endpoint.api_key_env} is not set (export your API key in that variable)",
-        )
-    return key
-
-
-def _pricer(job: JobConfig) -> Pricer:
-    """Prices at the Batch API's rate (half the online one)."""
-    overrides, _ = parse_pricing(job.pricing)
-    api_url = None if job.endpoint.is_sim else job.endpoint.base_url
-    return Pricer(overrides, provider_api_url=api_url, batch_discount=True)
-
-
-@contextlib.contextmanager
-def _base_url(job: JobConfig, serve_sim: ServeSim | None) -> Iterator[str]:
-    if not job.endpoint.is_sim:
-        yield job.endpoint.base_url
-        return
-    assert serve_sim is not None  # checked before anything else
-    with serve_sim(job) as url:
-        yield url

@@ -9,7 +9,6 @@ again.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,14 +160,3 @@ def reserve(run: BatchRun, live: Live, requests: list[Request]) -> bool:
         total += got
     live.reserved = total
     return True
-
-
-def with_requests(chunk: Chunk, keep: Iterable[str]) -> Chunk:
-    """The chunk restricted to the requests keyed in ``keep`` (its key unchanged)."""
-    wanted = set(keep)
-    pairs = [
-        (r, line) for r, line in zip(chunk.requests, chunk.lines, strict=True) if r.key in wanted
-    ]
-    return dataclasses.replace(
-        chunk, requests=tuple(r for r, _ in pairs), lines=tuple(line for _, line in pairs)
-    )

@@ -14,6 +14,7 @@ from batcher.batch import submit as submit_module
 from batcher.batch.client import NotVisibleError
 from batcher.batch.runner import run_batch_job
 from batcher.batch.state import read_states, state_path
+from batcher.config import VariantConfig
 from batcher.sim.answers import expected_content
 from batcher.sim.batches import BatchSimConfig
 from tests.batch.batch_job import PRICES, batch_job, clock_sleep, rows, text
@@ -234,3 +235,19 @@ def test_max_cost_reserves_each_chunk_before_it_is_submitted(
         got = rows(tmp_path / "out.parquet")
         assert sorted(r["custom_id"] for r in got) == ["r000", "r002", "r004", "r006"]
         assert sum(r["cost_usd"] for r in got) <= 1e-4
+
+
+def test_a_job_with_variants_records_each_id_once_per_variant(tmp_path: Path) -> None:
+    with batch_sim(FAST) as sim:
+        job = batch_job(sim, tmp_path, 3, models=("sim-a",), output="out.jsonl")
+        variants = (VariantConfig(name="cold", request={"temperature": 0}),
+                    VariantConfig(name="warm", request={"temperature": 1}))  # fmt: skip
+        job = dataclasses.replace(job, variants=variants)
+        report = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+        created = sim.stats()["batches"]["created"]
+    assert report.exit_code == 0
+    got = rows_jsonl(tmp_path / "out.jsonl")
+    pairs = sorted((r["custom_id"], r["batcher"]["variant"]) for r in got)
+    assert pairs == sorted((f"r{i:03d}", v) for i in range(3) for v in ("cold", "warm"))
+    assert created == 2  # 6 requests of one model, at most 4 a batch
+    assert all(r["batcher"]["batch_id"].startswith("batch_") for r in got)
