@@ -156,6 +156,12 @@ async def arun_batch_job(
                 write_output, journal, output, stats, provenance(job, input_path)
             )
             await anyio.to_thread.run_sync(write)
+    for model in pricer.unknown_models:
+        print(
+            f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
+            f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
+            file=stream,
+        )
     rejects = rejects_path(output) if stats.rejected else None
     summary = format_summary(
         stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None
