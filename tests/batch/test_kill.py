@@ -52,7 +52,9 @@ if method is not None:
         return got
 
     setattr(client.BatchClient, method, dying)
-report = run_batch_job(job_from_dict(raw), handle_signals=point == "sigint")
+report = run_batch_job(
+    job_from_dict(raw), handle_signals=point == "sigint", detach=point == "detach"
+)
 sys.exit(report.exit_code)
 """
 
@@ -147,3 +149,18 @@ def test_ctrl_c_while_polling_leaves_the_batches_running(
         assert statuses <= {"validating", "in_progress"}  # none cancelled
         sim.handle.simulator.batches.clock = lambda: time.time() + 120  # they have all ended
         finish_and_check(sim, tmp_path, monkeypatch)
+
+
+def test_detach_in_one_process_then_collect_in_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with batch_sim(REAL) as sim:
+        sim.handle.simulator.batches.clock = time.time
+        proc = child("detach", raw_job(sim, tmp_path))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 3, err.decode()
+        assert "without --detach to collect" in err.decode()
+        states = read_states(state_path(tmp_path / "out.parquet"))
+        assert len(states) == CHUNKS and all(s.batch_id for s in states.values())
+        assert sim.stats()["batches"]["created"] == CHUNKS
+        finish_and_check(sim, tmp_path, monkeypatch)  # collects, creates nothing more
