@@ -134,6 +134,25 @@ class RayConfig:
     block_rows: int = 500
 
 
+#: How a job's requests are sent: one by one (``online``), or as Batch API files (``batch``).
+MODES = ("online", "batch")
+#: What a batch job does with requests a batch did not answer (expired or cancelled).
+UNANSWERED = ("resubmit", "online")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """Settings of ``mode = "batch"`` (``[batch]``): lines and bytes per batch input file,
+    the window each batch asks for, seconds between two polls, and what becomes of requests a
+    batch did not answer (``resubmit`` in a later batch, or send them ``online``)."""
+
+    max_requests: int = 50_000
+    max_bytes: int = 190 * 1000 * 1000
+    completion_window: str = "24h"
+    poll_s: float = 30.0
+    unanswered: str = "resubmit"
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobConfig:
     """A whole job: input, output, endpoint, request defaults, limits, retry policy.
@@ -142,7 +161,8 @@ class JobConfig:
     given, run every line once per variant, each with its overrides. ``sim`` holds
     simulator settings used when the endpoint is ``"sim"``. ``grace_s`` is how long requests in
     flight may finish after Ctrl+C or SIGTERM. ``engine`` is ``"local"`` (this process) or
-    ``"ray"`` (Ray Data; settings in ``ray``).
+    ``"ray"`` (Ray Data; settings in ``ray``). ``mode`` is ``"online"`` or ``"batch"`` (the
+    Batch API; settings in ``batch``).
     """
 
     name: str = "batch"
@@ -161,6 +181,8 @@ class JobConfig:
     grace_s: float = 10.0
     engine: str = "local"
     ray: RayConfig = field(default_factory=RayConfig)
+    mode: str = "online"
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def require_paths(self) -> tuple[Path, Path]:
         """Return (input, output), or fail naming the one that is missing."""

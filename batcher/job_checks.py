@@ -17,7 +17,9 @@ from batcher.config import (
     MAX_CONCURRENCY,
     MAX_DURATION_S,
     MAX_TIMEOUT_S,
+    MODES,
     SIM,
+    UNANSWERED,
     JobConfig,
 )
 from batcher.cost.pricing import parse_pricing
@@ -39,6 +41,7 @@ def validate(job: JobConfig) -> None:
     if job.ray.workers is not None:
         check_int(job.ray.workers, "ray.workers", minimum=1)
     check_int(job.ray.block_rows, "ray.block_rows", minimum=1)
+    _check_batch(job)
     if lim.encoding is not None and lim.encoding not in ENCODINGS:
         raise ConfigError("limits.encoding", f"must be one of {', '.join(ENCODINGS)}")
     for name in ("rpm", "tpm", "max_cost_usd"):
@@ -73,6 +76,43 @@ def validate(job: JobConfig) -> None:
     parse_pricing(job.pricing)  # the [sim] table is checked by the simulator, as it starts
 
 
+#: A Batch API completion window: hours or days (``24h``, ``7d``).
+_WINDOW = re.compile(r"[1-9][0-9]{0,3}[hd]")
+
+
+def _check_batch(job: JobConfig) -> None:
+    """``[job] mode`` and the ``[batch]`` table; batch mode's limits on the rest of the job."""
+    if job.mode not in MODES:
+        raise ConfigError("job.mode", f'must be "online" or "batch", got {job.mode!r}')
+    b = job.batch
+    check_int(b.max_requests, "batch.max_requests", minimum=1)
+    check_int(b.max_bytes, "batch.max_bytes", minimum=1024)
+    if not isinstance(b.completion_window, str) or not _WINDOW.fullmatch(b.completion_window):
+        raise ConfigError(
+            "batch.completion_window",
+            f'must be a duration in hours or days such as "24h", got {b.completion_window!r}',
+        )
+    check_number(b.poll_s, "batch.poll_s", positive=True, maximum=MAX_DURATION_S)
+    if b.unanswered not in UNANSWERED:
+        raise ConfigError(
+            "batch.unanswered", f'must be "resubmit" or "online", got {b.unanswered!r}'
+        )
+    if job.mode != "batch":
+        return
+    if b.unanswered == "online":
+        raise ConfigError(
+            "batch.unanswered", '"online" is not supported yet: use "resubmit" (the default)'
+        )
+    if job.engine == "ray":
+        raise ConfigError(
+            "job.mode", 'batch mode runs in this process: use engine "local" (not --engine ray)'
+        )
+    if job.endpoints:
+        raise ConfigError(
+            "endpoints", "batch mode sends to one endpoint: give [endpoint], not [[endpoints]]"
+        )
+
+
 #: A variant name: it is written into every record and shown in tables, so kept plain.
 _VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Request fields a variant may not set: they belong to the line, not to a sweep.
@@ -83,7 +123,7 @@ _NOT_REQUEST = {
     "endpoints": "did you mean endpoint (an endpoint name or a list of them)?",
     **{table: "is a table of the job, not a request field" for table in (
         "job", "endpoint", "request", "limits", "retry", "validate", "sim", "pricing", "ray",
-        "variants")},
+        "batch", "variants")},
 }  # fmt: skip
 
 

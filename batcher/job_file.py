@@ -16,6 +16,7 @@ from typing import Any
 
 from batcher.config import (
     MAX_CONCURRENCY,
+    BatchConfig,
     EndpointConfig,
     JobConfig,
     LimitsConfig,
@@ -34,14 +35,14 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECTIONS = {
     "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
     "variants",
-    "ray",
+    "ray", "batch",
 }  # fmt: skip
 _ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
      "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
-     "engine", "ray_workers"}
+     "engine", "ray_workers", "mode", "detach", "cancel"}
 )  # fmt: skip
 
 
@@ -73,8 +74,11 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     sim = _table(raw, "sim")
     pricing = _table(raw, "pricing")
     ray_t = _table(raw, "ray")
+    batch_t = _table(raw, "batch")
 
-    _no_unknown(job_t, {"name", "input", "output", "progress", "grace_s", "engine"}, where="job")
+    job_keys = {"name", "input", "output", "progress", "grace_s", "engine", "mode"}
+    _no_unknown(job_t, job_keys, where="job")
+    _no_unknown(batch_t, {f.name for f in dataclasses.fields(BatchConfig)}, where="batch")
     _no_unknown(ray_t, {f.name for f in dataclasses.fields(RayConfig)}, where="ray")
     _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
     endpoints = _endpoints(raw)
@@ -113,6 +117,8 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         grace_s=job_t.get("grace_s", 10.0),
         engine=job_t.get("engine", "local"),
         ray=RayConfig(**{k: ray_t[k] for k in ray_t}),
+        mode=job_t.get("mode", "online"),
+        batch=BatchConfig(**{k: batch_t[k] for k in batch_t}),
     )
     validate(job)
     return job
@@ -121,7 +127,9 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
 def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     """Apply command-line flags (``None`` means "not given") over a job, then validate.
 
-    Accepted keys: ``OVERRIDES``.
+    Accepted keys: ``OVERRIDES``. ``detach`` and ``cancel`` (batch mode's ``--detach`` and
+    ``--cancel``) are run options, not job settings: they are accepted here, checked against
+    the mode, and passed to the runner by the caller.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     unknown = set(given) - OVERRIDES
@@ -131,6 +139,12 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
     if given.get("ray_workers") is not None and given.get("engine", job.engine) != "ray":
         raise ConfigError("--ray-workers", 'only with --engine ray (or [job] engine = "ray")')
+    mode = given.get("mode", job.mode)
+    for flag in ("detach", "cancel"):
+        if given.get(flag) and mode != "batch":
+            raise ConfigError(f"--{flag}", 'only with --mode batch (or [job] mode = "batch")')
+    if given.get("detach") and given.get("cancel"):
+        raise ConfigError("--cancel", "cannot be given with --detach")
     request = dict(job.request)
     if "model" in given:
         request["model"] = given["model"]
@@ -142,6 +156,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         progress=given.get("progress", job.progress),
         grace_s=given.get("grace_s", job.grace_s),
         engine=given.get("engine", job.engine),
+        mode=mode,
         ray=dataclasses.replace(job.ray, workers=given.get("ray_workers", job.ray.workers)),
         endpoint=dataclasses.replace(
             job.endpoint, base_url=given.get("base_url", job.endpoint.base_url)

@@ -115,7 +115,8 @@ class Result:
     ``schema_valid`` says whether the answer matched the request's JSON schema (``None`` when it
     was not checked) and ``schema_error`` why not. ``variant`` names the job's variant that
     asked (``None`` in a job without variants). ``choices_asked`` is the request's ``n`` when
-    it asked for more than one choice (a server may answer with fewer).
+    it asked for more than one choice (a server may answer with fewer). ``batch_id`` names
+    the Batch API batch that answered (``None`` for a request sent online).
     """
 
     custom_id: str
@@ -140,6 +141,7 @@ class Result:
     endpoint: str | None = None
     variant: str | None = None
     choices_asked: int | None = None
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -160,6 +160,7 @@ def _result(
         metadata=request.metadata,
         variant=request.variant,
         choices_asked=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None,
+        batch_id=batch.id,
     )
 
 

@@ -31,7 +31,10 @@ def state_path(output: Path) -> Path:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkState:
     """What is known of a chunk. ``status`` is batcher's (``planned``, ``uploaded``,
-    ``collected``) or the batch's own once it exists (``validating`` ... ``completed``)."""
+    ``collected``) or the batch's own once it exists (``validating`` ... ``completed``).
+    ``resubmit``, once collected: the requests that go into a batch of the next round, with
+    the attempts each has used. ``refused``: batches of the chunk the queue refused (the
+    enqueued-token limit), never adopted again."""
 
     chunk: str
     status: str = "planned"
@@ -39,6 +42,8 @@ class ChunkState:
     batch_id: str | None = None
     request_counts: RequestCounts = dataclasses.field(default_factory=RequestCounts)
     updated_at: float = 0.0
+    resubmit: dict[str, int] = dataclasses.field(default_factory=dict)
+    refused: tuple[str, ...] = ()
 
     def as_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,7 +58,15 @@ class ChunkState:
             batch_id=record.get("batch_id"),
             request_counts=RequestCounts(**counts) if isinstance(counts, dict) else RequestCounts(),
             updated_at=float(record.get("updated_at") or 0.0),
+            resubmit=_tries(record.get("resubmit")),
+            refused=tuple(str(i) for i in record.get("refused") or ()),
         )
+
+
+def _tries(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int)}
 
 
 def read_states(path: Path) -> dict[str, ChunkState]:

@@ -7,7 +7,9 @@ tokens with tiktoken, and bounds the output: **high** is every request's whole c
 ``low_fraction`` of their budget (25 % by default), or, given ``sample`` (an earlier output
 file), the average completion tokens its answers actually used. The ETA is the slowest of the
 RPM limits, the TPM limits, and concurrency × an assumed latency per answer, endpoint by
-endpoint (``_eta``).
+endpoint (``_eta``). The cost is shown at the online price and, beside it, at the Batch API's
+(half: ``batch_cost_*``), which a batch-mode job pays; a job with ``[pricing] batch_discount``
+is priced at the batch rate in both.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import EndpointConfig, JobConfig, VariantConfig
-from batcher.cost.pricing import Pricer, parse_pricing
+from batcher.cost.pricing import BATCH_DISCOUNT, Pricer, parse_pricing
 from batcher.input.reader import Reader, open_input
 from batcher.output.writers import read_results
 from batcher.records import Reject
@@ -52,6 +54,8 @@ class Estimate:
     output_tokens_high: int = 0
     cost_low_usd: float | None = 0.0
     cost_high_usd: float | None = 0.0
+    batch_cost_low_usd: float | None = 0.0
+    batch_cost_high_usd: float | None = 0.0
     eta_s: float = 0.0
     eta_bound: str = ""
     low_basis: str = ""
@@ -140,6 +144,10 @@ def estimate(
     # no priced model at all: no cost (None), never a silent 0
     result.cost_low_usd = sum(m.cost_low_usd or 0.0 for m in costs) if costs else None
     result.cost_high_usd = sum(m.cost_high_usd or 0.0 for m in costs) if costs else None
+    factor = 1.0 if discount else BATCH_DISCOUNT  # [pricing] batch_discount: already there
+    for name in ("low", "high"):
+        online = getattr(result, f"cost_{name}_usd")
+        setattr(result, f"batch_cost_{name}_usd", None if online is None else online * factor)
     result.eta_s, result.eta_bound = _eta(job, result, latency_s)
     return result
 
@@ -273,6 +281,11 @@ def format_estimate(est: Estimate, *, name: str) -> str:
     ]
     if est.cost_low_usd is not None and est.cost_high_usd is not None:
         lines.append(f"  cost           ${est.cost_low_usd:,.4f} to ${est.cost_high_usd:,.4f}")
+    if est.batch_cost_low_usd is not None and est.batch_cost_high_usd is not None:
+        lines.append(
+            f"  batch cost     ${est.batch_cost_low_usd:,.4f} to "
+            f"${est.batch_cost_high_usd:,.4f} (Batch API price: --mode batch)"
+        )
     for model, m in sorted(est.by_model.items()):
         cost = (
             f"${m.cost_low_usd:,.4f} to ${m.cost_high_usd:,.4f}"

@@ -281,6 +281,8 @@ def encode(result: Result, body_hash: str, *, provisional: bool = False) -> byte
         record["variant"] = result.variant
     if result.choices_asked is not None:
         record["choices_asked"] = result.choices_asked
+    if result.batch_id is not None:  # answered by a Batch API batch
+        record["batch_id"] = result.batch_id
     if provisional:
         record["provisional"] = True
     # A lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
@@ -313,6 +315,7 @@ def decode(record: Mapping[str, Any]) -> Result:
         endpoint=record.get("endpoint"),
         variant=record.get("variant"),
         choices_asked=record.get("choices_asked"),
+        batch_id=record.get("batch_id"),
     )
 
 

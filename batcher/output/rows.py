@@ -50,7 +50,7 @@ SCHEMA: pa.Schema = pa.schema([
     ("started_at", _TS), ("finished_at", _TS), ("line", _I64),
     ("choices", _CHOICES),
     ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
-    ("variant", _S), ("choices_asked", _I32),
+    ("variant", _S), ("choices_asked", _I32), ("batch_id", _S),
 ])
 """The fixed Parquet schema; every output file has exactly these columns in this order."""
 # fmt: on
@@ -186,6 +186,8 @@ def batch_output_line(result: Result) -> dict[str, Any]:
         extra["variant"] = r.variant
     if r.choices_asked is not None:  # absent for requests of one choice, likewise
         extra["choices_asked"] = r.choices_asked
+    if r.batch_id is not None:  # absent for answers sent online, likewise
+        extra["batch_id"] = r.batch_id
     if r.usage != Usage.from_body(r.body):
         u = r.usage
         extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
@@ -231,6 +233,7 @@ def row_values(r: Result) -> tuple[Any, ...]:
         r.endpoint,
         r.variant,
         r.choices_asked,
+        r.batch_id,
     )
 
 
@@ -331,5 +334,6 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         b.get("endpoint"),
         b.get("variant"),
         b.get("choices_asked"),
+        b.get("batch_id"),
     )
     return dict(zip(NAMES, values, strict=True))

@@ -119,7 +119,8 @@ class Simulator:
         self._fault_rng = random.Random(self.config.seed)
         self._latency_rng = random.Random(f"latency-{self.config.seed}")
         self._schema_rng = random.Random(f"schema-{self.config.seed}")
-        self.batches = BatchService(self._answer)  # the Files and Batches API
+        # the Files and Batches API
+        self.batches = BatchService(self._answer, self.config.batch_config())
 
     def reset_stats(self) -> None:
         """Zero the counters and the log (not the rate-limit buckets)."""

@@ -7,7 +7,9 @@ fails before the simulator starts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from batcher.sim.faults import FAULT_KINDS, is_int
 
@@ -25,6 +27,9 @@ class SimConfig:
     chunk after the latency and each later chunk (one word a chunk) ``stream_chunk_ms`` after
     the one before. A request with a ``response_format`` gets JSON made to fit its schema
     (``batcher.sim.json_values``), broken on purpose at ``schema_error_rate`` (drawn per choice).
+    ``batch`` holds the Batches API's settings (``[sim.batch]``: the fields of
+    ``batcher.sim.batches.BatchSimConfig``, such as ``validating_s``, ``in_progress_s``,
+    ``finalizing_s``, ``window_s``, ``error_rate``).
     """
 
     latency_ms: float = 0.0
@@ -39,6 +44,7 @@ class SimConfig:
     stream_chunk_ms: float = 0.0
     schema_error_rate: float = 0.0
     fault_retry_after_s: float = 5.0
+    batch: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("latency_ms", "latency_jitter_ms", "stream_chunk_ms"):
@@ -74,3 +80,17 @@ class SimConfig:
             )
         if not (isinstance(self.burst_s, int | float) and 0 < self.burst_s <= 60):
             raise ValueError(f"burst_s must be within (0, 60], got {self.burst_s!r}")
+        if not isinstance(self.batch, Mapping):
+            raise ValueError(f"batch must be a table, got {self.batch!r}")
+        self.batch_config()  # a bad [sim.batch] value fails here
+
+    def batch_config(self) -> Any:
+        """The ``BatchSimConfig`` of ``batch`` (``ValueError`` naming a bad or unknown key)."""
+        from batcher.sim.batches import BatchSimConfig
+
+        try:
+            return BatchSimConfig(**self.batch)
+        except TypeError as exc:
+            raise ValueError(f"batch: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"batch: {exc}") from None

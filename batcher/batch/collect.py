@@ -1,0 +1,222 @@
+"""Following a batch job's batches to their end: poll, report progress, collect each ended
+batch into the journal, and send what it did not answer into a batch of the next round.
+
+Every request's record is appended to the journal once (``BatchRun.recorded``), then the
+chunk is journaled ``collected`` with what goes into the next round: a crash in between
+collects the batch again, skipping what was recorded. A request whose answer is a retryable
+error goes into the next round while attempts remain (``retry.max_attempts``); one the batch
+did not run (expired, cancelled, missing from its files) goes again without counting an
+attempt, in at most ``MAX_ROUNDS`` batches in all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from batcher.batch.api import ENDED, Batch
+from batcher.batch.chunks import Chunk, plan_chunks
+from batcher.batch.results import BatchAnswer, answer_of, read_back
+from batcher.batch.submit import BatchRun, Live, forget_batch, note, submit, unrecorded
+from batcher.records import Request, Result
+
+#: The most batches one request is put in (expired or cancelled batches included).
+MAX_ROUNDS = 8
+#: The error of a batch refused for the enqueued-token limit (OpenAI's code).
+TOKEN_LIMIT = "token_limit_exceeded"
+
+
+def child_of(run: BatchRun, chunk: Chunk) -> Live | None:
+    """The next round's chunk of a collected chunk (its ``resubmit`` requests), if any."""
+    state = run.states.states.get(chunk.key)
+    if state is None or state.status != "collected" or not state.resubmit:
+        return None
+    requests = [r for r in chunk.requests if r.key in state.resubmit]
+    big = 2**62  # a subset of one chunk always fits where the chunk did
+    plan = plan_chunks(
+        requests, job=chunk_job(run), max_requests=big, max_bytes=big, round=chunk.round + 1
+    )
+    if not plan.chunks:
+        return None
+    return Live(chunk=plan.chunks[0], tries=dict(state.resubmit))
+
+
+def chunk_job(run: BatchRun) -> str:
+    """The text chunk keys hash as the job: its name and its output (two jobs of one name
+    and the same ids never share a chunk)."""
+    return f"{run.name}\x00{run.job.output}"
+
+
+def leaves(run: BatchRun, live: Live) -> list[Live]:
+    """``live``, or the newest round's chunk descended from it once it is collected."""
+    child = child_of(run, live.chunk)
+    if child is not None:
+        return leaves(run, child)
+    state = run.states.states.get(live.chunk.key)
+    return [] if state is not None and state.status == "collected" else [live]
+
+
+async def follow(run: BatchRun, lives: list[Live]) -> None:
+    """Poll every ``poll_s`` until each chunk's batch (and its next rounds') has ended and
+    been collected."""
+    active = list(lives)
+    last_overall = ""
+    while active:
+        still: list[Live] = []
+        for live in active:
+            kept = await _step(run, live, active)
+            still.extend(kept)
+        active = still
+        overall = _overall(run, active)
+        if overall != last_overall and active:
+            run.say(overall)
+            last_overall = overall
+        if active:
+            await run.sleep(run.job.batch.poll_s)
+
+
+async def _step(run: BatchRun, live: Live, active: list[Live]) -> list[Live]:
+    """One poll of one chunk: what to keep following afterwards."""
+    chunk = live.chunk
+    state = run.states.states[chunk.key]
+    if state.batch_id is None:  # refused by the queue: goes again once earlier batches end
+        if _others_in_flight(run, live, active):
+            return [live]
+        live.waiting = False
+        return [live] if await submit(run, live) else []
+    batch = await run.api.retrieve(state.batch_id)
+    if (batch.status, batch.request_counts) != (state.status, state.request_counts):
+        note(run, chunk, batch)
+        counts = batch.request_counts
+        run.say(
+            f"batch {batch.id} ({chunk.model}): {batch.status}, {counts.completed:,}/"
+            f"{counts.total:,} done, {counts.failed:,} failed"
+        )
+    if not batch.ended:
+        return [live]
+    if batch.status == "failed" and any(e.code == TOKEN_LIMIT for e in batch.errors):
+        live.refusals += 1
+        if live.refusals < 2 or _others_in_flight(run, live, active):
+            forget_batch(run, chunk)
+            live.waiting = True
+            run.say(
+                f"batch {batch.id}: over the enqueued-token limit; it goes again when the "
+                "earlier batches end"
+            )
+            return [live]
+        # refused again with nothing else queued: it can never fit
+        reason = (
+            f"{TOKEN_LIMIT}: this chunk alone is over the queue's enqueued-token limit; lower "
+            "batch.max_requests"
+        )
+        await _record_failed(run, live, batch, reason)
+        return []
+    child = await collect(run, live, batch)
+    if child is None:
+        return []
+    return [child] if await submit(run, child) else []
+
+
+def _others_in_flight(run: BatchRun, live: Live, active: list[Live]) -> bool:
+    """Whether another chunk of the run has a batch that has not ended."""
+    for other in active:
+        if other is live:
+            continue
+        state = run.states.states.get(other.chunk.key)
+        if state is not None and state.batch_id is not None and state.status not in _OVER:
+            return True
+    return False
+
+
+#: Chunk statuses of a batch that holds nothing in the queue any more.
+_OVER = frozenset({*ENDED, "collected"})
+
+
+def _overall(run: BatchRun, active: list[Live]) -> str:
+    states = [run.states.states.get(live.chunk.key) for live in active]
+    total = sum(s.request_counts.total for s in states if s is not None)
+    done = sum(s.request_counts.completed + s.request_counts.failed for s in states if s)
+    return (
+        f"{len(active)} batch(es) running: {done:,} of {total:,} requests ended; "
+        f"{run.stats.done:,} recorded this run"
+    )
+
+
+async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:
+    """Record what an ended batch answered; return the next round's chunk, if any."""
+    chunk = live.chunk
+    if batch.status == "failed":
+        first = batch.errors[0] if batch.errors else None
+        reason = f"{first.code}: {first.message}" if first else "no reason given"
+        await _record_failed(run, live, batch, reason)
+        return None
+    files = [await run.api.download(f) for f in (batch.output_file_id, batch.error_file_id) if f]
+    got = read_back(chunk, batch, files)
+    resubmit: dict[str, int] = {}
+    spent = 0.0
+    max_attempts = run.job.retry.max_attempts
+    for request in chunk.requests:
+        if request.key in run.recorded:
+            continue
+        answer = got.answers.get(request.key) or _missing(request, batch)
+        prior = live.tries.get(request.key, 0)
+        used = prior + 1 if answer.answered else prior
+        if answer.retryable:
+            again = used < max_attempts if answer.answered else chunk.round + 1 < MAX_ROUNDS
+            if again:
+                resubmit[request.key] = used
+                continue
+        spent += _record(run, request, answer.result, used)
+    run.journal.sync()
+    if run.budget is not None:
+        run.budget.settle(live.reserved, spent)
+        live.reserved = 0.0
+    run.states.record(chunk.key, status="collected", resubmit=resubmit)
+    if resubmit:
+        run.say(f"batch {batch.id}: {len(resubmit):,} requests go into a new batch")
+    return child_of(run, chunk)
+
+
+async def _record_failed(run: BatchRun, live: Live, batch: Batch, reason: str) -> None:
+    """A batch that failed as a whole: an error record for each of its requests, naming the
+    line of the input file each validation error names."""
+    by_line = {e.line: e for e in batch.errors if e.line}
+    spent = 0.0
+    for number, (request, _) in enumerate(unrecorded(run, live.chunk), start=1):
+        error = by_line.get(number)
+        if error is not None:
+            message = f"line {number} of the batch's input file: {error.code}: {error.message}"
+            run.say(f"batch {batch.id} failed validation: {message} (id {request.custom_id!r})")
+        else:
+            message = f"the batch failed ({reason}); this request was not run"
+        item: dict[str, Any] = {"error": {"code": "batch_failed", "message": message}}
+        result = answer_of(request, item, batch, attempt=1).result
+        spent += _record(run, request, result, live.tries.get(request.key, 0) + 1)
+    run.journal.sync()
+    if run.budget is not None:
+        run.budget.settle(live.reserved, spent)
+        live.reserved = 0.0
+    run.states.record(live.chunk.key, status="collected", resubmit={})
+
+
+def _missing(request: Request, batch: Batch) -> BatchAnswer:
+    """The outcome of a request no line of the batch's files names: not run."""
+    item = {"error": {"code": "batch_expired", "message": "no line of the batch's files names it"}}
+    return answer_of(request, item, batch, attempt=1)
+
+
+def _record(run: BatchRun, request: Request, result: Result, attempts: int) -> float:
+    """Journal one request's final record (cost at the batch price); returns its cost."""
+    cost = None
+    if result.status == "ok":
+        cost = run.pricer.cost_of(request.body.get("model"), result.model, result.usage)
+    result = dataclasses.replace(
+        result,
+        attempts=max(1, attempts),
+        cost_usd=cost,
+        endpoint=run.job.endpoint.name,
+    )
+    run.journal.append(result, request.body_hash)
+    run.recorded.add(request.key)
+    run.stats.add(result)
+    return cost or 0.0

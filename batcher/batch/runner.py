@@ -1,0 +1,270 @@
+"""A job in batch mode (``[job] mode = "batch"``): its requests sent as Batch API files.
+
+The same checks as an online run come first (output writable and not the input, API key).
+The whole input is read (rejects written as online), and planned into chunks (one model each,
+cut by ``[batch] max_requests``/``max_bytes``) whose keys are the same on every rerun. Each
+chunk is uploaded and its batch created (or adopted: ``submit``), then followed until it ends
+and collected into the journal (``collect``). The output is written from the journal at the
+end, each id once, with the ``batch_id`` that answered it. Ids the journal already records
+are never asked again, and a created batch is never created twice.
+
+``detach`` stops (exit 3) once every batch is created; a later run collects them.
+``cancel`` cancels the job's running batches and records nothing. Ctrl+C while polling (with
+``handle_signals``) leaves the batches running and stops with exit 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from batcher.batch.api import Batch
+from batcher.batch.chunks import plan_chunks
+from batcher.batch.client import BatchClient
+from batcher.batch.collect import chunk_job, follow, leaves
+from batcher.batch.prepare import ServeSim, api_key, base_url, batch_pricer, read_all
+from batcher.batch.results import answer_of
+from batcher.batch.state import StateJournal, state_path
+from batcher.batch.submit import BatchRun, Live, submit
+from batcher.config import JobConfig
+from batcher.cost.budget import Budget, check_priced
+from batcher.engine.retry import Sleep
+from batcher.errors import ConfigError
+from batcher.output.journal import Journal, journal_path
+from batcher.output.provenance import provenance
+from batcher.records import Request
+from batcher.runner.checks import check_not_the_input, check_output_writable
+from batcher.runner.progress import format_summary
+from batcher.runner.quiet_stream import quiet
+from batcher.runner.run import (
+    RunReport,
+    rejects_path,
+    write_output,
+)
+from batcher.runner.stats import RunStats
+
+if TYPE_CHECKING:
+    import httpx
+
+
+def run_batch_job(
+    job: JobConfig,
+    *,
+    restart: bool = False,
+    detach: bool = False,
+    cancel: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+    stream: IO[str] | None = None,
+    handle_signals: bool = False,
+    serve_sim: ServeSim | None = None,
+    sleep: Sleep | None = None,
+) -> RunReport:
+    """``arun_batch_job`` (which see) on an event loop of its own (blocking)."""
+    run = functools.partial(
+        arun_batch_job,
+        job,
+        restart=restart,
+        detach=detach,
+        cancel=cancel,
+        transport=transport,
+        stream=stream,
+        handle_signals=handle_signals,
+        serve_sim=serve_sim,
+        sleep=sleep,
+    )
+    return anyio.run(run)
+
+
+async def arun_batch_job(
+    job: JobConfig,
+    *,
+    restart: bool = False,
+    detach: bool = False,
+    cancel: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+    stream: IO[str] | None = None,
+    handle_signals: bool = False,
+    serve_sim: ServeSim | None = None,
+    sleep: Sleep | None = None,
+) -> RunReport:
+    """Run ``job`` through the Batch API; return the same report an online run returns.
+
+    ``restart`` forgets the journals and submits every chunk again (the batches of an
+    earlier run are left alone, neither adopted nor cancelled). ``sleep`` replaces the wait between
+    two polls (tests). Raises ``ConfigError`` before anything is sent when the job cannot
+    run, and ``NotVisibleError`` (exit 2) when the key cannot see a journaled batch.
+    """
+    stream = quiet(stream or sys.stderr)
+    started = time.monotonic()
+    input_path, output = job.require_paths()
+    check_output_writable(output)
+    check_not_the_input(input_path, output)
+    if job.engine == "ray":
+        raise ConfigError("job.mode", 'batch mode runs in this process: use engine "local"')
+    if job.endpoint.is_sim and serve_sim is None:
+        raise ConfigError(
+            "endpoint.base_url", '"sim" in batch mode needs the simulator served (batcher run)'
+        )
+    key = api_key(job)
+    pricer = batch_pricer(job)
+    if job.limits.max_cost_usd is not None:
+        await anyio.to_thread.run_sync(check_priced, job, pricer)
+    stats = RunStats()
+    with Journal(journal_path(output), restart=restart) as journal:
+        if restart:
+            state_path(output).unlink(missing_ok=True)
+        requests = await anyio.to_thread.run_sync(read_all, job, input_path, output, stats)
+        with StateJournal(state_path(output)) as states, base_url(job, serve_sim) as url:
+            async with BatchClient(
+                url,
+                api_key=key,
+                retry=job.retry,
+                headers=dict(job.endpoint.headers),
+                transport=transport,
+            ) as api:
+                cap = job.limits.max_cost_usd
+                with tempfile.TemporaryDirectory(prefix="batcher-batch-") as folder:
+                    run = BatchRun(
+                        job=job,
+                        name=job.name,
+                        api=api,
+                        states=states,
+                        journal=journal,
+                        pricer=pricer,
+                        budget=Budget(cap, spent_before=journal.spent_before) if cap else None,
+                        stats=stats,
+                        stream=stream,
+                        folder=Path(folder),
+                        recorded=set(journal.entries),
+                        sleep=sleep or anyio.sleep,
+                    )
+                    stats.skipped = sum(1 for r in requests if r.key in run.recorded)
+                    finished = await _drive(run, requests, detach, cancel, handle_signals)
+        stats.wall_s = time.monotonic() - started
+        if finished:
+            journal.sync()
+            write = functools.partial(
+                write_output, journal, output, stats, provenance(job, input_path)
+            )
+            await anyio.to_thread.run_sync(write)
+    for model in pricer.unknown_models:
+        print(
+            f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
+            f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
+            file=stream,
+        )
+    rejects = rejects_path(output) if stats.rejected else None
+    summary = format_summary(
+        stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None
+    )
+    print(summary, file=stream, flush=True)
+    return RunReport(stats=stats, output=output, rejects=rejects, summary=summary)
+
+
+async def _drive(
+    run: BatchRun, requests: list[Request], detach: bool, cancel: bool, handle_signals: bool
+) -> bool:
+    """Submit, then follow (or cancel) the job's batches; true when every batch submitted was
+    followed to its end (the output is then written), false when detached, cancelled or
+    interrupted."""
+    job, stats = run.job, run.stats
+    plan = plan_chunks(
+        requests,
+        job=chunk_job(run),
+        max_requests=job.batch.max_requests,
+        max_bytes=job.batch.max_bytes,
+    )
+    for request, reason in plan.refused:
+        if request.key not in run.recorded:
+            _refuse(run, request, reason)
+    lives = [leaf for chunk in plan.chunks for leaf in leaves(run, Live(chunk=chunk))]
+    if cancel:
+        await _cancel(run, lives)
+        return False
+    followed = False
+    with anyio.CancelScope() as scope:
+        if not handle_signals:
+            followed = await _submit_and_follow(run, lives, detach)
+        else:  # Ctrl+C or SIGTERM: stop here, the batches keep running
+            try:
+                async with anyio.create_task_group() as group:
+                    await group.start(_watch_signals, scope)
+                    followed = await _submit_and_follow(run, lives, detach)
+                    group.cancel_scope.cancel()
+            except BaseExceptionGroup as group_error:  # the error itself, not its group
+                if len(group_error.exceptions) == 1:
+                    raise group_error.exceptions[0] from None
+                raise
+    if scope.cancelled_caught:
+        _stop(stats, "interrupted: the batches keep running; run again to collect them")
+    return followed and not scope.cancelled_caught
+
+
+async def _submit_and_follow(run: BatchRun, lives: list[Live], detach: bool) -> bool:
+    """Submit every chunk that has no batch yet, then follow them all unless ``detach``."""
+    submitted = [live for live in lives if await submit(run, live)]
+    if run.stop_reason is not None:
+        _stop(run.stats, run.stop_reason)
+    if detach:
+        _stop(
+            run.stats,
+            f"detached: {len(submitted)} batch(es) submitted; run the same command again "
+            "without --detach to collect them (--cancel cancels them)",
+        )
+        return False
+    await follow(run, submitted)
+    if run.stop_reason is not None:  # a later round's chunk over --max-cost
+        _stop(run.stats, run.stop_reason)
+    return True
+
+
+async def _watch_signals(
+    scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    import signal
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+async def _cancel(run: BatchRun, lives: list[Live]) -> None:
+    """Cancel every batch of the job that has not ended; journal what the server says."""
+    cancelled = 0
+    for live in lives:
+        state = run.states.states.get(live.chunk.key)
+        if state is None or state.batch_id is None or state.status in _ENDED:
+            continue
+        batch = await run.api.cancel(state.batch_id)
+        run.states.record(live.chunk.key, status=batch.status, request_counts=batch.request_counts)
+        run.say(f"batch {batch.id}: {batch.status}")
+        cancelled += 1
+    _stop(run.stats, f"cancelled {cancelled} batch(es); run again to collect what they answered")
+
+
+_ENDED = frozenset({"completed", "failed", "expired", "cancelled", "cancelling"})
+
+
+def _stop(stats: RunStats, reason: str) -> None:
+    stats.stopped_early = True
+    stats.stop_reason = reason
+
+
+def _refuse(run: BatchRun, request: Request, reason: str) -> None:
+    """An error record for a request no batch can hold."""
+    item = {"error": {"code": "batch_refused", "message": reason}}
+    result = answer_of(request, item, Batch(id="", status="failed"), attempt=1).result
+    result = dataclasses.replace(result, batch_id=None, attempts=0, endpoint=run.job.endpoint.name)
+    run.journal.append(result, request.body_hash)
+    run.recorded.add(request.key)
+    run.stats.add(result)
