@@ -178,12 +178,10 @@ def test_too_little_free_space_sends_nothing(
     # A real full disk cannot be made here without privileges; disk_usage is the one mock.
     import shutil
 
-    import batcher.runner.checks
-
     write_input(tmp_path / "in.jsonl", 2)
     server = Server()
     usage = shutil.disk_usage(tmp_path)._replace(free=1024 * 1024)
-    monkeypatch.setattr(batcher.runner.checks.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     with pytest.raises(ConfigError, match="only 1024 KiB free") as info:
         run(tmp_path, server)
     assert info.value.field == "job.output"
