@@ -47,13 +47,12 @@ from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats, answer_warnings
 from batcher.runner.wiring import (
     SimServer,
-    Target,
     base_urls,
     build_budget,
     build_pricer,
+    endpoint_targets,
     engine_settings,
     open_endpoints,
-    remembered,
 )
 
 if TYPE_CHECKING:
@@ -276,7 +275,7 @@ async def _run_async(
     progress = await _progress(setting, stats, len(sources))
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     known = KnownLimits.default()
-    targets = _targets(setting, urls, known)
+    targets = endpoint_targets(job, urls, setting.keys, known)
     readers = open_readers(job, sources, variants, targets, progress, fields)
     budget = build_budget(job, journal.spent_before)
     endpoints: list[Endpoint] = []
@@ -318,18 +317,6 @@ async def _progress(setting: _Setting, stats: RunStats, passes: int) -> Progress
     if total is not None:
         total *= passes
     return Progress(stats, total=total, enabled=job.progress, stream=setting.stream)
-
-
-def _targets(setting: _Setting, urls: list[str], known: KnownLimits | None) -> list[Target]:
-    """Each endpoint's base URL, key and what it announced on an earlier run."""
-    job = setting.job
-    announced = remembered(job, urls, known)
-    return [
-        Target(config=config, name=config.name, base_url=url, api_key=key, announced=limits)
-        for config, url, key, limits in zip(
-            job.all_endpoints, urls, setting.keys, announced, strict=True
-        )
-    ]
 
 
 async def _run_engine(setting: _Setting, engine: Engine, lanes: list[Lane]) -> None:
