@@ -23,7 +23,8 @@ from batcher.batch.api import Batch
 from batcher.config import RetryConfig
 from batcher.engine.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.errors import BatcherError
-from batcher.http.client import Attempt, check_api_key, classify, retry_after_s
+from batcher.http.answers import Attempt, classify, retry_after_s
+from batcher.http.client import check_api_key
 from batcher.http.redact import redact_url, scrub
 
 T = TypeVar("T")

@@ -14,10 +14,10 @@ from batcher.config import DEFAULT_BASE_URL, JobConfig, VariantConfig
 from batcher.cost.pricing import Pricer, parse_pricing
 from batcher.errors import ConfigError
 from batcher.http.client import check_api_key
-from batcher.input.reader import Reader, open_input
-from batcher.output.formats import RejectsWriter
+from batcher.input.reader import Reader
+from batcher.input.sources import open_input
+from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.records import Reject, Request
-from batcher.runner.run import rejects_path
 from batcher.runner.stats import RunStats
 
 #: Given a ``base_url = "sim"`` job, a context that serves the simulator (Batches API

@@ -1,7 +1,7 @@
 """Output- and error-file lines read back into ``Result`` records, and batches adopted by
 their metadata.
 
-A line's HTTP answer is judged exactly as an online answer is (``http.client.classify``): a
+A line's HTTP answer is judged exactly as an online answer is (``http.answers.classify``): a
 200 with choices is ``ok``; a 200 without them, a 429, 5xx... is a retryable error; another 4xx
 is final. A line with no HTTP answer (``batch_expired``, ``batch_cancelled``) was not
 answered: the request goes into a later batch without counting an attempt. Usage is the
@@ -17,7 +17,7 @@ from typing import Any
 from batcher import jsonfast
 from batcher.batch.api import Batch
 from batcher.batch.chunks import CHUNK_FIELD, JOB_FIELD, Chunk
-from batcher.http.client import classify
+from batcher.http.answers import classify
 from batcher.records import Request, Result, Usage
 
 #: Error codes of lines a batch never ran: sent again, not counted as an attempt.

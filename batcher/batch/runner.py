@@ -38,17 +38,15 @@ from batcher.config import JobConfig
 from batcher.cost.budget import Budget, check_priced
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
+from batcher.output.formats import rejects_path
 from batcher.output.journal import Journal, journal_path
+from batcher.output.live_output import write_output
 from batcher.output.provenance import provenance
 from batcher.records import Request
 from batcher.runner.checks import check_not_the_input, check_output_writable
 from batcher.runner.progress import format_summary
 from batcher.runner.quiet_stream import quiet
-from batcher.runner.run import (
-    RunReport,
-    rejects_path,
-    write_output,
-)
+from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from typing import Any
 
 from batcher.config import EndpointConfig, JobConfig, VariantConfig
 from batcher.cost.pricing import BATCH_DISCOUNT, Pricer, parse_pricing
-from batcher.input.reader import Reader, open_input
+from batcher.input.reader import Reader
+from batcher.input.sources import open_input
 from batcher.output.writers import read_results
 from batcher.records import Reject
 from batcher.runner.progress import format_duration

@@ -19,7 +19,7 @@ from batcher.engine.control import RunControl
 from batcher.engine.endpoints import Router
 from batcher.engine.outcomes import answering_model, result_of
 from batcher.engine.usage_check import checked as usage_checked
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.output.resume import ResumePlan
 from batcher.records import Request, Result
 

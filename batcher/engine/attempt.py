@@ -24,7 +24,7 @@ from batcher.engine.outcomes import UNREACHABLE
 from batcher.engine.recording import Recorder
 from batcher.engine.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.engine.setup_check import waiting_note
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.input.requests import LateCounter
 from batcher.limits.overload import classify_429
 from batcher.records import Request

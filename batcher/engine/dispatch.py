@@ -45,7 +45,7 @@ from batcher.output.resume import ResumePlan
 from batcher.records import Reject, Request
 from batcher.runner.stats import RunStats
 
-#: Lines read per trip to the reading thread (the first trips fewer: runner.FIRST_READ_BATCH).
+#: Lines read per trip to the reading thread (fewer at first: runner.lanes.FIRST_READ_BATCH).
 READ_BATCH = 256
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from batcher.cost.tokens import count_message_tokens, encoding_for_model
 from batcher.engine.validation import Verdict, reask_body
-from batcher.http.client import Attempt, is_retryable_failure
+from batcher.http.answers import Attempt, is_retryable_failure
 from batcher.records import Request, Result
 
 

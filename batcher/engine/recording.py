@@ -16,7 +16,7 @@ from batcher.engine.control import RunControl, Sinks
 from batcher.engine.endpoints import Endpoint, Router
 from batcher.engine.outcomes import cut_off, stop_reason, stops_the_run
 from batcher.engine.setup_check import SetupCheck
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.records import Request, Result
 
 

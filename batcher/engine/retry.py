@@ -22,7 +22,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from batcher.config import RetryConfig
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.limits.endpoint import MAX_SERVER_WAIT_S
 
 Sleep = Callable[[float], Awaitable[None]]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from batcher.engine.outage import Outage
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.http.redact import redact_url
 from batcher.records import Result
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Any
 
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.input.requests import completion_budget, prompt_bound
 from batcher.records import Request
 

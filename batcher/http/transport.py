@@ -11,7 +11,7 @@ retries) is the same over both:
   simulator in-process, ``MockTransport`` in tests, or a custom one a library user passes).
 
 Transports raise only the errors below; everything else a server can do is an answer.
-Neither follows redirects: a 3xx is an answer (``client.classify`` makes it an error record),
+Neither follows redirects: a 3xx is an answer (``answers.classify`` makes it an error record),
 since following one would send the key and the endpoint's headers wherever it points.
 """
 

@@ -13,18 +13,16 @@ that cannot become a request is a ``Reject`` with its 1-based line number and a 
 
 from __future__ import annotations
 
-import gzip
 import json
-import stat
-import sys
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any
 
 from batcher import jsonfast
 from batcher.errors import InputError
 from batcher.input.idset import IdSet
+from batcher.input.sources import open_input
 from batcher.output.journal import request_hash
 from batcher.records import Reject, Request
 
@@ -47,41 +45,6 @@ _ID_KEYS = ("custom_id", "id")
 
 class LineError(Exception):
     """Why one line was rejected (internal: becomes a ``Reject``)."""
-
-
-def open_input(path: Path) -> IO[bytes]:
-    """Open the input for binary reading: a file, a ``.gz`` file, or ``-`` for stdin."""
-    if str(path) == "-":
-        return sys.stdin.buffer
-    try:
-        if path.suffix == ".gz":
-            return cast(IO[bytes], gzip.open(path, "rb"))
-        return path.open("rb")
-    except FileNotFoundError:
-        raise InputError(f"input file not found: {path}") from None
-    except OSError as exc:
-        raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
-
-
-def count_lines(path: Path) -> int | None:
-    """Count the non-blank lines of a file (for the progress total).
-
-    ``None`` for stdin, a pipe or a FIFO (reading them twice would consume the input) and for
-    a file that cannot be read to the end (the reader reports that, with the line number).
-    """
-    if str(path) == "-":
-        return None
-    try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            return None
-        total = 0
-        with open_input(path) as f:
-            for raw in f:
-                if raw.strip():
-                    total += 1
-    except (OSError, EOFError, zlib.error, InputError):
-        return None
-    return total
 
 
 def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str | None) -> None:
@@ -177,7 +140,8 @@ class Reader:
         """The same items in lists of up to ``size`` (to cross a thread boundary cheaply).
 
         With ``first``, the lists start that long and double up to ``size``: the first requests
-        go out while the next lines are read, a few at a time (see ``runner.FIRST_READ_BATCH``).
+        go out while the next lines are read, a few at a time
+        (see ``runner.lanes.FIRST_READ_BATCH``).
         """
         if size < 1 or (first is not None and first < 1):
             raise ValueError(f"batch sizes must be >= 1, got {size} and {first}")

@@ -1,4 +1,5 @@
-"""The output formats, and the rejects file: the parts of output writing that need no pyarrow.
+"""The output formats, and the rejects file (``rejects_path``, ``RejectsWriter``): the parts
+of output writing that need no pyarrow.
 
 ``batcher run`` imports these at start and ``batcher.output.writers`` (pyarrow: about 40 MB
 resident) only when it writes the output, after the requests are done and their token tables
@@ -31,6 +32,11 @@ def output_format(path: Path) -> str:
             "output", f"{str(path)!r} must end in .jsonl (OpenAI Batch API lines) or .parquet"
         )
     return suffix
+
+
+def rejects_path(output: Path) -> Path:
+    """Where rejected lines go: ``OUTPUT.rejects.jsonl`` beside the output."""
+    return output.with_name(output.name + ".rejects.jsonl")
 
 
 class Closing:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from batcher.http.client import is_retryable_failure
+from batcher.http.answers import is_retryable_failure
 from batcher.output.journal import Entry
 
 RetryErrors = Literal["none", "all", "retryable"]

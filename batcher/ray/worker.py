@@ -47,7 +47,7 @@ class WorkerSpec:
     targets: list[tuple[str, str]]  # (endpoint name, base URL), in the job's order
     needs_key: list[bool]  # whether the driver found a key for each endpoint
     workers: int
-    #: The driver's stop flag (a Ray actor handle, ``driver.StopFlag``): its ``reason``
+    #: The driver's stop flag (a Ray actor handle, ``stopping.StopFlag``): its ``reason``
     #: is set when the driver is interrupted. ``None``: nothing to watch.
     stop_flag: Any = None
 

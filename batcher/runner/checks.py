@@ -13,16 +13,11 @@ from pathlib import Path
 from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.http.client import check_api_key
-from batcher.output.formats import output_format
+from batcher.output.formats import output_format, rejects_path
 from batcher.output.journal import journal_path
 
 #: Below this much free space in the output folder, a run does not start.
 MIN_FREE_BYTES = 16 * 2**20
-
-
-def rejects_path(output: Path) -> Path:
-    """Where rejected lines go: ``OUTPUT.rejects.jsonl`` beside the output."""
-    return output.with_name(output.name + ".rejects.jsonl")
 
 
 def check_output_writable(output: Path) -> None:

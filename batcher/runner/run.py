@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -23,15 +21,16 @@ from batcher.config import JobConfig, VariantConfig
 from batcher.cost.budget import Budget, check_priced
 from batcher.cost.pricing import Pricer
 from batcher.engine.control import Sinks
-from batcher.engine.dispatch import READ_BATCH, Engine, Lane
+from batcher.engine.dispatch import Engine, Lane
 from batcher.engine.endpoints import Endpoint
 from batcher.errors import ConfigError, OutputError
 from batcher.input.field_names import FieldNames, job_field_warnings
-from batcher.input.reader import Reader, count_lines, open_input
+from batcher.input.reader import Reader
+from batcher.input.sources import count_lines, open_sources
 from batcher.limits.known_limits import KnownLimits
-from batcher.output.formats import RejectsWriter
+from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.journal import Journal, journal_path
-from batcher.output.live_output import LiveOutput
+from batcher.output.live_output import LiveOutput, live_output_for, write_output
 from batcher.output.provenance import provenance
 from batcher.output.resume import ResumePlan, RetryErrors
 from batcher.runner.checks import (
@@ -40,42 +39,26 @@ from batcher.runner.checks import (
     check_not_the_input,
     check_output_writable,
     check_sim_available,
-    rejects_path,
 )
 from batcher.runner.housekeeping import Housekeeping
+from batcher.runner.lanes import count_from_now, lanes, open_readers
 from batcher.runner.progress import Progress, format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats, answer_warnings
 from batcher.runner.wiring import (
     SimServer,
-    Target,
     base_urls,
     build_budget,
     build_pricer,
+    endpoint_targets,
     engine_settings,
     open_endpoints,
-    remembered,
 )
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["RunReport", "arun_job", "rejects_path", "run_job", "write_output"]
-
-#: The largest input whose output a fresh run writes as it goes (see ``_small_input``):
-#: about 35,000 short requests.
-LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
-#: Lines in the first trip to the reading thread; each later trip reads twice as many, up to
-#: ``READ_BATCH``. The pool then opens a few requests at a time: each few's connections are
-#: made and their requests written while the next are read and started. Read 256 at once,
-#: all 256 connections were opened before the first request was written, ~50 ms later at 256
-#: in flight; the whole run ended ~60 ms later at 5,000 requests.
-FIRST_READ_BATCH = 4
-#: Parquet row groups of an output written as the run goes (from an input of at most
-#: ``LIVE_OUTPUT_MAX_BYTES``), instead of the writer's 5,000: the last row group is written
-#: after the last answer, so a smaller one ends the run sooner (5,000 rows took ~20 ms, 1,000
-#: ~5 ms), for a file ~5 % larger.
-SMALL_ROW_GROUP_SIZE = 1_000
+__all__ = ["RunReport", "arun_job", "run_job"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,8 +141,9 @@ async def arun_job(
     transport (tests).
 
     A run whose journal starts empty writes its output as it goes (``LiveOutput``) when its
-    input is a file of at most ``LIVE_OUTPUT_MAX_BYTES``; otherwise (a larger input, stdin, a
-    resumed journal) it writes the output from the journal at the end (``write_output``).
+    input is a file of at most ``live_output.LIVE_OUTPUT_MAX_BYTES``; otherwise (a larger
+    input, stdin, a resumed journal) it writes the output from the journal at the end
+    (``write_output``).
     ``housekeeping``: what the process that owns the run does around it (the CLI's tuning);
     a library run has none and changes nothing process-wide. ``sim``: starts the simulator
     behind ``base_url = "sim"`` (without it such an endpoint is a ``ConfigError``).
@@ -175,7 +159,7 @@ async def arun_job(
     if job.limits.max_cost_usd is not None:  # a model with no price: nothing could be sent
         await anyio.to_thread.run_sync(check_priced, job, pricer)
     # before the journal, so a missing input changes nothing
-    sources = _open_sources(input_path, max(1, len(job.variants)))
+    sources = open_sources(input_path, max(1, len(job.variants)))
     try:
         # The simulator, if the job has a "sim" endpoint, before the journal: a [sim] table
         # it refuses changes nothing.
@@ -236,7 +220,10 @@ async def _run_journaled(
                     file=stream,
                 )
             plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            live = _live_output(setting, journal)
+            live = live_output_for(
+                journal, setting.output, setting.input_path,
+                functools.partial(provenance, setting.job, setting.input_path),
+            )  # fmt: skip
             stats, rejected = await _run_async(setting, sources, urls, journal, live, plan, pricer)
             if stats.config_error is not None:
                 # The endpoint showed the job cannot work: no output (the except below
@@ -256,19 +243,6 @@ async def _run_journaled(
     return stats, rejected
 
 
-def _live_output(setting: _Setting, journal: Journal) -> LiveOutput | None:
-    """The output written as the run goes, for a fresh journal and a small input file
-    (``_small_input``); ``None``: written from the journal at the end."""
-    if journal.entries or not _small_input(setting.input_path):
-        return None
-    return LiveOutput(
-        journal,
-        setting.output,
-        functools.partial(provenance, setting.job, setting.input_path),
-        row_group_size=SMALL_ROW_GROUP_SIZE,
-    )
-
-
 async def _write(
     setting: _Setting, journal: Journal, live: LiveOutput | None, stats: RunStats
 ) -> None:
@@ -279,28 +253,6 @@ async def _write(
         return
     metadata = provenance(setting.job, setting.input_path)
     await anyio.to_thread.run_sync(write_output, journal, setting.output, stats, metadata)
-
-
-def _open_sources(path: Path, count: int) -> list[IO[bytes]]:
-    """The input opened ``count`` times (once per variant: each reads it through).
-
-    Standard input cannot be read twice, so with several readers it is first copied to a
-    temporary file (unlinked at once: it lives as long as the open handles).
-    """
-    if count == 1 or str(path) != "-":
-        sources: list[IO[bytes]] = []
-        try:
-            for _ in range(count):
-                sources.append(open_input(path))
-        except BaseException:
-            for source in sources:
-                source.close()
-            raise
-        return sources
-    with tempfile.NamedTemporaryFile(prefix="batcher-stdin-", suffix=".jsonl") as spool:
-        shutil.copyfileobj(sys.stdin.buffer, spool)
-        spool.flush()
-        return _open_sources(Path(spool.name), count)
 
 
 async def _run_async(
@@ -323,8 +275,8 @@ async def _run_async(
     progress = await _progress(setting, stats, len(sources))
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     known = KnownLimits.default()
-    targets = _targets(setting, urls, known)
-    readers = _readers(job, sources, variants, targets, progress, fields)
+    targets = endpoint_targets(job, urls, setting.keys, known)
+    readers = open_readers(job, sources, variants, targets, progress, fields)
     budget = build_budget(job, journal.spent_before)
     endpoints: list[Endpoint] = []
     try:
@@ -343,9 +295,9 @@ async def _run_async(
                 )
                 engine = Engine(
                     endpoints, engine_settings(job), sinks, plan=plan, pricer=pricer,
-                    budget=budget, on_token_limit=functools.partial(_count_from_now, readers),
+                    budget=budget, on_token_limit=functools.partial(count_from_now, readers),
                 )  # fmt: skip
-                await _run_engine(setting, engine, _lanes(readers, variants, endpoints))
+                await _run_engine(setting, engine, lanes(readers, variants, endpoints))
             rejected = rejects.count
     except OSError as exc:
         raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
@@ -365,61 +317,6 @@ async def _progress(setting: _Setting, stats: RunStats, passes: int) -> Progress
     if total is not None:
         total *= passes
     return Progress(stats, total=total, enabled=job.progress, stream=setting.stream)
-
-
-def _targets(setting: _Setting, urls: list[str], known: KnownLimits | None) -> list[Target]:
-    """Each endpoint's base URL, key and what it announced on an earlier run."""
-    job = setting.job
-    announced = remembered(job, urls, known)
-    return [
-        Target(config=config, name=config.name, base_url=url, api_key=key, announced=limits)
-        for config, url, key, limits in zip(
-            job.all_endpoints, urls, setting.keys, announced, strict=True
-        )
-    ]
-
-
-def _readers(
-    job: JobConfig,
-    sources: list[IO[bytes]],
-    variants: list[VariantConfig | None],
-    targets: list[Target],
-    progress: Progress,
-    fields: FieldNames,
-) -> list[Reader]:
-    """One reader per pass over the input (per variant). Prompts are counted as they are
-    read when the job needs it, or when an endpoint announced a token limit before."""
-    token_limit_known = any(
-        t.announced is not None and t.announced.tpm is not None for t in targets
-    )
-    return [
-        Reader(
-            source,
-            job.request,
-            encoding=job.limits.encoding,
-            variant=variant,
-            count_tokens=job.counts_tokens or token_limit_known,
-            fields=fields,
-            warn=functools.partial(_note_from_thread, progress),
-        )
-        for source, variant in zip(sources, variants, strict=True)
-    ]
-
-
-def _lanes(
-    readers: list[Reader], variants: list[VariantConfig | None], endpoints: list[Endpoint]
-) -> list[Lane]:
-    """One lane per reader, routed among its variant's endpoints (all when it names none)."""
-    by_name = {e.name: e for e in endpoints}
-    return [
-        Lane(
-            batches=reader.batches(READ_BATCH, first=FIRST_READ_BATCH),
-            endpoints=[by_name[n] for n in variant.endpoints]
-            if variant is not None and variant.endpoints
-            else None,
-        )
-        for reader, variant in zip(readers, variants, strict=True)
-    ]
 
 
 async def _run_engine(setting: _Setting, engine: Engine, lanes: list[Lane]) -> None:
@@ -460,51 +357,3 @@ def _warn_after_run(setting: _Setting, stats: RunStats, pricer: Pricer) -> None:
     streamed = setting.job.request.get("stream") is True
     for message in answer_warnings(stats, streamed=streamed):
         print(message, file=stream)
-
-
-def _note_from_thread(progress: Progress, message: str) -> None:
-    """Show ``message`` from a reading thread: on the event loop, where the bar is drawn."""
-    try:
-        anyio.from_thread.run_sync(progress.note, message)
-    except RuntimeError:  # not a worker thread of the run (a reader iterated directly)
-        progress.note(message)
-
-
-def _count_from_now(readers: list[Reader]) -> None:
-    for reader in readers:
-        reader.count_from_now()
-
-
-def _small_input(path: Path) -> bool:
-    """Whether a fresh run writes its output as it goes: an input file of at most
-    ``LIVE_OUTPUT_MAX_BYTES`` (stdin's size is unknown: no).
-
-    Writing as the run goes keeps pyarrow (~35 MB) resident during the run, and the row
-    groups' buffers freed among the requests' objects fragment the heap: 110 MB peak at
-    100,000 requests and 129 MB at a million (bench/memory.py), where writing at the end
-    peaks at 98 and 105 MB. Past this size the flat memory wins; the end's conversion
-    (~30 µs a record) is then small next to the run it ends.
-    """
-    if str(path) == "-":
-        return False
-    try:
-        return path.stat().st_size <= LIVE_OUTPUT_MAX_BYTES
-    except OSError:
-        return False
-
-
-def write_output(
-    journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
-) -> None:
-    """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
-    from batcher.output.writers import open_writer  # pyarrow: imported once the requests are done
-
-    ok = error = 0
-    with open_writer(output, metadata=metadata) as writer:
-        for result in journal.results():
-            writer.write(result)
-            if result.status == "ok":
-                ok += 1
-            else:
-                error += 1
-    stats.output_ok, stats.output_error = ok, error

@@ -126,13 +126,20 @@ async def open_endpoints(
     return endpoints
 
 
-def remembered(
-    job: JobConfig, urls: Sequence[str], known: KnownLimits | None
-) -> list[Announced | None]:
-    """What each endpoint announced on an earlier run (``None``: nothing known, or ``sim``)."""
+def endpoint_targets(
+    job: JobConfig, urls: Sequence[str], keys: Sequence[str | None], known: KnownLimits | None
+) -> list[Target]:
+    """Each endpoint's base URL, key and what it announced on an earlier run (nothing for
+    ``sim``, or without ``known``)."""
     return [
-        None if known is None or config.is_sim else known.get(url)
-        for config, url in zip(job.all_endpoints, urls, strict=True)
+        Target(
+            config=config,
+            name=config.name,
+            base_url=url,
+            api_key=key,
+            announced=None if known is None or config.is_sim else known.get(url),
+        )
+        for config, url, key in zip(job.all_endpoints, urls, keys, strict=True)
     ]
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from batcher.engine.setup_check import WRONG_PATH_AFTER, SetupCheck, is_wrong_path
 from batcher.errors import ConfigError
-from batcher.http.client import Attempt, ChatClient
+from batcher.http.answers import Attempt
+from batcher.http.client import ChatClient
 from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job

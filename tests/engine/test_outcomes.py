@@ -22,7 +22,7 @@ from batcher.engine.outcomes import (
     stops_the_run,
 )
 from batcher.engine.validation import Verdict
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.records import Request, Result, Usage
 
 MESSAGES = [{"role": "user", "content": "A city as JSON"}]

@@ -6,7 +6,7 @@ import pytest
 
 from batcher.config import RetryConfig
 from batcher.engine.retry import RetryableAttempt, retry_policy
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 
 
 class Recorder:

@@ -13,7 +13,7 @@ from batcher.engine.setup_check import (
     origin,
     waiting_note,
 )
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.records import Result
 
 URL = "https://user:secret@api.example.com:8443/v1/chat/completions"

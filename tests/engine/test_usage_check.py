@@ -15,7 +15,7 @@ from batcher.engine.usage_check import (
     checked,
     usage_problem,
 )
-from batcher.http.client import Attempt
+from batcher.http.answers import Attempt
 from batcher.records import Request, Usage
 
 

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from batcher.http.client import ChatClient, retry_after_s
+from batcher.http.answers import retry_after_s
+from batcher.http.client import ChatClient
 
 OK_BODY = {
     "id": "c1",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from batcher.errors import InputError
-from batcher.input.reader import Reader, count_lines, load_first_encoding, open_input, parse_line
+from batcher.input.reader import Reader, load_first_encoding, parse_line
+from batcher.input.sources import count_lines, open_input
 from batcher.records import Reject, Request
 
 DEFAULTS = {"model": "m-default", "temperature": 0.5}
@@ -230,7 +231,7 @@ def test_batches_preserve_order() -> None:
 
 
 def test_batches_can_start_small_and_double() -> None:
-    # the pool opens a few requests at a time (runner.FIRST_READ_BATCH)
+    # the pool opens a few requests at a time (runner.lanes.FIRST_READ_BATCH)
     text = "".join(json.dumps({"id": str(i), "prompt": "p"}) + "\n" for i in range(40))
     reader = Reader(io.BytesIO(text.encode()), DEFAULTS)
     batches = list(reader.batches(8, first=1))

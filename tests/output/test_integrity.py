@@ -24,6 +24,7 @@ from batcher.errors import ConfigError
 from batcher.input.reader import parse_line
 from batcher.job_file import job_from_dict
 from batcher.jsonfast import MAX_DEPTH
+from batcher.output import live_output
 from batcher.output.journal import Journal, encode, journal_path
 from batcher.output.live_output import LiveOutput
 from batcher.output.writers import open_writer, read_results
@@ -257,7 +258,7 @@ def test_a_run_holds_its_journal_lock_until_its_output_is_written(
         return wrapper
 
     monkeypatch.setattr(LiveOutput, "close", checking(LiveOutput.close))
-    monkeypatch.setattr(runner, "write_output", checking(runner.write_output))
+    monkeypatch.setattr(runner, "write_output", checking(live_output.write_output))
     assert run_job(job, stream=io.StringIO(), sim=sim_server).exit_code == 0  # as it goes
     src.write_text(src.read_text(encoding="utf-8") + '{"prompt": "one more"}\n')
     assert run_job(job, stream=io.StringIO(), sim=sim_server).exit_code == 0  # from the journal

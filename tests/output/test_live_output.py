@@ -1,7 +1,7 @@
 """The output written as the run goes (``batcher.output.live_output``), over the simulator.
 
 A run that starts with an empty journal writes its output while it runs; the file must be the
-one the journal would give (``runner.write_output``), re-asked answers included, and a run that
+one the journal would give (``live_output.write_output``), re-asked answers included, and a run that
 fails or whose live output fails must leave a whole output, or the previous one.
 """
 
@@ -21,14 +21,15 @@ import pytest
 from batcher.config import JobConfig
 from batcher.job_file import job_from_dict
 from batcher.output import live_output, writers
+from batcher.output.formats import rejects_path
 from batcher.output.journal import Journal, journal_path
-from batcher.output.live_output import LiveOutput
+from batcher.output.live_output import LiveOutput, write_output
 from batcher.output.provenance import provenance
 from batcher.output.writers import read_results
 from batcher.records import Result
 from batcher.runner import run as runner
 from batcher.runner.progress import Progress
-from batcher.runner.run import arun_job, run_job, write_output
+from batcher.runner.run import arun_job, run_job
 from batcher.runner.stats import RunStats
 from batcher.sim.config import SimConfig
 from batcher.sim.serve import running_sim
@@ -200,7 +201,7 @@ def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path
 
     anyio.run(main)
     assert pq.read_table(output).num_rows == 0
-    assert len(list(read_results(runner.rejects_path(output)))) == 2
+    assert len(list(read_results(rejects_path(output)))) == 2
 
 
 @pytest.mark.slow
@@ -218,7 +219,7 @@ def test_a_run_writes_as_it_goes_only_below_the_size_limit(
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(live_output.LiveOutput, "__init__", watched)
-    monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
+    monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_BYTES", limit)
     with running_sim(SimConfig(latency_ms=2)) as sim:
         job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
         report = run_job(job, stream=io.StringIO())
@@ -235,8 +236,8 @@ def test_a_small_input_is_written_in_small_row_groups(
     # The last row group is written after the last answer: a small one ends the run sooner.
     # A large input is written from the journal at the end, with the writer's default, since
     # each row group's footer metadata stays in memory.
-    monkeypatch.setattr(runner, "SMALL_ROW_GROUP_SIZE", 5)
-    monkeypatch.setattr(runner, "LIVE_OUTPUT_MAX_BYTES", limit)
+    monkeypatch.setattr(live_output, "SMALL_ROW_GROUP_SIZE", 5)
+    monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_BYTES", limit)
     with running_sim(SimConfig(latency_ms=2)) as sim:
         job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
         run_job(job, stream=io.StringIO())

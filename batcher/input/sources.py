@@ -1,0 +1,73 @@
+"""The input opened: a file, a ``.gz`` file or standard input (``open_input``), once per pass
+over it (``open_sources``: standard input spooled to a temporary file when read more than
+once), and its lines counted for the progress total (``count_lines``)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import stat
+import sys
+import tempfile
+import zlib
+from pathlib import Path
+from typing import IO, cast
+
+from batcher.errors import InputError
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """Open the input for binary reading: a file, a ``.gz`` file, or ``-`` for stdin."""
+    if str(path) == "-":
+        return sys.stdin.buffer
+    try:
+        if path.suffix == ".gz":
+            return cast(IO[bytes], gzip.open(path, "rb"))
+        return path.open("rb")
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
+
+
+def count_lines(path: Path) -> int | None:
+    """Count the non-blank lines of a file (for the progress total).
+
+    ``None`` for stdin, a pipe or a FIFO (reading them twice would consume the input) and for
+    a file that cannot be read to the end (the reader reports that, with the line number).
+    """
+    if str(path) == "-":
+        return None
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return None
+        total = 0
+        with open_input(path) as f:
+            for raw in f:
+                if raw.strip():
+                    total += 1
+    except (OSError, EOFError, zlib.error, InputError):
+        return None
+    return total
+
+
+def open_sources(path: Path, count: int) -> list[IO[bytes]]:
+    """The input opened ``count`` times (once per variant: each reads it through).
+
+    Standard input cannot be read twice, so with several readers it is first copied to a
+    temporary file (unlinked at once: it lives as long as the open handles).
+    """
+    if count == 1 or str(path) != "-":
+        sources: list[IO[bytes]] = []
+        try:
+            for _ in range(count):
+                sources.append(open_input(path))
+        except BaseException:
+            for source in sources:
+                source.close()
+            raise
+        return sources
+    with tempfile.NamedTemporaryFile(prefix="batcher-stdin-", suffix=".jsonl") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.flush()
+        return open_sources(Path(spool.name), count)

@@ -1,0 +1,127 @@
+"""Ray for one run on the driver: connecting (or starting a local instance), the request
+blocks put in the object store, the actor pool over them, and what a failed worker said."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from batcher.errors import OutputError
+from batcher.ray.stopping import StopFlag
+from batcher.ray.worker import ERROR_MARK, BlockWorker, WorkerSpec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+#: Blocks each actor runs at once (they share its limits and connection pool).
+CALLS_PER_WORKER = 2
+
+
+class RaySession:
+    """Ray for one run: connected on first use, shut down after if this run started it."""
+
+    def __init__(self, on_connect: Callable[[], None]) -> None:
+        self._started = False
+        self._on_connect = on_connect
+
+    def _ray(self) -> Any:
+        import ray
+
+        if not ray.is_initialized():
+            self._started = True
+            _init_ray(ray)
+            self._on_connect()
+        return ray
+
+    def put(self, table: pa.Table) -> Any:
+        """``table`` in the object store; its reference."""
+        return self._ray().put(table)
+
+    def stop_flag(self) -> Any:
+        """A new ``StopFlag`` actor (no CPU: the workers may take them all)."""
+        return self._ray().remote(num_cpus=0)(StopFlag).remote()
+
+    def cpus(self) -> int:
+        """The cluster's CPUs (at least one)."""
+        return max(1, int(self._ray().cluster_resources().get("CPU", 1)))
+
+    def run(self, refs: list[Any], spec: WorkerSpec) -> Iterator[pa.Table]:
+        """The finished blocks, as they come."""
+        ray = self._ray()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # batcher's own progress says how far the run is
+        ctx.print_on_execution_start = False
+        pool = ray.data.ActorPoolStrategy(
+            size=spec.workers,
+            max_concurrent_calls_per_actor=CALLS_PER_WORKER,
+            enable_true_multi_threading=True,
+        )
+        _quiet_ray_data()
+        # The spec travels with the class rather than as a constructor argument: Ray keeps
+        # constructor arguments in the object store and warns that a restarted actor could
+        # lose them.
+        worker = type("BlockWorker", (BlockWorker,), {"spec": spec})
+        dataset = ray.data.from_arrow_refs(refs).map_batches(
+            worker,
+            batch_size=None,  # a block as the driver made it
+            batch_format="pyarrow",
+            compute=pool,
+            num_cpus=1,
+        )
+        try:
+            yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+        except ray.exceptions.RayError as exc:
+            raise OutputError(f"the Ray job failed: {first_line(exc)}") from None
+
+    def close(self) -> None:
+        """Shut Ray down if this run started it."""
+        if self._started:
+            import ray
+
+            ray.shutdown()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's console logs (execution plans, timings) only from errors on: batcher shows
+    progress and failures itself. Its log files in the Ray session folder keep everything."""
+    import logging
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.ERROR)
+
+
+def _init_ray(ray: Any) -> None:
+    """Connect to the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it), else start a
+    local instance for this run; never join some other instance found on the machine by
+    chance.
+
+    Ray's own console messages from errors on only; workers' stderr (batcher's notes: an
+    endpoint down, a refused key) is still forwarded.
+    """
+    import logging
+
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+    else:
+        ray.init(address="local", include_dashboard=False, **quiet)
+
+
+def first_line(exc: BaseException) -> str:
+    """What went wrong in a worker, without Ray's wrapping and traceback text: the message a
+    worker raised on purpose (``ERROR_MARK``), else the last line of the root cause."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    for error in seen:
+        for line in str(error).splitlines():
+            if ERROR_MARK in line:
+                return line[line.index(ERROR_MARK) + len(ERROR_MARK) :].strip()
+    lines = [line for line in str(seen[-1]).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(seen[-1]).__name__
