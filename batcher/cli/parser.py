@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run(sub: _Subparsers) -> None:
-    """``batcher run``: the job flags, then attempts, cost, schema checks and resume."""
+    """``batcher run``: the job flags, then attempts, cost, schema checks, resume, engine."""
     run = sub.add_parser(
         "run",
         help="run a job: JSONL prompts in, responses and usage out",
@@ -145,6 +145,12 @@ def _add_run(sub: _Subparsers) -> None:
     run.add_argument(
         "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
     )
+    _add_resume_arguments(run)
+    _add_engine_arguments(run)
+
+
+def _add_resume_arguments(run: argparse.ArgumentParser) -> None:
+    """What ``run`` does with an earlier run of the same output, and how it shows progress."""
     run.add_argument(
         "--retry-errors",
         action="store_true",
@@ -162,6 +168,10 @@ def _add_run(sub: _Subparsers) -> None:
     run.add_argument(
         "--no-progress", action="store_true", help="log lines instead of a progress bar"
     )
+
+
+def _add_engine_arguments(run: argparse.ArgumentParser) -> None:
+    """Where ``run`` sends from: this process, or Ray Data workers."""
     run.add_argument(
         "--engine",
         choices=("local", "ray"),
