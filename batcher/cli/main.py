@@ -63,8 +63,10 @@ def console_main() -> int:
 
     tuning = ProcessTuning()
     tuning.start()
-    code = main(tuning=tuning)
-    tuning.finish()
+    try:
+        code = main(tuning=tuning)
+    finally:
+        tuning.finish()
     flush_standard_streams()  # a reader gone from stdout or stderr does not change the code
     return code
 

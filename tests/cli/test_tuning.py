@@ -60,3 +60,21 @@ def test_main_called_by_a_program_tunes_nothing(tmp_path: Path) -> None:
     frozen_before, frozen_after = found["frozen"]
     assert frozen_before - 200 < frozen_after <= frozen_before  # nothing frozen or unfrozen
     assert found["environ_changed"] == []
+
+
+def test_the_commands_housekeeping_drops_the_tables_python_copy_and_stops_trimming() -> None:
+    from batcher.cli.tuning import ProcessTuning
+    from batcher.cost.tokens import get_encoding, release_encodings
+
+    release_encodings()
+    encoding = get_encoding("cl100k_base")
+    counted = encoding.encode_ordinary("Hello, world!")
+    assert encoding._mergeable_ranks  # a library's encoding is tiktoken's, whole
+    tuning = ProcessTuning()
+    tuning.tables_loaded()
+    assert encoding._mergeable_ranks == {}  # the command's: the Python copy dropped
+    assert encoding.encode_ordinary("Hello, world!") == counted  # counting is unchanged
+    tuning.before_output()
+    tuning.finish()
+    assert tuning._trimmer is not None and not tuning._trimmer.is_alive()
+    release_encodings()
