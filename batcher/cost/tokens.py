@@ -1,10 +1,10 @@
 """Token counts with tiktoken, with its encodings loaded offline.
 
 tiktoken downloads an encoding's BPE file on first use. batcher runs where there may be no
-network, so it takes the files from the ``bpe-openai`` package, which ships them, and places them
-in tiktoken's cache (``$TIKTOKEN_CACHE_DIR`` if set, else ``~/.cache/batcher/tiktoken``), where
-tiktoken finds them and checks them against its own expected SHA-256 before use. Nothing is
-fetched at run time.
+network, so it builds its encodings from the files the ``bpe-openai`` package ships, checked
+against their known SHA-256, with tiktoken's public ``Encoding`` constructor. Nothing is
+fetched at run time, and nothing of tiktoken's (its registry, its cache folder, the
+environment) is read or changed.
 
 The encoding of a model: ``o200k_base`` for the gpt-4o family, gpt-4.1, gpt-5, o1/o3/o4 and
 chatgpt-4o; ``cl100k_base`` for everything else (gpt-4, gpt-3.5, and non-OpenAI models, whose
@@ -14,6 +14,7 @@ encoding itself with ``[limits] encoding``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import gzip
@@ -21,16 +22,16 @@ import hashlib
 import importlib.util
 import marshal
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from batcher.disk_cache import cache_dir
 
 if TYPE_CHECKING:
     import tiktoken
 
 ENCODINGS = ("o200k_base", "cl100k_base")
-_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")
 #: Tokens every message costs beyond its content, and the reply's priming (OpenAI's cookbook).
 TOKENS_PER_MESSAGE = 3
@@ -45,27 +46,24 @@ def encoding_for_model(model: str | None) -> str:
 
 @functools.cache
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """A tiktoken encoding, loaded from the files shipped by ``bpe-openai`` (no network).
+    """A tiktoken encoding, built from the files shipped by ``bpe-openai`` (no network).
 
-    batcher's own instance, not tiktoken's shared one: once the Rust tokenizer is built, the
-    Python copy of the token table (``mergeable_ranks``, about 30 MB for ``o200k_base``; only
-    pickling reads it) is dropped, so this encoding cannot be pickled.
+    batcher's own instance, not tiktoken's shared one: built with tiktoken's public
+    constructor from the shipped table, so nothing of tiktoken's (its registry, its cache
+    folder, the environment) is read or changed.
     """
     if name not in ENCODINGS:
         raise ValueError(f"unknown encoding {name!r}; expected one of {', '.join(ENCODINGS)}")
-    _place_in_cache(name)
     import tiktoken
 
     params = _encoding_params(name, tiktoken.__version__)
     encoding = tiktoken.Encoding(**params)
-    del params
-    encoding._mergeable_ranks = {}
-    _loaded.add(name)
+    _loaded[name] = encoding
     return encoding
 
 
-#: The encodings ``get_encoding`` holds loaded.
-_loaded: set[str] = set()
+#: The encodings ``get_encoding`` holds loaded, by name.
+_loaded: dict[str, tiktoken.Encoding] = {}
 
 
 def encoding_loaded(name: str) -> bool:
@@ -73,24 +71,17 @@ def encoding_loaded(name: str) -> bool:
     return name in _loaded
 
 
+def loaded_encodings() -> list[tiktoken.Encoding]:
+    """The encodings batcher holds loaded (those ``get_encoding`` returned since the last
+    ``release_encodings``)."""
+    return list(_loaded.values())
+
+
 def release_encodings() -> None:
-    """Free the loaded encodings (about 45 MB resident for ``o200k_base``) and give the memory
-    back to the system; the next count loads them again. For a process done counting."""
+    """Drop batcher's references to the loaded encodings (about 45 MB resident for
+    ``o200k_base``, once nothing else holds them); the next count loads them again."""
     get_encoding.cache_clear()
     _loaded.clear()
-    trim_malloc()
-
-
-def trim_malloc() -> None:
-    """Return free heap memory to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    tiktoken's tables are built by the reading thread, in that thread's malloc arena, which
-    glibc does not shrink by itself when they are freed.
-    """
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def count_message_tokens(messages: Sequence[Any], encoding: str) -> int:
@@ -142,14 +133,40 @@ def _texts(message: Mapping[str, Any]) -> list[str]:
     return texts
 
 
-def _cache_dir() -> Path:
-    configured = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "batcher" / "tiktoken"
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)  # where tiktoken will look
-    return folder
+#: What builds each encoding besides its token table: the SHA-256 of its BPE file, its split
+#: pattern and its special tokens (tiktoken's ``tiktoken_ext.openai_public``; a test checks
+#: that counts agree with tiktoken's own encodings).
+_SHA256 = {
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+}
+_PATTERNS = {
+    "o200k_base": "|".join(
+        [
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    ),
+    "cl100k_base": (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
+        r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    ),
+}
+_SPECIAL_TOKENS = {
+    "o200k_base": {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+    "cl100k_base": {
+        "<|endoftext|>": 100257,
+        "<|fim_prefix|>": 100258,
+        "<|fim_middle|>": 100259,
+        "<|fim_suffix|>": 100260,
+        "<|endofprompt|>": 100276,
+    },
+}
 
 
 def _shipped_data() -> Path:
@@ -160,42 +177,51 @@ def _shipped_data() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _place_in_cache(name: str) -> None:
-    folder = _cache_dir()
-    try:
-        _write_cached(folder, name)
-    except OSError:
-        # An unwritable home (a locked-down container): a private folder in the temp dir.
-        folder = Path(tempfile.gettempdir()) / f"batcher-tiktoken-{os.getuid()}"
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
-        _write_cached(folder, name)
-
-
 def _encoding_params(name: str, tiktoken_version: str) -> dict[str, Any]:
     """The encoding's constructor arguments, its token table included.
 
-    tiktoken parses the table from its base64 text file (after checking its SHA-256): 0.15-0.25 s
-    of CPU at every start. The parsed arguments are kept beside that file in ``marshal`` form
-    (data only: reading it runs no code), which reads back in 0.05 s. The name holds tiktoken's
-    version and the shipped file's size and time, so an upgrade of either makes a new one; an
-    unreadable or odd file is parsed again.
+    The table is parsed from the shipped base64 text file (after checking its SHA-256):
+    0.15-0.25 s of CPU at every start. The parsed arguments are kept in batcher's cache
+    folder (``disk_cache``, under ``tiktoken/``) in ``marshal`` form (data only: reading it
+    runs no code), which reads back in 0.05 s. The name holds tiktoken's version and the
+    shipped file's size and time, so an upgrade of either makes a new one; an unreadable or
+    odd file is parsed again, an unwritable folder is not used.
     """
-    from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
-
-    shipped = (_shipped_data() / f"{name}.tiktoken.gz").stat()
-    folder = Path(os.environ["TIKTOKEN_CACHE_DIR"])  # set by _place_in_cache
-    stamp = f"{tiktoken_version}-{shipped.st_size}-{int(shipped.st_mtime)}"
-    path = folder / f"{name}-{stamp}.params"
-    with contextlib.suppress(OSError, ValueError, EOFError, TypeError):
-        kept = marshal.loads(path.read_bytes())
-        if _well_formed(kept, name):
-            return dict(kept)
-    params: dict[str, Any] = ENCODING_CONSTRUCTORS[name]()  # reads the file, checks its SHA-256
-    with contextlib.suppress(OSError, ValueError):
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        partial.write_bytes(marshal.dumps(params))
-        os.replace(partial, path)  # atomic: concurrent runs never see half a file
+    shipped = _shipped_data() / f"{name}.tiktoken.gz"
+    info = shipped.stat()
+    stamp = f"{tiktoken_version}-{info.st_size}-{int(info.st_mtime)}"
+    folder = cache_dir()
+    path = None if folder is None else folder / "tiktoken" / f"{name}-{stamp}.params"
+    if path is not None:
+        with contextlib.suppress(OSError, ValueError, EOFError, TypeError):
+            kept = marshal.loads(path.read_bytes())
+            if _well_formed(kept, name):
+                return dict(kept)
+    params = {
+        "name": name,
+        "pat_str": _PATTERNS[name],
+        "mergeable_ranks": _parse_bpe(gzip.decompress(shipped.read_bytes()), name),
+        "special_tokens": dict(_SPECIAL_TOKENS[name]),
+    }
+    if path is not None:
+        with contextlib.suppress(OSError, ValueError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_bytes(marshal.dumps(params))
+            os.replace(partial, path)  # atomic: concurrent runs never see half a file
     return params
+
+
+def _parse_bpe(data: bytes, name: str) -> dict[bytes, int]:
+    """A BPE file's token table (lines of base64 token and rank), once its SHA-256 matches."""
+    if hashlib.sha256(data).hexdigest() != _SHA256[name]:
+        raise RuntimeError(f"the {name} file shipped by bpe-openai is not the expected one")
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
 
 
 def _well_formed(params: object, name: str) -> bool:
@@ -210,14 +236,3 @@ def _well_formed(params: object, name: str) -> bool:
         and isinstance(rank, int)
         and isinstance(params.get("pat_str"), str)
     )
-
-
-def _write_cached(folder: Path, name: str) -> None:
-    target = folder / hashlib.sha1(_URL.format(name=name).encode()).hexdigest()
-    if target.exists():
-        return
-    data = gzip.decompress((_shipped_data() / f"{name}.tiktoken.gz").read_bytes())
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # atomic: concurrent runs never see half a file

@@ -50,9 +50,9 @@ class LineError(Exception):
 def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str | None) -> None:
     """Parse the input's first non-blank line, which loads the token tables it needs.
 
-    Loading ``o200k_base`` briefly needs about 30 MB more than it keeps (tiktoken's Python copy
-    of the table, freed once its tokenizer is built). Done before the HTTP client and the rest
-    are imported, that happens while the process is small instead of on top of them (peak RSS).
+    Loading ``o200k_base`` needs about 70 MB for a moment (tiktoken's Python copy of the table
+    and the tokenizer built from it). Done before the HTTP client and the rest are imported,
+    that happens while the process is small instead of on top of them (peak RSS).
     Does nothing for stdin, an unreadable input or a first line that is not a request: the
     tables then load with the first request, as they would anyway.
     """

@@ -267,19 +267,17 @@ def test_sim_port_in_use_is_a_clear_error() -> None:
     assert "--port: cannot listen" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_run_loads_no_token_table_numpy_or_pandas_and_exits_with_a_frozen_heap(
-    tmp_path: Path,
-) -> None:
-    # What a `batcher run` process keeps out (for memory and start-up): the modules
-    # still loaded at its exit are printed by a hook, and the Parquet it wrote is read back.
-    # The hook also prints how many objects were frozen out of the collector's sight.
+def test_a_run_loads_no_token_table_and_tunes_its_own_process(tmp_path: Path) -> None:
+    # What a `batcher run` process keeps out (for memory and start-up), and what it tunes
+    # (batcher.cli.tuning): printed by a hook at its exit; the Parquet it wrote is read back.
     src = write_input(tmp_path / "in.jsonl", 20)
     out = tmp_path / "out.parquet"
     watch = (
-        "import atexit, gc, runpy, sys\n"
+        "import atexit, gc, os, runpy, sys\n"
         "atexit.register(lambda: print('LOADED', sorted(m for m in ('numpy', 'pandas', "
         "'tiktoken', 'pyarrow') if m in sys.modules), file=sys.stderr))\n"
-        "atexit.register(lambda: print('FROZEN', gc.get_freeze_count(), file=sys.stderr))\n"
+        "atexit.register(lambda: print('TUNED', gc.get_threshold(), "
+        "os.environ.get('ARROW_DEFAULT_MEMORY_POOL'), file=sys.stderr))\n"
         "sys.argv = ['batcher', *sys.argv[1:]]\n"
         "runpy.run_module('batcher', run_name='__main__')\n"
     )
@@ -290,9 +288,8 @@ def test_a_run_loads_no_token_table_numpy_or_pandas_and_exits_with_a_frozen_heap
             capture_output=True, text=True, timeout=90, cwd=ROOT, check=False,
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "LOADED ['pyarrow']" in proc.stderr
-    # and the heap was frozen before the interpreter's shutdown, which then skips collecting it
-    frozen = int(proc.stderr.split("FROZEN ")[1].split()[0])
-    assert frozen > 10_000
+    loaded = proc.stderr.split("LOADED ")[1].split("]")[0]
+    assert "'pyarrow'" in loaded and "'tiktoken'" not in loaded  # no limit needs counts
+    assert "TUNED (20000, 20, 20) system" in proc.stderr
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 20 and all(r["prompt_tokens"] and r["cost_usd"] for r in rows)

@@ -187,53 +187,79 @@ def test_encodings_load_offline_into_a_fresh_cache(tmp_path: Path) -> None:
 
     # a new process with an empty cache and no network route: the files come from bpe-openai
     code = (
+        "import os; before = dict(os.environ);"
         "from batcher.cost.tokens import count_message_tokens as c;"
         "print(c([{'role': 'user', 'content': 'Hello, world!'}], 'o200k_base'),"
-        " c([{'role': 'user', 'content': 'Hello, world!'}], 'cl100k_base'))"
+        " c([{'role': 'user', 'content': 'Hello, world!'}], 'cl100k_base'),"
+        " dict(os.environ) == before)"
     )
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
-        "TIKTOKEN_CACHE_DIR": str(tmp_path / "c"),
+        "BATCHER_CACHE_DIR": str(tmp_path / "c"),
         "https_proxy": "http://127.0.0.1:9",  # any download attempt would fail at once
         "http_proxy": "http://127.0.0.1:9",
     }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["10", "10"]
-    cached = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert len(cached) == 4  # the two BPE files, and the two tables parsed from them
-    parsed = [tmp_path / "c" / n for n in cached if n.endswith(".params")]
+    assert out.stdout.split() == ["10", "10", "True"]  # and no environment variable set
+    folder = tmp_path / "c" / "tiktoken"
+    parsed = sorted(folder.iterdir())  # the two tables parsed from the shipped files
     assert [p.name.split("-")[0] for p in parsed] == ["cl100k_base", "o200k_base"]
-    # a later run reads the parsed tables: the same counts, even with the BPE files gone
-    for name in cached:
-        if not name.endswith(".params"):
-            (tmp_path / "c" / name).write_text("not a BPE file")
+    written = [p.stat().st_mtime_ns for p in parsed]
+    # a later run reads the parsed tables back: the same counts, the files left as they are
     again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and again.stdout.split() == ["10", "10"], again.stderr
-    # a damaged parsed table is parsed again (here from a BPE file put back in place)
+    assert again.returncode == 0 and again.stdout.split() == ["10", "10", "True"], again.stderr
+    assert [p.stat().st_mtime_ns for p in parsed] == written
+    # a damaged parsed table is parsed again from the shipped file, and replaced
     parsed[0].write_bytes(b"garbage")
-    for name in cached:
-        if not name.endswith(".params"):
-            (tmp_path / "c" / name).unlink()
     third = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert third.returncode == 0 and third.stdout.split() == ["10", "10"], third.stderr
+    assert third.returncode == 0 and third.stdout.split() == ["10", "10", "True"], third.stderr
+    assert parsed[0].read_bytes() != b"garbage"
+    # no cache folder at all (BATCHER_CACHE_DIR=""): parsed each time, nothing written
+    env["BATCHER_CACHE_DIR"] = ""
+    fourth = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert fourth.returncode == 0 and fourth.stdout.split() == ["10", "10", "True"], fourth.stderr
 
 
 @pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
-def test_batchers_lean_encoding_counts_as_tiktokens_own(name: str) -> None:
+def test_batchers_encoding_counts_as_tiktokens_own(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gzip
+    import hashlib
+
     import tiktoken
+    import tiktoken.registry
 
-    from batcher.cost.tokens import get_encoding, release_encodings
+    from batcher.cost.tokens import (
+        _shipped_data,
+        get_encoding,
+        loaded_encodings,
+        release_encodings,
+    )
 
+    # tiktoken's own encoding, from the shipped file placed in a cache of this test's own
+    url = f"https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+    shipped = _shipped_data() / f"{name}.tiktoken.gz"
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(
+        gzip.decompress(shipped.read_bytes())
+    )
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # not one another test loaded
     texts = ["Hello, world!", "Ünïcödé and emoji 🙂 mixed with code: def f(x): return x**2",
              "  lots   of\n\n whitespace\t", "数字 12345678 and 'quotes' don't", ""]  # fmt: skip
     ours = get_encoding(name)
-    assert ours._mergeable_ranks == {}  # the Python copy of the table is dropped
-    theirs = tiktoken.get_encoding(name)  # tiktoken's own, from the same cached file
+    theirs = tiktoken.get_encoding(name)
+    assert ours is not theirs
     for text in texts:
         assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+    assert ours.encode("<|endoftext|>", allowed_special="all") == theirs.encode(
+        "<|endoftext|>", allowed_special="all"
+    )
+    assert ours in loaded_encodings()
     release_encodings()
+    assert loaded_encodings() == []
     assert get_encoding(name) is not ours  # loaded again after a release
 
 

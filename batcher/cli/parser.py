@@ -1,0 +1,280 @@
+"""The ``batcher`` command line (argparse): the parser, one small function per command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batcher import __version__
+
+if TYPE_CHECKING:
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+RUN_EPILOG = """\
+Re-running the same command resumes: requests recorded in OUTPUT.journal.jsonl are not sent
+again (unless --retry-errors), a line whose request changed is re-sent, --restart starts over.
+With --engine ray, OUTPUT (.parquet) is a folder of part files, and the ids in it are done.
+
+exit codes:
+  0  every request succeeded
+  1  the run finished, but some requests failed or input lines were rejected
+  2  usage or configuration error: nothing was sent, or the endpoint showed at once that
+     it cannot work (its host does not resolve; every answer a 404/405): its failed
+     requests not recorded (a re-run after the fix sends them)
+  3  stopped early (Ctrl+C, SIGTERM, --max-cost reached, key refused, quota exhausted,
+     journal or output not writable): run again (with a new --max-cost) to resume
+
+The API key is read from $OPENAI_API_KEY (or the variable named by the job's
+endpoint.api_key_env) and is never written anywhere. The base URL is --base-url, else the
+job's, else $OPENAI_BASE_URL, else OpenAI's. --base-url sim runs the built-in simulator
+in-process: no key, no network.
+"""
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what a job is: shared by ``run`` and ``estimate``."""
+    parser.add_argument("job", nargs="?", type=Path, help="job file (TOML), e.g. jobs/demo.toml")
+    parser.add_argument(
+        "--input", "-i", help="input JSONL file (.jsonl, .jsonl.gz, or - for stdin)"
+    )
+    parser.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
+    parser.add_argument("--model", "-m", help="default model for lines that name none")
+    parser.add_argument(
+        "--base-url",
+        help='endpoint base URL, e.g. http://127.0.0.1:8080/v1, or "sim" (else the job\'s, '
+        "else $OPENAI_BASE_URL, else https://api.openai.com/v1)",
+    )
+    parser.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
+    parser.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
+    parser.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``batcher`` command line: one subcommand each for run, estimate, report and sim."""
+    parser = argparse.ArgumentParser(
+        prog="batcher",
+        description="Run large batches of chat-completion requests against any "
+        "OpenAI-compatible endpoint.",
+    )
+    parser.add_argument("--version", action="version", version=f"batcher {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_estimate(sub)
+    _add_report(sub)
+    _add_sim(sub)
+    return parser
+
+
+def _add_run(sub: _Subparsers) -> None:
+    """``batcher run``: the job flags, then attempts, cost, schema checks, resume, engine."""
+    run = sub.add_parser(
+        "run",
+        help="run a job: JSONL prompts in, responses and usage out",
+        description="Run a job. Flags override the job file; without a job file, "
+        "--input, --output and --model are enough.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_job_arguments(run)
+    run.add_argument("--max-attempts", type=_positive_int, help="attempts per request")
+    run.add_argument(
+        "--max-cost",
+        type=_positive_float,
+        metavar="USD",
+        help="spending cap for this output (earlier runs included): stop before passing it",
+    )
+    run.add_argument("--timeout", type=_positive_float, help="seconds per attempt")
+    run.add_argument(
+        "--validate-schema",
+        action="store_true",
+        default=None,
+        help="check answers against the request's response_format (JSON schema or json_object)",
+    )
+    run.add_argument(
+        "--max-reasks",
+        type=_non_negative_int,
+        metavar="N",
+        help="ask again up to N times when an answer is invalid (1; implies --validate-schema)",
+    )
+    run.add_argument(
+        "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
+    )
+    _add_resume_arguments(run)
+    _add_engine_arguments(run)
+
+
+def _add_resume_arguments(run: argparse.ArgumentParser) -> None:
+    """What ``run`` does with an earlier run of the same output, and how it shows progress."""
+    run.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="re-send the requests an earlier run recorded as errors",
+    )
+    run.add_argument(
+        "--only-retryable",
+        action="store_true",
+        help="with --retry-errors: only those that may clear by themselves "
+        "(408, 409, 429, 5xx, timeouts, connection errors, malformed answers)",
+    )
+    run.add_argument(
+        "--restart", action="store_true", help="forget earlier runs of this output; start over"
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="log lines instead of a progress bar"
+    )
+
+
+def _add_engine_arguments(run: argparse.ArgumentParser) -> None:
+    """Where ``run`` sends from: this process, or Ray Data workers."""
+    run.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="local: this process (default); ray: Ray Data workers (the ray extra; the output "
+        "is a folder of Parquet part files)",
+    )
+    run.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        metavar="N",
+        help="with --engine ray: worker actors, each with 1/N of the limits (one per CPU)",
+    )
+
+
+def _add_estimate(sub: _Subparsers) -> None:
+    """``batcher estimate``: the job flags, then the estimate's own."""
+    est = sub.add_parser(
+        "estimate",
+        help="pre-flight: requests, tokens, cost low/high and ETA; sends nothing",
+        description="Estimate a job before running it: the same inputs as run; nothing is sent.",
+    )
+    _add_job_arguments(est)
+    est.add_argument("--max-cost", type=_positive_float, metavar="USD", help=argparse.SUPPRESS)
+    est.add_argument(
+        "--sample",
+        type=Path,
+        metavar="OUTPUT",
+        help="an earlier output: base the low estimate on its answers' real lengths",
+    )
+    est.add_argument(
+        "--low-fraction",
+        type=_fraction,
+        default=0.25,
+        help="without --sample: share of max_tokens the low estimate assumes (0.25)",
+    )
+    est.add_argument(
+        "--latency",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="seconds an answer is assumed to take, for the ETA (2)",
+    )
+    est.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+
+def _add_report(sub: _Subparsers) -> None:
+    """``batcher report``: an output file, as text, JSON or a page."""
+    rep = sub.add_parser(
+        "report",
+        help="totals, latency percentiles, throughput, errors and cost of an output",
+        description="Report on a finished output (.parquet or .jsonl).",
+    )
+    rep.add_argument("output", type=Path, help="an output file of batcher run")
+    rep.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    rep.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write a self-contained page with charts"
+    )
+
+
+def _add_sim(sub: _Subparsers) -> None:
+    """``batcher sim``: the simulator's latency, limits and faults."""
+    sim = sub.add_parser(
+        "sim",
+        help="serve the OpenAI-compatible simulator",
+        description="Serve the simulator: POST /v1/chat/completions, GET /v1/models, GET /stats.",
+    )
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--latency-ms", type=_non_negative_float, default=0.0)
+    sim.add_argument("--latency-jitter-ms", type=_non_negative_float, default=0.0)
+    sim.add_argument("--rpm", type=_positive_int, help="requests-per-minute limit (429 beyond)")
+    sim.add_argument("--tpm", type=_positive_int, help="tokens-per-minute limit (429 beyond)")
+    sim.add_argument("--error-rate", type=_non_negative_float, default=0.0, help="0..1")
+    sim.add_argument(
+        "--error-kinds",
+        default="500,502,503,malformed",
+        help="comma-separated: 500,502,503,504,malformed,no_usage,no_choices,"
+        "wrong_content_type,huge,400,429,overloaded,retry_after_date,401,quota,reset_headers,"
+        "reset_body,stall,stream_error",
+    )
+    sim.add_argument(
+        "--fault-retry-after",
+        type=_non_negative_float,
+        default=5.0,
+        help="retry-after (seconds) of injected 429 faults",
+    )
+    sim.add_argument(
+        "--burst-s",
+        type=_positive_float,
+        default=1.0,
+        help="seconds' worth of --rpm/--tpm that may be spent at once",
+    )
+    sim.add_argument(
+        "--stream-chunk-ms",
+        type=_non_negative_float,
+        default=0.0,
+        help="pause between the chunks of a streamed answer (the first comes after the latency)",
+    )
+    sim.add_argument(
+        "--schema-error-rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="0..1: share of JSON answers (response_format) made not to match their schema",
+    )
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--max-completion-tokens", type=_positive_int, default=64)
