@@ -150,6 +150,7 @@ class _Call:
 
     async def arun(self) -> RunResult:
         job = with_overrides(_job_of(self.job), progress=self.progress, **self.overrides)
+        detach, cancel = bool(self.overrides.get("detach")), bool(self.overrides.get("cancel"))
         stream: IO[str] = sys.stderr if self.progress else io.StringIO()
         retry_errors = _retry_errors(self.retry_errors)
         if job.engine == "ray":
@@ -170,6 +171,8 @@ class _Call:
                 transport=self.transport,
                 stream=stream,
                 sim=sim_server,
+                detach=detach,
+                cancel=cancel,
             )
         table = await anyio.to_thread.run_sync(_load, report.output, self.load)
         log = stream.getvalue() if isinstance(stream, io.StringIO) else ""

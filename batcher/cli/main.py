@@ -96,6 +96,9 @@ def _job(args: argparse.Namespace) -> JobConfig:
         max_reasks=getattr(args, "max_reasks", None),
         engine=getattr(args, "engine", None),
         ray_workers=getattr(args, "ray_workers", None),
+        mode=getattr(args, "mode", None),
+        detach=getattr(args, "detach", None) or None,
+        cancel=getattr(args, "cancel", None) or None,
     )
 
 
@@ -119,6 +122,8 @@ def _run(args: argparse.Namespace, tuning: ProcessTuning | None) -> int:
         handle_signals=True,
         sim=sim_server,
         housekeeping=tuning,
+        detach=args.detach,
+        cancel=args.cancel,
     )
     return report.exit_code
 

@@ -171,7 +171,23 @@ def _add_resume_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_arguments(run: argparse.ArgumentParser) -> None:
-    """Where ``run`` sends from: this process, or Ray Data workers."""
+    """Where ``run`` sends from: this process, or Ray Data workers; online or in batches."""
+    run.add_argument(
+        "--mode",
+        choices=("online", "batch"),
+        help="online: one request at a time (default); batch: through the Batch API, at its "
+        "price (answers within the completion window)",
+    )
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --mode batch: create every batch, then exit 3; run again to collect",
+    )
+    run.add_argument(
+        "--cancel",
+        action="store_true",
+        help="with --mode batch: cancel the job's running batches",
+    )
     run.add_argument(
         "--engine",
         choices=("local", "ray"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -99,6 +100,8 @@ def run_job(
     stream: IO[str] | None = None,
     housekeeping: Housekeeping | None = None,
     sim: SimServer | None = None,
+    detach: bool = False,
+    cancel: bool = False,
 ) -> RunReport:
     """Run a job to completion (blocking) and return its report; prints the summary.
 
@@ -114,6 +117,8 @@ def run_job(
         stream=stream,
         housekeeping=housekeeping,
         sim=sim,
+        detach=detach,
+        cancel=cancel,
     )
     return anyio.run(run)
 
@@ -128,6 +133,8 @@ async def arun_job(
     stream: IO[str] | None = None,
     housekeeping: Housekeeping | None = None,
     sim: SimServer | None = None,
+    detach: bool = False,
+    cancel: bool = False,
 ) -> RunReport:
     """Run a job to completion on the running event loop; return its report, print the summary.
 
@@ -147,7 +154,17 @@ async def arun_job(
     ``housekeeping``: what the process that owns the run does around it (the CLI's tuning);
     a library run has none and changes nothing process-wide. ``sim``: starts the simulator
     behind ``base_url = "sim"`` (without it such an endpoint is a ``ConfigError``).
+
+    A job with ``mode = "batch"`` goes through the Batch API instead
+    (``batcher.batch.runner.arun_batch_job``): ``detach`` returns once every batch is created,
+    ``cancel`` cancels the job's batches; both only in batch mode.
     """
+    if job.mode == "batch":
+        return await _run_batch(job, restart, retry_errors, transport, handle_signals, stream,
+                                sim, detach, cancel)  # fmt: skip
+    for flag, given in (("--detach", detach), ("--cancel", cancel)):
+        if given:
+            raise ConfigError(flag, 'only with --mode batch (or [job] mode = "batch")')
     stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
     keys = _check_job(job, input_path, output, sim is not None)
@@ -357,3 +374,41 @@ def _warn_after_run(setting: _Setting, stats: RunStats, pricer: Pricer) -> None:
     streamed = setting.job.request.get("stream") is True
     for message in answer_warnings(stats, streamed=streamed):
         print(message, file=stream)
+
+
+async def _run_batch(
+    job: JobConfig,
+    restart: bool,
+    retry_errors: RetryErrors,
+    transport: httpx.AsyncBaseTransport | None,
+    handle_signals: bool,
+    stream: IO[str] | None,
+    sim: SimServer | None,
+    detach: bool,
+    cancel: bool,
+) -> RunReport:
+    """A batch-mode job, through the Batch API (its modules imported only for one)."""
+    from batcher.batch.runner import arun_batch_job
+
+    if retry_errors != "none":
+        raise ConfigError(
+            "--retry-errors", "not in batch mode: failed requests go into a later batch"
+        )
+
+    if detach and any(e.is_sim for e in job.all_endpoints):
+        raise ConfigError(
+            "--detach",
+            'the built-in simulator (base_url = "sim") lasts as long as this process, so its '
+            "batches could not be collected later: start `batcher sim` and give its URL instead",
+        )
+
+    @contextlib.contextmanager
+    def serve_sim(batch_job: JobConfig) -> Iterator[str]:
+        assert sim is not None
+        with sim(batch_job.sim) as url:
+            yield url
+
+    return await arun_batch_job(
+        job, restart=restart, detach=detach, cancel=cancel, transport=transport, stream=stream,
+        handle_signals=handle_signals, serve_sim=None if sim is None else serve_sim,
+    )  # fmt: skip

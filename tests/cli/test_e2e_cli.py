@@ -293,3 +293,47 @@ def test_a_run_loads_no_token_table_and_tunes_its_own_process(tmp_path: Path) ->
     assert "TUNED (20000, 20, 20) system" in proc.stderr
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 20 and all(r["prompt_tokens"] and r["cost_usd"] for r in rows)
+
+
+def test_the_batch_demo_job_costs_half_the_online_one(tmp_path: Path) -> None:
+    online, batch = tmp_path / "online.parquet", tmp_path / "batch.parquet"
+    for job, out in (("jobs/demo.toml", online), ("jobs/batch.toml", batch)):
+        proc = run_batcher("run", job, "--output", str(out), "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+    rows = pq.read_table(batch).to_pylist()
+    assert len(rows) == 200 and {row["status"] for row in rows} == {"ok"}
+    assert all(row["batch_id"] for row in rows)  # every row names the batch that answered it
+    assert len({row["custom_id"] for row in rows}) == 200
+    online_cost = sum(row["cost_usd"] for row in pq.read_table(online).to_pylist())
+    assert sum(row["cost_usd"] for row in rows) == pytest.approx(online_cost / 2)
+
+
+def test_detach_with_the_in_process_simulator_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    proc = run_batcher("run", "jobs/demo.toml", "--mode", "batch", "--detach", "--output", str(out))
+    assert proc.returncode == 2
+    assert "--detach" in proc.stderr and "batcher sim" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_detach_then_collect_in_another_process(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 30)
+    out = tmp_path / "o.parquet"
+    with sim_process() as url:
+        job = write_job(
+            tmp_path / "job.toml",
+            f'[job]\nmode = "batch"\ninput = "{src}"\noutput = "{out}"\n'
+            f'[endpoint]\nbase_url = "{url}"\n[request]\nmodel = "gpt-4o-mini"\n'
+            "[batch]\nmax_requests = 10\npoll_s = 0.2\n",
+        )
+        env = {"OPENAI_API_KEY": "sk-test-detach"}
+        first = run_batcher("run", str(job), "--detach", "--no-progress", env=env)
+        assert first.returncode == 3, first.stderr
+        assert not out.exists()  # collected by the next run
+        second = run_batcher("run", str(job), "--no-progress", env=env)
+        assert second.returncode == 0, second.stderr
+        assert sim_stats(url)["batches"]["created"] == 3  # one per chunk, never twice
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(row["custom_id"] for row in rows) == [f"r{i:05d}" for i in range(30)]
+    assert {row["status"] for row in rows} == {"ok"} and all(row["batch_id"] for row in rows)
