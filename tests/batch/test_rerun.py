@@ -77,7 +77,10 @@ def test_a_collected_chunk_whose_records_are_gone_is_sent_again(tmp_path: Path) 
         job = batch_job(sim, tmp_path, 8)
         assert run_batch_job(job, sleep=clock_sleep(sim), stream=text()).exit_code == 0
         journal_path(tmp_path / "out.parquet").write_bytes(b"")  # its records lost
-        assert all(s.status == "collected" for s in read_states(state_path(job.output)).values())
+        assert all(
+            s.status == "collected"
+            for s in read_states(state_path(tmp_path / "out.parquet")).values()
+        )
         report = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
         assert report.exit_code == 0, report.summary
         assert created(sim) == 4
@@ -90,17 +93,19 @@ def test_restart_removes_the_batch_state_and_is_refused_while_batches_run(
     with batch_sim(FAST) as sim:
         job = batch_job(sim, tmp_path, 8)
         detached(sim, job)
-        states = state_path(job.output)
+        states = state_path(tmp_path / "out.parquet")
         before = states.read_bytes()
         with pytest.raises(ConfigError, match=r"--restart.*--cancel"):
             run_batch_job(job, restart=True, stream=text())
         with pytest.raises(ConfigError, match="--restart"):  # an online restart alike
-            Journal(journal_path(job.output), restart=True)
+            Journal(journal_path(tmp_path / "out.parquet"), restart=True)
         assert states.read_bytes() == before
-        with Journal(journal_path(job.output)):  # the refusal let go of the journal's lock
+        with Journal(
+            journal_path(tmp_path / "out.parquet")
+        ):  # the refusal let go of the journal's lock
             pass
         assert run_batch_job(job, sleep=clock_sleep(sim), stream=text()).exit_code == 0
-        with Journal(journal_path(job.output), restart=True):  # every batch collected
+        with Journal(journal_path(tmp_path / "out.parquet"), restart=True):  # every batch collected
             pass
         assert not states.exists()
         report = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
@@ -112,7 +117,9 @@ def test_cancel_goes_on_past_a_batch_that_has_ended(tmp_path: Path) -> None:
     with batch_sim(FAST) as sim:
         job = batch_job(sim, tmp_path, 8)
         detached(sim, job)
-        first, second = (s.batch_id for s in read_states(state_path(job.output)).values())
+        first, second = (
+            s.batch_id for s in read_states(state_path(tmp_path / "out.parquet")).values()
+        )
         with sim.http() as http:  # the first ends behind the journal's back
             assert http.post(f"/batches/{first}/cancel").status_code == 200
             sim.clock.advance(2)  # past its cancelling (1 s); the second still validating
@@ -122,7 +129,9 @@ def test_cancel_goes_on_past_a_batch_that_has_ended(tmp_path: Path) -> None:
         assert report.exit_code == 3, out.getvalue()
         with sim.http() as http:
             assert http.get(f"/batches/{second}").json()["status"] in ("cancelling", "cancelled")
-    states = {s.batch_id: s.status for s in read_states(state_path(job.output)).values()}
+    states = {
+        s.batch_id: s.status for s in read_states(state_path(tmp_path / "out.parquet")).values()
+    }
     assert states[first] == "cancelled"
     assert states[second] in ("cancelling", "cancelled")
 
@@ -168,7 +177,10 @@ def test_batcher_run_detached_or_cancelling_returns_no_table(tmp_path: Path, fla
         job = batch_job(sim, tmp_path, 8)
         if flag == "cancel":
             detached(sim, job)
-        result = batcher.run(job, mode="batch", **{flag: True})
+        if flag == "detach":
+            result = batcher.run(job, mode="batch", detach=True)
+        else:
+            result = batcher.run(job, mode="batch", cancel=True)
         assert result.report.exit_code == 3
         assert result.table is None
         assert created(sim) == 2
