@@ -199,7 +199,8 @@ def forget_states(output: Path) -> None:
     if running:
         raise ConfigError(
             "--restart",
-            f"{len(running)} batch(es) of this output are still running ({running[0]}...): "
+            f"{len(running)} batch(es) of this output may still be running "
+            f"({', '.join(str(i) for i in running[:3])}{', ...' if len(running) > 3 else ''}): "
             "cancel them first (batcher run JOB --mode batch --cancel), or run without "
             "--restart to collect them",
         )
