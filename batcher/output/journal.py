@@ -127,7 +127,7 @@ class Journal:
 
         try:
             forget_states(self.path.with_name(self.path.name.removesuffix(JOURNAL_SUFFIX)))
-        except ConfigError:
+        except BaseException:  # refused, or a broken state file: the lock goes too
             os.close(self._fd)
             raise
 
