@@ -54,8 +54,8 @@ class ChunkState:
 
     @property
     def in_flight(self) -> bool:
-        """Whether the chunk has a batch that may still run (or be collected)."""
-        return self.batch_id is not None and self.status not in ENDED | {"collected"}
+        """Whether the chunk has a batch that may still run and has not been cancelled."""
+        return self.batch_id is not None and self.status not in _SETTLED
 
     @property
     def live(self) -> bool:
@@ -86,6 +86,10 @@ class ChunkState:
             round=int(record.get("round") or 0),
             members=_hashes(members) if members is not None else (before.members if before else {}),
         )
+
+
+#: Chunk statuses of a batch that runs no more (or is being cancelled).
+_SETTLED = ENDED | {"collected", "cancelling"}
 
 
 def _tries(value: Any) -> dict[str, int]:
