@@ -200,8 +200,9 @@ def _retry_errors(value: bool | str) -> RetryErrors:
 
 
 def _load(output: Path, load: bool | None) -> pa.Table | None:
-    """The output as a table (``SCHEMA``), unless ``load`` says no or it is too large."""
-    if load is False:
+    """The output as a table (``SCHEMA``), unless ``load`` says no, it is too large, or there
+    is none (a detached or cancelled batch run writes none)."""
+    if load is False or not output.exists():
         return None
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq

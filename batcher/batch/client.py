@@ -39,6 +39,10 @@ class BatchAPIError(BatcherError):
     exit_code = 3
 
 
+class ConflictError(BatchAPIError):
+    """A call the batch's state refuses (409), such as cancelling a batch that has ended."""
+
+
 class NotVisibleError(BatchAPIError):
     """A batch or file id the key cannot see (404): made with another key or project."""
 
@@ -241,7 +245,7 @@ class BatchClient:
                             return earlier
                     try:
                         return await send()
-                    except httpx.TransportError as exc:
+                    except httpx.RequestError as exc:  # transport, decoding, redirects
                         message = self._clean(f"{type(exc).__name__}: {exc}")
                         raise RetryableAttempt(_failed(None, "connection_error", message)) from None
                     except ValueError as exc:  # a batch object without its id or status
@@ -279,6 +283,8 @@ class BatchClient:
         if attempt.retryable and reply.status_code != 409:
             delay = retry_after_s(reply.headers)
             raise RetryableAttempt(_failed(reply.status_code, attempt.error_code, message, delay))
+        if reply.status_code == 409:
+            raise ConflictError(f"{what}: {message}")
         raise BatchAPIError(f"{what}: {message}")
 
     def _clean(self, text: str) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 
 from batcher.batch.api import ENDED, Batch
 from batcher.batch.chunks import Chunk, plan_chunks
-from batcher.batch.results import BatchAnswer, answer_of, read_back
-from batcher.batch.submit import BatchRun, Live, forget_batch, note, submit, unrecorded
+from batcher.batch.results import BatchAnswer, ReadBack, answer_of, read_back
+from batcher.batch.submit import BatchRun, Live, done, forget_batch, note, submit, unrecorded
 from batcher.records import Request, Result
 
 #: The most batches one request is put in (expired or cancelled batches included).
@@ -27,33 +27,19 @@ TOKEN_LIMIT = "token_limit_exceeded"
 
 
 def child_of(run: BatchRun, chunk: Chunk) -> Live | None:
-    """The next round's chunk of a collected chunk (its ``resubmit`` requests), if any."""
+    """The next round's chunk of a collected chunk (its ``resubmit`` requests, as the input
+    has them now), if any. Its key hashes the parent's: unique, and the same if asked twice."""
     state = run.states.states.get(chunk.key)
     if state is None or state.status != "collected" or not state.resubmit:
         return None
     requests = [r for r in chunk.requests if r.key in state.resubmit]
     big = 2**62  # a subset of one chunk always fits where the chunk did
     plan = plan_chunks(
-        requests, job=chunk_job(run), max_requests=big, max_bytes=big, round=chunk.round + 1
+        requests, job=chunk.key, max_requests=big, max_bytes=big, round=chunk.round + 1
     )
     if not plan.chunks:
         return None
     return Live(chunk=plan.chunks[0], tries=dict(state.resubmit))
-
-
-def chunk_job(run: BatchRun) -> str:
-    """The text chunk keys hash as the job: its name and its output (two jobs of one name
-    and the same ids never share a chunk)."""
-    return f"{run.name}\x00{run.job.output}"
-
-
-def leaves(run: BatchRun, live: Live) -> list[Live]:
-    """``live``, or the newest round's chunk descended from it once it is collected."""
-    child = child_of(run, live.chunk)
-    if child is not None:
-        return leaves(run, child)
-    state = run.states.states.get(live.chunk.key)
-    return [] if state is not None and state.status == "collected" else [live]
 
 
 async def follow(run: BatchRun, lives: list[Live]) -> None:
@@ -150,13 +136,12 @@ async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:
         reason = f"{first.code}: {first.message}" if first else "no reason given"
         await _record_failed(run, live, batch, reason)
         return None
-    files = [await run.api.download(f) for f in (batch.output_file_id, batch.error_file_id) if f]
-    got = read_back(chunk, batch, files)
+    got = await _read_files(run, chunk, batch)
     resubmit: dict[str, int] = {}
     spent = 0.0
     max_attempts = run.job.retry.max_attempts
     for request in chunk.requests:
-        if request.key in run.recorded:
+        if done(run, live, request):
             continue
         answer = got.answers.get(request.key) or _missing(request, batch)
         prior = live.tries.get(request.key, 0)
@@ -166,7 +151,7 @@ async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:
             if again:
                 resubmit[request.key] = used
                 continue
-        spent += _record(run, request, answer.result, used)
+        spent += _record(run, live, request, answer.result, used)
     run.journal.sync()
     if run.budget is not None:
         run.budget.settle(live.reserved, spent)
@@ -182,7 +167,7 @@ async def _record_failed(run: BatchRun, live: Live, batch: Batch, reason: str) -
     line of the input file each validation error names."""
     by_line = {e.line: e for e in batch.errors if e.line}
     spent = 0.0
-    for number, (request, _) in enumerate(unrecorded(run, live.chunk), start=1):
+    for number, (request, _) in enumerate(unrecorded(run, live), start=1):
         error = by_line.get(number)
         if error is not None:
             message = f"line {number} of the batch's input file: {error.code}: {error.message}"
@@ -191,7 +176,7 @@ async def _record_failed(run: BatchRun, live: Live, batch: Batch, reason: str) -
             message = f"the batch failed ({reason}); this request was not run"
         item: dict[str, Any] = {"error": {"code": "batch_failed", "message": message}}
         result = answer_of(request, item, batch, attempt=1).result
-        spent += _record(run, request, result, live.tries.get(request.key, 0) + 1)
+        spent += _record(run, live, request, result, live.tries.get(request.key, 0) + 1)
     run.journal.sync()
     if run.budget is not None:
         run.budget.settle(live.reserved, spent)
@@ -205,8 +190,24 @@ def _missing(request: Request, batch: Batch) -> BatchAnswer:
     return answer_of(request, item, batch, attempt=1)
 
 
-def _record(run: BatchRun, request: Request, result: Result, attempts: int) -> float:
-    """Journal one request's final record (cost at the batch price); returns its cost."""
+async def _read_files(run: BatchRun, chunk: Chunk, batch: Batch) -> ReadBack:
+    """The batch's output and error files, streamed to disk and read line by line."""
+    paths = []
+    try:
+        for n, file_id in enumerate((batch.output_file_id, batch.error_file_id)):
+            if file_id:
+                path = run.folder / f"{chunk.key}.{n}.jsonl"
+                paths.append(path)
+                await run.api.download_to(file_id, path)
+        return read_back(chunk, batch, paths)
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+def _record(run: BatchRun, live: Live, request: Request, result: Result, attempts: int) -> float:
+    """Journal one request's final record (cost at the batch price) against the body hash
+    its chunk was built from; returns its cost."""
     cost = None
     if result.status == "ok":
         cost = run.pricer.cost_of(request.body.get("model"), result.model, result.usage)
@@ -216,7 +217,8 @@ def _record(run: BatchRun, request: Request, result: Result, attempts: int) -> f
         cost_usd=cost,
         endpoint=run.job.endpoint.name,
     )
-    run.journal.append(result, request.body_hash)
-    run.recorded.add(request.key)
+    body_hash = live.hashes.get(request.key, request.body_hash)
+    run.journal.append(result, body_hash)
+    run.recorded[request.key] = body_hash
     run.stats.add(result)
     return cost or 0.0

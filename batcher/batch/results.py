@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from batcher import jsonfast
@@ -45,8 +46,11 @@ class ReadBack:
     missing: list[Request]
 
 
-def read_back(chunk: Chunk, batch: Batch, files: Iterable[bytes], *, attempt: int = 1) -> ReadBack:
-    """Parse the lines of a batch's output and error files (in any order) for ``chunk``.
+def read_back(
+    chunk: Chunk, batch: Batch, files: Iterable[bytes | Path], *, attempt: int = 1
+) -> ReadBack:
+    """Parse the lines of a batch's output and error files (in any order) for ``chunk``:
+    their contents, or their paths (read a line at a time).
 
     A request answered by two lines keeps the first ``ok`` one (else the first). ``attempt``
     is the request's attempt number this batch was.
@@ -164,11 +168,19 @@ def _result(
     )
 
 
-def _lines(files: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+def _lines(files: Iterable[bytes | Path]) -> Iterator[tuple[int, bytes]]:
     for data in files:
-        for number, raw in enumerate(data.splitlines(), start=1):
-            if raw.strip():
-                yield number, raw
+        if isinstance(data, Path):
+            with data.open("rb") as f:
+                yield from _numbered(f)
+        else:
+            yield from _numbered(data.splitlines())
+
+
+def _numbered(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(lines, start=1):
+        if raw.strip():
+            yield number, raw
 
 
 def _str(value: Any) -> str | None:

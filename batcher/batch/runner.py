@@ -1,11 +1,14 @@
 """A job in batch mode (``[job] mode = "batch"``): its requests sent as Batch API files.
 
 The same checks as an online run come first (output writable and not the input, API key).
-The whole input is read (rejects written as online), and planned into chunks (one model each,
-cut by ``[batch] max_requests``/``max_bytes``) whose keys are the same on every rerun. Each
-chunk is uploaded and its batch created (or adopted: ``submit``), then followed until it ends
-and collected into the journal (``collect``). The output is written from the journal at the
-end, each id once, with the ``batch_id`` that answered it. Ids the journal already records
+The whole input is read (rejects written as online). A rerun first follows every chunk the
+state journal shows uploaded and not collected, rebuilt from the members it journaled (not
+from the current chunking settings or output spelling); only requests that are neither
+recorded nor in such a chunk are planned into new chunks (one model each, cut by
+``[batch] max_requests``/``max_bytes``), under keys never used before. Each chunk is uploaded
+and its batch created (or adopted: ``submit``), then followed until it ends and collected
+into the journal (``collect``). The output is written from the journal at the end, each id
+once, with the ``batch_id`` that answered it. Ids the journal records (as their line is now)
 are never asked again, and a created batch is never created twice.
 
 ``detach`` stops (exit 3) once every batch is created; a later run collects them.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 import sys
 import tempfile
 import time
@@ -27,15 +31,15 @@ import anyio
 import anyio.abc
 
 from batcher.batch.api import Batch
-from batcher.batch.chunks import plan_chunks
-from batcher.batch.client import BatchClient
-from batcher.batch.collect import chunk_job, follow, leaves
-from batcher.batch.prepare import ServeSim, api_key, base_url, batch_pricer, read_all
+from batcher.batch.chunks import Chunk, batch_line, plan_chunks
+from batcher.batch.client import BatchClient, ConflictError
+from batcher.batch.collect import follow
+from batcher.batch.prepare import read_all
 from batcher.batch.results import answer_of
-from batcher.batch.state import StateJournal, state_path
+from batcher.batch.state import ChunkState, StateJournal, state_path
 from batcher.batch.submit import BatchRun, Live, submit
 from batcher.config import JobConfig
-from batcher.cost.budget import Budget, check_priced
+from batcher.cost.budget import check_priced
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
 from batcher.output.formats import rejects_path
@@ -43,11 +47,17 @@ from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import write_output
 from batcher.output.provenance import provenance
 from batcher.records import Request
-from batcher.runner.checks import check_not_the_input, check_output_writable
+from batcher.runner.checks import (
+    api_keys,
+    check_not_the_input,
+    check_output_writable,
+    check_sim_available,
+)
 from batcher.runner.progress import format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats
+from batcher.runner.wiring import SimServer, base_urls, build_budget, build_pricer
 
 if TYPE_CHECKING:
     import httpx
@@ -62,7 +72,7 @@ def run_batch_job(
     transport: httpx.AsyncBaseTransport | None = None,
     stream: IO[str] | None = None,
     handle_signals: bool = False,
-    serve_sim: ServeSim | None = None,
+    sim: SimServer | None = None,
     sleep: Sleep | None = None,
 ) -> RunReport:
     """``arun_batch_job`` (which see) on an event loop of its own (blocking)."""
@@ -75,7 +85,7 @@ def run_batch_job(
         transport=transport,
         stream=stream,
         handle_signals=handle_signals,
-        serve_sim=serve_sim,
+        sim=sim,
         sleep=sleep,
     )
     return anyio.run(run)
@@ -90,13 +100,14 @@ async def arun_batch_job(
     transport: httpx.AsyncBaseTransport | None = None,
     stream: IO[str] | None = None,
     handle_signals: bool = False,
-    serve_sim: ServeSim | None = None,
+    sim: SimServer | None = None,
     sleep: Sleep | None = None,
 ) -> RunReport:
     """Run ``job`` through the Batch API; return the same report an online run returns.
 
-    ``restart`` forgets the journals and submits every chunk again (the batches of an
-    earlier run are left alone, neither adopted nor cancelled). ``sleep`` replaces the wait between
+    ``restart`` forgets the journals and submits every chunk again; refused (``ConfigError``)
+    while batches of an earlier run are still running (``cancel`` them first). ``sim``
+    serves a ``base_url = "sim"`` job's simulator. ``sleep`` replaces the wait between
     two polls (tests). Raises ``ConfigError`` before anything is sent when the job cannot
     run, and ``NotVisibleError`` (exit 2) when the key cannot see a journaled batch.
     """
@@ -107,28 +118,22 @@ async def arun_batch_job(
     check_not_the_input(input_path, output)
     if job.engine == "ray":
         raise ConfigError("job.mode", 'batch mode runs in this process: use engine "local"')
-    if job.endpoint.is_sim and serve_sim is None:
-        raise ConfigError(
-            "endpoint.base_url", '"sim" in batch mode needs the simulator served (batcher run)'
-        )
-    key = api_key(job)
-    pricer = batch_pricer(job)
+    check_sim_available(job, sim is not None)
+    key = api_keys(job)[0]
+    pricer = build_pricer(job, batch=True)
     if job.limits.max_cost_usd is not None:
         await anyio.to_thread.run_sync(check_priced, job, pricer)
     stats = RunStats()
-    with Journal(journal_path(output), restart=restart) as journal:
-        if restart:
-            state_path(output).unlink(missing_ok=True)
+    with Journal(journal_path(output), restart=restart) as journal:  # restart: state gone too
         requests = await anyio.to_thread.run_sync(read_all, job, input_path, output, stats)
-        with StateJournal(state_path(output)) as states, base_url(job, serve_sim) as url:
+        with StateJournal(state_path(output)) as states, base_urls(job, sim) as urls:
             async with BatchClient(
-                url,
+                urls[0],
                 api_key=key,
                 retry=job.retry,
                 headers=dict(job.endpoint.headers),
                 transport=transport,
             ) as api:
-                cap = job.limits.max_cost_usd
                 with tempfile.TemporaryDirectory(prefix="batcher-batch-") as folder:
                     run = BatchRun(
                         job=job,
@@ -137,14 +142,14 @@ async def arun_batch_job(
                         states=states,
                         journal=journal,
                         pricer=pricer,
-                        budget=Budget(cap, spent_before=journal.spent_before) if cap else None,
+                        budget=build_budget(job, journal.spent_before),
                         stats=stats,
                         stream=stream,
                         folder=Path(folder),
-                        recorded=set(journal.entries),
+                        recorded={k: e.hash for k, e in journal.entries.items()},
                         sleep=sleep or anyio.sleep,
                     )
-                    stats.skipped = sum(1 for r in requests if r.key in run.recorded)
+                    stats.skipped = sum(1 for r in requests if _done(run, r))
                     finished = await _drive(run, requests, detach, cancel, handle_signals)
         stats.wall_s = time.monotonic() - started
         if finished:
@@ -173,17 +178,7 @@ async def _drive(
     """Submit, then follow (or cancel) the job's batches; true when every batch submitted was
     followed to its end (the output is then written), false when detached, cancelled or
     interrupted."""
-    job, stats = run.job, run.stats
-    plan = plan_chunks(
-        requests,
-        job=chunk_job(run),
-        max_requests=job.batch.max_requests,
-        max_bytes=job.batch.max_bytes,
-    )
-    for request, reason in plan.refused:
-        if request.key not in run.recorded:
-            _refuse(run, request, reason)
-    lives = [leaf for chunk in plan.chunks for leaf in leaves(run, Live(chunk=chunk))]
+    lives = _plan(run, requests)
     if cancel:
         await _cancel(run, lives)
         return False
@@ -202,8 +197,65 @@ async def _drive(
                     raise group_error.exceptions[0] from None
                 raise
     if scope.cancelled_caught:
-        _stop(stats, "interrupted: the batches keep running; run again to collect them")
+        _stop(run.stats, "interrupted: the batches keep running; run again to collect them")
     return followed and not scope.cancelled_caught
+
+
+def _plan(run: BatchRun, requests: list[Request]) -> list[Live]:
+    """The chunks to follow: first every chunk the state journal shows uploaded and not
+    collected, rebuilt from its journaled members; then new chunks of the requests neither
+    recorded nor in one of those (a request whose line changed since goes in a new one)."""
+    job = run.job
+    by_key = {request.key: request for request in requests}
+    tries: dict[str, int] = {}  # attempts used by requests a collected chunk sent on
+    for state in run.states.states.values():
+        if state.status == "collected":
+            tries.update(state.resubmit)
+    lives: list[Live] = []
+    covered: set[str] = set()
+    for state in list(run.states.states.values()):
+        if not state.live:
+            continue
+        live = _rebuilt(state, by_key, tries)
+        lives.append(live)
+        covered.update(
+            k for k, h in state.members.items() if k in by_key and by_key[k].body_hash == h
+        )
+    fresh = [r for r in requests if not _done(run, r) and r.key not in covered]
+    # keys never used before: a chunk's key, once journaled, names only that chunk
+    plan = plan_chunks(
+        fresh,
+        job=f"{run.name}\x00{secrets.token_hex(8)}",
+        max_requests=job.batch.max_requests,
+        max_bytes=job.batch.max_bytes,
+    )
+    for request, reason in plan.refused:
+        _refuse(run, request, reason)
+    for chunk in plan.chunks:
+        known = {r.key: tries[r.key] for r in chunk.requests if r.key in tries}
+        lives.append(Live(chunk=chunk, tries=known))
+    return lives
+
+
+def _rebuilt(state: ChunkState, by_key: dict[str, Request], tries: dict[str, int]) -> Live:
+    """A journaled chunk as the run follows it: its members that the input still has, with
+    the body hashes it was built from."""
+    requests = tuple(by_key[k] for k in state.members if k in by_key)
+    model = state.model or next((str(r.body.get("model")) for r in requests), "")
+    chunk = Chunk(
+        key=state.chunk,
+        model=model,
+        round=state.round,
+        requests=requests,
+        lines=tuple(batch_line(r) for r in requests),  # uploaded already: never sent again
+    )
+    known = {r.key: tries[r.key] for r in requests if r.key in tries}
+    return Live(chunk=chunk, tries=known, hashes=dict(state.members))
+
+
+def _done(run: BatchRun, request: Request) -> bool:
+    """Whether the journal records ``request`` as its line is now."""
+    return run.recorded.get(request.key) == request.body_hash
 
 
 async def _submit_and_follow(run: BatchRun, lives: list[Live], detach: bool) -> bool:
@@ -243,7 +295,15 @@ async def _cancel(run: BatchRun, lives: list[Live]) -> None:
         state = run.states.states.get(live.chunk.key)
         if state is None or state.batch_id is None or state.status in _ENDED:
             continue
-        batch = await run.api.cancel(state.batch_id)
+        try:
+            batch = await run.api.cancel(state.batch_id)
+        except ConflictError:  # it ended since the journal last saw it: nothing to cancel
+            batch = await run.api.retrieve(state.batch_id)
+            run.states.record(
+                live.chunk.key, status=batch.status, request_counts=batch.request_counts
+            )
+            run.say(f"batch {batch.id}: {batch.status} already")
+            continue
         run.states.record(live.chunk.key, status=batch.status, request_counts=batch.request_counts)
         run.say(f"batch {batch.id}: {batch.status}")
         cancelled += 1
@@ -264,5 +324,5 @@ def _refuse(run: BatchRun, request: Request, reason: str) -> None:
     result = answer_of(request, item, Batch(id="", status="failed"), attempt=1).result
     result = dataclasses.replace(result, batch_id=None, attempts=0, endpoint=run.job.endpoint.name)
     run.journal.append(result, request.body_hash)
-    run.recorded.add(request.key)
+    run.recorded[request.key] = request.body_hash
     run.stats.add(result)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batcher.batch.api import RequestCounts
-from batcher.errors import OutputError
+from batcher.batch.api import ENDED, RequestCounts
+from batcher.errors import ConfigError, OutputError
 
 STATE_SUFFIX = ".batches.jsonl"
 
@@ -34,7 +34,11 @@ class ChunkState:
     ``collected``) or the batch's own once it exists (``validating`` ... ``completed``).
     ``resubmit``, once collected: the requests that go into a batch of the next round, with
     the attempts each has used. ``refused``: batches of the chunk the queue refused (the
-    enqueued-token limit), never adopted again."""
+    enqueued-token limit), never adopted again. ``model``, ``round`` and ``members`` (each
+    request's key and the hash of the body it was sent with) are journaled when the chunk is
+    uploaded: a rerun rebuilds the chunk from them, whatever the input or the chunking
+    settings say by then. A line carries ``members`` only when they change; reading keeps
+    the last ones given."""
 
     chunk: str
     status: str = "planned"
@@ -44,13 +48,31 @@ class ChunkState:
     updated_at: float = 0.0
     resubmit: dict[str, int] = dataclasses.field(default_factory=dict)
     refused: tuple[str, ...] = ()
+    model: str | None = None
+    round: int = 0
+    members: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def as_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def in_flight(self) -> bool:
+        """Whether the chunk has a batch that may still run and has not been cancelled."""
+        return self.batch_id is not None and self.status not in _SETTLED
+
+    @property
+    def live(self) -> bool:
+        """Whether a rerun follows this chunk: uploaded (its batch perhaps made) and not
+        collected."""
+        return bool(self.members) and self.file_id is not None and self.status != "collected"
+
+    def as_record(self, *, members: bool = True) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        if not members:
+            del record["members"]
+        return record
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> ChunkState:
+    def from_record(cls, record: dict[str, Any], before: ChunkState | None = None) -> ChunkState:
         counts = record.get("request_counts")
+        members = record.get("members")
         return cls(
             chunk=str(record["chunk"]),
             status=str(record.get("status") or "planned"),
@@ -60,13 +82,26 @@ class ChunkState:
             updated_at=float(record.get("updated_at") or 0.0),
             resubmit=_tries(record.get("resubmit")),
             refused=tuple(str(i) for i in record.get("refused") or ()),
+            model=record.get("model"),
+            round=int(record.get("round") or 0),
+            members=_hashes(members) if members is not None else (before.members if before else {}),
         )
+
+
+#: Chunk statuses of a batch that runs no more (or is being cancelled).
+_SETTLED = ENDED | {"collected", "cancelling"}
 
 
 def _tries(value: Any) -> dict[str, int]:
     if not isinstance(value, dict):
         return {}
     return {str(k): v for k, v in value.items() if isinstance(v, int)}
+
+
+def _hashes(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def read_states(path: Path) -> dict[str, ChunkState]:
@@ -101,7 +136,8 @@ class StateJournal:
         """Append the chunk's state with ``changes`` applied (fsynced); returns it."""
         before = self.states.get(chunk) or ChunkState(chunk=chunk)
         state = dataclasses.replace(before, **changes, updated_at=time.time())
-        line = json.dumps(state.as_record(), separators=(",", ":")).encode() + b"\n"
+        record = state.as_record(members="members" in changes)
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         try:
             os.write(self._fd, line)
             os.fsync(self._fd)
@@ -126,6 +162,7 @@ class StateJournal:
 def _parse(path: Path, data: bytes) -> tuple[list[ChunkState], int]:
     """The states in ``data`` and the length of its whole lines (a torn last one left out)."""
     states: list[ChunkState] = []
+    latest: dict[str, ChunkState] = {}
     lines = data.split(b"\n")
     whole = 0
     for number, line in enumerate(lines, start=1):
@@ -134,7 +171,7 @@ def _parse(path: Path, data: bytes) -> tuple[list[ChunkState], int]:
             break
         try:
             record = json.loads(line)
-            state = ChunkState.from_record(record)
+            state = ChunkState.from_record(record, latest.get(str(record["chunk"])))
         except (ValueError, KeyError, TypeError):
             if last or (number == len(lines) - 1 and not lines[-1]):
                 break  # the last line: torn by a crash mid-write
@@ -143,6 +180,7 @@ def _parse(path: Path, data: bytes) -> tuple[list[ChunkState], int]:
         if last:
             break  # parseable but without its newline: not known to be whole
         states.append(state)
+        latest[state.chunk] = state
         whole += len(line) + 1
     return states, whole
 
@@ -154,3 +192,20 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def forget_states(output: Path) -> None:
+    """Remove the chunk-state journal beside ``output`` (a ``--restart``). Refused with a
+    ``ConfigError`` while it shows batches still running: forgetting them would leave them
+    paid for and never collected."""
+    path = state_path(output)
+    running = [s.batch_id for s in read_states(path).values() if s.in_flight]
+    if running:
+        raise ConfigError(
+            "--restart",
+            f"{len(running)} batch(es) of this output may still be running "
+            f"({', '.join(str(i) for i in running[:3])}{', ...' if len(running) > 3 else ''}): "
+            "cancel them first (batcher run JOB --mode batch --cancel), or run without "
+            "--restart to collect them",
+        )
+    path.unlink(missing_ok=True)

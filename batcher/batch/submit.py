@@ -4,7 +4,12 @@ worst-case cost, upload its file, then create its batch or adopt the one a crash
 Each step is journaled (``StateJournal``) before the next is taken, so a rerun resumes at the
 step it died in: a chunk with a file id and no batch id lists the key's batches and adopts the
 one carrying its metadata before creating another; a chunk with a batch id is never created
-again.
+again. The upload journals the chunk's members (each request's key and body hash), from
+which a rerun rebuilds it.
+
+A request counts as done when the journal records it with the hash of the body it was sent
+with (``run.recorded``): an answer is recorded against the body its batch was built from, so
+a line changed since is sent again, as an online resume sends it.
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ class Live:
 
     chunk: Chunk
     tries: dict[str, int] = field(default_factory=dict)
+    #: each request's body hash as the chunk was built (by default, its requests' own)
+    hashes: dict[str, str] = field(default_factory=dict)
     reserved: float = 0.0
     waiting: bool = False
     refusals: int = 0  # times this run saw its batch refused by the queue
+
+    def __post_init__(self) -> None:
+        if not self.hashes:
+            self.hashes = {request.key: request.body_hash for request in self.chunk.requests}
 
 
 @dataclass(kw_only=True)
@@ -55,7 +66,7 @@ class BatchRun:
     stats: RunStats
     stream: IO[str]
     folder: Path  # where input files are written before they are uploaded
-    recorded: set[str]  # request keys with a record in the journal
+    recorded: dict[str, str]  # request key -> the body hash its journal record carries
     sleep: Sleep
     stop_reason: str | None = None  # set when no more chunks may be submitted (--max-cost)
 
@@ -71,23 +82,33 @@ def write_input(path: Path, lines: Iterable[bytes]) -> Path:
     return path
 
 
-def unrecorded(run: BatchRun, chunk: Chunk) -> list[tuple[Request, bytes]]:
+def done(run: BatchRun, live: Live, request: Request) -> bool:
+    """Whether ``request`` of ``live``'s chunk is recorded: against the body the chunk was
+    built from, or against its body now (answered by a later chunk)."""
+    got = run.recorded.get(request.key)
+    return got is not None and got in (live.hashes.get(request.key), request.body_hash)
+
+
+def unrecorded(run: BatchRun, live: Live) -> list[tuple[Request, bytes]]:
     """The chunk's requests (with their lines) that have no record yet."""
+    chunk = live.chunk
     return [
         (request, line)
         for request, line in zip(chunk.requests, chunk.lines, strict=True)
-        if request.key not in run.recorded
+        if not done(run, live, request)
     ]
 
 
 async def submit(run: BatchRun, live: Live) -> bool:
     """Make sure ``live``'s chunk has a batch: upload, then create or adopt. Returns false
-    when it has nothing left to ask (journaled ``collected``) or ``--max-cost`` refuses it."""
+    when it has nothing left to ask (journaled ``collected``) or ``--max-cost`` refuses it.
+    A chunk whose batch runs already has its worst case reserved (a rerun's), never refused."""
     chunk = live.chunk
     state = run.states.states.get(chunk.key)
     if state is not None and state.batch_id is not None:
+        reserve(run, live, [request for request, _ in unrecorded(run, live)], running=True)
         return True
-    todo = unrecorded(run, chunk)
+    todo = unrecorded(run, live)
     if not todo:
         run.states.record(chunk.key, status="collected")
         return False
@@ -99,7 +120,15 @@ async def submit(run: BatchRun, live: Live) -> bool:
             file_id = await run.api.upload(path)
         finally:
             path.unlink(missing_ok=True)
-        state = run.states.record(chunk.key, status="uploaded", file_id=file_id)
+        members = {request.key: live.hashes[request.key] for request, _ in todo}
+        state = run.states.record(
+            chunk.key,
+            status="uploaded",
+            file_id=file_id,
+            model=chunk.model,
+            round=chunk.round,
+            members=members,
+        )
     else:
         found = await find_made(run, chunk, state.file_id, state.refused)
         if found is not None:
@@ -143,16 +172,21 @@ def forget_batch(run: BatchRun, chunk: Chunk) -> None:
     run.states.record(chunk.key, status="uploaded", batch_id=None, refused=refused)
 
 
-def reserve(run: BatchRun, live: Live, requests: list[Request]) -> bool:
+def reserve(run: BatchRun, live: Live, requests: list[Request], *, running: bool = False) -> bool:
     """Reserve the chunk's worst-case cost under ``--max-cost`` (once): false, with the
-    reason in ``run.stop_reason``, when it cannot be sent."""
+    reason in ``run.stop_reason``, when it cannot be sent. A ``running`` chunk (its batch
+    made by an earlier run) is being paid for already: what fits is reserved, and when it
+    does not all fit no new chunk goes (``run.stop_reason``)."""
     budget = run.budget
-    if budget is None or live.reserved or run.stop_reason is not None:
-        return run.stop_reason is None
+    if budget is None or live.reserved or (run.stop_reason is not None and not running):
+        return running or run.stop_reason is None
     total = 0.0
     for request in requests:
         price = run.pricer.price(request.body.get("model"))
         got = budget.reserve_for(request, price, run.job.limits.encoding)
+        if isinstance(got, str) and running:
+            run.stop_reason = run.stop_reason or got
+            continue
         if isinstance(got, str):
             budget.settle(total, 0.0)  # give back what this chunk had reserved
             run.stop_reason = got

@@ -109,6 +109,7 @@ class Journal:
                     "job.output", f"{who} holds {path.with_name(output)}; wait for it to end"
                 ) from None
             if restart:
+                self._forget_batches()
                 # Emptied, never unlinked: a new file would carry a lock of its own, and a
                 # run still writing the old one would go on unseen.
                 os.ftruncate(self._fd, 0)
@@ -118,6 +119,17 @@ class Journal:
                 self._write(jsonfast.dumps(_HEADER) + b"\n")
         except OSError as exc:
             raise OutputError(f"cannot write journal {path}: {exc.strerror or exc}") from None
+
+    def _forget_batches(self) -> None:
+        """Remove the output's batch state with its journal: refused (the journal closed)
+        while it shows batches still running."""
+        from batcher.batch.state import forget_states
+
+        try:
+            forget_states(self.path.with_name(self.path.name.removesuffix(JOURNAL_SUFFIX)))
+        except BaseException:  # refused, or a broken state file: the lock goes too
+            os.close(self._fd)
+            raise
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
         """Record a finished request durably enough to survive the process dying.

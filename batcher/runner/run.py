@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -402,13 +401,7 @@ async def _run_batch(
             "batches could not be collected later: start `batcher sim` and give its URL instead",
         )
 
-    @contextlib.contextmanager
-    def serve_sim(batch_job: JobConfig) -> Iterator[str]:
-        assert sim is not None
-        with sim(batch_job.sim) as url:
-            yield url
-
     return await arun_batch_job(
         job, restart=restart, detach=detach, cancel=cancel, transport=transport, stream=stream,
-        handle_signals=handle_signals, serve_sim=None if sim is None else serve_sim,
+        handle_signals=handle_signals, sim=sim,
     )  # fmt: skip

@@ -143,13 +143,14 @@ def endpoint_targets(
     ]
 
 
-def build_pricer(job: JobConfig) -> Pricer:
-    """The run's pricer: the job's ``[pricing]``, then genai-prices for the endpoint's provider."""
+def build_pricer(job: JobConfig, *, batch: bool = False) -> Pricer:
+    """The run's pricer: the job's ``[pricing]``, then genai-prices for the endpoint's provider;
+    at the Batch API's rate with ``batch`` (or ``batch_discount``)."""
     overrides, discount = parse_pricing(job.pricing)
     return Pricer(
         overrides,
         provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
-        batch_discount=discount,
+        batch_discount=discount or batch,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from batcher.batch.client import BatchAPIError, BatchClient, NotVisibleError
+from batcher.batch.client import BatchAPIError, BatchClient, ConflictError, NotVisibleError
 from batcher.config import RetryConfig
 from batcher.sim.app import Simulator
 from batcher.sim.batches import BatchSimConfig
@@ -206,3 +206,31 @@ async def test_the_base_urls_query_is_kept_on_every_call() -> None:
         async with client(f"{url}?api-version=2024-10-21", Sleeps()) as api:
             assert await api.list_all(page_size=5) == []
     assert seen == [("/v1/batches", "api-version=2024-10-21&limit=5")]
+
+
+async def test_an_answer_that_cannot_be_decoded_is_retried_then_reported() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"not gzip at all"})
+
+    sleeps = Sleeps()
+    with serving(app) as url:
+        async with client(url, sleeps) as api:
+            with pytest.raises(BatchAPIError) as caught:
+                await api.retrieve("batch_abc")
+    assert "DecodingError" in str(caught.value) and "gave up" in str(caught.value)
+    assert KEY not in str(caught.value)
+    assert len(sleeps.waits) == FAST.max_attempts - 1
+
+
+async def test_cancelling_an_ended_batch_is_a_conflict(tmp_path: Path) -> None:
+    with batch_sim(BatchSimConfig(validating_s=1, in_progress_s=1, finalizing_s=1)) as sim:
+        async with client(sim.base_url, Sleeps()) as api:
+            file_id = await api.upload(input_file(tmp_path))
+            batch = await api.create(file_id, metadata={"k": "v"})
+            sim.clock.advance(60)
+            with pytest.raises(ConflictError, match="409"):
+                await api.cancel(batch.id)

@@ -1,36 +1,26 @@
 """``jobs/batch.toml``: the demo's prompts in batch mode against the simulator served for the
-run (``serve_sim``), on the real clock with its fast ``[sim.batch]`` timings."""
+run (``sim_server``), on the real clock with its fast ``[sim.batch]`` timings."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from batcher.batch.runner import run_batch_job
-from batcher.config import JobConfig
 from batcher.errors import ConfigError
 from batcher.job_file import load_job
-from batcher.sim.config import SimConfig
-from batcher.sim.serve import running_sim
+from batcher.sim import sim_server
 from tests.batch.batch_job import rows, text
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@contextlib.contextmanager
-def serve_sim(job: JobConfig) -> Iterator[str]:
-    with running_sim(SimConfig(**job.sim)) as handle:
-        yield handle.base_url
-
-
 def test_the_batch_demo_job_runs_against_the_simulator(tmp_path: Path) -> None:
     job = dataclasses.replace(load_job(ROOT / "jobs" / "batch.toml"), output=tmp_path / "b.parquet")
     out = text()
-    report = run_batch_job(job, serve_sim=serve_sim, stream=out)
+    report = run_batch_job(job, sim=sim_server, stream=out)
     assert report.exit_code == 0, out.getvalue()
     got = rows(tmp_path / "b.parquet")
     ids = [r["custom_id"] for r in got]

@@ -39,7 +39,7 @@ import json
 point = sys.argv[1]
 raw = json.loads(sys.argv[2])
 method = {"upload": "upload", "create": "create", "poll": "retrieve",
-          "download": "download"}.get(point)
+          "download": "download_to"}.get(point)
 if method is not None:
     real = getattr(client.BatchClient, method)
     calls = [0]

@@ -4,6 +4,7 @@ shapes; lines that name no request; adoption by metadata."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from batcher.batch.api import Batch
@@ -131,3 +132,13 @@ def test_adopt_finds_the_newest_batch_naming_each_chunk() -> None:
     ]
     assert adopt([chunk], batches, job="j") == {chunk.key: batches[1]}
     assert adopt([chunk], batches[2:], job="j") == {}
+
+
+def test_result_files_are_read_from_disk_a_line_at_a_time(tmp_path: Path) -> None:
+    chunk = chunk_of(3)
+    lines = [ok_line(r.key) for r in chunk.requests]
+    path = tmp_path / "output.jsonl"
+    path.write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+    got = read_back(chunk, BATCH, [path])
+    assert sorted(got.answers) == sorted(r.key for r in chunk.requests)
+    assert all(a.result.status == "ok" for a in got.answers.values())

@@ -337,3 +337,30 @@ def test_detach_then_collect_in_another_process(tmp_path: Path) -> None:
     rows = pq.read_table(out).to_pylist()
     assert sorted(row["custom_id"] for row in rows) == [f"r{i:05d}" for i in range(30)]
     assert {row["status"] for row in rows} == {"ok"} and all(row["batch_id"] for row in rows)
+
+
+def test_restart_is_refused_while_batches_run_then_cancel_lets_it_go(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 10)
+    out = tmp_path / "o.parquet"
+    with sim_process() as url:
+        job = write_job(
+            tmp_path / "job.toml",
+            f'[job]\nmode = "batch"\ninput = "{src}"\noutput = "{out}"\n'
+            f'[endpoint]\nbase_url = "{url}"\n[request]\nmodel = "gpt-4o-mini"\n'
+            "[batch]\nmax_requests = 10\npoll_s = 0.2\n",
+        )
+        env = {"OPENAI_API_KEY": "sk-test-detach"}
+        assert run_batcher("run", str(job), "--detach", "--no-progress", env=env).returncode == 3
+        for mode in ("batch", "online"):
+            again = run_batcher("run", str(job), "--mode", mode, "--restart", env=env)
+            assert again.returncode == 2, again.stderr
+            assert "--restart" in again.stderr and "--cancel" in again.stderr
+            assert "Traceback" not in again.stderr
+        cancel = run_batcher("run", str(job), "--cancel", "--no-progress", env=env)
+        assert cancel.returncode == 3, cancel.stderr
+        restarted = run_batcher("run", str(job), "--restart", "--no-progress", env=env)
+        assert restarted.returncode == 0, restarted.stderr
+        assert sim_stats(url)["batches"]["created"] == 2  # the cancelled one, then one anew
+    assert sorted(row["custom_id"] for row in pq.read_table(out).to_pylist()) == [
+        f"r{i:05d}" for i in range(10)
+    ]
