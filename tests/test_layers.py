@@ -46,6 +46,7 @@ def test_the_core_modules_are_found() -> None:
     assert not [n for n in found if _under(n, ABOVE_THE_CORE)]
 
 
+@pytest.mark.slow  # a fresh interpreter: what the imports load, and nothing else
 def test_importing_the_whole_core_loads_no_optional_part_and_no_entry() -> None:
     code = (
         "import importlib, json, sys\n"

@@ -27,6 +27,7 @@ def serve_sim(job: JobConfig) -> Iterator[str]:
         yield handle.base_url
 
 
+@pytest.mark.slow
 def test_the_batch_demo_job_runs_against_the_simulator(tmp_path: Path) -> None:
     job = dataclasses.replace(load_job(ROOT / "jobs" / "batch.toml"), output=tmp_path / "b.parquet")
     out = text()
