@@ -3,7 +3,8 @@
 Everything that can be checked before sending is checked here first (``checks.py``: input
 readable, output folder writable, API key present where one is needed), so a bad job sends
 nothing. What the run is built from (endpoints, pricer, budget) comes from ``wiring.py``,
-shared with the Ray engine.
+shared with the Ray engine; the caller's options are gathered once into a ``RunOptions``
+(``options.py``) that the run's steps take.
 """
 
 from __future__ import annotations
