@@ -96,7 +96,7 @@ def run(
     paths in it are taken from the working directory). ``overrides`` are those of the command
     line, by their ``JobConfig`` names: ``input``, ``output``, ``model``, ``base_url``,
     ``concurrency``, ``rpm``, ``tpm``, ``max_attempts``, ``timeout_s``, ``max_cost_usd``, ...
-    (``batcher.config.OVERRIDES``). A re-run resumes as ``batcher run`` does; ``restart``
+    (``batcher.job_file.OVERRIDES``). A re-run resumes as ``batcher run`` does; ``restart``
     starts over and ``retry_errors`` (``True``/``"all"`` or ``"retryable"``) re-sends recorded
     errors. ``load``: ``True`` always loads the output into ``table``, ``False`` never, ``None``
     when it has at most ``LOAD_MAX_ROWS`` rows. ``progress`` shows the progress bar and prints

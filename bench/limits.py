@@ -126,9 +126,7 @@ def run_scenario(sc: Scenario, workdir: Path) -> dict[str, float]:
         result["sent_in_429_windows"] = float(sent_in_window)
         # The same from 0.5 s after each 429: a request the client sent before the 429 reached
         # it can arrive more than 20 ms later on a loaded machine; none may arrive this late.
-        late = sum(
-            sum(1 for a in arrivals if t + 0.5 < a < t + 5.0) for t in log["rate_limited"]
-        )
+        late = sum(sum(1 for a in arrivals if t + 0.5 < a < t + 5.0) for t in log["rate_limited"])
         result["sent_0.5s_after_429"] = float(late)
     if proc.returncode not in (0,):
         result["stderr_tail"] = 0.0

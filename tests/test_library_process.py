@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import write_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +78,7 @@ HOST = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a host program in a process of its own
 def test_two_overlapping_library_runs_leave_the_hosts_process_as_it_was(tmp_path: Path) -> None:
     write_input(tmp_path / "a.jsonl", 12)
     write_input(tmp_path / "b.jsonl", 12)

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import EndpointConfig, JobConfig, VariantConfig
-from batcher.cost.pricing import BATCH_DISCOUNT, Pricer, parse_pricing
+from batcher.cost.pricing import BATCH_DISCOUNT, Pricer
 from batcher.input.reader import Reader
 from batcher.input.sources import open_input
 from batcher.output.writers import read_results
 from batcher.records import Reject
 from batcher.runner.progress import format_duration
+from batcher.runner.wiring import build_pricer
 
 DEFAULT_LOW_FRACTION = 0.25
 DEFAULT_LATENCY_S = 2.0
@@ -83,12 +84,7 @@ def estimate(
         from batcher.errors import ConfigError
 
         raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
-    overrides, discount = parse_pricing(job.pricing)
-    pricer = Pricer(
-        overrides,
-        provider_api_url=None if job.endpoint.is_sim else job.endpoint.base_url,
-        batch_discount=discount,
-    )
+    pricer = build_pricer(job)
     per_answer = _sampled_completion(sample) if sample else None
     result = Estimate()
     result.low_basis = (
@@ -145,7 +141,7 @@ def estimate(
     # no priced model at all: no cost (None), never a silent 0
     result.cost_low_usd = sum(m.cost_low_usd or 0.0 for m in costs) if costs else None
     result.cost_high_usd = sum(m.cost_high_usd or 0.0 for m in costs) if costs else None
-    factor = 1.0 if discount else BATCH_DISCOUNT  # [pricing] batch_discount: already there
+    factor = 1.0 if pricer.batch_discount else BATCH_DISCOUNT  # discounted prices: batch already
     for name in ("low", "high"):
         online = getattr(result, f"cost_{name}_usd")
         setattr(result, f"batch_cost_{name}_usd", None if online is None else online * factor)

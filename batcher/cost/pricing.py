@@ -132,6 +132,11 @@ class Pricer:
         self._prefetching: set[str] = set()
         self._prefetch_lock = threading.Lock()  # not ``_lock``: that one is held by lookups
 
+    @property
+    def batch_discount(self) -> bool:
+        """Whether every price is the Batch API's (``[pricing] batch_discount``)."""
+        return self._factor != 1.0
+
     def prefetch(self, model: str | None) -> None:
         """Look ``model``'s price up in a background thread, unless it is known or under way
         (a lookup can take 0.3 s: it runs while the first requests are out)."""

@@ -69,13 +69,14 @@ class Engine:
         settings: EngineSettings,
         sinks: Sinks,
         *,
+        pricer: Pricer,
         plan: ResumePlan | None = None,
-        pricer: Pricer | None = None,
         budget: Budget | None = None,
         on_token_limit: Callable[[], object] | None = None,
         sleep: Sleep = anyio.sleep,
     ) -> None:
-        """``plan``: what earlier runs recorded (requests it marks done are skipped).
+        """``pricer``: the job's (``runner.wiring.build_pricer``: its ``[pricing]`` first).
+        ``plan``: what earlier runs recorded (requests it marks done are skipped).
         ``budget``: ``--max-cost``'s. ``on_token_limit``: see ``requests.LateCounter``'s
         ``on_first``. ``sleep``: the retries' waits (tests replace it)."""
         self._router = Router(endpoints)
@@ -92,7 +93,7 @@ class Engine:
         sender = Sender(
             self._router, settings.retry, recorder, control, budget, late_counter, sleep
         )
-        self._asker = Asker(sender, control, pricer or Pricer(), budget, plan, settings.encoding)
+        self._asker = Asker(sender, control, pricer, budget, plan, settings.encoding)
         validate = settings.validate
         self._reasker = (
             Reasker(validate, self._asker, recorder, control)

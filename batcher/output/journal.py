@@ -239,6 +239,16 @@ class Journal:
                     here,
                 )
 
+    @property
+    def torn_note(self) -> str:
+        """What to tell the user when the last record was cut short on opening ("": none)."""
+        if not self.torn_bytes:
+            return ""
+        return (
+            f"batcher: the journal's last record was cut short ({self.torn_bytes} bytes, by a "
+            "crash or a full disk); that request will be sent again"
+        )
+
     def _truncate(self, size: int) -> None:
         self.torn_bytes = self.path.stat().st_size - size
         with self.path.open("r+b") as f:

@@ -201,6 +201,20 @@ def small_input(path: Path) -> bool:
         return False
 
 
+def finish_output(
+    journal: Journal,
+    live: LiveOutput | None,
+    output: Path,
+    stats: RunStats,
+    metadata: Callable[[], dict[str, str]],
+) -> None:
+    """Finish a run's output: the live one, else (none, or it failed) from the journal."""
+    if live is not None and live.close():
+        stats.output_ok, stats.output_error = live.ok, live.error
+        return
+    write_output(journal, output, stats, metadata())
+
+
 def write_output(
     journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
 ) -> None:

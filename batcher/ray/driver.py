@@ -278,7 +278,7 @@ def _spec(setting: RaySetting, urls: list[str], session: RaySession, blocks: int
     workers = max(1, min(job.ray.workers or session.cpus(), blocks))
     return WorkerSpec(
         job=job,
-        targets=[(e.name, url) for e, url in zip(job.all_endpoints, urls, strict=True)],
+        urls=urls,
         needs_key=setting.needs_key,
         workers=workers,
         stop_flag=session.stop_flag() if setting.handle_signals else None,

@@ -8,7 +8,6 @@ Ray, so the logic can be tested without it.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 from collections.abc import Mapping
@@ -17,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from batcher import jsonfast
 from batcher.config import JobConfig
+from batcher.errors import ConfigError
 from batcher.records import Reject, Request, Result
+from batcher.runner.checks import worker_api_keys
 from batcher.runner.progress import Progress
 from batcher.runner.stats import RunStats
 
@@ -44,7 +45,7 @@ class WorkerSpec:
     """
 
     job: JobConfig
-    targets: list[tuple[str, str]]  # (endpoint name, base URL), in the job's order
+    urls: list[str]  # each endpoint's base URL, in the job's order
     needs_key: list[bool]  # whether the driver found a key for each endpoint
     workers: int
     #: The driver's stop flag (a Ray actor handle, ``stopping.StopFlag``): its ``reason``
@@ -88,16 +89,10 @@ class BlockWorker:
         self._setup_error: str | None = None
         self._engine: Engine | None = None
         self._keys: list[str | None] = []
-        for (name, _), needed, config in zip(
-            spec.targets, spec.needs_key, spec.job.all_endpoints, strict=True
-        ):
-            key = os.environ.get(config.api_key_env) or None
-            if needed and key is None:
-                self._setup_error = (
-                    f"endpoint {name}: ${config.api_key_env} is not set on this Ray worker "
-                    "(set it in the workers' environment; see the README)"
-                )
-            self._keys.append(key)
+        try:
+            self._keys = worker_api_keys(spec.job, spec.needs_key)
+        except ConfigError as exc:
+            self._setup_error = str(exc)
         self._exit = contextlib.ExitStack()
         self._portal = self._exit.enter_context(anyio.from_thread.start_blocking_portal())
         if self._setup_error is None:
@@ -107,15 +102,10 @@ class BlockWorker:
                 self._portal.start_task_soon(self._watch_stop_flag, spec.stop_flag)
 
     async def _open(self) -> None:
-        from batcher.runner.wiring import Target, build_pricer, open_endpoints
+        from batcher.runner.wiring import build_pricer, endpoint_targets, open_endpoints
 
         job = self._spec.job
-        targets = [
-            Target(config=config, name=name, base_url=url, api_key=key)
-            for (name, url), key, config in zip(
-                self._spec.targets, self._keys, job.all_endpoints, strict=True
-            )
-        ]
+        targets = endpoint_targets(job, self._spec.urls, self._keys, known=None)
         self._clients = contextlib.AsyncExitStack()
         self._endpoints = await open_endpoints(
             job, targets, self._clients, workers=self._spec.workers

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
@@ -18,6 +19,24 @@ from batcher.output.journal import journal_path
 
 #: Below this much free space in the output folder, a run does not start.
 MIN_FREE_BYTES = 16 * 2**20
+
+
+def check_local_job(
+    job: JobConfig, input_path: Path, output: Path, *, sim: bool
+) -> list[str | None]:
+    """The checks made before a local run sends anything (``sim``: whether the caller gives
+    a simulator); the endpoints' API keys."""
+    check_output_writable(output)
+    if output.is_dir():
+        raise ConfigError(
+            "job.output",
+            f"{output} is a folder (the Ray engine's output?): choose another output, or run "
+            "the job with --engine ray",
+        )
+    check_not_the_input(input_path, output)
+    keys = api_keys(job)
+    check_sim_available(job, sim)
+    return keys
 
 
 def check_output_writable(output: Path) -> None:
@@ -60,6 +79,19 @@ def api_keys(job: JobConfig) -> list[str | None]:
         field = f"endpoints[{i}].api_key_env" if job.endpoints else "endpoint.api_key_env"
         keys.append(_api_key(endpoint, field))
     return keys
+
+
+def worker_api_keys(job: JobConfig, found: Sequence[bool]) -> list[str | None]:
+    """Each endpoint's API key as a Ray worker reads it, from its own environment: checked as
+    ``api_keys`` does, and refused when one the driver ``found`` is not set here."""
+    for endpoint, needed in zip(job.all_endpoints, found, strict=True):
+        if needed and not os.environ.get(endpoint.api_key_env):
+            raise ConfigError(
+                f"endpoint {endpoint.name}",
+                f"${endpoint.api_key_env} is not set on this Ray worker (set it in the "
+                "workers' environment; see the README)",
+            )
+    return api_keys(job)
 
 
 def _api_key(endpoint: EndpointConfig, field: str) -> str | None:

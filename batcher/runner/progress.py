@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
+import anyio
+
+from batcher.input.sources import count_lines
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats
 
@@ -13,6 +17,17 @@ from batcher.runner.stats import RunStats
 LOG_EVERY_S = 10.0
 #: Seconds between refreshes of the bar's postfix (tokens, errors): cheap enough to ignore.
 _POSTFIX_EVERY_S = 0.5
+
+
+async def progress_for(
+    stats: RunStats, input_path: Path, *, passes: int, enabled: bool, stream: IO[str]
+) -> Progress:
+    """The display of a run over ``input_path``: its total is the input's lines (counted in a
+    thread, when it is shown), once per pass over it."""
+    total = await anyio.to_thread.run_sync(count_lines, input_path) if enabled else None
+    if total is not None:
+        total *= passes
+    return Progress(stats, total=total, enabled=enabled, stream=stream)
 
 
 class Progress:

@@ -3,7 +3,8 @@
 Everything that can be checked before sending is checked here first (``checks.py``: input
 readable, output folder writable, API key present where one is needed), so a bad job sends
 nothing. What the run is built from (endpoints, pricer, budget) comes from ``wiring.py``,
-shared with the Ray engine.
+shared with the Ray engine; the caller's options are gathered once into a ``RunOptions``
+(``options.py``) that the run's steps take.
 """
 
 from __future__ import annotations
@@ -18,33 +19,27 @@ from typing import IO, TYPE_CHECKING
 import anyio
 
 from batcher.config import JobConfig, VariantConfig
-from batcher.cost.budget import Budget, check_priced
+from batcher.cost.budget import check_priced
 from batcher.cost.pricing import Pricer
 from batcher.engine.control import Sinks
 from batcher.engine.dispatch import Engine, Lane
 from batcher.engine.endpoints import Endpoint
 from batcher.errors import ConfigError, OutputError
 from batcher.input.field_names import FieldNames, job_field_warnings
-from batcher.input.reader import Reader
-from batcher.input.sources import count_lines, open_sources
+from batcher.input.sources import open_sources
 from batcher.limits.known_limits import KnownLimits
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.journal import Journal, journal_path
-from batcher.output.live_output import LiveOutput, live_output_for, write_output
+from batcher.output.live_output import LiveOutput, finish_output, live_output_for
 from batcher.output.provenance import provenance
 from batcher.output.resume import ResumePlan, RetryErrors
-from batcher.runner.checks import (
-    api_keys,
-    base_url_field,
-    check_not_the_input,
-    check_output_writable,
-    check_sim_available,
-)
+from batcher.runner.checks import base_url_field, check_local_job
 from batcher.runner.housekeeping import Housekeeping
 from batcher.runner.lanes import count_from_now, lanes, open_readers
-from batcher.runner.progress import Progress, format_summary
+from batcher.runner.options import RunOptions
+from batcher.runner.progress import format_summary, progress_for
 from batcher.runner.quiet_stream import quiet
-from batcher.runner.stats import RunStats, answer_warnings
+from batcher.runner.stats import RunStats, count_the_run, run_warnings
 from batcher.runner.wiring import (
     SimServer,
     base_urls,
@@ -58,7 +53,7 @@ from batcher.runner.wiring import (
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["RunReport", "arun_job", "run_job"]
+__all__ = ["RunOptions", "RunReport", "arun_job", "run_job"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,16 +72,15 @@ class RunReport:
 
 @dataclass(frozen=True, kw_only=True)
 class _Setting:
-    """A run's job and the caller's choices for it, as the steps of a run need them."""
+    """A run's job, the caller's options and what the checks made of them, for its steps."""
 
     job: JobConfig
+    options: RunOptions
     input_path: Path
     output: Path
     stream: IO[str]
     keys: list[str | None]
-    transport: httpx.AsyncBaseTransport | None
-    handle_signals: bool
-    housekeeping: Housekeeping | None
+    pricer: Pricer
 
 
 def run_job(
@@ -107,18 +101,10 @@ def run_job(
     The same as ``arun_job`` (which see) on an event loop of its own.
     """
     run = functools.partial(
-        arun_job,
-        job,
-        restart=restart,
-        retry_errors=retry_errors,
-        transport=transport,
-        handle_signals=handle_signals,
-        stream=stream,
-        housekeeping=housekeeping,
-        sim=sim,
-        detach=detach,
-        cancel=cancel,
-    )
+        arun_job, job, restart=restart, retry_errors=retry_errors, transport=transport,
+        handle_signals=handle_signals, stream=stream, housekeeping=housekeeping, sim=sim,
+        detach=detach, cancel=cancel,
+    )  # fmt: skip
     return anyio.run(run)
 
 
@@ -143,46 +129,48 @@ async def arun_job(
     Raises ``ConfigError``/``InputError``/``OutputError`` before anything is sent when the job
     cannot run, and ``ConfigError`` after sending began if the endpoint showed that the job
     cannot work (its host does not resolve, or every answer is a 404: see ``setup_check``),
-    with nothing recorded for the requests that met it. ``transport`` replaces the HTTP
-    transport (tests).
+    with nothing recorded for the requests that met it. The options: see ``RunOptions``.
 
     A run whose journal starts empty writes its output as it goes (``LiveOutput``) when its
     input is a file of at most ``live_output.LIVE_OUTPUT_MAX_BYTES``; otherwise (a larger
     input, stdin, a resumed journal) it writes the output from the journal at the end
     (``write_output``).
-    ``housekeeping``: what the process that owns the run does around it (the CLI's tuning);
-    a library run has none and changes nothing process-wide. ``sim``: starts the simulator
-    behind ``base_url = "sim"`` (without it such an endpoint is a ``ConfigError``).
 
     A job with ``mode = "batch"`` goes through the Batch API instead
     (``batcher.batch.runner.arun_batch_job``): ``detach`` returns once every batch is created,
     ``cancel`` cancels the job's batches; both only in batch mode.
     """
+    options = RunOptions(
+        restart=restart, retry_errors=retry_errors, transport=transport,
+        handle_signals=handle_signals, stream=stream, housekeeping=housekeeping, sim=sim,
+        detach=detach, cancel=cancel,
+    )  # fmt: skip
     if job.mode == "batch":
-        return await _run_batch(job, restart, retry_errors, transport, handle_signals, stream,
-                                sim, detach, cancel)  # fmt: skip
-    for flag, given in (("--detach", detach), ("--cancel", cancel)):
+        return await _run_batch(job, options)
+    return await _run_online(job, options)
+
+
+async def _run_online(job: JobConfig, options: RunOptions) -> RunReport:
+    """A job sent request by request: checked, run under its journal, its summary printed."""
+    for flag, given in (("--detach", options.detach), ("--cancel", options.cancel)):
         if given:
             raise ConfigError(flag, 'only with --mode batch (or [job] mode = "batch")')
-    stream = quiet(stream or sys.stderr)  # a reader that goes away does not stop the run
+    stream = quiet(options.stream or sys.stderr)  # a reader that goes away does not stop the run
     input_path, output = job.require_paths()
-    keys = _check_job(job, input_path, output, sim is not None)
+    keys = check_local_job(job, input_path, output, sim=options.sim is not None)
     setting = _Setting(
-        job=job, input_path=input_path, output=output, stream=stream, keys=keys,
-        transport=transport, handle_signals=handle_signals, housekeeping=housekeeping,
+        job=job, options=options, input_path=input_path, output=output, stream=stream,
+        keys=keys, pricer=build_pricer(job),
     )  # fmt: skip
-    pricer = build_pricer(job)
     if job.limits.max_cost_usd is not None:  # a model with no price: nothing could be sent
-        await anyio.to_thread.run_sync(check_priced, job, pricer)
+        await anyio.to_thread.run_sync(check_priced, job, setting.pricer)
     # before the journal, so a missing input changes nothing
     sources = open_sources(input_path, max(1, len(job.variants)))
     try:
         # The simulator, if the job has a "sim" endpoint, before the journal: a [sim] table
         # it refuses changes nothing.
-        with base_urls(job, sim) as urls:
-            stats, rejected = await _run_journaled(
-                setting, sources, urls, pricer, restart, retry_errors
-            )
+        with base_urls(job, options.sim) as urls:
+            stats, rejected = await _run_journaled(setting, sources, urls)
     finally:
         for source in sources:
             if source is not sys.stdin.buffer:
@@ -195,52 +183,26 @@ async def arun_job(
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 
 
-def _check_job(job: JobConfig, input_path: Path, output: Path, sim: bool) -> list[str | None]:
-    """The checks made before anything is sent; the endpoints' API keys."""
-    check_output_writable(output)
-    if output.is_dir():
-        raise ConfigError(
-            "job.output",
-            f"{output} is a folder (the Ray engine's output?): choose another output, or run "
-            "the job with --engine ray",
-        )
-    check_not_the_input(input_path, output)
-    keys = api_keys(job)
-    check_sim_available(job, sim)
-    return keys
-
-
 async def _run_journaled(
-    setting: _Setting,
-    sources: list[IO[bytes]],
-    urls: list[str],
-    pricer: Pricer,
-    restart: bool,
-    retry_errors: RetryErrors,
+    setting: _Setting, sources: list[IO[bytes]], urls: list[str]
 ) -> tuple[RunStats, int]:
     """The run under its journal, then its output; the stats and the lines rejected.
 
     The journal is locked before anything is deleted: ``restart`` empties it only once no
     other run holds it. The lock is held until the output is written.
     """
-    job, output, stream = setting.job, setting.output, setting.stream
+    job, output, stream, options = setting.job, setting.output, setting.stream, setting.options
     jpath = journal_path(output)
-    fresh = restart or not jpath.exists()
+    fresh = options.restart or not jpath.exists()
     live: LiveOutput | None = None
-    with Journal(jpath, restart=restart) as journal:
+    with Journal(jpath, restart=options.restart) as journal:
         try:
-            if journal.torn_bytes:
-                print(
-                    f"batcher: the journal's last record was cut short ({journal.torn_bytes} "
-                    "bytes, by a crash or a full disk); that request will be sent again",
-                    file=stream,
-                )
-            plan = ResumePlan(journal.entries, retry_errors=retry_errors)
-            live = live_output_for(
-                journal, setting.output, setting.input_path,
-                functools.partial(provenance, setting.job, setting.input_path),
-            )  # fmt: skip
-            stats, rejected = await _run_async(setting, sources, urls, journal, live, plan, pricer)
+            if journal.torn_note:
+                print(journal.torn_note, file=stream)
+            plan = ResumePlan(journal.entries, retry_errors=options.retry_errors)
+            metadata = functools.partial(provenance, job, setting.input_path)
+            live = live_output_for(journal, output, setting.input_path, metadata)
+            stats, rejected = await _run_async(setting, sources, urls, journal, live, plan)
             if stats.config_error is not None:
                 # The endpoint showed the job cannot work: no output (the except below
                 # removes the live one's .partial), and the journal goes if it is empty.
@@ -249,26 +211,15 @@ async def _run_journaled(
                     journal.forget_if_empty()
                 raise ConfigError(field, stats.config_error)
             journal.sync()  # the journal on disk before the output derived from it
-            if setting.housekeeping is not None:
-                setting.housekeeping.before_output()
-            await _write(setting, journal, live, stats)
+            if options.housekeeping is not None:
+                options.housekeeping.before_output()
+            # in a thread: a notebook's event loop keeps serving while pyarrow writes
+            await anyio.to_thread.run_sync(finish_output, journal, live, output, stats, metadata)
         except BaseException:
             if live is not None:
                 live.abort()  # the .partial, while the lock is ours; an output is left alone
             raise
     return stats, rejected
-
-
-async def _write(
-    setting: _Setting, journal: Journal, live: LiveOutput | None, stats: RunStats
-) -> None:
-    """Finish the output: the live one, else (none, or it failed) from the journal. In a
-    thread: a notebook's event loop keeps serving while pyarrow writes."""
-    if live is not None and await anyio.to_thread.run_sync(live.close):
-        stats.output_ok, stats.output_error = live.ok, live.error
-        return
-    metadata = provenance(setting.job, setting.input_path)
-    await anyio.to_thread.run_sync(write_output, journal, setting.output, stats, metadata)
 
 
 async def _run_async(
@@ -278,17 +229,18 @@ async def _run_async(
     journal: Journal,
     live: LiveOutput | None,
     plan: ResumePlan,
-    pricer: Pricer,
 ) -> tuple[RunStats, int]:
     """The requests sent, recorded to ``live`` (the journal and the output) when given, else
     to the journal; the stats and the lines rejected. ``sources`` holds the input opened once
     per variant (once for a job without variants); ``urls``: the endpoints' base URLs."""
-    job, output = setting.job, setting.output
+    job, output, options = setting.job, setting.output, setting.options
     stats = RunStats()
     fields = FieldNames()  # a near-miss name warned about in the job is not warned again
     for message in job_field_warnings(job, fields):
         print(message, file=setting.stream, flush=True)
-    progress = await _progress(setting, stats, len(sources))
+    progress = await progress_for(
+        stats, setting.input_path, passes=len(sources), enabled=job.progress, stream=setting.stream
+    )
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     known = KnownLimits.default()
     targets = endpoint_targets(job, urls, setting.keys, known)
@@ -300,7 +252,7 @@ async def _run_async(
         with RejectsWriter(rejects_path(output)) as rejects:
             async with contextlib.AsyncExitStack() as clients:
                 endpoints = await open_endpoints(
-                    job, targets, clients, known=known, transport=setting.transport,
+                    job, targets, clients, known=known, transport=options.transport,
                     warn=progress.note,
                 )  # fmt: skip
                 sinks = Sinks(
@@ -310,7 +262,7 @@ async def _run_async(
                     progress=progress,
                 )
                 engine = Engine(
-                    endpoints, engine_settings(job), sinks, plan=plan, pricer=pricer,
+                    endpoints, engine_settings(job), sinks, pricer=setting.pricer, plan=plan,
                     budget=budget, on_token_limit=functools.partial(count_from_now, readers),
                 )  # fmt: skip
                 await _run_engine(setting, engine, lanes(readers, variants, endpoints))
@@ -319,89 +271,42 @@ async def _run_async(
         raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
     finally:
         progress.close()
-    _count_the_run(stats, readers, endpoints, budget)
-    _warn_after_run(setting, stats, pricer)
+    count_the_run(stats, readers, endpoints, budget)
+    streamed = job.request.get("stream") is True
+    for message in run_warnings(stats, setting.pricer, streamed=streamed):
+        print(message, file=setting.stream)
     return stats, rejected
-
-
-async def _progress(setting: _Setting, stats: RunStats, passes: int) -> Progress:
-    """The progress display (its total: the input's lines, once per pass over it)."""
-    job = setting.job
-    total = (
-        await anyio.to_thread.run_sync(count_lines, setting.input_path) if job.progress else None
-    )
-    if total is not None:
-        total *= passes
-    return Progress(stats, total=total, enabled=job.progress, stream=setting.stream)
 
 
 async def _run_engine(setting: _Setting, engine: Engine, lanes: list[Lane]) -> None:
     """Run the engine over the lanes (one lane on every endpoint: its batches alone), with
     the owning process's housekeeping beside it."""
     one = len(lanes) == 1 and lanes[0].endpoints is None
+    housekeeping = setting.options.housekeeping
     async with anyio.create_task_group() as background:
-        if setting.housekeeping is not None:
-            background.start_soon(setting.housekeeping.during_run)
-        await engine.run(lanes[0].batches if one else lanes, handle_signals=setting.handle_signals)
+        if housekeeping is not None:
+            background.start_soon(housekeeping.during_run)
+        handle_signals = setting.options.handle_signals
+        await engine.run(lanes[0].batches if one else lanes, handle_signals=handle_signals)
         background.cancel_scope.cancel()
 
 
-def _count_the_run(
-    stats: RunStats, readers: list[Reader], endpoints: list[Endpoint], budget: Budget | None
-) -> None:
-    """What the run's parts counted, into its stats; a budget stopped before anything was
-    sent is the job's configuration error."""
-    stats.lines_read = readers[0].lines_read
-    stats.rate_limited = sum(e.limits.rate_limited for e in endpoints)
-    stats.overloaded = sum(e.limits.overloaded for e in endpoints)
-    if budget is not None and budget.misconfigured and not stats.submitted:
-        # stopped by the job's configuration (a model with no price) before sending anything
-        reason = stats.stop_reason or "no price known for a model of the job"
-        stats.config_error = reason.removeprefix("--max-cost: ")
-        stats.config_error_field = "--max-cost"
-
-
-def _warn_after_run(setting: _Setting, stats: RunStats, pricer: Pricer) -> None:
-    """Models without a price, and what the answers suggest about the job."""
-    stream = setting.stream
-    for model in pricer.unknown_models:
-        print(
-            f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
-            f'set [pricing."{model}"] input/output (USD per million tokens) in the job',
-            file=stream,
-        )
-    streamed = setting.job.request.get("stream") is True
-    for message in answer_warnings(stats, streamed=streamed):
-        print(message, file=stream)
-
-
-async def _run_batch(
-    job: JobConfig,
-    restart: bool,
-    retry_errors: RetryErrors,
-    transport: httpx.AsyncBaseTransport | None,
-    handle_signals: bool,
-    stream: IO[str] | None,
-    sim: SimServer | None,
-    detach: bool,
-    cancel: bool,
-) -> RunReport:
+async def _run_batch(job: JobConfig, options: RunOptions) -> RunReport:
     """A batch-mode job, through the Batch API (its modules imported only for one)."""
     from batcher.batch.runner import arun_batch_job
 
-    if retry_errors != "none":
+    if options.retry_errors != "none":
         raise ConfigError(
             "--retry-errors", "not in batch mode: failed requests go into a later batch"
         )
-
-    if detach and any(e.is_sim for e in job.all_endpoints):
+    if options.detach and any(e.is_sim for e in job.all_endpoints):
         raise ConfigError(
             "--detach",
             'the built-in simulator (base_url = "sim") lasts as long as this process, so its '
             "batches could not be collected later: start `batcher sim` and give its URL instead",
         )
-
     return await arun_batch_job(
-        job, restart=restart, detach=detach, cancel=cancel, transport=transport, stream=stream,
-        handle_signals=handle_signals, sim=sim,
+        job, restart=options.restart, detach=options.detach, cancel=options.cancel,
+        transport=options.transport, stream=options.stream,
+        handle_signals=options.handle_signals, sim=options.sim,
     )  # fmt: skip

@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batcher.records import Result
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from batcher.cost.budget import Budget
+    from batcher.cost.pricing import Pricer
+    from batcher.engine.endpoints import Endpoint
+    from batcher.input.reader import Reader
 
 
 @dataclass(kw_only=True)
@@ -134,6 +142,32 @@ def _choices(body: Any) -> int:
     """How many choices an answer has (0 for an odd body)."""
     choices = body.get("choices") if isinstance(body, dict) else None
     return len(choices) if isinstance(choices, list) else 0
+
+
+def count_the_run(
+    stats: RunStats, readers: Sequence[Reader], endpoints: Sequence[Endpoint], budget: Budget | None
+) -> None:
+    """What a local run's parts counted, into its stats; a budget stopped before anything was
+    sent is the job's configuration error."""
+    stats.lines_read = readers[0].lines_read
+    stats.rate_limited = sum(e.limits.rate_limited for e in endpoints)
+    stats.overloaded = sum(e.limits.overloaded for e in endpoints)
+    if budget is not None and budget.misconfigured and not stats.submitted:
+        # stopped by the job's configuration (a model with no price) before sending anything
+        reason = stats.stop_reason or "no price known for a model of the job"
+        stats.config_error = reason.removeprefix("--max-cost: ")
+        stats.config_error_field = "--max-cost"
+
+
+def run_warnings(stats: RunStats, pricer: Pricer, *, streamed: bool) -> list[str]:
+    """The warnings at the end of a local run: models without a price, then what the answers
+    lacked (``answer_warnings``)."""
+    unpriced = [
+        f"batcher: warning: no price known for model {model!r}: its cost is left empty; "
+        f'set [pricing."{model}"] input/output (USD per million tokens) in the job'
+        for model in pricer.unknown_models
+    ]
+    return unpriced + answer_warnings(stats, streamed=streamed)
 
 
 def answer_warnings(stats: RunStats, *, streamed: bool) -> list[str]:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import httpx
 
 #: Starts the server behind ``base_url = "sim"`` with the job's ``[sim]`` settings, for the
-#: ``with`` block; yields its base URL (``batcher.sim.app.sim_server``).
+#: ``with`` block; yields its base URL (``batcher.sim.sim_server``).
 SimServer = Callable[[Mapping[str, Any]], AbstractContextManager[str]]
 
 

@@ -17,6 +17,7 @@ from tests.batch.batch_job import rows, text
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_the_batch_demo_job_runs_against_the_simulator(tmp_path: Path) -> None:
     job = dataclasses.replace(load_job(ROOT / "jobs" / "batch.toml"), output=tmp_path / "b.parquet")
     out = text()

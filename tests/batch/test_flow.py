@@ -64,6 +64,7 @@ async def collect(api: BatchClient, chunk: Chunk, batch_id: str) -> dict[str, Ba
     return got.answers
 
 
+@pytest.mark.slow
 async def test_several_models_and_chunks_every_id_once_after_a_crash(tmp_path: Path) -> None:
     plan = plan_chunks(requests(25), job=JOB, max_requests=5, max_bytes=10**6)
     assert len(plan.chunks) == 6  # 13 + 12 requests, at most 5 a chunk

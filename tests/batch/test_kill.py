@@ -25,6 +25,9 @@ from batcher.sim.batches import BatchSimConfig
 from tests.batch.batch_job import batch_job, rows, text
 from tests.batch_sim import KEY, BatchSim, batch_sim
 
+#: Each test runs child processes on the real clock: the slow tests.
+pytestmark = pytest.mark.slow
+
 REAL = BatchSimConfig(validating_s=0.2, in_progress_s=0.6, finalizing_s=0.2)
 N = 12  # 6 + 6 requests, at most 4 a batch: 4 chunks
 CHUNKS = 4

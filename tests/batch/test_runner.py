@@ -28,6 +28,7 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
 
+@pytest.mark.slow
 def test_several_models_and_chunks_every_id_once_at_half_price(tmp_path: Path) -> None:
     with batch_sim(FAST) as sim:
         job = batch_job(sim, tmp_path, 22)
@@ -78,6 +79,7 @@ def test_expired_batch_keeps_its_answers_and_resubmits_the_rest(tmp_path: Path) 
     assert "expired" in out.getvalue() and "2 requests go into a new batch" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_per_request_errors_retried_then_final(tmp_path: Path) -> None:
     config = dataclasses.replace(FAST, error_rate=1.0, error_kinds=("500",))
     with batch_sim(config) as sim:
@@ -155,6 +157,7 @@ def test_upload_fails_twice_then_succeeds(tmp_path: Path) -> None:
     assert len(rows(tmp_path / "out.parquet")) == 4
 
 
+@pytest.mark.slow
 def test_detach_then_collect_creates_each_batch_once(tmp_path: Path) -> None:
     with batch_sim(FAST) as sim:
         job = batch_job(sim, tmp_path, 10)
@@ -172,6 +175,7 @@ def test_detach_then_collect_creates_each_batch_once(tmp_path: Path) -> None:
     assert sorted(r["custom_id"] for r in got) == [f"r{i:03d}" for i in range(10)]
 
 
+@pytest.mark.slow
 def test_cancel_cancels_the_batches_and_a_rerun_collects_the_rest(tmp_path: Path) -> None:
     with batch_sim(FAST) as sim:
         job = batch_job(sim, tmp_path, 8)

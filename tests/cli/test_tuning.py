@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, write_input
 
 #: A program calling ``main`` (as tests and scripts do), with its own collector settings.
@@ -44,6 +46,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # a calling program in a process of its own
 def test_main_called_by_a_program_tunes_nothing(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 20)
     out = tmp_path / "out.parquet"

@@ -323,7 +323,7 @@ def test_progress_bar_shows_the_spend_so_far() -> None:
 def test_a_slow_price_lookup_never_holds_up_the_requests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap: float | None
 ) -> None:
-    """A lookup takes ~0.3 s (genai-prices in a child process): it runs in a thread while the
+    """A lookup takes ~0.3 s (genai-prices loading its tables): it runs in a thread while the
     requests go out, once per model, and every record is still priced. (Under a cost cap the
     requests wait for the price, which the budget needs: there the lookup is not held.)"""
     looked_up: list[str] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 
 from batcher.config import RetryConfig
+from batcher.cost.pricing import Price, Pricer
 from batcher.engine.control import EngineSettings, Sinks
 from batcher.engine.dispatch import Engine
 from batcher.engine.endpoints import Endpoint
@@ -38,7 +39,10 @@ class Collected:
 
 
 def run_engine(
-    base_url: str, batches: list[list[Request | Reject]], concurrency: int
+    base_url: str,
+    batches: list[list[Request | Reject]],
+    concurrency: int,
+    pricer: Pricer | None = None,
 ) -> tuple[Collected, RunStats]:
     sink, stats = Collected(), RunStats()
     sinks = Sinks(
@@ -55,7 +59,8 @@ def run_engine(
                 name="sim", client=client, limits=limits, outage=Outage(patience_s=5)
             )
             settings = EngineSettings(retry=RetryConfig(max_attempts=2), grace_s=1)
-            await Engine([endpoint], settings, sinks).run(iter(batches))
+            engine = Engine([endpoint], settings, sinks, pricer=pricer or Pricer())
+            await engine.run(iter(batches))
 
     anyio.run(main)
     return sink, stats
@@ -73,3 +78,17 @@ def test_an_engine_records_every_request_once_and_each_reject(tmp_path: Path) ->
     assert all(r.status == "ok" for r, _ in sink.results)
     assert sink.rejects == [bad] and stats.rejected == 1
     assert stats.ok == stats.submitted == stats.done == 9
+
+
+def test_an_engine_prices_answers_with_the_pricer_it_is_given(tmp_path: Path) -> None:
+    # The job's [pricing] reaches the records only through the pricer the caller builds
+    # (runner.wiring.build_pricer): the engine has no pricer of its own to fall back on.
+    src = write_input(tmp_path / "in.jsonl", 3)
+    requests = list(requests_of(src, {"model": "m"}).values())
+    price = Price(input=1.0, output=2.0, cached=1.0, source="the job")
+    with running_sim(SimConfig(latency_ms=1)) as sim:
+        sink, _ = run_engine(sim.base_url, [list(requests)], 2, Pricer({"m": price}))
+    assert len(sink.results) == 3
+    for result, _ in sink.results:
+        assert result.usage is not None and result.usage.prompt_tokens
+        assert result.cost_usd == price.cost(result.usage)

@@ -29,7 +29,6 @@ from batcher.output.journal import Journal, encode, journal_path
 from batcher.output.live_output import LiveOutput
 from batcher.output.writers import open_writer, read_results
 from batcher.records import Reject, Request, Result
-from batcher.runner import run as runner
 from batcher.runner.run import run_job
 from batcher.sim import sim_server
 from tests.helpers import (
@@ -258,7 +257,7 @@ def test_a_run_holds_its_journal_lock_until_its_output_is_written(
         return wrapper
 
     monkeypatch.setattr(LiveOutput, "close", checking(LiveOutput.close))
-    monkeypatch.setattr(runner, "write_output", checking(live_output.write_output))
+    monkeypatch.setattr(live_output, "write_output", checking(live_output.write_output))
     assert run_job(job, stream=io.StringIO(), sim=sim_server).exit_code == 0  # as it goes
     src.write_text(src.read_text(encoding="utf-8") + '{"prompt": "one more"}\n')
     assert run_job(job, stream=io.StringIO(), sim=sim_server).exit_code == 0  # from the journal

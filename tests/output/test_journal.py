@@ -75,10 +75,12 @@ def test_torn_last_line_is_cut_off(tmp_path: Path) -> None:
     path.write_bytes(whole[:-20])  # the process died in the middle of writing b's record
     with Journal(path) as j:
         assert set(j.entries) == {"a"}
-        assert j.torn_bytes > 0
+        assert j.torn_bytes == len(whole) - 20 - path.stat().st_size > 0  # b's part, cut off
+        assert f"cut short ({j.torn_bytes} bytes" in j.torn_note
         j.append(result("c"), "h")
     with Journal(path) as j:
         assert set(j.entries) == {"a", "c"}
+        assert j.torn_note == ""  # nothing cut off this time: nothing to tell
         assert [r.custom_id for r in j.results()] == ["a", "c"]
 
 
