@@ -26,6 +26,9 @@ from tests.batch.batch_job import batch_job, clock_sleep, rows, text, write_inpu
 from tests.batch_sim import KEY, BatchSim, batch_sim
 from tests.helpers import requests_of
 
+# Batch runs end to end, each waiting on simulated batch stages (about a second): the slow set.
+pytestmark = pytest.mark.slow
+
 FAST = BatchSimConfig(validating_s=5, in_progress_s=20, finalizing_s=5)
 IDS8 = [f"r{i:03d}" for i in range(8)]
 

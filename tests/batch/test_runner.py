@@ -20,6 +20,9 @@ from batcher.sim.batches import BatchSimConfig
 from tests.batch.batch_job import PRICES, batch_job, clock_sleep, rows, text
 from tests.batch_sim import KEY, OTHER_KEY, batch_sim
 
+# Batch runs end to end, each waiting on simulated batch stages (about a second): the slow set.
+pytestmark = pytest.mark.slow
+
 FAST = BatchSimConfig(validating_s=5, in_progress_s=20, finalizing_s=5)
 
 
