@@ -318,20 +318,13 @@ def test_detach_with_the_in_process_simulator_is_refused(tmp_path: Path) -> None
 
 
 def test_detach_then_collect_in_another_process(tmp_path: Path) -> None:
-    src = write_input(tmp_path / "in.jsonl", 30)
     out = tmp_path / "o.parquet"
     with sim_process() as url:
-        job = write_job(
-            tmp_path / "job.toml",
-            f'[job]\nmode = "batch"\ninput = "{src}"\noutput = "{out}"\n'
-            f'[endpoint]\nbase_url = "{url}"\n[request]\nmodel = "gpt-4o-mini"\n'
-            "[batch]\nmax_requests = 10\npoll_s = 0.2\n",
-        )
-        env = {"OPENAI_API_KEY": "sk-test-detach"}
-        first = run_batcher("run", str(job), "--detach", "--no-progress", env=env)
+        job = batch_job(tmp_path, url, 30, out)
+        first = run_batcher("run", str(job), "--detach", "--no-progress", env=BATCH_ENV)
         assert first.returncode == 3, first.stderr
         assert not out.exists()  # collected by the next run
-        second = run_batcher("run", str(job), "--no-progress", env=env)
+        second = run_batcher("run", str(job), "--no-progress", env=BATCH_ENV)
         assert second.returncode == 0, second.stderr
         assert sim_stats(url)["batches"]["created"] == 3  # one per chunk, never twice
     rows = pq.read_table(out).to_pylist()
@@ -340,27 +333,36 @@ def test_detach_then_collect_in_another_process(tmp_path: Path) -> None:
 
 
 def test_restart_is_refused_while_batches_run_then_cancel_lets_it_go(tmp_path: Path) -> None:
-    src = write_input(tmp_path / "in.jsonl", 10)
     out = tmp_path / "o.parquet"
     with sim_process() as url:
-        job = write_job(
-            tmp_path / "job.toml",
-            f'[job]\nmode = "batch"\ninput = "{src}"\noutput = "{out}"\n'
-            f'[endpoint]\nbase_url = "{url}"\n[request]\nmodel = "gpt-4o-mini"\n'
-            "[batch]\nmax_requests = 10\npoll_s = 0.2\n",
+        job = batch_job(tmp_path, url, 10, out)
+        assert (
+            run_batcher("run", str(job), "--detach", "--no-progress", env=BATCH_ENV).returncode == 3
         )
-        env = {"OPENAI_API_KEY": "sk-test-detach"}
-        assert run_batcher("run", str(job), "--detach", "--no-progress", env=env).returncode == 3
         for mode in ("batch", "online"):
-            again = run_batcher("run", str(job), "--mode", mode, "--restart", env=env)
+            again = run_batcher("run", str(job), "--mode", mode, "--restart", env=BATCH_ENV)
             assert again.returncode == 2, again.stderr
             assert "--restart" in again.stderr and "--cancel" in again.stderr
             assert "Traceback" not in again.stderr
-        cancel = run_batcher("run", str(job), "--cancel", "--no-progress", env=env)
+        cancel = run_batcher("run", str(job), "--cancel", "--no-progress", env=BATCH_ENV)
         assert cancel.returncode == 3, cancel.stderr
-        restarted = run_batcher("run", str(job), "--restart", "--no-progress", env=env)
+        restarted = run_batcher("run", str(job), "--restart", "--no-progress", env=BATCH_ENV)
         assert restarted.returncode == 0, restarted.stderr
         assert sim_stats(url)["batches"]["created"] == 2  # the cancelled one, then one anew
     assert sorted(row["custom_id"] for row in pq.read_table(out).to_pylist()) == [
         f"r{i:05d}" for i in range(10)
     ]
+
+
+BATCH_ENV = {"OPENAI_API_KEY": "sk-test-detach"}
+
+
+def batch_job(tmp_path: Path, url: str, n: int, out: Path) -> Path:
+    """A batch-mode job of ``n`` prompts (10 a batch) against the simulator at ``url``."""
+    src = write_input(tmp_path / "in.jsonl", n)
+    return write_job(
+        tmp_path / "job.toml",
+        f'[job]\nmode = "batch"\ninput = "{src}"\noutput = "{out}"\n'
+        f'[endpoint]\nbase_url = "{url}"\n[request]\nmodel = "gpt-4o-mini"\n'
+        "[batch]\nmax_requests = 10\npoll_s = 0.2\n",
+    )
