@@ -99,10 +99,6 @@ def _check_batch(job: JobConfig) -> None:
         )
     if job.mode != "batch":
         return
-    if b.unanswered == "online":
-        raise ConfigError(
-            "batch.unanswered", '"online" is not supported yet: use "resubmit" (the default)'
-        )
     if job.engine == "ray":
         raise ConfigError(
             "job.mode", 'batch mode runs in this process: use engine "local" (not --engine ray)'

@@ -6,7 +6,8 @@ chunk is journaled ``collected`` with what goes into the next round: a crash in 
 collects the batch again, skipping what was recorded. A request whose answer is a retryable
 error goes into the next round while attempts remain (``retry.max_attempts``); one the batch
 did not run (expired, cancelled, missing from its files) goes again without counting an
-attempt, in at most ``MAX_ROUNDS`` batches in all.
+attempt, in at most ``MAX_ROUNDS`` batches in all; with ``[batch] unanswered = "online"`` it
+goes to the online engine instead (``batch.online``), after the batches have been followed.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:
         return None
     got = await _read_files(run, chunk, batch)
     resubmit: dict[str, int] = {}
+    online: list[Request] = []
+    to_online = run.job.batch.unanswered == "online"
     spent = 0.0
     max_attempts = run.job.retry.max_attempts
     for request in chunk.requests:
@@ -146,6 +149,9 @@ async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:
         answer = got.answers.get(request.key) or _missing(request, batch)
         prior = live.tries.get(request.key, 0)
         used = prior + 1 if answer.answered else prior
+        if to_online and not answer.answered:  # not run: the online engine sends it
+            online.append(request)
+            continue
         if answer.retryable:
             again = used < max_attempts if answer.answered else chunk.round + 1 < MAX_ROUNDS
             if again:
@@ -156,9 +162,14 @@ async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:
     if run.budget is not None:
         run.budget.settle(live.reserved, spent)
         live.reserved = 0.0
-    run.states.record(chunk.key, status="collected", resubmit=resubmit)
+    run.states.record(
+        chunk.key, status="collected", resubmit=resubmit, online=tuple(r.key for r in online)
+    )
+    run.online.extend(online)
     if resubmit:
         run.say(f"batch {batch.id}: {len(resubmit):,} requests go into a new batch")
+    if online:
+        run.say(f"batch {batch.id}: {len(online):,} requests it did not run go online")
     return child_of(run, chunk)
 
 

@@ -34,6 +34,7 @@ from batcher.batch.api import Batch
 from batcher.batch.chunks import Chunk, batch_line, plan_chunks
 from batcher.batch.client import BatchClient, ConflictError
 from batcher.batch.collect import follow
+from batcher.batch.online import pending, send_online
 from batcher.batch.prepare import read_all
 from batcher.batch.results import answer_of
 from batcher.batch.state import ChunkState, StateJournal, state_path
@@ -148,6 +149,9 @@ async def arun_batch_job(
                         folder=Path(folder),
                         recorded={k: e.hash for k, e in journal.entries.items()},
                         sleep=sleep or anyio.sleep,
+                        base_url=urls[0],
+                        api_key=key,
+                        transport=transport,
                     )
                     stats.skipped = sum(1 for r in requests if _done(run, r))
                     finished = await _drive(run, requests, detach, cancel, handle_signals)
@@ -221,6 +225,8 @@ def _plan(run: BatchRun, requests: list[Request]) -> list[Live]:
         covered.update(
             k for k, h in state.members.items() if k in by_key and by_key[k].body_hash == h
         )
+    run.online.extend(pending(run, by_key))  # handed to the online engine by a collected chunk
+    covered.update(r.key for r in run.online)
     fresh = [r for r in requests if not _done(run, r) and r.key not in covered]
     # keys never used before: a chunk's key, once journaled, names only that chunk
     plan = plan_chunks(
@@ -271,6 +277,7 @@ async def _submit_and_follow(run: BatchRun, lives: list[Live], detach: bool) -> 
         )
         return False
     await follow(run, submitted)
+    await send_online(run)
     if run.stop_reason is not None:  # a later round's chunk over --max-cost
         _stop(run.stats, run.stop_reason)
     return True

@@ -38,7 +38,8 @@ class ChunkState:
     request's key and the hash of the body it was sent with) are journaled when the chunk is
     uploaded: a rerun rebuilds the chunk from them, whatever the input or the chunking
     settings say by then. A line carries ``members`` only when they change; reading keeps
-    the last ones given."""
+    the last ones given. ``online``, once collected: the requests the batch did not run that
+    go to the online engine (``unanswered = "online"``) instead of a next round."""
 
     chunk: str
     status: str = "planned"
@@ -51,6 +52,7 @@ class ChunkState:
     model: str | None = None
     round: int = 0
     members: dict[str, str] = dataclasses.field(default_factory=dict)
+    online: tuple[str, ...] = ()
 
     @property
     def in_flight(self) -> bool:
@@ -85,6 +87,7 @@ class ChunkState:
             model=record.get("model"),
             round=int(record.get("round") or 0),
             members=_hashes(members) if members is not None else (before.members if before else {}),
+            online=tuple(str(k) for k in record.get("online") or ()),
         )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from batcher.batch.api import Batch
 from batcher.batch.chunks import Chunk
@@ -69,6 +69,11 @@ class BatchRun:
     recorded: dict[str, str]  # request key -> the body hash its journal record carries
     sleep: Sleep
     stop_reason: str | None = None  # set when no more chunks may be submitted (--max-cost)
+    #: requests no batch answered, to send through the online engine (``unanswered = "online"``)
+    online: list[Request] = field(default_factory=list)
+    base_url: str = ""  # the endpoint's, for the online engine
+    api_key: str | None = None
+    transport: Any = None  # an ``httpx.AsyncBaseTransport`` for the online engine (tests)
 
     def say(self, message: str) -> None:
         """One progress line."""
