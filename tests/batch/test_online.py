@@ -3,6 +3,7 @@ engine in the same run, over a loopback socket against the simulator."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -116,4 +117,31 @@ def test_a_rerun_sends_online_only_what_is_not_recorded(tmp_path: Path) -> None:
     assert sorted(r["custom_id"] for r in got) == ["r000", "r001", "r002", "r003"]
     assert created == 1 and chat == 1  # the missing one online again, none in a batch
     assert sum(r["batch_id"] is None for r in got) == 2
+    assert sorted(_journaled(tmp_path)) == ["r000", "r001", "r002", "r003"]
+
+
+def test_online_requests_stay_under_the_max_cost_budget(tmp_path: Path) -> None:
+    with batch_sim(EXPIRING) as sim:
+        job = batch_job(sim, tmp_path, 4, models=("sim-a",), max_requests=4, unanswered="online")
+        # the chunk's worst case at the batch price fits; the two unrun requests' worst case
+        # at the online price (twice the batch's) on top of what the batch spent does not
+        cap = dataclasses.replace(job.limits, max_cost_usd=1e-4)
+        out = text()
+        report = run_batch_job(
+            dataclasses.replace(job, limits=cap), sleep=clock_sleep(sim), stream=out
+        )
+        assert report.exit_code == 3, out.getvalue()
+        assert "--max-cost" in report.summary
+        assert sim.stats()["batches"]["created"] == 1
+        assert _chat_requests(sim) < 2
+        got = rows(tmp_path / "out.parquet")
+        assert len(got) < 4 and sum(r["cost_usd"] for r in got) <= 1e-4
+        # without the cap, a rerun sends the rest online, none in a batch
+        final = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+        created = sim.stats()["batches"]["created"]
+        chat = _chat_requests(sim)
+    assert final.exit_code == 0
+    got = rows(tmp_path / "out.parquet")
+    assert sorted(r["custom_id"] for r in got) == ["r000", "r001", "r002", "r003"]
+    assert created == 1 and chat == 2
     assert sorted(_journaled(tmp_path)) == ["r000", "r001", "r002", "r003"]
