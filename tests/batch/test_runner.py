@@ -38,7 +38,9 @@ def test_several_models_and_chunks_every_id_once_at_half_price(tmp_path: Path) -
         out = text()
         report = run_batch_job(job, sleep=clock_sleep(sim), stream=out)
         created = sim.stats()["batches"]["created"]
+        chat_requests = sim.stats()["requests_received"]
     assert report.exit_code == 0, out.getvalue()
+    assert chat_requests == 0  # batch mode sends no online request, not even a probe
     got = rows(tmp_path / "out.parquet")
     assert sorted(r["custom_id"] for r in got) == [f"r{i:03d}" for i in range(22)]
     assert created == 6  # 11 requests of each model, at most 4 a batch: 3 + 3
