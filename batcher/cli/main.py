@@ -183,6 +183,19 @@ def _retry_errors(args: argparse.Namespace) -> RetryErrors:
     return "retryable" if args.only_retryable else "all"
 
 
+def sim_batch_settings(args: argparse.Namespace) -> dict[str, float]:
+    """``batcher sim``'s ``--batch-*`` flags as ``[sim.batch]`` settings."""
+    batch = {
+        "validating_s": args.batch_validating_s,
+        "in_progress_s": args.batch_in_progress_s,
+        "finalizing_s": args.batch_finalizing_s,
+        "error_rate": args.batch_error_rate,
+    }
+    if args.batch_window_s is not None:
+        batch["window_s"] = args.batch_window_s
+    return batch
+
+
 def _sim(args: argparse.Namespace) -> int:
     from batcher.errors import ConfigError
     from batcher.sim.config import SimConfig
@@ -202,6 +215,7 @@ def _sim(args: argparse.Namespace) -> int:
             burst_s=args.burst_s,
             stream_chunk_ms=args.stream_chunk_ms,
             schema_error_rate=args.schema_error_rate,
+            batch=sim_batch_settings(args),
         )
     except ValueError as exc:
         raise ConfigError("sim", str(exc)) from None

@@ -252,7 +252,8 @@ def _add_sim(sub: _Subparsers) -> None:
     sim = sub.add_parser(
         "sim",
         help="serve the OpenAI-compatible simulator",
-        description="Serve the simulator: POST /v1/chat/completions, GET /v1/models, GET /stats.",
+        description="Serve the simulator: POST /v1/chat/completions, GET /v1/models, the Files "
+        "and Batches API (/v1/files, /v1/batches), GET /stats.",
     )
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
@@ -293,4 +294,29 @@ def _add_sim(sub: _Subparsers) -> None:
         help="0..1: share of JSON answers (response_format) made not to match their schema",
     )
     sim.add_argument("--seed", type=int, default=0)
+    _add_sim_batch_arguments(sim)
     sim.add_argument("--max-completion-tokens", type=_positive_int, default=64)
+
+
+def _add_sim_batch_arguments(sim: argparse.ArgumentParser) -> None:
+    """The simulated Batches API's time scale and faults (``[sim.batch]`` in a job file)."""
+    for stage, default in (("validating", 1.0), ("in-progress", 2.0), ("finalizing", 1.0)):
+        sim.add_argument(
+            f"--batch-{stage}-s",
+            type=_non_negative_float,
+            default=default,
+            metavar="S",
+            help=f"seconds a batch spends {stage.replace('-', ' ')} ({default:g})",
+        )
+    sim.add_argument(
+        "--batch-window-s",
+        type=_positive_float,
+        metavar="S",
+        help="a batch expires after this many seconds, whatever completion_window it asks for",
+    )
+    sim.add_argument(
+        "--batch-error-rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="0..1: share of a batch's requests answered with an error",
+    )
