@@ -20,7 +20,8 @@ class Request:
     ``prompt_tokens`` is the prompt counted with tiktoken, or ``None`` when nothing needed the
     count when the line was read (no TPM limit, no ``--max-cost``: see ``tokens``);
     ``completion_budget`` is the worst-case completion (``max_tokens`` × ``n``). ``body_hash``
-    identifies the body, so resume notices a changed line.
+    identifies the body, so resume notices a changed line. ``input`` holds the row's own
+    columns when the input is a table (CSV, Parquet, rows through a ``[template]``).
     """
 
     custom_id: str
@@ -31,6 +32,7 @@ class Request:
     completion_budget: int = 0
     body_hash: str = ""
     variant: str | None = None
+    input: dict[str, Any] | None = None
 
     @property
     def est_tokens(self) -> int:
@@ -116,7 +118,9 @@ class Result:
     was not checked) and ``schema_error`` why not. ``variant`` names the job's variant that
     asked (``None`` in a job without variants). ``choices_asked`` is the request's ``n`` when
     it asked for more than one choice (a server may answer with fewer). ``batch_id`` names
-    the Batch API batch that answered (``None`` for a request sent online).
+    the Batch API batch that answered (``None`` for a request sent online). ``messages`` are
+    the messages as sent (after defaults, template and variant; before any re-ask), and
+    ``input`` the row of a tabular input (``Request.input``).
     """
 
     custom_id: str
@@ -142,6 +146,8 @@ class Result:
     variant: str | None = None
     choices_asked: int | None = None
     batch_id: str | None = None
+    messages: list[Any] | None = None
+    input: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

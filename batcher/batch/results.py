@@ -165,6 +165,8 @@ def _result(
         variant=request.variant,
         choices_asked=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else None,
         batch_id=batch.id,
+        messages=request.body.get("messages"),
+        input=request.input,
     )
 
 

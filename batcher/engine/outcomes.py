@@ -43,6 +43,7 @@ def combined(before: Result, after: Result) -> Result:
         cost_usd=sum(costs) if costs else None,
         started_at=before.started_at,
         finished_at=after.finished_at,
+        messages=before.messages,  # what was asked first, not the re-ask's longer thread
     )
 
 
@@ -87,6 +88,8 @@ def result_of(
         endpoint=endpoint,
         variant=request.variant,
         choices_asked=choices_asked(request.body),
+        messages=request.body.get("messages"),
+        input=request.input,
     )
 
 

@@ -305,6 +305,10 @@ def encode(result: Result, body_hash: str, *, provisional: bool = False) -> byte
         record["choices_asked"] = result.choices_asked
     if result.batch_id is not None:  # answered by a Batch API batch
         record["batch_id"] = result.batch_id
+    if result.messages is not None:
+        record["messages"] = result.messages
+    if result.input is not None:
+        record["input"] = result.input
     if provisional:
         record["provisional"] = True
     # A lone surrogate becomes its \uXXXX escape, which JSON reads back as is.
@@ -338,6 +342,8 @@ def decode(record: Mapping[str, Any]) -> Result:
         variant=record.get("variant"),
         choices_asked=record.get("choices_asked"),
         batch_id=record.get("batch_id"),
+        messages=_list_or_none(record.get("messages")),
+        input=_dict_or_none(record.get("input")),
     )
 
 
@@ -362,6 +368,14 @@ def _usage_of(record: Mapping[str, Any]) -> Usage:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _list_or_none(value: Any) -> list[Any] | None:
+    return value if isinstance(value, list) else None
+
+
+def _dict_or_none(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 def _usage_dict(usage: Usage) -> dict[str, int | None]:
