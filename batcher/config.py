@@ -120,6 +120,20 @@ class ValidateConfig:
     max_reasks: int = 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class TemplateConfig:
+    """How a row of a table (CSV, TSV, Parquet, JSONL rows) becomes a request (``[template]``).
+
+    ``user`` is the user message with ``{column}`` placeholders (``{{``/``}}`` for braces);
+    ``system`` an optional system message, likewise; ``id_column`` the column holding each
+    row's id (else the row number).
+    """
+
+    user: str
+    system: str | None = None
+    id_column: str | None = None
+
+
 #: The engines a job can run on: this process, or a Ray cluster (``batcher.ray.driver``).
 ENGINES = ("local", "ray")
 
@@ -162,7 +176,10 @@ class JobConfig:
     simulator settings used when the endpoint is ``"sim"``. ``grace_s`` is how long requests in
     flight may finish after Ctrl+C or SIGTERM. ``engine`` is ``"local"`` (this process) or
     ``"ray"`` (Ray Data; settings in ``ray``). ``mode`` is ``"online"`` or ``"batch"`` (the
-    Batch API; settings in ``batch``).
+    Batch API; settings in ``batch``). ``template``, when set, reads the input as a table
+    whose rows it renders into requests. ``system`` is a system message put first in every
+    request that has none (the line's own, the template's or a variant's wins).
+    ``split_errors`` writes failed requests to ``OUTPUT.errors.jsonl`` instead of the output.
     """
 
     name: str = "batch"
@@ -183,6 +200,9 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     mode: str = "online"
     batch: BatchConfig = field(default_factory=BatchConfig)
+    template: TemplateConfig | None = None
+    system: str | None = None
+    split_errors: bool = False
 
     def require_paths(self) -> tuple[Path, Path]:
         """Return (input, output), or fail naming the one that is missing."""

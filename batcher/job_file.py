@@ -22,6 +22,7 @@ from batcher.config import (
     LimitsConfig,
     RayConfig,
     RetryConfig,
+    TemplateConfig,
     ValidateConfig,
     VariantConfig,
     default_base_url,
@@ -35,14 +36,15 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECTIONS = {
     "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
     "variants",
-    "ray", "batch",
+    "ray", "batch", "template",
 }  # fmt: skip
 _ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
      "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
-     "engine", "ray_workers", "mode", "detach", "cancel"}
+     "engine", "ray_workers", "mode", "detach", "cancel", "template_user", "template_system",
+     "id_column", "system", "max_tokens", "temperature", "params", "split_errors"}
 )  # fmt: skip
 
 
@@ -76,7 +78,8 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     ray_t = _table(raw, "ray")
     batch_t = _table(raw, "batch")
 
-    job_keys = {"name", "input", "output", "progress", "grace_s", "engine", "mode"}
+    job_keys = {"name", "input", "output", "progress", "grace_s", "engine", "mode", "system",
+                "split_errors"}  # fmt: skip
     _no_unknown(job_t, job_keys, where="job")
     _no_unknown(batch_t, {f.name for f in dataclasses.fields(BatchConfig)}, where="batch")
     _no_unknown(ray_t, {f.name for f in dataclasses.fields(RayConfig)}, where="ray")
@@ -119,9 +122,27 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         ray=RayConfig(**{k: ray_t[k] for k in ray_t}),
         mode=job_t.get("mode", "online"),
         batch=BatchConfig(**{k: batch_t[k] for k in batch_t}),
+        template=_template(_table(raw, "template")),
+        system=_typed(job_t, "system", str, "job"),
+        split_errors=_typed(job_t, "split_errors", bool, "job", False),
     )
     validate(job)
     return job
+
+
+def _template(table: Mapping[str, Any]) -> TemplateConfig | None:
+    """The ``[template]`` table (``None`` when absent): ``user`` required, all strings."""
+    if not table:
+        return None
+    _no_unknown(table, {"user", "system", "id_column"}, where="template")
+    user = _typed(table, "user", str, "template")
+    if not user:
+        raise ConfigError("template.user", "required: the user message, with {column} fields")
+    return TemplateConfig(
+        user=user,
+        system=_typed(table, "system", str, "template"),
+        id_column=_typed(table, "id_column", str, "template"),
+    )
 
 
 def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
@@ -146,8 +167,11 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     if given.get("detach") and given.get("cancel"):
         raise ConfigError("--cancel", "cannot be given with --detach")
     request = dict(job.request)
-    if "model" in given:
-        request["model"] = given["model"]
+    request.update(given.get("params") or {})
+    for name in ("model", "max_tokens", "temperature"):
+        if name in given:
+            request[name] = given[name]
+    check_request_fields(request, where="request")
     job = dataclasses.replace(
         job,
         input=Path(given["input"]) if "input" in given else job.input,
@@ -165,6 +189,9 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
             job.limits,
             **{k: given[k] for k in ("concurrency", "rpm", "tpm", "max_cost_usd") if k in given},
         ),
+        template=_template_over(job.template, given),
+        system=given.get("system", job.system),
+        split_errors=given.get("split_errors", job.split_errors),
         retry=dataclasses.replace(
             job.retry,
             **{k: given[k] for k in ("max_attempts", "timeout_s") if k in given},
@@ -177,6 +204,25 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     )
     validate(job)
     return job
+
+
+def _template_over(
+    template: TemplateConfig | None, given: Mapping[str, Any]
+) -> TemplateConfig | None:
+    """The job's template with ``template_user``/``template_system``/``id_column`` over it."""
+    user = given.get("template_user", None if template is None else template.user)
+    if user is None:
+        for flag in ("template_system", "id_column"):
+            if flag in given:
+                raise ConfigError(
+                    f"--{flag.replace('_', '-')}", "needs a template (--template-user)"
+                )
+        return template
+    return TemplateConfig(
+        user=user,
+        system=given.get("template_system", None if template is None else template.system),
+        id_column=given.get("id_column", None if template is None else template.id_column),
+    )
 
 
 #: Keys of a ``[[variants]]`` entry that are not request fields.
