@@ -328,7 +328,9 @@ def _default_output(job: JobConfig, written: api_input.Materialised | None) -> P
         raise ConfigError("job.output", "no output file (set it in the job or pass output=)")
     else:
         digest = api_input.file_digest(job.input)
-    return api_input.default_output(job, digest)
+    output = api_input.default_output(job, digest)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
 
 
 def _job_of(job: JobLike) -> JobConfig:
