@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 
     from batcher.config import JobConfig
 
-#: The libraries whose tables ``input=`` takes, by the top-level module of the object's type.
-_TABLE_MODULES = ("pandas", "polars", "pyarrow", "datasets")
 #: The keys of a request line that are not request fields (``input/reader.py``'s forms).
 _LINE_KEYS = frozenset({"custom_id", "id", "messages", "prompt", "system", "metadata"})
 #: Keys a request line may carry: anything else in a row is the row's own data.
@@ -64,33 +62,44 @@ class Materialised:
 
 
 def is_in_memory(value: Any) -> bool:
-    """Whether ``input=`` is rows in memory rather than a path."""
-    if isinstance(value, str | os.PathLike):
-        return False
-    if isinstance(value, list | tuple):
-        return True
-    return type(value).__module__.split(".")[0] in _TABLE_MODULES
+    """Whether ``input=`` is rows in memory rather than a path (``as_table`` says what rows
+    it takes)."""
+    return not isinstance(value, str | os.PathLike)
 
 
 def as_table(value: Any) -> pa.Table:
-    """The rows of ``value`` (see ``is_in_memory``) as a pyarrow Table, without the pandas
-    index or schema metadata; a ``datasets.Dataset`` as it reads (selections applied)."""
+    """The rows of ``value`` as a pyarrow Table, without the pandas index or schema metadata:
+    a list of dicts, a pandas DataFrame, a polars DataFrame or LazyFrame (collected), a
+    pyarrow Table or RecordBatch, a ``datasets.Dataset`` as it reads (selections applied).
+    Each library is imported only when ``value`` is one of its objects."""
     import pyarrow as pa
 
     kind = type(value).__module__.split(".")[0]
+    table: pa.Table | None = None
     if isinstance(value, list | tuple):
         table = rows_table(value)
     elif isinstance(value, pa.Table):
         table = value
     elif isinstance(value, pa.RecordBatch):
         table = pa.Table.from_batches([value])
-    elif kind == "pandas" and hasattr(value, "columns"):
-        table = pa.Table.from_pandas(value, preserve_index=False)
-    elif kind == "polars" and hasattr(value, "to_arrow"):
-        table = value.to_arrow()
-    elif kind == "datasets" and hasattr(value, "with_format"):
-        table = value.with_format("arrow")[:]
-    else:
+    elif kind == "pandas":
+        import pandas as pd
+
+        if isinstance(value, pd.DataFrame):
+            table = pa.Table.from_pandas(value, preserve_index=False)
+    elif kind == "polars":
+        import polars as pl
+
+        if isinstance(value, pl.LazyFrame):
+            value = value.collect()
+        if isinstance(value, pl.DataFrame):
+            table = value.to_arrow()
+    elif kind == "datasets":
+        import datasets
+
+        if isinstance(value, datasets.Dataset):
+            table = value.with_format("arrow")[:]
+    if table is None:
         raise TypeError(
             "input must be a path, a list of dicts, a pandas or polars DataFrame, a pyarrow "
             f"Table or a datasets.Dataset, not {type(value).__name__}"

@@ -124,6 +124,7 @@ def test_dataframes_arrow_and_datasets_give_the_same_run(
     assert counting.bodies[0]["messages"] == [{"role": "user", "content": "What is 2+2?"}]
     for same in (
         pl.DataFrame(rows),
+        pl.DataFrame(rows).lazy(),
         pa.Table.from_pylist(rows),
         datasets.Dataset.from_list(rows),
         rows,
@@ -180,6 +181,14 @@ def test_unknown_keywords_are_type_errors_naming_them(cache: Path) -> None:
     with pytest.raises(TypeError, match=r"arun\(\) got an unexpected keyword argument 'colour' "):
         asyncio.run(batcher.arun(input=ROWS, colour="red"))
     assert not cache.exists()  # raised before anything was written
+
+
+def test_input_of_another_kind_is_a_type_error_naming_what_is_taken(cache: Path) -> None:
+    import pandas as pd
+
+    for odd in (iter(ROWS), pd.Series([1, 2]), {"prompt": "a dict is not rows"}):
+        with pytest.raises(TypeError, match="input must be a path, a list of dicts"):
+            batcher.run(input=odd, model="m")
 
 
 def test_rows_that_are_not_requests_need_a_template(
