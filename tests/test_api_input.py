@@ -323,7 +323,7 @@ def test_a_dataframe_of_questions_runs_through_the_template(
     import pandas as pd
 
     counting, url = server
-    frame = pd.DataFrame({"question": ["2+2?", "3+3?"], "gold": ["4", "6"]})
+    frame = pd.DataFrame({"question": ["2+2?", "3+3?"], "gold": ["4", "6"], "points": [1, 2]})
     first = batcher.run(
         input=frame, template_user="Q: {question}", system="Answer briefly.", base_url=url,
         model="m", max_tokens=16,
@@ -334,6 +334,7 @@ def test_a_dataframe_of_questions_runs_through_the_template(
     view = first.to_pandas()
     assert list(view["question"]) == ["2+2?", "3+3?"] and list(view["gold"]) == ["4", "6"]
     assert list(view["content"]) == ["echo: Q: 2+2?", "echo: Q: 3+3?"]
+    assert str(view["points"].dtype) == "int64"  # the row's own types, not text
     again = batcher.run(
         input=frame, template_user="Q: {question}", system="Answer briefly.", base_url=url,
         model="m", max_tokens=16,
@@ -368,3 +369,20 @@ def test_a_list_of_dicts_imports_no_dataframe_library(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]"]
+
+
+def test_a_job_with_a_template_renders_rows_that_look_like_requests(
+    server: tuple[Server, str], cache: Path
+) -> None:
+    """The job's own [template] wins over a ``prompt`` column: the rows are rendered."""
+    pytest.importorskip("batcher.input.tabular")
+    import polars as pl
+
+    counting, url = server
+    job = {"template": {"user": "Say: {prompt}", "id_column": "key"}, "request": {"model": "m"}}
+    frame = pl.DataFrame({"key": ["a", "b"], "prompt": ["one", "two"]})
+    result = batcher.run(job, input=frame, base_url=url)
+    assert result.exit_code == 0, result.summary
+    assert sorted(b["messages"][-1]["content"] for b in counting.bodies) == ["Say: one", "Say: two"]
+    view = result.to_polars()
+    assert view["custom_id"].to_list() == ["a", "b"] and view["prompt"].to_list() == ["one", "two"]
