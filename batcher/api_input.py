@@ -192,11 +192,14 @@ def request_line(row: Mapping[str, Any], id_column: str | None = None) -> bytes:
 
 
 def _write_parquet(table: pa.Table, folder: Path) -> Materialised:
-    """Template rows as a Parquet file named by their hash (the rows' values, not their
-    chunking nor the library they came from)."""
+    """Template rows as a Parquet file named by their hash (the rows' values and types, not
+    their chunking nor the library they came from)."""
     import pyarrow.parquet as pq
 
-    digest = hashlib.sha256(str(table.schema).encode("utf-8"))
+    # the types as well as the values (a date and its text are one JSON value); string and
+    # large_string alike (pandas gives one, polars the other, for the same rows)
+    types = [(f.name, str(f.type).replace("large_", "")) for f in table.schema]
+    digest = hashlib.sha256(json.dumps(types).encode("utf-8"))
     for batch in table.to_batches(_BATCH_ROWS):
         for row in batch.to_pylist():
             digest.update(jsonfast.dumps(row) + b"\n")

@@ -228,6 +228,12 @@ def test_template_rows_are_written_as_parquet_named_by_their_content(tmp_path: P
     chunked = pa.Table.from_batches(pa.Table.from_pylist(rows).to_batches(max_chunksize=7))
     two = api_input.materialise(chunked, template_user="x", id_column=None, folder=tmp_path)
     assert two.path == one.path and two.digest == one.digest
+    import pandas as pd
+    import polars as pl
+
+    for other in (pd.DataFrame(rows), pl.DataFrame(rows)):
+        same = api_input.materialise(other, template_user="x", id_column=None, folder=tmp_path)
+        assert same.digest == one.digest, type(other)
     changed = [*rows[:-1], {**rows[-1], "gold": -1}]
     three = api_input.materialise(changed, template_user="x", id_column=None, folder=tmp_path)
     assert three.path != one.path
