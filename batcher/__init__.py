@@ -7,6 +7,9 @@ From Python (a notebook, say)::
     result.table            # the output as a pyarrow.Table (None for a large output)
     print(result.summary)
 
+    rows = [{"prompt": "What is 2+2?", "gold": "4"}]   # or a DataFrame, a datasets.Dataset
+    batcher.run(input=rows, model="gpt-4o-mini", seed=7).to_pandas()   # input columns first
+
 The public surface is small on purpose; everything else lives in modules that may change
 (``run_job`` and ``job_from_dict``, the lower-level calls ``run`` is built on, still resolve
 here). Names are imported on first use, so ``batcher --help`` does not pay for pyarrow and httpx.

@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "batcher"
 #: The optional parts, and the top layer that may import them.
 OPTIONAL = ("batcher.sim", "batcher.ray")
 TOP = ("batcher.cli", "batcher.api", "batcher", "batcher.__main__")
-#: The entry layer: what users call, built on the core.
-ENTRY = ("batcher.cli", "batcher.api")
+#: The entry layer: what users call, built on the core (the Python API's input and dataset
+#: view may import pandas, polars and datasets).
+ENTRY = ("batcher.cli", "batcher.api", "batcher.api_input", "batcher.api_view")
 #: What the core must never import.
 ABOVE_THE_CORE = (*OPTIONAL, *ENTRY)
 

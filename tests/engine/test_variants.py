@@ -269,7 +269,7 @@ def test_large_outputs_are_not_loaded_unless_asked(
 
 
 def test_bad_arguments_raise_instead_of_exiting(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown override"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         batcher.run(mock_job(tmp_path, []), colour="red")
     with pytest.raises(ConfigError, match=r"job\.input"):
         batcher.run({"request": {"model": "m"}})
