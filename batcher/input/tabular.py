@@ -15,7 +15,6 @@ line, as request lines are). ``input_schema`` is the Arrow type of the ``input``
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,22 +197,27 @@ def _row_text(cells: Mapping[str, Any]) -> str:
 CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def _text_stream(stream: IO[bytes]) -> io.TextIOWrapper:
-    """``stream`` as UTF-8 text (a leading BOM dropped), newlines left to the csv module."""
-    return io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+def _text_lines(stream: IO[bytes]) -> Iterator[str]:
+    """``stream``'s lines as text, line endings kept for the csv module (a leading BOM
+    dropped); invalid UTF-8 or an unreadable stream is an ``InputError`` naming the line."""
+    for number, raw in enumerate(_checked(stream), start=1):
+        line = raw.removeprefix(_BOM) if number == 1 else raw
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"invalid UTF-8 on line {number} of the input, at byte {exc.start + 1}"
+            ) from None
+
+
+def _csv_reader(stream: IO[bytes], form: Form) -> Iterator[list[str]]:
+    """The csv module's reader of ``stream``: commas, or tabs for TSV."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    return csv.reader(_text_lines(stream), delimiter="\t" if form == "tsv" else ",")
 
 
 def _csv_rows(reader: TableReader) -> Iterator[_Row | Reject]:
-    text = _text_stream(reader._stream)
-    try:
-        yield from _csv_rows_of(text, reader)
-    finally:
-        text.detach()  # the caller closes the stream it opened
-
-
-def _csv_rows_of(text: io.TextIOWrapper, reader: TableReader) -> Iterator[_Row | Reject]:
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    rows = csv.reader(text, delimiter="\t" if reader._form == "tsv" else ",")
+    rows = _csv_reader(reader._stream, reader._form)
     number = 0
     header: list[str] | None = None
     while True:
@@ -221,7 +225,7 @@ def _csv_rows_of(text: io.TextIOWrapper, reader: TableReader) -> Iterator[_Row |
             fields = next(rows)
         except StopIteration:
             return
-        except (csv.Error, UnicodeDecodeError, OSError, EOFError) as exc:
+        except csv.Error as exc:  # a NUL byte, say
             where = "the header" if header is None else f"row {number}"
             raise InputError(f"cannot read the input after {where}: {exc}") from None
         if header is None:
@@ -257,14 +261,10 @@ def _csv_header(path: Path, form: Form) -> list[str]:
     from batcher.input.sources import open_input
 
     with open_input(path) as stream:
-        text = _text_stream(stream)
         try:
-            csv.field_size_limit(CSV_FIELD_LIMIT)
-            first = next(csv.reader(text, delimiter="\t" if form == "tsv" else ","), [])
-        except (csv.Error, UnicodeDecodeError) as exc:
+            first = next(_csv_reader(stream, form), [])
+        except csv.Error as exc:
             raise InputError(f"cannot read the input's header: {exc}") from None
-        finally:
-            text.detach()
     return _header(first)
 
 
@@ -406,12 +406,7 @@ def _count_csv(path: Path, form: Form) -> int | None:
 
     try:
         with open_input(path) as stream:
-            text = _text_stream(stream)
-            try:
-                csv.field_size_limit(CSV_FIELD_LIMIT)
-                rows = csv.reader(text, delimiter="\t" if form == "tsv" else ",")
-                return max(0, sum(1 for fields in rows if fields) - 1)  # the header aside
-            finally:
-                text.detach()
-    except (OSError, EOFError, csv.Error, UnicodeDecodeError, InputError):
+            rows = _csv_reader(stream, form)
+            return max(0, sum(1 for fields in rows if fields) - 1)  # the header aside
+    except (OSError, csv.Error, InputError):
         return None
