@@ -324,3 +324,35 @@ def test_jsonl_requests_without_a_template_are_read_as_before(tmp_path: Path) ->
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "hi"},
     ]
+
+
+# --- every pass over the input reads tables ------------------------------------------------
+
+
+def test_estimate_and_a_batch_run_read_the_rows(tmp_path: Path) -> None:
+    from batcher.batch.prepare import read_all
+    from batcher.cost.estimate import estimate
+    from batcher.runner.stats import RunStats
+
+    src = write(tmp_path / "q.csv", "question\nfirst\nsecond\n\n")
+    job = JobConfig(
+        input=src,
+        output=tmp_path / "out.jsonl",
+        request={"model": "gpt-4o-mini", "max_tokens": 10},
+        template=TemplateConfig(user="{question}"),
+        variants=(VariantConfig(name="a"), VariantConfig(name="b")),
+    )
+    est = estimate(job)
+    assert est.by_model["gpt-4o-mini"].requests == 4  # two rows, each in two variants
+    assert est.rejected == 0
+    stats = RunStats()
+    requests = read_all(job, src, tmp_path / "out.jsonl", stats)
+    assert [(r.custom_id, r.variant, r.input) for r in requests] == [
+        ("1", "a", {"question": "first"}),
+        ("2", "a", {"question": "second"}),
+        ("1", "b", {"question": "first"}),
+        ("2", "b", {"question": "second"}),
+    ]
+    assert stats.lines_read == 2
+    with pytest.raises(ConfigError, match=r"template\.user"):
+        estimate(JobConfig(input=src, request={"model": "m"}))
