@@ -301,7 +301,7 @@ def _parquet_rows(reader: TableReader) -> Iterator[_Row | Reject]:
 
 
 def _jsonl_rows(reader: TableReader) -> Iterator[_Row | Reject]:
-    keys: list[str] | None = None  # the first row's: the input column's fields
+    keys: list[str] | None = None  # the first row's (a JSON object): the input's fields
     for number, raw in enumerate(_checked(reader._stream), start=1):
         reader._note_row(number)
         if number == 1 and raw.startswith(_BOM):
@@ -350,7 +350,7 @@ def _first_json_row(path: Path) -> dict[str, Any] | None:
                 try:
                     return _json_row(raw)
                 except LineError:
-                    return None  # the reader rejects it, with its line number
+                    continue  # the reader rejects it, and takes the next row's keys too
     return None
 
 
@@ -362,8 +362,8 @@ def input_schema(job: JobConfig) -> pa.Schema | None:
     template (request lines have no row).
 
     CSV and TSV carry no types: every column is ``pa.string()``. Parquet gives its own schema.
-    JSONL rows: the first non-blank row's keys, each ``pa.string()`` (other values as JSON
-    text). Standard input has no schema to read ahead (``None``).
+    JSONL rows: the first row's keys (the first line that is a JSON object), each
+    ``pa.string()`` (other values as JSON text; a later row's other keys are left out). Standard input has no schema to read ahead (``None``).
     """
     import pyarrow as pa
 

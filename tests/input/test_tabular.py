@@ -280,8 +280,8 @@ def test_csv_rows_are_counted_as_rows_not_lines(tmp_path: Path) -> None:
 def test_with_a_template_every_jsonl_line_is_a_row(tmp_path: Path) -> None:
     src = write(
         tmp_path / "rows.jsonl",
+        "not json\n"
         '{"question": "a", "n": 1, "extra": {"x": [1]}}\n'
-        "\n"
         '{"question": "b", "messages": "not a request here", "n": null}\n'
         "[1]\n"
         '{"n": 3}\n',
@@ -289,11 +289,12 @@ def test_with_a_template_every_jsonl_line_is_a_row(tmp_path: Path) -> None:
     items = read(job_for(src, user="{question} #{n}"))
     assert users(items) == ["a #1", "b #"]
     ok = [i for i in items if isinstance(i, Request)]
-    assert [(i.custom_id, i.line) for i in ok] == [("1", 1), ("3", 3)]  # numbered by line
+    assert [(i.custom_id, i.line) for i in ok] == [("2", 2), ("3", 3)]  # numbered by line
     assert ok[0].input == {"question": "a", "n": "1", "extra": '{"x":[1]}'}  # JSON text
     assert ok[1].input == {"question": "b", "n": None, "extra": None}  # the first row's keys
     rejects = {i.line: i.reason for i in items if isinstance(i, Reject)}
     assert rejects == {
+        1: "invalid JSON: Expecting value at column 1",
         4: "not a JSON object (got an array)",
         5: "missing column 'question' (template.user)",
     }
