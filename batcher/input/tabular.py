@@ -363,7 +363,8 @@ def input_schema(job: JobConfig) -> pa.Schema | None:
 
     CSV and TSV carry no types: every column is ``pa.string()``. Parquet gives its own schema.
     JSONL rows: the first row's keys (the first line that is a JSON object), each
-    ``pa.string()`` (other values as JSON text; a later row's other keys are left out). Standard input has no schema to read ahead (``None``).
+    ``pa.string()`` (other values as JSON text; a later row's other keys are left out).
+    Standard input has no schema to read ahead (``None``).
     """
     import pyarrow as pa
 
