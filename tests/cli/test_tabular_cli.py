@@ -139,3 +139,30 @@ def test_a_csv_without_a_template_sends_nothing(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert stats["requests_received"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.csv"]  # no journal, no output
+
+
+def test_the_shipped_dataset_job_answers_every_question(tmp_path: Path) -> None:
+    import dataclasses
+
+    from batcher.job_file import load_job
+    from batcher.runner.run import run_job
+    from batcher.sim import sim_server
+    from tests.helpers import ROOT
+
+    job = load_job(ROOT / "jobs" / "dataset.toml")
+    job = dataclasses.replace(job, output=tmp_path / "dataset.parquet", progress=False)
+    report = run_job(job, sim=sim_server)
+    assert report.exit_code == 0, report.summary
+    rows = pq.read_table(report.output).to_pylist()
+    assert sorted(r["custom_id"] for r in rows) == [f"q{i:02d}" for i in range(1, 21)]
+    q11 = next(r for r in rows if r["custom_id"] == "q11")
+    sent = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "Answer with the answer alone."},
+            {"role": "user", "content": 'Question: Spell the word "necessary" backwards.'},
+        ],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    assert q11["content"] == expected_content(sent)
