@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from batcher.config import JobConfig, VariantConfig
-from batcher.input.reader import Reader
 from batcher.input.sources import open_input
+from batcher.input.tabular import reader_for
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.records import Reject, Request
 from batcher.runner.stats import RunStats
@@ -22,10 +22,10 @@ def read_all(job: JobConfig, input_path: Path, output: Path, stats: RunStats) ->
     with RejectsWriter(rejects_path(output)) as rejects:
         for variant in variants:
             with open_input(input_path) as source:
-                reader = Reader(
+                reader = reader_for(
+                    job,
                     source,
-                    job.request,
-                    encoding=job.limits.encoding,
+                    path=input_path,
                     variant=variant,
                     count_tokens=job.limits.max_cost_usd is not None,
                 )

@@ -43,6 +43,7 @@ from batcher.config import JobConfig
 from batcher.cost.budget import check_priced
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
+from batcher.input.tabular import check_input
 from batcher.output.formats import rejects_path
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import write_output
@@ -117,6 +118,7 @@ async def arun_batch_job(
     input_path, output = job.require_paths()
     check_output_writable(output)
     check_not_the_input(input_path, output)
+    check_input(job, input_path)
     if job.engine == "ray":
         raise ConfigError("job.mode", 'batch mode runs in this process: use engine "local"')
     check_sim_available(job, sim is not None)

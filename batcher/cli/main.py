@@ -72,6 +72,7 @@ def console_main() -> int:
 
 
 def _job(args: argparse.Namespace) -> JobConfig:
+    from batcher.cli.parser import params_of
     from batcher.config import JobConfig
     from batcher.job_file import load_job, with_overrides
 
@@ -99,6 +100,14 @@ def _job(args: argparse.Namespace) -> JobConfig:
         mode=getattr(args, "mode", None),
         detach=getattr(args, "detach", None) or None,
         cancel=getattr(args, "cancel", None) or None,
+        template_user=args.template_user,
+        template_system=args.template_system,
+        id_column=args.id_column,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        params=params_of(args.param),
+        split_errors=getattr(args, "split_errors", None),
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,7 +76,10 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say what a job is: shared by ``run`` and ``estimate``."""
     parser.add_argument("job", nargs="?", type=Path, help="job file (TOML), e.g. jobs/demo.toml")
     parser.add_argument(
-        "--input", "-i", help="input JSONL file (.jsonl, .jsonl.gz, or - for stdin)"
+        "--input",
+        "-i",
+        help="input: JSONL requests (.jsonl, .jsonl.gz, or - for stdin), or a table "
+        "(.csv, .tsv, .parquet) with --template-user",
     )
     parser.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
     parser.add_argument("--model", "-m", help="default model for lines that name none")
@@ -86,6 +91,71 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", "-c", type=_positive_int, help="requests in flight")
     parser.add_argument("--rpm", type=_positive_float, help="client-side requests-per-minute limit")
     parser.add_argument("--tpm", type=_positive_float, help="client-side tokens-per-minute limit")
+    _add_request_arguments(parser)
+
+
+def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say what each request is: the template for rows, and request fields."""
+    parser.add_argument(
+        "--template-user",
+        metavar="TEXT",
+        help="the user message for each row of a table, with {column} placeholders "
+        "({{ and }} for braces); JSONL lines are then rows too",
+    )
+    parser.add_argument(
+        "--template-system", metavar="TEXT", help="a system message for each row, likewise"
+    )
+    parser.add_argument(
+        "--id-column", metavar="NAME", help="the column holding each row's id (else its number)"
+    )
+    parser.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="a system message put first in every request that has none",
+    )
+    parser.add_argument("--max-tokens", type=_positive_int, help="request default max_tokens")
+    parser.add_argument("--temperature", type=_number, help="request default temperature")
+    parser.add_argument(
+        "--param",
+        "-p",
+        action="append",
+        type=_param,
+        metavar="KEY=VALUE",
+        help="any other request default (repeatable); VALUE is read as JSON if it parses "
+        "(-p seed=7, -p 'stop=[\"\\n\"]'), else as a string (-p user=me)",
+    )
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _param(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``: VALUE as JSON when it parses (numbers, true, lists...), else the text."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: object = json.loads(raw, parse_constant=_no_constant)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON a server accepts")  # NaN, Infinity: kept as text
+
+
+def params_of(pairs: list[tuple[str, object]] | None) -> dict[str, object] | None:
+    """The ``-p`` pairs as request fields (a later KEY wins), ``None`` when none was given."""
+    return dict(pairs) if pairs else None
 
 
 def _fraction(text: str) -> float:
@@ -144,6 +214,12 @@ def _add_run(sub: _Subparsers) -> None:
     )
     run.add_argument(
         "--grace", type=_non_negative_float, help="seconds in-flight requests get after Ctrl+C"
+    )
+    run.add_argument(
+        "--split-errors",
+        action="store_true",
+        default=None,
+        help="write failed requests to OUTPUT.errors.jsonl instead of the output",
     )
     _add_resume_arguments(run)
     _add_engine_arguments(run)

@@ -22,8 +22,8 @@ from typing import Any
 
 from batcher.config import EndpointConfig, JobConfig, VariantConfig
 from batcher.cost.pricing import BATCH_DISCOUNT, Pricer
-from batcher.input.reader import Reader
 from batcher.input.sources import open_input
+from batcher.input.tabular import check_input, reader_for
 from batcher.output.writers import read_results
 from batcher.records import Reject
 from batcher.runner.progress import format_duration
@@ -84,6 +84,7 @@ def estimate(
         from batcher.errors import ConfigError
 
         raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
+    check_input(job)  # before anything is read
     pricer = build_pricer(job)
     per_answer = _sampled_completion(sample) if sample else None
     result = Estimate()
@@ -99,7 +100,7 @@ def estimate(
     passes: list[VariantConfig | None] = list(job.variants) or [None]
     for variant in passes:
         with open_input(job.input) as stream:
-            reader = Reader(stream, job.request, encoding=job.limits.encoding, variant=variant)
+            reader = reader_for(job, stream, variant=variant)
             for item in reader:
                 if isinstance(item, Reject):
                     rejected_lines.add(item.line)

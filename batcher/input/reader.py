@@ -37,6 +37,7 @@ from batcher.input.requests import (
     merge_defaults,
     messages_problem,
     with_stream_usage,
+    with_system,
 )
 
 _BOM = b"\xef\xbb\xbf"
@@ -56,8 +57,10 @@ def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str |
     Does nothing for stdin, an unreadable input or a first line that is not a request: the
     tables then load with the first request, as they would anyway.
     """
-    if str(path) == "-":
-        return
+    from batcher.input.tabular import input_form
+
+    if str(path) == "-" or input_form(path) != "jsonl":
+        return  # a table's first request is made from a template: it loads them then
     try:
         with open_input(path) as stream:
             for line in stream:
@@ -77,7 +80,8 @@ class Reader:
     variant). ``count_tokens=False`` leaves prompts uncounted, for a run where no limit needs
     the counts (loading a token table costs 0.1-0.25 s and about 45 MB). With ``fields``,
     ``warn`` is called (in the reading thread) with a warning for each near-miss field name,
-    the first time a line carries it (see ``field_names``).
+    the first time a line carries it (see ``field_names``). ``system`` (the job's) is put
+    first in every request that has no system message.
     """
 
     def __init__(
@@ -90,8 +94,10 @@ class Reader:
         count_tokens: bool = True,
         fields: FieldNames | None = None,
         warn: Callable[[str], object] | None = None,
+        system: str | None = None,
     ) -> None:
         self._stream = stream
+        self._system = system
         self._fields = fields if warn is not None else None
         self._warn = warn
         self._count = count_tokens
@@ -111,30 +117,44 @@ class Reader:
 
     def __iter__(self) -> Iterator[Request | Reject]:
         try:
-            for line_no, raw in enumerate(_checked(self._stream), start=1):
-                self.lines_read = line_no
-                if line_no == 1 and raw.startswith(_BOM):
-                    raw = raw[len(_BOM) :]
-                if not raw.strip():
-                    self.blank_lines += 1
-                    continue
-                raw = raw.rstrip(b"\r\n")
-                item = parse_line(
-                    raw, line_no, self._defaults, self._encoding, self._variant, count=self._count
-                )
+            for item, raw in self._items():
                 if isinstance(item, Request) and not self._seen.add(item.custom_id):
                     item = Reject(
-                        line=line_no,
+                        line=item.line,
                         reason=f"duplicate id {item.custom_id!r} (ids must be unique)",
-                        text=_text(raw),
+                        text=_text(raw) if raw is not None else jsonfast.dumps_text(item.input),
                         custom_id=item.custom_id,
                     )
                 elif isinstance(item, Request) and self._fields is not None and self._warn:
-                    for message in self._fields.warnings(item.body, f"first on line {line_no}"):
+                    for message in self._fields.warnings(item.body, f"first on line {item.line}"):
                         self._warn(message)
                 yield item
         finally:
             self._seen.close()  # its temporary database, if it has one
+
+    def _items(self) -> Iterator[tuple[Request | Reject, bytes | None]]:
+        """Each non-blank line parsed, with the line itself (for a duplicate's reject).
+
+        A table's reader (``batcher.input.tabular``) yields its rows here instead, with
+        ``None`` for the line (its reject text is the row's JSON)."""
+        for line_no, raw in enumerate(_checked(self._stream), start=1):
+            self.lines_read = line_no
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            if not raw.strip():
+                self.blank_lines += 1
+                continue
+            raw = raw.rstrip(b"\r\n")
+            item = parse_line(
+                raw,
+                line_no,
+                self._defaults,
+                self._encoding,
+                self._variant,
+                count=self._count,
+                system=self._system,
+            )
+            yield item, raw
 
     def batches(self, size: int, *, first: int | None = None) -> Iterator[list[Request | Reject]]:
         """The same items in lists of up to ``size`` (to cross a thread boundary cheaply).
@@ -185,10 +205,12 @@ def parse_line(
     variant: VariantConfig | None = None,
     *,
     count: bool = True,
+    system: str | None = None,
 ) -> Request | Reject:
     """Turn one raw line (without duplicate check) into a ``Request`` or a ``Reject``.
 
     ``count=False`` leaves the prompt's tokens uncounted (``prompt_tokens`` is ``None``).
+    ``system`` is put first when the line has no system message.
 
     The line is checked as it stands (over the defaults) before a ``variant`` is applied, so a
     bad line is rejected alike in every variant (the rare clash of a variant's field with the
@@ -207,35 +229,67 @@ def parse_line(
         if jsonfast.too_deep(obj, text):
             raise LineError(jsonfast.TOO_DEEP)  # the journal and the output could not hold it
         body, metadata = _body_of(obj)
-        body = merge_defaults(defaults, body)
-        if "messages" not in body:
-            raise LineError("no 'messages' (nor 'prompt')")
-        problem = field_problem(body)
-        if problem:
-            raise LineError(f"{problem[0]}: {problem[1]}")
-        if variant is not None:
-            body = apply_variant(body, variant.request, variant.system)
-            problem = field_problem(body)
-            if problem:  # only the variant's fields with the line's: stream_options, say
-                raise LineError(f"{problem[0]}: {problem[1]} (variant {variant.name})")
-        if "model" not in body:
-            where = "" if variant is None else f" (variant {variant.name})"
-            raise LineError(
-                f"no model{where}: set model in the line, in the job's [request], or --model"
-            )
-        body = with_stream_usage(body)
-        return Request(
+        return request_of(
+            body,
             custom_id=custom_id,
-            line=line_no,
-            body=body,
+            line_no=line_no,
+            defaults=defaults,
+            encoding=encoding,
+            variant=variant,
+            count=count,
+            system=system,
             metadata=metadata,
-            prompt_tokens=estimate_prompt_tokens(body, encoding) if count else None,
-            completion_budget=completion_budget(body),
-            body_hash=request_hash(body),
-            variant=None if variant is None else variant.name,
         )
     except LineError as exc:
         return Reject(line=line_no, reason=str(exc), text=_text(raw), custom_id=custom_id)
+
+
+def request_of(
+    body: Mapping[str, Any],
+    *,
+    custom_id: str,
+    line_no: int,
+    defaults: Mapping[str, Any],
+    encoding: str | None = None,
+    variant: VariantConfig | None = None,
+    count: bool = True,
+    system: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    row: dict[str, Any] | None = None,
+) -> Request:
+    """A line's (or a row's) request ``body`` checked and completed: the defaults under it,
+    the job's ``system`` first when it has none, then the ``variant``; ``LineError`` when it
+    cannot be sent. ``row`` becomes ``Request.input``."""
+    body = merge_defaults(defaults, body)
+    if "messages" not in body:
+        raise LineError("no 'messages' (nor 'prompt')")
+    problem = field_problem(body)
+    if problem:
+        raise LineError(f"{problem[0]}: {problem[1]}")
+    if system:
+        body = with_system(body, system)
+    if variant is not None:
+        body = apply_variant(body, variant.request, variant.system)
+        problem = field_problem(body)
+        if problem:  # only the variant's fields with the line's: stream_options, say
+            raise LineError(f"{problem[0]}: {problem[1]} (variant {variant.name})")
+    if "model" not in body:
+        where = "" if variant is None else f" (variant {variant.name})"
+        raise LineError(
+            f"no model{where}: set model in the line, in the job's [request], or --model"
+        )
+    body = with_stream_usage(body)
+    return Request(
+        custom_id=custom_id,
+        line=line_no,
+        body=body,
+        metadata=metadata,
+        prompt_tokens=estimate_prompt_tokens(body, encoding) if count else None,
+        completion_budget=completion_budget(body),
+        body_hash=request_hash(body),
+        variant=None if variant is None else variant.name,
+        input=row,
+    )
 
 
 def _loads(text: str) -> Any:

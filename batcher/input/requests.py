@@ -154,6 +154,15 @@ def apply_variant(
     return merged
 
 
+def with_system(body: Mapping[str, Any], system: str) -> dict[str, Any]:
+    """``body`` with ``system`` as its first message when it has no system (or developer)
+    message: the job's ``system`` gives way to the line's own."""
+    messages = list(body.get("messages") or [])
+    if any(isinstance(m, dict) and m.get("role") in SYSTEM_ROLES for m in messages):
+        return dict(body)
+    return {**body, "messages": [{"role": "system", "content": system}, *messages]}
+
+
 def estimate_prompt_tokens(body: Mapping[str, Any], encoding: str | None = None) -> int:
     """Prompt tokens of a request, counted with tiktoken (the model's encoding by default)."""
     messages = body.get("messages") or []

@@ -1,6 +1,6 @@
 """The input opened: a file, a ``.gz`` file or standard input (``open_input``), once per pass
 over it (``open_sources``: standard input spooled to a temporary file when read more than
-once), and its lines counted for the progress total (``count_lines``)."""
+once), and its lines (or a table's rows) counted for the progress total (``count_lines``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 from typing import IO, cast
 
-from batcher.errors import InputError
+from batcher.errors import ConfigError, InputError
 
 
 def open_input(path: Path) -> IO[bytes]:
@@ -31,22 +31,27 @@ def open_input(path: Path) -> IO[bytes]:
 
 
 def count_lines(path: Path) -> int | None:
-    """Count the non-blank lines of a file (for the progress total).
+    """Count the non-blank lines of a file, or a table's rows (for the progress total).
 
     ``None`` for stdin, a pipe or a FIFO (reading them twice would consume the input) and for
     a file that cannot be read to the end (the reader reports that, with the line number).
+    A Parquet file's rows come from its metadata: its data is not read.
     """
+    from batcher.input.tabular import count_rows, input_form
+
     if str(path) == "-":
         return None
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             return None
+        if input_form(path) != "jsonl":
+            return count_rows(path)
         total = 0
         with open_input(path) as f:
             for raw in f:
                 if raw.strip():
                     total += 1
-    except (OSError, EOFError, zlib.error, InputError):
+    except (OSError, EOFError, zlib.error, InputError, ConfigError):
         return None
     return total
 

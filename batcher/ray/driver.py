@@ -45,8 +45,8 @@ from typing import IO, TYPE_CHECKING
 
 from batcher.config import JobConfig
 from batcher.errors import ConfigError, OutputError
-from batcher.input.reader import Reader
 from batcher.input.sources import count_lines, open_input
+from batcher.input.tabular import check_input, reader_for
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.parts import locked, new_stamp
 from batcher.output.resume import RetryErrors
@@ -123,6 +123,7 @@ def run_job_on_ray(
     _check_job(job, output)
     check_output_writable(output)
     check_not_the_input(input_path, output)
+    check_input(job, input_path)
     setting = RaySetting(
         job=job,
         input_path=input_path,
@@ -253,9 +254,7 @@ def _read(
     the rest in blocks into ``outbox``."""
     job, rejects_file = setting.job, rejects_path(setting.output)
     rejects_file.unlink(missing_ok=True)  # this run's rejects only, or none
-    reader = Reader(
-        source, job.request, encoding=job.limits.encoding, count_tokens=job.counts_tokens
-    )
+    reader = reader_for(job, source, path=setting.input_path, count_tokens=job.counts_tokens)
     with RejectsWriter(rejects_file) as rejects:
         for block in request_blocks(reader, found.skip, job.ray.block_rows):
             if isinstance(block, Reject):

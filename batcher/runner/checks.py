@@ -14,6 +14,7 @@ from pathlib import Path
 from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.http.client import check_api_key
+from batcher.input.tabular import check_input
 from batcher.output.formats import output_format, rejects_path
 from batcher.output.journal import journal_path
 
@@ -34,6 +35,7 @@ def check_local_job(
             "the job with --engine ray",
         )
     check_not_the_input(input_path, output)
+    check_input(job, input_path)
     keys = api_keys(job)
     check_sim_available(job, sim)
     return keys

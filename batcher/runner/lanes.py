@@ -13,6 +13,7 @@ from batcher.engine.dispatch import READ_BATCH, Lane
 from batcher.engine.endpoints import Endpoint
 from batcher.input.field_names import FieldNames
 from batcher.input.reader import Reader
+from batcher.input.tabular import reader_for
 from batcher.runner.progress import Progress
 from batcher.runner.wiring import Target
 
@@ -38,10 +39,9 @@ def open_readers(
         t.announced is not None and t.announced.tpm is not None for t in targets
     )
     return [
-        Reader(
+        reader_for(
+            job,
             source,
-            job.request,
-            encoding=job.limits.encoding,
             variant=variant,
             count_tokens=job.counts_tokens or token_limit_known,
             fields=fields,

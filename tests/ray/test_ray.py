@@ -622,3 +622,26 @@ def test_cli_sigterm_keeps_what_was_answered(tmp_path: Path, ray_instance: Any) 
     written = output_ids(out)
     assert 0 < len(written) < 600
     assert received == len(written)
+
+
+@pytest.mark.slow
+def test_a_csv_through_a_template_on_ray(tmp_path: Path, ray_instance: Any, sim: SimHandle) -> None:
+    from batcher.config import TemplateConfig
+    from batcher.ray.driver import run_job_on_ray
+    from batcher.sim.answers import expected_content
+
+    src = tmp_path / "q.csv"
+    src.write_text("".join(["key,question\n", *(f"k{i},question {i}\n" for i in range(30))]))
+    job = dataclasses.replace(
+        ray_job(tmp_path, sim.base_url),
+        input=src,
+        template=TemplateConfig(user="Q: {question}", id_column="key"),
+    )
+    report = run_job_on_ray(job, stream=io.StringIO())
+    assert report.exit_code == 0, report.summary
+    rows = {r["custom_id"]: r for r in read_results(report.output)}
+    assert sorted(rows) == sorted(f"k{i}" for i in range(30))
+    for i in range(30):
+        messages = [{"role": "user", "content": f"Q: question {i}"}]
+        body = {"model": "gpt-4o-mini", "messages": messages}
+        assert rows[f"k{i}"]["content"] == expected_content(body)

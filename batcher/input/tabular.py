@@ -1,0 +1,413 @@
+"""Tables as input: CSV, TSV, Parquet, and JSONL lines read as rows, through ``[template]``.
+
+``reader_for`` is the one place a ``Reader`` is made: the JSONL request reader for request
+lines, or a ``TableReader`` when the input is a table (by its suffix, ``.gz`` aside) or the job
+has a ``[template]``. Each row is rendered through the template (a system message when
+``template.system`` is set, then the user message) into a request, and keeps its own columns
+in ``Request.input``. Its id is the ``id_column``'s value, else its 1-based row number.
+
+Rows are streamed: CSV/TSV through the ``csv`` module (the header is the first row; data rows
+are numbered from 1, blank rows skipped), Parquet a batch of rows at a time
+(``ParquetFile.iter_batches``, never the whole file), JSONL rows a line at a time (numbered by
+line, as request lines are). ``input_schema`` is the Arrow type of the ``input`` column.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+from batcher import jsonfast
+from batcher.errors import ConfigError, InputError
+from batcher.input.reader import (
+    _BOM,
+    LineError,
+    Reader,
+    _check_unicode,
+    _checked,
+    _json_kind,
+    _loads,
+    _text,
+    request_of,
+)
+from batcher.input.template import MissingColumn, parse_template, value_text
+from batcher.records import Reject, Request
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from batcher.config import JobConfig, TemplateConfig, VariantConfig
+    from batcher.input.field_names import FieldNames
+
+Form = Literal["jsonl", "csv", "tsv", "parquet"]
+#: The table forms, by suffix (after a ``.gz``, if any).
+TABLE_SUFFIXES: dict[str, Form] = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+#: Rows decoded at a time from a Parquet file: a few hundred KB of Python objects at most.
+PARQUET_BATCH_ROWS = 1024
+#: Bytes read at a time from a Parquet column chunk, so a large row group (pyarrow writes up
+#: to a million rows in one) is not read into memory whole.
+PARQUET_BUFFER_BYTES = 1 << 20
+
+
+def input_form(path: Path | None) -> Form:
+    """The input's form by its suffix: ``csv``, ``tsv``, ``parquet``, else ``jsonl`` (stdin too)."""
+    if path is None or str(path) == "-":
+        return "jsonl"
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        if len(suffixes) > 1 and suffixes[-2] == ".parquet":
+            raise ConfigError("job.input", "a Parquet file is compressed inside: do not gzip it")
+        suffixes.pop()
+    return TABLE_SUFFIXES.get(suffixes[-1], "jsonl") if suffixes else "jsonl"
+
+
+def check_input(job: JobConfig, path: Path | None = None) -> None:
+    """Refuse a table (the job's input, or ``path``) with no ``[template]``: nothing could be
+    sent. A bad template is refused too, naming its field."""
+    form = input_form(job.input if path is None else path)
+    if job.template is None:
+        if form != "jsonl":
+            raise ConfigError(
+                "template.user",
+                f"the input is a table (.{form}): give [template] user (or --template-user) "
+                "to turn each row into a request, e.g. 'Answer: {question}'",
+            )
+        return
+    parse_template(job.template.user, "template.user")
+    if job.template.system:
+        parse_template(job.template.system, "template.system")
+
+
+def reader_for(
+    job: JobConfig,
+    stream: IO[bytes],
+    *,
+    path: Path | None = None,
+    variant: VariantConfig | None = None,
+    count_tokens: bool = True,
+    fields: FieldNames | None = None,
+    warn: Callable[[str], object] | None = None,
+) -> Reader:
+    """The reader of ``stream`` (the job's input, or ``path``) for one pass (one ``variant``)."""
+    path = job.input if path is None else path
+    check_input(job, path)
+    options: dict[str, Any] = {
+        "encoding": job.limits.encoding,
+        "variant": variant,
+        "count_tokens": count_tokens,
+        "fields": fields,
+        "warn": warn,
+        "system": job.system,
+    }
+    if job.template is None:
+        return Reader(stream, job.request, **options)
+    return TableReader(stream, input_form(path), job.template, job.request, **options)
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One row: its number, its cells to render from, its ``input`` columns."""
+
+    number: int
+    values: Mapping[str, Any]
+    cells: dict[str, Any]
+
+
+class TableReader(Reader):
+    """A ``Reader`` of rows: each rendered through the template into a request.
+
+    A row the template cannot render (a column it names is missing), with an empty or missing
+    id, or one the table cannot give (a CSV row with more fields than the header, a JSONL row
+    that is no object) is a ``Reject`` with its row number and a reason naming the column.
+    """
+
+    def __init__(
+        self,
+        stream: IO[bytes],
+        form: Form,
+        template: TemplateConfig,
+        defaults: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(stream, defaults, **options)
+        self._form = form
+        self._user = parse_template(template.user, "template.user")
+        self._system_t = (
+            parse_template(template.system, "template.system") if template.system else None
+        )
+        self._id_column = template.id_column
+
+    def _items(self) -> Iterator[tuple[Request | Reject, bytes | None]]:
+        rows = {"csv": _csv_rows, "tsv": _csv_rows, "parquet": _parquet_rows, "jsonl": _jsonl_rows}
+        for row in rows[self._form](self):
+            yield (row if isinstance(row, Reject) else self._request(row)), None
+
+    def _request(self, row: _Row) -> Request | Reject:
+        custom_id: str | None = None
+        try:
+            custom_id = self._id_of(row)
+            messages = []
+            if self._system_t is not None:
+                messages.append({"role": "system", "content": self._system_t.render(row.values)})
+            messages.append({"role": "user", "content": self._user.render(row.values)})
+            return request_of(
+                {"messages": messages},
+                custom_id=custom_id,
+                line_no=row.number,
+                defaults=self._defaults,
+                encoding=self._encoding,
+                variant=self._variant,
+                count=self._count,
+                system=self._system,
+                row=row.cells,
+            )
+        except (LineError, MissingColumn) as exc:
+            return Reject(
+                line=row.number, reason=str(exc), text=_row_text(row.cells), custom_id=custom_id
+            )
+
+    def _id_of(self, row: _Row) -> str:
+        column = self._id_column
+        if column is None:
+            return str(row.number)
+        if column not in row.values:
+            raise MissingColumn(column, "template.id_column")
+        value = row.values[column]
+        text = "" if value is None else value_text(value)
+        if not text:
+            raise LineError(f"empty id in column {column!r} (template.id_column)")
+        _check_unicode(column, text)
+        return text
+
+    def _note_row(self, number: int) -> None:
+        self.lines_read = number
+
+
+def _row_text(cells: Mapping[str, Any]) -> str:
+    """A rejected row as the rejects file keeps it: its columns as a JSON object."""
+    return jsonfast.dumps_text(cells)
+
+
+# --- CSV and TSV ---------------------------------------------------------------------------
+
+#: The longest CSV field read (the csv module's default, 128 KiB, is shorter than a document).
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _text_lines(stream: IO[bytes]) -> Iterator[str]:
+    """``stream``'s lines as text, line endings kept for the csv module (a leading BOM
+    dropped); invalid UTF-8 or an unreadable stream is an ``InputError`` naming the line."""
+    for number, raw in enumerate(_checked(stream), start=1):
+        line = raw.removeprefix(_BOM) if number == 1 else raw
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"invalid UTF-8 on line {number} of the input, at byte {exc.start + 1}"
+            ) from None
+
+
+def _csv_reader(stream: IO[bytes], form: Form) -> Iterator[list[str]]:
+    """The csv module's reader of ``stream``: commas, or tabs for TSV."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    return csv.reader(_text_lines(stream), delimiter="\t" if form == "tsv" else ",")
+
+
+def _csv_rows(reader: TableReader) -> Iterator[_Row | Reject]:
+    rows = _csv_reader(reader._stream, reader._form)
+    number = 0
+    header: list[str] | None = None
+    while True:
+        try:
+            fields = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a NUL byte, say
+            where = "the header" if header is None else f"row {number}"
+            raise InputError(f"cannot read the input after {where}: {exc}") from None
+        if header is None:
+            header = _header(fields)
+            continue
+        if not fields:
+            reader.blank_lines += 1
+            continue
+        number += 1
+        reader._note_row(number)
+        cells: dict[str, Any] = dict(zip(header, fields, strict=False))
+        if len(fields) > len(header):
+            yield Reject(
+                line=number,
+                reason=f"row has {len(fields)} fields, the header has {len(header)}",
+                text=_row_text({**cells, "": fields[len(header) :]}),
+            )
+            continue
+        # a short row lacks its last columns: a template naming one rejects it
+        yield _Row(number, cells, {name: cells.get(name) for name in header})
+
+
+def _header(fields: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for name in fields:
+        if name in seen:
+            raise InputError(f"the input's header names column {name!r} twice")
+        seen.add(name)
+    return fields
+
+
+def _csv_header(path: Path, form: Form) -> list[str]:
+    from batcher.input.sources import open_input
+
+    with open_input(path) as stream:
+        try:
+            first = next(_csv_reader(stream, form), [])
+        except csv.Error as exc:
+            raise InputError(f"cannot read the input's header: {exc}") from None
+    return _header(first)
+
+
+# --- Parquet -------------------------------------------------------------------------------
+
+
+def _parquet_file(stream: IO[bytes]) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(stream, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...
+        raise InputError(f"cannot read the input as Parquet: {exc}") from None
+
+
+def _parquet_rows(reader: TableReader) -> Iterator[_Row | Reject]:
+    parquet = _parquet_file(reader._stream)
+    number = 0
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # a corrupt page: pyarrow's own errors
+            raise InputError(f"cannot read the input after row {number}: {exc}") from None
+        for cells in batch.to_pylist():
+            number += 1
+            reader._note_row(number)
+            yield _Row(number, cells, cells)
+
+
+# --- JSONL rows ----------------------------------------------------------------------------
+
+
+def _jsonl_rows(reader: TableReader) -> Iterator[_Row | Reject]:
+    keys: list[str] | None = None  # the first row's (a JSON object): the input's fields
+    for number, raw in enumerate(_checked(reader._stream), start=1):
+        reader._note_row(number)
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        if not raw.strip():
+            reader.blank_lines += 1
+            continue
+        raw = raw.rstrip(b"\r\n")
+        try:
+            obj = _json_row(raw)
+        except LineError as exc:
+            yield Reject(line=number, reason=str(exc), text=_text(raw))
+            continue
+        if keys is None:
+            keys = list(obj)
+        yield _Row(number, obj, {key: _json_cell(obj.get(key)) for key in keys})
+
+
+def _json_row(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LineError(f"invalid UTF-8 at byte {exc.start}") from None
+    obj = _loads(text)
+    if not isinstance(obj, dict):
+        raise LineError(f"not a JSON object (got {_json_kind(obj)})")
+    if jsonfast.too_deep(obj, text):
+        raise LineError(jsonfast.TOO_DEEP)
+    return obj
+
+
+def _json_cell(value: Any) -> str | None:
+    """A JSONL row's value as its ``input`` column holds it: text, other values as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return jsonfast.dumps_text(value)
+
+
+def _first_json_row(path: Path) -> dict[str, Any] | None:
+    from batcher.input.sources import open_input
+
+    with open_input(path) as stream:
+        for raw in _checked(stream):
+            raw = raw.removeprefix(_BOM).rstrip(b"\r\n")
+            if raw.strip():
+                try:
+                    return _json_row(raw)
+                except LineError:
+                    continue  # the reader rejects it, and takes the next row's keys too
+    return None
+
+
+# --- the input column's schema -------------------------------------------------------------
+
+
+def input_schema(job: JobConfig) -> pa.Schema | None:
+    """The Arrow schema of the ``input`` column (the rows' own columns); ``None`` without a
+    template (request lines have no row).
+
+    CSV and TSV carry no types: every column is ``pa.string()``. Parquet gives its own schema.
+    JSONL rows: the first row's keys (the first line that is a JSON object), each
+    ``pa.string()`` (other values as JSON text; a later row's other keys are left out).
+    Standard input has no schema to read ahead (``None``).
+    """
+    import pyarrow as pa
+
+    if job.template is None or job.input is None or str(job.input) == "-":
+        return None
+    form = input_form(job.input)
+    if form == "parquet":
+        from batcher.input.sources import open_input
+
+        with open_input(job.input) as stream:
+            schema: pa.Schema = _parquet_file(stream).schema_arrow
+        return schema.remove_metadata()
+    if form == "jsonl":
+        row = _first_json_row(job.input)
+        names = list(row) if row is not None else []
+    else:
+        names = _csv_header(job.input, form)
+    return pa.schema([pa.field(name, pa.string()) for name in names])
+
+
+def count_rows(path: Path) -> int | None:
+    """The rows of a table (the progress total): a Parquet file's from its metadata (no data
+    read), a CSV's by reading it through; ``None`` for request lines (``count_lines``)."""
+    form = input_form(path)
+    if form == "parquet":
+        from batcher.input.sources import open_input
+
+        try:
+            with open_input(path) as stream:
+                return int(_parquet_file(stream).metadata.num_rows)
+        except (OSError, InputError):
+            return None
+    if form in ("csv", "tsv"):
+        return _count_csv(path, form)
+    return None
+
+
+def _count_csv(path: Path, form: Form) -> int | None:
+    from batcher.input.sources import open_input
+
+    try:
+        with open_input(path) as stream:
+            rows = _csv_reader(stream, form)
+            return max(0, sum(1 for fields in rows if fields) - 1)  # the header aside
+    except (OSError, csv.Error, InputError):
+        return None

@@ -1,0 +1,168 @@
+"""The request flags (``--template-*``, ``--id-column``, ``--system``, ``--max-tokens``,
+``--temperature``, ``-p``, ``--split-errors``) and a CSV run end to end over loopback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batcher.cli.main import _job
+from batcher.cli.parser import build_parser
+from batcher.config import TemplateConfig
+from batcher.output.formats import rejects_path
+from batcher.sim.answers import expected_content
+from tests.helpers import jsonl, run_batcher, sim_process, sim_stats
+
+
+def job_of(*argv: str) -> object:
+    return _job(build_parser().parse_args(["run", "-i", "q.csv", "-o", "o.parquet", *argv]))
+
+
+def test_request_flags_become_the_jobs_template_system_and_request_defaults() -> None:
+    job = _job(
+        build_parser().parse_args(
+            ["run", "-i", "q.csv", "-o", "o.parquet", "-m", "m1",
+             "--template-user", "Q: {question}", "--template-system", "In {lang}.",
+             "--id-column", "id", "--system", "Be brief.", "--max-tokens", "30",
+             "--temperature", "0.2", "-p", "seed=7", "-p", 'stop=["\\n"]', "--param",
+             "user=me", "-p", "logit_bias={}", "-p", "note=a=b", "--split-errors"]
+        )
+    )  # fmt: skip
+    assert job.template == TemplateConfig(user="Q: {question}", system="In {lang}.", id_column="id")
+    assert job.system == "Be brief."
+    assert job.split_errors is True
+    assert dict(job.request) == {
+        "model": "m1",
+        "max_tokens": 30,
+        "temperature": 0.2,
+        "seed": 7,  # JSON: a number
+        "stop": ["\n"],
+        "user": "me",  # not JSON: the text
+        "logit_bias": {},
+        "note": "a=b",  # the first = splits
+    }
+
+
+def test_estimate_takes_the_same_request_flags() -> None:
+    args = build_parser().parse_args(
+        ["estimate", "-i", "q.csv", "--template-user", "{q}", "-p", "seed=1"]
+    )
+    job = _job(args)
+    assert job.template is not None and job.template.user == "{q}"
+    assert job.request == {"seed": 1}
+    assert job.split_errors is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-p", "seed"], "expected KEY=VALUE, got 'seed'"),
+        (["-p", "=3"], "expected KEY=VALUE"),
+        (["--temperature", "nan"], "expected a finite number"),
+        (["--max-tokens", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_request_flags_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["run", *argv])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_request_field_of_the_wrong_type_names_the_field() -> None:
+    from batcher.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        job_of("-p", "seed=1.5")
+    assert caught.value.field == "request.seed"
+
+
+def test_a_csv_run_renders_each_row_through_the_template(tmp_path: Path) -> None:
+    src = tmp_path / "q.csv"
+    src.write_text(
+        'id,question,gold\nq1,What is 2+2?,4\nq2,"Name a colour, any colour",red\nq3,,x\n'
+        "q4,only two fields\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.parquet"
+    with sim_process() as url:
+        proc = run_batcher(
+            "run", "-i", str(src), "-o", str(out), "-m", "sim-model", "--base-url", url,
+            "--template-user", "Q: {question} (gold: {gold}) {{ok}}", "--id-column", "id",
+            "--system", "Be brief.", "--max-tokens", "12", "--temperature", "0.5",
+            "-p", "seed=3", "--no-progress",
+        )  # fmt: skip
+        stats = sim_stats(url)
+    assert proc.returncode == 1, proc.stderr  # one row rejected
+    assert stats["requests_received"] == 3
+    rows = {r["custom_id"]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(rows) == ["q1", "q2", "q3"]
+    questions = {
+        "q1": "What is 2+2? (gold: 4)",
+        "q2": "Name a colour, any colour (gold: red)",
+        "q3": " (gold: x)",
+    }
+    for cid, text in questions.items():
+        sent = {
+            "model": "sim-model",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Q: {text} {{ok}}"},
+            ],
+            "max_tokens": 12,
+            "temperature": 0.5,
+            "seed": 3,
+        }
+        assert rows[cid]["status"] == "ok"
+        assert rows[cid]["content"] == expected_content(sent), cid  # the rendered prompt
+    (reject,) = jsonl(rejects_path(out))
+    assert reject["line"] == 4
+    assert "missing column 'gold' (template.user)" in json.dumps(reject)
+
+
+def test_a_csv_without_a_template_sends_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "q.csv"
+    src.write_text("question\nhi\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    with sim_process() as url:
+        proc = run_batcher(
+            "run", "-i", str(src), "-o", str(out), "-m", "sim-model", "--base-url", url
+        )
+        stats = sim_stats(url)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("batcher: error: template.user: the input is a table")
+    assert "Traceback" not in proc.stderr
+    assert stats["requests_received"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.csv"]  # no journal, no output
+
+
+def test_the_shipped_dataset_job_answers_every_question(tmp_path: Path) -> None:
+    import dataclasses
+
+    from batcher.job_file import load_job
+    from batcher.runner.run import run_job
+    from batcher.sim import sim_server
+    from tests.helpers import ROOT
+
+    job = load_job(ROOT / "jobs" / "dataset.toml")
+    job = dataclasses.replace(job, output=tmp_path / "dataset.parquet", progress=False)
+    report = run_job(job, sim=sim_server)
+    assert report.exit_code == 0, report.summary
+    rows = pq.read_table(report.output).to_pylist()
+    assert sorted(r["custom_id"] for r in rows) == [f"q{i:02d}" for i in range(1, 21)]
+    q11 = next(r for r in rows if r["custom_id"] == "q11")
+    sent = {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "Answer with the answer alone."},
+            {"role": "user", "content": 'Question: Spell the word "necessary" backwards.'},
+        ],
+        "max_tokens": 32,
+        "temperature": 0,
+    }
+    assert q11["content"] == expected_content(sent)
