@@ -30,6 +30,7 @@ from batcher.limits.endpoint import Limits
 from batcher.output.provenance import read_provenance
 from batcher.output.report import build_report
 from batcher.output.report_text import format_report
+from batcher.output.rows import PLAIN, schema_for
 from batcher.output.writers import SCHEMA, parquet_parts, read_results
 from batcher.runner.wiring import endpoint_limits
 from batcher.sim.config import SimConfig
@@ -147,7 +148,7 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
     parts = parquet_parts(output)
     assert len(parts) == N // 40  # one part file per block
     for part in parts:
-        assert pq.read_schema(part).remove_metadata() == SCHEMA
+        assert pq.read_schema(part).remove_metadata() == schema_for(PLAIN)
         assert pq.read_schema(part).metadata[b"batcher.input"] == str(job.input).encode()
     assert output_ids(output) == expected
     # The folder reads as one table in the usual tools.
@@ -532,7 +533,8 @@ def test_the_python_api_runs_a_ray_job_on_ray(
     result = batcher.run(job)
     assert result.output.is_dir()  # the Ray engine's folder of parts, not a local file
     assert not (tmp_path / "out.parquet.journal.jsonl").exists()
-    assert result.table is not None and result.table.schema.names == SCHEMA.names
+    assert result.table is not None
+    assert result.table.schema.names == [*SCHEMA.names, "messages"]
     assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
     assert len(output_ids(result.output)) == 30 and result.stats.ok == 30
 
