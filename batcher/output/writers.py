@@ -30,6 +30,7 @@ from batcher.output.rows import parquet_parts as parquet_parts
 from batcher.output.rows import parquet_row as parquet_row
 from batcher.output.rows import read_results as read_results
 from batcher.output.shape import OutputShape
+from batcher.output.typed import fit
 from batcher.records import Result
 
 # About 6 MB of buffered rows. Each row group also costs the writer about 30 KB of footer
@@ -277,15 +278,21 @@ def results_table(
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows read back by ``read_results`` as one Arrow table with exactly SCHEMA; values Arrow
-    refuses (a lone surrogate in an answer) are coerced as when writing."""
-    cols: list[list[Any]] = [[] for _ in NAMES]
+def rows_table(rows: Iterable[Mapping[str, Any]], *, shape: OutputShape = PLAIN) -> pa.Table:
+    """Rows read back by ``read_results`` as one Arrow table with SCHEMA and ``shape``'s typed
+    columns (each value fitted to its column's type); values Arrow refuses (a lone surrogate
+    in an answer) are coerced as when writing."""
+    typed = shape.fields()
+    cols: list[list[Any]] = [[] for _ in range(len(NAMES) + len(typed))]
+    fixed, extra = cols[: len(NAMES)], cols[len(NAMES) :]
     for row in rows:
-        for col, name in zip(cols, NAMES, strict=True):
+        for col, name in zip(fixed, NAMES, strict=True):
             col.append(row.get(name))
-    arrays = [_array(col, field.type) for col, field in zip(cols, SCHEMA, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+        for col, field in zip(extra, typed, strict=True):
+            col.append(fit(row.get(field.name), field.type))
+    schema = schema_for(shape)
+    arrays = [_array(col, field.type) for col, field in zip(cols, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _array(values: list[Any], type_: pa.DataType) -> pa.Array:

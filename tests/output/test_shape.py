@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.config import JobConfig, VariantConfig
+from batcher.output.parts import compact, scan, write_part
 from batcher.output.rows import PLAIN, SCHEMA, schema_for
 from batcher.output.shape import MESSAGES, OutputShape, shape_for, tool_calls_type
 from batcher.output.typed import JSON_TEXT
-from batcher.output.writers import open_writer, read_results, results_table
+from batcher.output.writers import open_writer, read_results, results_table, rows_table
 from batcher.records import Result
 
 ANSWER = {
@@ -188,6 +189,15 @@ def test_the_jsonl_line_carries_messages_input_and_parsed(tmp_path: Path) -> Non
     rows = list(read_results(path))
     assert rows[0]["messages"][1]["content"] == '[{"type":"text","text":"What is 2+2?"}]'
     assert rows[0]["input"] == first["input"] and rows[0]["parsed"] == first["parsed"]
+    # As a table (``batcher.run``'s of a JSONL output): the typed columns as the Parquet's
+    table = rows_table(rows, shape=SHAPE)
+    assert table.schema == schema_for(SHAPE)
+    parquet = tmp_path / "out.parquet"
+    with open_writer(parquet, shape=SHAPE) as writer:
+        for r in RESULTS:
+            writer.write(r)
+    typed = ["messages", "input", "parsed"]  # tool_calls: in the body only, in JSONL
+    assert table.select(typed).equals(pq.read_table(parquet).select(typed))
     # A job with no json_schema: no parsed key
     plain = tmp_path / "plain.jsonl"
     with open_writer(plain) as writer:
@@ -205,3 +215,17 @@ def test_an_input_value_arrow_refuses_is_null_not_a_lost_output(tmp_path: Path) 
     rows = {r["custom_id"]: r for r in read_results(path)}
     assert rows["ok"]["input"] == {"when": None, "n": 7}
     assert rows["bad"]["input"] is None
+
+
+def test_ray_parts_keep_the_typed_columns_when_compacted(tmp_path: Path) -> None:
+    """Part files are written with the job's columns, and compacting one keeps them."""
+    schema = schema_for(SHAPE)
+    first, second = tmp_path / "part-1.parquet", tmp_path / "part-2.parquet"
+    write_part(first, results_table(RESULTS, shape=SHAPE), None, schema=schema)
+    write_part(second, results_table(RESULTS[:1], shape=SHAPE), None, schema=schema)
+    compact(scan(tmp_path))  # "a" is in both: its older row goes
+    assert pq.read_schema(first).remove_metadata() == schema
+    rows = list(read_results(first))
+    assert [r["custom_id"] for r in rows] == ["b", "c", "d"]
+    assert rows[0]["parsed"] == {"answer": "4", "confidence": None}
+    assert next(read_results(second))["tool_calls"][0]["arguments"] == {"city": "Oslo", "days": 3}
