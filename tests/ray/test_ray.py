@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -537,6 +538,38 @@ def test_the_python_api_runs_a_ray_job_on_ray(
     assert result.table.schema.names == [*SCHEMA.names, "messages"]
     assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
     assert len(output_ids(result.output)) == 30 and result.stats.ok == 30
+
+
+@pytest.mark.slow
+def test_a_ray_run_writes_the_typed_columns(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+        "required": ["city", "rank"],
+    }
+    job = ray_job(tmp_path, sim.base_url, n=40)
+    asked = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    job = dataclasses.replace(job, request={**job.request, "response_format": asked})
+    report = run_job_on_ray(job, stream=io.StringIO())
+    assert report.exit_code == 1, report.summary  # the one rejected line
+    [part] = parquet_parts(report.output)
+    assert pq.read_schema(part).field("parsed").type == pa.struct(
+        [("city", pa.string()), ("rank", pa.int64())]
+    )
+    rows = list(read_results(report.output))
+    assert len(rows) == 40
+    for row in rows:
+        try:
+            answer = json.loads(row["content"])
+        except ValueError:  # an answer that is not whole JSON: nothing to parse
+            answer = None
+        assert row["parsed"] == answer
+        assert row["messages"][0]["role"] == "user" and row["messages"][0]["content"]
+    assert sum(row["parsed"] is not None for row in rows) >= 30
 
 
 @pytest.mark.slow
