@@ -133,7 +133,8 @@ def _pointer(root: Any, ref: str) -> Any:
 
 
 def _is_null_schema(schema: Any) -> bool:
-    return isinstance(schema, Mapping) and schema.get("type") == "null" and len(schema) == 1
+    # annotations (title, description) aside: {"type": "null", "title": "None"} is null too
+    return isinstance(schema, Mapping) and schema.get("type") == "null"
 
 
 def _enum_values(schema: Mapping[str, Any]) -> list[Any] | None:

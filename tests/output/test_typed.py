@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +35,8 @@ def struct(**fields: pa.DataType) -> pa.DataType:
         ({"type": ["integer", "string"]}, JSON_TEXT),
         ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, INT),
         ({"anyOf": [{"type": "integer"}, {"type": "string"}]}, JSON_TEXT),
+        # as pydantic writes Optional[int]
+        ({"anyOf": [{"type": "integer"}, {"type": "null", "title": "None"}], "default": None}, INT),
         ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, F),
         ({"enum": ["a", "b"]}, S),
         ({"enum": [1, 2, None]}, INT),
@@ -98,6 +101,40 @@ def struct(**fields: pa.DataType) -> pa.DataType:
 )
 def test_schema_types(schema: Any, expected: pa.DataType) -> None:
     assert arrow_type(schema) == expected
+
+
+#: A pydantic model's schema (``Answer.model_json_schema()``), as users pass them: an enum
+#: class, a Literal, nested models through $defs, Optional fields, a dict.
+PYDANTIC = json.loads(
+    '{"$defs": {"Color": {"enum": ["red", "blue"], "title": "Color", "type": "string"}, '
+    '"Source": {"properties": {"page": {"title": "Page", "type": "integer"}, "quote": '
+    '{"anyOf": [{"type": "string"}, {"type": "null"}], "default": null, "title": "Quote"}}, '
+    '"required": ["page"], "title": "Source", "type": "object"}}, "properties": {"answer": '
+    '{"title": "Answer", "type": "string"}, "kind": {"enum": ["fact", "opinion"], "title": '
+    '"Kind", "type": "string"}, "color": {"$ref": "#/$defs/Color"}, "sources": {"items": '
+    '{"$ref": "#/$defs/Source"}, "title": "Sources", "type": "array"}, "best": {"anyOf": '
+    '[{"$ref": "#/$defs/Source"}, {"type": "null"}], "default": null}, "scores": '
+    '{"additionalProperties": {"type": "number"}, "title": "Scores", "type": "object"}}, '
+    '"required": ["answer", "kind", "color", "sources", "scores"], "title": "Answer", '
+    '"type": "object"}'
+)
+
+
+def test_a_pydantic_schema() -> None:
+    source = struct(page=INT, quote=S)
+    t = arrow_type(PYDANTIC)
+    assert t == struct(
+        answer=S, kind=S, color=S, sources=pa.list_(source), best=source, scores=JSON_TEXT
+    )
+    value = {
+        "answer": "yes", "kind": "fact", "color": "red", "sources": [{"page": 3}],
+        "best": None, "scores": {"a": 0.5}, "unknown": 1,
+    }  # fmt: skip
+    expected = {
+        "answer": "yes", "kind": "fact", "color": "red",
+        "sources": [{"page": 3, "quote": None}], "best": None, "scores": '{"a":0.5}',
+    }  # fmt: skip
+    assert pa.array([fit(value, t)], type=t).to_pylist() == [expected]
 
 
 def test_absurd_nesting_becomes_json_text() -> None:
