@@ -38,6 +38,7 @@ _SCALARS: dict[str, pa.DataType] = {
     "boolean": pa.bool_(),
 }
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_REFUSED = (pa.ArrowException, ValueError, TypeError, OverflowError)  # what Arrow raises
 
 
 def arrow_type(schema: Any) -> pa.DataType:
@@ -221,3 +222,56 @@ def utf8(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def cast(value: Any, type_: pa.DataType) -> Any:
+    """``value`` made to fit ``type_`` leaf by leaf, Arrow casting a leaf it refuses as it is
+    (a Parquet input's timestamp journaled as text casts back); ``None`` where nothing fits.
+    Slower than ``fit``: for a column Arrow refused."""
+    try:
+        return _cast(value, type_)
+    except (RecursionError, ValueError, TypeError, OverflowError, AttributeError):
+        return None
+
+
+def _cast(value: Any, t: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if pa.types.is_struct(t):
+        if not isinstance(value, Mapping):
+            return None
+        return {f.name: _cast(value.get(f.name), f.type) for f in t}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return [_cast(v, t.value_type) for v in value] if isinstance(value, list) else None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return utf8(value if isinstance(value, str) else jsonfast.dumps_text(value))
+    try:
+        pa.scalar(value, type=t)
+        return value
+    except _REFUSED:
+        pass
+    try:
+        return pa.scalar(value).cast(t).as_py()
+    except _REFUSED:
+        return None
+
+
+def column(values: list[Any], type_: pa.DataType) -> pa.Array:
+    """``values`` as an array of ``type_``, never raising: as Arrow builds it, else a struct
+    field by field, else cast from the type Arrow infers (a column of timestamps journaled as
+    text casts back at once), else value by value (``cast``)."""
+    try:
+        return pa.array(values, type=type_)
+    except _REFUSED:
+        pass
+    if pa.types.is_struct(type_) and type_.num_fields:
+        missing = pa.array([not isinstance(v, Mapping) for v in values], type=pa.bool_())
+        children = [
+            column([v.get(f.name) if isinstance(v, Mapping) else None for v in values], f.type)
+            for f in type_
+        ]
+        return pa.StructArray.from_arrays(children, fields=list(type_), mask=missing)
+    try:
+        return pa.array(values).cast(type_)
+    except _REFUSED:
+        return pa.array([cast(v, type_) for v in values], type=type_)

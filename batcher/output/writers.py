@@ -30,7 +30,7 @@ from batcher.output.rows import parquet_parts as parquet_parts
 from batcher.output.rows import parquet_row as parquet_row
 from batcher.output.rows import read_results as read_results
 from batcher.output.shape import OutputShape
-from batcher.output.typed import fit
+from batcher.output.typed import cast, column, fit
 from batcher.records import Result
 
 # About 6 MB of buffered rows. Each row group also costs the writer about 30 KB of footer
@@ -300,6 +300,8 @@ def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
     try:
         return pa.array(values, type=type_)
     except (ValueError, TypeError, OverflowError):  # ArrowInvalid is a ValueError
+        if pa.types.is_struct(type_):  # a typed column (``input``, ``parsed``)
+            return column(values, type_)
         return pa.array([_coerce(v, type_) for v in values], type=type_)
 
 
@@ -322,12 +324,8 @@ def _coerce(value: Any, type_: pa.DataType) -> Any:
         fields = type_.value_type  # coerce each field of each choice
         return [{f.name: _coerce(item.get(f.name), f.type) for f in fields} for item in value]
     # A typed column (fitted already): only a value of a type no schema gives (a Parquet
-    # input's own) can be refused; it is null then.
-    try:
-        pa.array([value], type=type_)
-    except (pa.ArrowException, ValueError, TypeError, OverflowError):
-        return None
-    return value
+    # input's own, read back from the journal as text) can be refused: cast leaf by leaf.
+    return cast(value, type_)
 
 
 def open_writer(

@@ -4,6 +4,8 @@ Parquet and JSONL and read back."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -205,16 +207,25 @@ def test_the_jsonl_line_carries_messages_input_and_parsed(tmp_path: Path) -> Non
     assert "parsed" not in json.loads(plain.read_text())["batcher"]
 
 
-def test_an_input_value_arrow_refuses_is_null_not_a_lost_output(tmp_path: Path) -> None:
-    """A Parquet input's own types pass through as they are; one Arrow refuses is null."""
-    shape = OutputShape(input=pa.struct([("when", pa.timestamp("us")), ("n", pa.int32())]))
+def test_a_parquet_inputs_own_types_survive_the_journal(tmp_path: Path) -> None:
+    """A Parquet input's own types pass through as they are; read back from the journal they
+    are JSON text (a timestamp as ISO text), cast back leaf by leaf; what cannot be is null."""
+    when = pa.timestamp("us", tz="UTC")
+    shape = OutputShape(
+        input=pa.struct([("when", when), ("price", pa.decimal128(5, 2)), ("n", pa.int32())])
+    )
+    at = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
     path = tmp_path / "out.parquet"
     with open_writer(path, shape=shape) as writer:
-        writer.write(result("ok", None, input={"when": None, "n": 7}))
-        writer.write(result("bad", None, input={"when": "not a time", "n": 1}))
+        writer.write(result("live", None, input={"when": at, "price": Decimal("1.50"), "n": 7}))
+        journaled = json.loads(json.dumps({"when": at.isoformat(), "price": "1.50", "n": 7}))
+        writer.write(result("journal", None, input=journaled))
+        writer.write(result("bad", None, input={"when": "not a time", "price": "x", "n": 1}))
     rows = {r["custom_id"]: r for r in read_results(path)}
-    assert rows["ok"]["input"] == {"when": None, "n": 7}
-    assert rows["bad"]["input"] is None
+    assert rows["live"]["input"] == rows["journal"]["input"] == {
+        "when": at, "price": Decimal("1.50"), "n": 7
+    }  # fmt: skip
+    assert rows["bad"]["input"] == {"when": None, "price": None, "n": 1}
 
 
 def test_ray_parts_keep_the_typed_columns_when_compacted(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batcher.output.typed import JSON_TEXT, arrow_type, fit
+from batcher.output.typed import JSON_TEXT, arrow_type, column, fit
 from batcher.sim.json_values import instance
 
 S, INT, F, B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
@@ -262,3 +264,17 @@ def _same_where_typed(value: Any, back: Any, t: pa.DataType) -> bool:
     if pa.types.is_floating(t) and isinstance(value, int | float) and not isinstance(value, bool):
         return bool(back == float(value))
     return bool(back == value)
+
+
+def test_a_column_arrow_refuses_is_cast_back_field_by_field() -> None:
+    """A Parquet input's row read back from the journal: timestamps and decimals as text."""
+    t = pa.struct([("when", pa.timestamp("us", tz="UTC")), ("price", pa.decimal128(5, 2))])
+    values = [
+        {"when": "2024-01-02T03:04:05+00:00", "price": "1.50"},
+        None,
+        {"when": None},
+        {"when": "not a time", "price": "2"},  # this one leaf is null, not the column
+    ]
+    got = column(values, t).to_pylist()
+    assert got[0] == {"when": datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC), "price": Decimal("1.50")}
+    assert got[1:] == [None, {"when": None, "price": None}, {"when": None, "price": Decimal(2)}]
