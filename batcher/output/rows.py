@@ -54,7 +54,8 @@ SCHEMA: pa.Schema = pa.schema([
     ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
     ("variant", _S), ("choices_asked", _I32), ("batch_id", _S),
 ])
-"""The fixed Parquet schema; every output file has exactly these columns in this order."""
+"""The fixed Parquet columns: every output file starts with exactly these, in this order (its
+typed columns follow them: ``schema_for``)."""
 # fmt: on
 NAMES: tuple[str, ...] = tuple(SCHEMA.names)
 #: The shape of an output with no typed columns but ``messages`` (request lines, no
