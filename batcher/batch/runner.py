@@ -159,10 +159,13 @@ async def arun_batch_job(
                     finished = await _drive(run, requests, detach, cancel, handle_signals)
         stats.wall_s = time.monotonic() - started
         if finished:
+            from batcher.output.shape import output_shape  # pyarrow, as the writer
+
             journal.sync()
             write = functools.partial(
-                write_output, journal, output, stats, provenance(job, input_path)
-            )
+                write_output, journal, output, stats, provenance(job, input_path),
+                output_shape(job),
+            )  # fmt: skip
             await anyio.to_thread.run_sync(write)
     for model in pricer.unknown_models:
         print(

@@ -28,6 +28,7 @@ from batcher.output.journal import Journal
 from batcher.records import Result, record_key
 
 if TYPE_CHECKING:
+    from batcher.output.shape import OutputShape
     from batcher.output.writers import Writer
     from batcher.runner.stats import RunStats
 
@@ -51,10 +52,15 @@ class LiveOutput:
         metadata: Callable[[], dict[str, str]],
         *,
         row_group_size: int | None = None,
+        shape: Callable[[], OutputShape] | None = None,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
-        a thread). ``row_group_size``: Parquet's, when not the writer's default."""
+        a thread). ``row_group_size``: Parquet's, when not the writer's default. ``shape``
+        makes the output's typed columns (``OutputShape``; called once, in the same thread;
+        ``None``: the plain shape)."""
         self._journal = journal
+        self._make_shape = shape
+        self._shape: OutputShape | None = None
         self._row_group_size = row_group_size
         self._output = output
         self._make_metadata = metadata
@@ -144,6 +150,8 @@ class LiveOutput:
             if self._metadata is None:
                 import batcher.output.writers  # noqa: F401
 
+                if self._make_shape is not None:
+                    self._shape = self._make_shape()
                 self._metadata = self._make_metadata()
 
     def _prepare_in_thread(self) -> None:
@@ -153,14 +161,17 @@ class LiveOutput:
 
     def _open(self) -> Writer:
         """The writer, opened with the first record (the ``.partial`` file until ``close``)."""
+        from batcher.output.rows import PLAIN
         from batcher.output.writers import open_writer
 
         self._prepare()
+        shape = self._shape or PLAIN
         if self._row_group_size is None:
-            return open_writer(self._output, metadata=self._metadata)
+            return open_writer(self._output, metadata=self._metadata, shape=shape)
         return open_writer(
-            self._output, metadata=self._metadata, row_group_size=self._row_group_size
-        )
+            self._output, metadata=self._metadata, row_group_size=self._row_group_size,
+            shape=shape,
+        )  # fmt: skip
 
     def abort(self) -> None:
         """Drop the unfinished output (the run failed); whatever was there before stays."""
@@ -174,13 +185,17 @@ class LiveOutput:
 
 
 def live_output_for(
-    journal: Journal, output: Path, input_path: Path, metadata: Callable[[], dict[str, str]]
+    journal: Journal,
+    output: Path,
+    input_path: Path,
+    metadata: Callable[[], dict[str, str]],
+    shape: Callable[[], OutputShape] | None = None,
 ) -> LiveOutput | None:
     """The output written as the run goes, for a fresh journal and a small input file
     (``small_input``); ``None``: written from the journal at the end (``write_output``)."""
     if journal.entries or not small_input(input_path):
         return None
-    return LiveOutput(journal, output, metadata, row_group_size=SMALL_ROW_GROUP_SIZE)
+    return LiveOutput(journal, output, metadata, row_group_size=SMALL_ROW_GROUP_SIZE, shape=shape)
 
 
 def small_input(path: Path) -> bool:
@@ -207,22 +222,30 @@ def finish_output(
     output: Path,
     stats: RunStats,
     metadata: Callable[[], dict[str, str]],
+    shape: Callable[[], OutputShape] | None = None,
 ) -> None:
-    """Finish a run's output: the live one, else (none, or it failed) from the journal."""
+    """Finish a run's output: the live one, else (none, or it failed) from the journal.
+    ``shape`` makes the output's typed columns (``None``: the plain shape)."""
     if live is not None and live.close():
         stats.output_ok, stats.output_error = live.ok, live.error
         return
-    write_output(journal, output, stats, metadata())
+    write_output(journal, output, stats, metadata(), None if shape is None else shape())
 
 
 def write_output(
-    journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
+    journal: Journal,
+    output: Path,
+    stats: RunStats,
+    metadata: dict[str, str] | None = None,
+    shape: OutputShape | None = None,
 ) -> None:
-    """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
+    """Write the output from the journal's latest records, atomically (``.partial`` + rename),
+    with ``shape``'s typed columns (``None``: the plain shape)."""
+    from batcher.output.rows import PLAIN
     from batcher.output.writers import open_writer  # pyarrow: imported once the requests are done
 
     ok = error = 0
-    with open_writer(output, metadata=metadata) as writer:
+    with open_writer(output, metadata=metadata, shape=shape or PLAIN) as writer:
         for result in journal.results():
             writer.write(result)
             if result.status == "ok":

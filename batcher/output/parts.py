@@ -1,6 +1,7 @@
 """The Ray engine's output: a folder of Parquet part files, what resume reads from it.
 
-Each part holds the records of one block, with exactly ``writers.SCHEMA``, and is named
+Each part holds the records of one block, with ``writers.SCHEMA`` and the job's typed columns
+(``rows.schema_for``), and is named
 ``part-<UTC time to the microsecond>-<random>-<n>.parquet``, so name order is the order runs
 wrote them in. Parts are written whole (``.partial``, fsync, rename). An id is in one part, but
 a re-sent request (``--retry-errors``) is first written to a new part beside its old record;
@@ -124,20 +125,28 @@ def compact(found: Scan) -> None:
         if not any(keep):
             part.unlink()
             continue
-        write_part(part, table.filter(pa.array(keep)), None)
+        kept = table.filter(pa.array(keep))
+        write_part(part, kept, None, schema=kept.schema.remove_metadata())
 
 
-def write_part(path: Path, table: pa.Table, metadata: Mapping[str, str] | None) -> None:
+def write_part(
+    path: Path,
+    table: pa.Table,
+    metadata: Mapping[str, str] | None,
+    *,
+    schema: pa.Schema | None = None,
+) -> None:
     """Write one part atomically: ``.partial``, fsync, rename (a reader never sees half).
 
-    The table is cast to ``writers.SCHEMA``; ``metadata`` replaces its key-value metadata
-    (``None`` keeps the table's own)."""
+    The table is cast to ``schema`` (by default the output's of a job without typed columns:
+    ``SCHEMA`` and ``messages``); ``metadata`` replaces its key-value metadata (``None`` keeps
+    the table's own)."""
     import pyarrow.parquet as pq
 
-    from batcher.output.writers import SCHEMA
+    from batcher.output.rows import PLAIN, schema_for
 
     own = table.schema.metadata
-    table = table.replace_schema_metadata(None).cast(SCHEMA)
+    table = table.replace_schema_metadata(None).cast(schema or schema_for(PLAIN))
     table = table.replace_schema_metadata(dict(metadata) if metadata is not None else own)
     # A dot first: dataset readers (pyarrow, hence pandas) skip hidden files, so one that
     # reads the folder during a run never meets a half-written part.

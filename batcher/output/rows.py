@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 from batcher import jsonfast
 from batcher.errors import InputError
 from batcher.output.formats import output_format
+from batcher.output.shape import OutputShape, tool_calls_type
+from batcher.output.typed import fit, utf8
 from batcher.records import Result, Usage
 
 _S, _I32, _I64, _F64 = pa.string(), pa.int32(), pa.int64(), pa.float64()
@@ -52,9 +54,20 @@ SCHEMA: pa.Schema = pa.schema([
     ("ttft_s", _F64), ("schema_valid", pa.bool_()), ("schema_error", _S), ("endpoint", _S),
     ("variant", _S), ("choices_asked", _I32), ("batch_id", _S),
 ])
-"""The fixed Parquet schema; every output file has exactly these columns in this order."""
+"""The fixed Parquet columns: every output file starts with exactly these, in this order (its
+typed columns follow them: ``schema_for``)."""
 # fmt: on
 NAMES: tuple[str, ...] = tuple(SCHEMA.names)
+#: The shape of an output with no typed columns but ``messages`` (request lines, no
+#: structured answers).
+PLAIN = OutputShape()
+
+
+def schema_for(shape: OutputShape) -> pa.Schema:
+    """The Parquet schema of an output of ``shape``: ``SCHEMA``, then its typed columns."""
+    return pa.schema([*SCHEMA, *shape.fields()])
+
+
 _USAGE_KEYS = NAMES[5:10]  # prompt_tokens .. reasoning_tokens, the Usage fields
 
 # Compact, non-ASCII as is; default=str keeps odd values (Decimal, bytes...) from raising.
@@ -151,8 +164,12 @@ def _has_response(r: Result) -> bool:
     return r.status_code is not None or r.body is not None or r.request_id is not None
 
 
-def batch_output_line(result: Result) -> dict[str, Any]:
+def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]:
     """The OpenAI Batch API output line for ``result``, plus a ``batcher`` object of our fields.
+
+    ``batcher.messages`` holds the messages as sent and ``batcher.input`` a tabular input's row
+    (each absent when unknown); with ``parsed``, ``batcher.parsed`` holds the first choice's
+    content parsed as JSON (null when it is not JSON).
 
     ``id`` is derived from ``custom_id`` (and the variant, if any) so reruns produce comparable
     files; ``custom_id`` stays the line's own, and ``batcher.variant`` names the variant.
@@ -188,6 +205,12 @@ def batch_output_line(result: Result) -> dict[str, Any]:
         extra["choices_asked"] = r.choices_asked
     if r.batch_id is not None:  # absent for answers sent online, likewise
         extra["batch_id"] = r.batch_id
+    if r.messages is not None:
+        extra["messages"] = r.messages
+    if r.input is not None:
+        extra["input"] = r.input
+    if parsed:
+        extra["parsed"] = parsed_value(r.body)
     if r.usage != Usage.from_body(r.body):
         u = r.usage
         extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
@@ -201,6 +224,74 @@ def batch_output_line(result: Result) -> dict[str, Any]:
         "error": {"code": r.error_code, "message": r.error_message} if has_error else None,
         "batcher": extra,
     }
+
+
+def messages_rows(messages: Any) -> list[dict[str, str | None]] | None:
+    """The ``messages`` column's value: each message's role and content (text as it is,
+    a list of parts as JSON text)."""
+    if not isinstance(messages, list):
+        return None
+    rows = []
+    for message in messages:
+        if isinstance(message, dict):
+            role, content = message.get("role"), message.get("content")
+            rows.append({"role": _utf8_text(role), "content": _utf8_text(content)})
+    return rows
+
+
+def _utf8_text(value: Any) -> str | None:
+    text = _text(value)
+    return None if text is None else utf8(text)
+
+
+def parsed_value(body: Any) -> Any:
+    """The first choice's content parsed as JSON; ``None`` if there is none or it is not JSON."""
+    content, _ = _first_choice(body)
+    if content is None:
+        return None
+    try:
+        return jsonfast.loads_answer(content)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def _tool_calls(body: Any) -> list[dict[str, Any]] | None:
+    """The first choice's tool calls: id, function name and arguments parsed (``None`` where
+    they are not JSON)."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return None
+    choice = body["choices"][0] if body["choices"] else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list):
+        return None
+    rows = []
+    for call in calls:
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = jsonfast.loads_answer(arguments)
+            except (ValueError, TypeError, RecursionError):
+                arguments = None
+        rows.append({"id": call.get("id"), "name": function.get("name"), "arguments": arguments})
+    return rows
+
+
+def typed_values(r: Result, shape: OutputShape) -> tuple[Any, ...]:
+    """The typed columns' values of a row (``shape.fields()`` order), each fitted to its type."""
+    values: list[Any] = [messages_rows(r.messages)]
+    if shape.input is not None:
+        values.append(None if r.input is None else fit(r.input, shape.input))
+    if shape.parsed is not None:
+        values.append(fit(parsed_value(r.body), shape.parsed))
+    if shape.tool_arguments is not None:
+        calls = _tool_calls(r.body)
+        values.append(None if calls is None else fit(calls, tool_calls_type(shape.tool_arguments)))
+    return tuple(values)
 
 
 def row_values(r: Result) -> tuple[Any, ...]:
@@ -241,9 +332,11 @@ def _to_dt(us: int | None) -> datetime | None:
     return None if us is None else _EPOCH_UTC + timedelta(microseconds=us)
 
 
-def parquet_row(result: Result) -> dict[str, Any]:
-    """The Parquet row for ``result`` as a dict in SCHEMA order (timestamps as aware datetimes)."""
+def parquet_row(result: Result, shape: OutputShape = PLAIN) -> dict[str, Any]:
+    """The Parquet row for ``result`` as a dict in SCHEMA order, then ``shape``'s typed
+    columns (timestamps as aware datetimes)."""
     row = dict(zip(NAMES, row_values(result), strict=True))
+    row.update(zip([f.name for f in shape.fields()], typed_values(result, shape), strict=True))
     row["started_at"] = _to_dt(row["started_at"])
     row["finished_at"] = _to_dt(row["finished_at"])
     return row
@@ -255,7 +348,9 @@ def parquet_parts(folder: Path) -> list[Path]:
 
 
 def read_results(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield one dict per result (Parquet column names, SCHEMA order) from either format.
+    """Yield one dict per result (Parquet column names, SCHEMA order, then the typed columns
+    the file has: ``messages``, and ``input``, ``parsed``, ``tool_calls`` where written) from
+    either format.
 
     JSONL lines without a ``batcher`` object (files from OpenAI's Batch API or vLLM) are read
     too, with the fields they lack set to ``None`` and the status derived from the answer.
@@ -336,4 +431,9 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         b.get("choices_asked"),
         b.get("batch_id"),
     )
-    return dict(zip(NAMES, values, strict=True))
+    row = dict(zip(NAMES, values, strict=True))
+    row["messages"] = messages_rows(b.get("messages"))
+    for key in ("input", "parsed"):
+        if key in b:
+            row[key] = b[key]
+    return row

@@ -23,12 +23,14 @@ from batcher.output.formats import SUFFIXES as SUFFIXES
 from batcher.output.formats import Closing
 from batcher.output.formats import RejectsWriter as RejectsWriter
 from batcher.output.formats import output_format as output_format
-from batcher.output.rows import ENCODE, NAMES, row_values
+from batcher.output.rows import ENCODE, NAMES, PLAIN, row_values, schema_for, typed_values
 from batcher.output.rows import SCHEMA as SCHEMA
 from batcher.output.rows import batch_output_line as batch_output_line
 from batcher.output.rows import parquet_parts as parquet_parts
 from batcher.output.rows import parquet_row as parquet_row
 from batcher.output.rows import read_results as read_results
+from batcher.output.shape import OutputShape
+from batcher.output.typed import cast, column, fit
 from batcher.records import Result
 
 # About 6 MB of buffered rows. Each row group also costs the writer about 30 KB of footer
@@ -139,6 +141,11 @@ class JsonlWriter(_AtomicFile):
 
     _f: IO[str]
 
+    def __init__(self, path: Path, *, shape: OutputShape = PLAIN) -> None:
+        """Start ``PATH.partial``; ``shape.parsed`` says whether lines carry ``parsed``."""
+        self._parsed = shape.parsed is not None
+        super().__init__(path)
+
     def _open(self) -> None:
         # backslashreplace: a lone surrogate (possible from a JSON "\ud800" escape in the input)
         # becomes the text \ud800, which inside a JSON string is the same escape: no crash, and
@@ -154,7 +161,7 @@ class JsonlWriter(_AtomicFile):
 
     def write(self, result: Result) -> None:
         """Append the result's line to the buffered file."""
-        self._f.write(ENCODE(batch_output_line(result)) + "\n")
+        self._f.write(ENCODE(batch_output_line(result, parsed=self._parsed)) + "\n")
         self.rows_written += 1
 
     def flush(self) -> None:
@@ -171,7 +178,8 @@ class JsonlWriter(_AtomicFile):
 
 
 class ParquetWriter(_AtomicFile):
-    """Writes results as Parquet (zstd) with SCHEMA, one row group every ``row_group_size``."""
+    """Writes results as Parquet (zstd) with SCHEMA and the shape's typed columns after it,
+    one row group every ``row_group_size``."""
 
     def __init__(
         self,
@@ -179,16 +187,20 @@ class ParquetWriter(_AtomicFile):
         *,
         row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
         metadata: Mapping[str, str] | None = None,
+        shape: OutputShape = PLAIN,
     ) -> None:
         """Start ``PATH.partial``; rows are buffered and written ``row_group_size`` at a time.
 
-        ``metadata`` goes into the file's key-value metadata (provenance: job, version, input).
+        ``metadata`` goes into the file's key-value metadata (provenance: job, version, input);
+        ``shape`` says which typed columns follow SCHEMA's (``messages`` always).
         """
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
         self.row_group_size = row_group_size
-        self._schema = SCHEMA.with_metadata(dict(metadata)) if metadata else SCHEMA
-        self._cols: list[list[Any]] = [[] for _ in NAMES]
+        self._shape = shape
+        schema = schema_for(shape)
+        self._schema = schema.with_metadata(dict(metadata)) if metadata else schema
+        self._cols: list[list[Any]] = [[] for _ in schema]
         self._batches: list[pa.RecordBatch] = []
         self._buffered = 0  # rows in self._batches
         super().__init__(path)
@@ -204,7 +216,8 @@ class ParquetWriter(_AtomicFile):
 
     def write(self, result: Result) -> None:
         """Buffer the result's row; a full buffer is written out as a row group."""
-        for col, value in zip(self._cols, row_values(result), strict=True):
+        values = (*row_values(result), *typed_values(result, self._shape))
+        for col, value in zip(self._cols, values, strict=True):
             col.append(value)
         self.rows_written += 1
         if len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
@@ -214,8 +227,9 @@ class ParquetWriter(_AtomicFile):
 
     def _convert(self) -> None:
         """Turn the buffered Python rows into an Arrow batch: about half the memory."""
-        arrays = [_array(col, field.type) for col, field in zip(self._cols, SCHEMA, strict=True)]
-        self._cols = [[] for _ in NAMES]
+        fields = self._schema
+        arrays = [_array(col, field.type) for col, field in zip(self._cols, fields, strict=True)]
+        self._cols = [[] for _ in fields]
         self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
         self._buffered += len(arrays[0])
 
@@ -245,26 +259,40 @@ class ParquetWriter(_AtomicFile):
         self._pq.close()
 
 
-def results_table(results: Iterable[Result], metadata: Mapping[str, str] | None = None) -> pa.Table:
-    """The results as one Arrow table with exactly SCHEMA (the Ray engine's blocks)."""
-    cols: list[list[Any]] = [[] for _ in NAMES]
+def results_table(
+    results: Iterable[Result],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    shape: OutputShape = PLAIN,
+) -> pa.Table:
+    """The results as one Arrow table with SCHEMA and ``shape``'s typed columns (the Ray
+    engine's blocks)."""
+    full = schema_for(shape)
+    cols: list[list[Any]] = [[] for _ in full]
     for result in results:
-        for col, value in zip(cols, row_values(result), strict=True):
+        values = (*row_values(result), *typed_values(result, shape))
+        for col, value in zip(cols, values, strict=True):
             col.append(value)
-    schema = SCHEMA.with_metadata(dict(metadata)) if metadata else SCHEMA
-    arrays = [_array(col, field.type) for col, field in zip(cols, SCHEMA, strict=True)]
+    schema = full.with_metadata(dict(metadata)) if metadata else full
+    arrays = [_array(col, field.type) for col, field in zip(cols, full, strict=True)]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def rows_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows read back by ``read_results`` as one Arrow table with exactly SCHEMA; values Arrow
-    refuses (a lone surrogate in an answer) are coerced as when writing."""
-    cols: list[list[Any]] = [[] for _ in NAMES]
+def rows_table(rows: Iterable[Mapping[str, Any]], *, shape: OutputShape = PLAIN) -> pa.Table:
+    """Rows read back by ``read_results`` as one Arrow table with SCHEMA and ``shape``'s typed
+    columns (each value fitted to its column's type); values Arrow refuses (a lone surrogate
+    in an answer) are coerced as when writing."""
+    typed = shape.fields()
+    cols: list[list[Any]] = [[] for _ in range(len(NAMES) + len(typed))]
+    fixed, extra = cols[: len(NAMES)], cols[len(NAMES) :]
     for row in rows:
-        for col, name in zip(cols, NAMES, strict=True):
+        for col, name in zip(fixed, NAMES, strict=True):
             col.append(row.get(name))
-    arrays = [_array(col, field.type) for col, field in zip(cols, SCHEMA, strict=True)]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+        for col, field in zip(extra, typed, strict=True):
+            col.append(fit(row.get(field.name), field.type))
+    schema = schema_for(shape)
+    arrays = [_array(col, field.type) for col, field in zip(cols, schema, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
@@ -272,6 +300,8 @@ def _array(values: list[Any], type_: pa.DataType) -> pa.Array:
     try:
         return pa.array(values, type=type_)
     except (ValueError, TypeError, OverflowError):  # ArrowInvalid is a ValueError
+        if pa.types.is_struct(type_):  # a typed column (``input``, ``parsed``)
+            return column(values, type_)
         return pa.array([_coerce(v, type_) for v in values], type=type_)
 
 
@@ -290,10 +320,12 @@ def _coerce(value: Any, type_: pa.DataType) -> Any:
             return float(value)
         except (TypeError, ValueError):
             return None
-    if pa.types.is_list(type_):  # the choices: coerce each field of each choice
-        fields = type_.value_type
+    if pa.types.is_list(type_) and type_.equals(SCHEMA.field("choices").type):
+        fields = type_.value_type  # coerce each field of each choice
         return [{f.name: _coerce(item.get(f.name), f.type) for f in fields} for item in value]
-    return value
+    # A typed column (fitted already): only a value of a type no schema gives (a Parquet
+    # input's own, read back from the journal as text) can be refused: cast leaf by leaf.
+    return cast(value, type_)
 
 
 def open_writer(
@@ -301,10 +333,12 @@ def open_writer(
     *,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     metadata: Mapping[str, str] | None = None,
+    shape: OutputShape = PLAIN,
 ) -> Writer:
     """Open the writer for ``path`` by its suffix; ``row_group_size`` and ``metadata`` apply to
-    Parquet only (JSONL lines have no place for file-level metadata)."""
+    Parquet only (JSONL lines have no place for file-level metadata). ``shape``: the typed
+    columns (JSONL lines carry ``messages``, ``input`` and ``parsed`` in ``batcher``)."""
     suffix = output_format(path)
     if suffix == ".parquet":
-        return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata)
-    return JsonlWriter(path)
+        return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata, shape=shape)
+    return JsonlWriter(path, shape=shape)

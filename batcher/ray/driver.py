@@ -50,6 +50,7 @@ from batcher.input.tabular import check_input, reader_for
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.parts import locked, new_stamp
 from batcher.output.resume import RetryErrors
+from batcher.output.shape import OutputShape, output_shape
 from batcher.ray.blocks import Outbox, count_rows, request_blocks, split_stop_row
 from batcher.ray.folder import PartFiles, Rerun, rerun, settle
 from batcher.ray.session import RaySession
@@ -219,9 +220,10 @@ def _run(setting: RaySetting, source: IO[bytes], found: Rerun) -> tuple[RunStats
         with base_urls(job, sim_server) as urls, stopper.handling(setting.handle_signals):
             _read(setting, source, found, outbox, stats, progress)
             if outbox.refs:
-                spec = _spec(setting, urls, session, len(outbox.refs))
+                shape = output_shape(job)
+                spec = _spec(setting, urls, session, len(outbox.refs), shape)
                 engine = _engine_line(spec, len(outbox.refs), job.ray.block_rows)
-                files = _part_files(setting)
+                files = _part_files(setting, shape)
                 stopper.arm(spec.stop_flag)
                 _collect(session.run(outbox.refs, spec), files, stats, progress, stopper)
     except KeyboardInterrupt:
@@ -270,9 +272,12 @@ def _read(
     stats.lines_read = reader.lines_read
 
 
-def _spec(setting: RaySetting, urls: list[str], session: RaySession, blocks: int) -> WorkerSpec:
+def _spec(
+    setting: RaySetting, urls: list[str], session: RaySession, blocks: int, shape: OutputShape
+) -> WorkerSpec:
     """What every worker is given: the job, the endpoints' URLs, the pool's size (the job's
-    ``ray.workers`` or the cluster's CPUs, no more than the blocks), the stop flag."""
+    ``ray.workers`` or the cluster's CPUs, no more than the blocks), the stop flag, the
+    output's typed columns."""
     job = setting.job
     workers = max(1, min(job.ray.workers or session.cpus(), blocks))
     return WorkerSpec(
@@ -281,6 +286,7 @@ def _spec(setting: RaySetting, urls: list[str], session: RaySession, blocks: int
         needs_key=setting.needs_key,
         workers=workers,
         stop_flag=session.stop_flag() if setting.handle_signals else None,
+        shape=shape,
     )
 
 
@@ -293,12 +299,14 @@ def _engine_line(spec: WorkerSpec, blocks: int, block_rows: int) -> str:
     )
 
 
-def _part_files(setting: RaySetting) -> PartFiles:
-    """This run's part files, with the output's provenance (the input hashed)."""
+def _part_files(setting: RaySetting, shape: OutputShape) -> PartFiles:
+    """This run's part files, with the output's provenance (the input hashed) and columns."""
     from batcher.output.provenance import provenance
+    from batcher.output.rows import schema_for
 
     metadata = provenance(setting.job, setting.input_path)
-    return PartFiles(output=setting.output, stamp=new_stamp(), metadata=metadata)
+    schema = schema_for(shape)
+    return PartFiles(output=setting.output, stamp=new_stamp(), metadata=metadata, schema=schema)
 
 
 def _collect(

@@ -49,15 +49,17 @@ def done(record: parts.Record, retry_errors: RetryErrors) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class PartFiles:
     """This run's part files: one per finished block, named after the run's stamp, each with
-    the run's provenance."""
+    the run's provenance and the output's columns."""
 
     output: Path
     stamp: str
     metadata: dict[str, str]
+    schema: pa.Schema  # the output's columns (``rows.schema_for`` the job's shape)
 
     def write(self, n: int, table: pa.Table) -> None:
         """Write block ``n``'s records as a part (atomically)."""
-        parts.write_part(parts.part_path(self.output, self.stamp, n), table, self.metadata)
+        path = parts.part_path(self.output, self.stamp, n)
+        parts.write_part(path, table, self.metadata, schema=self.schema)
 
 
 def settle(output: Path, *, resent: bool) -> Counter[str]:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from batcher.engine.dispatch import Engine
+    from batcher.output.shape import OutputShape
 
 #: The status of the extra row a worker adds to a block it could not finish, with the reason
 #: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
@@ -51,6 +52,8 @@ class WorkerSpec:
     #: The driver's stop flag (a Ray actor handle, ``stopping.StopFlag``): its ``reason``
     #: is set when the driver is interrupted. ``None``: nothing to watch.
     stop_flag: Any = None
+    #: The output's typed columns (``output.shape``); ``None``: those of a plain job.
+    shape: OutputShape | None = None
 
 
 #: How often a worker asks the driver's stop flag whether to stop (seconds).
@@ -159,7 +162,9 @@ class BlockWorker:
                 return
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        """Send the block's requests; its records (``writers.SCHEMA``), once all are in."""
+        """Send the block's requests; its records (``writers.SCHEMA`` and the typed columns),
+        once all are in."""
+        from batcher.output.rows import PLAIN
         from batcher.output.writers import results_table
 
         if self._setup_error is not None:
@@ -174,7 +179,7 @@ class BlockWorker:
             else:
                 waiting.done.set()  # a refused key, no quota, an outage: not worth trying
         waiting.done.wait()
-        table = results_table(waiting.results.values())
+        table = results_table(waiting.results.values(), shape=self._spec.shape or PLAIN)
         if len(waiting.results) < len(requests):
             table = _with_stop_row(
                 table, self._stopped or "stopped", config_error=self._config_error_endpoint

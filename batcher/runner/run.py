@@ -53,6 +53,8 @@ from batcher.runner.wiring import (
 if TYPE_CHECKING:
     import httpx
 
+    from batcher.output.shape import OutputShape
+
 __all__ = ["RunOptions", "RunReport", "arun_job", "run_job"]
 
 
@@ -201,7 +203,8 @@ async def _run_journaled(
                 print(journal.torn_note, file=stream)
             plan = ResumePlan(journal.entries, retry_errors=options.retry_errors)
             metadata = functools.partial(provenance, job, setting.input_path)
-            live = live_output_for(journal, output, setting.input_path, metadata)
+            shape = functools.partial(_output_shape, job)  # pyarrow: made in the writer's thread
+            live = live_output_for(journal, output, setting.input_path, metadata, shape)
             stats, rejected = await _run_async(setting, sources, urls, journal, live, plan)
             if stats.config_error is not None:
                 # The endpoint showed the job cannot work: no output (the except below
@@ -214,12 +217,21 @@ async def _run_journaled(
             if options.housekeeping is not None:
                 options.housekeeping.before_output()
             # in a thread: a notebook's event loop keeps serving while pyarrow writes
-            await anyio.to_thread.run_sync(finish_output, journal, live, output, stats, metadata)
+            await anyio.to_thread.run_sync(
+                finish_output, journal, live, output, stats, metadata, shape
+            )
         except BaseException:
             if live is not None:
                 live.abort()  # the .partial, while the lock is ours; an output is left alone
             raise
     return stats, rejected
+
+
+def _output_shape(job: JobConfig) -> OutputShape:
+    """The output's typed columns (``output.shape``), imported with pyarrow when needed."""
+    from batcher.output.shape import output_shape
+
+    return output_shape(job)
 
 
 async def _run_async(

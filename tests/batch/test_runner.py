@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from batcher.batch import submit as submit_module
@@ -58,6 +60,22 @@ def test_several_models_and_chunks_every_id_once_at_half_price(tmp_path: Path) -
              "max_tokens": 16}
         )  # fmt: skip
     assert "completed" in out.getvalue()  # per-batch progress lines
+
+
+def test_the_output_has_the_typed_columns(tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    asked = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    with batch_sim(FAST) as sim:
+        job = batch_job(sim, tmp_path, 4, models=("sim-a",))
+        job = dataclasses.replace(job, request={**job.request, "response_format": asked})
+        report = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+    assert report.exit_code == 0
+    got = pq.read_table(tmp_path / "out.parquet")
+    assert got.schema.field("parsed").type == pa.struct([("n", pa.int64())])
+    for r in got.to_pylist():
+        assert r["parsed"] == json.loads(r["content"])
+        question = f"question {int(r['custom_id'][1:])}"
+        assert r["messages"] == [{"role": "user", "content": question}]
 
 
 def test_expired_batch_keeps_its_answers_and_resubmits_the_rest(tmp_path: Path) -> None:

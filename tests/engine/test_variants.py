@@ -250,7 +250,7 @@ def test_run_returns_a_table_with_the_variant_column_and_prints_nothing(
     assert capsys.readouterr() == ("", "")
     assert "finished" in result.summary and "v1 3 ok/0 error" in result.summary
     assert result.output == tmp_path / "o.parquet" and result.table is not None
-    assert result.table.column_names[-3:] == ["variant", "choices_asked", "batch_id"]
+    assert result.table.column_names[-4:] == ["variant", "choices_asked", "batch_id", "messages"]
     assert sorted(result.table["variant"].to_pylist()) == ["v1"] * 3 + ["v2"] * 3
     unloaded = batcher.run(mock_job(tmp_path, variants), output=str(tmp_path / "o.parquet"),
                            load=False)  # fmt: skip
@@ -467,7 +467,7 @@ def test_report_compares_variants_in_job_order(tmp_path: Path) -> None:
     text = format_report(report)
     assert "zeta" in text.split("by variant")[1] and "stop 4" in text
     columns = pq.read_table(result.output).column_names
-    assert columns[-3:] == ["variant", "choices_asked", "batch_id"]
+    assert columns[-4:] == ["variant", "choices_asked", "batch_id", "messages"]
 
 
 def test_the_budget_counts_every_variant(tmp_path: Path) -> None:

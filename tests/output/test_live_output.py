@@ -25,6 +25,7 @@ from batcher.output.formats import rejects_path
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput, write_output
 from batcher.output.provenance import provenance
+from batcher.output.shape import output_shape
 from batcher.output.writers import read_results
 from batcher.records import Result
 from batcher.runner import run as runner
@@ -70,9 +71,9 @@ def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobCon
     )
 
 
-def rebuilt_from_journal(output: Path, into: Path) -> list[dict[str, Any]]:
+def rebuilt_from_journal(output: Path, into: Path, job: JobConfig) -> list[dict[str, Any]]:
     with Journal(journal_path(output)) as journal:
-        write_output(journal, into, RunStats())
+        write_output(journal, into, RunStats(), shape=output_shape(job))
     return list(read_results(into))
 
 
@@ -88,7 +89,7 @@ def test_live_output_is_what_the_journal_gives(tmp_path: Path, suffix: str) -> N
     rows = list(read_results(report.output))
     assert len(rows) == 30 == output_count(report.stats)
     assert sorted(r["custom_id"] for r in rows) == [f"c{i}" for i in sorted(range(30), key=str)]
-    rebuilt = rebuilt_from_journal(report.output, tmp_path / ("again" + suffix))
+    rebuilt = rebuilt_from_journal(report.output, tmp_path / ("again" + suffix), job)
     assert rows == rebuilt  # same records, same order, each re-asked one in its final form
     assert not list(tmp_path.glob("*.partial"))
 
@@ -178,7 +179,7 @@ def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     assert pq.read_schema(report.output).metadata[b"batcher.input"]
     rows = list(read_results(report.output))
     assert len(rows) == 30 == output_count(report.stats)
-    assert rows == rebuilt_from_journal(report.output, tmp_path / "again.parquet")
+    assert rows == rebuilt_from_journal(report.output, tmp_path / "again.parquet", job)
 
 
 def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path) -> None:
@@ -293,7 +294,7 @@ def test_final_records_the_journal_refuses_leave_the_output_to_the_journal(
     monkeypatch.setattr(Journal, "append", real_append)
     assert report.exit_code == 3
     rows = list(read_results(report.output))
-    assert rows and rows == rebuilt_from_journal(report.output, tmp_path / "again.jsonl")
+    assert rows and rows == rebuilt_from_journal(report.output, tmp_path / "again.jsonl", job)
     assert {r["custom_id"] for r in rows} <= provisional_ids
     assert not list(tmp_path.glob("*.partial"))
 

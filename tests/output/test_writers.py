@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batcher.errors import ConfigError, InputError
+from batcher.output.rows import PLAIN, schema_for
 from batcher.output.writers import (
     SCHEMA,
     JsonlWriter,
@@ -126,7 +127,7 @@ def test_roundtrip_cases(tmp_path: Path) -> None:
     from_jsonl, from_parquet = roundtrip(tmp_path, CASES)
     assert from_jsonl == from_parquet == [parquet_row(r) for r in CASES]
     rows = {row["custom_id"]: row for row in from_parquet}
-    assert list(rows["request-1"]) == SCHEMA.names
+    assert list(rows["request-1"]) == [*SCHEMA.names, "messages"]
     assert rows["request-1"]["content"] == "2 + 2 equals 4."
     assert rows["request-1"]["total_tokens"] == 39
     assert rows["request-1"]["started_at"] == datetime.fromtimestamp(T0, UTC)
@@ -274,14 +275,15 @@ def test_parquet_schema_row_groups_and_empty(tmp_path: Path) -> None:
         pass
     assert w.rows_written == 0
     empty = pq.read_table(tmp_path / "e.parquet")
-    assert empty.schema == SCHEMA and empty.num_rows == 0
+    assert empty.schema == schema_for(PLAIN) and empty.num_rows == 0
+    assert empty.schema.names[: len(SCHEMA)] == SCHEMA.names  # the fixed columns come first
     assert list(read_results(tmp_path / "e.parquet")) == []
     rs = [replace(CASES[0], custom_id=f"id-{i}", line=i) for i in range(7)]
     with ParquetWriter(tmp_path / "g.parquet", row_group_size=3) as w:
         for r in rs:
             w.write(r)
     table = pq.read_table(tmp_path / "g.parquet")
-    assert table.schema == SCHEMA and table.column_names == SCHEMA.names
+    assert table.schema == schema_for(PLAIN) and table.column_names == [*SCHEMA.names, "messages"]
     assert pq.ParquetFile(tmp_path / "g.parquet").metadata.num_row_groups == 3
     assert table.column("line").to_pylist() == list(range(7))
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -30,6 +31,7 @@ from batcher.limits.endpoint import Limits
 from batcher.output.provenance import read_provenance
 from batcher.output.report import build_report
 from batcher.output.report_text import format_report
+from batcher.output.rows import PLAIN, schema_for
 from batcher.output.writers import SCHEMA, parquet_parts, read_results
 from batcher.runner.wiring import endpoint_limits
 from batcher.sim.config import SimConfig
@@ -147,7 +149,7 @@ def test_each_id_once_then_resume_sends_only_what_is_missing(
     parts = parquet_parts(output)
     assert len(parts) == N // 40  # one part file per block
     for part in parts:
-        assert pq.read_schema(part).remove_metadata() == SCHEMA
+        assert pq.read_schema(part).remove_metadata() == schema_for(PLAIN)
         assert pq.read_schema(part).metadata[b"batcher.input"] == str(job.input).encode()
     assert output_ids(output) == expected
     # The folder reads as one table in the usual tools.
@@ -532,9 +534,42 @@ def test_the_python_api_runs_a_ray_job_on_ray(
     result = batcher.run(job)
     assert result.output.is_dir()  # the Ray engine's folder of parts, not a local file
     assert not (tmp_path / "out.parquet.journal.jsonl").exists()
-    assert result.table is not None and result.table.schema.names == SCHEMA.names
+    assert result.table is not None
+    assert result.table.schema.names == [*SCHEMA.names, "messages"]
     assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
     assert len(output_ids(result.output)) == 30 and result.stats.ok == 30
+
+
+@pytest.mark.slow
+def test_a_ray_run_writes_the_typed_columns(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+        "required": ["city", "rank"],
+    }
+    job = ray_job(tmp_path, sim.base_url, n=40)
+    asked = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    job = dataclasses.replace(job, request={**job.request, "response_format": asked})
+    report = run_job_on_ray(job, stream=io.StringIO())
+    assert report.exit_code == 1, report.summary  # the one rejected line
+    [part] = parquet_parts(report.output)
+    assert pq.read_schema(part).field("parsed").type == pa.struct(
+        [("city", pa.string()), ("rank", pa.int64())]
+    )
+    rows = list(read_results(report.output))
+    assert len(rows) == 40
+    for row in rows:
+        try:
+            answer = json.loads(row["content"])
+        except ValueError:  # an answer that is not whole JSON: nothing to parse
+            answer = None
+        assert row["parsed"] == answer
+        assert row["messages"][0]["role"] == "user" and row["messages"][0]["content"]
+    assert sum(row["parsed"] is not None for row in rows) >= 30
 
 
 @pytest.mark.slow
