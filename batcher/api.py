@@ -81,6 +81,8 @@ class RunResult:
     #: the in-memory input's rows (``input=`` rows), for the dataset view
     source: pa.Table | None = field(default=None, repr=False)
     variants: tuple[str, ...] = ()  # the job's variant names, in declared order
+    #: the job that ran (to read a JSONL output back with its typed columns)
+    job: JobConfig | None = field(default=None, repr=False)
 
     @property
     def output(self) -> Path:
@@ -106,7 +108,7 @@ class RunResult:
         """The dataset view as a pyarrow Table: a row per answer in input order, the input's
         own columns first, then the output's (a clashing input column becomes ``input_NAME``;
         see ``batcher.api_view``). Loads the output when ``table`` is ``None``."""
-        table = self.table if self.table is not None else _load(self.output, True)
+        table = self.table if self.table is not None else _load(self.output, True, self.job)
         if table is None:
             raise FileNotFoundError(f"no output at {self.output}")
         return dataset_view(table, self.source, self.variants)
@@ -252,13 +254,14 @@ class _Call:
         with contextlib.ExitStack() as stack:
             job, source = await anyio.to_thread.run_sync(self._job, stack)
             report = await self._report(job)
-        table = await anyio.to_thread.run_sync(_load, report.output, self.load)
+        table = await anyio.to_thread.run_sync(_load, report.output, self.load, job)
         return RunResult(
             report=report,
             table=table,
             log=self._log,
             source=source,
             variants=tuple(v.name for v in job.variants),
+            job=job,
         )
 
     @property
@@ -353,14 +356,15 @@ def _retry_errors(value: bool | str) -> RetryErrors:
     raise ValueError(f"retry_errors must be True, False, 'all' or 'retryable', not {value!r}")
 
 
-def _load(output: Path, load: bool | None) -> pa.Table | None:
-    """The output as a table (``SCHEMA``), unless ``load`` says no, it is too large, or there
-    is none (a detached or cancelled batch run writes none)."""
+def _load(output: Path, load: bool | None, job: JobConfig | None) -> pa.Table | None:
+    """The output as a table (``SCHEMA`` and the job's typed columns), unless ``load`` says
+    no, it is too large, or there is none (a detached or cancelled batch run writes none)."""
     if load is False or not output.exists():
         return None
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
+    from batcher.output.shape import OutputShape
     from batcher.output.writers import read_results, rows_table
 
     if output.suffix == ".parquet":  # a file, or the Ray engine's folder of part files
@@ -372,4 +376,6 @@ def _load(output: Path, load: bool | None) -> pa.Table | None:
         if load is None and len(rows) >= LOAD_MAX_ROWS:
             return None
         rows.append(row)
-    return rows_table(rows)
+    from batcher.output.shape import output_shape
+
+    return rows_table(rows, shape=OutputShape() if job is None else output_shape(job))

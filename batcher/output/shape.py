@@ -9,7 +9,6 @@ choice, their arguments typed from the tool's ``parameters``. The types come fro
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -122,9 +121,6 @@ def _tools(tools: Any) -> Any:
 def output_shape(job: JobConfig) -> OutputShape:
     """The output shape of ``job``, its input's schema read from its input (a tabular input's
     header or Parquet schema)."""
-    try:
-        tabular = importlib.import_module("batcher.input.tabular")
-    except ImportError:  # no tabular input reader: request lines only
-        return shape_for(job, None)
-    schema: pa.Schema | None = tabular.input_schema(job)
-    return shape_for(job, schema)
+    from batcher.input.tabular import input_schema
+
+    return shape_for(job, input_schema(job))
