@@ -216,8 +216,10 @@ def test_error_and_response_objects() -> None:
     assert failed["response"] is None  # no HTTP answer came
     assert failed["error"] == {"code": "timeout", "message": "t"}
     answered = batch_output_line(result(status="error", status_code=500, body="oops"))
-    assert answered["response"] == {"status_code": 500, "request_id": None, "body": "oops"}
-    assert answered["error"] == {"code": None, "message": None}  # every error has one
+    # the body is always an object; a raw answer is the error's message, as the Batch API
+    assert answered["response"] == {"status_code": 500, "request_id": None, "body": {}}
+    assert answered["error"] == {"code": "invalid_response", "message": "oops"}
+    assert answered["batcher"]["response_body"] == "text"
     assert batch_output_line(result())["error"] is None
 
 
