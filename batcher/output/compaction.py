@@ -56,9 +56,9 @@ class CompactJournal:
     def add(self, record: Mapping[str, Any], *, in_errors: bool) -> None:
         """Keep ``record`` (full or compact), written as the next row of the output (or of
         the errors file)."""
-        compact = {name: record.get(name) for name in COMPACT_FIELDS}
-        if record.get("variant") is not None:
-            compact["variant"] = record["variant"]
+        # what is not known is left out (read back as None): a compact record stays short
+        compact = {name: record[name] for name in (*COMPACT_FIELDS, "variant")
+                   if record.get(name) is not None}  # fmt: skip
         where = "errors" if in_errors else "output"
         compact["row"] = self._rows[where]
         self._rows[where] += 1
