@@ -23,6 +23,7 @@ from batcher.output.rows import (
     parquet_parts,
     parquet_row,
     read_results,
+    row_from_line,
     row_values,
 )
 from batcher.records import Result, Usage
@@ -238,3 +239,30 @@ def test_reading_a_folder_of_parts_and_bad_files(tmp_path: Path) -> None:
     bad.write_text('{"custom_id": "a"}\n[1]\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad.jsonl:2: not a batch output line"):
         list(read_results(bad))
+
+
+def test_a_sweep_line_has_a_unique_custom_id_and_reads_back_as_the_line_id() -> None:
+    line = batch_output_line(result(custom_id="q:1", variant="v2"))
+    assert line["custom_id"] == "q:1:v2" and line["batcher"]["line_id"] == "q:1"
+    row = row_from_line(json.loads(json.dumps(line)))
+    assert (row["custom_id"], row["variant"]) == ("q:1", "v2")
+    assert "line_id" not in batch_output_line(result())["batcher"]
+
+
+@pytest.mark.parametrize(
+    ("body", "where"), [([1, "two"], "json"), (None, "none"), ("<html>", "text"), ({}, None)]
+)
+def test_a_body_that_is_not_an_object_goes_to_the_error_and_reads_back(
+    body: Any, where: str | None
+) -> None:
+    r = result(status="error", status_code=502, body=body, error_code="http_502",
+               error_message="bad gateway")  # fmt: skip
+    line = batch_output_line(r)
+    assert line["response"]["body"] == (body if where is None else {})
+    assert line["batcher"].get("response_body") == where
+    assert (line["error"] is None) == (where is None)
+    assert (line["batcher"]["error_code"], line["batcher"]["error_message"]) == (
+        "http_502",
+        "bad gateway",
+    )
+    assert row_from_line(json.loads(json.dumps(line))) == parquet_row(r)  # lossless
