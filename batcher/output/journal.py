@@ -10,6 +10,10 @@ A torn last line (the process died mid-write) is detected on open and cut off. A
 journaled more than once (re-sent with ``--retry-errors`` or because its body changed): the
 last record of an id wins. In a job with variants a record is known by its id and its variant
 (``records.record_key``).
+
+Once a run has recorded every request and written its output, the journal is compacted
+(``compaction``): its records then hold what resume decides on and where in the output the
+answer is (``kept_in``), and the header what every dropped record cost.
 """
 
 from __future__ import annotations
