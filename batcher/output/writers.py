@@ -250,8 +250,17 @@ class ParquetWriter(_AtomicFile):
         table = pa.Table.from_batches(self._batches, schema=self._schema)
         self._batches, self._buffered = [], 0
         if self._order is not None:
-            rows = array("q", range(table.num_rows))
-            table = table.take(pa.array(list(sorted_by(self._keys, rows)), pa.int64()))
+            self._write_sorted(table)
+            return
+        self._write_table(table)
+
+    def _write_sorted(self, table: pa.Table) -> None:
+        """Write the held rows in order, a row group at a time: one group's copy at most."""
+        order = pa.array(list(sorted_by(self._keys, array("q", range(table.num_rows)))))
+        for start in range(0, table.num_rows, self.row_group_size):
+            self._write_table(table.take(order.slice(start, self.row_group_size)))
+
+    def _write_table(self, table: pa.Table) -> None:
         try:
             self._pq.write_table(table, row_group_size=self.row_group_size)
         except OSError as exc:
