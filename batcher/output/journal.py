@@ -202,9 +202,11 @@ class Journal:
                 self._fd = -1
 
     def results(self) -> Iterator[Result]:
-        """The latest record of every id, in the order they were journaled."""
+        """The latest record of every id, in the order they were journaled; a compact record
+        (its answer in the output: ``kept_in``) is left out, having no answer to give."""
         for _, record in self.latest():
-            yield decode(record)
+            if kept_in(record) is None:
+                yield decode(record)
 
     def latest(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The offset and record of every id's latest record, in the order journaled."""
