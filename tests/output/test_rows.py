@@ -266,3 +266,17 @@ def test_a_body_that_is_not_an_object_goes_to_the_error_and_reads_back(
         "bad gateway",
     )
     assert row_from_line(json.loads(json.dumps(line))) == parquet_row(r)  # lossless
+
+
+def test_lines_written_by_an_older_version_read_back_as_before() -> None:
+    """No ``batcher.error_code`` or ``line_id``: the error and the id come from the line."""
+    old = {
+        "id": "batch_req_x", "custom_id": "q7",
+        "response": {"status_code": 502, "request_id": None, "body": "<html>bad</html>"},
+        "error": {"code": "http_502", "message": "HTTP 502"},
+        "batcher": {"status": "error", "model": "m", "line": 7, "variant": "v"},
+    }  # fmt: skip
+    row = row_from_line(old)
+    assert (row["custom_id"], row["variant"], row["line"]) == ("q7", "v", 7)
+    assert (row["error_code"], row["error_message"]) == ("http_502", "HTTP 502")
+    assert row["response"] == "<html>bad</html>"
