@@ -47,7 +47,7 @@ def main() -> int:
         for round_no in range(1, args.repeat + 1):
             for n in args.sizes:  # interleaved, so a slow hour weighs on every size alike
                 out = tmp / f"out-{n}.parquet"
-                journal = out.with_name(out.name + ".journal.jsonl")
+                journal = out.with_name(out.name + ".journal")
                 for old in (out, journal, out.with_name(out.name + ".rejects.jsonl")):
                     old.unlink(missing_ok=True)  # a fresh run each time, not a resume
                 cmd = [

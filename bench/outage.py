@@ -47,7 +47,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="batcher-outage-") as tmp:
         src = write_jsonl(Path(tmp) / "in.jsonl", args.n, model="gpt-4o-mini")
         out = Path(tmp) / "out.jsonl"
-        journal = out.with_name(out.name + ".journal.jsonl")
+        journal = out.with_name(out.name + ".journal")
         port = free_port()
         sim = start_sim(port)
         started = time.monotonic()

@@ -128,3 +128,11 @@ def write_job(path: Path, text: str) -> Path:
 
 def ids_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [row["custom_id"] for row in rows]
+
+
+def keep_full_journal(monkeypatch: Any) -> None:
+    """Leave a finished run's journal whole (never compacted): for tests that read or edit
+    the full records a run journaled."""
+    from batcher.output import compaction
+
+    monkeypatch.setattr(compaction.CompactJournal, "commit", compaction.CompactJournal.abort)

@@ -44,6 +44,7 @@ from batcher.cost.budget import check_priced
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
 from batcher.input.tabular import check_input
+from batcher.output.compaction import check_answers_kept
 from batcher.output.formats import rejects_path
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import write_output
@@ -128,6 +129,7 @@ async def arun_batch_job(
         await anyio.to_thread.run_sync(check_priced, job, pricer)
     stats = RunStats()
     with Journal(journal_path(output), restart=restart) as journal:  # restart: state gone too
+        check_answers_kept(journal, output)
         requests = await anyio.to_thread.run_sync(read_all, job, input_path, output, stats)
         with StateJournal(state_path(output)) as states, base_urls(job, sim) as urls:
             async with BatchClient(
@@ -165,6 +167,8 @@ async def arun_batch_job(
             write = functools.partial(
                 write_output, journal, output, stats, provenance(job, input_path),
                 output_shape(job),
+                variants=[v.name for v in job.variants], split_errors=job.split_errors,
+                compact=not stats.stopped_early,
             )  # fmt: skip
             await anyio.to_thread.run_sync(write)
     for model in pricer.unknown_models:

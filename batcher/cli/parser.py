@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 RUN_EPILOG = """\
-Re-running the same command resumes: requests recorded in OUTPUT.journal.jsonl are not sent
+Re-running the same command resumes: requests recorded in OUTPUT.journal are not sent
 again (unless --retry-errors), a line whose request changed is re-sent, --restart starts over.
 With --engine ray, OUTPUT (.parquet) is a folder of part files, and the ids in it are done.
 

@@ -39,6 +39,12 @@ def rejects_path(output: Path) -> Path:
     return output.with_name(output.name + ".rejects.jsonl")
 
 
+def errors_path(output: Path) -> Path:
+    """Where failed requests go with ``split_errors``: ``OUTPUT.errors.jsonl`` beside the
+    output (Batch API lines, as OpenAI's error file)."""
+    return output.with_name(output.name + ".errors.jsonl")
+
+
 class Closing:
     """Context-manager support: ``with`` closes the object, also when the block raises
     (output files override this: they are discarded when the block raises)."""

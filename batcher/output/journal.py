@@ -1,4 +1,4 @@
-"""The crash-safe journal of finished requests (``OUTPUT.journal.jsonl``): what resume reads.
+"""The crash-safe journal of finished requests (``OUTPUT.journal``): what resume reads.
 
 One JSON line per finished request, appended with a single ``write`` to a file opened with
 ``O_APPEND`` before the request counts as done, so a ``kill -9`` loses at most the requests in
@@ -10,16 +10,21 @@ A torn last line (the process died mid-write) is detected on open and cut off. A
 journaled more than once (re-sent with ``--retry-errors`` or because its body changed): the
 last record of an id wins. In a job with variants a record is known by its id and its variant
 (``records.record_key``).
+
+Once a run has recorded every request and written its output, the journal is compacted
+(``compaction``): its records then hold what resume decides on and where in the output the
+answer is (``kept_in``), and the header what every dropped record cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +33,25 @@ from batcher import jsonfast
 from batcher.errors import ConfigError, OutputError
 from batcher.records import Result, Usage, record_key
 
-JOURNAL_SUFFIX = ".journal.jsonl"
+#: Not ``.jsonl``: a ``*.jsonl`` glob over an output folder must not read the journal as data.
+JOURNAL_SUFFIX = ".journal"
+#: The name older versions gave the journal; adopted (renamed) when a journal is opened.
+OLD_JOURNAL_SUFFIX = ".journal.jsonl"
 _HEADER = {"batcher_journal": 1}
 
 
 def journal_path(output: Path) -> Path:
-    """The journal beside an output: ``OUTPUT.journal.jsonl``."""
+    """The journal beside an output: ``OUTPUT.journal``."""
     return output.with_name(output.name + JOURNAL_SUFFIX)
+
+
+def adopt_old_journal(path: Path) -> None:
+    """Rename an older version's journal (``OUTPUT.journal.jsonl``) to ``path``, so a run
+    begun before the rename resumes; nothing when ``path`` exists or there is none."""
+    old = path.with_name(path.name.removesuffix(JOURNAL_SUFFIX) + OLD_JOURNAL_SUFFIX)
+    if not path.exists() and old.exists():
+        with contextlib.suppress(FileNotFoundError):  # another run adopted it first
+            os.rename(old, path)
 
 
 #: Fields that change how an answer is delivered, not what is asked: turning streaming on
@@ -62,6 +79,9 @@ class Entry:
     status_code: int | None
     error_code: str | None
     offset: int
+    #: Where the answer is when the record is compact (``"output"`` or ``"errors"``: the file
+    #: the run that compacted the journal wrote it to); ``None``: in the journal.
+    kept: str | None = None
 
 
 class Journal:
@@ -89,11 +109,16 @@ class Journal:
         self.entries: dict[str, Entry] = {}
         self.torn_bytes = 0
         self.spent_before = 0.0  # dollars recorded by earlier runs (every record was paid)
+        self.spent = 0.0  # dollars recorded by earlier runs and this one
+        # cost of a key's provisional record, taken back by the record that follows
+        self._provisional: dict[str, float] = {}
+        self._replaced = False
         self._fsync_every_s = fsync_every_s
         self._clock = clock
         self._last_sync = clock()
         self._dirty = False
         try:
+            adopt_old_journal(path)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 # One run per output: two at once would both send everything. Held until the
@@ -114,6 +139,7 @@ class Journal:
                 # run still writing the old one would go on unseen.
                 os.ftruncate(self._fd, 0)
             self._load()
+            self.spent_before = self.spent
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
                 self._write(jsonfast.dumps(_HEADER) + b"\n")
@@ -138,10 +164,13 @@ class Journal:
         the record that follows replaces it in ``results``; on resume its cost is not counted
         twice (the final record's cost includes it).
         """
+        if self._replaced:
+            raise OutputError(f"journal {self.path} was compacted: nothing more can be recorded")
         line = encode(result, body_hash, provisional=provisional)
         offset = self._size
         self._write(line)
         key = record_key(result.custom_id, result.variant)
+        self._count_cost(key, result.cost_usd, provisional=provisional)
         if provisional or key in self.entries:  # a later record replaces this one
             self.entries[key] = Entry(
                 body_hash, result.status, result.status_code, result.error_code, offset
@@ -173,7 +202,14 @@ class Journal:
                 self._fd = -1
 
     def results(self) -> Iterator[Result]:
-        """The latest record of every id, in the order they were journaled."""
+        """The latest record of every id, in the order they were journaled; a compact record
+        (its answer in the output: ``kept_in``) is left out, having no answer to give."""
+        for _, record in self.latest():
+            if kept_in(record) is None:
+                yield decode(record)
+
+    def latest(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The offset and record of every id's latest record, in the order journaled."""
         with self.path.open("rb") as f:
             offset = 0
             for raw in f:
@@ -188,7 +224,17 @@ class Journal:
                     continue  # unreadable: counted as not done when the journal was loaded
                 entry = self.entries.get(key)
                 if entry is None or entry.offset == here:
-                    yield decode(record)
+                    yield here, record
+
+    def read_at(self, offsets: Iterable[int]) -> Iterator[dict[str, Any]]:
+        """The records at ``offsets`` (from ``latest``), read back one by one."""
+        with self.path.open("rb") as f:
+            for offset in offsets:
+                f.seek(offset)
+                record = _parse(f.readline())
+                if record is None:  # read as a record by ``latest``: changed under us
+                    raise OutputError(f"journal {self.path} changed while it was read")
+                yield record
 
     def __enter__(self) -> Journal:
         return self
@@ -209,7 +255,6 @@ class Journal:
             f = self.path.open("rb")
         except FileNotFoundError:
             return
-        provisional: dict[str, float] = {}  # cost of an id's provisional record, to take back
         with f:
             offset = 0
             for raw in f:
@@ -217,27 +262,51 @@ class Journal:
                 if not raw.endswith(b"\n"):
                     self._truncate(here)  # the process died mid-write: the record never happened
                     return
-                if here == 0:
-                    continue  # the header
                 record = _parse(raw)
+                if here == 0:
+                    self._read_header(record)
+                    continue
                 key = None if record is None else _key_of(record)
                 if record is None or key is None:
                     continue  # unreadable: that request counts as not done
-                cost = record.get("cost_usd")
-                # never a credit: a negative cost (invalid usage, recorded by an older
-                # version) would raise the cap of every later run
-                cost = max(0.0, cost) if isinstance(cost, int | float) else 0.0
-                # a record after a provisional one includes the provisional one's cost
-                self.spent_before += cost - provisional.pop(key, 0.0)
-                if record.get("provisional") is True:
-                    provisional[key] = cost
+                kept = kept_in(record)
+                if kept is None:  # a compact record's cost is in the header's total
+                    provisional = record.get("provisional") is True
+                    self._count_cost(key, record.get("cost_usd"), provisional=provisional)
                 self.entries[key] = Entry(
                     str(record.get("hash", "")),
                     str(record.get("status", "")),
                     record.get("status_code"),
                     record.get("error_code"),
                     here,
+                    kept,
                 )
+
+    def _read_header(self, header: dict[str, Any] | None) -> None:
+        """A compact journal's header holds what every record it replaced cost."""
+        spent = None if header is None else header.get("spent_usd")
+        if isinstance(spent, int | float) and not isinstance(spent, bool):
+            self.spent += max(0.0, spent)
+
+    def _count_cost(self, key: str, cost: Any, *, provisional: bool) -> None:
+        """Add a record's cost to ``spent``: never a credit (a negative cost, recorded by an
+        older version, would raise the cap of every later run); a record after a provisional
+        one includes the provisional one's cost."""
+        cost = max(0.0, cost) if isinstance(cost, int | float) else 0.0
+        self.spent += cost - self._provisional.pop(key, 0.0)
+        if provisional:
+            self._provisional[key] = cost
+
+    def kept_elsewhere(self) -> set[str]:
+        """The files (``"output"``, ``"errors"``) holding answers the journal no longer does."""
+        return {entry.kept for entry in self.entries.values() if entry.kept is not None}
+
+    def replace_with(self, compact: Path) -> None:
+        """Put the compact journal ``compact`` in this one's place (still locked by this
+        process until ``close``); nothing more can be appended."""
+        self.sync()
+        os.replace(compact, self.path)
+        self._replaced = True
 
     @property
     def torn_note(self) -> str:
@@ -345,6 +414,14 @@ def decode(record: Mapping[str, Any]) -> Result:
         messages=_list_or_none(record.get("messages")),
         input=_dict_or_none(record.get("input")),
     )
+
+
+def kept_in(record: Mapping[str, Any]) -> str | None:
+    """Where a compact record's answer is (``"output"`` or ``"errors"``); ``None`` for a
+    record that holds its answer."""
+    if not isinstance(record.get("row"), int):
+        return None
+    return "errors" if record.get("in_errors") is True else "output"
 
 
 def _key_of(record: Mapping[str, Any]) -> str | None:

@@ -2,12 +2,15 @@
 journal starts empty and whose input is a small file (``live_output_for``), else at the end
 (``write_output``).
 
-Such a run's output is exactly its journal's final records, in the order they were journaled
-(``Journal.results``: a provisional record, made before a re-ask, is replaced by the final one).
-So ``LiveOutput`` journals each record and hands the final ones to the output writer at once,
-and the end of the run only closes the file (the last row group and the footer), instead of
-reading the whole journal back and converting it then: about 30 µs a record, after the last
-answer. The rows are built while requests are out, when the process mostly waits.
+Such a run's output is exactly its journal's final records (``Journal.results``: a provisional
+record, made before a re-ask, is replaced by the final one), in input order (line, then the
+job's variants in their order: ``ordering.InputOrder``). So ``LiveOutput`` journals each record
+and hands the final ones to the output writer at once, which converts each into its row (Arrow
+columns for Parquet, the line's text for JSONL) and holds it: at close the rows are sorted into
+input order and written. What it holds is the output's rows, uncompressed, for an input of at
+most ``LIVE_OUTPUT_MAX_BYTES``; the end of the run only sorts, compresses and writes them,
+instead of reading the whole journal back and converting it then (about 30 µs a record, after
+the last answer). The rows are built while requests are out, when the process mostly waits.
 The writer's import and the input's hash (the provenance) are done in a thread, started by the
 first final record, never on the event loop: final records that come before they are done
 wait, in order, in memory.
@@ -20,11 +23,12 @@ output failed (a full disk, say): the journal holds everything either way.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batcher.output.journal import Journal
+from batcher.output.journal import Journal, decode, kept_in
+from batcher.output.ordering import InputOrder, records_in_order
 from batcher.records import Result, record_key
 
 if TYPE_CHECKING:
@@ -53,14 +57,19 @@ class LiveOutput:
         *,
         row_group_size: int | None = None,
         shape: Callable[[], OutputShape] | None = None,
+        variants: Sequence[str] = (),
+        split_errors: bool = False,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
         a thread). ``row_group_size``: Parquet's, when not the writer's default. ``shape``
         makes the output's typed columns (``OutputShape``; called once, in the same thread;
-        ``None``: the plain shape)."""
+        ``None``: the plain shape). ``variants`` (the job's, in order) set the rows' order;
+        ``split_errors``: failures apart."""
         self._journal = journal
         self._make_shape = shape
         self._shape: OutputShape | None = None
+        self._order = InputOrder(variants)
+        self._split_errors = split_errors
         self._row_group_size = row_group_size
         self._output = output
         self._make_metadata = metadata
@@ -162,16 +171,18 @@ class LiveOutput:
     def _open(self) -> Writer:
         """The writer, opened with the first record (the ``.partial`` file until ``close``)."""
         from batcher.output.rows import PLAIN
-        from batcher.output.writers import open_writer
+        from batcher.output.split import open_outputs
+        from batcher.output.writers import DEFAULT_ROW_GROUP_SIZE
 
         self._prepare()
-        shape = self._shape or PLAIN
-        if self._row_group_size is None:
-            return open_writer(self._output, metadata=self._metadata, shape=shape)
-        return open_writer(
-            self._output, metadata=self._metadata, row_group_size=self._row_group_size,
-            shape=shape,
-        )  # fmt: skip
+        return open_outputs(
+            self._output,
+            metadata=self._metadata,
+            row_group_size=self._row_group_size or DEFAULT_ROW_GROUP_SIZE,
+            order=self._order.of,
+            split_errors=self._split_errors,
+            shape=self._shape or PLAIN,
+        )
 
     def abort(self) -> None:
         """Drop the unfinished output (the run failed); whatever was there before stays."""
@@ -190,12 +201,18 @@ def live_output_for(
     input_path: Path,
     metadata: Callable[[], dict[str, str]],
     shape: Callable[[], OutputShape] | None = None,
+    *,
+    variants: Sequence[str] = (),
+    split_errors: bool = False,
 ) -> LiveOutput | None:
     """The output written as the run goes, for a fresh journal and a small input file
     (``small_input``); ``None``: written from the journal at the end (``write_output``)."""
     if journal.entries or not small_input(input_path):
         return None
-    return LiveOutput(journal, output, metadata, row_group_size=SMALL_ROW_GROUP_SIZE, shape=shape)
+    return LiveOutput(
+        journal, output, metadata, row_group_size=SMALL_ROW_GROUP_SIZE, shape=shape,
+        variants=variants, split_errors=split_errors,
+    )  # fmt: skip
 
 
 def small_input(path: Path) -> bool:
@@ -223,13 +240,23 @@ def finish_output(
     stats: RunStats,
     metadata: Callable[[], dict[str, str]],
     shape: Callable[[], OutputShape] | None = None,
+    *,
+    variants: Sequence[str] = (),
+    split_errors: bool = False,
 ) -> None:
-    """Finish a run's output: the live one, else (none, or it failed) from the journal.
-    ``shape`` makes the output's typed columns (``None``: the plain shape)."""
+    """Finish a run's output: the live one, else (none, or it failed) from the journal; then
+    compact the journal when the run recorded every request (``compaction``). ``shape``
+    makes the output's typed columns (``None``: the plain shape)."""
+    complete = not stats.stopped_early and stats.config_error is None
     if live is not None and live.close():
         stats.output_ok, stats.output_error = live.ok, live.error
+        if complete:
+            compact_journal(journal, variants=variants, split_errors=split_errors)
         return
-    write_output(journal, output, stats, metadata(), None if shape is None else shape())
+    write_output(
+        journal, output, stats, metadata(), None if shape is None else shape(),
+        variants=variants, split_errors=split_errors, compact=complete,
+    )  # fmt: skip
 
 
 def write_output(
@@ -238,18 +265,63 @@ def write_output(
     stats: RunStats,
     metadata: dict[str, str] | None = None,
     shape: OutputShape | None = None,
+    *,
+    variants: Sequence[str] = (),
+    split_errors: bool = False,
+    compact: bool = False,
 ) -> None:
     """Write the output from the journal's latest records, atomically (``.partial`` + rename),
-    with ``shape``'s typed columns (``None``: the plain shape)."""
+    with ``shape``'s typed columns (``None``: the plain shape), in input order (line, then
+    ``variants`` in their order: ``ordering.records_in_order``); failures to
+    ``OUTPUT.errors.jsonl`` when ``split_errors``. Answers of compact records are read back
+    from the output being replaced. Then, when ``compact`` or when the journal holds compact
+    records already (their rows must point into the new output), the journal is compacted."""
+    # pyarrow: imported once the requests are done
+    from batcher.output.compaction import CompactJournal, PreviousOutput
     from batcher.output.rows import PLAIN
-    from batcher.output.writers import open_writer  # pyarrow: imported once the requests are done
+    from batcher.output.split import open_outputs
 
     ok = error = 0
-    with open_writer(output, metadata=metadata, shape=shape or PLAIN) as writer:
-        for result in journal.results():
-            writer.write(result)
-            if result.status == "ok":
-                ok += 1
-            else:
-                error += 1
+    order = InputOrder(variants)
+    previous = PreviousOutput(output)
+    compacting = CompactJournal(journal) if compact or journal.kept_elsewhere() else None
+    try:
+        with open_outputs(
+            output, metadata=metadata, split_errors=split_errors, shape=shape or PLAIN
+        ) as writer:
+            for record in records_in_order(journal, order):
+                result = decode(record) if kept_in(record) is None else previous.result(record)
+                writer.write(result)
+                if compacting is not None:
+                    compacting.add(record, in_errors=split_errors and result.status != "ok")
+                if result.status == "ok":
+                    ok += 1
+                else:
+                    error += 1
+    except BaseException:
+        if compacting is not None:
+            compacting.abort()
+        raise
+    finally:
+        previous.close()
+    if compacting is not None:
+        compacting.commit()
     stats.output_ok, stats.output_error = ok, error
+
+
+def compact_journal(
+    journal: Journal, *, variants: Sequence[str] = (), split_errors: bool = False
+) -> None:
+    """Compact the journal of an output written as the run went (``LiveOutput``): its rows
+    are the journal's latest records in the same order."""
+    from batcher.output.compaction import CompactJournal
+
+    compacting = CompactJournal(journal)
+    try:
+        for record in records_in_order(journal, InputOrder(variants)):
+            failed = record.get("status") != "ok"
+            compacting.add(record, in_errors=split_errors and failed)
+    except BaseException:
+        compacting.abort()
+        raise
+    compacting.commit()

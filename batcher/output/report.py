@@ -12,10 +12,12 @@ import json
 import math
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.output.formats import errors_path
 from batcher.output.provenance import read_provenance
 from batcher.output.writers import read_results
 
@@ -97,6 +99,15 @@ class Report:
         return asdict(self)
 
 
+def _rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The output's rows, then those of its errors file (``split_errors``) when there is one:
+    the report covers every request of the run."""
+    yield from read_results(path)
+    errors = errors_path(Path(path))
+    if errors.is_file() and errors != Path(path):
+        yield from read_results(errors)
+
+
 def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     """The report of an output file, and its raw series (latencies, times, costs) for charts."""
     report = Report(path=str(path), provenance=read_provenance(path))
@@ -108,7 +119,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     first_start = math.inf
     last_end = -math.inf
     variant_latencies: dict[str, array[float]] = {}
-    for row in read_results(path):
+    for row in _rows(path):
         status = row.get("status") or "error"
         model = row.get("model") or "?"
         group = report.groups.setdefault(model, {}).setdefault(status, Group())

@@ -164,6 +164,38 @@ def _has_response(r: Result) -> bool:
     return r.status_code is not None or r.body is not None or r.request_id is not None
 
 
+def line_custom_id(custom_id: str, variant: str | None) -> str:
+    """A JSONL line's ``custom_id``: the line's own id, and ``id:variant`` in a sweep, so it is
+    unique within a file (a variant name holds no ``:``, so the pair reads back unambiguously)."""
+    return custom_id if variant is None else f"{custom_id}:{variant}"
+
+
+def _response_and_error(r: Result, extra: dict[str, Any]) -> tuple[Any, Any]:
+    """The line's ``response`` and ``error`` as the Batch API sets them.
+
+    ``error`` only when there is no HTTP answer, or no usable body: then ``response.body`` is
+    ``{}`` (always an object) and ``batcher.response_body`` says where the body went: ``"none"``
+    (there was none), ``"text"`` (``error.message`` is the raw answer) or ``"json"``
+    (``error.message`` is a JSON value that is not an object, as JSON text)."""
+    if not _has_response(r):
+        failed = r.status == "error" or r.error_code is not None or r.error_message is not None
+        return None, {"code": r.error_code, "message": r.error_message} if failed else None
+    body = r.body
+    response = {"status_code": r.status_code, "request_id": r.request_id, "body": body}
+    if isinstance(body, dict):
+        return response, None
+    response["body"] = {}
+    code = r.error_code or "invalid_response"
+    if body is None:
+        extra["response_body"] = "none"
+        return response, {"code": code, "message": r.error_message}
+    if isinstance(body, str):
+        extra["response_body"] = "text"
+        return response, {"code": code, "message": body}
+    extra["response_body"] = "json"
+    return response, {"code": code, "message": ENCODE(body)}
+
+
 def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]:
     """The OpenAI Batch API output line for ``result``, plus a ``batcher`` object of our fields.
 
@@ -171,13 +203,15 @@ def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]
     (each absent when unknown); with ``parsed``, ``batcher.parsed`` holds the first choice's
     content parsed as JSON (null when it is not JSON).
 
-    ``id`` is derived from ``custom_id`` (and the variant, if any) so reruns produce comparable
-    files; ``custom_id`` stays the line's own, and ``batcher.variant`` names the variant.
-    ``response`` is null only when nothing of an HTTP answer is known (no status code, body or
-    request id); ``error`` is set for every ``error`` result (and whenever an error code or
-    message exists). Usage stays in ``response.body.usage`` as the server sent it;
-    ``batcher.usage`` appears only when the result's usage differs from what the body says, so
-    nothing is lost.
+    ``custom_id`` is unique within a file: the line's own id, ``id:variant`` in a sweep (the
+    line's own id then in ``batcher.line_id``, the variant in ``batcher.variant``). ``id`` is
+    derived from the id and variant, so reruns produce comparable files. ``response`` is null
+    only when nothing of an HTTP answer is known (no status code, body or request id);
+    ``response.body`` is always an object; ``error`` is set only where the Batch API sets it
+    (see ``_response_and_error``); batcher's own error code and message are
+    ``batcher.error_code`` and ``batcher.error_message``. Usage stays in
+    ``response.body.usage`` as the server sent it; ``batcher.usage`` appears only when the
+    result's usage differs from what the body says, so nothing is lost.
     """
     r = result
     cid = r.custom_id
@@ -198,9 +232,12 @@ def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]
         "schema_valid": r.schema_valid,
         "schema_error": r.schema_error,
         "endpoint": r.endpoint,
+        "error_code": r.error_code,
+        "error_message": r.error_message,
     }
     if r.variant is not None:  # absent in a job without variants: its lines stay as they were
         extra["variant"] = r.variant
+        extra["line_id"] = cid
     if r.choices_asked is not None:  # absent for requests of one choice, likewise
         extra["choices_asked"] = r.choices_asked
     if r.batch_id is not None:  # absent for answers sent online, likewise
@@ -214,14 +251,12 @@ def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]
     if r.usage != Usage.from_body(r.body):
         u = r.usage
         extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
-    has_error = r.status == "error" or r.error_code is not None or r.error_message is not None
+    response, error = _response_and_error(r, extra)
     return {
         "id": "batch_req_" + digest,
-        "custom_id": cid,
-        "response": {"status_code": r.status_code, "request_id": r.request_id, "body": r.body}
-        if _has_response(r)
-        else None,
-        "error": {"code": r.error_code, "message": r.error_message} if has_error else None,
+        "custom_id": line_custom_id(cid, r.variant),
+        "response": response,
+        "error": error,
         "batcher": extra,
     }
 
@@ -387,9 +422,14 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         error_code, error_message = err.get("code"), err.get("message")
     else:  # vLLM writes the error inline as a string
         error_code, error_message = None, err
+    custom_id = obj.get("custom_id")
     if isinstance(b, dict):
         status = b.get("status")
         model = b.get("model")
+        body = _body_of(b.get("response_body"), body, error_message)
+        if "error_code" in b:  # batcher's own; ``error`` holds the Batch API's view
+            error_code, error_message = b.get("error_code"), b.get("error_message")
+        custom_id = b.get("line_id", custom_id)
     else:
         failed = err is not None or (isinstance(status_code, int) and status_code >= 400)
         status = "error" if failed else "ok"
@@ -404,7 +444,7 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
     meta = b.get("metadata")
     started, finished = b.get("started_at"), b.get("finished_at")
     values = (
-        obj.get("custom_id"),
+        custom_id,
         status,
         model,
         content,
@@ -437,3 +477,19 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         if key in b:
             row[key] = b[key]
     return row
+
+
+def row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
+    """The Parquet-shaped dict of one parsed batch output line (as ``read_results`` gives)."""
+    return _row_from_line(obj)
+
+
+def _body_of(where: Any, body: Any, error_message: Any) -> Any:
+    """The answer's body of a line whose ``batcher.response_body`` says where it went."""
+    if where == "none":
+        return None
+    if where == "text":
+        return error_message
+    if where == "json" and isinstance(error_message, str):
+        return jsonfast.loads_exact(error_message)
+    return body

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from array import array
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, Self
@@ -23,6 +24,7 @@ from batcher.output.formats import SUFFIXES as SUFFIXES
 from batcher.output.formats import Closing
 from batcher.output.formats import RejectsWriter as RejectsWriter
 from batcher.output.formats import output_format as output_format
+from batcher.output.ordering import sorted_by
 from batcher.output.rows import ENCODE, NAMES, PLAIN, row_values, schema_for, typed_values
 from batcher.output.rows import SCHEMA as SCHEMA
 from batcher.output.rows import batch_output_line as batch_output_line
@@ -137,13 +139,25 @@ class _AtomicFile(Closing):
 
 
 class JsonlWriter(_AtomicFile):
-    """Writes one compact OpenAI Batch API output line per result (UTF-8)."""
+    """Writes one compact OpenAI Batch API output line per result (UTF-8).
+
+    With ``order`` the lines are held until ``close`` and written sorted by it (stable)."""
 
     _f: IO[str]
 
-    def __init__(self, path: Path, *, shape: OutputShape = PLAIN) -> None:
-        """Start ``PATH.partial``; ``shape.parsed`` says whether lines carry ``parsed``."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        shape: OutputShape = PLAIN,
+        order: Callable[[Result], int] | None = None,
+    ) -> None:
+        """Start ``PATH.partial``; ``shape.parsed`` says whether lines carry ``parsed``; with
+        ``order`` the lines are held and written sorted by it at close (stable)."""
         self._parsed = shape.parsed is not None
+        self._order = order
+        self._held: list[str] = []
+        self._keys = array("q")
         super().__init__(path)
 
     def _open(self) -> None:
@@ -160,8 +174,13 @@ class JsonlWriter(_AtomicFile):
         )
 
     def write(self, result: Result) -> None:
-        """Append the result's line to the buffered file."""
-        self._f.write(ENCODE(batch_output_line(result, parsed=self._parsed)) + "\n")
+        """Append the result's line to the buffered file (held, with ``order``)."""
+        line = ENCODE(batch_output_line(result, parsed=self._parsed)) + "\n"
+        if self._order is None:
+            self._f.write(line)
+        else:
+            self._held.append(line)
+            self._keys.append(self._order(result))
         self.rows_written += 1
 
     def flush(self) -> None:
@@ -170,6 +189,9 @@ class JsonlWriter(_AtomicFile):
 
     def _finish(self) -> None:
         with self._f:
+            held, self._held = self._held, []
+            for i in sorted_by(self._keys, array("q", range(len(held)))):
+                self._f.write(held[i])
             self._f.flush()
             os.fsync(self._f.fileno())  # the rename must not land before the data
 
@@ -188,11 +210,14 @@ class ParquetWriter(_AtomicFile):
         row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
         metadata: Mapping[str, str] | None = None,
         shape: OutputShape = PLAIN,
+        order: Callable[[Result], int] | None = None,
     ) -> None:
         """Start ``PATH.partial``; rows are buffered and written ``row_group_size`` at a time.
 
         ``metadata`` goes into the file's key-value metadata (provenance: job, version, input);
-        ``shape`` says which typed columns follow SCHEMA's (``messages`` always).
+        ``shape`` says which typed columns follow SCHEMA's (``messages`` always). With
+        ``order`` every row is held (as Arrow columns) until ``close``, then the rows are
+        written sorted by it (stable).
         """
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
@@ -203,6 +228,8 @@ class ParquetWriter(_AtomicFile):
         self._cols: list[list[Any]] = [[] for _ in schema]
         self._batches: list[pa.RecordBatch] = []
         self._buffered = 0  # rows in self._batches
+        self._order = order
+        self._keys = array("q")
         super().__init__(path)
 
     def _open(self) -> None:
@@ -220,7 +247,11 @@ class ParquetWriter(_AtomicFile):
         for col, value in zip(self._cols, values, strict=True):
             col.append(value)
         self.rows_written += 1
-        if len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
+        if self._order is not None:
+            self._keys.append(self._order(result))
+            if len(self._cols[0]) >= _CONVERT_EVERY:
+                self._convert()  # held until close, to be sorted
+        elif len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
             self._convert()
             if self._buffered >= self.row_group_size:
                 self._write_group()
@@ -236,6 +267,18 @@ class ParquetWriter(_AtomicFile):
     def _write_group(self) -> None:
         table = pa.Table.from_batches(self._batches, schema=self._schema)
         self._batches, self._buffered = [], 0
+        if self._order is not None:
+            self._write_sorted(table)
+            return
+        self._write_table(table)
+
+    def _write_sorted(self, table: pa.Table) -> None:
+        """Write the held rows in order, a row group at a time: one group's copy at most."""
+        order = pa.array(list(sorted_by(self._keys, array("q", range(table.num_rows)))))
+        for start in range(0, table.num_rows, self.row_group_size):
+            self._write_table(table.take(order.slice(start, self.row_group_size)))
+
+    def _write_table(self, table: pa.Table) -> None:
         try:
             self._pq.write_table(table, row_group_size=self.row_group_size)
         except OSError as exc:
@@ -334,11 +377,16 @@ def open_writer(
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     metadata: Mapping[str, str] | None = None,
     shape: OutputShape = PLAIN,
+    order: Callable[[Result], int] | None = None,
 ) -> Writer:
     """Open the writer for ``path`` by its suffix; ``row_group_size`` and ``metadata`` apply to
     Parquet only (JSONL lines have no place for file-level metadata). ``shape``: the typed
-    columns (JSONL lines carry ``messages``, ``input`` and ``parsed`` in ``batcher``)."""
+    columns (JSONL lines carry ``messages``, ``input`` and ``parsed`` in ``batcher``). With
+    ``order`` (a result's sort key: ``ordering.InputOrder``) the rows are held and written
+    sorted at close."""
     suffix = output_format(path)
     if suffix == ".parquet":
-        return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata, shape=shape)
-    return JsonlWriter(path, shape=shape)
+        return ParquetWriter(
+            path, row_group_size=row_group_size, metadata=metadata, shape=shape, order=order
+        )
+    return JsonlWriter(path, shape=shape, order=order)

@@ -15,7 +15,7 @@ from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.http.client import check_api_key
 from batcher.input.tabular import check_input
-from batcher.output.formats import output_format, rejects_path
+from batcher.output.formats import errors_path, output_format, rejects_path
 from batcher.output.journal import journal_path
 
 #: Below this much free space in the output folder, a run does not start.
@@ -64,10 +64,10 @@ def check_output_writable(output: Path) -> None:
 
 
 def check_not_the_input(input_path: Path, output: Path) -> None:
-    """Refuse an output (or its journal or rejects file) that is the input itself."""
+    """Refuse an output (or its journal, rejects or errors file) that is the input itself."""
     if str(input_path) == "-" or not input_path.exists():
         return
-    for produced in (output, journal_path(output), rejects_path(output)):
+    for produced in (output, journal_path(output), rejects_path(output), errors_path(output)):
         same = produced.samefile(input_path) if produced.exists() else False
         if same or produced.resolve() == input_path.resolve():
             raise ConfigError("job.output", f"{produced} is the input: it would be overwritten")

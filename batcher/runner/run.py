@@ -28,6 +28,7 @@ from batcher.errors import ConfigError, OutputError
 from batcher.input.field_names import FieldNames, job_field_warnings
 from batcher.input.sources import open_sources
 from batcher.limits.known_limits import KnownLimits
+from batcher.output.compaction import check_answers_kept
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput, finish_output, live_output_for
@@ -201,10 +202,15 @@ async def _run_journaled(
         try:
             if journal.torn_note:
                 print(journal.torn_note, file=stream)
+            check_answers_kept(journal, output)
             plan = ResumePlan(journal.entries, retry_errors=options.retry_errors)
             metadata = functools.partial(provenance, job, setting.input_path)
             shape = functools.partial(_output_shape, job)  # pyarrow: made in the writer's thread
-            live = live_output_for(journal, output, setting.input_path, metadata, shape)
+            variants, split = [v.name for v in job.variants], job.split_errors
+            live = live_output_for(
+                journal, output, setting.input_path, metadata, shape,
+                variants=variants, split_errors=split,
+            )  # fmt: skip
             stats, rejected = await _run_async(setting, sources, urls, journal, live, plan)
             if stats.config_error is not None:
                 # The endpoint showed the job cannot work: no output (the except below
@@ -217,9 +223,8 @@ async def _run_journaled(
             if options.housekeeping is not None:
                 options.housekeeping.before_output()
             # in a thread: a notebook's event loop keeps serving while pyarrow writes
-            await anyio.to_thread.run_sync(
-                finish_output, journal, live, output, stats, metadata, shape
-            )
+            finish = functools.partial(finish_output, variants=variants, split_errors=split)
+            await anyio.to_thread.run_sync(finish, journal, live, output, stats, metadata, shape)
         except BaseException:
             if live is not None:
                 live.abort()  # the .partial, while the lock is ours; an output is left alone

@@ -34,4 +34,4 @@ def test_a_sim_batch_job_without_the_simulator_served_is_refused(tmp_path: Path)
     job = dataclasses.replace(load_job(ROOT / "jobs" / "batch.toml"), output=tmp_path / "b.parquet")
     with pytest.raises(ConfigError, match=r"endpoint\.base_url"):
         run_batch_job(job, stream=text())
-    assert not (tmp_path / "b.parquet.journal.jsonl").exists()  # nothing begun
+    assert not (tmp_path / "b.parquet.journal").exists()  # nothing begun

@@ -16,6 +16,7 @@ from batcher.output.journal import journal_path
 from batcher.sim.batches import BatchSimConfig
 from tests.batch.batch_job import PRICES, batch_job, clock_sleep, rows, text
 from tests.batch_sim import KEY, BatchSim, batch_sim
+from tests.helpers import keep_full_journal
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +100,10 @@ def test_a_cancelled_batch_s_unrun_requests_go_online(tmp_path: Path) -> None:
         assert r["cost_usd"] == pytest.approx(full if r["batch_id"] is None else full / 2)
 
 
-def test_a_rerun_sends_online_only_what_is_not_recorded(tmp_path: Path) -> None:
+def test_a_rerun_sends_online_only_what_is_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep_full_journal(monkeypatch)  # as a run killed before its end left it
     with batch_sim(EXPIRING) as sim:
         job = batch_job(sim, tmp_path, 4, models=("sim-a",), max_requests=4, unanswered="online")
         run_batch_job(job, sleep=clock_sleep(sim), stream=text())

@@ -274,7 +274,8 @@ def test_a_job_with_variants_records_each_id_once_per_variant(tmp_path: Path) ->
         created = sim.stats()["batches"]["created"]
     assert report.exit_code == 0
     got = rows_jsonl(tmp_path / "out.jsonl")
-    pairs = sorted((r["custom_id"], r["batcher"]["variant"]) for r in got)
-    assert pairs == sorted((f"r{i:03d}", v) for i in range(3) for v in ("cold", "warm"))
+    pairs = [(r["batcher"]["line_id"], r["batcher"]["variant"]) for r in got]
+    assert pairs == [(f"r{i:03d}", v) for i in range(3) for v in ("cold", "warm")]  # in order
+    assert [r["custom_id"] for r in got] == [f"{i}:{v}" for i, v in pairs]  # unique in the file
     assert created == 2  # 6 requests of one model, at most 4 a batch
     assert all(r["batcher"]["batch_id"].startswith("batch_") for r in got)

@@ -231,7 +231,7 @@ def test_signal_stops_dispatch_flushes_exits_3_and_the_rerun_finishes(
             stderr=subprocess.PIPE,
             text=True,
         )
-        journal = out.with_name(out.name + ".journal.jsonl")
+        journal = out.with_name(out.name + ".journal")
         deadline = time.monotonic() + 30
         while not (journal.exists() and journal.read_bytes().count(b"\n") > 1):
             assert time.monotonic() < deadline, "no result was written in time"

@@ -140,7 +140,7 @@ def test_with_several_endpoints_the_one_that_does_not_resolve_is_named(tmp_path:
     assert info.value.field == "endpoints[1].base_url"
     assert "'typo.test'" in str(info.value)
     # what the good endpoint answered is kept: a re-run after the fix resumes from it
-    journal = (tmp_path / "o.jsonl.journal.jsonl").read_text().splitlines()[1:]
+    journal = (tmp_path / "o.jsonl.journal").read_text().splitlines()[1:]
     assert journal and all(json.loads(line)["status"] == "ok" for line in journal)
 
 

@@ -118,7 +118,7 @@ def test_an_outage_mid_run_loses_nothing_and_fails_nothing(tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
     )
-    journal = out.with_name(out.name + ".journal.jsonl")
+    journal = out.with_name(out.name + ".journal")
     try:
         deadline = time.monotonic() + 30
         while not (journal.exists() and journal.read_bytes().count(b"\n") > 30):

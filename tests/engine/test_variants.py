@@ -215,9 +215,10 @@ def test_resume_resends_only_the_variant_that_changed(tmp_path: Path) -> None:
     assert server.calls == {("m", 0.9): 5}
     assert third.stats.skipped == 5 and third.stats.resent == 5
     lines = jsonl(third.output)
-    keys = [(line["custom_id"], line["batcher"]["variant"]) for line in lines]
-    assert sorted(keys) == sorted((f"r{i:05d}", v) for i in range(5) for v in ("cold", "warm"))
+    keys = [(line["batcher"]["line_id"], line["batcher"]["variant"]) for line in lines]
+    assert keys == [(f"r{i:05d}", v) for i in range(5) for v in ("cold", "warm")]  # in order
     assert len({line["id"] for line in lines}) == 10  # Batch API ids unique per (id, variant)
+    assert len({line["custom_id"] for line in lines}) == 10  # custom_id too: id:variant
 
 
 def test_a_bad_line_is_rejected_once_not_once_per_variant(tmp_path: Path) -> None:
@@ -369,9 +370,9 @@ def test_library_sweep_with_a_flaky_endpoint_then_a_resume(tmp_path: Path) -> No
 
 
 def rows_of(output: Path) -> list[dict[str, Any]]:
-    """(custom_id, variant, status) of each line of a JSONL output."""
+    """(the line's id, variant, status) of each line of a JSONL output."""
     return [
-        {"custom_id": r["custom_id"], "variant": r["batcher"]["variant"],
+        {"custom_id": r["batcher"]["line_id"], "variant": r["batcher"]["variant"],
          "status": r["batcher"]["status"]}
         for r in jsonl(output)
     ]  # fmt: skip

@@ -174,12 +174,10 @@ def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Pat
     assert {p.name for p in written} >= {
         "in.jsonl",
         "o.parquet",
-        "o.parquet.journal.jsonl",
+        "o.parquet.journal",
         "o.parquet.rejects.jsonl",
     }
-    assert (
-        "api-version=2024-06-01&api-key=***" in (tmp_path / "o.parquet.journal.jsonl").read_text()
-    )
+    assert "api-version=2024-06-01&api-key=***" in (tmp_path / "o.parquet.journal").read_text()
     for path in written:
         if path.name != "in.jsonl":
             assert CANARY.encode() not in path.read_bytes(), path

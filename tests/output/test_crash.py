@@ -52,7 +52,7 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
                 stderr=subprocess.DEVNULL,
             )
             # wait until this run has recorded something, then kill it at a random moment
-            journal = out.with_name(out.name + ".journal.jsonl")
+            journal = out.with_name(out.name + ".journal")
             before = recorded[-1] if recorded else 0
             deadline = time.monotonic() + 30
             while proc.poll() is None and time.monotonic() < deadline:

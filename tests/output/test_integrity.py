@@ -193,7 +193,7 @@ def test_restart_is_refused_while_another_run_holds_the_output(tmp_path: Path) -
     n = 40
     src = write_input(tmp_path / "in.jsonl", n)
     out = tmp_path / "out.parquet"
-    journal = out.with_name(out.name + ".journal.jsonl")
+    journal = out.with_name(out.name + ".journal")
     with sim_process("--latency-ms", "200") as url:  # 4 s: time for the second to start
         first = subprocess.Popen(
             batcher_cmd(*run_args(src, out, url, "--concurrency", "2")),

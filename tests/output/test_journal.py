@@ -49,7 +49,7 @@ def test_a_fresh_run_keeps_no_entries_in_memory(tmp_path: Path) -> None:
 
 def test_records_survive_reopening_and_latest_wins(tmp_path: Path) -> None:
     path = journal_path(tmp_path / "out.parquet")
-    assert path.name == "out.parquet.journal.jsonl"
+    assert path.name == "out.parquet.journal"
     with Journal(path) as j:
         j.append(result("a", "error"), "h-a")
         j.append(result("b"), "h-b")

@@ -34,6 +34,7 @@ from batcher.runner.run import arun_job, run_job
 from batcher.runner.stats import RunStats
 from batcher.sim.config import SimConfig
 from batcher.sim.serve import running_sim
+from tests.helpers import keep_full_journal
 
 SCHEMA = {
     "type": "object",
@@ -78,7 +79,10 @@ def rebuilt_from_journal(output: Path, into: Path, job: JobConfig) -> list[dict[
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
-def test_live_output_is_what_the_journal_gives(tmp_path: Path, suffix: str) -> None:
+def test_live_output_is_what_the_journal_gives(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep_full_journal(monkeypatch)
     config = SimConfig(schema_error_rate=0.4, seed=3, latency_ms=5, latency_jitter_ms=10)
     with running_sim(config) as sim:
         job = structured_job(tmp_path, sim.base_url, "o" + suffix, 30)
@@ -148,6 +152,7 @@ def test_a_run_that_fails_leaves_the_previous_output_and_no_partial_file(
 def test_the_writer_import_and_the_input_hash_never_run_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, latency_ms: int
 ) -> None:
+    keep_full_journal(monkeypatch)
     # They are held here, as a large input's hash would be, until a pool's worth of answers
     # is journaled: only a loop that goes on meanwhile journals them. The first final record
     # starts them in a thread; the answers that come meanwhile are journaled and wait, in
@@ -257,13 +262,13 @@ def test_a_reask_left_unfinished_sends_the_output_to_the_journal(tmp_path: Path)
     # A provisional record (an answer about to be re-asked) whose final record never came
     # (the re-ask was cancelled at the end of the grace period) is the journal's answer for
     # that id: the live output does not hold it, so the output is written from the journal.
-    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+    with Journal(tmp_path / "o.jsonl.journal") as journal:
         live = LiveOutput(journal, tmp_path / "o.jsonl", dict)
         live.append(_result("a"), "h")
         live.append(_result("b"), "h", provisional=True)
         assert live.close() is False
     assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "o.jsonl").exists()
-    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+    with Journal(tmp_path / "o.jsonl.journal") as journal:
         live = LiveOutput(journal, tmp_path / "o.jsonl", dict)  # (a journal with records
         live.append(_result("c"), "h", provisional=True)  # would not go live; this is a unit
         live.append(_result("c"), "h")  # test: the final record came, so the output stands)
@@ -305,7 +310,7 @@ def test_a_provenance_that_fails_sends_the_output_to_the_journal(tmp_path: Path)
     def broken() -> dict[str, str]:
         raise OSError(5, "Input/output error")
 
-    with Journal(tmp_path / "o.jsonl.journal.jsonl") as journal:
+    with Journal(tmp_path / "o.jsonl.journal") as journal:
         live = LiveOutput(journal, tmp_path / "o.jsonl", broken)
         live.append(_result("a"), "h")
         live.append(_result("b"), "h")

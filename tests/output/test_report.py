@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from batcher.output.formats import errors_path
 from batcher.output.report import build_report
 from batcher.output.report_html import write_html
 from batcher.output.report_text import format_report
+from batcher.output.split import open_outputs
 from batcher.output.writers import open_writer
 from batcher.records import Result, Usage
 from tests.helpers import run_batcher
@@ -110,3 +112,17 @@ def test_cli_refuses_bad_html_targets_and_fractions(output: Path, tmp_path: Path
     assert "Traceback" not in proc.stderr
     est = run_batcher("estimate", "--input", str(output), "--low-fraction", "3")
     assert est.returncode == 2 and "between 0 and 1" in est.stderr
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_report_counts_the_failures_split_off_beside_the_output(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"o.{suffix}"
+    with open_outputs(path, split_errors=True) as writer:
+        for i in range(10):
+            writer.write(result(i, "a", "error" if i % 4 == 0 else "ok", 0.2, None))
+    assert errors_path(path).is_file()
+    report, _ = build_report(path)
+    assert (report.requests, report.ok, report.error) == (10, 7, 3)
+    assert report.error_classes == {"http_503": 3}

@@ -15,7 +15,7 @@ from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import RunReport, run_job
-from tests.helpers import write_input
+from tests.helpers import keep_full_journal, write_input
 
 
 class Server:
@@ -169,7 +169,7 @@ def test_an_output_that_is_a_folder_sends_nothing(tmp_path: Path) -> None:
         run_job(job, transport=httpx.MockTransport(server), stream=io.StringIO())
     assert info.value.field == "job.output"
     assert sum(server.calls.values()) == 0
-    assert not (tmp_path / "o.parquet.journal.jsonl").exists()
+    assert not (tmp_path / "o.parquet.journal").exists()
 
 
 def test_too_little_free_space_sends_nothing(
@@ -188,13 +188,16 @@ def test_too_little_free_space_sends_nothing(
     assert sum(server.calls.values()) == 0
 
 
-def test_a_journal_with_fields_this_version_does_not_know_resumes(tmp_path: Path) -> None:
+def test_a_journal_with_fields_this_version_does_not_know_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A journal written by another version (an unknown usage field, an unknown record field)
     is read: the unknown fields are ignored, the known ones kept, nothing is sent again."""
+    keep_full_journal(monkeypatch)
     write_input(tmp_path / "in.jsonl", 3)
     server = Server()
     run(tmp_path, server)
-    journal = tmp_path / "o.parquet.journal.jsonl"
+    journal = tmp_path / "o.parquet.journal"
     lines = journal.read_text(encoding="utf-8").splitlines()
     for i in range(1, len(lines)):
         record = json.loads(lines[i])

@@ -23,6 +23,7 @@ from batcher.output.rows import (
     parquet_parts,
     parquet_row,
     read_results,
+    row_from_line,
     row_values,
 )
 from batcher.records import Result, Usage
@@ -217,8 +218,10 @@ def test_error_and_response_objects() -> None:
     assert failed["response"] is None  # no HTTP answer came
     assert failed["error"] == {"code": "timeout", "message": "t"}
     answered = batch_output_line(result(status="error", status_code=500, body="oops"))
-    assert answered["response"] == {"status_code": 500, "request_id": None, "body": "oops"}
-    assert answered["error"] == {"code": None, "message": None}  # every error has one
+    # the body is always an object; a raw answer is the error's message, as the Batch API
+    assert answered["response"] == {"status_code": 500, "request_id": None, "body": {}}
+    assert answered["error"] == {"code": "invalid_response", "message": "oops"}
+    assert answered["batcher"]["response_body"] == "text"
     assert batch_output_line(result())["error"] is None
 
 
@@ -237,3 +240,44 @@ def test_reading_a_folder_of_parts_and_bad_files(tmp_path: Path) -> None:
     bad.write_text('{"custom_id": "a"}\n[1]\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad.jsonl:2: not a batch output line"):
         list(read_results(bad))
+
+
+def test_a_sweep_line_has_a_unique_custom_id_and_reads_back_as_the_line_id() -> None:
+    line = batch_output_line(result(custom_id="q:1", variant="v2"))
+    assert line["custom_id"] == "q:1:v2" and line["batcher"]["line_id"] == "q:1"
+    row = row_from_line(json.loads(json.dumps(line)))
+    assert (row["custom_id"], row["variant"]) == ("q:1", "v2")
+    assert "line_id" not in batch_output_line(result())["batcher"]
+
+
+@pytest.mark.parametrize(
+    ("body", "where"), [([1, "two"], "json"), (None, "none"), ("<html>", "text"), ({}, None)]
+)
+def test_a_body_that_is_not_an_object_goes_to_the_error_and_reads_back(
+    body: Any, where: str | None
+) -> None:
+    r = result(status="error", status_code=502, body=body, error_code="http_502",
+               error_message="bad gateway")  # fmt: skip
+    line = batch_output_line(r)
+    assert line["response"]["body"] == (body if where is None else {})
+    assert line["batcher"].get("response_body") == where
+    assert (line["error"] is None) == (where is None)
+    assert (line["batcher"]["error_code"], line["batcher"]["error_message"]) == (
+        "http_502",
+        "bad gateway",
+    )
+    assert row_from_line(json.loads(json.dumps(line))) == parquet_row(r)  # lossless
+
+
+def test_lines_written_by_an_older_version_read_back_as_before() -> None:
+    """No ``batcher.error_code`` or ``line_id``: the error and the id come from the line."""
+    old = {
+        "id": "batch_req_x", "custom_id": "q7",
+        "response": {"status_code": 502, "request_id": None, "body": "<html>bad</html>"},
+        "error": {"code": "http_502", "message": "HTTP 502"},
+        "batcher": {"status": "error", "model": "m", "line": 7, "variant": "v"},
+    }  # fmt: skip
+    row = row_from_line(old)
+    assert (row["custom_id"], row["variant"], row["line"]) == ("q7", "v", 7)
+    assert (row["error_code"], row["error_message"]) == ("http_502", "HTTP 502")
+    assert row["response"] == "<html>bad</html>"

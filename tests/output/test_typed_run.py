@@ -16,6 +16,7 @@ from batcher.job_file import job_from_dict
 from batcher.output.writers import read_results
 from batcher.runner.run import run_job
 from batcher.sim import sim_server
+from tests.helpers import keep_full_journal
 
 SCHEMA = {
     "type": "object",
@@ -89,7 +90,10 @@ def test_parsed_has_the_schemas_types_in_duckdb(tmp_path: Path) -> None:
     assert total == sum(json.loads(r[5])["score"] for r in rows)
 
 
-def test_the_output_written_again_from_the_journal_has_the_same_columns(tmp_path: Path) -> None:
+def test_the_output_written_again_from_the_journal_has_the_same_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keep_full_journal(monkeypatch)  # the journal keeps the answers, to write them again
     out = run(tmp_path, "out.parquet")
     first = pq.read_table(out)
     out.unlink()  # the next run writes it again from its journal, sending nothing

@@ -160,8 +160,11 @@ def test_batch_line_shape(tmp_path: Path) -> None:
     assert ok["error"] is None and ok["response"]["body"]["usage"]["total_tokens"] == 39
     assert ok["batcher"]["started_at"] == "2023-11-14T22:13:20.123456Z"
     assert "usage" not in ok["batcher"]  # usage lives in the body only
-    assert http["response"]["status_code"] == 400
-    assert http["error"] == {"code": "invalid_request_error", "message": "bad model"}
+    assert http["response"]["status_code"] == 400 and http["error"] is None  # as the Batch API
+    assert (http["batcher"]["error_code"], http["batcher"]["error_message"]) == (
+        "invalid_request_error",
+        "bad model",
+    )
     assert transport["response"] is None and transport["error"]["code"] == "timeout"
     assert batch_output_line(CASES[0]) == ok  # deterministic ids
 
@@ -253,8 +256,12 @@ def test_property_roundtrip(tmp_path: Path, rs: list[Result]) -> None:
         obj = json.loads(line)
         assert obj["custom_id"] == r.custom_id
         assert obj["id"] == batch_output_line(r)["id"]
-        assert (obj["error"] is not None) >= (r.status == "error")
         assert (obj["response"] is None) == (r.status_code is None and r.body is None)
+        if obj["response"] is not None:  # error only where no usable body came
+            assert isinstance(obj["response"]["body"], dict)
+            assert (obj["error"] is not None) == (not isinstance(r.body, dict))
+        else:
+            assert (obj["error"] is not None) >= (r.status == "error")
 
 
 @pytest.mark.parametrize("cls", [JsonlWriter, ParquetWriter])

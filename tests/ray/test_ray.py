@@ -533,7 +533,7 @@ def test_the_python_api_runs_a_ray_job_on_ray(
     job = ray_job(tmp_path, sim.base_url, n=30)
     result = batcher.run(job)
     assert result.output.is_dir()  # the Ray engine's folder of parts, not a local file
-    assert not (tmp_path / "out.parquet.journal.jsonl").exists()
+    assert not (tmp_path / "out.parquet.journal").exists()
     assert result.table is not None
     assert result.table.schema.names == [*SCHEMA.names, "messages"]
     assert sorted(result.table.column("custom_id").to_pylist()) == output_ids(result.output)
