@@ -27,7 +27,14 @@ def main(argv: Sequence[str] | None = None, *, tuning: ProcessTuning | None = No
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run(args, tuning)
+            from batcher.runner.notify import RESUME_COMMAND, resume_command
+
+            # what a "stopped early" notice says to run (its secrets out)
+            token = RESUME_COMMAND.set(resume_command(sys.argv[1:] if argv is None else argv))
+            try:
+                return _run(args, tuning)
+            finally:
+                RESUME_COMMAND.reset(token)
         if args.command == "estimate":
             return _estimate(args)
         if args.command == "report":
@@ -99,6 +106,7 @@ def _job(args: argparse.Namespace) -> JobConfig:
         mode=getattr(args, "mode", None),
         detach=getattr(args, "detach", None) or None,
         cancel=getattr(args, "cancel", None) or None,
+        notify=getattr(args, "notify", None),
     )
 
 
