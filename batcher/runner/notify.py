@@ -24,6 +24,7 @@ import re
 import shlex
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -74,7 +75,12 @@ def check_notify_urls(urls: object, where: str) -> tuple[str, ...]:
             raise ConfigError(name, "must be a non-empty string (an Apprise URL)")
         if url != url.strip() or not url.isprintable():
             raise ConfigError(name, "has surrounding whitespace or control characters")
-        if _plugin(url) is None:
+        with warnings.catch_warnings():
+            # Apprise's plugins import the standard library's deprecated imghdr: not ours to
+            # report (and an error under -W error)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            plugin = _plugin(url)
+        if plugin is None:
             raise ConfigError(
                 name,
                 f"not a notification URL Apprise can use ({scheme_only(url)}; see "
@@ -156,7 +162,7 @@ class Notices:
     def follow(self, stats: RunStats, budget: Budget | None, progress: Progress | None) -> None:
         """The run's counts, budget and display (requests in flight, outages), to watch."""
         self._stats, self._budget, self._progress = stats, budget, progress
-        self._since = self._clock()
+        self._last_done, self._since = stats.done, self._clock()
 
     async def watch(self) -> None:
         """Look at the run every ``WATCH_EVERY_S`` until cancelled (a run without notify
@@ -188,6 +194,7 @@ class Notices:
         """The run's end: finished, or stopped early (why, and the command that resumes)."""
         if self._sender is None or self._ended:
             return
+        self.check()  # the budget's 80% notice, had the run ended before the watch saw it
         self._ended = True
         from batcher.runner.progress import format_cost, format_duration, format_tokens
 

@@ -47,8 +47,9 @@ async def progress_for(
     variants: Sequence[str] = (),
 ) -> Progress:
     """The display of a run over ``input_path``: its total is the input's lines (counted in a
-    thread, when it is shown), once per pass over it (one pass per variant of ``variants``)."""
-    total = await anyio.to_thread.run_sync(count_lines, input_path) if enabled else None
+    thread: the bar's and the log lines' done/total), once per pass over it (one pass per
+    variant of ``variants``)."""
+    total = await anyio.to_thread.run_sync(count_lines, input_path)
     if total is not None:
         total *= passes
     return Progress(stats, total=total, enabled=enabled, stream=stream, variants=variants)
@@ -141,8 +142,8 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._refresh_lines()
-            # the lowest line first: each bar left where it is
-            for bar in [self._status_bar, *reversed(self._variant_bars), self._bar]:
+            # top to bottom: tqdm prints each closed bar at the top of what is left of them
+            for bar in [self._bar, *self._variant_bars, self._status_bar]:
                 bar.close()
             self._bar = self._status_bar = None
             self._variant_bars = []
