@@ -123,8 +123,8 @@ class Progress:
         if self._bar is not None:
             self._next_postfix = now + _POSTFIX_EVERY_S
             self._refresh_lines()
-        elif self._log and now - self._last_line >= SILENT_MAX_S:
-            self._write_log_line(now)
+        elif self._log and now + HEARTBEAT_S > self._last_line + SILENT_MAX_S:
+            self._write_log_line(now)  # the next look would come too late
 
     async def heartbeat(self) -> None:
         """``tick`` every ``HEARTBEAT_S`` until cancelled (run beside the engine)."""
