@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -220,3 +221,34 @@ def test_a_log_without_a_terminal_keeps_coming_through_a_real_outage(
         datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ")  # a UTC timestamp first
         assert "0 errors, 0 rejected, 0 retries" in line and " in flight" in line
     assert any("OUTAGE: default unreachable for " in line for line in beats)
+
+
+def test_the_bars_take_the_width_of_a_real_terminal() -> None:
+    """A pseudo-terminal 80 columns wide: the width is read through batcher's stderr wrapper
+    (``QuietStream``), and the bar takes the room the text leaves."""
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    written: list[bytes] = []
+    with open(follower, "w", encoding="utf-8", closefd=True) as tty:
+        bar = Progress(RunStats(), total=1000, stream=tty)
+        for _ in range(1000):
+            bar.advance()
+        bar.close()
+        tty.flush()
+        while chunk := _read_ready(leader):
+            written.append(chunk)
+    os.close(leader)
+    shown = screen_of(b"".join(written).decode().replace("\r\n", "\n"))
+    assert len(shown) == 2 and all(len(line) <= 80 for line in shown), shown
+    assert len(shown[0].split("|")[1]) >= 30  # not tqdm's 10 of an unknown width
+
+
+def _read_ready(fd: int) -> bytes:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], 0.2)
+    return os.read(fd, 1 << 16) if ready else b""
