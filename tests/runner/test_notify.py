@@ -419,3 +419,22 @@ def test_a_canary_token_in_a_notify_url_appears_nowhere(tmp_path: Path, receiver
     for notice in receiver.notices:  # the token reached the receiver as its password alone
         assert canary not in json.dumps({k: v for k, v in notice.items() if k != "auth"})
     assert "json://***" in (first.stderr + json.dumps(receiver.notices))
+
+
+@pytest.mark.slow
+def test_a_batch_mode_run_is_told_finished(tmp_path: Path, receiver: Receiver) -> None:
+    from batcher.runner.run import run_job
+
+    job = job_from_dict(
+        sim_job(
+            tmp_path, 12, batch={"max_requests": 5, "poll_s": 0.1},
+            sim={"batch": {"validating_s": 0.1, "in_progress_s": 0.3, "finalizing_s": 0.1}},
+            notify={"urls": [receiver.url("batch")]},
+        )
+        | {"job": {"input": str(tmp_path / "in.jsonl"), "output": str(tmp_path / "o.parquet"),
+                   "progress": False, "mode": "batch"}}
+    )  # fmt: skip
+    report = run_job(job, stream=io.StringIO(), sim=sim_server)
+    assert report.exit_code == 0
+    [finished] = receiver.of("finished")
+    assert fields(finished)["requests"].startswith("12 done: 12 ok, 0 error")
