@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from batcher.runner.stats import RunStats
 
 #: Seconds the end of a run waits for notices still being sent (then gives up, one line).
-END_WAIT_S = 0.8
+END_WAIT_S = 0.6
 #: Share of ``--max-cost`` spent that is told once.
 BUDGET_WARN_AT = 0.8
 #: Seconds between two looks at the run (stall, budget) while it runs.
@@ -163,6 +163,8 @@ class Notices:
         """The run's counts, budget and display (requests in flight, outages), to watch."""
         self._stats, self._budget, self._progress = stats, budget, progress
         self._last_done, self._since = stats.done, self._clock()
+        if self._sender is not None:
+            self._sender.start()  # its services built now: the end's wait is for sending alone
 
     async def watch(self) -> None:
         """Look at the run every ``WATCH_EVERY_S`` until cancelled (a run without notify
@@ -300,13 +302,17 @@ class _Sender:
         self._lock = threading.Lock()
         self._pending = 0
 
-    def put(self, notice: Notice) -> None:
-        with self._lock:
-            self._pending += 1
+    def start(self) -> None:
+        """Start the thread (once), which builds each URL's service before any notice."""
         if self._thread is None:
             # a daemon: a server that never answers cannot hold the process at exit
             self._thread = threading.Thread(target=self._loop, name="batcher-notify", daemon=True)
             self._thread.start()
+
+    def put(self, notice: Notice) -> None:
+        with self._lock:
+            self._pending += 1
+        self.start()
         self._queue.put(notice)
 
     def close(self, wait_s: float) -> None:
@@ -323,13 +329,11 @@ class _Sender:
             )
 
     def _loop(self) -> None:
-        plugins: list[tuple[str, str, Any]] | None = None
+        plugins = [
+            (url, notify_label(url, i), _plugin(url, timeout_s=SEND_TIMEOUT_S))
+            for i, url in enumerate(self._urls)
+        ]
         while (notice := self._queue.get()) is not None:
-            if plugins is None:
-                plugins = [
-                    (url, notify_label(url, i), _plugin(url, timeout_s=SEND_TIMEOUT_S))
-                    for i, url in enumerate(self._urls)
-                ]
             for url, label, plugin in plugins:
                 self._deliver(url, label, plugin, notice)
             with self._lock:

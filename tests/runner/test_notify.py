@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -221,13 +222,13 @@ def test_the_budget_is_told_once_at_80_percent(monkeypatch: pytest.MonkeyPatch) 
     assert "spent 80% of --max-cost" in sent[0].title and "$8.0000 of $10" in sent[0].body
 
 
-def test_without_urls_nothing_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_urls_nothing_is_started() -> None:
     notices = Notices(NotifyConfig(), name="n", stream=io.StringIO())
     notices.follow(RunStats(), Budget(1.0), None)
     notices.ended(RunStats(), Path("o.parquet"))
     notices.close()
-    assert not notices.enabled and threading.active_count() >= 1
-    assert all(t.name != "batcher-notify" for t in threading.enumerate())
+    assert not notices.enabled
+    assert notices._sender is None  # no thread, and Apprise not needed
 
 
 # -- delivered to a loopback receiver --------------------------------------------------------
@@ -371,7 +372,7 @@ def test_an_unreachable_url_changes_neither_the_exit_code_nor_the_run_time(
         "batcher: notify: the finished notice was not delivered to notify URL 1 (json://***): "
         in closed.stderr
     )
-    assert "batcher: notify: 1 notice(s) still being sent after 0.8 s" in silent.stderr
+    assert "batcher: notify: 1 notice(s) still being sent after 0.6 s" in silent.stderr
     assert closed_s < plain_s + 10 and silent_s < plain_s + 10  # not Apprise's 30 s
 
 
@@ -438,3 +439,18 @@ def test_a_batch_mode_run_is_told_finished(tmp_path: Path, receiver: Receiver) -
     assert report.exit_code == 0
     [finished] = receiver.of("finished")
     assert fields(finished)["requests"].startswith("12 done: 12 ok, 0 error")
+
+
+@pytest.mark.slow
+def test_a_run_without_notify_urls_never_imports_apprise(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 3)
+    code = (
+        "import sys; from batcher.cli.main import main; "
+        f"rc = main(['run', '-i', {str(src)!r}, '-o', {str(tmp_path / 'o.jsonl')!r}, "
+        "'--base-url', 'sim', '-m', 'm', '--no-progress']); "
+        "print(rc, 'apprise' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
