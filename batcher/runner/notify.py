@@ -291,8 +291,8 @@ def notices_for(job: JobConfig, stream: IO[str]) -> Iterator[Notices]:
 
 
 class _Sender:
-    """Notices delivered in order by one daemon thread (started with the first), each to
-    every URL; a failed delivery is one line on ``stream``."""
+    """Notices delivered in order by one daemon thread (started as the run starts, or with
+    the first notice), each to every URL; a failed delivery is one line on ``stream``."""
 
     def __init__(self, urls: Sequence[str], stream: IO[str]) -> None:
         self._urls = tuple(urls)
