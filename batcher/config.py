@@ -134,6 +134,21 @@ class TemplateConfig:
     id_column: str | None = None
 
 
+#: Seconds without a finished request before a run is reported stalled (``[notify] stall_s``).
+DEFAULT_STALL_S = 900.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifyConfig:
+    """Where a run's notices go (``[notify]``, ``--notify``): Apprise URLs (``json://``,
+    ``slack://``, ``mailto://``, ``ntfy://``...), told when the run finishes, stops early,
+    stalls (no request finished for ``stall_s`` seconds) or has spent 80% of ``--max-cost``.
+    The URLs hold tokens: secrets, never printed or written (``batcher.runner.notify``)."""
+
+    urls: tuple[str, ...] = ()
+    stall_s: float = DEFAULT_STALL_S
+
+
 #: The engines a job can run on: this process, or a Ray cluster (``batcher.ray.driver``).
 ENGINES = ("local", "ray")
 
@@ -180,6 +195,7 @@ class JobConfig:
     whose rows it renders into requests. ``system`` is a system message put first in every
     request that has none (the line's own, the template's or a variant's wins).
     ``split_errors`` writes failed requests to ``OUTPUT.errors.jsonl`` instead of the output.
+    ``notify`` says where notices of the run go.
     """
 
     name: str = "batch"
@@ -203,6 +219,7 @@ class JobConfig:
     template: TemplateConfig | None = None
     system: str | None = None
     split_errors: bool = False
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     def require_paths(self) -> tuple[Path, Path]:
         """Return (input, output), or fail naming the one that is missing."""

@@ -73,7 +73,18 @@ def validate(job: JobConfig) -> None:
         raise ConfigError("endpoints", "every endpoint needs a name of its own")
     check_request_fields(job.request, where="request")
     _check_variants(job)
+    _check_notify(job)
     parse_pricing(job.pricing)  # the [sim] table is checked by the simulator, as it starts
+
+
+def _check_notify(job: JobConfig) -> None:
+    """``[notify]``: ``stall_s`` a duration; every URL one Apprise can send to (Apprise is
+    imported only for a job that has some)."""
+    check_number(job.notify.stall_s, "notify.stall_s", positive=True, maximum=MAX_DURATION_S)
+    if job.notify.urls:
+        from batcher.runner.notify import check_notify_urls
+
+        check_notify_urls(job.notify.urls, "notify.urls")
 
 
 #: A Batch API completion window: hours or days (``24h``, ``7d``).
@@ -119,7 +130,7 @@ _NOT_REQUEST = {
     "endpoints": "did you mean endpoint (an endpoint name or a list of them)?",
     **{table: "is a table of the job, not a request field" for table in (
         "job", "endpoint", "request", "limits", "retry", "validate", "sim", "pricing", "ray",
-        "batch", "variants")},
+        "batch", "variants", "notify")},
 }  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from batcher.config import (
     EndpointConfig,
     JobConfig,
     LimitsConfig,
+    NotifyConfig,
     RayConfig,
     RetryConfig,
     TemplateConfig,
@@ -36,7 +37,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECTIONS = {
     "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
     "variants",
-    "ray", "batch", "template",
+    "ray", "batch", "template", "notify",
 }  # fmt: skip
 _ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
@@ -44,7 +45,7 @@ OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
      "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
      "engine", "ray_workers", "mode", "detach", "cancel", "template_user", "template_system",
-     "id_column", "system", "max_tokens", "temperature", "params", "split_errors"}
+     "id_column", "system", "max_tokens", "temperature", "params", "split_errors", "notify"}
 )  # fmt: skip
 
 
@@ -125,6 +126,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         template=_template(_table(raw, "template")),
         system=_typed(job_t, "system", str, "job"),
         split_errors=_typed(job_t, "split_errors", bool, "job", False),
+        notify=_notify(_table(raw, "notify")),
     )
     validate(job)
     return job
@@ -145,12 +147,24 @@ def _template(table: Mapping[str, Any]) -> TemplateConfig | None:
     )
 
 
+def _notify(table: Mapping[str, Any]) -> NotifyConfig:
+    """The ``[notify]`` table: ``urls`` (Apprise URLs) and ``stall_s``."""
+    _no_unknown(table, {f.name for f in dataclasses.fields(NotifyConfig)}, where="notify")
+    urls = table.get("urls", [])
+    if not isinstance(urls, list):
+        raise ConfigError(
+            "notify.urls", 'must be a list of Apprise URLs, e.g. ["json://host/path"]'
+        )
+    return NotifyConfig(urls=tuple(urls), stall_s=table.get("stall_s", NotifyConfig.stall_s))
+
+
 def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     """Apply command-line flags (``None`` means "not given") over a job, then validate.
 
     Accepted keys: ``OVERRIDES``. ``detach`` and ``cancel`` (batch mode's ``--detach`` and
     ``--cancel``) are run options, not job settings: they are accepted here, checked against
-    the mode, and passed to the runner by the caller.
+    the mode, and passed to the runner by the caller. ``notify`` (a list of Apprise URLs,
+    ``--notify``) replaces the job's ``[notify] urls``.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     unknown = set(given) - OVERRIDES
@@ -192,6 +206,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         template=_template_over(job.template, given),
         system=given.get("system", job.system),
         split_errors=given.get("split_errors", job.split_errors),
+        notify=_notify_over(job.notify, given),
         retry=dataclasses.replace(
             job.retry,
             **{k: given[k] for k in ("max_attempts", "timeout_s") if k in given},
@@ -204,6 +219,15 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     )
     validate(job)
     return job
+
+
+def _notify_over(notify: NotifyConfig, given: Mapping[str, Any]) -> NotifyConfig:
+    """The job's ``[notify]`` with the ``notify`` override's URLs (checked as ``--notify``)."""
+    if "notify" not in given:
+        return notify
+    from batcher.runner.notify import check_notify_urls
+
+    return dataclasses.replace(notify, urls=check_notify_urls(given["notify"], "--notify"))
 
 
 def _template_over(

@@ -21,6 +21,7 @@ README_SECTIONS = [
     "A real endpoint",
     "Input",
     "Output columns",
+    "Unattended runs: notices and logs",
     "Exit codes",
     "Python API",
     "More",

@@ -27,7 +27,14 @@ def main(argv: Sequence[str] | None = None, *, tuning: ProcessTuning | None = No
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run(args, tuning)
+            from batcher.runner.notify import RESUME_COMMAND, resume_command
+
+            # what a "stopped early" notice says to run (its secrets out)
+            token = RESUME_COMMAND.set(resume_command(sys.argv[1:] if argv is None else argv))
+            try:
+                return _run(args, tuning)
+            finally:
+                RESUME_COMMAND.reset(token)
         if args.command == "estimate":
             return _estimate(args)
         if args.command == "report":
@@ -108,6 +115,7 @@ def _job(args: argparse.Namespace) -> JobConfig:
         temperature=args.temperature,
         params=params_of(args.param),
         split_errors=getattr(args, "split_errors", None),
+        notify=getattr(args, "notify", None),
     )
 
 

@@ -221,6 +221,15 @@ def _add_run(sub: _Subparsers) -> None:
         default=None,
         help="write failed requests to OUTPUT.errors.jsonl instead of the output",
     )
+    run.add_argument(
+        "--notify",
+        action="append",
+        metavar="URL",
+        help="an Apprise URL told when the run finishes, stops early, stalls or has spent 80%% "
+        "of --max-cost (json://host/path, slack://..., ntfy://...; repeatable; replaces the "
+        "job's [notify] urls). It holds a token: prefer [notify] in the job file to the "
+        "command line, which other users of the machine can see",
+    )
     _add_resume_arguments(run)
     _add_engine_arguments(run)
 

@@ -13,6 +13,7 @@ of names known to be harmless (``api-version``), since a secret's name cannot be
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 #: What stands in for a redacted value.
@@ -22,6 +23,7 @@ HARMLESS_QUERY_NAMES = frozenset({"api-version", "api_version", "apiversion", "v
 #: Secrets shorter than this are not searched for in free text (a value like ``1`` would
 #: blank out every digit of a message; so short a value is no credential).
 _MIN_SECRET = 4
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}")
 
 
 def redact_url(url: str | None) -> str:
@@ -42,6 +44,15 @@ def redact_url(url: str | None) -> str:
     host = parts.netloc.rpartition("@")[2]
     netloc = f"{REDACTED}@{host}" if "@" in parts.netloc else host
     return urlunsplit((parts.scheme, netloc, parts.path, _redact_query(parts.query), ""))
+
+
+def scheme_only(url: str) -> str:
+    """A URL with everything but its scheme redacted (``slack://***``): for URLs whose host
+    or path may be the secret, such as Apprise's notification URLs."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return REDACTED
+    return f"{scheme}://{REDACTED}"
 
 
 def url_origin(url: str) -> str | None:

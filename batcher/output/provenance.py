@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import JobConfig
-from batcher.http.redact import redact_url
+from batcher.http.redact import redact_url, scheme_only
 
 PREFIX = "batcher."
 REDACTED = "<redacted>"
@@ -21,7 +21,8 @@ def job_record(job: JobConfig) -> dict[str, Any]:
     """The job as JSON-ready data, with every endpoint header value redacted.
 
     The API key is never part of a job (only the name of its variable is); header values are
-    dropped because gateways take keys in headers too (``api-key``, ``x-api-key``).
+    dropped because gateways take keys in headers too (``api-key``, ``x-api-key``); notify
+    URLs keep only their scheme (a webhook's path is its token).
     """
     record = dataclasses.asdict(job)
     # [[endpoints]] too: each has its own headers and URL (endpoint is the first of them).
@@ -33,6 +34,7 @@ def job_record(job: JobConfig) -> dict[str, Any]:
         item["base_url"] = redact_url(endpoint.base_url)
     for key in ("input", "output"):
         record[key] = None if record[key] is None else str(record[key])
+    record["notify"]["urls"] = [scheme_only(url) for url in job.notify.urls]
     return record
 
 

@@ -1,11 +1,20 @@
-"""What the user sees during and after a run: a tqdm bar (or periodic log lines) and a summary."""
+"""What the user sees during and after a run: a tqdm bar (or periodic log lines) and a summary.
+
+On a terminal: one bar for the run (and one per variant of a sweep) and a status line below
+them (tokens, cost, errors, retries, requests in flight, any pause or outage), each fitted to
+the terminal's width. Without one (a log file, ``--no-progress``): a line with a UTC timestamp
+every ``LOG_EVERY_S`` while requests finish, and at least one every ``SILENT_MAX_S`` while
+none do (``heartbeat``, beside the engine), so a log never goes quiet through an outage.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 
@@ -13,25 +22,47 @@ from batcher.input.sources import count_lines
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats
 
-#: Seconds between log lines when there is no terminal (or with --no-progress).
+if TYPE_CHECKING:
+    from batcher.engine.endpoints import Endpoint
+
+#: Seconds between log lines while requests finish (no terminal, or --no-progress).
 LOG_EVERY_S = 10.0
-#: Seconds between refreshes of the bar's postfix (tokens, errors): cheap enough to ignore.
+#: The longest a log goes without a line, even when nothing finishes (an outage, a long answer).
+SILENT_MAX_S = 60.0
+#: Seconds between two looks of the heartbeat (a log line due, the status line refreshed).
+HEARTBEAT_S = 1.0
+#: Seconds between refreshes of the bar's status line: cheap enough to ignore.
 _POSTFIX_EVERY_S = 0.5
+#: The widest a variant's name is shown beside its bar.
+_NAME_WIDTH = 12
 
 
 async def progress_for(
-    stats: RunStats, input_path: Path, *, passes: int, enabled: bool, stream: IO[str]
+    stats: RunStats,
+    input_path: Path,
+    *,
+    passes: int,
+    enabled: bool,
+    stream: IO[str],
+    variants: Sequence[str] = (),
 ) -> Progress:
     """The display of a run over ``input_path``: its total is the input's lines (counted in a
-    thread, when it is shown), once per pass over it."""
-    total = await anyio.to_thread.run_sync(count_lines, input_path) if enabled else None
+    thread: the bar's and the log lines' done/total), once per pass over it (one pass per
+    variant of ``variants``)."""
+    total = await anyio.to_thread.run_sync(count_lines, input_path)
     if total is not None:
         total *= passes
-    return Progress(stats, total=total, enabled=enabled, stream=stream)
+    return Progress(stats, total=total, enabled=enabled, stream=stream, variants=variants)
 
 
 class Progress:
-    """Shows progress of a run: a tqdm bar on a terminal, else a log line every ``LOG_EVERY_S``."""
+    """Shows progress of a run: tqdm bars on a terminal, else a log line every ``LOG_EVERY_S``
+    (at least every ``SILENT_MAX_S`` while ``heartbeat`` runs).
+
+    ``width`` fixes the bars' width (else the terminal's, as it changes); ``clock`` (seconds,
+    monotonic) and ``wall`` (seconds since the epoch, for the log's timestamps) are
+    injectable for tests.
+    """
 
     def __init__(
         self,
@@ -40,35 +71,66 @@ class Progress:
         total: int | None,
         enabled: bool = True,
         stream: IO[str] | None = None,
+        variants: Sequence[str] = (),
+        width: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._stats = stats
         self._stream = quiet(stream or sys.stderr)  # a closed stderr does not stop the run
-        self._start = time.monotonic()
+        self._clock = clock
+        self._wall = wall
+        self._start = clock()
         self._next_postfix = 0.0
         self._next_log = self._start + LOG_EVERY_S
+        self._last_line = self._start
+        self._done_at_line = 0
         self._total = total
+        self._variants = tuple(variants)
+        self._endpoints: Sequence[Endpoint] = ()
         self._bar: Any = None
+        self._variant_bars: list[Any] = []
+        self._status_bar: Any = None
         self._log = enabled is False or not _isatty(self._stream)
-        self._quiet = False
-        self.status = ""  # e.g. "WAITING: endpoint unreachable", shown in the bar until cleared
+        self.status = ""  # e.g. "WAITING: endpoint unreachable", shown until cleared
         if not self._log:
-            from tqdm import tqdm
+            self._open_bars(width)
 
-            self._bar = tqdm(
-                total=total, unit="req", file=self._stream, dynamic_ncols=True, smoothing=0.1
-            )
+    @property
+    def total(self) -> int | None:
+        """The requests (and rejected lines) the run is expected to finish, when known."""
+        return self._total
+
+    def watch_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """The endpoints whose requests in flight, pauses and outages the display shows."""
+        self._endpoints = endpoints
 
     def advance(self, n: int = 1) -> None:
         """Count ``n`` finished lines (requests or rejects)."""
-        now = time.monotonic()
+        now = self._clock()
         if self._bar is not None:
             self._bar.update(n)
             if now >= self._next_postfix:
                 self._next_postfix = now + _POSTFIX_EVERY_S
-                self._bar.set_postfix_str(self._postfix(), refresh=False)
+                self._refresh_lines()
         elif now >= self._next_log:
-            self._next_log = now + LOG_EVERY_S
             self._write_log_line(now)
+
+    def tick(self) -> None:
+        """One look of the heartbeat: the status line refreshed, or a log line when none was
+        written for ``SILENT_MAX_S``."""
+        now = self._clock()
+        if self._bar is not None:
+            self._next_postfix = now + _POSTFIX_EVERY_S
+            self._refresh_lines()
+        elif self._log and now + HEARTBEAT_S > self._last_line + SILENT_MAX_S:
+            self._write_log_line(now)  # the next look would come too late
+
+    async def heartbeat(self) -> None:
+        """``tick`` every ``HEARTBEAT_S`` until cancelled (run beside the engine)."""
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            self.tick()
 
     def note(self, message: str) -> None:
         """A one-line message that does not break the bar."""
@@ -79,37 +141,108 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
-            self._bar.close()
-            self._bar = None
-
-    def _postfix(self) -> str:
-        s = self._stats
-        cost = ""
-        if s.cost_by_model:
-            cost = f" ${sum(s.cost_by_model.values()):.4f}" + ("+?" if s.unpriced else "")
-        status = f" {self.status}" if self.status else ""
-        tokens = _si(s.total_tokens) if s.tokens_known else "?"
-        return f"tok={tokens}{cost} err={s.error} rej={s.rejected} retry={s.retries}{status}"
+            self._refresh_lines()
+            # top to bottom: tqdm prints each closed bar at the top of what is left of them
+            for bar in [self._bar, *self._variant_bars, self._status_bar]:
+                bar.close()
+            self._bar = self._status_bar = None
+            self._variant_bars = []
 
     def set_status(self, status: str) -> None:
         """Show (or, with "", clear) a state such as waiting out an outage, at once."""
         self.status = status
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=True)
+            self._refresh_lines()
+
+    def state(self) -> str:
+        """Requests in flight and any pause or outage in force: ``3 in flight; default
+        unreachable for 45 s (outage)``."""
+        parts = []
+        for endpoint in self._endpoints:
+            name = endpoint.name
+            if endpoint.outage.active:
+                down = format_duration(endpoint.outage.down_for_s)
+                parts.append(f"OUTAGE: {name} unreachable for {down}")
+            elif endpoint.limits.paused_s > 0:
+                parts.append(f"PAUSED: {name} for {endpoint.limits.paused_s:.0f} s more (429)")
+        if self.status and not parts:
+            parts.append(self.status)
+        if self._endpoints:  # else unknown here (the Ray engine's driver)
+            in_flight = sum(e.limits.in_flight_requests for e in self._endpoints)
+            parts.insert(0, f"{in_flight} in flight")
+        return "; ".join(parts)
+
+    def _open_bars(self, width: int | None) -> None:
+        from tqdm import tqdm
+
+        fit = {"ncols": width} if width else {"dynamic_ncols": True}
+        line = 0
+        if self._total is not None:
+            # n/total, elapsed<remaining and rate kept short, so the bar keeps its width
+            fmt = (
+                "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                "[{elapsed}<{remaining}, {rate_fmt}]"
+            )
+        else:
+            fmt = "{desc}{n_fmt} [{elapsed}, {rate_fmt}]"
+        desc = f"{'all':<{_NAME_WIDTH}} " if self._variants else ""
+        self._bar = tqdm(
+            total=self._total, unit="req", file=self._stream, smoothing=0.1, desc=desc,
+            bar_format=fmt, position=line, **fit,
+        )  # fmt: skip
+        share = None if self._total is None else self._total // len(self._variants or (1,))
+        for name in self._variants:
+            line += 1
+            shown = name if len(name) <= _NAME_WIDTH else name[: _NAME_WIDTH - 1] + "…"
+            bar = tqdm(
+                total=share, unit="req", file=self._stream, desc=f"{shown:<{_NAME_WIDTH}} ",
+                bar_format=fmt.replace(", {rate_fmt}", "") if share else "{desc}{n_fmt}",
+                position=line, **fit,
+            )  # fmt: skip
+            self._variant_bars.append(bar)
+        self._status_bar = tqdm(
+            total=0, file=self._stream, bar_format="{desc}", position=line + 1, desc="", **fit
+        )
+
+    def _refresh_lines(self) -> None:
+        s = self._stats
+        for name, bar in zip(self._variants, self._variant_bars, strict=True):
+            bar.n = s.variant_ok[name] + s.variant_error[name]
+            bar.refresh()
+        self._status_bar.set_description_str(self._status_line(), refresh=True)
+
+    def _status_line(self) -> str:
+        s = self._stats
+        tokens = _si(s.total_tokens) if s.tokens_known else "?"
+        state = self.state()
+        return f"  tok={tokens} {self._cost()} err={s.error} rej={s.rejected} retry={s.retries}" + (
+            f" | {state}" if state else ""
+        )
+
+    def _cost(self) -> str:
+        s = self._stats
+        if s.cost_by_model:
+            return f"${sum(s.cost_by_model.values()):.4f}" + ("+?" if s.unpriced else "")
+        return "$?" if s.unpriced else "$0"
 
     def _write_log_line(self, now: float) -> None:
         s = self._stats
+        done = s.done + s.rejected
+        since = now - self._last_line
+        rate = (done - self._done_at_line) / since if since > 0 else 0.0
+        self._last_line, self._done_at_line = now, done
+        self._next_log = now + LOG_EVERY_S
         elapsed = now - self._start
-        rate = s.done / elapsed if elapsed > 0 else 0.0
         total = f"/{self._total}" if self._total is not None else ""
         eta = ""
-        if self._total and rate > 0:
-            eta = f" eta {format_duration((self._total - s.done - s.rejected) / rate)}"
+        if self._total and done and elapsed > 0:
+            eta = f", eta {format_duration((self._total - done) / (done / elapsed))}"
         tokens = f"{s.total_tokens} tokens" if s.tokens_known else "tokens unknown"
+        state = f"; {self.state()}" if self.state() else ""
+        stamp = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         print(
-            f"batcher: {s.done + s.rejected}{total} done, {rate:.1f} req/s, "
-            f"{tokens}, {s.error} errors, {s.rejected} rejected{eta}",
+            f"{stamp} batcher: {done}{total} done, {rate:.1f} req/s, {tokens}, {s.error} errors, "
+            f"{s.rejected} rejected, {s.retries} retries, cost {self._cost()}{eta}{state}",
             file=self._stream,
             flush=True,
         )

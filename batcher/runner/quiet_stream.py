@@ -48,6 +48,10 @@ class QuietStream(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        """The stream's file descriptor: the terminal's width is read from it (tqdm)."""
+        return self._stream.fileno()
+
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self._stream, "encoding", None) or "utf-8"

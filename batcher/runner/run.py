@@ -37,8 +37,9 @@ from batcher.output.resume import ResumePlan, RetryErrors
 from batcher.runner.checks import base_url_field, check_local_job
 from batcher.runner.housekeeping import Housekeeping
 from batcher.runner.lanes import count_from_now, lanes, open_readers
+from batcher.runner.notify import Notices, notices_for
 from batcher.runner.options import RunOptions
-from batcher.runner.progress import format_summary, progress_for
+from batcher.runner.progress import Progress, format_summary, progress_for
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats, count_the_run, run_warnings
 from batcher.runner.wiring import (
@@ -84,6 +85,7 @@ class _Setting:
     stream: IO[str]
     keys: list[str | None]
     pricer: Pricer
+    notices: Notices
 
 
 def run_job(
@@ -148,12 +150,16 @@ async def arun_job(
         handle_signals=handle_signals, stream=stream, housekeeping=housekeeping, sim=sim,
         detach=detach, cancel=cancel,
     )  # fmt: skip
-    if job.mode == "batch":
-        return await _run_batch(job, options)
-    return await _run_online(job, options)
+    with notices_for(job, quiet(options.stream or sys.stderr)) as notices:
+        if job.mode == "batch":
+            report = await _run_batch(job, options)
+        else:
+            report = await _run_online(job, options, notices)
+        notices.ended(report.stats, report.output)
+    return report
 
 
-async def _run_online(job: JobConfig, options: RunOptions) -> RunReport:
+async def _run_online(job: JobConfig, options: RunOptions, notices: Notices) -> RunReport:
     """A job sent request by request: checked, run under its journal, its summary printed."""
     for flag, given in (("--detach", options.detach), ("--cancel", options.cancel)):
         if given:
@@ -163,7 +169,7 @@ async def _run_online(job: JobConfig, options: RunOptions) -> RunReport:
     keys = check_local_job(job, input_path, output, sim=options.sim is not None)
     setting = _Setting(
         job=job, options=options, input_path=input_path, output=output, stream=stream,
-        keys=keys, pricer=build_pricer(job),
+        keys=keys, pricer=build_pricer(job), notices=notices,
     )  # fmt: skip
     if job.limits.max_cost_usd is not None:  # a model with no price: nothing could be sent
         await anyio.to_thread.run_sync(check_priced, job, setting.pricer)
@@ -256,13 +262,15 @@ async def _run_async(
     for message in job_field_warnings(job, fields):
         print(message, file=setting.stream, flush=True)
     progress = await progress_for(
-        stats, setting.input_path, passes=len(sources), enabled=job.progress, stream=setting.stream
-    )
+        stats, setting.input_path, passes=len(sources), enabled=job.progress,
+        stream=setting.stream, variants=[v.name for v in job.variants],
+    )  # fmt: skip
     variants: list[VariantConfig | None] = list(job.variants) or [None]
     known = KnownLimits.default()
     targets = endpoint_targets(job, urls, setting.keys, known)
     readers = open_readers(job, sources, variants, targets, progress, fields)
     budget = build_budget(job, journal.spent_before)
+    setting.notices.follow(stats, budget, progress)
     endpoints: list[Endpoint] = []
     try:
         rejects_path(output).unlink(missing_ok=True)  # this run's rejects only, or none
@@ -272,6 +280,7 @@ async def _run_async(
                     job, targets, clients, known=known, transport=options.transport,
                     warn=progress.note,
                 )  # fmt: skip
+                progress.watch_endpoints(endpoints)
                 sinks = Sinks(
                     results=journal if live is None else live,
                     rejects=rejects,
@@ -282,7 +291,7 @@ async def _run_async(
                     endpoints, engine_settings(job), sinks, pricer=setting.pricer, plan=plan,
                     budget=budget, on_token_limit=functools.partial(count_from_now, readers),
                 )  # fmt: skip
-                await _run_engine(setting, engine, lanes(readers, variants, endpoints))
+                await _run_engine(setting, engine, lanes(readers, variants, endpoints), progress)
             rejected = rejects.count
     except OSError as exc:
         raise OutputError(f"cannot write rejects: {exc.strerror or exc}") from None
@@ -295,14 +304,19 @@ async def _run_async(
     return stats, rejected
 
 
-async def _run_engine(setting: _Setting, engine: Engine, lanes: list[Lane]) -> None:
+async def _run_engine(
+    setting: _Setting, engine: Engine, lanes: list[Lane], progress: Progress
+) -> None:
     """Run the engine over the lanes (one lane on every endpoint: its batches alone), with
-    the owning process's housekeeping beside it."""
+    the owning process's housekeeping, the display's heartbeat and the notices' watch
+    (stalls, budget) beside it."""
     one = len(lanes) == 1 and lanes[0].endpoints is None
     housekeeping = setting.options.housekeeping
     async with anyio.create_task_group() as background:
         if housekeeping is not None:
             background.start_soon(housekeeping.during_run)
+        background.start_soon(progress.heartbeat)
+        background.start_soon(setting.notices.watch)
         handle_signals = setting.options.handle_signals
         await engine.run(lanes[0].batches if one else lanes, handle_signals=handle_signals)
         background.cancel_scope.cancel()

@@ -7,7 +7,7 @@ import pytest
 from batcher.cost.pricing import Pricer
 from batcher.errors import ConfigError
 from batcher.http.client import chat_completions_url
-from batcher.http.redact import redact_url, scrub, url_origin
+from batcher.http.redact import redact_url, scheme_only, scrub, url_origin
 from batcher.job_file import job_from_dict
 
 SECRET = "s3cr3t-k9-not-a-real-key"
@@ -71,3 +71,16 @@ def test_a_bad_base_url_is_named_without_its_key() -> None:
 def test_a_pricer_keeps_no_credentials_of_its_endpoint() -> None:
     pricer = Pricer(provider_api_url=f"https://h/v1?api-key={SECRET}")
     assert SECRET not in repr(vars(pricer))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("slack://T0AAA/B0BBB/xoxtoken", "slack://***"),
+        ("json://user:pw@hooks.example.com/x?token=1", "json://***"),
+        ("not a url with a secret", "***"),
+        ("://secret", "***"),
+    ],
+)
+def test_scheme_only_keeps_nothing_but_the_scheme(url: str, shown: str) -> None:
+    assert scheme_only(url) == shown

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
+import itertools
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from batcher.engine.outage import Outage
+from batcher.limits.endpoint import Limits
 from batcher.records import Result, Usage
 from batcher.runner import progress
 from batcher.runner.progress import Progress, format_summary
 from batcher.runner.stats import RunStats
+from tests.helpers import free_port, write_input
 
 
 def result(status: str, code: str | None = None, attempts: int = 1) -> Result:
@@ -63,11 +72,32 @@ def test_log_lines_without_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "20 tokens, 0 errors, 0 rejected" in out.getvalue()
 
 
-def test_bar_shows_a_waiting_status_until_cleared() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
+
+def screen_of(written: str) -> list[str]:
+    """The lines a terminal shows after ``written``: ``\\r`` back to the line's start,
+    ``\\n`` down one line, ESC[A up one, other text written over what is there."""
+    lines = [""]
+    row = col = 0
+    for part in re.split(r"(\r|\n|\x1b\[A)", written):
+        if part == "\r":
+            col = 0
+        elif part == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif part == "\x1b[A":
+            row = max(0, row - 1)
+        elif part:
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + part + line[col + len(part) :]
+            col += len(part)
+    return [line.rstrip() for line in lines if line.strip()]
+
+
+def test_bar_shows_a_waiting_status_until_cleared() -> None:
     screen = Terminal()
     bar = Progress(RunStats(), total=3, stream=screen)
     bar.set_status("WAITING: endpoint unreachable")
@@ -75,4 +105,150 @@ def test_bar_shows_a_waiting_status_until_cleared() -> None:
     bar.set_status("")
     bar.advance()
     bar.close()
-    assert screen.getvalue().rstrip().endswith("retry=0]")
+    shown = screen_of(screen.getvalue())
+    assert shown[-1].endswith("retry=0")
+    assert not any("WAITING" in line for line in shown)
+
+
+def test_the_bar_fits_80_columns_with_a_line_per_variant() -> None:
+    stats = RunStats(
+        attempts=1300, total_tokens=12_345_678, cost_by_model={"gpt-4o-mini": 123.4567}
+    )
+    screen = Terminal()
+    names = ["baseline", "a-much-longer-variant-name"]
+    bar = Progress(stats, total=2_000_000, stream=screen, variants=names, width=80)
+    bar.set_status("WAITING: default unreachable")
+    for i in range(1000):
+        stats.ok += 1
+        stats.variant_ok[names[i % 3 == 0]] += 1
+        bar.advance()
+    bar.close()
+    shown = screen_of(screen.getvalue())
+    assert len(shown) == 4, shown  # the run, each variant, the status line
+    assert all(len(line) <= 80 for line in shown), [len(line) for line in shown]
+    run, first, second, status = shown
+    assert run.startswith("all ") and "1000/2000000" in run
+    assert first.startswith("baseline ") and "666/1000000" in first
+    assert second.startswith("a-much-long") and "334/1000000" in second
+    for line in (run, first, second):
+        assert len(line.split("|")[1]) >= 10  # the bar itself keeps room to move
+    assert "tok=12.3M $123.4567 err=0 rej=0 retry=300" in status
+    assert "WAITING: default unreachable" in status
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_without_a_terminal_a_line_comes_at_least_every_60_s_through_an_outage() -> None:
+    clock = FakeClock()
+    stats = RunStats(ok=40, error=2, attempts=50, total_tokens=900, cost_by_model={"m": 0.25})
+    out = io.StringIO()
+    started = 1_796_000_000.0  # 2026-11-29T...Z: the log's timestamps come from this clock
+    log = Progress(
+        stats, total=100, enabled=False, stream=out, clock=clock,
+        wall=lambda: started + clock.now,
+    )  # fmt: skip
+    limits = Limits(concurrency=8, clock=clock)
+    outage = Outage(patience_s=1800, clock=clock)
+    log.watch_endpoints([SimpleNamespace(name="default", limits=limits, outage=outage)])  # type: ignore[list-item]
+    outage.failed()  # never answered: down from the first failure
+    limits.in_flight_requests = 1  # the probe
+    for _ in range(150):  # two and a half minutes without an answer
+        clock.now += 1.0
+        log.tick()
+    lines = out.getvalue().splitlines()
+    stamps = [datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ") for line in lines]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
+    assert len(lines) == 2 and gaps == [60.0]  # at 60 s and 120 s of silence
+    assert (
+        stamps[0] - datetime.fromtimestamp(started + 1000, UTC).replace(tzinfo=None)
+    ).total_seconds() == 60
+    first = lines[0]
+    for part in (
+        "batcher: 42/100 done", "0.7 req/s", "900 tokens", "2 errors", "0 rejected",
+        "8 retries", "cost $0.2500", "1 in flight", "OUTAGE: default unreachable for 1m00s",
+    ):  # fmt: skip
+        assert part in first, (part, first)
+    assert "0.0 req/s" in lines[1] and "unreachable for 2m00s" in lines[1]
+
+
+def test_a_429_pause_is_shown_in_the_log_line() -> None:
+    clock = FakeClock()
+    out = io.StringIO()
+    log = Progress(RunStats(), total=None, enabled=False, stream=out, clock=clock)
+    limits = Limits(concurrency=8, clock=clock)
+    outage = Outage(patience_s=1800, clock=clock)
+    log.watch_endpoints([SimpleNamespace(name="east", limits=limits, outage=outage)])  # type: ignore[list-item]
+    limits.on_rate_limited(120.0)
+    clock.now += 60.0
+    log.tick()
+    assert "PAUSED: east for 60 s more (429)" in out.getvalue()
+    assert "batcher: 0 done" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_a_log_without_a_terminal_keeps_coming_through_a_real_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody listens on the endpoint's port: nothing finishes for the run's 1.5 s of outage
+    patience, and lines come anyway (every 0.3 s here: ``SILENT_MAX_S`` is 60 s)."""
+    from batcher.job_file import job_from_dict
+    from batcher.runner.run import run_job
+
+    monkeypatch.setattr(progress, "SILENT_MAX_S", 0.3)
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.05)
+    src = write_input(tmp_path / "in.jsonl", 6)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / "o.jsonl"), "progress": False},
+            "endpoint": {"base_url": f"http://127.0.0.1:{free_port()}/v1"},  # nobody there
+            "request": {"model": "m"},
+            "limits": {"concurrency": 2},
+            "retry": {"max_attempts": 20, "outage_patience_s": 1.5},
+        }
+    )
+    printed = io.StringIO()
+    report = run_job(job, stream=printed)
+    assert report.exit_code == 3
+    beats = [line for line in printed.getvalue().splitlines() if " batcher: 0/6 done, " in line]
+    assert len(beats) >= 2, printed.getvalue()
+    for line in beats:
+        datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%SZ")  # a UTC timestamp first
+        assert "0 errors, 0 rejected, 0 retries" in line and " in flight" in line
+    assert any("OUTAGE: default unreachable for " in line for line in beats)
+
+
+def test_the_bars_take_the_width_of_a_real_terminal() -> None:
+    """A pseudo-terminal 80 columns wide: the width is read through batcher's stderr wrapper
+    (``QuietStream``), and the bar takes the room the text leaves."""
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    written: list[bytes] = []
+    with open(follower, "w", encoding="utf-8", closefd=True) as tty:
+        bar = Progress(RunStats(), total=1000, stream=tty)
+        for _ in range(1000):
+            bar.advance()
+        bar.close()
+        tty.flush()
+        while chunk := _read_ready(leader):
+            written.append(chunk)
+    os.close(leader)
+    shown = screen_of(b"".join(written).decode().replace("\r\n", "\n"))
+    assert len(shown) == 2 and all(len(line) <= 80 for line in shown), shown
+    assert len(shown[0].split("|")[1]) >= 30  # not tqdm's 10 of an unknown width
+
+
+def _read_ready(fd: int) -> bytes:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], 0.2)
+    return os.read(fd, 1 << 16) if ready else b""
