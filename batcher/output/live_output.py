@@ -20,7 +20,7 @@ output failed (a full disk, say): the journal holds everything either way.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,9 +114,10 @@ class LiveOutput:
         except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
             self._give_up()
 
-    def close(self) -> bool:
+    def close(self, ending: Callable[[int, int], Mapping[str, str]] | None = None) -> bool:
         """Finish the output (atomically, as ``write_output`` does); false if it could not be
-        written as the run went, and must be written from the journal."""
+        written as the run went, and must be written from the journal. ``ending`` gives the
+        metadata known only at the end from the output's ok and error counts."""
         if self._unfinished:
             self._give_up()
         if self.failed:
@@ -127,6 +128,8 @@ class LiveOutput:
                 return False
         if self._writer is None:  # nothing was recorded: an output with no rows
             self._writer = self._open()
+        if ending is not None:
+            self._writer.add_metadata(ending(self.ok, self.error))
         self._writer.close()  # raises OutputError if the file cannot be finished
         return True
 
@@ -207,18 +210,30 @@ def finish_output(
     output: Path,
     stats: RunStats,
     metadata: Callable[[], dict[str, str]],
+    ending: Callable[[RunStats], Mapping[str, str]] | None = None,
 ) -> None:
-    """Finish a run's output: the live one, else (none, or it failed) from the journal."""
-    if live is not None and live.close():
-        stats.output_ok, stats.output_error = live.ok, live.error
+    """Finish a run's output: the live one, else (none, or it failed) from the journal.
+    ``ending`` gives the metadata known only at the end (how the run ended) from the stats,
+    once they hold the output's counts."""
+
+    def counted(ok: int, error: int) -> Mapping[str, str]:
+        stats.output_ok, stats.output_error = ok, error
+        return {} if ending is None else ending(stats)
+
+    if live is not None and live.close(counted):
         return
-    write_output(journal, output, stats, metadata())
+    write_output(journal, output, stats, metadata(), ending)
 
 
 def write_output(
-    journal: Journal, output: Path, stats: RunStats, metadata: dict[str, str] | None = None
+    journal: Journal,
+    output: Path,
+    stats: RunStats,
+    metadata: dict[str, str] | None = None,
+    ending: Callable[[RunStats], Mapping[str, str]] | None = None,
 ) -> None:
-    """Write the output from the journal's latest records, atomically (``.partial`` + rename)."""
+    """Write the output from the journal's latest records, atomically (``.partial`` + rename);
+    ``ending``: metadata made from the stats once they hold the output's counts."""
     from batcher.output.writers import open_writer  # pyarrow: imported once the requests are done
 
     ok = error = 0
@@ -229,4 +244,6 @@ def write_output(
                 ok += 1
             else:
                 error += 1
-    stats.output_ok, stats.output_error = ok, error
+        stats.output_ok, stats.output_error = ok, error
+        if ending is not None:
+            writer.add_metadata(ending(stats))

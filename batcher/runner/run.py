@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -39,7 +40,7 @@ from batcher.runner.lanes import count_from_now, lanes, open_readers
 from batcher.runner.options import RunOptions
 from batcher.runner.progress import format_summary, progress_for
 from batcher.runner.quiet_stream import quiet
-from batcher.runner.stats import RunStats, count_the_run, run_warnings
+from batcher.runner.stats import RunStats, count_the_run, run_ending, run_warnings
 from batcher.runner.wiring import (
     SimServer,
     base_urls,
@@ -194,6 +195,7 @@ async def _run_journaled(
     job, output, stream, options = setting.job, setting.output, setting.stream, setting.options
     jpath = journal_path(output)
     fresh = options.restart or not jpath.exists()
+    started_at = time.time()
     live: LiveOutput | None = None
     with Journal(jpath, restart=options.restart) as journal:
         try:
@@ -214,7 +216,10 @@ async def _run_journaled(
             if options.housekeeping is not None:
                 options.housekeeping.before_output()
             # in a thread: a notebook's event loop keeps serving while pyarrow writes
-            await anyio.to_thread.run_sync(finish_output, journal, live, output, stats, metadata)
+            ending = functools.partial(run_ending, started_at=started_at)
+            await anyio.to_thread.run_sync(
+                finish_output, journal, live, output, stats, metadata, ending
+            )
         except BaseException:
             if live is not None:
                 live.abort()  # the .partial, while the lock is ours; an output is left alone
