@@ -153,6 +153,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
     first_start = math.inf
     last_end = -math.inf
     variant_latencies: dict[str, array[float]] = {}
+    samples: _Pool = {}
     for row in source_rows(source):
         status = row.get("status") or "error"
         model = row.get("model") or "?"
@@ -184,7 +185,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             code = row.get("error_code") or "unknown"
             errors[code] += 1
             _sample_error(report, code, row.get("error_message"))
-        _sample(report, row, status)
+        _sample(samples, row, status)
         if row.get("variant") is not None:
             _count_variant(report, variant_latencies, row, status, model, cost)
         if row.get("endpoint") is not None:
@@ -222,6 +223,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         row_of.finish_reasons = dict(
             sorted(row_of.finish_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
         )
+    report.samples = _samples_in_order(samples, list(report.variants))
     _how_it_ended(report, source, first_start, last_end)
     series = {"latency_s": latencies, "finished_at": finished, "ok": oks, "cost_usd": costs}
     return report, series
@@ -260,21 +262,28 @@ def _sample_error(report: Report, code: str, message: str | None) -> None:
         kept.append(text)
 
 
-def _sample(report: Report, row: dict[str, Any], status: str) -> None:
-    """Keep every variant's answer to the first ``SAMPLE_IDS`` ids (at most ``MAX_SAMPLES``)."""
-    custom_id = str(row.get("custom_id"))
-    if len(report.samples) >= MAX_SAMPLES:
-        return
-    ids = {s.custom_id for s in report.samples}
-    if custom_id not in ids and len(ids) >= SAMPLE_IDS:
-        return
+#: Sample rows gathered while reading: input line -> that line's answers (every variant's).
+_Pool = dict[int, list[Sample]]
+
+
+def _sample(pool: _Pool, row: dict[str, Any], status: str) -> None:
+    """Keep every variant's answer to the first ``SAMPLE_IDS`` input lines: a line after
+    them is dropped, one before them takes the place of the last."""
+    line = row.get("line") or 0
+    if line not in pool:
+        if len(pool) >= SAMPLE_IDS:
+            last = max(pool)
+            if line > last:
+                return
+            del pool[last]
+        pool[line] = []
     if status == "ok":
         answer = row.get("content") or "(no text: see the response column)"
     else:
         answer = f"{row.get('error_code') or 'error'}: {row.get('error_message') or ''}"
-    report.samples.append(
+    pool[line].append(
         Sample(
-            custom_id=custom_id,
+            custom_id=str(row.get("custom_id")),
             variant=row.get("variant"),
             model=row.get("model"),
             status=status,
@@ -282,6 +291,17 @@ def _sample(report: Report, row: dict[str, Any], status: str) -> None:
             answer=_cut(answer),
         )
     )
+
+
+def _samples_in_order(pool: _Pool, variants: list[str]) -> list[Sample]:
+    """The sampled answers by input line, then in the job's order of variants."""
+    rank = {name: i for i, name in enumerate(variants)}
+    ordered = [
+        sample
+        for line in sorted(pool)
+        for sample in sorted(pool[line], key=lambda s: rank.get(s.variant or "", -1))
+    ]
+    return ordered[:MAX_SAMPLES]
 
 
 def _prompt(row: dict[str, Any]) -> str | None:
