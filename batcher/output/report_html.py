@@ -43,7 +43,7 @@ table{border-collapse:collapse;width:100%;background:#fff;table-layout:auto}
 th,td{border:1px solid #e3e3e3;padding:.3rem .5rem;text-align:left;vertical-align:top;
   overflow-wrap:anywhere}
 th{background:#f0f0f0}td.n{text-align:right;white-space:nowrap}
-td.k{white-space:nowrap;overflow-wrap:normal}
+.k{white-space:nowrap;overflow-wrap:normal}
 .note{color:#666}
 pre{background:#fff;border:1px solid #e3e3e3;padding:.7rem;white-space:pre-wrap;
   overflow-wrap:anywhere;font-size:12px}
@@ -199,13 +199,16 @@ def _cost_by_model(report: Report) -> str:
 def _samples(report: Report) -> str:
     if not report.samples:
         return "<p class='note'>No answers yet.</p>"
-    rows = [
-        (s.custom_id, s.variant or "-", s.status,
-         s.prompt if s.prompt is not None else "(the output keeps no prompt)", s.answer)
+    if all(s.prompt is None for s in report.samples):
+        note = "<p class='note'>The output keeps no prompts (no messages column).</p>"
+        rows = [(s.custom_id, s.variant or "-", s.status, s.answer) for s in report.samples]
+        return note + _table(("id", "variant", "status", "answer"), rows, numeric=99, keys=3)
+    rows5 = [
+        (s.custom_id, s.variant or "-", s.status, "-" if s.prompt is None else s.prompt, s.answer)
         for s in report.samples
-    ]  # fmt: skip
+    ]
     head = ("id", "variant", "status", "prompt (last user message)", "answer")
-    return _table(head, rows, numeric=99, keys=3)
+    return _table(head, rows5, numeric=99, keys=3)
 
 
 def _made(report: Report) -> str:
@@ -243,7 +246,10 @@ def _table(
     """An HTML table; columns from ``numeric`` on are right-aligned numbers (the last one is
     text when ``last_text``); the first ``keys`` columns are not broken; newlines in a cell
     become line breaks."""
-    top = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    top = "".join(
+        f"<th class='k'>{html.escape(h)}</th>" if i < keys else f"<th>{html.escape(h)}</th>"
+        for i, h in enumerate(head)
+    )
     lines = []
     for row in rows:
         cells = []
