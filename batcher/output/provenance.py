@@ -77,18 +77,20 @@ def run_record(
     exit_code: int,
     started_at: float,
     ended_at: float,
-    rate_limited_at: Mapping[int, int],
+    rate_limited_at: Mapping[int, int] | None,
 ) -> dict[str, str]:
     """The key-value metadata of how a run ended: ``state`` (``finished``, or ``stopped
     early: REASON``), its exit code, its start and end (ISO-8601 UTC) and the 429 answers it met
-    by the Unix second they came (``rate_limited_bins``)."""
-    return {
+    by the Unix second they came (``rate_limited_bins``; left out when ``None``: not counted)."""
+    record = {
         PREFIX + "state": state,
         PREFIX + "exit_code": str(exit_code),
         PREFIX + "started_at": _iso(started_at),
         PREFIX + "ended_at": _iso(ended_at),
-        PREFIX + "rate_limited": json.dumps(rate_limited_bins(rate_limited_at)),
     }
+    if rate_limited_at is not None:
+        record[PREFIX + "rate_limited"] = json.dumps(rate_limited_bins(rate_limited_at))
+    return record
 
 
 def rate_limited_bins(at: Mapping[int, int]) -> dict[str, Any]:

@@ -163,9 +163,10 @@ def count_the_run(
         stats.config_error_field = "--max-cost"
 
 
-def run_ending(stats: RunStats, *, started_at: float) -> dict[str, str]:
+def run_ending(stats: RunStats, *, started_at: float, counts_429s: bool = True) -> dict[str, str]:
     """How a run ended, for its output's metadata (``provenance.run_record``): its state, exit
-    code, start (``started_at``, Unix seconds) and end (now), and the 429s it met."""
+    code, start (``started_at``, Unix seconds) and end (now), and the 429s it met (unless the
+    run does not count them by time: ``counts_429s=False``)."""
     from batcher.output.provenance import run_record
 
     state = "finished"
@@ -176,7 +177,7 @@ def run_ending(stats: RunStats, *, started_at: float) -> dict[str, str]:
         exit_code=stats.exit_code,
         started_at=started_at,
         ended_at=time.time(),
-        rate_limited_at=stats.rate_limited_at,
+        rate_limited_at=stats.rate_limited_at if counts_429s else None,
     )
 
 

@@ -151,3 +151,20 @@ def test_429_bins_merge_past_the_limit() -> None:
     assert bins["bin_s"] == 4 and len(bins["counts"]) <= MAX_429_BINS
     assert sum(n for _, n in bins["counts"]) == 3 * MAX_429_BINS
     assert rate_limited_bins({5: 2, 9: 1}) == {"bin_s": 1, "counts": [[5, 2], [9, 1]]}
+
+
+def test_a_run_stopped_early_says_so_in_its_output(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 40)
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(tmp_path / "o.parquet"), "progress": False},
+            "endpoint": {"base_url": "http://sim.test/v1"},
+            "request": {"model": "gpt-4o-mini", "max_tokens": 16},
+            "limits": {"max_cost_usd": 0.00005, "concurrency": 1},
+        }
+    )
+    report = run_job(job, transport=httpx.ASGITransport(app=Simulator()), stream=io.StringIO())
+    assert report.exit_code == 3
+    made = read_provenance(report.output)
+    assert made["exit_code"] == "3" and made["state"].startswith("stopped early: ")
+    assert "--max-cost" in made["state"]
