@@ -277,6 +277,8 @@ def _sample(pool: _Pool, row: dict[str, Any], status: str) -> None:
                 return
             del pool[last]
         pool[line] = []
+    if len(pool[line]) >= MAX_SAMPLES:  # rows without a line number (other tools' files)
+        return
     if status == "ok":
         answer = row.get("content") or "(no text: see the response column)"
     else:

@@ -273,3 +273,16 @@ def test_chromium_renders_a_sweep_offline_and_nothing_is_cut_off(
     assert seen.overflowing == []  # no chart, table or long path wider than its box
     assert seen.title == "batcher report: nightly"
     assert seen.png.startswith(b"\x89PNG")
+
+
+def test_samples_of_rows_without_line_numbers_stay_few(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.jsonl"  # another tool's batch output: no line numbers
+    lines = [
+        {"custom_id": f"x{i}", "response": {"status_code": 200, "body": {
+            "choices": [{"message": {"content": f"hi {i}"}}]}}}
+        for i in range(50)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report, _ = build_report(path)
+    assert report.requests == 50 and len(report.samples) == 12
+    assert [s.answer for s in report.samples[:2]] == ["hi 0", "hi 1"]
