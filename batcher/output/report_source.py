@@ -1,5 +1,5 @@
-"""What ``batcher report`` reads: an output's rows, or, while its run is going and the output
-is not written yet, the rows its journal holds so far; and whether a run holds that journal.
+"""What ``batcher report`` reads: an output's rows, or, while a run holds its journal (or
+before any output is written), the rows its journal holds so far; and whether a run holds it.
 
 The journal is read without its lock (a running job holds it): a line still being written
 (no newline yet) is left out, and an id journaled more than once counts by its last record,
@@ -31,13 +31,17 @@ class Source:
 
 
 def report_source(output: Path) -> Source:
-    """The output when it exists, else its journal (a job still running, or stopped before
-    writing its output); ``InputError`` when neither does."""
+    """The journal while a run holds it (the output, if any, is an earlier run's), else the
+    output when it exists, else the journal (a run stopped before writing its output);
+    ``InputError`` when neither exists."""
+    journal = journal_path(output)
+    state = journal_state(journal) if journal.is_file() else None
+    if state is not None and state.startswith("running"):
+        return Source(journal, "journal", state)
     if output.exists():
         return Source(output, "output")
-    journal = journal_path(output)
-    if journal.is_file():
-        return Source(journal, "journal", journal_state(journal))
+    if state is not None:
+        return Source(journal, "journal", state)
     raise InputError(f"no such output: {output} (and no journal {journal.name} beside it)")
 
 

@@ -226,6 +226,12 @@ def test_report_of_a_running_job_reads_its_journal(tmp_path: Path) -> None:
         assert "running (pid" in section(page, "state")
     report, _ = build_report(output)
     assert report.state is not None and report.state.startswith("not finished")
+    # a resumed run: the output of the earlier one is there, the journal says more
+    write(output, [answer(1)])
+    with Journal(journal_path(output)) as journal:
+        journal.append(answer(2), "h2")
+        assert build_report(output)[0].requests == 3
+    assert build_report(output)[0].requests == 1  # the run over: the output is the report
 
 
 @pytest.mark.slow
