@@ -292,3 +292,51 @@ def test_samples_of_rows_without_line_numbers_stay_few(tmp_path: Path) -> None:
     report, _ = build_report(path)
     assert report.requests == 50 and len(report.samples) == 12
     assert [s.answer for s in report.samples[:2]] == ["hi 0", "hi 1"]
+
+
+@pytest.mark.slow
+def test_report_on_a_job_running_in_another_process_then_on_its_output(tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    from tests.helpers import batcher_cmd, write_input, write_job
+
+    src = write_input(tmp_path / "in.jsonl", 30)
+    output = tmp_path / "o.parquet"
+    job = write_job(
+        tmp_path / "job.toml",
+        f"""
+[job]
+name = "slow"
+input = "{src}"
+output = "{output}"
+progress = false
+[endpoint]
+base_url = "sim"
+[limits]
+concurrency = 2
+[request]
+model = "gpt-4o-mini"
+[sim]
+latency_ms = 150
+""",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    run = subprocess.Popen(batcher_cmd("run", str(job)), stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        journal = journal_path(output)
+        while not (journal.is_file() and journal.read_bytes().count(b"\n") > 4):
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        proc = run_batcher("report", str(output), "--json")
+        assert proc.returncode == 0, proc.stderr
+        during = json.loads(proc.stdout)
+        assert during["source"] == "journal" and during["state"] == f"running (pid {run.pid})"
+        assert 4 <= during["requests"] < 30 and during["exit_code"] is None
+    finally:
+        _, log = run.communicate(timeout=60)
+    assert run.returncode == 0, log
+    after = json.loads(run_batcher("report", str(output), "--json").stdout)
+    assert (after["source"], after["state"], after["exit_code"]) == ("output", "finished", 0)
+    assert "30 done: 30 ok, 0 error" in log and after["requests"] == after["ok"] == 30
