@@ -223,7 +223,10 @@ class Charts:
         fig, axes = self._figure(2, 2, figsize=(7.2, 2 * height), sharey=True)
         with self.plt.rc_context(self.style):
             (rate, lat), (tok, cost) = axes
-            rate.barh(y, [100 * v.ok / v.requests if v.requests else 0 for v in rows], color=_OK)
+            bars = rate.barh(
+                y, [100 * v.ok / v.requests if v.requests else 0 for v in rows], color=_OK
+            )
+            rate.bar_label(bars, fmt="%.1f", padding=-28, color="white")
             rate.set(title="ok answers (%)", xlim=(0, 100))
             lat.barh(y, [v.latency_p50_s or 0 for v in rows], color=_OK, label="p50")
             lat.scatter([v.latency_p90_s or 0 for v in rows], y, color=_P90, marker="|", s=120,

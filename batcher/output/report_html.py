@@ -2,10 +2,10 @@
 
 A header (job, state, start and end in UTC, exit code, input, output, models) and the key
 figures; then charts in a grid (answers, errors and 429s over UTC time; latency up to p99;
-the variants side by side; cost over time only when it does not follow the answers); then
-error classes with sample messages, sample prompts and answers, cost by model and how the
-output was made. Self-contained: inline CSS and SVG (``report_charts``), no script, no font
-or image fetched, so it opens offline and in a mail client.
+cost over time only when it does not follow the answers); a sweep's variants side by side
+(chart and table); then error classes with sample messages, sample prompts and answers,
+cost by model and how the output was made. Self-contained: inline CSS and SVG
+(``report_charts``), no script, no font or image fetched, so it opens offline.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
 h1{font-size:1.5rem;margin:0 0 .3rem}h2{font-size:1.1rem;margin:1.6rem 0 .6rem}
 .state{display:inline-block;padding:.1rem .6rem;border-radius:1rem;font-size:.85rem;
   font-weight:600;background:#e3ecf7;color:#1f4e89;vertical-align:middle}
-.state.bad{background:#f8e1e1;color:#8a1f1f}.state.good{background:#e1f3e6;color:#1d6b35}
+.state.bad{background:#f8e1e1;color:#8a1f1f}.state.warn{background:#fbeccb;color:#6e4a00}.state.good{background:#e1f3e6;color:#1d6b35}
 dl.meta{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:.15rem 1rem;
   margin:.6rem 0}
 dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}
@@ -41,9 +41,9 @@ figure{margin:0;background:#fff;border:1px solid #e3e3e3;border-radius:.4rem;pad
 figure svg{width:100%;height:auto;display:block}
 table{border-collapse:collapse;width:100%;background:#fff;table-layout:auto}
 th,td{border:1px solid #e3e3e3;padding:.3rem .5rem;text-align:left;vertical-align:top;
-  overflow-wrap:anywhere}
+  overflow-wrap:break-word}
 th{background:#f0f0f0}td.n{text-align:right;white-space:nowrap}
-.k{white-space:nowrap;overflow-wrap:normal}
+.k{white-space:nowrap}td.t{overflow-wrap:anywhere}
 .note{color:#666}
 pre{background:#fff;border:1px solid #e3e3e3;padding:.7rem;white-space:pre-wrap;
   overflow-wrap:anywhere;font-size:12px}
@@ -68,8 +68,6 @@ def render_html(report: Report, series: dict[str, array[float]]) -> str:
     histogram = latency_histogram(series["latency_s"], report.latency_p99_s)
     if histogram is not None:
         figures.append(_chart(charts.latency(histogram, report), "latency"))
-    if report.variants:
-        figures.append(_chart(charts.variants(report.variants), "variants"))
     apart = cost_apart(series["finished_at"], series["cost_usd"])
     cost_note = ""
     if apart is not None and apart > COST_APART:
@@ -82,10 +80,10 @@ def render_html(report: Report, series: dict[str, array[float]]) -> str:
     title = html.escape(report.job_name or Path(report.path).name)
     body = [
         _header(report),
-        "<h2>Over time, latency and variants</h2>",
+        "<h2>Over time and latency</h2>",
         f"<div class='grid' id='charts'>{''.join(f for f in figures if f)}</div>",
         cost_note,
-        _variant_table(report),
+        _variants(report, charts),
         "<div class='grid'>",
         f"<section id='errors'><h2>Errors</h2>{_errors(report)}</section>",
         f"<section id='cost-by-model'><h2>Cost by model</h2>{_cost_by_model(report)}</section>",
@@ -108,7 +106,8 @@ def _chart(svg: str | None, name: str) -> str:
 def _header(report: Report) -> str:
     """The job's name and state, where and when it ran, and the key figures as tiles."""
     state = report.state or "state not recorded"
-    tone = "good" if report.exit_code == 0 else "bad" if report.exit_code else ""
+    tones = {0: "good", 1: "warn"}  # 1: finished with failures; 2, 3: stopped
+    tone = "" if report.exit_code is None else tones.get(report.exit_code, "bad")
     made = report.provenance
     models = ", ".join(sorted(report.groups)) or "-"
     journal = report.source == "journal"
@@ -156,18 +155,23 @@ def _tiles(report: Report) -> str:
     return f"<div class='tiles' id='tiles'>{cells}</div>"
 
 
-def _variant_table(report: Report) -> str:
+def _variants(report: Report, charts: Charts) -> str:
+    """A sweep's variants side by side: the chart, and the table beside it."""
     if not report.variants:
         return ""
-    head = ("variant", "models", "requests", "ok", "error rate", "p50", "p90",
-            "prompt tokens", "completion tokens", "cost")  # fmt: skip
+    head = ("variant", "model", "requests", "ok", "error rate", "latency p50 / p90",
+            "tokens prompt + completion", "cost")  # fmt: skip
     rows = [
         (name, ", ".join(v.models), f"{v.requests:,}", f"{v.ok:,}", f"{v.error_rate:.1%}",
-         _s(v.latency_p50_s), _s(v.latency_p90_s), f"{v.prompt_tokens:,}",
-         f"{v.completion_tokens:,}", _usd(v.cost_usd, v.unpriced))
+         f"{_s(v.latency_p50_s)} / {_s(v.latency_p90_s)}",
+         f"{v.prompt_tokens:,} + {v.completion_tokens:,}", _usd(v.cost_usd, v.unpriced))
         for name, v in report.variants.items()
     ]  # fmt: skip
-    return f"<section id='variants'><h2>Variants</h2>{_table(head, rows, numeric=2)}</section>"
+    chart = _chart(charts.variants(report.variants), "variants")
+    return (
+        f"<section id='variants'><h2>Variants</h2><div class='grid'>{chart}"
+        f"<div>{_table(head, rows, 'wwnnnnnn')}</div></div></section>"
+    )
 
 
 def _errors(report: Report) -> str:
@@ -177,7 +181,7 @@ def _errors(report: Report) -> str:
         (code, f"{n:,}", "\n".join(report.error_samples.get(code, [])))
         for code, n in report.error_classes.items()
     ]
-    return _table(("class", "count", "sample messages"), rows, numeric=1, last_text=True)
+    return _table(("class", "count", "sample messages"), rows, "wnt")
 
 
 def _cost_by_model(report: Report) -> str:
@@ -193,7 +197,7 @@ def _cost_by_model(report: Report) -> str:
         rows.append((model, f"{requests:,}", f"{prompt:,}", f"{completion:,}",
                      _usd(total, unpriced)))  # fmt: skip
     head = ("model", "requests", "prompt tokens", "completion tokens", "cost")
-    return _table(head, rows, numeric=1)
+    return _table(head, rows, "wnnnn")
 
 
 def _samples(report: Report) -> str:
@@ -202,13 +206,13 @@ def _samples(report: Report) -> str:
     if all(s.prompt is None for s in report.samples):
         note = "<p class='note'>The output keeps no prompts (no messages column).</p>"
         rows = [(s.custom_id, s.variant or "-", s.status, s.answer) for s in report.samples]
-        return note + _table(("id", "variant", "status", "answer"), rows, numeric=99, keys=3)
+        return note + _table(("id", "variant", "status", "answer"), rows, "kkkt")
     rows5 = [
         (s.custom_id, s.variant or "-", s.status, "-" if s.prompt is None else s.prompt, s.answer)
         for s in report.samples
     ]
     head = ("id", "variant", "status", "prompt (last user message)", "answer")
-    return _table(head, rows5, numeric=99, keys=3)
+    return _table(head, rows5, "kkktt")
 
 
 def _made(report: Report) -> str:
@@ -235,30 +239,20 @@ def _made(report: Report) -> str:
     return "".join(parts)
 
 
-def _table(
-    head: tuple[str, ...],
-    rows: Sequence[Sequence[str]],
-    *,
-    numeric: int,
-    last_text: bool = False,
-    keys: int = 0,
-) -> str:
-    """An HTML table; columns from ``numeric`` on are right-aligned numbers (the last one is
-    text when ``last_text``); the first ``keys`` columns are not broken; newlines in a cell
-    become line breaks."""
+def _table(head: tuple[str, ...], rows: Sequence[Sequence[str]], kinds: str) -> str:
+    """An HTML table; ``kinds`` has a letter per column: ``n`` a number (right-aligned),
+    ``k`` a short key (never broken), ``w`` words (broken between them), ``t`` free text
+    (broken anywhere, so a long message never widens the page). Newlines become breaks."""
     top = "".join(
-        f"<th class='k'>{html.escape(h)}</th>" if i < keys else f"<th>{html.escape(h)}</th>"
-        for i, h in enumerate(head)
+        f"<th class='{kind}'>{html.escape(h)}</th>" for h, kind in zip(head, kinds, strict=True)
     )
     lines = []
     for row in rows:
-        cells = []
-        for i, value in enumerate(row):
-            number = i >= numeric and not (last_text and i == len(row) - 1)
-            kind = " class='n'" if number else " class='k'" if i < keys else ""
-            text = html.escape(value).replace("\n", "<br>")
-            cells.append(f"<td{kind}>{text}</td>")
-        lines.append(f"<tr>{''.join(cells)}</tr>")
+        cells = "".join(
+            f"<td class='{kind}'>{html.escape(value).replace(chr(10), '<br>')}</td>"
+            for value, kind in zip(row, kinds, strict=True)
+        )
+        lines.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{top}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
 
 
