@@ -57,6 +57,7 @@ class Rendered:
     requests: list[str] = field(default_factory=list)  # every URL the page asked for
     overflowing: list[str] = field(default_factory=list)
     title: str = ""
+    loaded: bool = False
 
 
 def render(page: Path, *, width: int = 1400, height: int = 900) -> Rendered:
@@ -132,11 +133,8 @@ async def _drive(
         await call(f"{domain}.enable")
     await call("Page.navigate", url=url)
     with anyio.fail_after(30):
-        while True:
-            message = await ws.receive_json()
-            _note(seen, message)
-            if message.get("method") == "Page.loadEventFired":
-                break
+        while not seen.loaded:  # the load event may come before navigate's answer
+            _note(seen, await ws.receive_json())
     title = await call("Runtime.evaluate", expression="document.title", returnByValue=True)
     seen.title = str(title["result"].get("value", ""))
     found = await call("Runtime.evaluate", expression=_OVERFLOW_JS, returnByValue=True)
@@ -155,6 +153,7 @@ async def _drive(
 def _note(seen: Rendered, message: dict[str, Any]) -> None:
     """Keep the events that matter: console errors, exceptions, error logs, requests."""
     method, params = message.get("method"), message.get("params", {})
+    seen.loaded = seen.loaded or method == "Page.loadEventFired"
     if method == "Runtime.consoleAPICalled" and params.get("type") in {"error", "assert"}:
         seen.console_errors.append(str(params.get("args")))
     elif method == "Runtime.exceptionThrown":
