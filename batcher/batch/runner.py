@@ -59,7 +59,7 @@ from batcher.runner.checks import (
 from batcher.runner.progress import format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
-from batcher.runner.stats import RunStats
+from batcher.runner.stats import RunStats, run_ending
 from batcher.runner.wiring import SimServer, base_urls, build_budget, build_pricer
 
 if TYPE_CHECKING:
@@ -116,6 +116,7 @@ async def arun_batch_job(
     """
     stream = quiet(stream or sys.stderr)
     started = time.monotonic()
+    started_at = time.time()
     input_path, output = job.require_paths()
     check_output_writable(output)
     check_not_the_input(input_path, output)
@@ -164,11 +165,13 @@ async def arun_batch_job(
             from batcher.output.shape import output_shape  # pyarrow, as the writer
 
             journal.sync()
+            # the Batch API's 429s are not counted by time: the record leaves them out
+            ending = functools.partial(run_ending, started_at=started_at, counts_429s=False)
             write = functools.partial(
                 write_output, journal, output, stats, provenance(job, input_path),
                 output_shape(job),
                 variants=[v.name for v in job.variants], split_errors=job.split_errors,
-                compact=not stats.stopped_early,
+                compact=not stats.stopped_early, ending=ending,
             )  # fmt: skip
             await anyio.to_thread.run_sync(write)
     for model in pricer.unknown_models:

@@ -172,13 +172,10 @@ def _estimate(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from batcher.errors import InputError
     from batcher.output.report import build_report
     from batcher.output.report_html import write_html
     from batcher.output.report_text import format_report
 
-    if not args.output.exists():
-        raise InputError(f"no such output: {args.output}")
     report, series = build_report(args.output)
     if args.json:
         _show(json.dumps(report.as_dict(), indent=2))

@@ -323,7 +323,8 @@ def _add_report(sub: _Subparsers) -> None:
     rep = sub.add_parser(
         "report",
         help="totals, latency percentiles, throughput, errors and cost of an output",
-        description="Report on a finished output (.parquet or .jsonl).",
+        description="Report on an output (.parquet or .jsonl); on a job still running (no "
+        "output yet), on what its journal holds so far.",
     )
     rep.add_argument("output", type=Path, help="an output file of batcher run")
     rep.add_argument("--json", action="store_true", help="print JSON (for scripts)")

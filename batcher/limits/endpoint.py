@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import anyio
@@ -84,6 +85,8 @@ class Limits:
         self.in_flight_requests = 0
         self.in_flight_tokens = 0
         self.rate_limited = 0  # 429s seen
+        # ... by the Unix second they came: the output's record of when the run met them
+        self.rate_limited_at: Counter[int] = Counter()
         self.overloaded = 0  # of which the server was busy, not at a limit
         self._overload = OverloadRatio()
         self.checks = LimitChecks()  # announced limits that cannot be right are ignored
@@ -217,6 +220,7 @@ class Limits:
         when such answers pass ``OVERLOAD_RATIO`` of the recent ones.
         """
         self.rate_limited += 1
+        self.rate_limited_at[int(time.time())] += 1
         if verdict == "overload":
             self.overloaded += 1
             if self._overload.add(True):

@@ -23,7 +23,7 @@ output failed (a full disk, say): the journal holds everything either way.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,9 +129,10 @@ class LiveOutput:
         except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
             self._give_up()
 
-    def close(self) -> bool:
+    def close(self, ending: Callable[[int, int], Mapping[str, str]] | None = None) -> bool:
         """Finish the output (atomically, as ``write_output`` does); false if it could not be
-        written as the run went, and must be written from the journal."""
+        written as the run went, and must be written from the journal. ``ending`` gives the
+        metadata known only at the end from the output's ok and error counts."""
         if self._unfinished:
             self._give_up()
         if self.failed:
@@ -142,6 +143,8 @@ class LiveOutput:
                 return False
         if self._writer is None:  # nothing was recorded: an output with no rows
             self._writer = self._open()
+        if ending is not None:
+            self._writer.add_metadata(ending(self.ok, self.error))
         self._writer.close()  # raises OutputError if the file cannot be finished
         return True
 
@@ -243,19 +246,26 @@ def finish_output(
     *,
     variants: Sequence[str] = (),
     split_errors: bool = False,
+    ending: Callable[[RunStats], Mapping[str, str]] | None = None,
 ) -> None:
     """Finish a run's output: the live one, else (none, or it failed) from the journal; then
     compact the journal when the run recorded every request (``compaction``). ``shape``
-    makes the output's typed columns (``None``: the plain shape)."""
+    makes the output's typed columns (``None``: the plain shape); ``ending`` gives the
+    metadata known only at the end (how the run ended) from the stats, once they hold the
+    output's counts."""
     complete = not stats.stopped_early and stats.config_error is None
-    if live is not None and live.close():
-        stats.output_ok, stats.output_error = live.ok, live.error
+
+    def counted(ok: int, error: int) -> Mapping[str, str]:
+        stats.output_ok, stats.output_error = ok, error
+        return {} if ending is None else ending(stats)
+
+    if live is not None and live.close(counted):
         if complete:
             compact_journal(journal, variants=variants, split_errors=split_errors)
         return
     write_output(
         journal, output, stats, metadata(), None if shape is None else shape(),
-        variants=variants, split_errors=split_errors, compact=complete,
+        variants=variants, split_errors=split_errors, compact=complete, ending=ending,
     )  # fmt: skip
 
 
@@ -269,13 +279,15 @@ def write_output(
     variants: Sequence[str] = (),
     split_errors: bool = False,
     compact: bool = False,
+    ending: Callable[[RunStats], Mapping[str, str]] | None = None,
 ) -> None:
     """Write the output from the journal's latest records, atomically (``.partial`` + rename),
     with ``shape``'s typed columns (``None``: the plain shape), in input order (line, then
     ``variants`` in their order: ``ordering.records_in_order``); failures to
-    ``OUTPUT.errors.jsonl`` when ``split_errors``. Answers of compact records are read back
-    from the output being replaced. Then, when ``compact`` or when the journal holds compact
-    records already (their rows must point into the new output), the journal is compacted."""
+    ``OUTPUT.errors.jsonl`` when ``split_errors``; ``ending``: metadata made from the stats
+    once they hold the output's counts. Answers of compact records are read back from the
+    output being replaced. Then, when ``compact`` or when the journal holds compact records
+    already (their rows must point into the new output), the journal is compacted."""
     # pyarrow: imported once the requests are done
     from batcher.output.compaction import CompactJournal, PreviousOutput
     from batcher.output.rows import PLAIN
@@ -298,6 +310,9 @@ def write_output(
                     ok += 1
                 else:
                     error += 1
+            stats.output_ok, stats.output_error = ok, error
+            if ending is not None:
+                writer.add_metadata(ending(stats))
     except BaseException:
         if compacting is not None:
             compacting.abort()
@@ -306,7 +321,6 @@ def write_output(
         previous.close()
     if compacting is not None:
         compacting.commit()
-    stats.output_ok, stats.output_error = ok, error
 
 
 def compact_journal(

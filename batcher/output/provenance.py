@@ -1,11 +1,14 @@
 """How an output was made: the job (without secrets), batcher's version and the input's hash,
-stored in the Parquet file's key-value metadata and shown by ``batcher report``."""
+stored in the Parquet file's key-value metadata and shown by ``batcher report``; and how its
+run ended (``run_record``: state, exit code, start and end in UTC, the 429s met), added to
+the same metadata when the output is finished."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,52 @@ def provenance(job: JobConfig, input_path: Path) -> dict[str, str]:
     }
 
 
+#: The most bins ``rate_limited_bins`` keeps: seconds are merged into wider bins past it, so a
+#: long run's record of 429s stays a few kilobytes in the file's footer.
+MAX_429_BINS = 1440
+
+
+def run_record(
+    *,
+    state: str,
+    exit_code: int,
+    started_at: float,
+    ended_at: float,
+    rate_limited_at: Mapping[int, int] | None,
+) -> dict[str, str]:
+    """The key-value metadata of how a run ended: ``state`` (``finished``, or ``stopped
+    early: REASON``), its exit code, its start and end (ISO-8601 UTC) and the 429 answers it met
+    by the Unix second they came (``rate_limited_bins``; left out when ``None``: not counted)."""
+    record = {
+        PREFIX + "state": state,
+        PREFIX + "exit_code": str(exit_code),
+        PREFIX + "started_at": _iso(started_at),
+        PREFIX + "ended_at": _iso(ended_at),
+    }
+    if rate_limited_at is not None:
+        record[PREFIX + "rate_limited"] = json.dumps(rate_limited_bins(rate_limited_at))
+    return record
+
+
+def rate_limited_bins(at: Mapping[int, int]) -> dict[str, Any]:
+    """The 429s counted by Unix second as ``{"bin_s": W, "counts": [[START, N], ...]}``:
+    W is 1, doubled until at most ``MAX_429_BINS`` bins hold them."""
+    width = 1
+    bins = dict(at)
+    while len(bins) > MAX_429_BINS:
+        width *= 2
+        merged: dict[int, int] = {}
+        for second, n in at.items():
+            start = second - second % width
+            merged[start] = merged.get(start, 0) + n
+        bins = merged
+    return {"bin_s": width, "counts": [[start, bins[start]] for start in sorted(bins)]}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
 def read_provenance(path: Path) -> dict[str, str]:
     """The provenance stored in a Parquet output (empty for JSONL or files without it)."""
     if path.suffix.lower() != ".parquet":
@@ -80,13 +129,14 @@ def read_provenance(path: Path) -> dict[str, str]:
             return {}
         path = parts[-1]
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        # the file's own key-value metadata: the schema's, and what was added at its end
+        metadata = pq.read_metadata(path).metadata or {}
     except (OSError, pa.ArrowException) as exc:
         from batcher.errors import InputError
 
         raise InputError(f"cannot read {path}: {exc}") from None
     return {
-        key.decode()[len(PREFIX) :]: value.decode()
+        key.decode()[len(PREFIX) :]: value.decode("utf-8", "replace")
         for key, value in metadata.items()
         if key.startswith(PREFIX.encode())
     }

@@ -1,5 +1,6 @@
-"""``batcher report OUTPUT``, the figures: totals, latency percentiles, throughput and error
-classes, read from a finished output (Parquet or JSONL) as a stream.
+"""``batcher report OUTPUT``, the figures: totals, latency percentiles, throughput, error
+classes with sample messages, sample answers and how the run ended, read as a stream from an
+output (Parquet or JSONL) or, while its job runs, from its journal (``report_source``).
 
 ``batcher.output.report_text`` shows them as text (``--json`` prints ``Report.as_dict()``);
 ``batcher.output.report_html`` draws them as a self-contained page (``--html FILE``).
@@ -14,14 +15,23 @@ from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from batcher.output.formats import errors_path
 from batcher.output.provenance import read_provenance
-from batcher.output.writers import read_results
+from batcher.output.report_source import Source, report_source, source_rows
+from batcher.output.rows import read_results
 
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+#: Sample answers kept: every variant's answer to the first ``SAMPLE_IDS`` ids, at most
+#: ``MAX_SAMPLES`` rows; sample error messages: ``ERROR_SAMPLES`` distinct ones per class.
+SAMPLE_IDS = 4
+MAX_SAMPLES = 12
+ERROR_SAMPLES = 3
+#: Characters of a prompt, answer or error message kept for the samples.
+SAMPLE_CHARS = 400
 
 
 @dataclass(kw_only=True)
@@ -65,10 +75,39 @@ class VariantRow:
 
 
 @dataclass(kw_only=True)
+class Sample:
+    """One request's prompt and answer, for the samples table (texts cut to
+    ``SAMPLE_CHARS``; ``prompt`` is ``None`` when the output keeps no messages)."""
+
+    custom_id: str
+    variant: str | None
+    model: str | None
+    status: str
+    prompt: str | None
+    answer: str
+
+
+@dataclass(kw_only=True)
 class Report:
-    """Everything ``batcher report`` shows."""
+    """Everything ``batcher report`` shows.
+
+    ``source`` is ``"output"``, or ``"journal"`` for a job whose output is not written yet;
+    ``state``, ``exit_code``, ``started_at`` and ``ended_at`` (ISO-8601 UTC) come from the
+    output's metadata when its run recorded them; else ``state`` is ``None`` and the times
+    span the answers. ``rate_limited_bins`` holds the 429s the run met (``[start, count]``
+    per ``rate_limited_bin_s`` seconds, Unix time), ``None`` when the output does not say.
+    """
 
     path: str
+    source: str = "output"
+    job_name: str | None = None
+    state: str | None = None
+    exit_code: int | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    rate_limited: int | None = None
+    rate_limited_bin_s: int = 1
+    rate_limited_bins: list[list[int]] | None = None
     requests: int = 0
     ok: int = 0
     error: int = 0
@@ -90,6 +129,8 @@ class Report:
     wall_s: float = 0.0
     requests_per_s: float = 0.0
     error_classes: dict[str, int] = field(default_factory=dict)
+    error_samples: dict[str, list[str]] = field(default_factory=dict)  # class -> messages
+    samples: list[Sample] = field(default_factory=list)
     attempts: int = 0
     provenance: dict[str, str] = field(default_factory=dict)
 
@@ -109,17 +150,24 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
-    """The report of an output file, and its raw series (latencies, times, costs) for charts."""
-    report = Report(path=str(path), provenance=read_provenance(path))
+    """The report of an output (or, with no output yet, of its journal), and its raw series
+    for charts: ``latency_s`` of ok answers; per answer with times, ``finished_at`` (Unix
+    seconds), ``ok`` (1 or 0) and ``cost_usd`` (NaN: unknown)."""
+    source = report_source(path)
+    made = read_provenance(path) if source.kind == "output" else {}
+    report = Report(path=str(path), source=source.kind, provenance=made)
     latencies = array("d")
     ttfts = array("d")
     finished = array("d")
+    oks = array("d")
     costs = array("d")
     errors: Counter[str] = Counter()
     first_start = math.inf
     last_end = -math.inf
     variant_latencies: dict[str, array[float]] = {}
-    for row in _rows(path):
+    samples: _Pool = {}
+    rows = source_rows(source) if source.kind == "journal" else _rows(source.path)
+    for row in rows:
         status = row.get("status") or "error"
         model = row.get("model") or "?"
         group = report.groups.setdefault(model, {}).setdefault(status, Group())
@@ -147,7 +195,10 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
                 ttfts.append(row["ttft_s"])
         else:
             report.error += 1
-            errors[row.get("error_code") or "unknown"] += 1
+            code = row.get("error_code") or "unknown"
+            errors[code] += 1
+            _sample_error(report, code, row.get("error_message"))
+        _sample(samples, row, status)
         if row.get("variant") is not None:
             _count_variant(report, variant_latencies, row, status, model, cost)
         if row.get("endpoint") is not None:
@@ -161,6 +212,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             first_start = min(first_start, started.timestamp())
             last_end = max(last_end, ended.timestamp())
             finished.append(ended.timestamp())
+            oks.append(1.0 if status == "ok" else 0.0)
             costs.append(math.nan if cost is None else cost)  # unknown is not $0
     ordered = sorted(latencies)
     report.latency_p50_s = _percentile(ordered, 50)
@@ -184,13 +236,122 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         row_of.finish_reasons = dict(
             sorted(row_of.finish_reasons.items(), key=lambda kv: (-kv[1], kv[0]))
         )
-    offset = first_start if math.isfinite(first_start) else 0.0
-    series = {
-        "latency_s": latencies,
-        "finished_s": array("d", (t - offset for t in finished)),
-        "cost_usd": costs,
-    }
+    report.samples = _samples_in_order(samples, list(report.variants))
+    _how_it_ended(report, source, first_start, last_end)
+    series = {"latency_s": latencies, "finished_at": finished, "ok": oks, "cost_usd": costs}
     return report, series
+
+
+def _how_it_ended(report: Report, source: Source, first_start: float, last_end: float) -> None:
+    """The job's name, state, exit code, start and end, and 429s: from the output's metadata
+    where its run recorded them, else what the answers and the journal show."""
+    made = report.provenance
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        report.job_name = json.loads(made.get("job") or "{}").get("name")
+    report.state = made.get("state") or source.state
+    with contextlib.suppress(ValueError, TypeError):
+        report.exit_code = int(made["exit_code"]) if "exit_code" in made else None
+    report.started_at = made.get("started_at") or _iso(first_start)
+    report.ended_at = made.get("ended_at") or (None if source.state else _iso(last_end))
+    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+        bins = json.loads(made["rate_limited"])
+        counts = [[int(start), int(n)] for start, n in bins["counts"]]
+        report.rate_limited_bin_s = max(1, int(bins["bin_s"]))
+        report.rate_limited_bins = counts
+        report.rate_limited = sum(n for _, n in counts)
+
+
+def _iso(ts: float) -> str | None:
+    if not math.isfinite(ts):
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _sample_error(report: Report, code: str, message: str | None) -> None:
+    """Keep a few distinct messages of each error class."""
+    kept = report.error_samples.setdefault(code, [])
+    text = _cut(message or "(no message)")
+    if len(kept) < ERROR_SAMPLES and text not in kept:
+        kept.append(text)
+
+
+#: Sample rows gathered while reading: input line -> that line's answers (every variant's).
+_Pool = dict[int, list[Sample]]
+
+
+def _sample(pool: _Pool, row: dict[str, Any], status: str) -> None:
+    """Keep every variant's answer to the first ``SAMPLE_IDS`` input lines: a line after
+    them is dropped, one before them takes the place of the last."""
+    line = row.get("line") or 0
+    if line not in pool:
+        if len(pool) >= SAMPLE_IDS:
+            last = max(pool)
+            if line > last:
+                return
+            del pool[last]
+        pool[line] = []
+    if len(pool[line]) >= MAX_SAMPLES:  # rows without a line number (other tools' files)
+        return
+    if status == "ok":
+        answer = row.get("content") or "(no text: see the response column)"
+    else:
+        answer = f"{row.get('error_code') or 'error'}: {row.get('error_message') or ''}"
+    pool[line].append(
+        Sample(
+            custom_id=str(row.get("custom_id")),
+            variant=row.get("variant"),
+            model=row.get("model"),
+            status=status,
+            prompt=_prompt(row),
+            answer=_cut(answer),
+        )
+    )
+
+
+def _samples_in_order(pool: _Pool, variants: list[str]) -> list[Sample]:
+    """The sampled answers by input line, then in the job's order of variants."""
+    rank = {name: i for i, name in enumerate(variants)}
+    ordered = [
+        sample
+        for line in sorted(pool)
+        for sample in sorted(pool[line], key=lambda s: rank.get(s.variant or "", -1))
+    ]
+    return ordered[:MAX_SAMPLES]
+
+
+def _prompt(row: dict[str, Any]) -> str | None:
+    """The last user message of a row's ``messages`` (the whole conversation's last turn is
+    what was asked), else the row of a tabular input; ``None`` when the output keeps neither."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages:
+        turns = [m for m in messages if isinstance(m, dict)]
+        users = [m for m in turns if m.get("role") == "user"] or turns
+        if users:
+            return _cut(_text_of(users[-1].get("content")))
+    given = row.get("input")
+    if isinstance(given, dict) and given:
+        return _cut(", ".join(f"{k}={v}" for k, v in given.items()))
+    return None
+
+
+def _text_of(content: Any) -> str:
+    """A message's content as text: a string as is; content parts joined (non-text parts by
+    their type)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, dict):
+                parts.append(f"[{part.get('type', 'part')}]")
+        return " ".join(parts)
+    return "" if content is None else json.dumps(content, default=str)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SAMPLE_CHARS else text[: SAMPLE_CHARS - 1] + "…"
 
 
 def _mark_unknowns(report: Report) -> None:

@@ -8,8 +8,11 @@ from batcher.output.report import Report, VariantRow
 
 def format_report(report: Report) -> str:
     """The report as text (the same figures as a run's summary)."""
-    lines = [
-        f"batcher report: {report.path}",
+    lines = [f"batcher report: {report.path}"]
+    if report.source == "journal":
+        lines[0] += " (not written yet: what its journal holds so far)"
+    lines.append(f"  run       {_run_line(report)}")
+    lines += [
         f"  requests  {report.requests:,}: {report.ok:,} ok, {report.error:,} error; "
         f"{report.attempts:,} attempts",
         f"  cost      {_cost(report.cost_usd, report.unpriced)}",
@@ -18,6 +21,8 @@ def format_report(report: Report) -> str:
         f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
         f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
     ]
+    if report.rate_limited is not None:
+        lines.append(f"  429s      {report.rate_limited:,} answers (a rate limit or a busy server)")
     if report.ttft_p50_s is not None:
         lines.append(
             f"  1st token p50 {_s(report.ttft_p50_s)}, p90 {_s(report.ttft_p90_s)}, "
@@ -64,6 +69,15 @@ def format_report(report: Report) -> str:
             f"from {made.get('input', '?')} (sha256 {sha[:16]}); job in the file's metadata"
         )
     return "\n".join(lines)
+
+
+def _run_line(report: Report) -> str:
+    """The job's name, state, exit code, and start and end in UTC, as far as they are known."""
+    parts = [report.job_name or "job", report.state or "state not recorded"]
+    if report.exit_code is not None:
+        parts.append(f"exit code {report.exit_code}")
+    span = f"{report.started_at or '?'} to {report.ended_at or '…'} UTC"
+    return f"{parts[0]}: {', '.join(parts[1:])}; {span}"
 
 
 def _variant_table(variants: dict[str, VariantRow]) -> list[str]:

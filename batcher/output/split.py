@@ -54,6 +54,10 @@ class OutputFiles:
             self._errors = JsonlWriter(self._errors_path, order=self._order, shape=self._shape)
         self._errors.write(result)
 
+    def add_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Metadata known only at the end, in the output (the errors file is JSONL: none)."""
+        self._main.add_metadata(metadata)
+
     def close(self) -> None:
         """Finish both files; a stale errors file goes when this run wrote none."""
         try:

@@ -72,6 +72,10 @@ class Writer(Protocol):
         """Finish the file and move it onto its final path; idempotent."""
         ...
 
+    def add_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Add key-value metadata known only at the end (Parquet; JSONL has no place for it)."""
+        ...
+
     def abort(self) -> None:
         """Drop the unfinished file; whatever was at the path before stays."""
         ...
@@ -183,6 +187,9 @@ class JsonlWriter(_AtomicFile):
             self._keys.append(self._order(result))
         self.rows_written += 1
 
+    def add_metadata(self, metadata: Mapping[str, str]) -> None:
+        """JSONL lines have no place for file-level metadata: nothing to do."""
+
     def flush(self) -> None:
         """Push buffered lines to the OS (the file is still ``.partial`` until ``close``)."""
         self._f.flush()
@@ -255,6 +262,11 @@ class ParquetWriter(_AtomicFile):
             self._convert()
             if self._buffered >= self.row_group_size:
                 self._write_group()
+
+    def add_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Add key-value metadata to the file's footer (how its run ended), before ``close``."""
+        if metadata:
+            self._pq.add_key_value_metadata(dict(metadata))
 
     def _convert(self) -> None:
         """Turn the buffered Python rows into an Arrow batch: about half the memory."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -41,7 +42,7 @@ from batcher.runner.notify import Notices, notices_for
 from batcher.runner.options import RunOptions
 from batcher.runner.progress import Progress, format_summary, progress_for
 from batcher.runner.quiet_stream import quiet
-from batcher.runner.stats import RunStats, count_the_run, run_warnings
+from batcher.runner.stats import RunStats, count_the_run, run_ending, run_warnings
 from batcher.runner.wiring import (
     SimServer,
     base_urls,
@@ -203,6 +204,7 @@ async def _run_journaled(
     job, output, stream, options = setting.job, setting.output, setting.stream, setting.options
     jpath = journal_path(output)
     fresh = options.restart or not jpath.exists()
+    started_at = time.time()
     live: LiveOutput | None = None
     with Journal(jpath, restart=options.restart) as journal:
         try:
@@ -229,7 +231,10 @@ async def _run_journaled(
             if options.housekeeping is not None:
                 options.housekeeping.before_output()
             # in a thread: a notebook's event loop keeps serving while pyarrow writes
-            finish = functools.partial(finish_output, variants=variants, split_errors=split)
+            finish = functools.partial(
+                finish_output, variants=variants, split_errors=split,
+                ending=functools.partial(run_ending, started_at=started_at),
+            )  # fmt: skip
             await anyio.to_thread.run_sync(finish, journal, live, output, stats, metadata, shape)
         except BaseException:
             if live is not None:

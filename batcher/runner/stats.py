@@ -3,6 +3,7 @@ event loop's thread); shown by the progress bar and the summary."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class RunStats:
     schema_invalid: int = 0
     reasks: int = 0  # follow-up requests sent after an invalid structured answer
     rate_limited: int = 0  # 429 answers, of which ``overloaded`` from a busy server (no limit)
+    rate_limited_at: Counter[int] = field(default_factory=Counter)  # 429s by Unix second
     overloaded: int = 0
     wall_s: float = 0.0
     output_ok: int | None = None
@@ -152,11 +154,31 @@ def count_the_run(
     stats.lines_read = readers[0].lines_read
     stats.rate_limited = sum(e.limits.rate_limited for e in endpoints)
     stats.overloaded = sum(e.limits.overloaded for e in endpoints)
+    for e in endpoints:
+        stats.rate_limited_at.update(e.limits.rate_limited_at)
     if budget is not None and budget.misconfigured and not stats.submitted:
         # stopped by the job's configuration (a model with no price) before sending anything
         reason = stats.stop_reason or "no price known for a model of the job"
         stats.config_error = reason.removeprefix("--max-cost: ")
         stats.config_error_field = "--max-cost"
+
+
+def run_ending(stats: RunStats, *, started_at: float, counts_429s: bool = True) -> dict[str, str]:
+    """How a run ended, for its output's metadata (``provenance.run_record``): its state, exit
+    code, start (``started_at``, Unix seconds) and end (now), and the 429s it met (unless the
+    run does not count them by time: ``counts_429s=False``)."""
+    from batcher.output.provenance import run_record
+
+    state = "finished"
+    if stats.stopped_early:
+        state = f"stopped early: {stats.stop_reason or 'stopped'}"
+    return run_record(
+        state=state,
+        exit_code=stats.exit_code,
+        started_at=started_at,
+        ended_at=time.time(),
+        rate_limited_at=stats.rate_limited_at if counts_429s else None,
+    )
 
 
 def run_warnings(stats: RunStats, pricer: Pricer, *, streamed: bool) -> list[str]:

@@ -17,6 +17,7 @@ from batcher.batch.client import NotVisibleError
 from batcher.batch.runner import run_batch_job
 from batcher.batch.state import read_states, state_path
 from batcher.config import VariantConfig
+from batcher.output.provenance import read_provenance
 from batcher.sim.answers import expected_content
 from batcher.sim.batches import BatchSimConfig
 from tests.batch.batch_job import PRICES, batch_job, clock_sleep, rows, text
@@ -115,6 +116,10 @@ def test_per_request_errors_retried_then_final(tmp_path: Path) -> None:
     assert {r["attempts"] for r in got} == {3}  # retry.max_attempts
     assert {r["status_code"] for r in got} == {500}
     assert created == 2 * 3  # two models, three rounds each
+    made = read_provenance(tmp_path / "out.parquet")  # how the run ended, for the report
+    assert (made["state"], made["exit_code"]) == ("finished", "1")
+    assert made["started_at"] <= made["ended_at"]
+    assert "rate_limited" not in made  # not counted by time in batch mode: not "none"
 
 
 def test_final_request_errors_are_not_retried(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ def test_no_usage_at_all_is_unknown_not_zero(tmp_path: Path) -> None:
     )
     page = tmp_path / "r.html"
     write_html(report, series, page)
-    assert "Cost over time (unknown)" in page.read_text()
+    html = page.read_text()
+    assert "<b>unknown</b><span>cost</span>" in html and "$0" not in html
 
 
 def test_unpriced_model_cost_is_unknown_in_the_summary_and_report(tmp_path: Path) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
 from batcher.output.formats import errors_path
 from batcher.output.report import build_report
-from batcher.output.report_html import write_html
 from batcher.output.report_text import format_report
 from batcher.output.split import open_outputs
 from batcher.output.writers import open_writer
@@ -82,17 +80,6 @@ def test_totals_percentiles_and_errors(output: Path) -> None:
     assert report.wall_s == pytest.approx(114 + 0.1)
     text = format_report(report)
     assert "115: 110 ok, 5 error" in text and "http_503 ×5" in text
-
-
-def test_html_is_self_contained_with_three_charts(output: Path, tmp_path: Path) -> None:
-    report, series = build_report(output)
-    page = tmp_path / "r.html"
-    write_html(report, series, page)
-    content = page.read_text()
-    assert content.count("<svg") == 3
-    assert "Latency of ok answers" in content and "Cost over time" in content
-    # nothing to fetch: no scripts, stylesheets or images from elsewhere
-    assert not re.search(r"(src|href)=['\"]https?://", content)
 
 
 @pytest.mark.slow

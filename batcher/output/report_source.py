@@ -1,0 +1,111 @@
+"""What ``batcher report`` reads: an output's rows, or, while a run holds its journal (or
+before any output is written), the rows its journal holds so far; and whether a run holds it.
+
+The journal is read without its lock (a running job holds it): a line still being written
+(no newline yet) is left out, and an id journaled more than once counts by its last record,
+as the output will.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batcher import jsonfast
+from batcher.errors import InputError
+from batcher.output.journal import decode, journal_path, lock_holder
+from batcher.output.rows import parquet_row, read_results
+from batcher.records import record_key
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a report's rows come from: ``kind`` is ``"output"`` or ``"journal"``; ``state``
+    says, for a journal, whether a run holds it (``None`` for an output)."""
+
+    path: Path
+    kind: str
+    state: str | None = None
+
+
+def report_source(output: Path) -> Source:
+    """The journal while a run holds it (the output, if any, is an earlier run's), else the
+    output when it exists, else the journal (a run stopped before writing its output);
+    ``InputError`` when neither exists."""
+    journal = journal_path(output)
+    state = journal_state(journal) if journal.is_file() else None
+    if state is not None and state.startswith("running"):
+        return Source(journal, "journal", state)
+    if output.exists():
+        return Source(output, "output")
+    if state is not None:
+        return Source(journal, "journal", state)
+    raise InputError(f"no such output: {output} (and no journal {journal.name} beside it)")
+
+
+def source_rows(source: Source) -> Iterator[dict[str, Any]]:
+    """The rows of ``source``, as ``read_results`` gives an output's."""
+    if source.kind == "journal":
+        return journal_rows(source.path)
+    return read_results(source.path)
+
+
+def journal_state(path: Path) -> str:
+    """``running (pid N)`` while a run holds the journal's lock; else ``not finished``."""
+    try:
+        with path.open("rb") as f:
+            holder = lock_holder(f.fileno())
+    except OSError:
+        holder = None
+    if holder is not None:
+        return f"running (pid {holder})"
+    return "not finished (no run holds its journal: the same command resumes it)"
+
+
+def journal_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The latest record of every id in a journal, as output rows, in journal order.
+
+    Two passes: the first finds each key's last record (its offset), the second yields those;
+    only keys and offsets are held in memory."""
+    latest: dict[str, int] = {}
+    for offset, record in _records(path):
+        key = _key(record)
+        if key is not None:
+            latest[key] = offset
+    for offset, record in _records(path):
+        key = _key(record)
+        if key is not None and latest.get(key) == offset:
+            result = decode(record)
+            row = parquet_row(result)
+            row.setdefault("messages", result.messages)
+            row.setdefault("input", result.input)
+            yield row
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each whole record line of a journal with its offset (the header and a line still being
+    written are left out; an unreadable line too)."""
+    try:
+        with path.open("rb") as f:
+            offset = 0
+            for raw in f:
+                here, offset = offset, offset + len(raw)
+                if here == 0 or not raw.endswith(b"\n"):
+                    continue
+                try:
+                    record = jsonfast.loads_exact(raw)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict):
+                    yield here, record
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _key(record: dict[str, Any]) -> str | None:
+    custom_id, variant = record.get("custom_id"), record.get("variant")
+    if not isinstance(custom_id, str) or not isinstance(variant, str | None):
+        return None
+    return record_key(custom_id, variant)
