@@ -71,9 +71,9 @@ def test_a_run_that_raised_is_stopped_with_its_exit_code(
     tmp_path: Path, error: BaseException, code: int, reason: str | None
 ) -> None:
     out = tmp_path / "o.jsonl"
-    with pytest.raises(type(error)), Journal(journal_path(out)):
-        with RunStatus(out, job="demo", mode="online").running():
-            raise error
+    status = RunStatus(out, job="demo", mode="online")
+    with pytest.raises(type(error)), Journal(journal_path(out)), status.running():
+        raise error
     info = read_status_file(out)
     assert info is not None and (info["state"], info["exit_code"]) == ("stopped", code)
     assert reason is None or reason in info["stop_reason"]
@@ -81,13 +81,10 @@ def test_a_run_that_raised_is_stopped_with_its_exit_code(
 
 def test_a_stopped_run_without_records_leaves_no_status_file(tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
-    with pytest.raises(ConfigError):
-        with (
-            Journal(journal_path(out)) as journal,
-            RunStatus(out, job="j", mode="online").running(),
-        ):
-            journal.forget_if_empty()  # what a run stopped by its configuration does
-            raise ConfigError("base_url", "no such host")
+    status = RunStatus(out, job="j", mode="online")
+    with pytest.raises(ConfigError), Journal(journal_path(out)) as journal, status.running():
+        journal.forget_if_empty()  # what a run stopped by its configuration does
+        raise ConfigError("base_url", "no such host")
     assert not status_path(out).exists() and not list(tmp_path.iterdir())
 
 
