@@ -193,14 +193,17 @@ def _status(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from batcher.output.journal import journal_path
+    from batcher.output.journal_facts import JournalReader
     from batcher.runner.job_status import format_status, read_job_status
 
     # on a terminal each refresh replaces the last; else they follow (JSON: one a line)
     clear = args.watch and not args.json and sys.stdout.isatty()
     gap = ""
+    reader = JournalReader(journal_path(args.output))  # refreshes read what was appended
     try:
         while True:
-            status = read_job_status(args.output)
+            status = read_job_status(args.output, reader=reader)
             if args.json:
                 text = json.dumps(status.as_dict(), indent=None if args.watch else 2)
             else:
@@ -213,6 +216,8 @@ def _status(args: argparse.Namespace) -> int:
             time.sleep(WATCH_EVERY_S)
     except KeyboardInterrupt:  # the way out of --watch: quietly
         return 0
+    finally:
+        reader.close()
 
 
 def _retry_errors(args: argparse.Namespace) -> RetryErrors:

@@ -15,11 +15,14 @@ journal (the Ray engine's, or a journal deleted).
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from batcher import jsonfast
 from batcher.input.idset import IdSet
@@ -75,24 +78,25 @@ class JournalFacts:
 
     def add(self, record: Mapping[str, Any]) -> None:
         """Count one request's latest record (a journal record or an output row)."""
-        ok = record.get("status") == "ok"
+        get = record.get
+        ok = get("status") == "ok"
         if ok:
             self.ok += 1
         else:
             self.error += 1
-            self.error_codes[str(record.get("error_code") or "unknown")] += 1
-        usage = record.get("usage")
-        tokens = usage if isinstance(usage, Mapping) else record  # an output row: flat
+            self.error_codes[str(get("error_code") or "unknown")] += 1
+        usage = get("usage")
+        tokens = usage if isinstance(usage, dict) else record  # an output row: flat
         self.prompt_tokens += _int(tokens.get("prompt_tokens"))
         self.completion_tokens += _int(tokens.get("completion_tokens"))
         self.total_tokens += _int(tokens.get("total_tokens"))
-        cost = record.get("cost_usd")
-        if isinstance(cost, int | float) and not isinstance(cost, bool):
+        cost = get("cost_usd")
+        if type(cost) is float or type(cost) is int:
             self.cost_usd += cost
             self.priced += 1
         elif ok:
             self.unpriced += 1
-        started, finished = _epoch(record.get("started_at")), _epoch(record.get("finished_at"))
+        started, finished = _epoch(get("started_at")), _epoch(get("finished_at"))
         if started is not None and (
             self.first_started_at is None or started < self.first_started_at
         ):
@@ -107,33 +111,119 @@ class JournalFacts:
         if newest is None or at > newest:
             self.last_finished_at = newest = at
             if len(self.finishes) > 2 * RATE_WINDOW_S:  # seconds gone out of the window
-                start = int(newest - RATE_WINDOW_S)
-                self.finishes = Counter({s: n for s, n in self.finishes.items() if s >= start})
+                self._prune()
         if at >= newest - RATE_WINDOW_S:
             self.finishes[int(at)] += 1
 
+    def _prune(self) -> None:
+        if self.last_finished_at is not None:
+            start = int(self.last_finished_at - RATE_WINDOW_S)
+            self.finishes = Counter({s: n for s, n in self.finishes.items() if s >= start})
+
+    def add_older(self, older: JournalFacts) -> None:
+        """Add the facts of records older than these (of other requests)."""
+        self.ok += older.ok
+        self.error += older.error
+        self.prompt_tokens += older.prompt_tokens
+        self.completion_tokens += older.completion_tokens
+        self.total_tokens += older.total_tokens
+        self.cost_usd += older.cost_usd
+        self.priced += older.priced
+        self.unpriced += older.unpriced
+        self.error_codes.update(older.error_codes)
+        self.last_errors = [*self.last_errors, *older.last_errors][:LAST_ERRORS]
+        starts = [t for t in (self.first_started_at, older.first_started_at) if t is not None]
+        self.first_started_at = min(starts, default=None)
+        ends = [t for t in (self.last_finished_at, older.last_finished_at) if t is not None]
+        self.last_finished_at = max(ends, default=None)
+        self.finishes.update(older.finishes)
+        self._prune()
+
+
+class JournalReader:
+    """Reads a journal's facts, and read again (``batcher status --watch``), only the records
+    appended since: they are the latest of their requests unless one of them was recorded
+    before too (a re-sent request), and then, or when the journal was replaced or emptied,
+    the whole journal is read again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = IdSet()
+        self._facts: JournalFacts | None = None
+        self._end = 0  # where the lines read end
+        self._inode = -1
+
+    def facts(self) -> JournalFacts | None:
+        """The journal's facts now; ``None`` when it is compact (its facts are in the
+        output). Raises ``OSError`` when it cannot be read."""
+        with self.path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if self._facts is not None and (st.st_ino != self._inode or st.st_size < self._end):
+                self._forget()
+            if _is_compact(f.readline()):
+                self._forget()
+                return None
+            self._inode = st.st_ino
+            end = _whole_end(f, st.st_size)
+            if self._facts is None:
+                self._facts = self._read(f, 0, end, self._seen)
+            elif end > self._end:
+                appended = IdSet()
+                try:
+                    newer = self._read(f, self._end, end, appended)
+                except _Overlap:
+                    self._forget()
+                    self._facts = self._read(f, 0, end, self._seen)
+                else:
+                    newer.add_older(self._facts)
+                    self._facts = newer
+                finally:
+                    appended.close()
+            self._end = end
+            return self._facts
+
+    def close(self) -> None:
+        """Drop what is remembered (the fingerprints' temporary database, if any)."""
+        self._forget()
+
+    def _forget(self) -> None:
+        self._seen.close()
+        self._facts, self._end = None, 0
+
+    def _read(self, f: IO[bytes], start: int, end: int, here: IdSet) -> JournalFacts:
+        """The facts of the lines in ``[start, end)``, newest first; ``here``: the keys met
+        in that span. Raises ``_Overlap`` when a span after the first holds a request the
+        lines before it hold too."""
+        facts = JournalFacts()
+        later = start > 0
+        seen = self._seen
+        for raw in _lines_backwards(f, start, end):
+            record = _parse(raw)
+            if record is None:
+                continue
+            custom_id, variant = record.get("custom_id"), record.get("variant")
+            if type(custom_id) is not str or not (variant is None or type(variant) is str):
+                continue  # the header, or a line no run could read either
+            key = record_key(custom_id, variant)
+            if here.add(key):
+                if later and not seen.add(key):
+                    raise _Overlap
+                facts.add(record)
+        return facts
+
+
+class _Overlap(Exception):
+    """An appended record of a request recorded before: the journal is read whole again."""
+
 
 def journal_facts(journal: Path) -> JournalFacts | None:
-    """The facts of the journal at ``journal``; ``None`` when it is compact (its facts are in
-    the output). Raises ``OSError`` when it cannot be read."""
-    facts = JournalFacts()
-    seen = IdSet()
+    """The facts of the journal at ``journal`` (read once); ``None`` when it is compact.
+    Raises ``OSError`` when it cannot be read."""
+    reader = JournalReader(journal)
     try:
-        with journal.open("rb") as f:
-            if _is_compact(f.readline()):
-                return None
-            for raw in _lines_backwards(f):
-                record = _parse(raw)
-                if record is None or "custom_id" not in record:
-                    continue  # the header, or a line no run could read either
-                custom_id, variant = record.get("custom_id"), record.get("variant")
-                if not isinstance(custom_id, str) or not isinstance(variant, str | None):
-                    continue
-                if seen.add(record_key(custom_id, variant)):
-                    facts.add(record)
+        return reader.facts()
     finally:
-        seen.close()
-    return facts
+        reader.close()
 
 
 def output_facts(rows: Iterator[Mapping[str, Any]]) -> JournalFacts:
@@ -164,24 +254,34 @@ def _recent_error(record: Mapping[str, Any], finished: float | None) -> RecentEr
     )
 
 
-def _lines_backwards(f: IO[bytes]) -> Iterator[bytes]:
-    """The whole lines of ``f`` (as its size is now), last first, read in blocks."""
-    f.seek(0, 2)
-    end = f.tell()
-    tail = b""
-    pos = end
-    whole = False  # whether the last line read so far is known to end with its newline
+def _whole_end(f: IO[bytes], size: int) -> int:
+    """Where the last whole line of ``f`` ends (a line being written, or torn, left out)."""
+    pos = size
     while pos > 0:
         step = min(_BLOCK, pos)
+        f.seek(pos - step)
+        newline = f.read(step).rfind(b"\n")
+        if newline >= 0:
+            return pos - step + newline + 1
+        pos -= step
+    return 0
+
+
+def _lines_backwards(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
+    """The lines of ``f`` in ``[start, end)`` (both at the start of a line), last first, read
+    in blocks."""
+    tail = b""
+    pos = end
+    while pos > start:
+        step = min(_BLOCK, pos - start)
         pos -= step
         f.seek(pos)
         lines = (f.read(step) + tail).split(b"\n")
         tail = lines[0]
         for line in reversed(lines[1:]):
-            if whole and line:
+            if line:
                 yield line
-            whole = True  # every line before the last piece met ends with a newline
-    if tail and whole:
+    if tail:
         yield tail
 
 
@@ -192,20 +292,23 @@ def _is_compact(first: bytes) -> bool:
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
-        record = jsonfast.loads_exact(raw)
-    except (ValueError, RecursionError):
-        return None
+        record = orjson.loads(raw)  # counts and times: no need of loads_exact's long numbers
+    except orjson.JSONDecodeError:
+        try:
+            record = jsonfast.loads_exact(raw)  # what orjson refuses (a lone surrogate)
+        except (ValueError, RecursionError):
+            return None
     return record if isinstance(record, dict) else None
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return value if type(value) is int else 0
 
 
 def _epoch(value: Any) -> float | None:
     """Unix seconds from a journal's number or an output's timestamp; ``None`` for 0 or none."""
+    if type(value) is float or type(value) is int:
+        return float(value) if value > 0 else None
     if isinstance(value, dt.datetime):
         return value.timestamp()
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
     return None

@@ -23,6 +23,7 @@ from batcher.output.journal import journal_path, lock_holder
 from batcher.output.journal_facts import (
     RATE_WINDOW_S,
     JournalFacts,
+    JournalReader,
     journal_facts,
     output_facts,
 )
@@ -177,15 +178,18 @@ class JobStatus:
         }
 
 
-def read_job_status(output: Path, *, now: float | None = None) -> JobStatus:
-    """The status of the job writing (or that wrote) ``output``. Raises ``InputError`` when
-    there is neither a journal nor an output there."""
+def read_job_status(
+    output: Path, *, reader: JournalReader | None = None, now: float | None = None
+) -> JobStatus:
+    """The status of the job writing (or that wrote) ``output``; ``reader``: the journal's
+    reader kept between two calls (``--watch``: only what was appended is read again).
+    Raises ``InputError`` when there is neither a journal nor an output there."""
     output = Path(output)
     journal = journal_path(output)
     info = read_status_file(output) or {}
     facts: JournalFacts | None = None
     try:
-        facts = journal_facts(journal)
+        facts = journal_facts(journal) if reader is None else reader.facts()
     except FileNotFoundError:
         if not output.exists():
             raise InputError(

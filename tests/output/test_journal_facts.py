@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from batcher.output import journal_facts as facts_module
 from batcher.output.journal import Journal, encode, journal_path
-from batcher.output.journal_facts import JournalFacts, journal_facts
+from batcher.output.journal_facts import JournalFacts, JournalReader, journal_facts
 from batcher.records import Result, Usage
 from batcher.runner.job_status import read_job_status
 
@@ -132,3 +133,40 @@ def test_a_compact_journal_sends_status_to_the_output(tmp_path: Path) -> None:
     assert (status.facts.ok, status.facts.error) == (1, 1)
     assert status.facts.total_tokens == 5 and status.facts.cost_usd == 0.25
     assert [e.custom_id for e in status.facts.last_errors] == ["b"]
+
+
+def test_read_again_only_what_was_appended_agrees_with_a_whole_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "o.jsonl.journal"
+    spans: list[int] = []  # where each read of the reader's started
+    lines_backwards = facts_module._lines_backwards
+
+    def spy(f: Any, start: int, end: int) -> Any:
+        spans.append(start)
+        return lines_backwards(f, start, end)
+
+    reader = JournalReader(path)
+    with Journal(path) as journal:
+        for i in range(6):
+            journal.append(result(f"r{i}", "error" if i == 2 else "ok", at=1000 + i), "h")
+        journal.sync()
+        monkeypatch.setattr(facts_module, "_lines_backwards", spy)
+        first = reader.facts()
+        assert first is not None and (first.ok, first.error) == (5, 1)
+        journal.append(result("r6", at=1006), "h")  # a new request: read alone
+        journal.append(result("r7", "error", at=1007), "h")
+        journal.sync()
+        again = reader.facts()
+        assert spans[0] == 0 and spans[1] > 0  # only the appended lines read
+        assert again == journal_facts(path)
+        assert again is not None and (again.ok, again.error) == (6, 2)
+        assert [e.custom_id for e in again.last_errors] == ["r7", "r2"]
+        journal.append(result("r2", at=1008), "h")  # re-sent: its error record is replaced
+        journal.sync()
+        spans.clear()
+        resent = reader.facts()
+        assert spans == [spans[0], 0] and spans[0] > 0  # the appended line, then all again
+        assert resent == journal_facts(path)
+        assert resent is not None and (resent.ok, resent.error) == (7, 1)
+    reader.close()
