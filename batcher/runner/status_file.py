@@ -117,6 +117,7 @@ class RunStatus:
             lines = count_lines(self._input)
             if lines is not None and self.total is None:
                 self.total = lines * self._passes
+                self._write(self._fields("running"))
         while not self._stop.wait(self._every_s):
             self._write(self._fields("running"))
 

@@ -54,7 +54,9 @@ def wait_for_some_done(output: Path, proc: subprocess.Popen[str]) -> dict[str, A
         assert proc.poll() is None, "the run ended before status saw it running"
         if journal_path(output).exists() and status_path(output).exists():
             status = status_json(output)
-            if status["running"] and status["done"] > 0:
+            # the status file is rewritten every 2 s: total and in flight show up in time
+            known = status["total"] is not None and status["in_flight"] > 0
+            if status["running"] and status["done"] > 0 and known:
                 return status
         time.sleep(0.2)
     raise AssertionError("status never showed requests done")
