@@ -47,6 +47,14 @@ def start_run(*args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+def watcher(output: Path, *args: str) -> subprocess.Popen[str]:
+    """``batcher status OUTPUT --watch`` in a process of its own."""
+    return subprocess.Popen(
+        batcher_cmd("status", str(output), "--watch", *args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+
+
 def wait_for_some_done(output: Path, proc: subprocess.Popen[str]) -> dict[str, Any]:
     """Poll ``batcher status`` until it shows the running job with some requests done."""
     deadline = time.monotonic() + 60
@@ -82,7 +90,14 @@ def test_status_of_a_running_job_then_of_the_finished_one(tmp_path: Path) -> Non
         )  # fmt: skip
         running = wait_for_some_done(out, proc)
         text = run_batcher("status", str(out))
+        watch = watcher(out, "--json")  # ends by itself when the job does
+        quit_early = watcher(out)
+        assert quit_early.stdout is not None and quit_early.stdout.readline()
+        quit_early.send_signal(signal.SIGINT)  # Ctrl+C: quietly, exit 0
+        _, said = quit_early.communicate(timeout=30)
+        assert quit_early.returncode == 0 and said == ""
         _, stderr = proc.communicate(timeout=90)
+        watched, _ = watch.communicate(timeout=30)
     assert proc.returncode in (0, 1), stderr
     assert set(running) == KEYS
     assert running["state"] == "running" and running["pid"] == proc.pid
@@ -107,6 +122,13 @@ def test_status_of_a_running_job_then_of_the_finished_one(tmp_path: Path) -> Non
     assert final["error_codes"] == ({"invalid_value": error} if error else {})
     assert len(final["last_errors"]) == min(error, 5)
     assert all(e["message"] for e in final["last_errors"])
+    refreshes = [json.loads(line) for line in watched.splitlines()]
+    last = refreshes[-1]  # read as it went: the same figures (the cost summed in another order)
+    assert watch.returncode == 0 and last["cost_usd"] == pytest.approx(final["cost_usd"])
+    assert {k: v for k, v in last.items() if k != "cost_usd"} == {
+        k: v for k, v in final.items() if k != "cost_usd"
+    }
+    assert refreshes[0]["running"] and [r["running"] for r in refreshes].count(False) == 1
     shown = run_batcher("status", str(out)).stdout
     assert f"{done}/40 (100%) done: {ok} ok, {error} error" in shown and cost in shown
 
