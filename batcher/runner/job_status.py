@@ -81,6 +81,8 @@ class JobStatus:
         """Requests a second over the recent window, and the window (seconds): up to now
         while running, up to the newest finish otherwise; no longer than the run."""
         facts = self.facts
+        if not self.running and facts.last_finished_at is None:
+            return 0.0, 0.0  # ended with nothing finished: no rate to tell
         end = self.now if self.running else (facts.last_finished_at or self.now)
         start = max(end - RATE_WINDOW_S, self._run_start or 0.0)
         window = end - start
@@ -317,7 +319,7 @@ def format_status(status: JobStatus) -> str:
         for e in f.last_errors:
             who = e.custom_id + (f" ({e.variant})" if e.variant else "")
             lines.append(f"    {who}: {e.error_code or 'error'}: {e.message or ''}".rstrip())
-    lines.extend(_batch_lines(status.batches))
+    lines.extend(_batch_lines(status.batches, running=status.running))
     lines.append(f"  output    {status.output}")
     return "\n".join(lines)
 
@@ -365,10 +367,12 @@ def _pauses(status: JobStatus) -> list[str]:
     return lines
 
 
-def _batch_lines(batches: list[BatchLine]) -> list[str]:
+def _batch_lines(batches: list[BatchLine], *, running: bool) -> list[str]:
     if not batches:
         return []
-    lines = [f"  batches   {len(batches):,}"]
+    # once the run is gone, the server's batches may have moved on since it last looked
+    seen = "" if running else " (as the run last saw them: batcher run again follows them)"
+    lines = [f"  batches   {len(batches):,}{seen}"]
     for b in batches[:SHOWN_BATCHES]:
         name = b.batch_id or f"chunk {b.chunk[:12]}"
         lines.append(

@@ -172,7 +172,8 @@ def test_a_detached_batch_job_shows_each_batch(tmp_path: Path) -> None:
     batches = detached["batches"]
     assert len(batches) == 3 and all(b["batch_id"] and b["requests"] == 10 for b in batches)
     assert {b["status"] for b in batches} <= {"validating", "in_progress", "uploaded"}
-    assert "batches   3" in text and all(b["batch_id"] in text for b in batches)
+    assert "batches   3 (as the run last saw them" in text
+    assert all(b["batch_id"] in text for b in batches) and "\n  rate " not in text
     assert BATCH_ENV["OPENAI_API_KEY"] not in status_path(out).read_text()
     final = status_json(out)
     assert (final["state"], final["exit_code"], final["done"], final["ok"]) == (
