@@ -60,6 +60,7 @@ from batcher.runner.progress import format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats, run_ending
+from batcher.runner.status_file import RunStatus
 from batcher.runner.wiring import SimServer, base_urls, build_budget, build_pricer
 
 if TYPE_CHECKING:
@@ -129,9 +130,15 @@ async def arun_batch_job(
     if job.limits.max_cost_usd is not None:
         await anyio.to_thread.run_sync(check_priced, job, pricer)
     stats = RunStats()
-    with Journal(journal_path(output), restart=restart) as journal:  # restart: state gone too
+    status = RunStatus(output, job=job.name, mode="batch")
+    with (
+        Journal(journal_path(output), restart=restart) as journal,  # restart: state gone too
+        status.running(),  # the status file only while the journal's lock is ours
+    ):
         check_answers_kept(journal, output)
         requests = await anyio.to_thread.run_sync(read_all, job, input_path, output, stats)
+        status.follow(stats)
+        status.total = len(requests) + stats.rejected
         with StateJournal(state_path(output)) as states, base_urls(job, sim) as urls:
             async with BatchClient(
                 urls[0],

@@ -212,3 +212,28 @@ def forget_states(output: Path) -> None:
             "--restart to collect them",
         )
     path.unlink(missing_ok=True)
+
+
+def latest_states(path: Path) -> dict[str, tuple[ChunkState, int]]:
+    """The latest state of each chunk in the journal at ``path`` with its number of requests,
+    read line by line with the members left out (memory grows with the chunks, not their
+    requests): what ``batcher status`` shows. A line that cannot be read (torn by a crash,
+    being written) is passed over; empty when there is no journal."""
+    states: dict[str, tuple[ChunkState, int]] = {}
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # being written, or torn
+                try:
+                    record = json.loads(line)
+                    members = record.pop("members", None)
+                    state = ChunkState.from_record(record)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+                before = states.get(state.chunk)
+                size = len(members) if isinstance(members, dict) else (before[1] if before else 0)
+                states[state.chunk] = (state, size)
+    except FileNotFoundError:
+        return {}
+    return states

@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None, *, tuning: ProcessTuning | None = No
             return _estimate(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "status":
+            return _status(args)
         return _sim(args)
     except BatcherError as exc:
         _say(f"batcher: error: {exc}")
@@ -185,6 +187,42 @@ def _report(args: argparse.Namespace) -> int:
         write_html(report, series, args.html)
         _say(f"batcher report: wrote {args.html}")
     return 0
+
+
+#: Seconds between two refreshes of ``batcher status --watch``.
+WATCH_EVERY_S = 2.0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """``batcher status OUTPUT``: once, or every ``WATCH_EVERY_S`` until the job ends."""
+    import json
+    import time
+
+    from batcher.output.journal import journal_path
+    from batcher.output.journal_facts import JournalReader
+    from batcher.runner.job_status import format_status, read_job_status
+
+    # on a terminal each refresh replaces the last; else they follow (JSON: one a line)
+    clear = args.watch and not args.json and sys.stdout.isatty()
+    gap = ""
+    reader = JournalReader(journal_path(args.output))  # refreshes read what was appended
+    try:
+        while True:
+            status = read_job_status(args.output, reader=reader)
+            if args.json:
+                text = json.dumps(status.as_dict(), indent=None if args.watch else 2)
+            else:
+                text = format_status(status)
+                gap = "\x1b[H\x1b[2J" if clear else gap
+            _show(gap + text)
+            gap = "" if args.json else "\n"
+            if not args.watch or not status.running:
+                return 0
+            time.sleep(WATCH_EVERY_S)
+    except KeyboardInterrupt:  # the way out of --watch: quietly
+        return 0
+    finally:
+        reader.close()
 
 
 def _retry_errors(args: argparse.Namespace) -> RetryErrors:

@@ -166,7 +166,8 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``batcher`` command line: one subcommand each for run, estimate, report and sim."""
+    """The ``batcher`` command line: one subcommand each for run, estimate, report, status
+    and sim."""
     parser = argparse.ArgumentParser(
         prog="batcher",
         description="Run large batches of chat-completion requests against any "
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_estimate(sub)
     _add_report(sub)
+    _add_status(sub)
     _add_sim(sub)
     return parser
 
@@ -330,6 +332,21 @@ def _add_report(sub: _Subparsers) -> None:
     rep.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     rep.add_argument(
         "--html", type=Path, metavar="FILE", help="also write a self-contained page with charts"
+    )
+
+
+def _add_status(sub: _Subparsers) -> None:
+    """``batcher status``: a running or finished job's progress, from another terminal."""
+    status = sub.add_parser(
+        "status",
+        help="a running or finished job: done/total, errors, tokens, cost, rate, ETA, batches",
+        description="Show how a job writing OUTPUT is doing (or how it ended), from its "
+        "journal and the OUTPUT.status.json its run keeps; sends nothing.",
+    )
+    status.add_argument("output", type=Path, help="the job's output file (--output of run)")
+    status.add_argument("--json", action="store_true", help="print one JSON object (scripts)")
+    status.add_argument(
+        "--watch", action="store_true", help="refresh every 2 s until the job ends (Ctrl+C quits)"
     )
 
 

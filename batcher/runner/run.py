@@ -43,6 +43,7 @@ from batcher.runner.options import RunOptions
 from batcher.runner.progress import Progress, format_summary, progress_for
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats, count_the_run, run_ending, run_warnings
+from batcher.runner.status_file import RunStatus
 from batcher.runner.wiring import (
     SimServer,
     base_urls,
@@ -206,7 +207,11 @@ async def _run_journaled(
     fresh = options.restart or not jpath.exists()
     started_at = time.time()
     live: LiveOutput | None = None
-    with Journal(jpath, restart=options.restart) as journal:
+    status = RunStatus(
+        output, job=job.name, mode="online", input_path=setting.input_path, passes=len(sources)
+    )
+    # the status file only while the journal is ours: a run it refuses leaves it alone
+    with Journal(jpath, restart=options.restart) as journal, status.running():
         try:
             if journal.torn_note:
                 print(journal.torn_note, file=stream)
@@ -219,7 +224,7 @@ async def _run_journaled(
                 journal, output, setting.input_path, metadata, shape,
                 variants=variants, split_errors=split,
             )  # fmt: skip
-            stats, rejected = await _run_async(setting, sources, urls, journal, live, plan)
+            stats, rejected = await _run_async(setting, sources, urls, journal, live, plan, status)
             if stats.config_error is not None:
                 # The endpoint showed the job cannot work: no output (the except below
                 # removes the live one's .partial), and the journal goes if it is empty.
@@ -257,6 +262,7 @@ async def _run_async(
     journal: Journal,
     live: LiveOutput | None,
     plan: ResumePlan,
+    status: RunStatus,
 ) -> tuple[RunStats, int]:
     """The requests sent, recorded to ``live`` (the journal and the output) when given, else
     to the journal; the stats and the lines rejected. ``sources`` holds the input opened once
@@ -286,6 +292,7 @@ async def _run_async(
                     warn=progress.note,
                 )  # fmt: skip
                 progress.watch_endpoints(endpoints)
+                status.follow(stats, endpoints)
                 sinks = Sinks(
                     results=journal if live is None else live,
                     rejects=rejects,
