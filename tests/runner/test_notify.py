@@ -24,6 +24,7 @@ from batcher.config import NotifyConfig
 from batcher.cost.budget import Budget
 from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, with_overrides
+from batcher.output.journal import journal_path
 from batcher.runner import notify
 from batcher.runner.notify import Notice, Notices, resume_command
 from batcher.runner.stats import RunStats
@@ -305,7 +306,7 @@ def test_a_signalled_run_is_told_stopped_with_the_counts_it_recorded(
         batcher_cmd("run", str(job), "--no-progress"), cwd=ROOT, stderr=subprocess.PIPE,
         text=True, env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"},
     )  # fmt: skip
-    journal = out.with_name(out.name + ".journal.jsonl")
+    journal = journal_path(out)
     deadline = time.monotonic() + 60
     while not (journal.exists() and journal.read_bytes().count(b"\n") > 2):
         assert time.monotonic() < deadline and proc.poll() is None, "no result in time"
@@ -411,7 +412,7 @@ def test_a_canary_token_in_a_notify_url_appears_nowhere(tmp_path: Path, receiver
     assert any("stopped early" in t for t in titles) and any("finished" in t for t in titles)
     written = [p for p in tmp_path.iterdir() if p.is_file() and p.name != "job.toml"]
     names = {p.name for p in written}
-    assert {"o.parquet", "o.parquet.journal.jsonl", "o.parquet.rejects.jsonl"} <= names
+    assert {"o.parquet", "o.parquet.journal", "o.parquet.rejects.jsonl"} <= names
     assert "report.html" in names
     for path in written:
         assert canary.encode() not in path.read_bytes(), path
