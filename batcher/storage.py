@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import os
 import re
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeAlias, cast
+from urllib.parse import quote
 
 from batcher.errors import ConfigError, InputError, OutputError
 from batcher.http.redact import redact_url, scrub
@@ -64,10 +66,24 @@ def filesystem(uri: str, field: str = "job.input") -> tuple[pafs.FileSystem, str
     import pyarrow.fs as pafs
 
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = pafs.FileSystem.from_uri(_with_endpoint(uri))
     except Exception as exc:  # ArrowInvalid for a scheme pyarrow does not know, OSError...
         raise ConfigError(field, f"cannot use {shown(uri)}: {_reason(exc, uri)}") from None
     return fs, path
+
+
+def _with_endpoint(uri: str) -> str:
+    """An ``s3://`` URI with the endpoint the environment names (``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``, as AWS's SDKs read them) as pyarrow's ``endpoint_override``, unless
+    the URI gives one. pyarrow 26's ``from_uri`` reads ``AWS_ENDPOINT_URL`` itself, but its
+    ``S3FileSystem()`` does not, nor do older versions: passing it makes every version and
+    every way in agree."""
+    if uri.partition("://")[0].lower() != "s3" or "endpoint_override=" in uri:
+        return uri
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}endpoint_override={quote(endpoint, safe='')}"
 
 
 def expand(location: Location, field: str = "job.input") -> list[Location]:

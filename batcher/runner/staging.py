@@ -103,14 +103,14 @@ def stage(job: JobConfig, *, restart: bool = False) -> Staging:
     """``job`` with a local input and output (the same job when both are local files)."""
     staging = Staging(job)
     try:
-        if job.input is not None and (is_uri(job.input) or has_glob(job.input)):
-            staging.job = dataclasses.replace(
-                staging.job, input=_local_input(job.input, staging.temporary)
-            )
-        if isinstance(job.output, str):
+        if isinstance(job.output, str):  # first: a missing bucket costs no input download
             staging.remote_output = job.output
             staging.job = dataclasses.replace(
                 staging.job, output=_local_output(job.output, restart=restart)
+            )
+        if job.input is not None and (is_uri(job.input) or has_glob(job.input)):
+            staging.job = dataclasses.replace(
+                staging.job, input=_local_input(job.input, staging.temporary)
             )
     except BaseException:
         staging.close()
