@@ -33,6 +33,28 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
 _GLOB = re.compile(r"[*?\[]")
 
 
+#: Local files standing for a remote input or output during a run (``runner.staging``), and
+#: the location each stands for, shown: what an output's metadata names.
+_ORIGINS: dict[Path, str] = {}
+
+
+def note_origin(local: Path, location: Location) -> None:
+    """Remember that ``local`` stands for ``location`` (until ``forget_origin``)."""
+    _ORIGINS[local] = shown(location)
+
+
+def forget_origin(local: Path) -> None:
+    _ORIGINS.pop(local, None)
+
+
+def origin_of(location: Location) -> str:
+    """What ``location`` stands for, as shown: a staged file's remote input or output (its
+    credentials redacted), else ``location`` itself."""
+    if isinstance(location, Path) and location in _ORIGINS:
+        return _ORIGINS[location]
+    return shown(location)
+
+
 def is_uri(text: object) -> bool:
     """Whether ``text`` is an object-storage URI (``scheme://...``), not a local path."""
     return isinstance(text, str) and _URI.match(text) is not None

@@ -37,8 +37,10 @@ from batcher.storage import (
     check_writable_place,
     download,
     expand,
+    forget_origin,
     has_glob,
     is_uri,
+    note_origin,
     shown,
     upload,
 )
@@ -76,6 +78,8 @@ class Staging:
     job: JobConfig
     remote_output: str | None = None
     temporary: list[Path] = field(default_factory=list)
+    #: local files standing for remote ones (``storage.note_origin``), forgotten at close
+    standing_in: list[Path] = field(default_factory=list)
 
     def upload(self, say: Callable[[str], object]) -> None:
         """Upload the run's files to beside the remote output (if any), the output first."""
@@ -93,8 +97,16 @@ class Staging:
         if local.exists():
             say(f"uploaded to {shown(self.remote_output)}")
 
+    def stand_in(self, local: Location | None, location: Location) -> None:
+        """Name ``location`` (as shown) wherever ``local`` would be named: the metadata."""
+        if isinstance(local, Path) and local != location:
+            note_origin(local, location)
+            self.standing_in.append(local)
+
     def close(self) -> None:
         """Remove the input's local copy."""
+        for local in self.standing_in:
+            forget_origin(local)
         for folder in self.temporary:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -108,10 +120,12 @@ def stage(job: JobConfig, *, restart: bool = False) -> Staging:
             staging.job = dataclasses.replace(
                 staging.job, output=_local_output(job.output, restart=restart)
             )
+            staging.stand_in(staging.job.output, job.output)
         if job.input is not None and (is_uri(job.input) or has_glob(job.input)):
             staging.job = dataclasses.replace(
                 staging.job, input=_local_input(job.input, staging.temporary)
             )
+            staging.stand_in(staging.job.input, job.input)
     except BaseException:
         staging.close()
         raise

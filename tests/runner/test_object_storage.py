@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.output.journal import journal_path
+from batcher.output.provenance import PREFIX
 from batcher.runner.staging import output_work_path
 from tests.helpers import ROOT, batcher_cmd, run_batcher, sim_process, sim_stats, write_job
 from tests.s3_server import S3_CANARY, exists, get, put
@@ -121,10 +122,15 @@ def test_a_glob_of_csv_files_is_one_input_numbered_on_across_files(
         "--output", out, "--model", "m", "--base-url", "sim", "--no-progress",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    table = pq.read_table(io.BytesIO(get(out))).to_pylist()
-    assert [(r["custom_id"], r["line"], r["input"]["q"]) for r in table] == [
+    table = pq.read_table(io.BytesIO(get(out)))
+    assert [(r["custom_id"], r["line"], r["input"]["q"]) for r in table.to_pylist()] == [
         ("1", 1, "first"), ("2", 2, "second"), ("3", 3, "third"), ("4", 4, "fourth"),
     ]  # fmt: skip
+    # the metadata names what the run read and wrote, not the local copies
+    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    assert metadata[PREFIX + "input"] == f"s3://{s3_bucket}/in/part-*.csv"
+    job = json.loads(metadata[PREFIX + "job"])
+    assert (job["input"], job["output"]) == (f"s3://{s3_bucket}/in/part-*.csv", out)
 
 
 def test_parquet_files_by_glob_and_a_run_on_another_machine_resumes_from_the_upload(
