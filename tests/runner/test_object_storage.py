@@ -131,6 +131,11 @@ def test_a_glob_of_csv_files_is_one_input_numbered_on_across_files(
     assert metadata[PREFIX + "input"] == f"s3://{s3_bucket}/in/part-*.csv"
     job = json.loads(metadata[PREFIX + "job"])
     assert (job["input"], job["output"]) == (f"s3://{s3_bucket}/in/part-*.csv", out)
+    # status and report take the URI: they read its work folder on this machine
+    status = run_batcher("status", out)
+    assert status.returncode == 0 and "4/4 (100%)" in status.stdout, status.stderr
+    report = run_batcher("report", out, "--json")
+    assert report.returncode == 0 and json.loads(report.stdout)["requests"] == 4
 
 
 def test_parquet_files_by_glob_and_a_run_on_another_machine_resumes_from_the_upload(
