@@ -125,6 +125,19 @@ def expand(location: Location, field: str = "job.input") -> list[Location]:
     return found
 
 
+def files_on(location: Location, field: str = "job.input") -> tuple[pafs.FileSystem, list[str]]:
+    """The files ``location`` names (``expand``) as one filesystem and its paths, in sorted
+    order: what readers that take a ``filesystem=`` (pyarrow's datasets, Ray Data's
+    ``read_json``/``read_parquet``/...) are given, so they reach the store as batcher does."""
+    import pyarrow.fs as pafs
+
+    files = expand(location, field)
+    if isinstance(files[0], Path):
+        return pafs.LocalFileSystem(), [str(Path(f).resolve()) for f in files]
+    fs, _ = filesystem(str(files[0]), field)
+    return fs, [filesystem(str(f), field)[1] for f in files]
+
+
 def _local_matches(pattern: Path) -> list[Path]:
     anchor = Path(pattern.anchor) if pattern.is_absolute() else Path()
     relative = pattern.relative_to(anchor) if pattern.is_absolute() else pattern

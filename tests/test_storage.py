@@ -44,6 +44,14 @@ def test_a_local_glob_expands_to_its_files_in_sorted_order(tmp_path: Path) -> No
         storage.expand(tmp_path / "*.tsv")
 
 
+def test_files_on_gives_one_filesystem_and_its_sorted_paths(tmp_path: Path) -> None:
+    for name in ("b.csv", "a.csv"):
+        (tmp_path / name).write_text("q\nx\n")
+    fs, paths = storage.files_on(tmp_path / "*.csv")
+    assert paths == [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    assert [fs.get_file_info(p).size for p in paths] == [4, 4]
+
+
 def test_the_s3_endpoint_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)

@@ -203,3 +203,14 @@ def test_credentials_in_a_uri_are_never_shown(tmp_path: Path, s3_bucket: str) ->
     assert result.returncode == 2
     assert f"s3://***@{s3_bucket}/missing.jsonl" in result.stderr
     _no_canary(result.stdout, result.stderr)
+
+
+def test_files_on_a_bucket_reach_it_as_batcher_does(s3_bucket: str) -> None:
+    from batcher.storage import files_on
+
+    put(f"s3://{s3_bucket}/p/b.jsonl", b"2\n")
+    put(f"s3://{s3_bucket}/p/a.jsonl", b"1\n")
+    put(f"s3://{s3_bucket}/p/deeper/c.jsonl", b"3\n")  # `*` stays within its folder
+    fs, paths = files_on(f"s3://{s3_bucket}/p/*.jsonl")
+    assert paths == [f"{s3_bucket}/p/a.jsonl", f"{s3_bucket}/p/b.jsonl"]
+    assert [fs.open_input_stream(p).read() for p in paths] == [b"1\n", b"2\n"]
