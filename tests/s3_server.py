@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import subprocess
 import sys
 import time
@@ -23,13 +24,16 @@ _buckets = itertools.count()
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """``python -m moto.server`` on a free loopback port until the block ends; its URL."""
+def moto_server(*, checks_keys: bool = False) -> Iterator[str]:
+    """``python -m moto.server`` on a free loopback port until the block ends; its URL.
+    ``checks_keys``: every request's key is checked (none is known: all are refused, 403)."""
     port = free_port()
+    env = dict(os.environ) | ({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if checks_keys else {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:

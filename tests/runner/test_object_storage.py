@@ -19,7 +19,7 @@ from batcher.output.journal import journal_path
 from batcher.output.provenance import PREFIX
 from batcher.runner.staging import output_work_path
 from tests.helpers import ROOT, batcher_cmd, run_batcher, sim_process, sim_stats, write_job
-from tests.s3_server import S3_CANARY, exists, get, put
+from tests.s3_server import S3_CANARY, exists, get, moto_server, put
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -214,3 +214,30 @@ def test_files_on_a_bucket_reach_it_as_batcher_does(s3_bucket: str) -> None:
     fs, paths = files_on(f"s3://{s3_bucket}/p/*.jsonl")
     assert paths == [f"{s3_bucket}/p/a.jsonl", f"{s3_bucket}/p/b.jsonl"]
     assert [fs.open_input_stream(p).read() for p in paths] == [b"1\n", b"2\n"]
+
+
+def test_credentials_the_store_refuses_are_one_line_exit_2_nothing_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_lines(2))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWN")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CANARY)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    remote_input = ("job.input", "s3://b/in.jsonl", str(tmp_path / "o.parquet"))
+    remote_output = ("job.output", str(src), "s3://b/o.parquet")
+    with moto_server(checks_keys=True) as endpoint, sim_process() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        for field, given_input, given_output in (remote_input, remote_output):
+            result = run_batcher(
+                "run", "--input", given_input, "--output", given_output, "--model", "m",
+                "--base-url", url, "--no-progress",
+            )  # fmt: skip
+            uri = given_input if field == "job.input" else given_output
+            assert result.returncode == 2
+            assert result.stderr.strip().splitlines() == [
+                f"batcher: error: {field}: cannot reach {uri}: access denied (check this "
+                "store's credentials)"
+            ]
+            _no_canary(result.stdout, result.stderr)
+        assert sim_stats(url)["requests_received"] == 0
