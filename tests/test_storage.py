@@ -76,6 +76,15 @@ def test_a_stores_errors_are_short_and_carry_no_credentials() -> None:
     assert storage.shown(uri) == "s3://***@bucket/k.jsonl"
 
 
+def test_an_output_uri_that_is_the_input_is_refused() -> None:
+    from batcher.errors import ConfigError
+    from batcher.runner.staging import stage
+
+    job = job_from_dict({"job": {"input": "s3://b/x.jsonl", "output": "s3://b/x.jsonl"}})
+    with pytest.raises(ConfigError, match=r"s3://b/x\.jsonl is the input"):
+        stage(job)
+
+
 def test_an_unknown_scheme_is_a_config_error_naming_the_field() -> None:
     from batcher.errors import ConfigError
 

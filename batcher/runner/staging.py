@@ -114,6 +114,10 @@ class Staging:
 def stage(job: JobConfig, *, restart: bool = False) -> Staging:
     """``job`` with a local input and output (the same job when both are local files)."""
     staging = Staging(job)
+    if isinstance(job.output, str) and job.output == job.input:
+        raise ConfigError(
+            "job.output", f"{shown(job.output)} is the input: it would be overwritten"
+        )
     try:
         if isinstance(job.output, str):  # first: a missing bucket costs no input download
             staging.remote_output = job.output

@@ -241,3 +241,17 @@ def test_credentials_the_store_refuses_are_one_line_exit_2_nothing_sent(
             ]
             _no_canary(result.stdout, result.stderr)
         assert sim_stats(url)["requests_received"] == 0
+
+
+def test_the_python_api_reads_and_writes_a_bucket(s3_bucket: str) -> None:
+    import batcher
+
+    put(f"s3://{s3_bucket}/in.jsonl", _lines(3))
+    out = f"s3://{s3_bucket}/api/out.parquet"
+    result = batcher.run(
+        input=f"s3://{s3_bucket}/in.jsonl", output=out, base_url="sim", model="m",
+        progress=False,
+    )  # fmt: skip
+    assert result.exit_code == 0
+    assert sorted(_ids(out)) == ["r000", "r001", "r002"]
+    assert sorted(result.to_pandas()["custom_id"]) == ["r000", "r001", "r002"]
