@@ -36,6 +36,7 @@ import anyio
 
 from batcher.errors import BatcherError, ConfigError
 from batcher.http.redact import REDACTED, redact_url, scheme_only
+from batcher.storage import is_uri
 
 if TYPE_CHECKING:
     from batcher.config import JobConfig, NotifyConfig
@@ -93,7 +94,7 @@ def check_notify_urls(urls: object, where: str) -> tuple[str, ...]:
 
 def resume_command(argv: Sequence[str]) -> str:
     """``batcher ARGV`` as a shell line, its secrets out: ``--notify`` URLs and credentials
-    in a ``--base-url`` redacted."""
+    in a ``--base-url`` or an object-storage URI (``-i``/``-o``) redacted."""
     shown: list[str] = []
     hide_next: Callable[[str], str] | None = None
     for arg in argv:
@@ -111,7 +112,8 @@ def resume_command(argv: Sequence[str]) -> str:
         elif arg.startswith("--base-url="):
             shown.append("--base-url=" + redact_url(arg.partition("=")[2]))
         else:
-            shown.append(arg)
+            flag, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+            shown.append(flag + sep + redact_url(value) if is_uri(value) else arg)
     return shlex.join(["batcher", *shown])
 
 
