@@ -4,8 +4,8 @@ glob): what the local engine and batch mode read and write on this machine.
 - **Input**: a remote file is copied into a fresh folder under the work folder before the run
   (it is read there more than once: counted, its schema, once per variant); a glob's files,
   local or remote, are joined into one file there (``input/joined.py``: lines numbered on
-  across the files in their sorted order). The copy is removed when the run ends. A single
-  local file is read where it is.
+  across the files in their sorted order). The copy is removed when the run ends (a killed
+  run's, by the next run that makes one). A single local file is read where it is.
 - **Output**: a remote output is written in a work folder of its own,
   ``WORK/outputs/<hash of the URI>/NAME``, with its journal, status and errors files beside it
   as for a local output: a killed run resumes from that journal on this machine. When that
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -156,12 +157,34 @@ def _local_input(location: Location, temporary: list[Path]) -> Path:
 
 
 def _fresh_folder(kind: str) -> Path:
+    """A new folder in ``WORK/kind``, named after this process: a killed run cannot remove
+    its copy, so the folders of processes that are gone are removed first."""
     root = work_folder() / kind
     try:
         root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=root))
+        _remove_orphans(root)
+        return Path(tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-"))
     except OSError as exc:
         raise ConfigError("job", f"cannot make a work folder in {root}: {exc.strerror}") from None
+
+
+def _remove_orphans(root: Path) -> None:
+    """Remove the folders in ``root`` whose process (the number their name starts with) is
+    no longer running."""
+    for folder in root.iterdir():
+        pid = folder.name.partition("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
 
 
 def _local_output(uri: str, *, restart: bool) -> Path:

@@ -66,6 +66,12 @@ def test_a_local_glob_is_joined_for_the_run_and_the_copy_removed_after(tmp_path:
     assert text.splitlines() == ['{"prompt": "p1.jsonl"}'] + ['{"prompt": "p2.jsonl"}'] * 2
     staging.close()
     assert not staging.job.input.exists()
+    # a killed run's copy (its process gone) is removed by the next run that makes one
+    orphan = staging.job.input.parent.parent / "999999999-x"
+    orphan.mkdir()
+    mine = stage(job)
+    assert not orphan.exists() and isinstance(mine.job.input, Path) and mine.job.input.exists()
+    mine.close()
     # one local file: read where it is, nothing copied
     single = stage(job_from_dict({"job": {"input": str(tmp_path / "p1.jsonl")}}))
     assert single.job.input == tmp_path / "p1.jsonl"
