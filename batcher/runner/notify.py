@@ -36,7 +36,7 @@ import anyio
 
 from batcher.errors import BatcherError, ConfigError
 from batcher.http.redact import REDACTED, redact_url, scheme_only
-from batcher.storage import is_uri
+from batcher.storage import is_uri, origin_of
 
 if TYPE_CHECKING:
     from batcher.config import JobConfig, NotifyConfig
@@ -208,7 +208,7 @@ class Notices:
             f"cost      {format_cost(stats) if stats.cost_by_model or stats.unpriced else '$0'}",
             f"wall time {format_duration(stats.wall_s)}",
             f"exit code {stats.exit_code}",
-            f"output    {output.resolve()}",
+            f"output    {_where(output)}",
         ]
         if stats.stopped_early:
             reason = stats.stop_reason or "stopped"
@@ -426,3 +426,9 @@ def _scrubbed(message: str, url: str) -> str:
     for piece in sorted(pieces, key=len, reverse=True):
         message = message.replace(piece, REDACTED)
     return " ".join(message.split())[:200]
+
+
+def _where(output: Path) -> str:
+    """Where a run's output is: its URI for a remote one, else its absolute path."""
+    origin = origin_of(output)
+    return origin if origin != str(output) else str(output.resolve())
