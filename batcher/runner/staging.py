@@ -126,7 +126,7 @@ def stage(job: JobConfig, *, restart: bool = False) -> Staging:
                 staging.job, output=_local_output(job.output, restart=restart)
             )
             staging.stand_in(staging.job.output, job.output)
-        if job.input is not None and (is_uri(job.input) or has_glob(job.input)):
+        if job.input is not None and (is_uri(job.input) or _is_local_glob(job.input)):
             staging.job = dataclasses.replace(
                 staging.job, input=_local_input(job.input, staging.temporary)
             )
@@ -135,6 +135,11 @@ def stage(job: JobConfig, *, restart: bool = False) -> Staging:
         staging.close()
         raise
     return staging
+
+
+def _is_local_glob(location: Location) -> bool:
+    """A local pattern, not a file whose name holds ``[`` or ``*`` (such a file is read)."""
+    return has_glob(location) and not Path(location).exists()
 
 
 def _local_input(location: Location, temporary: list[Path]) -> Path:

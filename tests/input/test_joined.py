@@ -72,6 +72,10 @@ def test_a_local_glob_is_joined_for_the_run_and_the_copy_removed_after(tmp_path:
     mine = stage(job)
     assert not orphan.exists() and isinstance(mine.job.input, Path) and mine.job.input.exists()
     mine.close()
+    # a file whose name looks like a pattern is that file
+    odd = tmp_path / "p[1].jsonl"
+    odd.write_text('{"prompt": "odd"}\n')
+    assert stage(job_from_dict({"job": {"input": str(odd)}})).job.input == odd
     # one local file: read where it is, nothing copied
     single = stage(job_from_dict({"job": {"input": str(tmp_path / "p1.jsonl")}}))
     assert single.job.input == tmp_path / "p1.jsonl"
