@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import hashlib
 import io
 import os
 import sys
@@ -43,6 +44,7 @@ from batcher.input.field_names import EXTENSION_FIELDS, KNOWN_FIELDS
 from batcher.job_file import OVERRIDES, job_from_dict, load_job, with_overrides
 from batcher.runner.run import RunReport, arun_job
 from batcher.sim import sim_server
+from batcher.storage import shown
 
 if TYPE_CHECKING:
     import datasets
@@ -329,6 +331,8 @@ def _default_output(job: JobConfig, written: api_input.Materialised | None) -> P
         raise ConfigError("job.input", "no input (set it in the job or pass input=)")
     elif str(job.input) == "-":
         raise ConfigError("job.output", "no output file (set it in the job or pass output=)")
+    elif isinstance(job.input, str):  # a URI: its text names it (credentials aside)
+        digest = hashlib.sha256(shown(job.input).encode()).hexdigest()
     else:
         digest = api_input.file_digest(job.input)
     output = api_input.default_output(job, digest)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from batcher.errors import ConfigError
 
@@ -199,8 +199,8 @@ class JobConfig:
     """
 
     name: str = "batch"
-    input: Path | None = None
-    output: Path | None = None
+    input: Path | str | None = None  # a str: an object-storage URI (``storage``)
+    output: Path | str | None = None
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     endpoints: tuple[EndpointConfig, ...] = ()  # [[endpoints]]; endpoint is the first of them
     request: Mapping[str, Any] = field(default_factory=dict)
@@ -227,7 +227,12 @@ class JobConfig:
             raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
         if self.output is None:
             raise ConfigError("job.output", "no output file (set it in the job or pass --output)")
-        return self.input, self.output
+        for name, given in (("job.input", self.input), ("job.output", self.output)):
+            if isinstance(given, str):
+                from batcher.storage import shown
+
+                raise ConfigError(name, f"{shown(given)}: object storage is not read here")
+        return cast(Path, self.input), cast(Path, self.output)
 
     @property
     def all_endpoints(self) -> tuple[EndpointConfig, ...]:

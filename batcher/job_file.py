@@ -31,6 +31,7 @@ from batcher.config import (
 from batcher.errors import ConfigError
 from batcher.input.requests import check_request_fields
 from batcher.job_checks import check_int, check_number, validate
+from batcher.storage import is_uri, location
 
 #: An HTTP header name (RFC 9110's token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -93,13 +94,13 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     _no_unknown(validate_t, {f.name for f in dataclasses.fields(ValidateConfig)}, where="validate")
     check_request_fields(request, where="request")
 
-    def path_of(key: str) -> Path | None:
+    def path_of(key: str) -> Path | str | None:
         value = job_t.get(key)
         if value is None:
             return None
         text = _typed(job_t, key, str, "job")
-        if text == "-":
-            return Path("-")
+        if text == "-" or is_uri(text):
+            return location(text)
         p = Path(text).expanduser()
         return p if p.is_absolute() or base_dir is None else Path(os.path.normpath(base_dir / p))
 
@@ -188,8 +189,8 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     check_request_fields(request, where="request")
     job = dataclasses.replace(
         job,
-        input=Path(given["input"]) if "input" in given else job.input,
-        output=Path(given["output"]) if "output" in given else job.output,
+        input=location(given["input"]) if "input" in given else job.input,
+        output=location(given["output"]) if "output" in given else job.output,
         request=request,
         progress=given.get("progress", job.progress),
         grace_s=given.get("grace_s", job.grace_s),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batcher.cli.parser import build_parser
@@ -125,7 +126,7 @@ def _run(args: argparse.Namespace, tuning: ProcessTuning | None) -> int:
     job = _job(args)
     if job.engine == "ray":
         return _run_on_ray(job, args)
-    if job.input is not None and job.counts_tokens:  # before the HTTP stack is imported
+    if isinstance(job.input, Path) and job.counts_tokens:  # before the HTTP stack is imported
         from batcher.input.reader import load_first_encoding
 
         load_first_encoding(job.input, job.request, job.limits.encoding)

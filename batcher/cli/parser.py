@@ -328,7 +328,9 @@ def _add_report(sub: _Subparsers) -> None:
         description="Report on an output (.parquet or .jsonl); on a job still running (no "
         "output yet), on what its journal holds so far.",
     )
-    rep.add_argument("output", type=Path, help="an output file of batcher run")
+    rep.add_argument(
+        "output", type=_output_arg, help="an output file of batcher run (or its s3://... URI)"
+    )
     rep.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     rep.add_argument(
         "--html", type=Path, metavar="FILE", help="also write a self-contained page with charts"
@@ -343,7 +345,9 @@ def _add_status(sub: _Subparsers) -> None:
         description="Show how a job writing OUTPUT is doing (or how it ended), from its "
         "journal and the OUTPUT.status.json its run keeps; sends nothing.",
     )
-    status.add_argument("output", type=Path, help="the job's output file (--output of run)")
+    status.add_argument(
+        "output", type=_output_arg, help="the job's output file or URI (--output of run)"
+    )
     status.add_argument("--json", action="store_true", help="print one JSON object (scripts)")
     status.add_argument(
         "--watch", action="store_true", help="refresh every 2 s until the job ends (Ctrl+C quits)"
@@ -423,3 +427,15 @@ def _add_sim_batch_arguments(sim: argparse.ArgumentParser) -> None:
         default=0.0,
         help="0..1: share of a batch's requests answered with an error",
     )
+
+
+def _output_arg(text: str) -> Path:
+    """An output named on the command line; a URI is read from its work folder on this
+    machine (``runner.staging``: a remote output's run writes there first)."""
+    from batcher.storage import is_uri
+
+    if not is_uri(text):
+        return Path(text)
+    from batcher.runner.staging import output_work_path
+
+    return output_work_path(text)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from batcher.input.tabular import check_input, reader_for
 from batcher.output.writers import read_results
 from batcher.records import Reject
 from batcher.runner.progress import format_duration
+from batcher.runner.staging import stage
 from batcher.runner.wiring import build_pricer
 
 DEFAULT_LOW_FRACTION = 0.25
@@ -77,7 +78,8 @@ def estimate(
     low_fraction: float = DEFAULT_LOW_FRACTION,
     latency_s: float = DEFAULT_LATENCY_S,
 ) -> Estimate:
-    """Estimate a job; reads the input, sends nothing."""
+    """Estimate a job; reads the input (a remote one or a glob's files copied to the work
+    folder first, as a run does: ``runner.staging``), sends nothing."""
     if not latency_s > 0:
         raise ValueError(f"latency_s must be > 0, got {latency_s}")
     if job.input is None:
@@ -85,6 +87,17 @@ def estimate(
 
         raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
     check_input(job)  # before anything is read
+    staging = stage(replace(job, output=None))  # the output is not written
+    try:
+        return _estimate(staging.job, sample=sample, low_fraction=low_fraction, latency_s=latency_s)
+    finally:
+        staging.close()
+
+
+def _estimate(
+    job: JobConfig, *, sample: Path | None, low_fraction: float, latency_s: float
+) -> Estimate:
+    assert isinstance(job.input, Path)  # made local by ``stage``
     pricer = build_pricer(job)
     per_answer = _sampled_completion(sample) if sample else None
     result = Estimate()

@@ -52,10 +52,13 @@ PARQUET_BATCH_ROWS = 1024
 PARQUET_BUFFER_BYTES = 1 << 20
 
 
-def input_form(path: Path | None) -> Form:
-    """The input's form by its suffix: ``csv``, ``tsv``, ``parquet``, else ``jsonl`` (stdin too)."""
+def input_form(path: Path | str | None) -> Form:
+    """The input's form by its suffix: ``csv``, ``tsv``, ``parquet``, else ``jsonl`` (stdin too).
+    ``path`` may be an object-storage URI (text): its query aside."""
     if path is None or str(path) == "-":
         return "jsonl"
+    if isinstance(path, str):
+        path = Path(path.split("?", 1)[0])
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         if len(suffixes) > 1 and suffixes[-2] == ".parquet":
@@ -64,7 +67,7 @@ def input_form(path: Path | None) -> Form:
     return TABLE_SUFFIXES.get(suffixes[-1], "jsonl") if suffixes else "jsonl"
 
 
-def check_input(job: JobConfig, path: Path | None = None) -> None:
+def check_input(job: JobConfig, path: Path | str | None = None) -> None:
     """Refuse a table (the job's input, or ``path``) with no ``[template]``: nothing could be
     sent. A bad template is refused too, naming its field."""
     form = input_form(job.input if path is None else path)
@@ -85,7 +88,7 @@ def reader_for(
     job: JobConfig,
     stream: IO[bytes],
     *,
-    path: Path | None = None,
+    path: Path | str | None = None,
     variant: VariantConfig | None = None,
     count_tokens: bool = True,
     fields: FieldNames | None = None,
@@ -368,8 +371,8 @@ def input_schema(job: JobConfig) -> pa.Schema | None:
     """
     import pyarrow as pa
 
-    if job.template is None or job.input is None or str(job.input) == "-":
-        return None
+    if job.template is None or not isinstance(job.input, Path) or str(job.input) == "-":
+        return None  # no template, no input, stdin, or a URI (a run reads its local copy)
     form = input_form(job.input)
     if form == "parquet":
         from batcher.input.sources import open_input

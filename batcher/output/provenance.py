@@ -15,6 +15,7 @@ from typing import Any
 
 from batcher.config import JobConfig
 from batcher.http.redact import redact_url, scheme_only
+from batcher.storage import origin_of
 
 PREFIX = "batcher."
 REDACTED = "<redacted>"
@@ -35,8 +36,9 @@ def job_record(job: JobConfig) -> dict[str, Any]:
     ]:
         item["headers"] = {name: REDACTED for name in endpoint.headers}
         item["base_url"] = redact_url(endpoint.base_url)
-    for key in ("input", "output"):
-        record[key] = None if record[key] is None else str(record[key])
+    for key, given in (("input", job.input), ("output", job.output)):
+        # a staged file as the URI it stands for; a URI's credentials redacted
+        record[key] = None if given is None else origin_of(given)
     record["notify"]["urls"] = [scheme_only(url) for url in job.notify.urls]
     return record
 
@@ -62,7 +64,7 @@ def provenance(job: JobConfig, input_path: Path) -> dict[str, str]:
     return {
         PREFIX + "version": __version__,
         PREFIX + "job": json.dumps(job_record(job), sort_keys=True, default=str),
-        PREFIX + "input": str(input_path),
+        PREFIX + "input": origin_of(input_path),
         PREFIX + "input_sha256": file_sha256(input_path) or "",
         PREFIX + "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

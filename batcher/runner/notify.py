@@ -36,6 +36,7 @@ import anyio
 
 from batcher.errors import BatcherError, ConfigError
 from batcher.http.redact import REDACTED, redact_url, scheme_only
+from batcher.storage import is_uri, origin_of
 
 if TYPE_CHECKING:
     from batcher.config import JobConfig, NotifyConfig
@@ -93,7 +94,7 @@ def check_notify_urls(urls: object, where: str) -> tuple[str, ...]:
 
 def resume_command(argv: Sequence[str]) -> str:
     """``batcher ARGV`` as a shell line, its secrets out: ``--notify`` URLs and credentials
-    in a ``--base-url`` redacted."""
+    in a ``--base-url`` or an object-storage URI (``-i``/``-o``) redacted."""
     shown: list[str] = []
     hide_next: Callable[[str], str] | None = None
     for arg in argv:
@@ -111,7 +112,8 @@ def resume_command(argv: Sequence[str]) -> str:
         elif arg.startswith("--base-url="):
             shown.append("--base-url=" + redact_url(arg.partition("=")[2]))
         else:
-            shown.append(arg)
+            flag, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+            shown.append(flag + sep + redact_url(value) if is_uri(value) else arg)
     return shlex.join(["batcher", *shown])
 
 
@@ -206,7 +208,7 @@ class Notices:
             f"cost      {format_cost(stats) if stats.cost_by_model or stats.unpriced else '$0'}",
             f"wall time {format_duration(stats.wall_s)}",
             f"exit code {stats.exit_code}",
-            f"output    {output.resolve()}",
+            f"output    {_where(output)}",
         ]
         if stats.stopped_early:
             reason = stats.stop_reason or "stopped"
@@ -424,3 +426,9 @@ def _scrubbed(message: str, url: str) -> str:
     for piece in sorted(pieces, key=len, reverse=True):
         message = message.replace(piece, REDACTED)
     return " ".join(message.split())[:200]
+
+
+def _where(output: Path) -> str:
+    """Where a run's output is: its URI for a remote one, else its absolute path."""
+    origin = origin_of(output)
+    return origin if origin != str(output) else str(output.resolve())

@@ -42,6 +42,7 @@ from batcher.runner.notify import Notices, notices_for
 from batcher.runner.options import RunOptions
 from batcher.runner.progress import Progress, format_summary, progress_for
 from batcher.runner.quiet_stream import quiet
+from batcher.runner.staging import stage
 from batcher.runner.stats import RunStats, count_the_run, run_ending, run_warnings
 from batcher.runner.status_file import RunStatus
 from batcher.runner.wiring import (
@@ -152,12 +153,20 @@ async def arun_job(
         handle_signals=handle_signals, stream=stream, housekeeping=housekeeping, sim=sim,
         detach=detach, cancel=cancel,
     )  # fmt: skip
-    with notices_for(job, quiet(options.stream or sys.stderr)) as notices:
-        if job.mode == "batch":
-            report = await _run_batch(job, options)
-        else:
-            report = await _run_online(job, options, notices)
-        notices.ended(report.stats, report.output)
+    # a remote input copied (a glob's files joined), a remote output's work folder: local
+    staging = await anyio.to_thread.run_sync(functools.partial(stage, job, restart=restart))
+    try:
+        job = staging.job
+        with notices_for(job, quiet(options.stream or sys.stderr)) as notices:
+            if job.mode == "batch":
+                report = await _run_batch(job, options)
+            else:
+                report = await _run_online(job, options, notices)
+            say = functools.partial(print, file=quiet(options.stream or sys.stderr), flush=True)
+            await anyio.to_thread.run_sync(staging.upload, say)
+            notices.ended(report.stats, report.output)
+    finally:
+        staging.close()
     return report
 
 

@@ -40,7 +40,7 @@ def read(
     job: JobConfig, variant: VariantConfig | None = None, *, path: Path | None = None
 ) -> list[Request | Reject]:
     source = job.input if path is None else path
-    assert source is not None
+    assert isinstance(source, Path)
     with open_input(source) as stream:
         reader = reader_for(job, stream, path=path, variant=variant, count_tokens=False)
         return list(reader)

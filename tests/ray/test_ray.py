@@ -240,7 +240,7 @@ def test_a_host_that_does_not_resolve_stops_a_ray_run_as_a_configuration_error(
         run_job_on_ray(job, stream=io.StringIO())
     assert info.value.field == "endpoint.base_url"
     assert "does-not-exist.invalid" in str(info.value)
-    assert job.output is not None and output_ids(job.output) == []
+    assert isinstance(job.output, Path) and output_ids(job.output) == []
 
 
 @pytest.mark.slow

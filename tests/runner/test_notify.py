@@ -159,6 +159,12 @@ def test_the_resume_command_leaves_out_notify_urls_and_base_url_credentials() ->
         "batcher run job.toml --notify 'slack://***' '--notify=json://***' "
         "--base-url 'https://***@gw/v1' --max-cost 2"
     )
+    argv = ["run", "-i", "s3://AK:SECRET-6@b/in.jsonl", "--output=s3://b/o.parquet?secret_key=SECRET-7",
+            "-o", "local/out.parquet"]  # fmt: skip
+    assert resume_command(argv) == (
+        "batcher run -i 's3://***@b/in.jsonl' '--output=s3://b/o.parquet?secret_key=***' "
+        "-o local/out.parquet"
+    )
 
 
 # -- when notices are due (an injected clock) -----------------------------------------------
