@@ -680,3 +680,59 @@ def test_a_csv_through_a_template_on_ray(tmp_path: Path, ray_instance: Any, sim:
         messages = [{"role": "user", "content": f"Q: question {i}"}]
         body = {"model": "gpt-4o-mini", "messages": messages}
         assert rows[f"k{i}"]["content"] == expected_content(body)
+    assert rows["k7"]["input"] == {"key": "k7", "question": "question 7"}  # typed, by the workers
+
+
+def test_the_input_is_read_on_the_workers_and_a_duplicate_across_files_is_rejected_once(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver never constructs a reader (the workers' processes do); two input files
+    matched by a glob are one input: lines numbered on, an id in both rejected once."""
+    from batcher.input import reader
+    from batcher.ray.driver import run_job_on_ray
+
+    def no_reading_here(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the driver read the input")
+
+    monkeypatch.setattr(reader.Reader, "__init__", no_reading_here)
+    write_input(tmp_path / "in-1.jsonl", 30)
+    second = write_input(tmp_path / "in-2.jsonl", 20, start=30)
+    with second.open("a", encoding="utf-8") as f:
+        f.write('{"custom_id": "r00003", "prompt": "again"}\n')  # line 30 + 21
+    answered = sim.simulator.stats.answered_ok
+    job = dataclasses.replace(ray_job(tmp_path, sim.base_url), input=tmp_path / "in-*.jsonl")
+
+    report = run_job_on_ray(job, stream=io.StringIO())
+
+    assert report.exit_code == 1, report.summary  # the duplicate
+    assert sim.simulator.stats.answered_ok - answered == 50
+    assert output_ids(report.output) == [f"r{i:05d}" for i in range(50)]
+    rejects = [json.loads(line) for line in report.rejects.read_text().splitlines()]  # type: ignore[union-attr]
+    assert [(r["line"], r["custom_id"]) for r in rejects] == [(51, "r00003")]
+    assert "duplicate id" in rejects[0]["reason"]
+    lines = {r["custom_id"]: r["line"] for r in read_results(report.output)}
+    assert (lines["r00000"], lines["r00029"], lines["r00030"], lines["r00049"]) == (1, 30, 31, 50)
+    assert (report.stats.lines_read, report.stats.submitted) == (51, 50)
+
+
+def test_a_line_changed_since_it_ran_is_sent_again(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+    from batcher.sim.answers import expected_content
+
+    job = ray_job(tmp_path, sim.base_url, n=20)
+    assert run_job_on_ray(job, stream=io.StringIO()).stats.submitted == 20
+    src = Path(str(job.input))
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[4] = '{"custom_id": "r00004", "prompt": "a new question"}\n'
+    src.write_text("".join(lines), encoding="utf-8")
+    answered = sim.simulator.stats.answered_ok
+
+    again = run_job_on_ray(job, stream=io.StringIO())
+
+    assert sim.simulator.stats.answered_ok - answered == 1
+    assert (again.stats.submitted, again.stats.resent, again.stats.skipped) == (1, 1, 19)
+    rows = [r for r in read_results(again.output) if r["custom_id"] == "r00004"]
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a new question"}]}
+    assert len(rows) == 1 and rows[0]["content"] == expected_content(body)
