@@ -8,6 +8,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -128,7 +129,7 @@ def test_a_changed_line_is_sent_again_and_an_unchanged_one_skipped(tmp_path: Pat
 def test_a_finished_block_comes_apart_into_records_hashes_rejects_and_counts() -> None:
     stop = result("", STOPPED, error_message="no quota", error_code="insufficient_quota")
     table = results_table([result("a"), stop, result("b", "error", error_code="http_500")])
-    markers = [
+    markers: list[dict[str, Any]] = [
         {"kind": REJECTED, "custom_id": "c", "line": 3, "reason": "no messages", "text": "{}"},
         {"kind": SKIPPED, "custom_id": "d"},
         {"kind": RESENT, "custom_id": "b"},
