@@ -171,6 +171,8 @@ class BlockWorker:
 
         from batcher.ray.reading import pack, unpack
 
+        if self._setup_error is not None:
+            raise RuntimeError(ERROR_MARK + self._setup_error)
         return pa.concat_tables([pack(self.run_block(block)) for block in unpack(batch)])
 
     def run_block(self, block: pa.Table) -> pa.Table:
