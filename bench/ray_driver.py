@@ -81,7 +81,12 @@ def measure(n: int, args: argparse.Namespace, scratch: Path) -> dict[str, float]
         ]  # fmt: skip
         started = time.monotonic()
         driver = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd,
+            cwd=args.checkout,  # python -m puts the working directory first on the path
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         first: float | None = None
         peak_sampled = 0.0
