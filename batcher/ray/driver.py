@@ -60,7 +60,7 @@ from batcher.output.resume import RetryErrors
 from batcher.output.shape import OutputShape, output_shape
 from batcher.ray.blocks import count_rows, take_apart
 from batcher.ray.folder import PartFiles, Rerun, rerun, settle
-from batcher.ray.reading import ReadPlan, input_files, is_uri, unpack
+from batcher.ray.reading import ReadPlan, input_files, input_spec, is_uri, unpack
 from batcher.ray.session import RaySession
 from batcher.ray.stopping import Stopper
 from batcher.ray.worker import CONFIG_ERROR, WorkerSpec
@@ -136,7 +136,7 @@ def run_job_on_ray(
     setting = RaySetting(
         job=job,
         input_path=input_path,
-        files=input_files(str(input_path)),
+        files=input_files(input_spec(input_path)),
         output=output,
         stream=quiet(stream or sys.stderr),  # a reader that goes away does not stop the run
         needs_key=[key is not None for key in api_keys(job)],
@@ -296,7 +296,7 @@ def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
     # The input's hash is left out (empty): the driver does not read the input, which may be
     # gigabytes in a store; a local run's output has it.
     metadata = provenance(setting.job, Path(os.devnull))
-    metadata[PREFIX + "input"] = str(setting.input_path)
+    metadata[PREFIX + "input"] = input_spec(setting.input_path)
     schema = schema_for(shape)
     return PartFiles(
         output=setting.output, run=run, stamp=new_stamp(run), metadata=metadata, schema=schema

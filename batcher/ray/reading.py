@@ -22,6 +22,7 @@ import dataclasses
 import fnmatch
 import glob
 import io
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,20 @@ class ReadPlan:
     files: list[str]
     block_rows: int
     known: Any = None
+
+
+_COLLAPSED = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)(.*)", re.DOTALL)
+
+
+def input_spec(path: Path | str) -> str:
+    """The input as the user gave it: a path, a glob, or a URI (a ``Path`` made of
+    ``s3://bucket/key`` reads ``s3:/bucket/key``; the second slash is put back)."""
+    text = str(path)
+    collapsed = _COLLAPSED.fullmatch(text)
+    if collapsed is None:
+        return text
+    scheme, rest = collapsed[1], collapsed[2]
+    return f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
 
 
 def is_uri(name: str) -> bool:

@@ -49,10 +49,35 @@ KEY_VAR, KEY = "BATCHER_TEST_RAY_KEY", "sk-test-" + "x" * 24
 
 
 @pytest.fixture(scope="module")
-def ray_instance() -> Iterator[Any]:
+def s3_env() -> Iterator[dict[str, str] | None]:
+    """An S3-compatible server on 127.0.0.1 (moto's, in a thread) and the standard variables
+    that point AWS clients at it; ``None`` without moto."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "moto-test-id",
+            "AWS_SECRET_ACCESS_KEY": "moto-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_instance(s3_env: dict[str, str] | None) -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as env:
         env.setenv(KEY_VAR, KEY)  # only while Ray starts: its workers inherit it
+        for name, value in (s3_env or {}).items():  # as a store's credentials on the nodes
+            env.setenv(name, value)
         ray.init(
             address="local",  # a new instance, whatever else runs on the machine
             num_cpus=2,
@@ -736,3 +761,37 @@ def test_a_line_changed_since_it_ran_is_sent_again(
     rows = [r for r in read_results(again.output) if r["custom_id"] == "r00004"]
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a new question"}]}
     assert len(rows) == 1 and rows[0]["content"] == expected_content(body)
+
+
+def test_the_input_is_read_from_an_s3_bucket_by_the_workers(
+    tmp_path: Path,
+    ray_instance: Any,
+    sim: SimHandle,
+    s3_env: dict[str, str] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if s3_env is None:
+        pytest.skip("moto is not installed")
+    import boto3
+
+    from batcher.ray.driver import run_job_on_ray
+
+    for name, value in s3_env.items():  # the driver lists the files with the same variables
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="prompts")
+    for n, start in ((0, 0), (1, 12)):
+        body = write_input(tmp_path / f"in-{n}.jsonl", 12, start=start).read_bytes()
+        s3.put_object(Bucket="prompts", Key=f"jobs/in-{n}.jsonl", Body=body)
+    s3.put_object(Bucket="prompts", Key="jobs/notes.txt", Body=b"not matched")
+    job = dataclasses.replace(
+        ray_job(tmp_path, sim.base_url), input=Path("s3://prompts/jobs/in-*.jsonl")
+    )
+
+    report = run_job_on_ray(job, stream=io.StringIO())
+
+    assert report.exit_code == 0, report.summary
+    assert output_ids(report.output) == [f"r{i:05d}" for i in range(24)]
+    made = read_provenance(report.output)
+    assert made["input"] == "s3://prompts/jobs/in-*.jsonl"
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(made)
