@@ -772,18 +772,21 @@ def test_the_input_is_read_from_an_s3_bucket_by_the_workers(
 ) -> None:
     if s3_env is None:
         pytest.skip("moto is not installed")
-    import boto3
+    import pyarrow.fs as pafs
 
     from batcher.ray.driver import run_job_on_ray
 
     for name, value in s3_env.items():  # the driver lists the files with the same variables
         monkeypatch.setenv(name, value)
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="prompts")
+    endpoint = s3_env["AWS_ENDPOINT_URL"]
+    s3 = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
+    s3.create_dir("prompts")
     for n, start in ((0, 0), (1, 12)):
         body = write_input(tmp_path / f"in-{n}.jsonl", 12, start=start).read_bytes()
-        s3.put_object(Bucket="prompts", Key=f"jobs/in-{n}.jsonl", Body=body)
-    s3.put_object(Bucket="prompts", Key="jobs/notes.txt", Body=b"not matched")
+        with s3.open_output_stream(f"prompts/jobs/in-{n}.jsonl") as f:
+            f.write(body)
+    with s3.open_output_stream("prompts/jobs/notes.txt") as f:
+        f.write(b"not matched")
     job = dataclasses.replace(
         ray_job(tmp_path, sim.base_url), input=Path("s3://prompts/jobs/in-*.jsonl")
     )
