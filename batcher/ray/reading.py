@@ -6,8 +6,9 @@ One read task goes through the files in the order of their sorted names, so a li
 runs on across files (the second file's first line follows the first file's last), a duplicate
 id is rejected wherever it is (a file's own reader finds those within it; an ``IdSet`` shared
 by the files those across them), and the first occurrence wins, as in a local run. The driver
-only lists the files: it never opens them, so its memory and the time to the first request do
-not grow with the input. One task parses about 30,000 lines a second, more than the actor pool
+only lists the files and parses none of them (with progress on, it counts a single local
+file's lines for the total, as a local run does), so its memory does not grow with the input
+and the first request does not wait for it to be read. One task parses about 30,000 lines a second, more than the actor pool
 sends on any rate limit we know of; the blocks stream to the pool as they are made.
 
 A block crosses Ray Data as one row holding the Arrow table in IPC bytes (``pack``/``unpack``):
