@@ -8,8 +8,8 @@ id is rejected wherever it is (a file's own reader finds those within it; an ``I
 by the files those across them), and the first occurrence wins, as in a local run. The driver
 only lists the files and parses none of them (with progress on, it counts a single local
 file's lines for the total, as a local run does), so its memory does not grow with the input
-and the first request does not wait for it to be read. One task parses about 30,000 lines a second, more than the actor pool
-sends on any rate limit we know of; the blocks stream to the pool as they are made.
+and the first request does not wait for it to be read. One task parses about 30,000 lines a
+second, more than one process sends; the blocks stream to the pool as they are made.
 
 A block crosses Ray Data as one row holding the Arrow table in IPC bytes (``pack``/``unpack``):
 Ray Data merges and slices blocks by size, which would hold the first requests back until
