@@ -149,6 +149,12 @@ def run_job_on_ray(
 
 def _check_job(job: JobConfig, output: Path) -> None:
     """What the Ray engine cannot run, refused before anything is sent."""
+    if is_uri(input_spec(output)):  # a Path made of s3://b/k reads s3:/b/k: not a local folder
+        raise ConfigError(
+            "job.output",
+            f"the Ray engine writes its parts on the driver: give a local path (or a mounted "
+            f"volume) and copy the folder to {input_spec(output)} after",
+        )
     if output.suffix.lower() != ".parquet":
         raise ConfigError(
             "job.output",

@@ -410,6 +410,10 @@ def test_ray_engine_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     local_output = with_overrides(JobConfig(), output=str(tmp_path / "file.parquet"), **base)
     with pytest.raises(ConfigError, match=r"is a file"):
         run_job_on_ray(local_output)
+    in_a_store = with_overrides(JobConfig(), output="s3://bucket/o.parquet", **base)
+    with pytest.raises(ConfigError, match=r"^job\.output: .*copy the folder to s3://bucket/o"):
+        run_job_on_ray(in_a_store)
+    assert not Path("s3:").exists()  # no local folder made of the URI
 
 
 def test_limits_are_divided_between_workers() -> None:
