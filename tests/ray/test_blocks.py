@@ -4,6 +4,7 @@ apart, what a re-run knows, and a worker's error as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -220,3 +221,27 @@ def test_a_workers_error_comes_back_as_its_own_line() -> None:
         assert first_line(outer) == "$KEY is not set on the worker"
     assert first_line(OSError("first\nlast line\n\n")) == "last line"
     assert first_line(KeyError()) == "KeyError"
+
+
+def test_the_read_task_opens_uris_parquet_through_a_template_and_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    from batcher.config import TemplateConfig
+
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"key": ["k1", "k2"], "q": ["one", "two"]}), table)
+    job = dataclasses.replace(
+        job_for(table), template=TemplateConfig(user="Q: {q}", id_column="key")
+    )
+    uri = f"file://{table}"
+    assert input_files(f"file://{tmp_path}/*.parquet") == [uri]
+    rows = list(request_tables(ReadPlan(job=job, files=[uri], block_rows=10)))
+    assert kinds(rows) == [(SEND, "k1", 1), (SEND, "k2", 2), (READ, None, 2)]
+    assert json.loads(rows[0]["input"][1].as_py()) == {"key": "k2", "q": "two"}
+
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(lines({"custom_id": "z", "prompt": "1"}).getvalue()))
+    plan = ReadPlan(job=job_for(packed), files=[f"file://{packed}"], block_rows=10)
+    assert kinds(list(request_tables(plan))) == [(SEND, "z", 1), (READ, None, 1)]
