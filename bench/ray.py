@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             spec = {"input": str(input_path), "output": str(output),
                                     "base_url": sim.base_url, "model": "m",
                                     "concurrency": args.concurrency,
-                                    "ray_workers": args.ray_workers}  # fmt: skip
+                                    "ray_workers": args.ray_workers, "engine": "ray"}  # fmt: skip
                             cpu_before = warm_cpu.total()
                             warm.stdin.write(json.dumps(spec) + "\n")
                             warm.stdin.flush()

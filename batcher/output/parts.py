@@ -1,24 +1,32 @@
 """The Ray engine's output: a folder of Parquet part files, what resume reads from it.
 
 Each part holds the records of one block, with ``writers.SCHEMA`` and the job's typed columns
-(``rows.schema_for``), and is named
-``part-<UTC time to the microsecond>-<random>-<n>.parquet``, so name order is the order runs
-wrote them in. Parts are written whole (``.partial``, fsync, rename). An id is in one part, but
-a re-sent request (``--retry-errors``) is first written to a new part beside its old record;
-``compact`` then drops the old row, and a run that finds an id twice (it stopped in between)
-keeps the later record the same way before doing anything else.
+(``rows.schema_for``), and is named ``part-<run>-<random>-<n>.parquet``: ``<run>`` is the run's
+sequence number (six digits), one more than the highest in the folder when the run took the
+folder's lock, and ``<n>`` the block's number in that run. The part's metadata holds the same
+number (``RUN_KEY``) and each record's request hash (``HASHES_KEY``: id -> hash), so a re-run
+notices a line that changed since it was answered. Parts are written whole (``.partial``,
+fsync, rename).
+
+An id is in one part, but a re-sent request (an error retried, a changed line) is first
+written to a new part beside its old record; ``compact`` then drops the old row, and a run
+that finds an id twice (it stopped in between) keeps one the same way before doing anything
+else. The winner is the record of the later run (the higher sequence number), then of the
+higher block number: never a wall clock, which differs between machines and can step back.
+Parts named before sequence numbers (``part-<UTC time>-...``) count as run 0, in name order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +45,7 @@ class Record:
     status_code: int | None
     error_code: str | None
     part: int
+    hash: str | None = None  # the request's hash; None in a part written without hashes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,13 +61,42 @@ class Scan:
         return Counter(record.status for record in self.records.values())
 
 
-def new_stamp() -> str:
-    """The name stem for this run's parts: later runs sort after earlier ones."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:6]
+#: The part metadata key of the run's sequence number.
+RUN_KEY = "batcher.run"
+#: The part metadata key of its records' request hashes (a JSON object: id -> hash).
+HASHES_KEY = "batcher.request_hashes"
+_NAME = re.compile(r"part-(\d{6})-[0-9a-f]{6}-(\d+)\.parquet")
+
+
+def order_key(part: Path) -> tuple[int, int, str]:
+    """Where a part sorts among the folder's: (run, block, name); older names are run 0."""
+    named = _NAME.fullmatch(part.name)
+    if named is None:
+        return (0, 0, part.name)
+    return (int(named[1]), int(named[2]), part.name)
+
+
+def next_run(folder: Path) -> int:
+    """This run's sequence number: one more than the highest of the folder's parts (taken
+    under the folder's lock, so two runs never share one)."""
+    return 1 + max((order_key(p)[0] for p in parquet_parts(folder)), default=0)
+
+
+def new_stamp(run: int) -> str:
+    """The name stem of run ``run``'s parts (the random part tells runs apart by eye only)."""
+    return f"{run:06d}-{uuid.uuid4().hex[:6]}"
 
 
 def part_path(folder: Path, stamp: str, n: int) -> Path:
+    """Block ``n``'s part of the run named ``stamp`` (``new_stamp``)."""
     return folder / f"part-{stamp}-{n:05d}.parquet"
+
+
+def part_metadata(
+    metadata: Mapping[str, str], run: int, hashes: Mapping[str, str]
+) -> dict[str, str]:
+    """A part's key-value metadata: the run's (provenance), its number, its requests' hashes."""
+    return {**metadata, RUN_KEY: str(run), HASHES_KEY: json.dumps(hashes, separators=(",", ":"))}
 
 
 @contextlib.contextmanager
@@ -91,23 +129,35 @@ def prepare(folder: Path, *, restart: bool) -> Scan:
 
 
 def scan(folder: Path) -> Scan:
-    """Read the ids and statuses of every part (the later part wins for an id found twice)."""
+    """Read the ids, statuses and request hashes of every part (for an id found twice, the
+    later part wins: ``order_key``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = parquet_parts(folder)
+    parts = sorted(parquet_parts(folder), key=order_key)
     records: dict[str, Record] = {}
     duplicated = False
     columns = ["custom_id", "status", "status_code", "error_code"]
     for index, part in enumerate(parts):
         try:
-            table = pq.read_table(part, columns=columns).to_pydict()
+            read = pq.read_table(part, columns=columns)
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"cannot read {part}: {exc}") from None
+        hashes = _hashes(read.schema.metadata)
+        table = read.to_pydict()
         for cid, status, code, error in zip(*(table[c] for c in columns), strict=True):
             duplicated = duplicated or cid in records
-            records[cid] = Record(status, code, error, index)
+            records[cid] = Record(status, code, error, index, hashes.get(cid))
     return Scan(parts=parts, records=records, duplicated=duplicated)
+
+
+def _hashes(metadata: Mapping[bytes, bytes] | None) -> dict[str, str]:
+    """A part's request hashes (none in a part written without them)."""
+    raw = (metadata or {}).get(HASHES_KEY.encode())
+    if raw is None:
+        return {}
+    value = json.loads(raw)
+    return value if isinstance(value, dict) else {}
 
 
 def compact(found: Scan) -> None:

@@ -1,99 +1,79 @@
-"""The blocks a Ray run is made of: the input's requests as Arrow tables sent to the actors
-(``request_blocks``, ``Outbox``), and the finished blocks read back on the driver (the row
-saying why a worker stopped, the columns counted into the run's stats)."""
+"""The finished blocks a Ray run gets back on the driver: the records to write, their request
+hashes, the marker rows the read task and the workers add (rejects, ids skipped or sent again,
+lines read, requests taken, why a worker stopped), and the columns counted into the run's
+stats."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from batcher import jsonfast
-from batcher.input.reader import Reader
-from batcher.ray.worker import STOPPED
+from batcher.ray.reading import MARKERS, READ, REJECTED, RESENT, SKIPPED
+from batcher.ray.worker import SENT, STOPPED
 from batcher.records import Reject, Result, Usage
 from batcher.runner.stats import RunStats
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-#: Columns of the request blocks: a parsed ``Request`` (bodies as JSON text).
-REQUEST_COLUMNS = (
-    "custom_id", "line", "body", "metadata", "prompt_tokens", "completion_budget", "body_hash"
-)  # fmt: skip
-#: Column types given explicitly (the others are inferred).
-_REQUEST_TYPES = {"prompt_tokens": "int64", "completion_budget": "int64", "line": "int64"}
 #: The Parquet columns the driver reads back to count a block (``result_of_row``).
 COUNTED = (
     "custom_id", "status", "model", "attempts", "endpoint", "error_code", "schema_valid",
     "cost_usd", "prompt_tokens", "completion_tokens", "total_tokens", "line",
 )  # fmt: skip
+#: Statuses that are markers, not records.
+_NOT_RECORDS = (*MARKERS, SENT, STOPPED)
 
 
-@dataclass
-class Outbox:
-    """The request blocks put in Ray's object store for the workers, and the requests in them
-    (kept as they are sent: an interrupt while reading leaves the count of what was put)."""
+@dataclass(frozen=True, kw_only=True)
+class Finished:
+    """One finished block taken apart: its records, their request hashes, its rejects, and
+    the row saying why its worker stopped (``error_message``, ``error_code``, ``endpoint``)."""
 
-    put: Callable[[pa.Table], Any]
-    refs: list[Any] = field(default_factory=list)
-    requests: int = 0
-
-    def send(self, block: pa.Table) -> None:
-        """Put one block in the object store."""
-        self.refs.append(self.put(block))
-        self.requests += block.num_rows
+    records: pa.Table
+    hashes: dict[str, str]
+    rejects: list[Reject]
+    stop: dict[str, Any] | None
 
 
-def request_blocks(
-    reader: Reader, skip: set[str], block_rows: int
-) -> Iterator[pa.Table | Reject | str]:
-    """Tables of up to ``block_rows`` requests to send; rejects; and ids skipped (as ``str``)."""
+def take_apart(block: pa.Table, stats: RunStats) -> Finished:
+    """A finished block as ``Finished``; its markers counted into ``stats`` (skipped,
+    re-sent, rejected, lines read, requests submitted)."""
     import pyarrow as pa
-
-    columns: dict[str, list[Any]] = {name: [] for name in REQUEST_COLUMNS}
-
-    def table() -> pa.Table:
-        # prompt_tokens may be all None (not counted): typed, not Arrow's null type
-        arrays = {
-            name: pa.array(values, type=_REQUEST_TYPES.get(name))
-            for name, values in columns.items()
-        }
-        block = pa.table(arrays)
-        for values in columns.values():
-            values.clear()
-        return block
-
-    for item in reader:
-        if isinstance(item, Reject):
-            yield item
-        elif item.custom_id in skip:
-            yield item.custom_id
-        else:
-            columns["custom_id"].append(item.custom_id)
-            columns["line"].append(item.line)
-            columns["body"].append(jsonfast.dumps_text(item.body))
-            meta = item.metadata
-            columns["metadata"].append(None if meta is None else jsonfast.dumps_text(meta))
-            columns["prompt_tokens"].append(item.prompt_tokens)
-            columns["completion_budget"].append(item.completion_budget)
-            columns["body_hash"].append(item.body_hash)
-            if len(columns["custom_id"]) >= block_rows:
-                yield table()
-    if columns["custom_id"]:
-        yield table()
-
-
-def split_stop_row(block: pa.Table) -> tuple[pa.Table, dict[str, Any] | None]:
-    """The block's records, and the row saying why its worker stopped if it did
-    (``worker``: its ``error_message``, ``error_code`` and ``endpoint``)."""
     import pyarrow.compute as pc
 
-    stopped = pc.equal(block["status"], STOPPED)
-    if not pc.any(stopped).as_py():
-        return block, None
-    rows = block.filter(stopped).select(["error_message", "error_code", "endpoint"]).to_pylist()
-    return block.filter(pc.invert(stopped)), rows[0]
+    marked = pc.is_in(block["status"], value_set=pa.array(_NOT_RECORDS))
+    records = block.filter(pc.invert(marked))
+    hashes = dict(zip(*(records[c].to_pylist() for c in ("custom_id", "body_hash")), strict=True))
+    records = records.drop_columns(["body_hash"])
+    columns = ["custom_id", "status", "line", "error_message", "content", "error_code", "endpoint"]
+    rejects, stop = [], None
+    for row in block.filter(marked).select(columns).to_pylist():
+        status = row["status"]
+        if status == REJECTED:
+            rejects.append(_reject(row))
+        elif status == SKIPPED:
+            stats.skipped += 1
+        elif status == RESENT:
+            stats.resent += 1
+        elif status == READ:
+            stats.lines_read = row["line"]
+        elif status == SENT:
+            stats.submitted += row["line"]
+        elif stop is None:
+            stop = row
+    stats.rejected += len(rejects)
+    return Finished(records=records, hashes=hashes, rejects=rejects, stop=stop)
+
+
+def _reject(row: dict[str, Any]) -> Reject:
+    """A reject marker row as the ``Reject`` it was."""
+    return Reject(
+        line=row["line"],
+        reason=row["error_message"],
+        text=row["content"] or "",
+        custom_id=row["custom_id"] or None,
+    )
 
 
 def count_rows(table: pa.Table, stats: RunStats) -> None:

@@ -1,13 +1,17 @@
 """Runs a job on Ray Data: ``batcher run --engine ray`` and ``run_job_on_ray`` (the ``ray`` extra).
 
-    driver: reader (parse, validate, rejects; skip ids already in the output)
-        ──► blocks of requests in Ray's object store
+    driver: lists the input's files; reads what the output folder holds
+        ──► one read task on a worker: the files through the local engine's reader, in
+            blocks of requests (rejects, ids done already and duplicates marked in them)
         ──► Dataset.map_batches(BlockWorker): an actor pool, each actor batcher's own Engine
         ──► finished blocks back to the driver ──► one Parquet part file per block (atomic)
 
-- **Input** (``blocks.py``): parsed and validated on the driver by the same ``Reader`` as the
-  local engine, so rejects (line number and reason in ``OUTPUT.rejects.jsonl``) and duplicate
-  ids are treated identically; the valid requests become the Dataset, ``block_rows`` to a block.
+- **Input** (``reading.py``): the driver never opens the input; it lists its files (a path, a
+  glob, a URI such as ``s3://bucket/prompts/*.jsonl``) and one read task on the cluster
+  streams them, in name order, through the same ``Reader`` as the local engine, so rejects
+  (line number and reason in ``OUTPUT.rejects.jsonl``) and duplicate ids (across files too)
+  are treated identically; ``block_rows`` requests to a block, each sent on as it is made.
+  The first request goes out as soon as the first block is read, whatever the input's size.
 - **Workers** (``worker.py``; the pool: ``session.py``): each actor runs one ``Engine`` for its
   whole life, on an event loop of its own, with one HTTP client and one set of limits per
   endpoint: retries, 429 pauses, outages and re-asks as in a local run. Every block the actor
@@ -20,12 +24,14 @@
   worker that has run out of blocks does not lend its share to the others.
 - **Output** (``folder.py``, ``output/parts.py``): the ``.parquet`` output is a folder of part
   files, one per block, each with exactly ``writers.SCHEMA``, written by the driver as blocks
-  come back (hidden ``.partial``, fsync, rename: a part is there whole or not at all). A
-  folder, because that is what Ray, Spark, DuckDB, pandas and polars read as one dataset, and
-  it grows without rewrites.
-- **Resume** (``folder.py``): the ids in the part files are done, ``ok`` or ``error``, as the
-  local engine's resume treats its journal (``--retry-errors`` re-sends errors; their new
-  records replace the old); a re-run sends only the others.
+  come back (hidden ``.partial``, fsync, rename: a part is there whole or not at all), with the
+  run's sequence number and each record's request hash in its metadata. A folder, because that
+  is what Ray, Spark, DuckDB, pandas and polars read as one dataset, and it grows without
+  rewrites.
+- **Resume** (``folder.py``): an id in the part files with the same request hash is done,
+  ``ok`` or ``error``, as the local engine's resume treats its journal (``--retry-errors``
+  re-sends errors; a changed line is sent again; their new records replace the old); a re-run
+  sends only the others.
 - **Stopping** (``stopping.py``): on a first Ctrl+C or SIGTERM (``handle_signals``, as the CLI
   runs) the driver sets a stop flag (a small actor, ``StopFlag``) that every worker polls:
   their engines send no new request and give those in flight the job's ``grace_s``, as a local
@@ -37,26 +43,27 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from batcher.config import JobConfig
 from batcher.errors import ConfigError, OutputError
-from batcher.input.sources import count_lines, open_input
-from batcher.input.tabular import check_input, reader_for
+from batcher.input.sources import count_lines
+from batcher.input.tabular import check_input
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.parts import locked, new_stamp
 from batcher.output.resume import RetryErrors
 from batcher.output.shape import OutputShape, output_shape
-from batcher.ray.blocks import Outbox, count_rows, request_blocks, split_stop_row
+from batcher.ray.blocks import count_rows, take_apart
 from batcher.ray.folder import PartFiles, Rerun, rerun, settle
+from batcher.ray.reading import ReadPlan, input_files, input_spec, is_uri, unpack
 from batcher.ray.session import RaySession
 from batcher.ray.stopping import Stopper
 from batcher.ray.worker import CONFIG_ERROR, WorkerSpec
-from batcher.records import Reject
 from batcher.runner.checks import (
     api_keys,
     base_url_field,
@@ -85,6 +92,7 @@ class RaySetting:
 
     job: JobConfig
     input_path: Path
+    files: list[str]  # the input's files (``reading.input_files``)
     output: Path
     stream: IO[str]
     needs_key: list[bool]  # the workers read the keys; the driver says which exist
@@ -128,23 +136,25 @@ def run_job_on_ray(
     setting = RaySetting(
         job=job,
         input_path=input_path,
+        files=input_files(input_spec(input_path)),
         output=output,
         stream=quiet(stream or sys.stderr),  # a reader that goes away does not stop the run
         needs_key=[key is not None for key in api_keys(job)],
         handle_signals=handle_signals,
     )
-    source = open_input(input_path)
-    try:
-        output.mkdir(exist_ok=True)
-        stats, engine = _run_in_folder(setting, source, restart, retry_errors)
-    finally:
-        if source is not sys.stdin.buffer:
-            source.close()
+    output.mkdir(exist_ok=True)
+    stats, engine = _run_in_folder(setting, restart, retry_errors)
     return _report(setting, stats, engine)
 
 
 def _check_job(job: JobConfig, output: Path) -> None:
     """What the Ray engine cannot run, refused before anything is sent."""
+    if is_uri(input_spec(output)):  # a Path made of s3://b/k reads s3:/b/k: not a local folder
+        raise ConfigError(
+            "job.output",
+            f"the Ray engine writes its parts on the driver: give a local path (or a mounted "
+            f"volume) and copy the folder to {input_spec(output)} after",
+        )
     if output.suffix.lower() != ".parquet":
         raise ConfigError(
             "job.output",
@@ -172,14 +182,14 @@ def _check_job(job: JobConfig, output: Path) -> None:
 
 
 def _run_in_folder(
-    setting: RaySetting, source: IO[bytes], restart: bool, retry_errors: RetryErrors
+    setting: RaySetting, restart: bool, retry_errors: RetryErrors
 ) -> tuple[RunStats, str]:
     """The run under the output folder's lock; the stats (the folder's final counts in
     them), and a line on how the work was spread."""
     output = setting.output
     with locked(output):
         found = rerun(output, restart=restart, retry_errors=retry_errors)
-        stats, engine = _run(setting, source, found)
+        stats, engine = _run(setting, found)
         counts = settle(output, resent=stats.resent > 0)
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
     return stats, engine
@@ -204,28 +214,35 @@ def _report(setting: RaySetting, stats: RunStats, engine: str) -> RunReport:
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 
 
-def _run(setting: RaySetting, source: IO[bytes], found: Rerun) -> tuple[RunStats, str]:
-    """Parse on the driver, run the blocks on Ray, write parts; the stats, and a line on how
-    the work was spread."""
+def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
+    """The read task and the actor pool on Ray, the parts written as blocks come back; the
+    stats, and a line on how the work was spread."""
     job = setting.job
     stats = RunStats()
-    total = count_lines(setting.input_path) if job.progress else None
-    progress = Progress(stats, total=total, enabled=job.progress, stream=setting.stream)
+    progress = Progress(stats, total=_total(setting), enabled=job.progress, stream=setting.stream)
     started = time.monotonic()
     stopper = Stopper(progress, job.grace_s)
     session = RaySession(on_connect=stopper.reinstall)
-    outbox = Outbox(put=session.put)
     engine = "ray: nothing to send"
+    rejects_file = rejects_path(setting.output)
+    rejects_file.unlink(missing_ok=True)  # this run's rejects only, or none
     try:
-        with base_urls(job, sim_server) as urls, stopper.handling(setting.handle_signals):
-            _read(setting, source, found, outbox, stats, progress)
-            if outbox.refs:
-                shape = output_shape(job)
-                spec = _spec(setting, urls, session, len(outbox.refs), shape)
-                engine = _engine_line(spec, len(outbox.refs), job.ray.block_rows)
-                files = _part_files(setting, shape)
-                stopper.arm(spec.stop_flag)
-                _collect(session.run(outbox.refs, spec), files, stats, progress, stopper)
+        with (
+            base_urls(job, sim_server) as urls,
+            stopper.handling(setting.handle_signals),
+            RejectsWriter(rejects_file) as rejects,
+        ):
+            shape = output_shape(job)
+            spec = _spec(setting, urls, session, shape)
+            known = session.put(found.known) if found.known else None
+            plan = ReadPlan(
+                job=job, files=setting.files, block_rows=job.ray.block_rows, known=known
+            )
+            files = _part_files(setting, shape, found.run)
+            stopper.arm(spec.stop_flag)
+            blocks = _collect(session.run(plan, spec), files, rejects, stats, progress, stopper)
+            if stats.submitted:
+                engine = _engine_line(spec, blocks, job.ray.block_rows)
     except KeyboardInterrupt:
         stats.stopped_early = True
         stats.stop_reason = stats.stop_reason or stopper.reason or "interrupted"
@@ -239,52 +256,30 @@ def _run(setting: RaySetting, source: IO[bytes], found: Rerun) -> tuple[RunStats
     if stopper.reason is not None and not stats.stopped_early:  # what was answered is written
         stats.stopped_early = True
         stats.stop_reason = stopper.reason
-    stats.submitted = outbox.requests
     stats.wall_s = time.monotonic() - started
     return stats, engine
 
 
-def _read(
-    setting: RaySetting,
-    source: IO[bytes],
-    found: Rerun,
-    outbox: Outbox,
-    stats: RunStats,
-    progress: Progress,
-) -> None:
-    """The input parsed on the driver: rejects to this run's rejects file, ids done skipped,
-    the rest in blocks into ``outbox``."""
-    job, rejects_file = setting.job, rejects_path(setting.output)
-    rejects_file.unlink(missing_ok=True)  # this run's rejects only, or none
-    reader = reader_for(job, source, path=setting.input_path, count_tokens=job.counts_tokens)
-    with RejectsWriter(rejects_file) as rejects:
-        for block in request_blocks(reader, found.skip, job.ray.block_rows):
-            if isinstance(block, Reject):
-                rejects.write(block)
-                stats.rejected += 1
-            elif isinstance(block, str):
-                stats.skipped += 1
-            else:
-                stats.resent += found.resent(block)
-                outbox.send(block)
-                continue
-            progress.advance()
-    stats.lines_read = reader.lines_read
+def _total(setting: RaySetting) -> int | None:
+    """The progress total: the lines of a single local file (counted, not parsed), else none
+    (the driver does not read a store's objects)."""
+    files = setting.files
+    if not setting.job.progress or len(files) != 1 or is_uri(files[0]):
+        return None
+    return count_lines(Path(files[0]))
 
 
 def _spec(
-    setting: RaySetting, urls: list[str], session: RaySession, blocks: int, shape: OutputShape
+    setting: RaySetting, urls: list[str], session: RaySession, shape: OutputShape
 ) -> WorkerSpec:
     """What every worker is given: the job, the endpoints' URLs, the pool's size (the job's
-    ``ray.workers`` or the cluster's CPUs, no more than the blocks), the stop flag, the
-    output's typed columns."""
+    ``ray.workers`` or the cluster's CPUs), the stop flag, the output's typed columns."""
     job = setting.job
-    workers = max(1, min(job.ray.workers or session.cpus(), blocks))
     return WorkerSpec(
         job=job,
         urls=urls,
         needs_key=setting.needs_key,
-        workers=workers,
+        workers=max(1, job.ray.workers or session.cpus()),
         stop_flag=session.stop_flag() if setting.handle_signals else None,
         shape=shape,
     )
@@ -299,36 +294,60 @@ def _engine_line(spec: WorkerSpec, blocks: int, block_rows: int) -> str:
     )
 
 
-def _part_files(setting: RaySetting, shape: OutputShape) -> PartFiles:
-    """This run's part files, with the output's provenance (the input hashed) and columns."""
-    from batcher.output.provenance import provenance
+def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
+    """This run's part files, with the output's provenance and columns."""
+    from batcher.output.provenance import PREFIX, provenance
     from batcher.output.rows import schema_for
 
-    metadata = provenance(setting.job, setting.input_path)
+    # The input's hash is left out (empty): the driver does not read the input, which may be
+    # gigabytes in a store; a local run's output has it.
+    metadata = provenance(setting.job, Path(os.devnull))
+    metadata[PREFIX + "input"] = input_spec(setting.input_path)
     schema = schema_for(shape)
-    return PartFiles(output=setting.output, stamp=new_stamp(), metadata=metadata, schema=schema)
+    return PartFiles(
+        output=setting.output, run=run, stamp=new_stamp(run), metadata=metadata, schema=schema
+    )
 
 
 def _collect(
     finished: Iterator[pa.Table],
     files: PartFiles,
+    rejects: RejectsWriter,
     stats: RunStats,
     progress: Progress,
     stopper: Stopper,
+) -> int:
+    """The finished blocks as they come back: markers counted, rejects written, a worker's
+    reason to stop noted, the records written as part files and counted; how many blocks
+    had records."""
+    n = sent = 0
+    for batch in finished:
+        for block in unpack(batch):
+            before = stats.skipped
+            done = take_apart(block, stats)
+            for reject in done.rejects:
+                rejects.write(reject)
+            _note_stop(done.stop, stats, progress, stopper)
+            if done.records.num_rows:
+                files.write(n, done.records, done.hashes)
+                count_rows(done.records, stats)
+                sent += 1
+            progress.advance(done.records.num_rows + len(done.rejects) + stats.skipped - before)
+            n += 1
+    return sent
+
+
+def _note_stop(
+    stop: dict[str, Any] | None, stats: RunStats, progress: Progress, stopper: Stopper
 ) -> None:
-    """The finished blocks as they come back: a worker's reason to stop noted, the records
-    written as part files and counted."""
-    for n, block in enumerate(finished):
-        table, stop = split_stop_row(block)
-        reason = None if stop is None else stop["error_message"]
-        if stop is not None and stop["error_code"] == CONFIG_ERROR:
-            stats.config_error = stats.config_error or reason
-            stats.config_error_endpoint = stop["endpoint"]
-        if reason and not stats.stopped_early and stopper.reason is None:
-            stats.stopped_early = True
-            stats.stop_reason = reason
-            progress.note(f"batcher: {reason}: the workers stop")
-        if table.num_rows:
-            files.write(n, table)
-            count_rows(table, stats)
-            progress.advance(table.num_rows)
+    """A worker's reason to stop, into the stats (once)."""
+    if stop is None:
+        return
+    reason = stop["error_message"]
+    if stop["error_code"] == CONFIG_ERROR:
+        stats.config_error = stats.config_error or reason
+        stats.config_error_endpoint = stop["endpoint"]
+    if reason and not stats.stopped_early and stopper.reason is None:
+        stats.stopped_early = True
+        stats.stop_reason = reason
+        progress.note(f"batcher: {reason}: the workers stop")

@@ -19,26 +19,25 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, kw_only=True)
 class Rerun:
-    """What a run found in its output folder: each id's latest record, and the ids it skips."""
+    """What a run found in its output folder: each id's latest record; for the read task, each
+    recorded id's (done for this run, request hash); this run's sequence number."""
 
     found: parts.Scan
-    skip: set[str]
-
-    def resent(self, block: pa.Table) -> int:
-        """How many of a block's requests have a record already (sent again this run)."""
-        return sum(cid in self.found.records for cid in block["custom_id"].to_pylist())
+    known: dict[str, tuple[bool, str | None]]
+    run: int
 
 
 def rerun(output: Path, *, restart: bool, retry_errors: RetryErrors) -> Rerun:
-    """Ready the folder (``parts.prepare``) and read what is done in it for this run."""
+    """Ready the folder (``parts.prepare``) and read what is done in it for this run (under
+    the folder's lock)."""
     found = parts.prepare(output, restart=restart)
-    skip = {cid for cid, record in found.records.items() if done(record, retry_errors)}
-    return Rerun(found=found, skip=skip)
+    known = {cid: (done(r, retry_errors), r.hash) for cid, r in found.records.items()}
+    return Rerun(found=found, known=known, run=parts.next_run(output))
 
 
 def done(record: parts.Record, retry_errors: RetryErrors) -> bool:
-    """Whether a recorded id is finished for this run: as the local engine's ``ResumePlan``
-    (by id only: parts keep no hash of the request, so a changed line is not noticed)."""
+    """Whether a recorded id is finished for this run if its line is unchanged (the read task
+    compares the hashes), as the local engine's ``ResumePlan``."""
     if record.status == "ok" or retry_errors == "none":
         return True
     if retry_errors == "all":
@@ -48,18 +47,21 @@ def done(record: parts.Record, retry_errors: RetryErrors) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class PartFiles:
-    """This run's part files: one per finished block, named after the run's stamp, each with
-    the run's provenance and the output's columns."""
+    """This run's part files: one per finished block, named after the run's sequence number,
+    each with the run's provenance, its number, the requests' hashes and the output's
+    columns."""
 
     output: Path
-    stamp: str
+    run: int
+    stamp: str  # ``parts.new_stamp(run)``
     metadata: dict[str, str]
     schema: pa.Schema  # the output's columns (``rows.schema_for`` the job's shape)
 
-    def write(self, n: int, table: pa.Table) -> None:
-        """Write block ``n``'s records as a part (atomically)."""
+    def write(self, n: int, table: pa.Table, hashes: dict[str, str]) -> None:
+        """Write block ``n``'s records, their requests' ``hashes``, as a part (atomically)."""
         path = parts.part_path(self.output, self.stamp, n)
-        parts.write_part(path, table, self.metadata, schema=self.schema)
+        metadata = parts.part_metadata(self.metadata, self.run, hashes)
+        parts.write_part(path, table, metadata, schema=self.schema)
 
 
 def settle(output: Path, *, resent: bool) -> Counter[str]:

@@ -1,5 +1,5 @@
-"""Ray for one run on the driver: connecting (or starting a local instance), the request
-blocks put in the object store, the actor pool over them, and what a failed worker said."""
+"""Ray for one run on the driver: connecting (or starting a local instance), the dataset (a
+read task feeding the actor pool), and what a failed worker said."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from batcher.errors import OutputError
+from batcher.ray.reading import ReadPlan, read_blocks
 from batcher.ray.stopping import StopFlag
 from batcher.ray.worker import ERROR_MARK, BlockWorker, WorkerSpec
 
@@ -34,9 +35,9 @@ class RaySession:
             self._on_connect()
         return ray
 
-    def put(self, table: pa.Table) -> Any:
-        """``table`` in the object store; its reference."""
-        return self._ray().put(table)
+    def put(self, value: Any) -> Any:
+        """``value`` in the object store; its reference."""
+        return self._ray().put(value)
 
     def stop_flag(self) -> Any:
         """A new ``StopFlag`` actor (no CPU: the workers may take them all)."""
@@ -46,8 +47,9 @@ class RaySession:
         """The cluster's CPUs (at least one)."""
         return max(1, int(self._ray().cluster_resources().get("CPU", 1)))
 
-    def run(self, refs: list[Any], spec: WorkerSpec) -> Iterator[pa.Table]:
-        """The finished blocks, as they come."""
+    def run(self, plan: ReadPlan, spec: WorkerSpec) -> Iterator[pa.Table]:
+        """The finished blocks, as they come: one read task streams the input's blocks
+        (``reading.read_blocks``) to the actor pool."""
         ray = self._ray()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # batcher's own progress says how far the run is
@@ -62,17 +64,32 @@ class RaySession:
         # constructor arguments in the object store and warns that a restarted actor could
         # lose them.
         worker = type("BlockWorker", (BlockWorker,), {"spec": spec})
-        dataset = ray.data.from_arrow_refs(refs).map_batches(
-            worker,
-            batch_size=None,  # a block as the driver made it
-            batch_format="pyarrow",
-            compute=pool,
-            num_cpus=1,
-        )
+        # Every row is a whole block (``reading.pack``): with a one-byte target each row is
+        # its own Ray Data block, sent on as soon as it is made, never merged nor cut.
+        saved, ctx.target_max_block_size = ctx.target_max_block_size, 1
         try:
+            dataset = (
+                ray.data.from_items([{"read": 0}])
+                .map_batches(
+                    read_blocks,
+                    fn_kwargs={"plan": plan},
+                    batch_size=None,
+                    batch_format="pyarrow",
+                    num_cpus=0,  # the actor pool may take every CPU; reading is light
+                )
+                .map_batches(
+                    worker,
+                    batch_size=None,  # a block as the read task made it
+                    batch_format="pyarrow",
+                    compute=pool,
+                    num_cpus=1,
+                )
+            )
             yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
         except ray.exceptions.RayError as exc:
             raise OutputError(f"the Ray job failed: {first_line(exc)}") from None
+        finally:
+            ctx.target_max_block_size = saved
 
     def close(self) -> None:
         """Shut Ray down if this run started it."""
@@ -84,8 +101,17 @@ class RaySession:
 
 def _quiet_ray_data() -> None:
     """Ray Data's console logs (execution plans, timings) only from errors on: batcher shows
-    progress and failures itself. Its log files in the Ray session folder keep everything."""
+    progress and failures itself. Its log files in the Ray session folder keep everything.
+
+    Its warning that the actor pool got fewer inputs than actors is silenced too: the blocks
+    come from one read task, which Ray Data counts as one input however many blocks it makes.
+    """
     import logging
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore", message="The minimum number of concurrent actors", category=UserWarning
+    )
 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(

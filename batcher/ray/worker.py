@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 STOPPED = "stopped"
 #: The stop row's ``error_code`` when the job's setup cannot work at an endpoint.
 CONFIG_ERROR = "config_error"
+#: The status of the marker row a worker adds to each block: ``line`` is how many of its
+#: requests it took.
+SENT = "sent"
 #: Prefix of errors a worker raises on purpose, so the driver can find them in Ray's wrapping.
 ERROR_MARK = "[batcher] "
 
@@ -161,15 +164,32 @@ class BlockWorker:
                 self._engine.stop_within(reason, self._spec.job.grace_s)
                 return
 
-    def __call__(self, block: pa.Table) -> pa.Table:
-        """Send the block's requests; its records (``writers.SCHEMA`` and the typed columns),
-        once all are in."""
-        from batcher.output.rows import PLAIN
-        from batcher.output.writers import results_table
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Run each block packed in ``batch`` (``reading.pack``); each block's records packed
+        the same way, one row a block (``run_block``)."""
+        import pyarrow as pa
+
+        from batcher.ray.reading import pack, unpack
 
         if self._setup_error is not None:
             raise RuntimeError(ERROR_MARK + self._setup_error)
-        requests = [_request_of(row) for row in block.to_pylist()]
+        return pa.concat_tables([pack(self.run_block(block)) for block in unpack(batch)])
+
+    def run_block(self, block: pa.Table) -> pa.Table:
+        """Send the block's requests; its records (``writers.SCHEMA`` and the typed columns),
+        once all are in, then its marker rows (``reading.MARKERS``: status is the marker), a
+        ``SENT`` row, and the ``body_hash`` column (each record's request hash)."""
+        import pyarrow.compute as pc
+
+        from batcher.output.rows import PLAIN
+        from batcher.output.writers import results_table
+        from batcher.ray.reading import SEND
+
+        if self._setup_error is not None:
+            raise RuntimeError(ERROR_MARK + self._setup_error)
+        sending = pc.equal(block["kind"], SEND)
+        rows = block.filter(sending).to_pylist()
+        requests = [_request_of(row) for row in rows]
         waiting = _Block(len(requests))
         with self._lock:
             if self._stopped is None:
@@ -184,7 +204,10 @@ class BlockWorker:
             table = _with_stop_row(
                 table, self._stopped or "stopped", config_error=self._config_error_endpoint
             )
-        return table
+        markers = block.filter(pc.invert(sending)).to_pylist()
+        markers.append({"kind": SENT, "line": len(requests)})
+        hashes = {row["custom_id"]: row["body_hash"] for row in rows}
+        return _with_markers(table, markers, hashes)
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
         """The engine's result sink (on the loop's thread): file the record with its block.
@@ -202,7 +225,7 @@ class BlockWorker:
                     block.done.set()
 
     def write(self, reject: Reject) -> None:
-        """The engine's rejects sink: never used, the driver rejected bad lines already."""
+        """The engine's rejects sink: never used, the read task rejected bad lines already."""
         raise AssertionError(f"a worker was given a reject: line {reject.line}")
 
     def __del__(self) -> None:
@@ -251,8 +274,30 @@ def _with_stop_row(table: pa.Table, reason: str, *, config_error: str | None = N
     return pa.concat_tables([table, row_table])
 
 
+def _with_markers(
+    table: pa.Table, markers: list[dict[str, Any]], hashes: Mapping[str, str]
+) -> pa.Table:
+    """``table``, then a row per marker (status: its kind; ``line``; a reject's reason in
+    ``error_message`` and its text in ``content``), then the ``body_hash`` column."""
+    import pyarrow as pa
+
+    rows = [
+        {
+            "custom_id": m.get("custom_id") or "",
+            "status": m["kind"],
+            "line": m.get("line"),
+            "error_message": m.get("reason"),
+            "content": m.get("text"),
+        }
+        for m in markers
+    ]
+    table = pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+    ids = table["custom_id"].to_pylist()
+    return table.append_column("body_hash", pa.array([hashes.get(c) for c in ids], pa.string()))
+
+
 def _request_of(row: Mapping[str, Any]) -> Request:
-    meta = row["metadata"]
+    meta, row_input = row["metadata"], row["input"]
     return Request(
         custom_id=row["custom_id"],
         line=row["line"],
@@ -261,6 +306,7 @@ def _request_of(row: Mapping[str, Any]) -> Request:
         prompt_tokens=row["prompt_tokens"],
         completion_budget=row["completion_budget"],
         body_hash=row["body_hash"],
+        input=None if row_input is None else jsonfast.loads_exact(row_input),
     )
 
 

@@ -1,23 +1,40 @@
-"""The Ray driver's blocks, folder and session helpers, without Ray: requests into Arrow blocks,
-finished blocks read back, what a re-run skips, and a worker's error as one line."""
+"""The Ray engine's read task, blocks, folder and session helpers, without Ray: the input into
+request blocks (rejects, duplicates across files, ids done or changed), finished blocks taken
+apart, what a re-run knows, and a worker's error as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
 
-from batcher.input.reader import Reader
-from batcher.output.parts import Record, prepare, write_part
+from batcher.config import JobConfig
+from batcher.job_file import job_from_dict
+from batcher.output.parts import Record, new_stamp, part_metadata, part_path, prepare, write_part
 from batcher.output.resume import RetryErrors
-from batcher.output.writers import results_table
-from batcher.ray.blocks import Outbox, count_rows, request_blocks, split_stop_row
+from batcher.output.writers import read_results, results_table
+from batcher.ray.blocks import count_rows, take_apart
 from batcher.ray.folder import done, rerun
+from batcher.ray.reading import (
+    READ,
+    REJECTED,
+    RESENT,
+    SEND,
+    SKIPPED,
+    ReadPlan,
+    input_files,
+    pack,
+    request_tables,
+    unpack,
+)  # fmt: skip
 from batcher.ray.session import first_line
-from batcher.ray.worker import ERROR_MARK, STOPPED
+from batcher.ray.worker import ERROR_MARK, SENT, STOPPED, _with_markers
 from batcher.records import Reject, Result, Usage
 from batcher.runner.stats import RunStats
 
@@ -32,49 +49,105 @@ def result(cid: str, status: str = "ok", **kw: object) -> Result:
     return Result(custom_id=cid, status=status, **fields)  # type: ignore[arg-type]
 
 
-def test_requests_become_blocks_and_rejects_and_skipped_ids_come_apart() -> None:
-    source = lines(
-        {"custom_id": "a", "prompt": "1"},
-        {"custom_id": "b", "prompt": "2"},
-        {"custom_id": "c", "nothing": "here"},
-        {"custom_id": "d", "prompt": "4", "metadata": {"k": 1}},
-        {"custom_id": "e", "prompt": "5"},
+def job_for(src: Path) -> JobConfig:
+    return job_from_dict(
+        {
+            "job": {"input": str(src), "output": "out.parquet", "progress": False},
+            "request": {"model": "m"},
+        }
     )
-    reader = Reader(source, {"model": "m"})
-    items = list(request_blocks(reader, skip={"b"}, block_rows=2))
-    tables = [item for item in items if isinstance(item, pa.Table)]
-    assert [t["custom_id"].to_pylist() for t in tables] == [["a", "d"], ["e"]]
-    assert [item for item in items if isinstance(item, str)] == ["b"]
-    [reject] = [item for item in items if isinstance(item, Reject)]
-    assert (reject.line, reject.custom_id) == (3, "c")
+
+
+def kinds(tables: list[pa.Table]) -> list[tuple[str, str | None, int | None]]:
+    rows = [r for t in tables for r in t.select(["kind", "custom_id", "line"]).to_pylist()]
+    return [(r["kind"], r["custom_id"], r["line"]) for r in rows]
+
+
+def test_the_read_task_makes_blocks_with_rejects_and_skipped_ids_marked(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        lines(
+            {"custom_id": "a", "prompt": "1"},
+            {"custom_id": "b", "prompt": "2"},
+            {"custom_id": "c", "nothing": "here"},
+            {"custom_id": "d", "prompt": "4", "metadata": {"k": 1}},
+            {"custom_id": "e", "prompt": "5"},
+        ).getvalue()
+    )
+    plan = ReadPlan(job=job_for(src), files=[str(src)], block_rows=2, known={"b": (True, None)})
+    tables = list(request_tables(plan))
+    assert kinds(tables) == [
+        (SEND, "a", 1), (SKIPPED, "b", None), (REJECTED, "c", 3), (SEND, "d", 4),
+        (SEND, "e", 5), (READ, None, 5),
+    ]  # fmt: skip
     first = tables[0]
-    assert first["line"].to_pylist() == [1, 4]
     assert json.loads(first["body"][0].as_py())["model"] == "m"
-    assert first["metadata"].to_pylist() == [None, '{"k":1}']
+    assert first["metadata"].to_pylist() == [None, None, None, '{"k":1}']
     # prompts not counted: a typed column, not Arrow's null type
     assert first.schema.field("prompt_tokens").type == pa.int64()
+    [table] = list(unpack(pack(first)))
+    assert table.equals(first)
 
 
-def test_the_outbox_counts_the_requests_put() -> None:
-    put: list[pa.Table] = []
+def test_lines_run_on_across_files_and_a_duplicate_in_a_later_file_is_rejected(
+    tmp_path: Path,
+) -> None:
+    one, two = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    one.write_bytes(
+        lines({"custom_id": "x", "prompt": "1"}, {"custom_id": "y", "prompt": "2"}).getvalue()
+    )
+    two.write_bytes(
+        b"\n"
+        + lines({"custom_id": "x", "prompt": "3"}, {"custom_id": "z", "prompt": "4"}).getvalue()
+    )
+    assert input_files(str(tmp_path / "*.jsonl")) == [str(one), str(two)]
+    plan = ReadPlan(job=job_for(one), files=[str(one), str(two)], block_rows=10)
+    rows = kinds(list(request_tables(plan)))
+    assert rows == [
+        (SEND, "x", 1), (SEND, "y", 2), (REJECTED, "x", 4), (SEND, "z", 5), (READ, None, 5)
+    ]  # fmt: skip
 
-    def store(table: pa.Table) -> int:
-        put.append(table)
-        return len(put)
 
-    outbox = Outbox(put=store)
-    outbox.send(pa.table({"custom_id": ["a", "b"]}))
-    outbox.send(pa.table({"custom_id": ["c"]}))
-    assert (outbox.refs, outbox.requests) == ([1, 2], 3)
+def test_a_changed_line_is_sent_again_and_an_unchanged_one_skipped(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        lines({"custom_id": "a", "prompt": "1"}, {"custom_id": "b", "prompt": "2"}).getvalue()
+    )
+    first = list(request_tables(ReadPlan(job=job_for(src), files=[str(src)], block_rows=10)))
+    hashes = dict(
+        zip(first[0]["custom_id"].to_pylist(), first[0]["body_hash"].to_pylist(), strict=True)
+    )
+    src.write_bytes(
+        lines({"custom_id": "a", "prompt": "1"}, {"custom_id": "b", "prompt": "changed"}).getvalue()
+    )
+    known = {cid: (True, h) for cid, h in hashes.items() if cid is not None}
+    plan = ReadPlan(job=job_for(src), files=[str(src)], block_rows=10, known=known)
+    assert kinds(list(request_tables(plan))) == [
+        (SKIPPED, "a", None), (RESENT, "b", None), (SEND, "b", 2), (READ, None, 2)
+    ]  # fmt: skip
 
 
-def test_a_stop_row_is_taken_out_of_its_block() -> None:
+def test_a_finished_block_comes_apart_into_records_hashes_rejects_and_counts() -> None:
     stop = result("", STOPPED, error_message="no quota", error_code="insufficient_quota")
-    block = results_table([result("a"), stop, result("b", "error", error_code="http_500")])
-    table, row = split_stop_row(block)
-    assert table["custom_id"].to_pylist() == ["a", "b"]
-    assert row == {"error_message": "no quota", "error_code": "insufficient_quota", "endpoint": "e"}
-    assert split_stop_row(table) == (table, None)
+    table = results_table([result("a"), stop, result("b", "error", error_code="http_500")])
+    markers: list[dict[str, Any]] = [
+        {"kind": REJECTED, "custom_id": "c", "line": 3, "reason": "no messages", "text": "{}"},
+        {"kind": SKIPPED, "custom_id": "d"},
+        {"kind": RESENT, "custom_id": "b"},
+        {"kind": READ, "line": 9},
+        {"kind": SENT, "line": 2},
+    ]
+    block = _with_markers(table, markers, {"a": "ha", "b": "hb"})
+    stats = RunStats()
+    done = take_apart(block, stats)
+    assert done.records["custom_id"].to_pylist() == ["a", "b"]
+    assert "body_hash" not in done.records.column_names
+    assert done.hashes == {"a": "ha", "b": "hb"}
+    assert done.rejects == [Reject(line=3, reason="no messages", text="{}", custom_id="c")]
+    assert done.stop is not None and done.stop["error_message"] == "no quota"
+    assert done.stop["error_code"] == "insufficient_quota"
+    assert (stats.skipped, stats.resent, stats.rejected) == (1, 1, 1)
+    assert (stats.lines_read, stats.submitted) == (9, 2)
 
 
 def test_a_finished_block_is_counted_into_the_stats() -> None:
@@ -101,15 +174,41 @@ def test_what_a_rerun_counts_as_done(
     assert done(Record("error", 400, "invalid_request", 0), retry_errors) is final
 
 
-def test_a_rerun_skips_the_ids_done_and_knows_those_sent_again(tmp_path: Path) -> None:
+def test_a_rerun_knows_the_ids_done_and_their_hashes(tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
     prepare(out, restart=False)
     old = [result("a"), result("b", "error", status_code=500, error_code="http_500")]
-    write_part(out / "part-1-00000.parquet", results_table(old), None)
+    path = part_path(out, new_stamp(4), 0)
+    write_part(path, results_table(old), part_metadata({}, 4, {"a": "ha", "b": "hb"}))
     found = rerun(out, restart=False, retry_errors="all")
-    assert found.skip == {"a"}
-    assert found.resent(pa.table({"custom_id": ["b", "c"]})) == 1
-    assert rerun(out, restart=True, retry_errors="none").skip == set()
+    assert found.known == {"a": (True, "ha"), "b": (False, "hb")}
+    assert found.run == 5  # one more than the folder's highest
+    fresh = rerun(out, restart=True, retry_errors="none")
+    assert (fresh.known, fresh.run) == ({}, 1)
+
+
+def test_the_later_run_then_the_later_block_wins_an_id_found_twice(tmp_path: Path) -> None:
+    """A re-sent id whose old record was not dropped yet (the run stopped in between): the
+    winner is the part of the later run, then of the later block; the parts' times and
+    names as clocks play no part (a part from a time-stamped name counts as run 0)."""
+    out = tmp_path / "out.parquet"
+    out.mkdir()
+    legacy = part_path(out, "20990101T000000000000-ffffff", 7)  # a clock far ahead
+    write_part(legacy, results_table([result("a", "error"), result("z")]), None)
+    ninth = part_path(out, "000009-ffffff", 0)
+    write_part(ninth, results_table([result("a", "error"), result("b", "error")]), None)
+    tenth = part_path(out, "000010-000000", 2)  # "0..." sorts first by its random part
+    write_part(tenth, results_table([result("b")]), None)
+    later_block = part_path(out, "000010-000000", 10)
+    write_part(later_block, results_table([result("a")]), None)
+    os.utime(ninth, (2**31, 2**31))  # the newest file by its time: no matter
+
+    found = prepare(out, restart=False)
+
+    assert {cid: r.status for cid, r in found.records.items()} == {"a": "ok", "b": "ok", "z": "ok"}
+    assert rerun(out, restart=False, retry_errors="none").run == 11
+    assert [r["custom_id"] for r in read_results(legacy)] == ["z"]
+    assert not ninth.exists()  # both its records were replaced
 
 
 def test_a_workers_error_comes_back_as_its_own_line() -> None:
@@ -122,3 +221,27 @@ def test_a_workers_error_comes_back_as_its_own_line() -> None:
         assert first_line(outer) == "$KEY is not set on the worker"
     assert first_line(OSError("first\nlast line\n\n")) == "last line"
     assert first_line(KeyError()) == "KeyError"
+
+
+def test_the_read_task_opens_uris_parquet_through_a_template_and_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    from batcher.config import TemplateConfig
+
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"key": ["k1", "k2"], "q": ["one", "two"]}), table)
+    job = dataclasses.replace(
+        job_for(table), template=TemplateConfig(user="Q: {q}", id_column="key")
+    )
+    uri = f"file://{table}"
+    assert input_files(f"file://{tmp_path}/*.parquet") == [uri]
+    rows = list(request_tables(ReadPlan(job=job, files=[uri], block_rows=10)))
+    assert kinds(rows) == [(SEND, "k1", 1), (SEND, "k2", 2), (READ, None, 2)]
+    assert json.loads(rows[0]["input"][1].as_py()) == {"key": "k2", "q": "two"}
+
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(lines({"custom_id": "z", "prompt": "1"}).getvalue()))
+    plan = ReadPlan(job=job_for(packed), files=[f"file://{packed}"], block_rows=10)
+    assert kinds(list(request_tables(plan))) == [(SEND, "z", 1), (READ, None, 1)]

@@ -49,10 +49,35 @@ KEY_VAR, KEY = "BATCHER_TEST_RAY_KEY", "sk-test-" + "x" * 24
 
 
 @pytest.fixture(scope="module")
-def ray_instance() -> Iterator[Any]:
+def s3_env() -> Iterator[dict[str, str] | None]:
+    """An S3-compatible server on 127.0.0.1 (moto's, in a thread) and the standard variables
+    that point AWS clients at it; ``None`` without moto."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "moto-test-id",
+            "AWS_SECRET_ACCESS_KEY": "moto-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_instance(s3_env: dict[str, str] | None) -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as env:
         env.setenv(KEY_VAR, KEY)  # only while Ray starts: its workers inherit it
+        for name, value in (s3_env or {}).items():  # as a store's credentials on the nodes
+            env.setenv(name, value)
         ray.init(
             address="local",  # a new instance, whatever else runs on the machine
             num_cpus=2,
@@ -385,6 +410,10 @@ def test_ray_engine_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     local_output = with_overrides(JobConfig(), output=str(tmp_path / "file.parquet"), **base)
     with pytest.raises(ConfigError, match=r"is a file"):
         run_job_on_ray(local_output)
+    in_a_store = with_overrides(JobConfig(), output="s3://bucket/o.parquet", **base)
+    with pytest.raises(ConfigError, match=r"^job\.output: .*copy the folder to s3://bucket/o"):
+        run_job_on_ray(in_a_store)
+    assert not Path("s3:").exists()  # no local folder made of the URI
 
 
 def test_limits_are_divided_between_workers() -> None:
@@ -680,3 +709,96 @@ def test_a_csv_through_a_template_on_ray(tmp_path: Path, ray_instance: Any, sim:
         messages = [{"role": "user", "content": f"Q: question {i}"}]
         body = {"model": "gpt-4o-mini", "messages": messages}
         assert rows[f"k{i}"]["content"] == expected_content(body)
+    assert rows["k7"]["input"] == {"key": "k7", "question": "question 7"}  # typed, by the workers
+
+
+def test_the_input_is_read_on_the_workers_and_a_duplicate_across_files_is_rejected_once(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver never constructs a reader (the workers' processes do); two input files
+    matched by a glob are one input: lines numbered on, an id in both rejected once."""
+    from batcher.input import reader
+    from batcher.ray.driver import run_job_on_ray
+
+    def no_reading_here(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the driver read the input")
+
+    monkeypatch.setattr(reader.Reader, "__init__", no_reading_here)
+    write_input(tmp_path / "in-1.jsonl", 30)
+    second = write_input(tmp_path / "in-2.jsonl", 20, start=30)
+    with second.open("a", encoding="utf-8") as f:
+        f.write('{"custom_id": "r00003", "prompt": "again"}\n')  # line 30 + 21
+    answered = sim.simulator.stats.answered_ok
+    job = dataclasses.replace(ray_job(tmp_path, sim.base_url), input=tmp_path / "in-*.jsonl")
+
+    report = run_job_on_ray(job, stream=io.StringIO())
+
+    assert report.exit_code == 1, report.summary  # the duplicate
+    assert sim.simulator.stats.answered_ok - answered == 50
+    assert output_ids(report.output) == [f"r{i:05d}" for i in range(50)]
+    rejects = [json.loads(line) for line in report.rejects.read_text().splitlines()]  # type: ignore[union-attr]
+    assert [(r["line"], r["custom_id"]) for r in rejects] == [(51, "r00003")]
+    assert "duplicate id" in rejects[0]["reason"]
+    lines = {r["custom_id"]: r["line"] for r in read_results(report.output)}
+    assert (lines["r00000"], lines["r00029"], lines["r00030"], lines["r00049"]) == (1, 30, 31, 50)
+    assert (report.stats.lines_read, report.stats.submitted) == (51, 50)
+
+
+def test_a_line_changed_since_it_ran_is_sent_again(
+    tmp_path: Path, ray_instance: Any, sim: SimHandle
+) -> None:
+    from batcher.ray.driver import run_job_on_ray
+    from batcher.sim.answers import expected_content
+
+    job = ray_job(tmp_path, sim.base_url, n=20)
+    assert run_job_on_ray(job, stream=io.StringIO()).stats.submitted == 20
+    src = Path(str(job.input))
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[4] = '{"custom_id": "r00004", "prompt": "a new question"}\n'
+    src.write_text("".join(lines), encoding="utf-8")
+    answered = sim.simulator.stats.answered_ok
+
+    again = run_job_on_ray(job, stream=io.StringIO())
+
+    assert sim.simulator.stats.answered_ok - answered == 1
+    assert (again.stats.submitted, again.stats.resent, again.stats.skipped) == (1, 1, 19)
+    rows = [r for r in read_results(again.output) if r["custom_id"] == "r00004"]
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a new question"}]}
+    assert len(rows) == 1 and rows[0]["content"] == expected_content(body)
+
+
+def test_the_input_is_read_from_an_s3_bucket_by_the_workers(
+    tmp_path: Path,
+    ray_instance: Any,
+    sim: SimHandle,
+    s3_env: dict[str, str] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if s3_env is None:
+        pytest.skip("moto is not installed")
+    import pyarrow.fs as pafs
+
+    from batcher.ray.driver import run_job_on_ray
+
+    for name, value in s3_env.items():  # the driver lists the files with the same variables
+        monkeypatch.setenv(name, value)
+    endpoint = s3_env["AWS_ENDPOINT_URL"]
+    s3 = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
+    s3.create_dir("prompts")
+    for n, start in ((0, 0), (1, 12)):
+        body = write_input(tmp_path / f"in-{n}.jsonl", 12, start=start).read_bytes()
+        with s3.open_output_stream(f"prompts/jobs/in-{n}.jsonl") as f:
+            f.write(body)
+    with s3.open_output_stream("prompts/jobs/notes.txt") as f:
+        f.write(b"not matched")
+    job = dataclasses.replace(
+        ray_job(tmp_path, sim.base_url), input=Path("s3://prompts/jobs/in-*.jsonl")
+    )
+
+    report = run_job_on_ray(job, stream=io.StringIO())
+
+    assert report.exit_code == 0, report.summary
+    assert output_ids(report.output) == [f"r{i:05d}" for i in range(24)]
+    made = read_provenance(report.output)
+    assert made["input"] == "s3://prompts/jobs/in-*.jsonl"
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(made)
