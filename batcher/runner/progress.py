@@ -174,6 +174,14 @@ class Progress:
             parts.insert(0, f"{in_flight} in flight")
         return "; ".join(parts)
 
+    def silent_s(self) -> float:
+        """Seconds since the last log line (or since the display opened)."""
+        return self._clock() - self._last_line
+
+    def log_line(self) -> None:
+        """A log line now: UTC timestamp, done/total, rate, tokens, cost, errors, state."""
+        self._write_log_line(self._clock())
+
     def _open_bars(self, width: int | None) -> None:
         from tqdm import tqdm
 
@@ -241,13 +249,18 @@ class Progress:
             eta = f", eta {format_duration((self._total - done) / (done / elapsed))}"
         tokens = f"{s.total_tokens} tokens" if s.tokens_known else "tokens unknown"
         state = f"; {self.state()}" if self.state() else ""
-        stamp = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = utc_stamp(self._wall())
         print(
             f"{stamp} batcher: {done}{total} done, {rate:.1f} req/s, {tokens}, {s.error} errors, "
             f"{s.rejected} rejected, {s.retries} retries, cost {self._cost()}{eta}{state}",
             file=self._stream,
             flush=True,
         )
+
+
+def utc_stamp(seconds: float) -> str:
+    """A log line's timestamp: ``2026-01-02T03:04:05Z`` for ``seconds`` since the epoch."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_summary(
