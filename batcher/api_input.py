@@ -258,9 +258,14 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-#: The job's parts that change how fast or how a run goes, not what it asks: left out of the
-#: key, so changing them resumes the same output.
-_NOT_IN_KEY = ("input", "output", "progress", "grace_s", "limits", "retry", "ray", "batch")
+#: The job's parts that change how fast or how a run goes, who is told of it (``notify``) or
+#: how its output is split (``split_errors``: the journal holds every answer, and each run
+#: writes the output from it, split or not), not what it asks: left out of the key, so
+#: changing them resumes the same output.
+_NOT_IN_KEY = (
+    "input", "output", "progress", "grace_s", "limits", "retry", "ray", "batch", "notify",
+    "split_errors",
+)  # fmt: skip
 
 
 def run_key(job: JobConfig, input_digest: str) -> str:

@@ -24,6 +24,7 @@ import batcher
 from batcher import api_input
 from batcher.api_view import dataset_view, in_input_order
 from batcher.errors import ConfigError
+from tests.helpers import free_port
 from tests.loopback import chat_answer, json_app, serving
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -83,6 +84,40 @@ def test_rows_in_memory_run_and_the_same_call_again_sends_nothing(
     # another question is another run
     hotter = batcher.run(input=ROWS, base_url=url, model="m", temperature=0.5, seed=7)
     assert hotter.output != first.output and len(counting.bodies) == 6
+
+
+def test_notify_urls_and_split_errors_resume_the_same_run(cache: Path) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def answer(body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        bodies.append(body)
+        user = body["messages"][-1]["content"]
+        if "France" in user:  # one final error, kept by a resume
+            return 400, {"error": {"message": "refused", "type": "invalid_request_error"}}, {}
+        return 200, chat_answer(body["model"], USAGE, f"echo: {user}"), {}
+
+    with serving(json_app(answer)) as url:
+        first = batcher.run(input=ROWS, base_url=url, model="m")
+        assert first.exit_code == 1 and len(bodies) == 3
+        errors = first.output.with_name(first.output.name + ".errors.jsonl")
+        assert pq.read_table(first.output).num_rows == 3 and not errors.exists()
+        # split, then told elsewhere, then unsplit: the same output, nothing sent again
+        for split, notify in [(True, None), (True, [f"json://127.0.0.1:{free_port()}/n"]),
+                              (False, None)]:  # fmt: skip
+            again = batcher.run(
+                input=ROWS, base_url=url, model="m", split_errors=split, notify=notify
+            )
+            assert again.output == first.output and len(bodies) == 3
+            assert again.stats.skipped == 3 and again.exit_code == 1
+            ok = pq.read_table(again.output).column("status").to_pylist()
+            assert ok == (["ok", "ok"] if split else ["ok", "error", "ok"])
+            assert errors.exists() == split
+            if split:
+                (line,) = errors.read_text().splitlines()
+                assert json.loads(line)["custom_id"] == "line-2"
+        # what is asked still decides: another model is another run
+        other = batcher.run(input=ROWS, base_url=url, model="m2", split_errors=True)
+        assert other.output != first.output and len(bodies) == 6
 
 
 def test_the_dataset_view_puts_the_inputs_columns_first_in_input_order(

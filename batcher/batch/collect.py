@@ -20,9 +20,15 @@ from batcher.batch.chunks import Chunk, plan_chunks
 from batcher.batch.results import BatchAnswer, ReadBack, answer_of, read_back
 from batcher.batch.submit import BatchRun, Live, done, forget_batch, note, submit, unrecorded
 from batcher.records import Request, Result
+from batcher.runner.progress import SILENT_MAX_S
 
 #: The most batches one request is put in (expired or cancelled batches included).
 MAX_ROUNDS = 8
+#: The longest the log goes without a counted line while batches run: the display's
+#: ``SILENT_MAX_S`` less a margin for the polls' own time.
+LINE_EVERY_S = SILENT_MAX_S - 5.0
+#: The batches named in a counted line; the rest are counted.
+SHOWN_BATCHES = 8
 #: The error of a batch refused for the enqueued-token limit (OpenAI's code).
 TOKEN_LIMIT = "token_limit_exceeded"
 
@@ -45,7 +51,9 @@ def child_of(run: BatchRun, chunk: Chunk) -> Live | None:
 
 async def follow(run: BatchRun, lives: list[Live]) -> None:
     """Poll every ``poll_s`` until each chunk's batch (and its next rounds') has ended and
-    been collected."""
+    been collected. A counted log line (``run.progress``: UTC timestamp, done/total, rate,
+    tokens, cost, errors, each batch's state and counts) follows each poll that changed a
+    batch, and comes at least every ``LINE_EVERY_S`` while none does, between polls too."""
     active = list(lives)
     last_overall = ""
     while active:
@@ -54,12 +62,30 @@ async def follow(run: BatchRun, lives: list[Live]) -> None:
             kept = await _step(run, live, active)
             still.extend(kept)
         active = still
+        if not active:
+            run.progress.set_status("every batch collected")
+            run.progress.log_line()
+            break
         overall = _overall(run, active)
-        if overall != last_overall and active:
-            run.say(overall)
+        run.progress.set_status(overall)
+        if overall != last_overall or run.progress.silent_s() >= LINE_EVERY_S:
+            run.progress.log_line()
             last_overall = overall
-        if active:
-            await run.sleep(run.job.batch.poll_s)
+        await _wait(run, run.job.batch.poll_s)
+
+
+async def _wait(run: BatchRun, seconds: float) -> None:
+    """Wait ``seconds`` for the next poll, with a counted line (the batches as last polled)
+    whenever ``LINE_EVERY_S`` pass without one: a ``poll_s`` over a minute leaves no gap."""
+    left = seconds
+    while left > 0:
+        due = LINE_EVERY_S - run.progress.silent_s()
+        if due <= 0:
+            run.progress.log_line()
+            continue
+        step = min(left, due)
+        await run.sleep(step)
+        left -= step
 
 
 async def _step(run: BatchRun, live: Live, active: list[Live]) -> list[Live]:
@@ -120,13 +146,27 @@ _OVER = frozenset({*ENDED, "collected"})
 
 
 def _overall(run: BatchRun, active: list[Live]) -> str:
-    states = [run.states.states.get(live.chunk.key) for live in active]
-    total = sum(s.request_counts.total for s in states if s is not None)
-    done = sum(s.request_counts.completed + s.request_counts.failed for s in states if s)
-    return (
-        f"{len(active)} batch(es) running: {done:,} of {total:,} requests ended; "
-        f"{run.stats.done:,} recorded this run"
-    )
+    """Each followed batch's state and counts (the first ``SHOWN_BATCHES``, then how many
+    more), and the requests ended in them: ``2 batches: batch_1 in_progress 3/4 (1 failed),
+    batch_2 validating 0/4; 3 of 8 ended``."""
+    parts = []
+    total = ended = 0
+    for live in active:
+        state = run.states.states.get(live.chunk.key)
+        if state is None or state.batch_id is None:
+            parts.append(f"{live.chunk.model} waiting for the queue")
+            continue
+        counts = state.request_counts
+        # a batch being validated counts nothing yet: its size is what was uploaded
+        size = counts.total or len(state.members) or len(live.chunk.requests)
+        done = counts.completed + counts.failed
+        total += size
+        ended += done
+        failed = f" ({counts.failed:,} failed)" if counts.failed else ""
+        parts.append(f"{state.batch_id} {state.status} {done:,}/{size:,}{failed}")
+    shown = ", ".join(parts[:SHOWN_BATCHES])
+    more = f", {len(parts) - SHOWN_BATCHES} more" if len(parts) > SHOWN_BATCHES else ""
+    return f"{len(active)} batches: {shown}{more}; {ended:,} of {total:,} ended"
 
 
 async def collect(run: BatchRun, live: Live, batch: Batch) -> Live | None:

@@ -24,6 +24,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -78,6 +79,7 @@ def run_batch_job(
     handle_signals: bool = False,
     sim: SimServer | None = None,
     sleep: Sleep | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> RunReport:
     """``arun_batch_job`` (which see) on an event loop of its own (blocking)."""
     run = functools.partial(
@@ -91,6 +93,7 @@ def run_batch_job(
         handle_signals=handle_signals,
         sim=sim,
         sleep=sleep,
+        clock=clock,
     )
     return anyio.run(run)
 
@@ -106,14 +109,16 @@ async def arun_batch_job(
     handle_signals: bool = False,
     sim: SimServer | None = None,
     sleep: Sleep | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> RunReport:
     """Run ``job`` through the Batch API; return the same report an online run returns.
 
     ``restart`` forgets the journals and submits every chunk again; refused (``ConfigError``)
     while batches of an earlier run are still running (``cancel`` them first). ``sim``
     serves a ``base_url = "sim"`` job's simulator. ``sleep`` replaces the wait between
-    two polls (tests). Raises ``ConfigError`` before anything is sent when the job cannot
-    run, and ``NotVisibleError`` (exit 2) when the key cannot see a journaled batch.
+    two polls and ``clock`` (seconds since the epoch) the clock of the log lines, their
+    timestamps and spacing (tests). Raises ``ConfigError`` before anything is sent when the
+    job cannot run, and ``NotVisibleError`` (exit 2) when the key cannot see a journaled batch.
     """
     stream = quiet(stream or sys.stderr)
     started = time.monotonic()
@@ -164,6 +169,9 @@ async def arun_batch_job(
                         base_url=urls[0],
                         api_key=key,
                         transport=transport,
+                        total=status.total,
+                        clock=clock or time.monotonic,
+                        wall=clock or time.time,
                     )
                     stats.skipped = sum(1 for r in requests if _done(run, r))
                     finished = await _drive(run, requests, detach, cancel, handle_signals)

@@ -14,7 +14,8 @@ a line changed since is sent again, as an online resume sends it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +31,7 @@ from batcher.cost.pricing import Pricer
 from batcher.engine.retry import Sleep
 from batcher.output.journal import Journal
 from batcher.records import Request
+from batcher.runner.progress import Progress, utc_stamp
 from batcher.runner.stats import RunStats
 
 
@@ -74,10 +76,22 @@ class BatchRun:
     base_url: str = ""  # the endpoint's, for the online engine
     api_key: str | None = None
     transport: Any = None  # an ``httpx.AsyncBaseTransport`` for the online engine (tests)
+    total: int | None = None  # the requests and rejected lines of the run (log lines' total)
+    #: seconds, monotonic (the log lines' spacing) and since the epoch (their timestamps)
+    clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    #: the counted log lines (done/total, rate, tokens, cost, errors, the batches' states)
+    progress: Progress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = Progress(
+            self.stats, total=self.total, enabled=False, stream=self.stream,
+            clock=self.clock, wall=self.wall,
+        )  # fmt: skip
 
     def say(self, message: str) -> None:
-        """One progress line."""
-        print(f"batcher: {message}", file=self.stream, flush=True)
+        """One progress line, with its UTC timestamp."""
+        print(f"{utc_stamp(self.wall())} batcher: {message}", file=self.stream, flush=True)
 
 
 def write_input(path: Path, lines: Iterable[bytes]) -> Path:

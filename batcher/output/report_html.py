@@ -36,6 +36,8 @@ dl.meta dt{color:#666}dl.meta dd{margin:0;overflow-wrap:anywhere}
 .tile b{display:block;font-size:1.25rem}.tile span{color:#666;font-size:.85rem}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,34rem),1fr));
   gap:1rem}
+.pair{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+.pair>figure{flex:1 1 28rem}.pair>.wide{flex:1 1 42rem}
 figure{margin:0;background:#fff;border:1px solid #e3e3e3;border-radius:.4rem;padding:.5rem;
   min-width:0}
 figure svg{width:100%;height:auto;display:block}
@@ -169,8 +171,9 @@ def _variants(report: Report, charts: Charts) -> str:
     ]  # fmt: skip
     chart = _chart(charts.variants(report.variants), "variants")
     return (
-        f"<section id='variants'><h2>Variants</h2><div class='grid'>{chart}"
-        f"<div>{_table(head, rows, 'wwnnnnnn')}</div></div></section>"
+        # the chart beside the table while the table has its width, else above it
+        f"<section id='variants'><h2>Variants</h2><div class='pair'>{chart}"
+        f"<div class='wide'>{_table(head, rows, 'wwnnnnnn')}</div></div></section>"
     )
 
 

@@ -242,11 +242,22 @@ class Notices:
         self._sender.put(notice)
 
     def _counts(self, stats: RunStats) -> str:
+        """The requests line: this run's counts; for a run that resumed an output (some done
+        before), the whole job's (what the output holds) first, then this run's."""
         total = self._progress.total if self._progress is not None else None
         of = f"/{total:,}" if total else ""
+        if stats.output_ok is None or not (stats.skipped or stats.resent):
+            return (
+                f"requests  {stats.done + stats.rejected:,}{of} done: {stats.ok:,} ok, "
+                f"{stats.error:,} error, {stats.rejected:,} rejected; {stats.retries:,} retries"
+            )
+        error = stats.output_error or 0
+        in_all = stats.output_ok + error + stats.rejected
         return (
-            f"requests  {stats.done + stats.rejected:,}{of} done: {stats.ok:,} ok, "
-            f"{stats.error:,} error, {stats.rejected:,} rejected; {stats.retries:,} retries"
+            f"requests  {in_all:,}{of} done in all: {stats.output_ok:,} ok, {error:,} error, "
+            f"{stats.rejected:,} rejected\n"
+            f"this run  {stats.done:,} done: {stats.ok:,} ok, {stats.error:,} error; "
+            f"{stats.skipped:,} done before; {stats.retries:,} retries"
         )
 
     def _budget_notice(self, stats: RunStats, budget: Budget) -> Notice:

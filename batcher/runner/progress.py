@@ -35,6 +35,8 @@ HEARTBEAT_S = 1.0
 _POSTFIX_EVERY_S = 0.5
 #: The widest a variant's name is shown beside its bar.
 _NAME_WIDTH = 12
+#: The widest a variant's name is shown in the summary (its row then fits 80 columns).
+_SUMMARY_NAME_WIDTH = 40
 
 
 async def progress_for(
@@ -172,6 +174,14 @@ class Progress:
             parts.insert(0, f"{in_flight} in flight")
         return "; ".join(parts)
 
+    def silent_s(self) -> float:
+        """Seconds since the last log line (or since the display opened)."""
+        return self._clock() - self._last_line
+
+    def log_line(self) -> None:
+        """A log line now: UTC timestamp, done/total, rate, tokens, cost, errors, state."""
+        self._write_log_line(self._clock())
+
     def _open_bars(self, width: int | None) -> None:
         from tqdm import tqdm
 
@@ -239,13 +249,18 @@ class Progress:
             eta = f", eta {format_duration((self._total - done) / (done / elapsed))}"
         tokens = f"{s.total_tokens} tokens" if s.tokens_known else "tokens unknown"
         state = f"; {self.state()}" if self.state() else ""
-        stamp = datetime.fromtimestamp(self._wall(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = utc_stamp(self._wall())
         print(
             f"{stamp} batcher: {done}{total} done, {rate:.1f} req/s, {tokens}, {s.error} errors, "
             f"{s.rejected} rejected, {s.retries} retries, cost {self._cost()}{eta}{state}",
             file=self._stream,
             flush=True,
         )
+
+
+def utc_stamp(seconds: float) -> str:
+    """A log line's timestamp: ``2026-01-02T03:04:05Z`` for ``seconds`` since the epoch."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def format_summary(
@@ -286,11 +301,7 @@ def format_summary(
         parts = ", ".join(f"{name} {n:,}" for name, n in sorted(s.by_endpoint.items()))
         lines.append(f"  endpoints {parts}")
     if s.variant_ok or s.variant_error:
-        names = sorted(set(s.variant_ok) | set(s.variant_error))
-        parts = ", ".join(
-            f"{name} {s.variant_ok[name]:,} ok/{s.variant_error[name]:,} error" for name in names
-        )
-        lines.append(f"  variants  {parts} (this run; batcher report compares them)")
+        lines += _variant_rows(s)
     if s.schema_valid or s.schema_invalid:
         lines.append(
             f"  schema    {s.schema_valid:,} valid, {s.schema_invalid:,} invalid "
@@ -312,6 +323,22 @@ def format_summary(
     if tail:
         lines.append(tail)
     return "\n".join(lines)
+
+
+def _variant_rows(s: RunStats) -> list[str]:
+    """The summary's variants: a heading, then a row per variant (a name longer than
+    ``_SUMMARY_NAME_WIDTH`` cut), so each line fits 80 columns."""
+    names = sorted(set(s.variant_ok) | set(s.variant_error))
+    shown = [
+        n if len(n) <= _SUMMARY_NAME_WIDTH else n[: _SUMMARY_NAME_WIDTH - 1] + "…" for n in names
+    ]
+    width = max(len(n) for n in shown)
+    rows = ["  variants  this run's answers (batcher report compares them)"]
+    for name, label in zip(names, shown, strict=True):
+        rows.append(
+            f"    {label:<{width}}  {s.variant_ok[name]:,} ok, {s.variant_error[name]:,} error"
+        )
+    return rows
 
 
 def format_tokens(s: RunStats) -> str:

@@ -249,7 +249,7 @@ def test_run_returns_a_table_with_the_variant_column_and_prints_nothing(
     result = batcher.run(mock_job(tmp_path, variants), transport=httpx.MockTransport(Counting()),
                          output=str(tmp_path / "o.parquet"))  # fmt: skip
     assert capsys.readouterr() == ("", "")
-    assert "finished" in result.summary and "v1 3 ok/0 error" in result.summary
+    assert "finished" in result.summary and "    v1  3 ok, 0 error" in result.summary
     assert result.output == tmp_path / "o.parquet" and result.table is not None
     assert result.table.column_names[-4:] == ["variant", "choices_asked", "batch_id", "messages"]
     assert sorted(result.table["variant"].to_pylist()) == ["v1"] * 3 + ["v2"] * 3
@@ -414,7 +414,7 @@ max_attempts = 1
         statuses = check_once_each(rows_of(tmp_path / "o.jsonl"), n)
         failed = statuses[("c", "error")]
         assert statuses[("a", "ok")] == statuses[("b", "ok")] == n and 3 <= failed <= 21
-        assert bad_seen == n and "variants  a 24 ok/0 error, b 24 ok/0 error" in first.stderr
+        assert bad_seen == n and "    a  24 ok, 0 error\n    b  24 ok, 0 error\n" in first.stderr
 
         with sim_process() as fixed:  # the flaky endpoint, repaired (another port)
             job = job_file(good, fixed)

@@ -266,7 +266,7 @@ def _chromium() -> str | None:
 @pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
-@pytest.mark.parametrize("width", [1400, 700])
+@pytest.mark.parametrize("width", [1400, 1280, 1024, 700])
 def test_chromium_renders_a_sweep_offline_and_nothing_is_cut_off(
     tmp_path: Path, width: int
 ) -> None:

@@ -295,6 +295,29 @@ def test_a_run_stopped_by_max_cost_is_told_why_and_how_to_resume(
     assert "CAPTOKEN99" not in json.dumps([{**n, "auth": None} for n in receiver.notices])
 
 
+def test_a_resumed_run_is_told_the_whole_jobs_counts_and_its_own(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    from batcher.runner.run import run_job
+
+    raw = sim_job(
+        tmp_path, 40, limits={"concurrency": 1}, pricing={"m": {"input": 1000.0, "output": 1000.0}},
+        notify={"urls": [receiver.url("resume")]},
+    )  # fmt: skip
+    first = run_job(with_overrides(job_from_dict(raw), max_cost_usd=0.5), stream=io.StringIO(),
+                    sim=sim_server)  # fmt: skip
+    assert first.exit_code == 3 and 0 < first.stats.done < 40
+    second = run_job(job_from_dict(raw), stream=io.StringIO(), sim=sim_server)
+    assert second.exit_code == 0
+    s = second.stats
+    assert s.skipped == first.stats.done and s.done == 40 - first.stats.done
+    got = fields(receiver.of("finished")[0])
+    assert got["requests"] == "40/40 done in all: 40 ok, 0 error, 0 rejected"
+    assert got["this"] == (
+        f"run  {s.done} done: {s.ok} ok, 0 error; {s.skipped} done before; 0 retries"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signalled_run_is_told_stopped_with_the_counts_it_recorded(

@@ -52,6 +52,22 @@ def test_summary_counts_statuses_tokens_and_error_classes() -> None:
     assert "rejects   o.parquet.rejects.jsonl" in text
 
 
+def test_the_summary_lays_out_a_sweeps_variants_in_rows_that_fit_80_columns() -> None:
+    stats = RunStats()
+    names = ["temperature-0.0", "temperature-0.7", "gpt-4o-mini-with-a-longer-system-prompt-v2"]
+    for i, name in enumerate(names):
+        stats.variant_ok[name] = 1_000_000 + i
+        stats.variant_error[name] = 12_345
+    text = format_summary(stats, name="sweep", output="o.parquet", rejects=None)
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  variants  "))
+    rows = lines[at + 1 : at + 4]
+    assert rows[0] == "    gpt-4o-mini-with-a-longer-system-prompt…  1,000,002 ok, 12,345 error"
+    assert rows[1] == "    temperature-0.0                           1,000,000 ok, 12,345 error"
+    assert rows[2].startswith("    temperature-0.7 ") and "1,000,001 ok" in rows[2]
+    assert all(len(line) <= 80 for line in lines[at : at + 4]), lines
+
+
 @pytest.mark.parametrize(
     ("ok", "error", "rejected", "stopped", "code"),
     [(5, 0, 0, False, 0), (5, 1, 0, False, 1), (5, 0, 1, False, 1), (5, 1, 1, True, 3)],
