@@ -21,7 +21,7 @@ from typing import Any
 
 from batcher.output.formats import errors_path
 from batcher.output.provenance import read_provenance
-from batcher.output.report_source import Source, report_source, source_rows
+from batcher.output.report_source import JournalRows, Source, report_source, source_rows
 from batcher.output.rows import read_results
 
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
@@ -132,6 +132,7 @@ class Report:
     error_samples: dict[str, list[str]] = field(default_factory=dict)  # class -> messages
     samples: list[Sample] = field(default_factory=list)
     attempts: int = 0
+    left_out: int = 0  # requests of a compacted journal whose output row is gone
     provenance: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -214,6 +215,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             finished.append(ended.timestamp())
             oks.append(1.0 if status == "ok" else 0.0)
             costs.append(math.nan if cost is None else cost)  # unknown is not $0
+    report.left_out = rows.left_out if isinstance(rows, JournalRows) else 0
     ordered = sorted(latencies)
     report.latency_p50_s = _percentile(ordered, 50)
     report.latency_p90_s = _percentile(ordered, 90)

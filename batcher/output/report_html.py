@@ -18,7 +18,7 @@ from pathlib import Path
 
 from batcher.output.report import Report
 from batcher.output.report_charts import COST_APART, Charts, cost_apart, latency_histogram
-from batcher.output.report_text import format_report
+from batcher.output.report_text import format_report, left_out_note
 
 _CSS = """
 *{box-sizing:border-box}
@@ -78,8 +78,12 @@ def render_html(report: Report, series: dict[str, array[float]]) -> str:
             f"cost within {apart:.0%} of cumulative answers throughout): no chart of its own.</p>"
         )
     title = html.escape(report.job_name or Path(report.path).name)
+    left_out = ""
+    if report.left_out:
+        left_out = f"<p class='note' id='left-out'>{html.escape(left_out_note(report))}.</p>"
     body = [
         _header(report),
+        left_out,
         "<h2>Over time and latency</h2>",
         f"<div class='grid' id='charts'>{''.join(f for f in figures if f)}</div>",
         cost_note,

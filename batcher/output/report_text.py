@@ -12,6 +12,8 @@ def format_report(report: Report) -> str:
     if report.source == "journal":
         lines[0] += " (not written yet: what its journal holds so far)"
     lines.append(f"  run       {_run_line(report)}")
+    if report.left_out:
+        lines.append(f"  note      {left_out_note(report)}")
     lines += [
         f"  requests  {report.requests:,}: {report.ok:,} ok, {report.error:,} error; "
         f"{report.attempts:,} attempts",
@@ -69,6 +71,14 @@ def format_report(report: Report) -> str:
             f"from {made.get('input', '?')} (sha256 {sha[:16]}); job in the file's metadata"
         )
     return "\n".join(lines)
+
+
+def left_out_note(report: Report) -> str:
+    """Why some requests of a running (or stopped) job are not in its report."""
+    return (
+        f"{report.left_out:,} requests answered before are left out: their answers were "
+        "written to the output, which is gone (its journal keeps no answers once compacted)"
+    )
 
 
 def _run_line(report: Report) -> str:
