@@ -120,6 +120,7 @@ def _header(report: Report) -> str:
         ("exit code", "-" if report.exit_code is None else str(report.exit_code)),
         ("started (UTC)", _utc(report.started_at)),
         ("ended (UTC)", _utc(report.ended_at)),
+        ("last run (UTC)", _last_run(report)),
         ("input", made.get("input") or "-"),
         ("output", report.path + (" (not written yet: from its journal)" if journal else "")),
         ("models", models),
@@ -130,6 +131,13 @@ def _header(report: Report) -> str:
         f"<header><h1>{name} <span class='state {tone}' id='state'>{html.escape(state)}</span>"
         f"</h1><dl class='meta' id='meta'>{meta}</dl>{_tiles(report)}</header>"
     )
+
+
+def _last_run(report: Report) -> str:
+    """When the last run started and ended ("-" when the output does not say)."""
+    if report.last_run_ended_at is None:
+        return "-"
+    return f"{_utc(report.last_run_started_at)} to {_utc(report.last_run_ended_at)}"
 
 
 def _tiles(report: Report) -> str:

@@ -82,11 +82,14 @@ def left_out_note(report: Report) -> str:
 
 
 def _run_line(report: Report) -> str:
-    """The job's name, state, exit code, and start and end in UTC, as far as they are known."""
+    """The job's name, its last run's state and exit code, the span of its answers and its
+    last run's start and end in UTC, as far as they are known."""
     parts = [report.job_name or "job", report.state or "state not recorded"]
     if report.exit_code is not None:
         parts.append(f"exit code {report.exit_code}")
-    span = f"{report.started_at or '?'} to {report.ended_at or '…'} UTC"
+    span = f"answers {report.started_at or '?'} to {report.ended_at or '…'} UTC"
+    if report.last_run_ended_at is not None:
+        span += f"; last run {report.last_run_started_at or '?'} to {report.last_run_ended_at} UTC"
     return f"{parts[0]}: {', '.join(parts[1:])}; {span}"
 
 
