@@ -280,6 +280,23 @@ def journal_facts(journal: Path) -> JournalFacts:
         reader.close()
 
 
+def appended_since_compacted(journal: Path) -> bool:
+    """Whether a compacted journal's newest record is a full one: a later run recorded
+    requests its output does not hold yet (it was stopped before writing it)."""
+    try:
+        with journal.open("rb") as f:
+            if not _is_compact(f.readline()):
+                return False
+            end = _whole_end(f, os.fstat(f.fileno()).st_size)
+            for raw in _lines_backwards(f, 0, end):
+                record = _parse(raw)
+                if record is not None and "custom_id" in record:
+                    return kept_in(record) is None
+    except OSError:
+        pass
+    return False
+
+
 def output_facts(rows: Iterator[Mapping[str, Any]]) -> JournalFacts:
     """The facts of an output's rows (each request once), newest errors last read first."""
     facts = JournalFacts()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.output.formats import errors_path
+from batcher.output.journal import JOURNAL_SUFFIX
 from batcher.output.provenance import read_provenance
 from batcher.output.report_source import JournalRows, Source, report_source, source_rows
 from batcher.output.rows import read_results
@@ -275,15 +276,21 @@ def _how_it_ended(report: Report, source: Source, first_start: float, last_end: 
 
 def _last_run_of(source: Source) -> dict[str, str]:
     """How the last run of an output without metadata (JSONL) ended, from the status file
-    beside it, in the metadata's terms (``provenance.run_record``); empty when there is none
-    or for a journal (a run still going, or stopped before its output: ``source.state``)."""
-    info = read_status_file(source.path) if source.kind == "output" else None
-    if info is None or info.get("state") not in ("finished", "stopped"):
+    beside it, in the metadata's terms (``provenance.run_record``); empty when there is none,
+    only the job's name for a journal (whose state is ``source.state``)."""
+    output = source.path
+    if source.kind == "journal":
+        output = output.with_name(output.name.removesuffix(JOURNAL_SUFFIX))
+    info = read_status_file(output)
+    if info is None:
         return {}
+    last = {"job": json.dumps({"name": info.get("job")})}
+    if source.kind != "output" or info.get("state") not in ("finished", "stopped"):
+        return last  # the journal's state says more (running, or stopped without a word)
     state = str(info["state"])
     if state == "stopped":
         state = f"stopped early: {info.get('stop_reason') or 'stopped'}"
-    last = {"state": state, "job": json.dumps({"name": info.get("job")})}
+    last["state"] = state
     if isinstance(info.get("exit_code"), int):
         last["exit_code"] = str(info["exit_code"])
     for name in ("started_at", "ended_at"):

@@ -20,6 +20,7 @@ from batcher.errors import InputError, OutputError
 from batcher.output.compaction import PreviousOutput
 from batcher.output.formats import errors_path
 from batcher.output.journal import JOURNAL_SUFFIX, decode, journal_path, kept_in, lock_holder
+from batcher.output.journal_facts import appended_since_compacted
 from batcher.output.rows import parquet_row, read_results
 from batcher.records import record_key
 
@@ -36,13 +37,14 @@ class Source:
 
 def report_source(output: Path) -> Source:
     """The journal while a run holds it (the output, if any, is an earlier run's), else the
-    output when it exists, else the journal (a run stopped before writing its output);
-    ``InputError`` when neither exists."""
+    output when it exists and holds every record (a run killed after resuming a compacted
+    journal left more in the journal), else the journal (a run stopped before writing its
+    output); ``InputError`` when neither exists."""
     journal = journal_path(output)
     state = journal_state(journal) if journal.is_file() else None
     if state is not None and state.startswith("running"):
         return Source(journal, "journal", state)
-    if output.exists():
+    if output.exists() and not (state is not None and appended_since_compacted(journal)):
         return Source(output, "output")
     if state is not None:
         return Source(journal, "journal", state)

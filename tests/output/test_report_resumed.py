@@ -83,7 +83,11 @@ def test_report_of_a_resumed_run_reads_compact_records_from_the_output(tmp_path:
         assert 0 < report.wall_s < 60 + 22  # the two runs' answers, not 56 years
         assert report.error_classes == {"not_found": 1}
         assert "usage missing" not in format_report(report)
-    first.output.unlink()  # no run holds the journal, and the output is gone
+    # the resumed run killed: no run holds the journal, which holds more than the output
+    report, _ = build_report(first.output)
+    assert report.source == "journal" and str(report.state).startswith("not finished")
+    assert (report.requests, report.ok, report.left_out) == (23, 22, 0)
+    first.output.unlink()  # and the output gone
     report, _ = build_report(first.output)
     assert report.source == "journal" and report.state is not None
     assert report.state.startswith("not finished")
