@@ -45,9 +45,9 @@ from batcher.cost.budget import check_priced
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
 from batcher.input.tabular import check_input
-from batcher.output.compaction import check_answers_kept
+from batcher.output.compaction import checked_journal
 from batcher.output.formats import rejects_path
-from batcher.output.journal import Journal, journal_path
+from batcher.output.journal import journal_path
 from batcher.output.live_output import write_output
 from batcher.output.provenance import provenance
 from batcher.records import Request
@@ -137,10 +137,10 @@ async def arun_batch_job(
     stats = RunStats()
     status = RunStatus(output, job=job.name, mode="batch")
     with (
-        Journal(journal_path(output), restart=restart) as journal,  # restart: state gone too
+        # restart: the batch state goes too; a job whose output is gone is refused first
+        checked_journal(journal_path(output), output, restart=restart) as journal,
         status.running(),  # the status file only while the journal's lock is ours
     ):
-        check_answers_kept(journal, output)
         requests = await anyio.to_thread.run_sync(read_all, job, input_path, output, stats)
         status.follow(stats)
         status.total = len(requests) + stats.rejected

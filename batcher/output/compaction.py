@@ -98,6 +98,15 @@ def check_answers_kept(journal: Journal, output: Path) -> None:
             )
 
 
+@contextlib.contextmanager
+def checked_journal(path: Path, output: Path, *, restart: bool = False) -> Iterator[Journal]:
+    """The journal at ``path`` opened (and locked: ``Journal``), once ``check_answers_kept``
+    passed: a run it refuses leaves the job's status file alone, opened after it."""
+    with Journal(path, restart=restart) as journal:
+        check_answers_kept(journal, output)
+        yield journal
+
+
 class PreviousOutput:
     """The output (and errors file) as the last run wrote them, read back by row."""
 
@@ -107,6 +116,11 @@ class PreviousOutput:
 
     def result(self, record: Mapping[str, Any]) -> Result:
         """The answer of a compact ``record``, from the file and row it points at."""
+        return result_of_row(self.row(record))
+
+    def row(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The output row (as ``rows.read_results`` gives it) a compact ``record`` points at.
+        Raises ``OutputError`` when the file is gone, unreadable or does not hold it."""
         where = kept_in(record) or "output"
         rows = self._files.get(where)
         if rows is None:
@@ -118,7 +132,7 @@ class PreviousOutput:
                 f"{self._paths[where]} does not hold the answer of {key!r} its journal points "
                 "at: put back the file the last run wrote, or run with --restart"
             )
-        return result_of_row(row)
+        return row
 
     def close(self) -> None:
         """Close the files read."""

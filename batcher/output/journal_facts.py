@@ -7,9 +7,14 @@ come first. Only a 64-bit fingerprint of each request's key is kept (``input.ids
 which moves to a temporary database past its first 65,536), never the records: memory stays
 flat however long the journal is. A journal being written is read up to its last whole line.
 
-A journal compacted after its run (its header says ``compact``) keeps no tokens, times or
-messages: those facts come from the output then, and so do they for an output without a
-journal (the Ray engine's, or a journal deleted).
+A compacted journal (``output.compaction``) begins with compact records, which keep no
+tokens, times or messages but point at their request's row in the output (or errors file);
+a resumed run appends full records after them. The full records are read backwards as above,
+then the compact ones forward, each not recorded again since counted from the row it points
+at (read forward, one row group at a time). A compact record whose row cannot be read (the
+output is gone) counts by what it keeps itself: its status, error code and cost
+(``JournalFacts.unread``). An output without a journal (the Ray engine's, or a journal
+deleted) gives its facts from its rows (``output_facts``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ from typing import IO, Any
 import orjson
 
 from batcher import jsonfast
+from batcher.errors import OutputError
 from batcher.input.idset import IdSet
+from batcher.output.compaction import PreviousOutput
+from batcher.output.formats import errors_path
+from batcher.output.journal import JOURNAL_SUFFIX, kept_in
 from batcher.records import record_key
 
 #: Seconds of finishes the recent rate is measured over.
@@ -66,6 +75,7 @@ class JournalFacts:
     first_started_at: float | None = None
     last_finished_at: float | None = None
     finishes: Counter[int] = field(default_factory=Counter)
+    unread: int = 0  # compact records whose output row could not be read (tokens unknown)
 
     @property
     def done(self) -> int:
@@ -137,6 +147,7 @@ class JournalFacts:
         ends = [t for t in (self.last_finished_at, older.last_finished_at) if t is not None]
         self.last_finished_at = max(ends, default=None)
         self.finishes.update(older.finishes)
+        self.unread += older.unread
         self._prune()
 
 
@@ -153,27 +164,24 @@ class JournalReader:
         self._end = 0  # where the lines read end
         self._inode = -1
 
-    def facts(self) -> JournalFacts | None:
-        """The journal's facts now; ``None`` when it is compact (its facts are in the
-        output). Raises ``OSError`` when it cannot be read."""
+    def facts(self) -> JournalFacts:
+        """The journal's facts now (a compacted one's from the output's rows too). Raises
+        ``OSError`` when it cannot be read."""
         with self.path.open("rb") as f:
             st = os.fstat(f.fileno())
             if self._facts is not None and (st.st_ino != self._inode or st.st_size < self._end):
                 self._forget()
-            if _is_compact(f.readline()):
-                self._forget()
-                return None
             self._inode = st.st_ino
             end = _whole_end(f, st.st_size)
             if self._facts is None:
-                self._facts = self._read(f, 0, end, self._seen)
+                self._facts = self._read_whole(f, end)
             elif end > self._end:
                 appended = IdSet()
                 try:
                     newer = self._read(f, self._end, end, appended)
                 except _Overlap:
                     self._forget()
-                    self._facts = self._read(f, 0, end, self._seen)
+                    self._facts = self._read_whole(f, end)
                 else:
                     newer.add_older(self._facts)
                     self._facts = newer
@@ -190,6 +198,13 @@ class JournalReader:
         self._seen.close()
         self._facts, self._end = None, 0
 
+    def _read_whole(self, f: IO[bytes], end: int) -> JournalFacts:
+        """The facts of the journal up to ``end``: its full records, then its compact ones."""
+        facts = self._read(f, 0, end, self._seen)
+        if _is_compact(_first_line(f)):
+            facts.add_older(self._compact_facts(f, end))
+        return facts
+
     def _read(self, f: IO[bytes], start: int, end: int, here: IdSet) -> JournalFacts:
         """The facts of the lines in ``[start, end)``, newest first; ``here``: the keys met
         in that span. Raises ``_Overlap`` when a span after the first holds a request the
@@ -204,6 +219,10 @@ class JournalReader:
             custom_id, variant = record.get("custom_id"), record.get("variant")
             if type(custom_id) is not str or not (variant is None or type(variant) is str):
                 continue  # the header, or a line no run could read either
+            if kept_in(record) is not None:
+                if later:  # compacted again since the last read: read it all again
+                    raise _Overlap
+                continue  # counted by _compact_facts, once the later records are known
             key = record_key(custom_id, variant)
             if here.add(key):
                 if later and not seen.add(key):
@@ -211,19 +230,71 @@ class JournalReader:
                 facts.add(record)
         return facts
 
+    def _compact_facts(self, f: IO[bytes], end: int) -> JournalFacts:
+        """The facts of the compact records up to ``end`` whose request no later record
+        holds (those keys are in ``_seen`` already), read forward in the output's order."""
+        output = self.path.with_name(self.path.name.removesuffix(JOURNAL_SUFFIX))
+        previous = PreviousOutput(output)
+        facts = JournalFacts()
+        newest: list[RecentError] = []
+        # a file that is gone is not looked for once per record
+        present = {"output": output.exists(), "errors": errors_path(output).exists()}
+        try:
+            f.seek(0)
+            f.readline()  # the header
+            while f.tell() < end:
+                record = _parse(f.readline())
+                if record is None or kept_in(record) is None:
+                    if record is not None and "custom_id" in record:
+                        break  # the full records a later run appended: read already
+                    continue
+                key = _key_of(record)
+                if key is None or not self._seen.add(key):
+                    continue  # recorded again later: that record counts
+                where = kept_in(record) or "output"
+                row = _row_of(previous, record) if present[where] else None
+                if row is None:
+                    facts.unread += 1
+                    row = record  # its status, error code and cost, no tokens nor times
+                facts.add(row)
+                if row.get("status") != "ok":
+                    error = _recent_error(row, _epoch(row.get("finished_at")))
+                    newest = [*newest[-(LAST_ERRORS - 1) :], error]
+        finally:
+            previous.close()
+        facts.last_errors = newest[::-1]
+        return facts
+
 
 class _Overlap(Exception):
     """An appended record of a request recorded before: the journal is read whole again."""
 
 
-def journal_facts(journal: Path) -> JournalFacts | None:
-    """The facts of the journal at ``journal`` (read once); ``None`` when it is compact.
-    Raises ``OSError`` when it cannot be read."""
+def journal_facts(journal: Path) -> JournalFacts:
+    """The facts of the journal at ``journal`` (read once). Raises ``OSError`` when it
+    cannot be read."""
     reader = JournalReader(journal)
     try:
         return reader.facts()
     finally:
         reader.close()
+
+
+def appended_since_compacted(journal: Path) -> bool:
+    """Whether a compacted journal's newest record is a full one: a later run recorded
+    requests its output does not hold yet (it was stopped before writing it)."""
+    try:
+        with journal.open("rb") as f:
+            if not _is_compact(f.readline()):
+                return False
+            end = _whole_end(f, os.fstat(f.fileno()).st_size)
+            for raw in _lines_backwards(f, 0, end):
+                record = _parse(raw)
+                if record is not None and "custom_id" in record:
+                    return kept_in(record) is None
+    except OSError:
+        pass
+    return False
 
 
 def output_facts(rows: Iterator[Mapping[str, Any]]) -> JournalFacts:
@@ -239,6 +310,19 @@ def output_facts(rows: Iterator[Mapping[str, Any]]) -> JournalFacts:
             ]
     facts.last_errors = newest[::-1]
     return facts
+
+
+def _row_of(previous: PreviousOutput, record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The output row a compact record points at; ``None`` when it cannot be read."""
+    try:
+        return previous.row(record)
+    except OutputError:
+        return None
+
+
+def _first_line(f: IO[bytes]) -> bytes:
+    f.seek(0)
+    return f.readline()
 
 
 def _recent_error(record: Mapping[str, Any], finished: float | None) -> RecentError:
@@ -283,6 +367,13 @@ def _lines_backwards(f: IO[bytes], start: int, end: int) -> Iterator[bytes]:
                 yield line
     if tail:
         yield tail
+
+
+def _key_of(record: Mapping[str, Any]) -> str | None:
+    custom_id, variant = record.get("custom_id"), record.get("variant")
+    if type(custom_id) is not str or not (variant is None or type(variant) is str):
+        return None
+    return record_key(custom_id, variant)
 
 
 def _is_compact(first: bytes) -> bool:

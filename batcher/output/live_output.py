@@ -290,6 +290,7 @@ def write_output(
     already (their rows must point into the new output), the journal is compacted."""
     # pyarrow: imported once the requests are done
     from batcher.output.compaction import CompactJournal, PreviousOutput
+    from batcher.output.provenance import with_earlier_429s
     from batcher.output.rows import PLAIN
     from batcher.output.split import open_outputs
 
@@ -312,7 +313,10 @@ def write_output(
                     error += 1
             stats.output_ok, stats.output_error = ok, error
             if ending is not None:
-                writer.add_metadata(ending(stats))
+                ended = ending(stats)
+                if journal.entries:  # earlier runs' answers are in it: their 429s too
+                    ended = with_earlier_429s(ended, output)
+                writer.add_metadata(ended)
     except BaseException:
         if compacting is not None:
             compacting.abort()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import JobConfig
+from batcher.errors import BatcherError
 from batcher.http.redact import redact_url, scheme_only
 from batcher.storage import origin_of
 
@@ -97,19 +98,47 @@ def run_record(
     return record
 
 
-def rate_limited_bins(at: Mapping[int, int]) -> dict[str, Any]:
+def rate_limited_bins(at: Mapping[int, int], *, width: int = 1) -> dict[str, Any]:
     """The 429s counted by Unix second as ``{"bin_s": W, "counts": [[START, N], ...]}``:
-    W is 1, doubled until at most ``MAX_429_BINS`` bins hold them."""
-    width = 1
-    bins = dict(at)
+    W is ``width`` (1, or the width of bins merged in), doubled until at most
+    ``MAX_429_BINS`` bins hold them."""
+    bins = _binned(at, width)
     while len(bins) > MAX_429_BINS:
         width *= 2
-        merged: dict[int, int] = {}
-        for second, n in at.items():
-            start = second - second % width
-            merged[start] = merged.get(start, 0) + n
-        bins = merged
+        bins = _binned(at, width)
     return {"bin_s": width, "counts": [[start, bins[start]] for start in sorted(bins)]}
+
+
+def _binned(at: Mapping[int, int], width: int) -> dict[int, int]:
+    bins: dict[int, int] = {}
+    for second, n in at.items():
+        start = second - second % width
+        bins[start] = bins.get(start, 0) + n
+    return bins
+
+
+def with_earlier_429s(record: Mapping[str, str], output: Path) -> dict[str, str]:
+    """``record`` (how a run ended: ``run_record``) with the 429s that the earlier runs of
+    ``output`` met added, as that output's metadata holds them: the output written again
+    holds every run's answers, so its 429s cover every run too. Unchanged when this run did
+    not count its 429s or the earlier output holds none."""
+    merged = dict(record)
+    key = PREFIX + "rate_limited"
+    if key not in merged:
+        return merged
+    try:
+        earlier = json.loads(read_provenance(output).get("rate_limited") or "null")
+        now = json.loads(merged[key])
+        counts: dict[int, int] = {}
+        for start, n in [*earlier["counts"], *now["counts"]]:
+            counts[int(start)] = counts.get(int(start), 0) + int(n)
+        width = max(int(earlier["bin_s"]), int(now["bin_s"]), 1)
+    except (ValueError, TypeError, KeyError, LookupError):
+        return merged  # no earlier record (a JSONL output, none yet, another version's)
+    except BatcherError:
+        return merged  # an earlier output that cannot be read: its answers say so later
+    merged[key] = json.dumps(rate_limited_bins(counts, width=width))
+    return merged
 
 
 def _iso(ts: float) -> str:

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from batcher.output.formats import errors_path
+from batcher.output.journal import JOURNAL_SUFFIX
 from batcher.output.provenance import read_provenance
-from batcher.output.report_source import Source, report_source, source_rows
+from batcher.output.report_source import JournalRows, Source, report_source, source_rows
 from batcher.output.rows import read_results
+from batcher.runner.status_file import read_status_file
 
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 #: Sample answers kept: every variant's answer to the first ``SAMPLE_IDS`` ids, at most
@@ -91,11 +93,14 @@ class Sample:
 class Report:
     """Everything ``batcher report`` shows.
 
-    ``source`` is ``"output"``, or ``"journal"`` for a job whose output is not written yet;
-    ``state``, ``exit_code``, ``started_at`` and ``ended_at`` (ISO-8601 UTC) come from the
-    output's metadata when its run recorded them; else ``state`` is ``None`` and the times
-    span the answers. ``rate_limited_bins`` holds the 429s the run met (``[start, count]``
-    per ``rate_limited_bin_s`` seconds, Unix time), ``None`` when the output does not say.
+    ``source`` is ``"output"``, or ``"journal"`` for a job whose output is not written yet.
+    ``started_at`` and ``ended_at`` (ISO-8601 UTC) span the answers (the first one's start,
+    the last one's end; no end while a run holds the journal), over every run that gave
+    them; ``last_run_started_at`` and ``last_run_ended_at`` are the last run's, with its
+    ``state`` and ``exit_code``, from the output's metadata (a JSONL output's from the status
+    file beside it), ``None`` where neither says. ``rate_limited_bins`` holds the 429s the
+    runs met (``[start, count]`` per ``rate_limited_bin_s`` seconds, Unix time), ``None``
+    when the output does not say.
     """
 
     path: str
@@ -105,6 +110,8 @@ class Report:
     exit_code: int | None = None
     started_at: str | None = None
     ended_at: str | None = None
+    last_run_started_at: str | None = None
+    last_run_ended_at: str | None = None
     rate_limited: int | None = None
     rate_limited_bin_s: int = 1
     rate_limited_bins: list[list[int]] | None = None
@@ -132,6 +139,7 @@ class Report:
     error_samples: dict[str, list[str]] = field(default_factory=dict)  # class -> messages
     samples: list[Sample] = field(default_factory=list)
     attempts: int = 0
+    left_out: int = 0  # requests of a compacted journal whose output row is gone
     provenance: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -214,6 +222,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             finished.append(ended.timestamp())
             oks.append(1.0 if status == "ok" else 0.0)
             costs.append(math.nan if cost is None else cost)  # unknown is not $0
+    report.left_out = rows.left_out if isinstance(rows, JournalRows) else 0
     ordered = sorted(latencies)
     report.latency_p50_s = _percentile(ordered, 50)
     report.latency_p90_s = _percentile(ordered, 90)
@@ -243,22 +252,52 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
 
 
 def _how_it_ended(report: Report, source: Source, first_start: float, last_end: float) -> None:
-    """The job's name, state, exit code, start and end, and 429s: from the output's metadata
-    where its run recorded them, else what the answers and the journal show."""
-    made = report.provenance
+    """The job's name, the last run's state, exit code, start and end, and the 429s: from the
+    output's metadata where its run recorded them (else the status file beside an output
+    without metadata), and the span of the answers."""
+    made = report.provenance or _last_run_of(source)
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         report.job_name = json.loads(made.get("job") or "{}").get("name")
     report.state = made.get("state") or source.state
     with contextlib.suppress(ValueError, TypeError):
         report.exit_code = int(made["exit_code"]) if "exit_code" in made else None
-    report.started_at = made.get("started_at") or _iso(first_start)
-    report.ended_at = made.get("ended_at") or (None if source.state else _iso(last_end))
+    report.last_run_started_at = made.get("started_at")
+    report.last_run_ended_at = made.get("ended_at")
+    report.started_at = _iso(first_start) or report.last_run_started_at
+    running = source.state is not None and source.state.startswith("running")
+    report.ended_at = None if running else (_iso(last_end) or report.last_run_ended_at)
     with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
         bins = json.loads(made["rate_limited"])
         counts = [[int(start), int(n)] for start, n in bins["counts"]]
         report.rate_limited_bin_s = max(1, int(bins["bin_s"]))
         report.rate_limited_bins = counts
         report.rate_limited = sum(n for _, n in counts)
+
+
+def _last_run_of(source: Source) -> dict[str, str]:
+    """How the last run of an output without metadata (JSONL) ended, from the status file
+    beside it, in the metadata's terms (``provenance.run_record``); empty when there is none,
+    only the job's name for a journal (whose state is ``source.state``)."""
+    output = source.path
+    if source.kind == "journal":
+        output = output.with_name(output.name.removesuffix(JOURNAL_SUFFIX))
+    info = read_status_file(output)
+    if info is None:
+        return {}
+    last = {"job": json.dumps({"name": info.get("job")})}
+    if source.kind != "output" or info.get("state") not in ("finished", "stopped"):
+        return last  # the journal's state says more (running, or stopped without a word)
+    state = str(info["state"])
+    if state == "stopped":
+        state = f"stopped early: {info.get('stop_reason') or 'stopped'}"
+    last["state"] = state
+    if isinstance(info.get("exit_code"), int):
+        last["exit_code"] = str(info["exit_code"])
+    for name in ("started_at", "ended_at"):
+        at = info.get(name)
+        if isinstance(at, int | float) and (text := _iso(float(at))) is not None:
+            last[name] = text
+    return last
 
 
 def _iso(ts: float) -> str | None:

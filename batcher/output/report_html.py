@@ -18,7 +18,7 @@ from pathlib import Path
 
 from batcher.output.report import Report
 from batcher.output.report_charts import COST_APART, Charts, cost_apart, latency_histogram
-from batcher.output.report_text import format_report
+from batcher.output.report_text import format_report, left_out_note
 
 _CSS = """
 *{box-sizing:border-box}
@@ -80,8 +80,12 @@ def render_html(report: Report, series: dict[str, array[float]]) -> str:
             f"cost within {apart:.0%} of cumulative answers throughout): no chart of its own.</p>"
         )
     title = html.escape(report.job_name or Path(report.path).name)
+    left_out = ""
+    if report.left_out:
+        left_out = f"<p class='note' id='left-out'>{html.escape(left_out_note(report))}.</p>"
     body = [
         _header(report),
+        left_out,
         "<h2>Over time and latency</h2>",
         f"<div class='grid' id='charts'>{''.join(f for f in figures if f)}</div>",
         cost_note,
@@ -118,6 +122,7 @@ def _header(report: Report) -> str:
         ("exit code", "-" if report.exit_code is None else str(report.exit_code)),
         ("started (UTC)", _utc(report.started_at)),
         ("ended (UTC)", _utc(report.ended_at)),
+        ("last run (UTC)", _last_run(report)),
         ("input", made.get("input") or "-"),
         ("output", report.path + (" (not written yet: from its journal)" if journal else "")),
         ("models", models),
@@ -128,6 +133,13 @@ def _header(report: Report) -> str:
         f"<header><h1>{name} <span class='state {tone}' id='state'>{html.escape(state)}</span>"
         f"</h1><dl class='meta' id='meta'>{meta}</dl>{_tiles(report)}</header>"
     )
+
+
+def _last_run(report: Report) -> str:
+    """When the last run started and ended ("-" when the output does not say)."""
+    if report.last_run_ended_at is None:
+        return "-"
+    return f"{_utc(report.last_run_started_at)} to {_utc(report.last_run_ended_at)}"
 
 
 def _tiles(report: Report) -> str:

@@ -12,6 +12,8 @@ def format_report(report: Report) -> str:
     if report.source == "journal":
         lines[0] += " (not written yet: what its journal holds so far)"
     lines.append(f"  run       {_run_line(report)}")
+    if report.left_out:
+        lines.append(f"  note      {left_out_note(report)}")
     lines += [
         f"  requests  {report.requests:,}: {report.ok:,} ok, {report.error:,} error; "
         f"{report.attempts:,} attempts",
@@ -71,12 +73,23 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
+def left_out_note(report: Report) -> str:
+    """Why some requests of a running (or stopped) job are not in its report."""
+    return (
+        f"{report.left_out:,} requests answered before are left out: their answers were "
+        "written to the output, which is gone (its journal keeps no answers once compacted)"
+    )
+
+
 def _run_line(report: Report) -> str:
-    """The job's name, state, exit code, and start and end in UTC, as far as they are known."""
+    """The job's name, its last run's state and exit code, the span of its answers and its
+    last run's start and end in UTC, as far as they are known."""
     parts = [report.job_name or "job", report.state or "state not recorded"]
     if report.exit_code is not None:
         parts.append(f"exit code {report.exit_code}")
-    span = f"{report.started_at or '?'} to {report.ended_at or '…'} UTC"
+    span = f"answers {report.started_at or '?'} to {report.ended_at or '…'} UTC"
+    if report.last_run_ended_at is not None:
+        span += f"; last run {report.last_run_started_at or '?'} to {report.last_run_ended_at} UTC"
     return f"{parts[0]}: {', '.join(parts[1:])}; {span}"
 
 

@@ -110,10 +110,13 @@ class JobStatus:
     def resume(self) -> str | None:
         """How to go on, when the run did not finish."""
         if self.state in (DIED, "stopped"):
-            return (
+            again = (
                 "run the same batcher run command again: it continues from "
                 f"{journal_path(self.output).name}"
             )
+            if self.info.get("exit_code") == 2:  # refused by its job or endpoint: as it was
+                return f"fix what stopped it ({self.info.get('stop_reason')}), then {again}"
+            return again
         return None
 
     def as_dict(self) -> dict[str, Any]:
@@ -199,7 +202,7 @@ def read_job_status(
             ) from None
     except OSError as exc:
         raise InputError(f"cannot read {journal}: {exc.strerror or exc}") from None
-    if facts is None:  # compact, or no journal: the output holds the facts
+    if facts is None:  # no journal (the Ray engine's output, or deleted): the output's rows
         facts = _facts_of_output(output)
     return JobStatus(
         output=output,
@@ -301,6 +304,11 @@ def format_status(status: JobStatus) -> str:
         f"  tokens    {f.prompt_tokens:,} prompt + {f.completion_tokens:,} completion = "
         f"{f.total_tokens:,}"
     )
+    if f.unread:
+        lines.append(
+            f"  note      {f.unread:,} requests' tokens and times unknown: the output their "
+            "compacted journal points into is gone"
+        )
     if f.priced or f.unpriced:
         cost = f"${f.cost_usd:.4f}" if f.priced else "unknown"
         if f.unpriced:

@@ -29,7 +29,7 @@ from batcher.errors import ConfigError, OutputError
 from batcher.input.field_names import FieldNames, job_field_warnings
 from batcher.input.sources import open_sources
 from batcher.limits.known_limits import KnownLimits
-from batcher.output.compaction import check_answers_kept
+from batcher.output.compaction import checked_journal
 from batcher.output.formats import RejectsWriter, rejects_path
 from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput, finish_output, live_output_for
@@ -220,11 +220,10 @@ async def _run_journaled(
         output, job=job.name, mode="online", input_path=setting.input_path, passes=len(sources)
     )
     # the status file only while the journal is ours: a run it refuses leaves it alone
-    with Journal(jpath, restart=options.restart) as journal, status.running():
+    with checked_journal(jpath, output, restart=options.restart) as journal, status.running():
         try:
             if journal.torn_note:
                 print(journal.torn_note, file=stream)
-            check_answers_kept(journal, output)
             plan = ResumePlan(journal.entries, retry_errors=options.retry_errors)
             metadata = functools.partial(provenance, job, setting.input_path)
             shape = functools.partial(_output_shape, job)  # pyarrow: made in the writer's thread

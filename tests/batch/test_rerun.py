@@ -187,3 +187,20 @@ def test_batcher_run_detached_or_cancelling_returns_no_table(tmp_path: Path, fla
         assert result.report.exit_code == 3
         assert result.table is None
         assert created(sim) == 2
+
+
+def test_a_batch_job_refused_because_its_output_is_gone_leaves_the_status_file(
+    tmp_path: Path,
+) -> None:
+    from batcher.runner.status_file import read_status_file
+
+    with batch_sim(FAST) as sim:
+        job = batch_job(sim, tmp_path, 8)
+        first = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+        assert first.exit_code == 0, first.summary
+        before = read_status_file(first.output)
+        assert before is not None and before["state"] == "finished"
+        first.output.unlink()
+        with pytest.raises(ConfigError, match="is gone"):
+            run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+    assert read_status_file(first.output) == before

@@ -128,7 +128,7 @@ def test_a_compact_journal_sends_status_to_the_output(tmp_path: Path) -> None:
         '{"custom_id":"a","hash":"h","status":"ok","row":0}\n'
         '{"custom_id":"b","hash":"h","status":"error","row":1}\n'
     )
-    assert journal_facts(journal) is None
+    assert journal_facts(journal) == read_job_status(out).facts  # the output's rows
     status = read_job_status(out)
     assert (status.facts.ok, status.facts.error) == (1, 1)
     assert status.facts.total_tokens == 5 and status.facts.cost_usd == 0.25

@@ -107,7 +107,9 @@ def test_header_tiles_errors_and_costs_of_a_known_output(plain: Path) -> None:
     meta = section(page, "meta")
     for label, value in [
         ("state", "finished"), ("exit code", "1"), ("started (UTC)", "2026-12-06 23:33:19"),
-        ("ended (UTC)", "2026-12-06 23:35:20"), ("output", str(plain)), ("models", "m-a"),
+        ("ended (UTC)", "2026-12-06 23:34:59"),  # the answers' span: the last one's end
+        ("last run (UTC)", "2026-12-06 23:33:19 to 2026-12-06 23:35:20"),
+        ("output", str(plain)), ("models", "m-a"),
     ]:  # fmt: skip
         assert f"<dt>{label}</dt><dd>{value}</dd>" in meta
     assert "very-long-name-" in meta and "<h1>nightly" in page
