@@ -141,6 +141,31 @@ def test_a_csv_without_a_template_sends_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.csv"]  # no journal, no output
 
 
+def test_a_template_the_input_cannot_fill_is_a_usage_error(tmp_path: Path) -> None:
+    src = tmp_path / "q.csv"
+    src.write_text("question,gold\nhi,1\n", encoding="utf-8")
+    rows = tmp_path / "q.jsonl"
+    rows.write_text('{"q": "a"}\n{"q": "b", "gold": "B"}\n', encoding="utf-8")
+    cases = [
+        (src, ["--template-user", ""], "template.user: empty"),
+        (src, ["--template-user", "{nope}"], "template.user: no column 'nope' in the input"),
+        (src, ["--template-user", "{question}", "--id-column", "nope"], "template.id_column"),
+        (rows, ["--template-user", "{nope}"], "its columns: 'q', 'gold'"),
+    ]
+    with sim_process() as url:
+        for given, flags, message in cases:
+            out = tmp_path / "out.parquet"
+            proc = run_batcher(
+                "run", "-i", str(given), "-o", str(out), "-m", "sim-model", "--base-url", url,
+                *flags,
+            )  # fmt: skip
+            assert proc.returncode == 2, (flags, proc.stderr)
+            assert message in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert not out.exists()
+        assert sim_stats(url)["requests_received"] == 0
+
+
 def test_the_shipped_dataset_job_answers_every_question(tmp_path: Path) -> None:
     import dataclasses
 
