@@ -78,6 +78,11 @@ def check_input(job: JobConfig, path: Path | str | None = None) -> None:
     place, or a column (``{name}`` or ``id_column``) that the input's columns do not hold."""
     path = job.input if path is None else path
     form = input_form(path)
+    if str(path) == "-" and job.input_format not in (None, "jsonl"):  # stdin not copied
+        raise ConfigError(
+            "job.input_format",
+            "a table on standard input needs the local engine: save it to a file",
+        )
     if job.template is None:
         if form != "jsonl":
             raise ConfigError(
