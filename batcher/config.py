@@ -195,7 +195,8 @@ class JobConfig:
     whose rows it renders into requests. ``system`` is a system message put first in every
     request that has none (the line's own, the template's or a variant's wins).
     ``split_errors`` writes failed requests to ``OUTPUT.errors.jsonl`` instead of the output.
-    ``notify`` says where notices of the run go.
+    ``notify`` says where notices of the run go. ``input_format`` is the form of standard
+    input (``jsonl``, ``csv``, ``tsv``, ``parquet``), which has no suffix to say it.
     """
 
     name: str = "batch"
@@ -220,6 +221,7 @@ class JobConfig:
     system: str | None = None
     split_errors: bool = False
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    input_format: str | None = None
 
     def require_paths(self) -> tuple[Path, Path]:
         """Return (input, output), or fail naming the one that is missing."""

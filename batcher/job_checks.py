@@ -28,6 +28,9 @@ from batcher.errors import ConfigError
 from batcher.http.redact import redact_url
 from batcher.input.requests import check_request_fields
 
+#: The forms ``input_format`` names (standard input's: it has no suffix to say it).
+INPUT_FORMATS = ("jsonl", "csv", "tsv", "parquet")
+
 
 def validate(job: JobConfig) -> None:
     """Check every value of a job; raise ``ConfigError`` naming the first bad field."""
@@ -36,6 +39,11 @@ def validate(job: JobConfig) -> None:
     if job.grace_s < 0:
         raise ConfigError("job.grace_s", f"must be >= 0, got {job.grace_s!r}")
     check_int(lim.concurrency, "limits.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
+    if job.input_format is not None and job.input_format not in INPUT_FORMATS:
+        raise ConfigError(
+            "job.input_format",
+            f"must be one of {', '.join(INPUT_FORMATS)}, got {job.input_format!r}",
+        )
     if job.engine not in ENGINES:
         raise ConfigError("job.engine", f'must be "local" or "ray", got {job.engine!r}')
     if job.ray.workers is not None:

@@ -46,7 +46,8 @@ OVERRIDES = frozenset(
     {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
      "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
      "engine", "ray_workers", "mode", "detach", "cancel", "template_user", "template_system",
-     "id_column", "system", "max_tokens", "temperature", "params", "split_errors", "notify"}
+     "id_column", "system", "max_tokens", "temperature", "params", "split_errors", "notify",
+     "input_format"}
 )  # fmt: skip
 
 
@@ -81,7 +82,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     batch_t = _table(raw, "batch")
 
     job_keys = {"name", "input", "output", "progress", "grace_s", "engine", "mode", "system",
-                "split_errors"}  # fmt: skip
+                "split_errors", "input_format"}  # fmt: skip
     _no_unknown(job_t, job_keys, where="job")
     _no_unknown(batch_t, {f.name for f in dataclasses.fields(BatchConfig)}, where="batch")
     _no_unknown(ray_t, {f.name for f in dataclasses.fields(RayConfig)}, where="ray")
@@ -128,6 +129,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
         system=_typed(job_t, "system", str, "job"),
         split_errors=_typed(job_t, "split_errors", bool, "job", False),
         notify=_notify(_table(raw, "notify")),
+        input_format=_typed(job_t, "input_format", str, "job"),
     )
     validate(job)
     return job
@@ -208,6 +210,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         system=given.get("system", job.system),
         split_errors=given.get("split_errors", job.split_errors),
         notify=_notify_over(job.notify, given),
+        input_format=given.get("input_format", job.input_format),
         retry=dataclasses.replace(
             job.retry,
             **{k: given[k] for k in ("max_attempts", "timeout_s") if k in given},

@@ -90,6 +90,7 @@ def _job(args: argparse.Namespace) -> JobConfig:
     return with_overrides(
         job,
         input=args.input,
+        input_format=args.input_format,
         output=args.output,
         model=args.model,
         base_url=args.base_url,

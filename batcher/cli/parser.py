@@ -81,6 +81,11 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="input: JSONL requests (.jsonl, .jsonl.gz, or - for stdin), or a table "
         "(.csv, .tsv, .parquet) with --template-user",
     )
+    parser.add_argument(
+        "--input-format",
+        choices=("jsonl", "csv", "tsv", "parquet"),
+        help="the form of standard input (-i -; default jsonl): a file's comes from its suffix",
+    )
     parser.add_argument("--output", "-o", help="output file (.parquet or .jsonl)")
     parser.add_argument("--model", "-m", help="default model for lines that name none")
     parser.add_argument(

@@ -10,6 +10,11 @@ Rows are streamed: CSV/TSV through the ``csv`` module (the header is the first r
 are numbered from 1, blank rows skipped), Parquet a batch of rows at a time
 (``ParquetFile.iter_batches``, never the whole file), JSONL rows a line at a time (numbered by
 line, as request lines are). ``input_schema`` is the Arrow type of the ``input`` column.
+
+The columns are known before anything is sent (``input_columns``): a CSV's header, a Parquet
+file's schema, and for JSONL rows the union of every row's keys in first-seen order (one
+parsing pass over the file, cached per file). A template naming a column the input does not
+have is a ``ConfigError`` then, instead of a reject on every row.
 """
 
 from __future__ import annotations
@@ -69,8 +74,15 @@ def input_form(path: Path | str | None) -> Form:
 
 def check_input(job: JobConfig, path: Path | str | None = None) -> None:
     """Refuse a table (the job's input, or ``path``) with no ``[template]``: nothing could be
-    sent. A bad template is refused too, naming its field."""
-    form = input_form(job.input if path is None else path)
+    sent. A bad template is refused too, naming its field: an empty ``user``, a brace out of
+    place, or a column (``{name}`` or ``id_column``) that the input's columns do not hold."""
+    path = job.input if path is None else path
+    form = input_form(path)
+    if str(path) == "-" and job.input_format not in (None, "jsonl"):  # stdin not copied
+        raise ConfigError(
+            "job.input_format",
+            "a table on standard input needs the local engine: save it to a file",
+        )
     if job.template is None:
         if form != "jsonl":
             raise ConfigError(
@@ -79,9 +91,38 @@ def check_input(job: JobConfig, path: Path | str | None = None) -> None:
                 "to turn each row into a request, e.g. 'Answer: {question}'",
             )
         return
-    parse_template(job.template.user, "template.user")
+    if not job.template.user.strip():
+        raise ConfigError(
+            "template.user", "empty: give the user message, with {column} placeholders"
+        )
+    named = [
+        (c, "template.user") for c in parse_template(job.template.user, "template.user").columns
+    ]
     if job.template.system:
-        parse_template(job.template.system, "template.system")
+        system = parse_template(job.template.system, "template.system")
+        named += [(c, "template.system") for c in system.columns]
+    if job.template.id_column is not None:
+        named.append((job.template.id_column, "template.id_column"))
+    # stdin and pipes are not read ahead; a URI or a glob is checked on its local copy
+    columns = input_columns(path) if isinstance(path, Path) and path.is_file() else None
+    if not columns:
+        return  # nothing to check against (or no rows at all)
+    known = set(columns)
+    for column, field in named:
+        if column not in known:
+            shown = ", ".join(repr(c) for c in columns[:_SHOWN_COLUMNS])
+            more = (
+                f" and {len(columns) - _SHOWN_COLUMNS} more"
+                if len(columns) > _SHOWN_COLUMNS
+                else ""
+            )
+            raise ConfigError(
+                field, f"no column {column!r} in the input; its columns: {shown}{more}"
+            )
+
+
+#: The input's columns named in a message about a column it does not have.
+_SHOWN_COLUMNS = 20
 
 
 def reader_for(
@@ -107,7 +148,12 @@ def reader_for(
     }
     if job.template is None:
         return Reader(stream, job.request, **options)
-    return TableReader(stream, input_form(path), job.template, job.request, **options)
+    form = input_form(path)
+    # JSONL rows: every row's ``input`` holds the union of the rows' keys, as the output's type
+    columns = None
+    if form == "jsonl" and isinstance(path, Path) and path.is_file():
+        columns = input_columns(path)
+    return TableReader(stream, form, job.template, job.request, columns=columns or None, **options)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +168,9 @@ class _Row:
 class TableReader(Reader):
     """A ``Reader`` of rows: each rendered through the template into a request.
 
+    ``columns`` (JSONL rows) are the keys every row's ``input`` holds (absent ones null);
+    without them a row holds its own keys.
+
     A row the template cannot render (a column it names is missing), with an empty or missing
     id, or one the table cannot give (a CSV row with more fields than the header, a JSONL row
     that is no object) is a ``Reject`` with its row number and a reason naming the column.
@@ -133,10 +182,13 @@ class TableReader(Reader):
         form: Form,
         template: TemplateConfig,
         defaults: Mapping[str, Any] | None = None,
+        *,
+        columns: list[str] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(stream, defaults, **options)
         self._form = form
+        self._columns = columns
         self._user = parse_template(template.user, "template.user")
         self._system_t = (
             parse_template(template.system, "template.system") if template.system else None
@@ -304,7 +356,7 @@ def _parquet_rows(reader: TableReader) -> Iterator[_Row | Reject]:
 
 
 def _jsonl_rows(reader: TableReader) -> Iterator[_Row | Reject]:
-    keys: list[str] | None = None  # the first row's (a JSON object): the input's fields
+    keys = reader._columns  # every row's keys, read ahead (else each row's own)
     for number, raw in enumerate(_checked(reader._stream), start=1):
         reader._note_row(number)
         if number == 1 and raw.startswith(_BOM):
@@ -318,9 +370,8 @@ def _jsonl_rows(reader: TableReader) -> Iterator[_Row | Reject]:
         except LineError as exc:
             yield Reject(line=number, reason=str(exc), text=_text(raw))
             continue
-        if keys is None:
-            keys = list(obj)
-        yield _Row(number, obj, {key: _json_cell(obj.get(key)) for key in keys})
+        names = obj if keys is None else keys
+        yield _Row(number, obj, {key: _json_cell(obj.get(key)) for key in names})
 
 
 def _json_row(raw: bytes) -> dict[str, Any]:
@@ -343,18 +394,58 @@ def _json_cell(value: Any) -> str | None:
     return jsonfast.dumps_text(value)
 
 
-def _first_json_row(path: Path) -> dict[str, Any] | None:
+def _json_keys(path: Path) -> list[str]:
+    """The union of the keys of every JSONL row of ``path``, in first-seen order (lines that
+    are no JSON object left out: the reader rejects them)."""
     from batcher.input.sources import open_input
 
+    keys: dict[str, None] = {}
     with open_input(path) as stream:
         for raw in _checked(stream):
             raw = raw.removeprefix(_BOM).rstrip(b"\r\n")
             if raw.strip():
                 try:
-                    return _json_row(raw)
-                except LineError:
-                    continue  # the reader rejects it, and takes the next row's keys too
-    return None
+                    obj = jsonfast.loads_exact(raw)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(obj, dict):
+                    keys.update(dict.fromkeys(obj))
+    return list(keys)
+
+
+#: The columns of the files read ahead, by (path, size, modification time): a run asks for
+#: them several times (the check, each variant's reader, the output's type).
+_COLUMNS: dict[tuple[Path, int, int], list[str]] = {}
+
+
+def input_columns(path: Path) -> list[str] | None:
+    """The input's columns, known before its rows are read: a CSV's header, a Parquet file's
+    fields, the union of every JSONL row's keys (first-seen order); ``None`` for stdin."""
+    if str(path) == "-":
+        return None
+    form = input_form(path)
+    if form == "parquet":
+        return list(_parquet_schema(path).names)
+    if form != "jsonl":
+        return _csv_header(path, form)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # the reader names the missing file
+    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+    if key not in _COLUMNS:
+        if len(_COLUMNS) >= 8:
+            _COLUMNS.clear()
+        _COLUMNS[key] = _json_keys(path)
+    return list(_COLUMNS[key])
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    from batcher.input.sources import open_input
+
+    with open_input(path) as stream:
+        schema: pa.Schema = _parquet_file(stream).schema_arrow
+    return schema.remove_metadata()
 
 
 # --- the input column's schema -------------------------------------------------------------
@@ -365,26 +456,16 @@ def input_schema(job: JobConfig) -> pa.Schema | None:
     template (request lines have no row).
 
     CSV and TSV carry no types: every column is ``pa.string()``. Parquet gives its own schema.
-    JSONL rows: the first row's keys (the first line that is a JSON object), each
-    ``pa.string()`` (other values as JSON text; a later row's other keys are left out).
-    Standard input has no schema to read ahead (``None``).
+    JSONL rows: the union of every row's keys (``input_columns``), each ``pa.string()``
+    (other values as JSON text). Standard input unread (the Ray engine's) has none (``None``).
     """
     import pyarrow as pa
 
     if job.template is None or not isinstance(job.input, Path) or str(job.input) == "-":
         return None  # no template, no input, stdin, or a URI (a run reads its local copy)
-    form = input_form(job.input)
-    if form == "parquet":
-        from batcher.input.sources import open_input
-
-        with open_input(job.input) as stream:
-            schema: pa.Schema = _parquet_file(stream).schema_arrow
-        return schema.remove_metadata()
-    if form == "jsonl":
-        row = _first_json_row(job.input)
-        names = list(row) if row is not None else []
-    else:
-        names = _csv_header(job.input, form)
+    if input_form(job.input) == "parquet":
+        return _parquet_schema(job.input)
+    names = input_columns(job.input) or []
     return pa.schema([pa.field(name, pa.string()) for name in names])
 
 

@@ -3,7 +3,8 @@
 A placeholder is the whole text between ``{`` and ``}`` (spaces and dots included: a column
 may be named ``"first name"``); ``{{`` and ``}}`` stand for literal braces. Nothing else is
 special, so a value holding braces is put in as it is and never read as a placeholder.
-Values are rendered as text: a string as is, ``null`` as the empty string, a boolean as
+Values are rendered as text: a string as is, ``null`` (and a float NaN, a missing number
+in pandas) as the empty string, a boolean as
 ``true``/``false``, a number as Python prints it, a list or an object as JSON text.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +99,8 @@ def value_text(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and math.isnan(value):
+        return ""  # a missing value, as pandas writes one
     if isinstance(value, int | float):
         return str(value)
     if isinstance(value, bytes):

@@ -171,29 +171,32 @@ def line_custom_id(custom_id: str, variant: str | None) -> str:
 
 
 def _response_and_error(r: Result, extra: dict[str, Any]) -> tuple[Any, Any]:
-    """The line's ``response`` and ``error`` as the Batch API sets them.
+    """The line's ``response`` or ``error``, never both.
 
-    ``error`` only when there is no HTTP answer, or no usable body: then ``response.body`` is
-    ``{}`` (always an object) and ``batcher.response_body`` says where the body went: ``"none"``
-    (there was none), ``"text"`` (``error.message`` is the raw answer) or ``"json"``
-    (``error.message`` is a JSON value that is not an object, as JSON text)."""
+    ``response`` when an HTTP answer came with a JSON object body (a server's 400 with its
+    JSON error too, as the Batch API writes it); else ``error``: no HTTP answer (a timeout, a
+    connection error), or an answer without a usable body. Then the answer's status code and
+    request id go to ``batcher.status_code`` and ``batcher.request_id``, and
+    ``batcher.response_body`` says where its body went: ``"none"`` (there was none),
+    ``"text"`` (``error.message`` is the raw answer) or ``"json"`` (``error.message`` is a
+    JSON value that is not an object, as JSON text), so the line reads back whole."""
+    body = r.body
+    if isinstance(body, dict):
+        return {"status_code": r.status_code, "request_id": r.request_id, "body": body}, None
     if not _has_response(r):
         failed = r.status == "error" or r.error_code is not None or r.error_message is not None
         return None, {"code": r.error_code, "message": r.error_message} if failed else None
-    body = r.body
-    response = {"status_code": r.status_code, "request_id": r.request_id, "body": body}
-    if isinstance(body, dict):
-        return response, None
-    response["body"] = {}
+    extra["status_code"] = r.status_code
+    extra["request_id"] = r.request_id
     code = r.error_code or "invalid_response"
     if body is None:
         extra["response_body"] = "none"
-        return response, {"code": code, "message": r.error_message}
+        return None, {"code": code, "message": r.error_message}
     if isinstance(body, str):
         extra["response_body"] = "text"
-        return response, {"code": code, "message": body}
+        return None, {"code": code, "message": body}
     extra["response_body"] = "json"
-    return response, {"code": code, "message": ENCODE(body)}
+    return None, {"code": code, "message": ENCODE(body)}
 
 
 def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]:
@@ -205,9 +208,8 @@ def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]
 
     ``custom_id`` is unique within a file: the line's own id, ``id:variant`` in a sweep (the
     line's own id then in ``batcher.line_id``, the variant in ``batcher.variant``). ``id`` is
-    derived from the id and variant, so reruns produce comparable files. ``response`` is null
-    only when nothing of an HTTP answer is known (no status code, body or request id);
-    ``response.body`` is always an object; ``error`` is set only where the Batch API sets it
+    derived from the id and variant, so reruns produce comparable files. A line has
+    ``response`` (an answer with an object body) or ``error`` (no usable answer), never both
     (see ``_response_and_error``); batcher's own error code and message are
     ``batcher.error_code`` and ``batcher.error_message``. Usage stays in
     ``response.body.usage`` as the server sent it; ``batcher.usage`` appears only when the
@@ -423,7 +425,10 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
     else:  # vLLM writes the error inline as a string
         error_code, error_message = None, err
     custom_id = obj.get("custom_id")
+    request_id = resp.get("request_id")
     if isinstance(b, dict):
+        if not resp:  # an answer without a usable body: its status and id are batcher's
+            status_code, request_id = b.get("status_code"), b.get("request_id")
         status = b.get("status")
         model = b.get("model")
         body = _body_of(b.get("response_body"), body, error_message)
@@ -456,7 +461,7 @@ def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
         status_code,
         error_code,
         error_message,
-        resp.get("request_id"),
+        request_id,
         None if meta is None else ENCODE(meta),
         None if body is None else _text(body),
         None if started is None else datetime.fromisoformat(started),

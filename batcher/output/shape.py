@@ -57,29 +57,34 @@ def tool_calls_type(arguments: pa.DataType) -> pa.DataType:
     return pa.list_(call)
 
 
-def shape_for(job: JobConfig, input_schema: pa.Schema | None) -> OutputShape:
+def shape_for(
+    job: JobConfig,
+    input_schema: pa.Schema | None,
+    line_asks: Sequence[Mapping[str, Any]] = (),
+) -> OutputShape:
     """The output shape of ``job`` whose input rows have ``input_schema`` (``None``: the input
-    is request lines).
+    is request lines), its lines asking ``line_asks`` (``input.line_formats.line_asks``: the
+    distinct ``response_format``/``tools`` the lines set; empty: none read).
 
     ``parsed`` is typed from the schema when every request of the job asks for the same
-    ``json_schema`` (the ``[request]`` default, or each variant's); when variants ask for
-    different ones, or only some ask for one, it is JSON text. ``tool_calls``' arguments
-    likewise, from the ``parameters`` of the one function tool (JSON text with several tools).
-    A line's own ``response_format`` or ``tools`` are not looked at: what does not fit the
-    job's types is null (the answer stays in ``content``).
+    ``json_schema``, as sent: the line's own over the ``[request]`` default, each variant's
+    over both; when lines or variants ask for different ones, or only some ask for one, it is
+    JSON text. ``tool_calls``' arguments likewise, from the ``parameters`` of the one function
+    tool (JSON text with several tools). What does not fit the types is null (the answer
+    stays in ``content``).
     """
-    requests = _requests(job)
+    requests = _requests(job, line_asks)
     row = None if input_schema is None else pa.struct(list(input_schema))
     schemas = [_answer_schema(r.get("response_format")) for r in requests]
     tools = [_tools(r.get("tools")) for r in requests]
     return OutputShape(input=row, parsed=_typed(schemas), tool_arguments=_typed(tools))
 
 
-def _requests(job: JobConfig) -> list[Mapping[str, Any]]:
-    """The job's request defaults as each variant sends them (one, without variants)."""
-    if not job.variants:
-        return [job.request]
-    return [{**job.request, **variant.request} for variant in job.variants]
+def _requests(job: JobConfig, line_asks: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The requests as each variant sends them, for each distinct ask of the lines
+    (``[request]`` < line < variant)."""
+    overrides = [variant.request for variant in job.variants] or [{}]
+    return [{**job.request, **ask, **over} for ask in line_asks or [{}] for over in overrides]
 
 
 _NONE = object()  # the request asks for nothing of the kind
@@ -119,8 +124,15 @@ def _tools(tools: Any) -> Any:
 
 
 def output_shape(job: JobConfig) -> OutputShape:
-    """The output shape of ``job``, its input's schema read from its input (a tabular input's
-    header or Parquet schema)."""
-    from batcher.input.tabular import input_schema
+    """The output shape of ``job``, read from its input: a tabular input's columns, or what
+    its request lines ask for (``line_formats``)."""
+    from pathlib import Path
 
-    return shape_for(job, input_schema(job))
+    from batcher.input.line_formats import line_asks
+    from batcher.input.tabular import input_form, input_schema
+
+    asks: list[dict[str, Any]] = []
+    path = job.input
+    if job.template is None and isinstance(path, Path) and input_form(path) == "jsonl":
+        asks = line_asks(path)
+    return shape_for(job, input_schema(job), asks)

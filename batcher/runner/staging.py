@@ -4,8 +4,11 @@ glob): what the local engine and batch mode read and write on this machine.
 - **Input**: a remote file is copied into a fresh folder under the work folder before the run
   (it is read there more than once: counted, its schema, once per variant); a glob's files,
   local or remote, are joined into one file there (``input/joined.py``: lines numbered on
-  across the files in their sorted order). The copy is removed when the run ends (a killed
-  run's, by the next run that makes one). A single local file is read where it is.
+  across the files in their sorted order). Standard input is copied there too, as
+  ``stdin.FORM`` (``input_format``, else ``jsonl``), so it is read like a file: its columns
+  and the lines' response formats read ahead, counted, read once per variant. The copy is
+  removed when the run ends (a killed run's, by the next run that makes one). A single local
+  file is read where it is.
 - **Output**: a remote output is written in a work folder of its own,
   ``WORK/outputs/<hash of the URI>/NAME``, with its journal, status and errors files beside it
   as for a local output: a killed run resumes from that journal on this machine. When that
@@ -25,6 +28,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,7 +130,16 @@ def stage(job: JobConfig, *, restart: bool = False) -> Staging:
                 staging.job, output=_local_output(job.output, restart=restart)
             )
             staging.stand_in(staging.job.output, job.output)
-        if job.input is not None and (is_uri(job.input) or _is_local_glob(job.input)):
+        if job.input_format is not None and str(job.input) != "-":
+            raise ConfigError(
+                "job.input_format",
+                "only for standard input (-i -): a file's form comes from its suffix",
+            )
+        if str(job.input) == "-":
+            local = _spooled_stdin(job.input_format or "jsonl", staging.temporary)
+            staging.job = dataclasses.replace(staging.job, input=local)
+            staging.stand_in(local, Path("-"))
+        elif job.input is not None and (is_uri(job.input) or _is_local_glob(job.input)):
             staging.job = dataclasses.replace(
                 staging.job, input=_local_input(job.input, staging.temporary)
             )
@@ -159,6 +172,19 @@ def _local_input(location: Location, temporary: list[Path]) -> Path:
             raise InputError(f"input not found: {shown(uri)}")
         return dest
     return join(files, folder)
+
+
+def _spooled_stdin(form: str, temporary: list[Path]) -> Path:
+    """Standard input copied into a fresh folder, named ``stdin.FORM``; its path."""
+    folder = _fresh_folder("inputs")
+    temporary.append(folder)
+    local = folder / f"stdin.{form}"
+    try:
+        with local.open("wb") as spool:
+            shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+    except OSError as exc:
+        raise InputError(f"cannot copy standard input to {local}: {exc.strerror or exc}") from None
+    return local
 
 
 def _fresh_folder(kind: str) -> Path:

@@ -141,6 +141,75 @@ def test_a_csv_without_a_template_sends_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.csv"]  # no journal, no output
 
 
+def test_a_template_the_input_cannot_fill_is_a_usage_error(tmp_path: Path) -> None:
+    src = tmp_path / "q.csv"
+    src.write_text("question,gold\nhi,1\n", encoding="utf-8")
+    rows = tmp_path / "q.jsonl"
+    rows.write_text('{"q": "a"}\n{"q": "b", "gold": "B"}\n', encoding="utf-8")
+    cases = [
+        (src, ["--template-user", ""], "template.user: empty"),
+        (src, ["--template-user", "{nope}"], "template.user: no column 'nope' in the input"),
+        (src, ["--template-user", "{question}", "--id-column", "nope"], "template.id_column"),
+        (rows, ["--template-user", "{nope}"], "its columns: 'q', 'gold'"),
+    ]
+    with sim_process() as url:
+        for given, flags, message in cases:
+            out = tmp_path / "out.parquet"
+            proc = run_batcher(
+                "run", "-i", str(given), "-o", str(out), "-m", "sim-model", "--base-url", url,
+                *flags,
+            )  # fmt: skip
+            assert proc.returncode == 2, (flags, proc.stderr)
+            assert message in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert not out.exists()
+        assert sim_stats(url)["requests_received"] == 0
+
+
+def test_standard_input_is_read_like_a_file_of_its_declared_form(tmp_path: Path) -> None:
+    """A CSV on stdin with --input-format csv, and JSONL rows on stdin: both have the
+    ``input`` column with every column (a later row's key too); --input-format with a file
+    is a usage error."""
+    csv_out, rows_out = tmp_path / "csv.parquet", tmp_path / "rows.parquet"
+    with sim_process() as url:
+        common = ["-m", "sim-model", "--base-url", url, "--no-progress", "-i", "-"]
+        from_csv = run_batcher(
+            "run", *common, "-o", str(csv_out), "--input-format", "csv",
+            "--template-user", "Q: {question}", "--id-column", "id",
+            stdin="id,question,gold\nq1,What is 2+2?,4\nq2,Red or blue?,red\n",
+        )  # fmt: skip
+        from_rows = run_batcher(
+            "run", *common, "-o", str(rows_out), "--template-user", "Q: {q}",
+            stdin='{"q": "a"}\n{"q": "b", "gold": "B"}\n',
+        )  # fmt: skip
+        src = tmp_path / "q.jsonl"
+        src.write_text('{"q": "a"}\n', encoding="utf-8")
+        refused = run_batcher(
+            "run", *common[:-2], "-i", str(src), "-o", str(tmp_path / "x.parquet"),
+            "--input-format", "csv", "--template-user", "{q}",
+        )  # fmt: skip
+        assert sim_stats(url)["requests_received"] == 4
+    assert from_csv.returncode == 0, from_csv.stderr
+    table = pq.read_table(csv_out)
+    assert table.column("input").to_pylist() == [
+        {"id": "q1", "question": "What is 2+2?", "gold": "4"},
+        {"id": "q2", "question": "Red or blue?", "gold": "red"},
+    ]
+    assert [m[-1]["content"] for m in table.column("messages").to_pylist()] == [
+        "Q: What is 2+2?",
+        "Q: Red or blue?",
+    ]
+    assert pq.read_metadata(csv_out).metadata[b"batcher.input"] == b"-"
+    assert from_rows.returncode == 0, from_rows.stderr
+    assert pq.read_table(rows_out).column("input").to_pylist() == [
+        {"q": "a", "gold": None},
+        {"q": "b", "gold": "B"},
+    ]
+    assert refused.returncode == 2
+    assert "job.input_format: only for standard input" in refused.stderr
+    assert not list(tmp_path.glob("x.parquet*"))
+
+
 def test_the_shipped_dataset_job_answers_every_question(tmp_path: Path) -> None:
     import dataclasses
 

@@ -104,13 +104,53 @@ def test_a_missing_column_is_a_reject_naming_it(tmp_path: Path) -> None:
     assert json.loads(short.text) == {"question": "short", "gold": None}
 
 
-def test_a_template_naming_a_column_the_table_lacks_rejects_every_row(tmp_path: Path) -> None:
-    src = write(tmp_path / "q.csv", "prompt\na\nb\n")
-    items = read(job_for(src, system="Use {context}."))
-    assert [(i.line, i.reason) for i in items if isinstance(i, Reject)] == [
-        (1, "missing column 'context' (template.system)"),
-        (2, "missing column 'context' (template.system)"),
+def test_a_template_naming_a_column_the_table_lacks_is_refused_before_reading(
+    tmp_path: Path,
+) -> None:
+    src = write(tmp_path / "q.csv", "prompt,gold\na,1\nb,2\n")
+    for template, field in (
+        ({"user": "Q: {prompt}", "system": "Use {context}."}, "template.system"),
+        ({"user": "Q: {nope}"}, "template.user"),
+        ({"user": "Q: {prompt}", "id_column": "key"}, "template.id_column"),
+    ):
+        job = job_for(src, **template)
+        with pytest.raises(ConfigError) as caught:
+            check_input(job)
+        assert caught.value.field == field
+        assert "its columns: 'prompt', 'gold'" in str(caught.value)
+        with pytest.raises(ConfigError):  # the reader checks first: no row is rejected
+            read(job)
+    # a row the template cannot render is still a reject, when the column is in the header
+    with open_input(src) as stream:
+        rows = list(TableReader(stream, "csv", TemplateConfig(user="{context}")))
+    assert {r.reason for r in rows if isinstance(r, Reject)} == {
+        "missing column 'context' (template.user)"
+    }
+
+
+def test_an_empty_user_template_is_refused(tmp_path: Path) -> None:
+    src = write(tmp_path / "q.csv", "question\na\n")
+    for user in ("", "  "):
+        with pytest.raises(ConfigError) as caught:
+            check_input(job_for(src, user=user))
+        assert caught.value.field == "template.user"
+        assert "empty" in str(caught.value)
+
+
+def test_jsonl_rows_columns_are_every_rows_keys_in_first_seen_order(tmp_path: Path) -> None:
+    src = write(tmp_path / "q.jsonl", '{"q": "a"}\n[1]\n{"q": "b", "gold": "B"}\n{"x": 1}\n')
+    job = job_for(src, user="{q}")
+    assert input_schema(job) == pa.schema(
+        [("q", pa.string()), ("gold", pa.string()), ("x", pa.string())]
+    )
+    ok = [i for i in read(job) if isinstance(i, Request)]
+    assert [i.input for i in ok] == [
+        {"q": "a", "gold": None, "x": None},
+        {"q": "b", "gold": "B", "x": None},
     ]
+    check_input(job_for(src, user="{gold}"))  # a column of some rows is known
+    with pytest.raises(ConfigError, match="no column 'nope' in the input; its columns: 'q'"):
+        check_input(job_for(src, user="{nope}"))
 
 
 def test_a_row_with_more_fields_than_the_header_is_a_reject(tmp_path: Path) -> None:
@@ -131,10 +171,6 @@ def test_id_column_gives_the_ids_empty_or_missing_ids_are_rejects(tmp_path: Path
     assert rejects == {
         2: "empty id in column 'id' (template.id_column)",
         3: "duplicate id 'q1' (ids must be unique)",
-    }
-    missing = read(job_for(src, id_column="key"))
-    assert {i.reason for i in missing if isinstance(i, Reject)} == {
-        "missing column 'key' (template.id_column)"
     }
 
 
@@ -290,8 +326,13 @@ def test_with_a_template_every_jsonl_line_is_a_row(tmp_path: Path) -> None:
     assert users(items) == ["a #1", "b #"]
     ok = [i for i in items if isinstance(i, Request)]
     assert [(i.custom_id, i.line) for i in ok] == [("2", 2), ("3", 3)]  # numbered by line
-    assert ok[0].input == {"question": "a", "n": "1", "extra": '{"x":[1]}'}  # JSON text
-    assert ok[1].input == {"question": "b", "n": None, "extra": None}  # the first row's keys
+    assert ok[0].input == {"question": "a", "n": "1", "extra": '{"x":[1]}', "messages": None}
+    assert ok[1].input == {  # every row's keys
+        "question": "b",
+        "n": None,
+        "extra": None,
+        "messages": "not a request here",
+    }
     rejects = {i.line: i.reason for i in items if isinstance(i, Reject)}
     assert rejects == {
         1: "invalid JSON: Expecting value at column 1",
@@ -299,9 +340,8 @@ def test_with_a_template_every_jsonl_line_is_a_row(tmp_path: Path) -> None:
         5: "missing column 'question' (template.user)",
     }
     schema = input_schema(job_for(src))
-    assert schema == pa.schema(
-        [("question", pa.string()), ("n", pa.string()), ("extra", pa.string())]
-    )
+    names = ["question", "n", "extra", "messages"]
+    assert schema == pa.schema([(name, pa.string()) for name in names])
 
 
 def test_input_schema_of_csv_is_its_header_as_strings(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ def test_bad_templates_are_config_errors_naming_the_field(text: str, reason: str
         (False, "false"),
         (3, "3"),
         (0.5, "0.5"),
+        (float("nan"), ""),  # a missing number (pandas' NaN), as null
         ([1, "é"], '[1, "é"]'),
         ({"a": None}, '{"a": null}'),
         (b"bytes", "bytes"),

@@ -120,9 +120,9 @@ def test_live_output_reorders_at_close(tmp_path: Path, suffix: str) -> None:
 
 
 def test_a_malformed_200_still_gives_jsonl_a_batch_reader_reads(tmp_path: Path) -> None:
-    """A 200 cut off half way and a proxy's HTML 502: ``response.body`` stays an object (the
-    raw answer is ``error.message``), so pyarrow's JSON reader reads the file; read back, the
-    raw answer and batcher's own error are both there."""
+    """A 200 cut off half way and a proxy's HTML 502: no ``response`` but an ``error`` (the
+    raw answer is ``error.message``, the status in ``batcher``), so pyarrow's JSON reader
+    reads the file; read back, the raw answer and batcher's own error are both there."""
     n = 40
     write_input(tmp_path / "in.jsonl", n)
     config = SimConfig(error_rate=0.5, error_kinds=("malformed", "502"), seed=2)
@@ -134,14 +134,16 @@ def test_a_malformed_200_still_gives_jsonl_a_batch_reader_reads(tmp_path: Path) 
     assert table.num_rows == 3 * n
     lines = jsonl(report.output)
     rows = list(read_results(report.output))
-    malformed = [i for i, line in enumerate(lines) if line["response"]
-                 and line["response"]["status_code"] == 200 and line["error"]]  # fmt: skip
-    proxy = [i for i, line in enumerate(lines) if line["response"]
-             and line["response"]["status_code"] == 502]  # fmt: skip
+    malformed = [i for i, line in enumerate(lines)
+                 if line["batcher"].get("status_code") == 200]  # fmt: skip
+    proxy = [i for i, line in enumerate(lines) if line["batcher"].get("status_code") == 502]
     assert malformed and proxy
+    for line in lines:  # never both
+        assert (line["response"] is None) != (line["error"] is None)
     for i in malformed + proxy:
         line, row = lines[i], rows[i]
-        assert line["response"]["body"] == {} and line["batcher"]["response_body"] == "text"
+        assert line["response"] is None and line["batcher"]["response_body"] == "text"
+        assert row["status_code"] == line["batcher"]["status_code"]
         assert row["response"] == line["error"]["message"]  # the raw answer, read back as is
         assert row["error_code"] == line["batcher"]["error_code"] is not None
         assert row["status"] == "error"

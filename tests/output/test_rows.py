@@ -217,11 +217,17 @@ def test_error_and_response_objects() -> None:
     failed = batch_output_line(result(status="error", error_code="timeout", error_message="t"))
     assert failed["response"] is None  # no HTTP answer came
     assert failed["error"] == {"code": "timeout", "message": "t"}
-    answered = batch_output_line(result(status="error", status_code=500, body="oops"))
-    # the body is always an object; a raw answer is the error's message, as the Batch API
-    assert answered["response"] == {"status_code": 500, "request_id": None, "body": {}}
+    answered = batch_output_line(
+        result(status="error", status_code=500, body="oops", request_id="req-1")
+    )
+    # no usable body: an error, not a response; the raw answer is the error's message
+    assert answered["response"] is None
     assert answered["error"] == {"code": "invalid_response", "message": "oops"}
     assert answered["batcher"]["response_body"] == "text"
+    assert (answered["batcher"]["status_code"], answered["batcher"]["request_id"]) == (
+        500,
+        "req-1",
+    )
     assert batch_output_line(result())["error"] is None
 
 
@@ -259,9 +265,13 @@ def test_a_body_that_is_not_an_object_goes_to_the_error_and_reads_back(
     r = result(status="error", status_code=502, body=body, error_code="http_502",
                error_message="bad gateway")  # fmt: skip
     line = batch_output_line(r)
-    assert line["response"]["body"] == (body if where is None else {})
+    if where is None:  # an object body: the response, no error
+        assert line["response"]["body"] == body and line["error"] is None
+        assert "status_code" not in line["batcher"]
+    else:  # never both: the error, the answer's status in batcher
+        assert line["response"] is None and line["error"]["code"] == "http_502"
+        assert line["batcher"]["status_code"] == 502
     assert line["batcher"].get("response_body") == where
-    assert (line["error"] is None) == (where is None)
     assert (line["batcher"]["error_code"], line["batcher"]["error_message"]) == (
         "http_502",
         "bad gateway",

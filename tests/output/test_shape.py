@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.config import JobConfig, VariantConfig
+from batcher.input.line_formats import line_asks
 from batcher.output.parts import compact, scan, write_part
 from batcher.output.rows import PLAIN, SCHEMA, schema_for
-from batcher.output.shape import MESSAGES, OutputShape, shape_for, tool_calls_type
+from batcher.output.shape import MESSAGES, OutputShape, output_shape, shape_for, tool_calls_type
 from batcher.output.typed import JSON_TEXT
 from batcher.output.writers import open_writer, read_results, results_table, rows_table
 from batcher.records import Result
@@ -91,6 +92,28 @@ def test_parsed_type(
     request_: dict[str, Any], variants: tuple[VariantConfig, ...], parsed: pa.DataType | None
 ) -> None:
     assert shape_for(JobConfig(request=request_, variants=variants), None).parsed == parsed
+
+
+def test_the_lines_own_response_format_types_parsed(tmp_path: Path) -> None:
+    def batch_line(i: int, **body: Any) -> str:
+        body = {"messages": [{"role": "user", "content": "hi"}], **body}
+        return json.dumps({"custom_id": f"r{i}", "url": "/v1/chat/completions", "body": body})
+
+    def parsed(lines: list[str], **job: Any) -> pa.DataType | None:
+        src = tmp_path / f"in{len(list(tmp_path.iterdir()))}.jsonl"
+        src.write_text("\n".join(["not json", *lines]) + "\n", encoding="utf-8")
+        return output_shape(JobConfig(input=src, **job)).parsed
+
+    answer, weather = json_schema(ANSWER), json_schema(WEATHER)
+    every = [batch_line(i, response_format=answer) for i in range(3)]
+    assert parsed(every) == ANSWER_T  # every line asks the same: typed
+    assert parsed([*every, batch_line(9, response_format=weather)]) == JSON_TEXT  # they differ
+    assert parsed([*every, batch_line(9)]) == JSON_TEXT  # only some ask
+    # the job's default fills the lines without one; a variant's wins over the line's
+    assert parsed([*every, batch_line(9)], request={"response_format": answer}) == ANSWER_T
+    swept = (variant("a", response_format=weather),)
+    assert parsed(every, variants=swept) == WEATHER_T
+    assert line_asks(tmp_path / "missing.jsonl") == []
 
 
 def test_tool_arguments_type() -> None:

@@ -37,24 +37,33 @@ SCHEMA = {
 N = 12
 
 
-def run(tmp_path: Path, output: str) -> Path:
+RESPONSE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "graded", "schema": SCHEMA, "strict": True},
+}
+
+
+def run(tmp_path: Path, output: str, *, per_line: bool = False) -> Path:
+    """``per_line``: Batch API lines, each with the response format in its body (the job's
+    ``[request]`` has none)."""
     src = tmp_path / "in.jsonl"
     with src.open("w") as f:
         for i in range(N):
             messages = [{"role": "user", "content": f"What is {i} + {i}?"}]
-            f.write(json.dumps({"custom_id": f"q{i}", "messages": messages}) + "\n")
+            line: dict[str, Any] = {"custom_id": f"q{i}", "messages": messages}
+            if per_line:
+                body = {"messages": messages, "response_format": RESPONSE_FORMAT}
+                line = {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions"}
+                line["body"] = body
+            f.write(json.dumps(line) + "\n")
+    request: dict[str, Any] = {"model": "gpt-4o-mini", "max_tokens": 50}
+    if not per_line:
+        request["response_format"] = RESPONSE_FORMAT
     job = job_from_dict(
         {
             "job": {"input": str(src), "output": str(tmp_path / output), "progress": False},
             "endpoint": {"base_url": "sim"},
-            "request": {
-                "model": "gpt-4o-mini",
-                "max_tokens": 50,
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "graded", "schema": SCHEMA, "strict": True},
-                },
-            },
+            "request": request,
         }
     )
     report = run_job(job, stream=io.StringIO(), sim=sim_server)
@@ -68,8 +77,9 @@ def query(sql: str) -> list[tuple[Any, ...]]:
     return relation.fetchall()
 
 
-def test_parsed_has_the_schemas_types_in_duckdb(tmp_path: Path) -> None:
-    out = run(tmp_path, "out.parquet")
+@pytest.mark.parametrize("per_line", [False, True], ids=["job", "each line"])
+def test_parsed_has_the_schemas_types_in_duckdb(tmp_path: Path, per_line: bool) -> None:
+    out = run(tmp_path, "out.parquet", per_line=per_line)
     described = {row[0]: row[1] for row in query(f"DESCRIBE SELECT * FROM '{out}'")}
     assert described["parsed"] == (
         'STRUCT(answer VARCHAR, score BIGINT, tags VARCHAR[], "source" STRUCT(page DOUBLE))'
