@@ -11,10 +11,13 @@ rejects it) counts for nothing. The result is cached per file (path, size, modif
 
 from __future__ import annotations
 
+import stat
+import zlib
 from pathlib import Path
 from typing import Any
 
 from batcher import jsonfast
+from batcher.errors import InputError
 from batcher.input.reader import _BOM, LineError, _body_of, _checked
 from batcher.input.sources import open_input
 
@@ -29,19 +32,23 @@ _CACHE: dict[tuple[Path, int, int], list[dict[str, Any]]] = {}
 
 def line_asks(path: Path) -> list[dict[str, Any]]:
     """The distinct asks of the input's lines: each a dict of the ``SHAPING`` fields a line
-    sets (``{}`` for a line that sets none), in first-seen order; ``[]`` for stdin, a file
-    that cannot be read, or one with no request line. At most ``MAX_DISTINCT + 1``."""
+    sets (``{}`` for a line that sets none), in first-seen order; ``[]`` for stdin, a pipe
+    or a FIFO (reading ahead would consume it), a file that cannot be read to its end (a
+    truncated ``.gz``: the reader reports it, with the line), or one with no request line.
+    At most ``MAX_DISTINCT + 1``."""
     if str(path) == "-":
         return []
     try:
-        stat = path.stat()
-        key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return []
+        key = (path.resolve(), info.st_size, info.st_mtime_ns)
         if key not in _CACHE:
             if len(_CACHE) >= 8:
                 _CACHE.clear()
             _CACHE[key] = _scan(path)
         return list(_CACHE[key])
-    except OSError:
+    except (OSError, EOFError, zlib.error, InputError):
         return []
 
 

@@ -20,6 +20,8 @@ have is a ``ConfigError`` then, instead of a reject on every row.
 from __future__ import annotations
 
 import csv
+import stat
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,7 +422,8 @@ _COLUMNS: dict[tuple[Path, int, int], list[str]] = {}
 
 def input_columns(path: Path) -> list[str] | None:
     """The input's columns, known before its rows are read: a CSV's header, a Parquet file's
-    fields, the union of every JSONL row's keys (first-seen order); ``None`` for stdin."""
+    fields, the union of every JSONL row's keys (first-seen order); ``None`` for stdin, a
+    pipe or FIFO, or a JSONL file that cannot be read to its end."""
     if str(path) == "-":
         return None
     form = input_form(path)
@@ -429,14 +432,16 @@ def input_columns(path: Path) -> list[str] | None:
     if form != "jsonl":
         return _csv_header(path, form)
     try:
-        stat = path.stat()
-    except OSError:
-        return None  # the reader names the missing file
-    key = (path.resolve(), stat.st_size, stat.st_mtime_ns)
-    if key not in _COLUMNS:
-        if len(_COLUMNS) >= 8:
-            _COLUMNS.clear()
-        _COLUMNS[key] = _json_keys(path)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return None  # a pipe or a FIFO: reading ahead would consume it
+        key = (path.resolve(), info.st_size, info.st_mtime_ns)
+        if key not in _COLUMNS:
+            if len(_COLUMNS) >= 8:
+                _COLUMNS.clear()
+            _COLUMNS[key] = _json_keys(path)
+    except (OSError, EOFError, zlib.error, InputError):
+        return None  # missing or unreadable to its end: the reader reports it, with the line
     return list(_COLUMNS[key])
 
 
