@@ -8,7 +8,10 @@ job's variants in their order: ``ordering.InputOrder``). So ``LiveOutput`` journ
 and hands the final ones to the output writer at once, which converts each into its row (Arrow
 columns for Parquet, the line's text for JSONL) and holds it: at close the rows are sorted into
 input order and written. What it holds is the output's rows, uncompressed, for an input of at
-most ``LIVE_OUTPUT_MAX_BYTES``; the end of the run only sorts, compresses and writes them,
+most ``LIVE_OUTPUT_MAX_BYTES`` (and ``LIVE_OUTPUT_MAX_ROWS`` rows for Parquet), and never more
+than ``LIVE_OUTPUT_MAX_HELD_BYTES`` of them: past that it gives up, and the output is written
+from the journal at the end, as for a large input (an index of 16 bytes a record, no answer
+held). The end of the run only sorts, compresses and writes them,
 instead of reading the whole journal back and converting it then (about 30 µs a record, after
 the last answer). The rows are built while requests are out, when the process mostly waits.
 The writer's import and the input's hash (the provenance) are done in a thread, started by the
