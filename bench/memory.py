@@ -2,10 +2,13 @@
 
     python bench/memory.py                              # N = 10⁵ and 10⁶, 0 ms, 3 rounds: ~17 min
     python bench/memory.py --sizes 10000 100000 --repeat 1   # quicker
+    python bench/memory.py --parquet --repeat 1         # a Parquet table of questions instead
 
 Each size runs ``python -m batcher run`` (JSONL in, Parquet out, journal on) in a child process
 measured with ``os.wait4`` (peak RSS of that process alone), against the simulator in its own
-process at 0 ms latency. Exits 1 if a run failed or the output does not hold N ok rows.
+process at 0 ms latency. With ``--parquet`` the input is a Parquet file of one ``question``
+column (N rows, a few MB even at a million: read a row group at a time), turned into requests
+by ``--template-user``. Exits 1 if a run failed or the output does not hold N ok rows.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,6 +39,9 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each size; medians (3)")
+    parser.add_argument(
+        "--parquet", action="store_true", help="a Parquet table of questions in, with a template"
+    )
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=default_pin())
     args = parser.parse_args()
     if args.repeat < 1:
@@ -43,7 +50,10 @@ def main() -> int:
     problems: list[str] = []
     journal_mb: dict[int, float] = {}
     with scratch_dir() as tmp, running_sim(0, pin=args.pin) as sim:
-        inputs = {n: write_jsonl(tmp / f"in-{n}.jsonl", n) for n in args.sizes}
+        write = write_questions if args.parquet else write_jsonl
+        suffix = ".parquet" if args.parquet else ".jsonl"
+        inputs = {n: write(tmp / f"in-{n}{suffix}", n) for n in args.sizes}
+        template = ["--template-user", "{question}"] if args.parquet else []
         for round_no in range(1, args.repeat + 1):
             for n in args.sizes:  # interleaved, so a slow hour weighs on every size alike
                 out = tmp / f"out-{n}.parquet"
@@ -53,7 +63,7 @@ def main() -> int:
                 cmd = [
                     sys.executable, "-m", "batcher", "run", "--input", str(inputs[n]),
                     "--output", str(out), "--model", "m", "--base-url", f"{sim.base_url}",
-                    "--concurrency", str(args.concurrency), "--no-progress",
+                    "--concurrency", str(args.concurrency), "--no-progress", *template,
                 ]  # fmt: skip
                 run = run_measured(cmd, core=CLIENT_CORE if args.pin else None, timeout_s=7200)
                 ok_rows = 0
@@ -87,7 +97,8 @@ def main() -> int:
         )  # fmt: skip
     print()
     print(
-        f"`batcher run`, simulator at 0 ms, {args.concurrency} in flight, pinned={args.pin}, "
+        f"`batcher run` ({'Parquet' if args.parquet else 'JSONL'} in), simulator at 0 ms, "
+        f"{args.concurrency} in flight, pinned={args.pin}, "
         f"median of {args.repeat}"
     )
     print()
@@ -102,6 +113,13 @@ def main() -> int:
             f"N={small:,}'s (the target: 10⁶ within 10 % of 10⁵, and at most 120 MB)"
         )
     return 0
+
+
+def write_questions(path: Path, n: int) -> Path:
+    """Write ``n`` questions as a one-column Parquet table (``question``)."""
+    questions = pa.array([f"Request {i}: write two sentences about rivers." for i in range(n)])
+    pq.write_table(pa.table({"question": questions}), path)
+    return path
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ job's variants in their order: ``ordering.InputOrder``). So ``LiveOutput`` journ
 and hands the final ones to the output writer at once, which converts each into its row (Arrow
 columns for Parquet, the line's text for JSONL) and holds it: at close the rows are sorted into
 input order and written. What it holds is the output's rows, uncompressed, for an input of at
-most ``LIVE_OUTPUT_MAX_BYTES``; the end of the run only sorts, compresses and writes them,
+most ``LIVE_OUTPUT_MAX_BYTES`` (and ``LIVE_OUTPUT_MAX_ROWS`` rows for Parquet), and never more
+than ``LIVE_OUTPUT_MAX_HELD_BYTES`` of them: past that it gives up, and the output is written
+from the journal at the end, as for a large input (an index of 16 bytes a record, no answer
+held). The end of the run only sorts, compresses and writes them,
 instead of reading the whole journal back and converting it then (about 30 µs a record, after
 the last answer). The rows are built while requests are out, when the process mostly waits.
 The writer's import and the input's hash (the provenance) are done in a thread, started by the
@@ -33,12 +36,22 @@ from batcher.records import Result, record_key
 
 if TYPE_CHECKING:
     from batcher.output.shape import OutputShape
-    from batcher.output.writers import Writer
+    from batcher.output.split import OutputFiles
     from batcher.runner.stats import RunStats
 
 #: The largest input whose output a fresh run writes as it goes (see ``small_input``):
 #: about 35,000 short requests.
 LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
+#: The most rows a fresh run's Parquet input (counted from its footer) may have for its output
+#: to be written as it goes: a Parquet file of short rows holds far more rows in 8 MiB than
+#: JSONL requests do (a million one-column rows take ~5 MB).
+LIVE_OUTPUT_MAX_ROWS = 50_000
+#: The most bytes of rows an output written as it goes holds (Arrow buffers for Parquet, the
+#: lines for JSONL) before it gives up: the input's size does not bound its answers (12,000
+#: rows of 2,000-token answers come from a 73 KB CSV). Past it the rows are dropped and the
+#: output is written from the journal at the end, as for a large input: memory stays bounded,
+#: and only such a run's end is slower.
+LIVE_OUTPUT_MAX_HELD_BYTES = 64 * 2**20
 #: Parquet row groups of an output written as the run goes (from an input of at most
 #: ``LIVE_OUTPUT_MAX_BYTES``), instead of the writer's 5,000: the last row group is written
 #: after the last answer, so a smaller one ends the run sooner (5,000 rows took ~20 ms, 1,000
@@ -59,13 +72,16 @@ class LiveOutput:
         shape: Callable[[], OutputShape] | None = None,
         variants: Sequence[str] = (),
         split_errors: bool = False,
+        max_held: int = LIVE_OUTPUT_MAX_HELD_BYTES,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
         a thread). ``row_group_size``: Parquet's, when not the writer's default. ``shape``
         makes the output's typed columns (``OutputShape``; called once, in the same thread;
         ``None``: the plain shape). ``variants`` (the job's, in order) set the rows' order;
-        ``split_errors``: failures apart."""
+        ``split_errors``: failures apart; ``max_held``: the bytes of rows held before giving
+        up (the output is then written from the journal at the end)."""
         self._journal = journal
+        self._max_held = max_held
         self._make_shape = shape
         self._shape: OutputShape | None = None
         self._order = InputOrder(variants)
@@ -79,7 +95,7 @@ class LiveOutput:
         self._prepare_failed = False
         # Final records that came before the writer was ready: written when it opens.
         self._waiting: list[Result] = []
-        self._writer: Writer | None = None
+        self._writer: OutputFiles | None = None
         # Keys whose provisional record (an answer about to be re-asked) has no final record
         # yet: if the run ends with some (the re-ask was cancelled, or its record could not be
         # journaled), the journal's answer for them is the provisional one, which this output
@@ -128,6 +144,9 @@ class LiveOutput:
                     self.error += 1
         except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
             self._give_up()
+            return
+        if self._writer.held_bytes > self._max_held:
+            self._give_up()  # too many answers to hold: written from the journal at the end
 
     def close(self, ending: Callable[[int, int], Mapping[str, str]] | None = None) -> bool:
         """Finish the output (atomically, as ``write_output`` does); false if it could not be
@@ -171,7 +190,7 @@ class LiveOutput:
             self._prepare_started = True
             threading.Thread(target=self._prepare_quietly, daemon=True).start()
 
-    def _open(self) -> Writer:
+    def _open(self) -> OutputFiles:
         """The writer, opened with the first record (the ``.partial`` file until ``close``)."""
         from batcher.output.rows import PLAIN
         from batcher.output.split import open_outputs
@@ -196,6 +215,7 @@ class LiveOutput:
         """Stop writing as the run goes; the output is written from the journal at the end."""
         self.abort()
         self.failed = True
+        self._writer, self._waiting = None, []  # the rows it held are freed
 
 
 def live_output_for(
@@ -220,7 +240,8 @@ def live_output_for(
 
 def small_input(path: Path) -> bool:
     """Whether a fresh run writes its output as it goes: an input file of at most
-    ``LIVE_OUTPUT_MAX_BYTES`` (stdin's size is unknown: no).
+    ``LIVE_OUTPUT_MAX_BYTES`` and, for Parquet, of at most ``LIVE_OUTPUT_MAX_ROWS`` rows
+    (read from its footer); stdin's size is unknown: no.
 
     Writing as the run goes keeps pyarrow (~35 MB) resident during the run, and the row
     groups' buffers freed among the requests' objects fragment the heap: 110 MB peak at
@@ -231,9 +252,16 @@ def small_input(path: Path) -> bool:
     if str(path) == "-":
         return False
     try:
-        return path.stat().st_size <= LIVE_OUTPUT_MAX_BYTES
+        if path.stat().st_size > LIVE_OUTPUT_MAX_BYTES:
+            return False
     except OSError:
         return False
+    from batcher.input.tabular import count_rows, input_form
+
+    if input_form(path) != "parquet":
+        return True
+    rows = count_rows(path)
+    return rows is not None and rows <= LIVE_OUTPUT_MAX_ROWS
 
 
 def finish_output(

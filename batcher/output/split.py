@@ -45,6 +45,11 @@ class OutputFiles:
         errors = 0 if self._errors is None else self._errors.rows_written
         return self._main.rows_written + errors
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of rows held in memory to be sorted at close (with ``order``; else 0)."""
+        return self._main.held_bytes + (0 if self._errors is None else self._errors.held_bytes)
+
     def write(self, result: Result) -> None:
         """Write a result to the output, or a failure to the errors file when split."""
         if not self._split or result.status == "ok":

@@ -64,6 +64,11 @@ class Writer(Protocol):
         """Results accepted by ``write`` so far."""
         ...
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of rows held in memory to be sorted at close (with ``order``; else 0)."""
+        ...
+
     def write(self, result: Result) -> None:
         """Append one result."""
         ...
@@ -162,6 +167,8 @@ class JsonlWriter(_AtomicFile):
         self._order = order
         self._held: list[str] = []
         self._keys = array("q")
+        #: Characters of the lines held for ``order`` (about their bytes).
+        self.held_bytes = 0
         super().__init__(path)
 
     def _open(self) -> None:
@@ -185,6 +192,7 @@ class JsonlWriter(_AtomicFile):
         else:
             self._held.append(line)
             self._keys.append(self._order(result))
+            self.held_bytes += len(line)
         self.rows_written += 1
 
     def add_metadata(self, metadata: Mapping[str, str]) -> None:
@@ -196,7 +204,7 @@ class JsonlWriter(_AtomicFile):
 
     def _finish(self) -> None:
         with self._f:
-            held, self._held = self._held, []
+            held, self._held, self.held_bytes = self._held, [], 0
             for i in sorted_by(self._keys, array("q", range(len(held)))):
                 self._f.write(held[i])
             self._f.flush()
@@ -237,6 +245,9 @@ class ParquetWriter(_AtomicFile):
         self._buffered = 0  # rows in self._batches
         self._order = order
         self._keys = array("q")
+        #: Bytes of the Arrow buffers held for ``order`` (the rows not yet converted aside:
+        #: fewer than ``_CONVERT_EVERY``).
+        self.held_bytes = 0
         super().__init__(path)
 
     def _open(self) -> None:
@@ -273,12 +284,15 @@ class ParquetWriter(_AtomicFile):
         fields = self._schema
         arrays = [_array(col, field.type) for col, field in zip(self._cols, fields, strict=True)]
         self._cols = [[] for _ in fields]
-        self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
+        self._batches.append(batch)
         self._buffered += len(arrays[0])
+        if self._order is not None:
+            self.held_bytes += batch.nbytes
 
     def _write_group(self) -> None:
         table = pa.Table.from_batches(self._batches, schema=self._schema)
-        self._batches, self._buffered = [], 0
+        self._batches, self._buffered, self.held_bytes = [], 0, 0
         if self._order is not None:
             self._write_sorted(table)
             return

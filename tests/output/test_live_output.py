@@ -316,3 +316,79 @@ def test_a_provenance_that_fails_sends_the_output_to_the_journal(tmp_path: Path)
         live.append(_result("b"), "h")
         assert live.close() is False
     assert not list(tmp_path.glob("*.partial")) and not (tmp_path / "o.jsonl").exists()
+
+
+def _answer(line: int) -> Result:
+    """An ok record of input line ``line`` with a 200-character answer."""
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 200}}]}
+    return Result(
+        custom_id=f"r{line}", line=line, status="ok", model="m", attempts=1, latency_s=0.1,
+        started_at=1.0, finished_at=2.0, status_code=200, body=body,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+@pytest.mark.parametrize(("max_held", "live"), [(20_000, False), (1 << 30, True)])
+def test_a_live_output_gives_up_past_its_budget_and_the_output_stays_whole(
+    tmp_path: Path, suffix: str, max_held: int, live: bool
+) -> None:
+    # Rows are held to be sorted at close: past the budget they are dropped (memory stays
+    # bounded however long the answers) and the output is written from the journal at the
+    # end, still complete and in input order.
+    output = tmp_path / ("o" + suffix)
+    lines = list(range(600, 0, -1))  # answers come in reverse input order
+    stats = RunStats()
+    with Journal(journal_path(output)) as journal:
+        out = LiveOutput(journal, output, dict, max_held=max_held)
+        held: list[int] = []
+        for line in lines:
+            out.append(_answer(line), "h")
+            if out._writer is not None:
+                held.append(out._writer.held_bytes)
+        assert out.failed is not live
+        if live:
+            assert max(held) > 20_000  # the budget above was indeed passed
+        else:
+            assert out._writer is None  # the held rows were let go
+            assert max(held) <= 20_000 + 260 * 1_000  # at most a batch of rows past it
+        live_output.finish_output(journal, out, output, stats, dict)
+    rows = list(read_results(output))
+    assert [r["custom_id"] for r in rows] == [f"r{line}" for line in range(1, 601)]
+    assert output_count(stats) == 600
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_writers_count_the_bytes_they_hold_to_sort(tmp_path: Path, suffix: str) -> None:
+    with writers.open_writer(tmp_path / ("o" + suffix), order=lambda r: -r.line) as w:
+        for line in range(1, 601):
+            w.write(_answer(line))
+        assert w.held_bytes > 600 * 200  # each row holds its 200-character answer
+    with writers.open_writer(tmp_path / ("p" + suffix)) as w:
+        for line in range(1, 601):
+            w.write(_answer(line))
+        assert w.held_bytes == 0  # written as they come: nothing held
+    assert [r["custom_id"] for r in read_results(tmp_path / ("o" + suffix))][:2] == [
+        "r600",
+        "r599",
+    ]
+
+
+def _parquet_input(path: Path, rows: int) -> Path:
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"q": [f"q{i}" for i in range(rows)]}), path)
+    return path
+
+
+def test_a_small_parquet_file_of_many_rows_is_not_written_as_it_goes(tmp_path: Path) -> None:
+    # A Parquet file's size says little of its rows: 100,000 short rows take a few hundred
+    # KB, far below the size limit, and their answers would all be held to be sorted.
+    many = _parquet_input(tmp_path / "many.parquet", live_output.LIVE_OUTPUT_MAX_ROWS * 2)
+    few = _parquet_input(tmp_path / "few.parquet", 1_000)
+    assert many.stat().st_size < live_output.LIVE_OUTPUT_MAX_BYTES
+    assert live_output.small_input(many) is False
+    assert live_output.small_input(few) is True
+    with Journal(tmp_path / "o.parquet.journal") as journal:
+        assert live_output.live_output_for(journal, tmp_path / "o.parquet", many, dict) is None
+        assert live_output.live_output_for(journal, tmp_path / "o.parquet", few, dict)
