@@ -4,7 +4,8 @@
         ──► one read task on a worker: the files through the local engine's reader, in
             blocks of requests (rejects, ids done already and duplicates marked in them)
         ──► Dataset.map_batches(BlockWorker): an actor pool, each actor batcher's own Engine
-        ──► finished blocks back to the driver ──► one Parquet part file per block (atomic)
+        ──► finished blocks back to the driver ──► one Parquet part file per block (atomic),
+            in a local folder or straight to object storage (``s3://bucket/out.parquet``)
 
 - **Input** (``reading.py``): the driver never opens the input; it lists its files (a path, a
   glob, a URI such as ``s3://bucket/prompts/*.jsonl``) and one read task on the cluster
@@ -27,7 +28,11 @@
   come back (hidden ``.partial``, fsync, rename: a part is there whole or not at all), with the
   run's sequence number and each record's request hash in its metadata. A folder, because that
   is what Ray, Spark, DuckDB, pandas and polars read as one dataset, and it grows without
-  rewrites.
+  rewrites. An output URI is such a folder in the store: each part one object under the
+  prefix, written through pyarrow's filesystem with the driver's credentials (a hidden key,
+  then copied whole), and listed there for resume and compaction; the rejects file is written
+  in the local work folder and uploaded beside the prefix at the end. No lock in a store: one
+  driver per output prefix (``output.parts``).
 - **Resume** (``folder.py``): an id in the part files with the same request hash is done,
   ``ok`` or ``error``, as the local engine's resume treats its journal (``--retry-errors``
   re-sends errors; a changed line is sent again; their new records replace the old); a re-run
@@ -73,9 +78,11 @@ from batcher.runner.checks import (
 from batcher.runner.progress import Progress, format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
+from batcher.runner.staging import output_work_path
 from batcher.runner.stats import RunStats
 from batcher.runner.wiring import base_urls
 from batcher.sim import sim_server
+from batcher.storage import Location, shown, upload
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -91,9 +98,10 @@ class RaySetting:
     """A Ray run's job and the caller's choices for it, as the steps of the run need them."""
 
     job: JobConfig
-    input_path: Path
+    input: Location  # as given: a path, a glob, a URI (or a ``Path`` made of one)
     files: list[str]  # the input's files (``reading.input_files``)
-    output: Path
+    output: Location  # a local folder, or a store's prefix (its URI's text)
+    rejects: Path  # beside a local output; in the work folder for a URI (uploaded at the end)
     stream: IO[str]
     needs_key: list[bool]  # the workers read the keys; the driver says which exist
     handle_signals: bool
@@ -120,7 +128,9 @@ def run_job_on_ray(
 
     Uses the Ray instance this process is connected to (``ray.init`` called before), else the
     cluster ``RAY_ADDRESS`` names (as under ``ray job submit``), else starts a local one for
-    the run. The output must be a ``.parquet`` path: it becomes a folder of part files. A
+    the run. The output must be a ``.parquet`` path or URI: it becomes a folder of part files
+    (in a store, objects under that prefix; ``report.output`` is then the URI, credentials
+    redacted, as a ``Path``: ``reading.input_spec`` gives its text back). A
     re-run sends only the ids not in it yet (``retry_errors`` re-sends recorded errors:
     ``"all"`` or only ``"retryable"`` ones; their new records replace the old), and
     ``restart=True`` deletes the part files first.
@@ -128,40 +138,50 @@ def run_job_on_ray(
     JSONL output, a cost cap), as ``run_job`` does for the rest.
     """
     require_ray()
-    input_path, output = job.require_paths()
+    given, output = _locations(job)
     _check_job(job, output)
-    check_output_writable(output)
-    check_not_the_input(input_path, output)
-    check_input(job, input_path)
+    if isinstance(output, Path):
+        check_output_writable(output)
+        if isinstance(given, Path) and not is_uri(input_spec(given)):
+            check_not_the_input(given, output)
+    check_input(job, input_spec(given))
     setting = RaySetting(
         job=job,
-        input_path=input_path,
-        files=input_files(input_spec(input_path)),
+        input=given,
+        files=input_files(input_spec(given)),
         output=output,
+        rejects=rejects_path(output if isinstance(output, Path) else output_work_path(output)),
         stream=quiet(stream or sys.stderr),  # a reader that goes away does not stop the run
         needs_key=[key is not None for key in api_keys(job)],
         handle_signals=handle_signals,
     )
-    output.mkdir(exist_ok=True)
     stats, engine = _run_in_folder(setting, restart, retry_errors)
     return _report(setting, stats, engine)
 
 
-def _check_job(job: JobConfig, output: Path) -> None:
+def _locations(job: JobConfig) -> tuple[Location, Location]:
+    """The job's input as given, and its output: a local folder, or a URI's text (also from
+    a ``Path`` made of one, whose ``//`` folded); either missing is refused."""
+    if job.input is None:
+        raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
+    if job.output is None:
+        raise ConfigError("job.output", "no output file (set it in the job or pass --output)")
+    output = input_spec(job.output)
+    if output.startswith("file://"):  # a local folder: its lock, fsync and rename
+        return job.input, Path(output.removeprefix("file://"))
+    return job.input, output if is_uri(output) else Path(output)
+
+
+def _check_job(job: JobConfig, output: Location) -> None:
     """What the Ray engine cannot run, refused before anything is sent."""
-    if is_uri(input_spec(output)):  # a Path made of s3://b/k reads s3:/b/k: not a local folder
-        raise ConfigError(
-            "job.output",
-            f"the Ray engine writes its parts on the driver: give a local path (or a mounted "
-            f"volume) and copy the folder to {input_spec(output)} after",
-        )
-    if output.suffix.lower() != ".parquet":
+    name = output.name if isinstance(output, Path) else output.split("?", 1)[0].rstrip("/")
+    if not name.lower().endswith(".parquet"):
         raise ConfigError(
             "job.output",
             f"the Ray engine writes Parquet: give an output ending in .parquet (a folder of "
-            f"part files), got {str(output)!r}",
+            f"part files), got {shown(output)!r}",
         )
-    if output.exists() and not output.is_dir():
+    if isinstance(output, Path) and output.exists() and not output.is_dir():
         raise ConfigError(
             "job.output",
             f"{output} is a file (the local engine's output?); the Ray engine writes a folder "
@@ -184,14 +204,22 @@ def _check_job(job: JobConfig, output: Path) -> None:
 def _run_in_folder(
     setting: RaySetting, restart: bool, retry_errors: RetryErrors
 ) -> tuple[RunStats, str]:
-    """The run under the output folder's lock; the stats (the folder's final counts in
-    them), and a line on how the work was spread."""
+    """The run under the output folder's lock (a local one's); the stats (the folder's final
+    counts in them), and a line on how the work was spread. A URI's rejects file is uploaded
+    beside it at the end."""
     output = setting.output
+    if isinstance(output, Path):
+        output.mkdir(exist_ok=True)
+    else:
+        setting.rejects.parent.mkdir(parents=True, exist_ok=True)
     with locked(output):
         found = rerun(output, restart=restart, retry_errors=retry_errors)
         stats, engine = _run(setting, found)
         counts = settle(output, resent=stats.resent > 0)
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
+    if not isinstance(output, Path) and setting.rejects.exists():
+        base, sep, query = output.partition("?")
+        upload(setting.rejects, f"{base.rstrip('/')}.rejects.jsonl{sep}{query}")
     return stats, engine
 
 
@@ -205,13 +233,14 @@ def _report(setting: RaySetting, stats: RunStats, engine: str) -> RunReport:
     if missing and not stats.stopped_early:
         stats.stopped_early = True
         stats.stop_reason = f"{missing} requests were not answered (a worker stopped)"
-    rej = rejects_path(output) if stats.rejected else None
+    rej = setting.rejects if stats.rejected else None
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None,
+        stats, name=job.name, output=shown(output), rejects=str(rej) if rej else None,
         engine=engine,
     )  # fmt: skip
     print(summary, file=setting.stream, flush=True)
-    return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
+    where = output if isinstance(output, Path) else Path(shown(output))
+    return RunReport(stats=stats, output=where, rejects=rej, summary=summary)
 
 
 def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
@@ -224,7 +253,7 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
     stopper = Stopper(progress, job.grace_s)
     session = RaySession(on_connect=stopper.reinstall)
     engine = "ray: nothing to send"
-    rejects_file = rejects_path(setting.output)
+    rejects_file = setting.rejects
     rejects_file.unlink(missing_ok=True)  # this run's rejects only, or none
     try:
         with (
@@ -248,7 +277,8 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
         stats.stop_reason = stats.stop_reason or stopper.reason or "interrupted"
         progress.note("batcher: interrupted: the blocks in flight are sent again next run")
     except OSError as exc:
-        raise OutputError(f"cannot write {setting.output}: {exc.strerror or exc}") from None
+        what = shown(setting.output)
+        raise OutputError(f"cannot write {what}: {exc.strerror or shown(str(exc))}") from None
     finally:
         stopper.disarm()
         session.close()
@@ -302,7 +332,7 @@ def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
     # The input's hash is left out (empty): the driver does not read the input, which may be
     # gigabytes in a store; a local run's output has it.
     metadata = provenance(setting.job, Path(os.devnull))
-    metadata[PREFIX + "input"] = input_spec(setting.input_path)
+    metadata[PREFIX + "input"] = shown(input_spec(setting.input))
     schema = schema_for(shape)
     return PartFiles(
         output=setting.output, run=run, stamp=new_stamp(run), metadata=metadata, schema=schema
