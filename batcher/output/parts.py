@@ -83,7 +83,7 @@ _NAME = re.compile(r"part-(\d{6})-[0-9a-f]{6}-(\d+)\.parquet")
 
 def order_key(part: Location) -> tuple[int, int, str]:
     """Where a part sorts among the folder's: (run, block, name); older names are run 0."""
-    name = _name(part)
+    name = part_name(part)
     named = _NAME.fullmatch(name)
     if named is None:
         return (0, 0, name)
@@ -135,7 +135,7 @@ def _hidden_partials(folder: str) -> list[str]:
     ]
 
 
-def _name(part: Location) -> str:
+def part_name(part: Location) -> str:
     """A part's file name (a URI's last path segment, without its query)."""
     if isinstance(part, Path):
         return part.name

@@ -60,11 +60,11 @@ from batcher.errors import ConfigError, OutputError
 from batcher.input.sources import count_lines
 from batcher.input.tabular import check_input
 from batcher.output.formats import RejectsWriter, rejects_path
-from batcher.output.parts import locked, new_stamp
+from batcher.output.parts import locked
 from batcher.output.resume import RetryErrors
 from batcher.output.shape import OutputShape, output_shape
 from batcher.ray.blocks import count_rows, take_apart
-from batcher.ray.folder import PartFiles, Rerun, rerun, settle
+from batcher.ray.folder import PartFiles, Rerun, rerun, settle, strangers
 from batcher.ray.reading import ReadPlan, input_files, input_spec, is_uri, unpack
 from batcher.ray.session import RaySession
 from batcher.ray.stopping import Stopper
@@ -217,10 +217,32 @@ def _run_in_folder(
         stats, engine = _run(setting, found)
         counts = settle(output, resent=stats.resent > 0)
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
+    if not isinstance(output, Path):
+        _warn_of_strangers(setting, found)
     if not isinstance(output, Path) and setting.rejects.exists():
-        base, sep, query = output.partition("?")
-        upload(setting.rejects, f"{base.rstrip('/')}.rejects.jsonl{sep}{query}")
+        upload(setting.rejects, _rejects_uri(output))
     return stats, engine
+
+
+def _rejects_uri(output: str) -> str:
+    """Where a URI output's rejects file is uploaded: ``OUTPUT.rejects.jsonl`` beside the
+    prefix, as beside a local folder."""
+    base, sep, query = output.partition("?")
+    return f"{base.rstrip('/')}.rejects.jsonl{sep}{query}"
+
+
+def _warn_of_strangers(setting: RaySetting, found: Rerun) -> None:
+    """Say so when another driver wrote to the same output prefix during this run (a store
+    has no lock to refuse it): nothing is lost, but requests may have been sent twice."""
+    others = strangers(setting.output, found)
+    if others:
+        print(
+            f"batcher: another run wrote {len(others)} part(s) to {shown(setting.output)} while "
+            "this one ran (run one driver per output prefix): some requests may have been sent "
+            "twice; the next run keeps each id once",
+            file=setting.stream,
+            flush=True,
+        )
 
 
 def _report(setting: RaySetting, stats: RunStats, engine: str) -> RunReport:
@@ -234,8 +256,10 @@ def _report(setting: RaySetting, stats: RunStats, engine: str) -> RunReport:
         stats.stopped_early = True
         stats.stop_reason = f"{missing} requests were not answered (a worker stopped)"
     rej = setting.rejects if stats.rejected else None
+    # a URI's rejects are named where they were uploaded
+    shown_rej = str(rej) if isinstance(output, Path) else shown(_rejects_uri(output))
     summary = format_summary(
-        stats, name=job.name, output=shown(output), rejects=str(rej) if rej else None,
+        stats, name=job.name, output=shown(output), rejects=shown_rej if rej else None,
         engine=engine,
     )  # fmt: skip
     print(summary, file=setting.stream, flush=True)
@@ -267,7 +291,7 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
             plan = ReadPlan(
                 job=job, files=setting.files, block_rows=job.ray.block_rows, known=known
             )
-            files = _part_files(setting, shape, found.run)
+            files = _part_files(setting, shape, found)
             stopper.arm(spec.stop_flag)
             blocks = _collect(session.run(plan, spec), files, rejects, stats, progress, stopper)
             if stats.submitted:
@@ -324,7 +348,7 @@ def _engine_line(spec: WorkerSpec, blocks: int, block_rows: int) -> str:
     )
 
 
-def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
+def _part_files(setting: RaySetting, shape: OutputShape, found: Rerun) -> PartFiles:
     """This run's part files, with the output's provenance and columns."""
     from batcher.output.provenance import PREFIX, provenance
     from batcher.output.rows import schema_for
@@ -335,7 +359,11 @@ def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
     metadata[PREFIX + "input"] = shown(input_spec(setting.input))
     schema = schema_for(shape)
     return PartFiles(
-        output=setting.output, run=run, stamp=new_stamp(run), metadata=metadata, schema=schema
+        output=setting.output,
+        run=found.run,
+        stamp=found.stamp,
+        metadata=metadata,
+        schema=schema,
     )
 
 

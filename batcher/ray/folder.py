@@ -25,6 +25,7 @@ class Rerun:
     found: parts.Scan
     known: dict[str, tuple[bool, str | None]]
     run: int
+    stamp: str  # the name stem of this run's parts (``parts.new_stamp``)
 
 
 def rerun(output: Location, *, restart: bool, retry_errors: RetryErrors) -> Rerun:
@@ -33,7 +34,8 @@ def rerun(output: Location, *, restart: bool, retry_errors: RetryErrors) -> Reru
     now: see ``parts``)."""
     found = parts.prepare(output, restart=restart)
     known = {cid: (done(r, retry_errors), r.hash) for cid, r in found.records.items()}
-    return Rerun(found=found, known=known, run=parts.next_run(output))
+    run = parts.next_run(output)
+    return Rerun(found=found, known=known, run=run, stamp=parts.new_stamp(run))
 
 
 def done(record: parts.Record, retry_errors: RetryErrors) -> bool:
@@ -70,3 +72,12 @@ def settle(output: Location, *, resent: bool) -> Counter[str]:
     if resent:  # their old records are still in the parts written before
         parts.compact(parts.scan(output))
     return parts.scan(output).counts()
+
+
+def strangers(output: Location, found: Rerun) -> list[str]:
+    """The names of parts another run wrote while this one ran (their run number as high as
+    this one's or higher, their stamp not this run's): two drivers on one output prefix,
+    which a store's lack of a lock lets happen."""
+    mine = f"part-{found.stamp}-"
+    names = [parts.part_name(p) for p in parts.list_parts(output)]
+    return [n for n in names if parts.order_key(n)[0] >= found.run and not n.startswith(mine)]

@@ -20,7 +20,7 @@ from batcher.output.parts import Record, new_stamp, part_metadata, part_path, pr
 from batcher.output.resume import RetryErrors
 from batcher.output.writers import read_results, results_table
 from batcher.ray.blocks import count_rows, take_apart
-from batcher.ray.folder import done, rerun
+from batcher.ray.folder import done, rerun, strangers
 from batcher.ray.reading import (
     READ,
     REJECTED,
@@ -245,3 +245,16 @@ def test_the_read_task_opens_uris_parquet_through_a_template_and_gzip(tmp_path: 
     packed.write_bytes(gzip.compress(lines({"custom_id": "z", "prompt": "1"}).getvalue()))
     plan = ReadPlan(job=job_for(packed), files=[f"file://{packed}"], block_rows=10)
     assert kinds(list(request_tables(plan))) == [(SEND, "z", 1), (READ, None, 1)]
+
+
+def test_parts_another_driver_wrote_to_the_same_prefix_are_noticed(s3_bucket: str) -> None:
+    output = f"s3://{s3_bucket}/out.parquet"
+    before = part_path(output, new_stamp(1), 0)
+    write_part(before, results_table([result("a")]), None)
+    found = rerun(output, restart=False, retry_errors="none")
+    assert found.run == 2 and found.stamp.startswith("000002-")  # after the highest listed
+    write_part(part_path(output, found.stamp, 0), results_table([result("b")]), None)
+    assert strangers(output, found) == []  # its own parts and older runs' are not strangers
+    other = part_path(output, new_stamp(2), 3)  # a driver that listed the same parts
+    write_part(other, results_table([result("c")]), None)
+    assert strangers(output, found) == [other.rpartition("/")[2]]
