@@ -4,8 +4,9 @@
         ──► one read task on a worker: the files through the local engine's reader, in
             blocks of requests (rejects, ids done already and duplicates marked in them)
         ──► Dataset.map_batches(BlockWorker): an actor pool, each actor batcher's own Engine
-        ──► finished blocks back to the driver ──► one Parquet part file per block (atomic),
-            in a local folder or straight to object storage (``s3://bucket/out.parquet``)
+        ──► finished blocks back to the driver ──► one Parquet part file per block (atomic)
+            (an output in object storage: each worker writes its blocks' parts to the store
+            itself, and only the counted columns come back)
 
 - **Input** (``reading.py``): the driver never opens the input; it lists its files (a path, a
   glob, a URI such as ``s3://bucket/prompts/*.jsonl``) and one read task on the cluster
@@ -28,11 +29,14 @@
   come back (hidden ``.partial``, fsync, rename: a part is there whole or not at all), with the
   run's sequence number and each record's request hash in its metadata. A folder, because that
   is what Ray, Spark, DuckDB, pandas and polars read as one dataset, and it grows without
-  rewrites. An output URI is such a folder in the store: each part one object under the
-  prefix, written through pyarrow's filesystem with the driver's credentials (a hidden key,
-  then copied whole), and listed there for resume and compaction; the rejects file is written
-  in the local work folder and uploaded beside the prefix at the end. No lock in a store: one
-  driver per output prefix (``output.parts``).
+  rewrites. An output URI (``s3://bucket/out.parquet``) is such a folder in the store: each
+  part one object under the prefix, written by the worker that ran the block, through pyarrow's
+  filesystem with the credentials of that node's environment (a hidden key, then copied whole;
+  named after the block's first line, which no other block of the run holds); only the
+  columns the summary counts come back to the driver. The driver lists the parts for resume
+  and compacts them at the end; the rejects file is written in the local work folder and
+  uploaded beside the prefix. No lock in a store: one driver per output prefix
+  (``output.parts``), and a run says when another wrote there meanwhile.
 - **Resume** (``folder.py``): an id in the part files with the same request hash is done,
   ``ok`` or ``error``, as the local engine's resume treats its journal (``--retry-errors``
   re-sends errors; a changed line is sent again; their new records replace the old); a re-run
@@ -286,12 +290,12 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
             RejectsWriter(rejects_file) as rejects,
         ):
             shape = output_shape(job)
-            spec = _spec(setting, urls, session, shape)
+            files = _part_files(setting, shape, found)
+            spec = _spec(setting, urls, session, shape, files)
             known = session.put(found.known) if found.known else None
             plan = ReadPlan(
                 job=job, files=setting.files, block_rows=job.ray.block_rows, known=known
             )
-            files = _part_files(setting, shape, found)
             stopper.arm(spec.stop_flag)
             blocks = _collect(session.run(plan, spec), files, rejects, stats, progress, stopper)
             if stats.submitted:
@@ -324,10 +328,15 @@ def _total(setting: RaySetting) -> int | None:
 
 
 def _spec(
-    setting: RaySetting, urls: list[str], session: RaySession, shape: OutputShape
+    setting: RaySetting,
+    urls: list[str],
+    session: RaySession,
+    shape: OutputShape,
+    files: PartFiles,
 ) -> WorkerSpec:
     """What every worker is given: the job, the endpoints' URLs, the pool's size (the job's
-    ``ray.workers`` or the cluster's CPUs), the stop flag, the output's typed columns."""
+    ``ray.workers`` or the cluster's CPUs), the stop flag, the output's typed columns, and
+    this run's part files when they go to object storage (the workers write them)."""
     job = setting.job
     return WorkerSpec(
         job=job,
@@ -336,6 +345,7 @@ def _spec(
         workers=max(1, job.ray.workers or session.cpus()),
         stop_flag=session.stop_flag() if setting.handle_signals else None,
         shape=shape,
+        parts=None if isinstance(setting.output, Path) else files,
     )
 
 
@@ -387,7 +397,8 @@ def _collect(
                 rejects.write(reject)
             _note_stop(done.stop, stats, progress, stopper)
             if done.records.num_rows:
-                files.write(n, done.records, done.hashes)
+                if isinstance(files.output, Path):  # a store's parts are the workers' to write
+                    files.write(n, done.records, done.hashes)
                 count_rows(done.records, stats)
                 sent += 1
             progress.advance(done.records.num_rows + len(done.rejects) + stats.skipped - before)

@@ -258,3 +258,38 @@ def test_parts_another_driver_wrote_to_the_same_prefix_are_noticed(s3_bucket: st
     other = part_path(output, new_stamp(2), 3)  # a driver that listed the same parts
     write_part(other, results_table([result("c")]), None)
     assert strangers(output, found) == [other.rpartition("/")[2]]
+
+
+def test_a_worker_writes_its_block_as_a_part_and_sends_back_only_what_is_counted(
+    tmp_path: Path,
+) -> None:
+    from batcher.output.parts import order_key, scan
+    from batcher.output.rows import PLAIN, schema_for
+    from batcher.ray.blocks import write_on_worker
+    from batcher.ray.folder import PartFiles
+
+    said = {"choices": [{"message": {"role": "assistant", "content": "long answer"}}]}
+    answers = [result("a", line=7, body=said), result("b", line=8, body=said)]
+    markers: list[dict[str, Any]] = [
+        {"kind": REJECTED, "custom_id": "c", "line": 9, "reason": "no messages", "text": "{}"},
+        {"kind": SENT, "line": 2},
+    ]
+    block = _with_markers(results_table(answers), markers, {"a": "ha", "b": "hb"})
+    folder = tmp_path / "out.parquet"
+    folder.mkdir()
+    files = PartFiles(
+        output=folder, run=3, stamp=new_stamp(3), metadata={}, schema=schema_for(PLAIN)
+    )
+
+    slim = write_on_worker(block, files)
+
+    found = scan(folder)
+    assert [order_key(p)[:2] for p in found.parts] == [(3, 7)]  # named after its first line
+    assert {c: r.hash for c, r in found.records.items()} == {"a": "ha", "b": "hb"}
+    assert read_results(folder).__next__()["content"] == "long answer"
+    stats = RunStats()
+    done = take_apart(slim, stats)
+    assert done.records["content"].to_pylist() == [None, None]  # the answers stay in the part
+    assert done.rejects == [Reject(line=9, reason="no messages", text="{}", custom_id="c")]
+    count_rows(done.records, stats)
+    assert (stats.ok, stats.submitted, stats.rejected) == (2, 2, 1)

@@ -847,6 +847,9 @@ def test_parts_go_straight_to_a_bucket_and_a_rerun_resumes_from_them(
     assert not [p for p in parts if p.rpartition("/")[2].startswith(".")]  # no upload left
     runs = {int(pq.read_schema(p, filesystem=fs).metadata[RUN_KEY.encode()]) for p in parts}
     assert runs == {order_key(p.rpartition("/")[2])[0] for p in parts} == {1, 2}
+    for part in parts:  # written by the workers: numbered after their first line
+        lines_in = pq.read_table(part, filesystem=fs, columns=["line"])["line"].to_pylist()
+        assert order_key(part.rpartition("/")[2])[1] == min(lines_in)
     for part in parts:  # the secret is in no part, nor in what the runs said
         assert S3_CANARY.encode() not in get(f"s3://{part}")
     assert not any(S3_CANARY in r.summary for r in (first, again, changed))
