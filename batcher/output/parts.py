@@ -3,11 +3,12 @@
 Each part holds the records of one block, with ``writers.SCHEMA`` and the job's typed columns
 (``rows.schema_for``), and is named ``part-<run>-<random>-<n>.parquet``: ``<run>`` is the run's
 sequence number (six digits), one more than the highest in the folder when the run took the
-folder's lock, and ``<n>`` the block's number in that run. The part's metadata holds the same
-number (``RUN_KEY``) and each record's request hash (``HASHES_KEY``: id -> hash), so a re-run
-notices a line that changed since it was answered. Parts are written whole: in a local
-folder through a hidden ``.partial`` file, fsynced and renamed; in object storage (the folder is
-then a URI, ``s3://bucket/out.parquet``: its parts are the objects under that prefix) as one
+folder's lock, and ``<n>`` the block's number in that run (in a part a worker writes to a
+store, the block's first line: unique in the run without asking anyone). The part's metadata
+holds the same number (``RUN_KEY``) and each record's request hash (``HASHES_KEY``: id ->
+hash), so a re-run notices a line that changed since it was answered. Parts are written
+whole: in a local folder through a hidden ``.partial`` file, fsynced and renamed; in object
+storage (the folder is then a URI, ``s3://bucket/out.parquet``: its parts are the objects under that prefix) as one
 object each: uploaded under a hidden name (``.NAME.partial``, which dataset readers skip),
 then copied to its name by the store, which shows an object only whole (S3's CopyObject), so a
 reader sees the whole part or none.
@@ -100,27 +101,22 @@ def list_parts(folder: Location) -> list[Location]:
     """The folder's finished part files in name order: a local folder's ``*.parquet`` files,
     or the ``*.parquet`` objects right under a URI's prefix (none if there is nothing
     there yet)."""
-    import pyarrow.fs as pafs
-
     if isinstance(folder, Path):
         return list(parquet_parts(folder))
-    fs, root = filesystem(folder, "job.output")
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except Exception as exc:
-        raise OutputError(f"cannot list {shown(folder)}: {_reason(exc, folder)}") from None
     names = sorted(
-        i.base_name
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.base_name.endswith(".parquet")
-        and not i.base_name.startswith((".", "_"))
+        n for n in _objects(folder) if n.endswith(".parquet") and not n.startswith((".", "_"))
     )
     return [_child(folder, name) for name in names]
 
 
 def _hidden_partials(folder: str) -> list[str]:
     """The hidden ``.NAME.partial`` objects under a URI's prefix (uploads cut short)."""
+    names = _objects(folder)
+    return [_child(folder, n) for n in names if n.startswith(".") and n.endswith(".partial")]
+
+
+def _objects(folder: str) -> list[str]:
+    """The names of the objects right under a URI's prefix (none when there is none)."""
     import pyarrow.fs as pafs
 
     fs, root = filesystem(folder, "job.output")
@@ -128,11 +124,7 @@ def _hidden_partials(folder: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except Exception as exc:
         raise OutputError(f"cannot list {shown(folder)}: {_reason(exc, folder)}") from None
-    return [
-        _child(folder, i.base_name)
-        for i in infos
-        if i.base_name.startswith(".") and i.base_name.endswith(".partial")
-    ]
+    return [i.base_name for i in infos if i.type == pafs.FileType.File]
 
 
 def part_name(part: Location) -> str:
