@@ -6,12 +6,12 @@ sequence number (six digits), one more than the highest in the folder when the r
 folder's lock, and ``<n>`` the block's number in that run (in a part a worker writes to a
 store, the block's first line: unique in the run without asking anyone). The part's metadata
 holds the same number (``RUN_KEY``) and each record's request hash (``HASHES_KEY``: id ->
-hash), so a re-run notices a line that changed since it was answered. Parts are written
-whole: in a local folder through a hidden ``.partial`` file, fsynced and renamed; in object
-storage (the folder is then a URI, ``s3://bucket/out.parquet``: its parts are the objects under that prefix) as one
-object each: uploaded under a hidden name (``.NAME.partial``, which dataset readers skip),
-then copied to its name by the store, which shows an object only whole (S3's CopyObject), so a
-reader sees the whole part or none.
+hash), so a re-run notices a line that changed since it was answered. Parts are written whole:
+in a local folder through a hidden ``.partial`` file, fsynced and renamed; in object storage
+(the folder is then a URI, ``s3://bucket/out.parquet``: its parts are the objects under that
+prefix) as one object each: uploaded under a hidden name (``.NAME.partial``, which dataset
+readers skip), then copied to its name by the store, which shows an object only whole (S3's
+CopyObject), so a reader sees the whole part or none.
 
 One run at a time per folder: a local folder's lock (``locked``). An object store has no lock,
 so a run's number there is one more than the highest among the parts listed when it starts,
