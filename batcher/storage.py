@@ -271,7 +271,7 @@ def upload(source: Path, uri: str, field: str = "job.output") -> None:
         ) from None
 
 
-def _reason(exc: BaseException, uri: str) -> str:
+def reason(exc: BaseException, uri: str) -> str:
     """A store's error as a short reason, without the URI's credentials."""
     if isinstance(exc, FileNotFoundError):
         return "not found"
@@ -282,3 +282,6 @@ def _reason(exc: BaseException, uri: str) -> str:
     if "no_such_bucket" in lowered or "nosuchbucket" in lowered:
         return "no such bucket"
     return scrub(text, uri)
+
+
+_reason = reason

@@ -16,6 +16,8 @@ from batcher.runner.stats import RunStats
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from batcher.ray.folder import PartFiles
+
 #: The Parquet columns the driver reads back to count a block (``result_of_row``).
 COUNTED = (
     "custom_id", "status", "model", "attempts", "endpoint", "error_code", "schema_valid",
@@ -64,6 +66,27 @@ def take_apart(block: pa.Table, stats: RunStats) -> Finished:
             stop = row
     stats.rejected += len(rejects)
     return Finished(records=records, hashes=hashes, rejects=rejects, stop=stop)
+
+
+def write_on_worker(block: pa.Table, files: PartFiles) -> pa.Table:
+    """On a worker, for an output in object storage: write a finished block's records as a
+    part straight to the store (numbered after its first line, which no other block of the
+    run holds), and return the block as the driver needs it to count: the records' counted
+    columns only (their answers stay in the part), the marker rows whole."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    done = take_apart(block, RunStats())
+    if done.records.num_rows:
+        first = pc.min(done.records["line"]).as_py()
+        files.write(first or 0, done.records, done.hashes)
+    marked = pc.is_in(block["status"], value_set=pa.array(_NOT_RECORDS))
+    slim = block.select(list(dict.fromkeys([*COUNTED, "error_message", "content", "body_hash"])))
+    for name in ("error_message", "content"):  # a record's, in its part; a marker's, kept
+        column = slim[name]
+        kept = pc.if_else(marked, column, pa.nulls(len(slim), column.type))
+        slim = slim.set_column(slim.schema.get_field_index(name), name, kept)
+    return slim
 
 
 def _reject(row: dict[str, Any]) -> Reject:

@@ -5,6 +5,8 @@
             blocks of requests (rejects, ids done already and duplicates marked in them)
         ──► Dataset.map_batches(BlockWorker): an actor pool, each actor batcher's own Engine
         ──► finished blocks back to the driver ──► one Parquet part file per block (atomic)
+            (an output in object storage: each worker writes its blocks' parts to the store
+            itself, and only the counted columns come back)
 
 - **Input** (``reading.py``): the driver never opens the input; it lists its files (a path, a
   glob, a URI such as ``s3://bucket/prompts/*.jsonl``) and one read task on the cluster
@@ -27,7 +29,14 @@
   come back (hidden ``.partial``, fsync, rename: a part is there whole or not at all), with the
   run's sequence number and each record's request hash in its metadata. A folder, because that
   is what Ray, Spark, DuckDB, pandas and polars read as one dataset, and it grows without
-  rewrites.
+  rewrites. An output URI (``s3://bucket/out.parquet``) is such a folder in the store: each
+  part one object under the prefix, written by the worker that ran the block, through pyarrow's
+  filesystem with the credentials of that node's environment (a hidden key, then copied whole;
+  named after the block's first line, which no other block of the run holds); only the
+  columns the summary counts come back to the driver. The driver lists the parts for resume
+  and compacts them at the end; the rejects file is written in the local work folder and
+  uploaded beside the prefix. No lock in a store: one driver per output prefix
+  (``output.parts``), and a run says when another wrote there meanwhile.
 - **Resume** (``folder.py``): an id in the part files with the same request hash is done,
   ``ok`` or ``error``, as the local engine's resume treats its journal (``--retry-errors``
   re-sends errors; a changed line is sent again; their new records replace the old); a re-run
@@ -55,11 +64,11 @@ from batcher.errors import ConfigError, OutputError
 from batcher.input.sources import count_lines
 from batcher.input.tabular import check_input
 from batcher.output.formats import RejectsWriter, rejects_path
-from batcher.output.parts import locked, new_stamp
+from batcher.output.parts import locked
 from batcher.output.resume import RetryErrors
 from batcher.output.shape import OutputShape, output_shape
 from batcher.ray.blocks import count_rows, take_apart
-from batcher.ray.folder import PartFiles, Rerun, rerun, settle
+from batcher.ray.folder import PartFiles, Rerun, rerun, settle, strangers
 from batcher.ray.reading import ReadPlan, input_files, input_spec, is_uri, unpack
 from batcher.ray.session import RaySession
 from batcher.ray.stopping import Stopper
@@ -73,9 +82,11 @@ from batcher.runner.checks import (
 from batcher.runner.progress import Progress, format_summary
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
+from batcher.runner.staging import output_work_path
 from batcher.runner.stats import RunStats
 from batcher.runner.wiring import base_urls
 from batcher.sim import sim_server
+from batcher.storage import Location, shown, upload
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -91,9 +102,10 @@ class RaySetting:
     """A Ray run's job and the caller's choices for it, as the steps of the run need them."""
 
     job: JobConfig
-    input_path: Path
+    input: Location  # as given: a path, a glob, a URI (or a ``Path`` made of one)
     files: list[str]  # the input's files (``reading.input_files``)
-    output: Path
+    output: Location  # a local folder, or a store's prefix (its URI's text)
+    rejects: Path  # beside a local output; in the work folder for a URI (uploaded at the end)
     stream: IO[str]
     needs_key: list[bool]  # the workers read the keys; the driver says which exist
     handle_signals: bool
@@ -120,7 +132,9 @@ def run_job_on_ray(
 
     Uses the Ray instance this process is connected to (``ray.init`` called before), else the
     cluster ``RAY_ADDRESS`` names (as under ``ray job submit``), else starts a local one for
-    the run. The output must be a ``.parquet`` path: it becomes a folder of part files. A
+    the run. The output must be a ``.parquet`` path or URI: it becomes a folder of part files
+    (in a store, objects under that prefix; ``report.output`` is then the URI, credentials
+    redacted, as a ``Path``: ``reading.input_spec`` gives its text back). A
     re-run sends only the ids not in it yet (``retry_errors`` re-sends recorded errors:
     ``"all"`` or only ``"retryable"`` ones; their new records replace the old), and
     ``restart=True`` deletes the part files first.
@@ -128,40 +142,50 @@ def run_job_on_ray(
     JSONL output, a cost cap), as ``run_job`` does for the rest.
     """
     require_ray()
-    input_path, output = job.require_paths()
+    given, output = _locations(job)
     _check_job(job, output)
-    check_output_writable(output)
-    check_not_the_input(input_path, output)
-    check_input(job, input_path)
+    if isinstance(output, Path):
+        check_output_writable(output)
+        if isinstance(given, Path) and not is_uri(input_spec(given)):
+            check_not_the_input(given, output)
+    check_input(job, input_spec(given))
     setting = RaySetting(
         job=job,
-        input_path=input_path,
-        files=input_files(input_spec(input_path)),
+        input=given,
+        files=input_files(input_spec(given)),
         output=output,
+        rejects=rejects_path(output if isinstance(output, Path) else output_work_path(output)),
         stream=quiet(stream or sys.stderr),  # a reader that goes away does not stop the run
         needs_key=[key is not None for key in api_keys(job)],
         handle_signals=handle_signals,
     )
-    output.mkdir(exist_ok=True)
     stats, engine = _run_in_folder(setting, restart, retry_errors)
     return _report(setting, stats, engine)
 
 
-def _check_job(job: JobConfig, output: Path) -> None:
+def _locations(job: JobConfig) -> tuple[Location, Location]:
+    """The job's input as given, and its output: a local folder, or a URI's text (also from
+    a ``Path`` made of one, whose ``//`` folded); either missing is refused."""
+    if job.input is None:
+        raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
+    if job.output is None:
+        raise ConfigError("job.output", "no output file (set it in the job or pass --output)")
+    output = input_spec(job.output)
+    if output.startswith("file://"):  # a local folder: its lock, fsync and rename
+        return job.input, Path(output.removeprefix("file://"))
+    return job.input, output if is_uri(output) else Path(output)
+
+
+def _check_job(job: JobConfig, output: Location) -> None:
     """What the Ray engine cannot run, refused before anything is sent."""
-    if is_uri(input_spec(output)):  # a Path made of s3://b/k reads s3:/b/k: not a local folder
-        raise ConfigError(
-            "job.output",
-            f"the Ray engine writes its parts on the driver: give a local path (or a mounted "
-            f"volume) and copy the folder to {input_spec(output)} after",
-        )
-    if output.suffix.lower() != ".parquet":
+    name = output.name if isinstance(output, Path) else output.split("?", 1)[0].rstrip("/")
+    if not name.lower().endswith(".parquet"):
         raise ConfigError(
             "job.output",
             f"the Ray engine writes Parquet: give an output ending in .parquet (a folder of "
-            f"part files), got {str(output)!r}",
+            f"part files), got {shown(output)!r}",
         )
-    if output.exists() and not output.is_dir():
+    if isinstance(output, Path) and output.exists() and not output.is_dir():
         raise ConfigError(
             "job.output",
             f"{output} is a file (the local engine's output?); the Ray engine writes a folder "
@@ -184,15 +208,45 @@ def _check_job(job: JobConfig, output: Path) -> None:
 def _run_in_folder(
     setting: RaySetting, restart: bool, retry_errors: RetryErrors
 ) -> tuple[RunStats, str]:
-    """The run under the output folder's lock; the stats (the folder's final counts in
-    them), and a line on how the work was spread."""
+    """The run under the output folder's lock (a local one's); the stats (the folder's final
+    counts in them), and a line on how the work was spread. A URI's rejects file is uploaded
+    beside it at the end."""
     output = setting.output
+    if isinstance(output, Path):
+        output.mkdir(exist_ok=True)
+    else:
+        setting.rejects.parent.mkdir(parents=True, exist_ok=True)
     with locked(output):
         found = rerun(output, restart=restart, retry_errors=retry_errors)
         stats, engine = _run(setting, found)
         counts = settle(output, resent=stats.resent > 0)
     stats.output_ok, stats.output_error = counts["ok"], counts["error"]
+    if not isinstance(output, Path):
+        _warn_of_strangers(setting, found)
+    if not isinstance(output, Path) and setting.rejects.exists():
+        upload(setting.rejects, _rejects_uri(output))
     return stats, engine
+
+
+def _rejects_uri(output: str) -> str:
+    """Where a URI output's rejects file is uploaded: ``OUTPUT.rejects.jsonl`` beside the
+    prefix, as beside a local folder."""
+    base, sep, query = output.partition("?")
+    return f"{base.rstrip('/')}.rejects.jsonl{sep}{query}"
+
+
+def _warn_of_strangers(setting: RaySetting, found: Rerun) -> None:
+    """Say so when another driver wrote to the same output prefix during this run (a store
+    has no lock to refuse it): nothing is lost, but requests may have been sent twice."""
+    others = strangers(setting.output, found)
+    if others:
+        print(
+            f"batcher: another run wrote {len(others)} part(s) to {shown(setting.output)} while "
+            "this one ran (run one driver per output prefix): some requests may have been sent "
+            "twice; the next run keeps each id once",
+            file=setting.stream,
+            flush=True,
+        )
 
 
 def _report(setting: RaySetting, stats: RunStats, engine: str) -> RunReport:
@@ -205,13 +259,16 @@ def _report(setting: RaySetting, stats: RunStats, engine: str) -> RunReport:
     if missing and not stats.stopped_early:
         stats.stopped_early = True
         stats.stop_reason = f"{missing} requests were not answered (a worker stopped)"
-    rej = rejects_path(output) if stats.rejected else None
+    rej = setting.rejects if stats.rejected else None
+    # a URI's rejects are named where they were uploaded
+    shown_rej = str(rej) if isinstance(output, Path) else shown(_rejects_uri(output))
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None,
+        stats, name=job.name, output=shown(output), rejects=shown_rej if rej else None,
         engine=engine,
     )  # fmt: skip
     print(summary, file=setting.stream, flush=True)
-    return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
+    where = output if isinstance(output, Path) else Path(shown(output))
+    return RunReport(stats=stats, output=where, rejects=rej, summary=summary)
 
 
 def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
@@ -224,7 +281,7 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
     stopper = Stopper(progress, job.grace_s)
     session = RaySession(on_connect=stopper.reinstall)
     engine = "ray: nothing to send"
-    rejects_file = rejects_path(setting.output)
+    rejects_file = setting.rejects
     rejects_file.unlink(missing_ok=True)  # this run's rejects only, or none
     try:
         with (
@@ -233,12 +290,12 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
             RejectsWriter(rejects_file) as rejects,
         ):
             shape = output_shape(job)
-            spec = _spec(setting, urls, session, shape)
+            files = _part_files(setting, shape, found)
+            spec = _spec(setting, urls, session, shape, files)
             known = session.put(found.known) if found.known else None
             plan = ReadPlan(
                 job=job, files=setting.files, block_rows=job.ray.block_rows, known=known
             )
-            files = _part_files(setting, shape, found.run)
             stopper.arm(spec.stop_flag)
             blocks = _collect(session.run(plan, spec), files, rejects, stats, progress, stopper)
             if stats.submitted:
@@ -248,7 +305,8 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
         stats.stop_reason = stats.stop_reason or stopper.reason or "interrupted"
         progress.note("batcher: interrupted: the blocks in flight are sent again next run")
     except OSError as exc:
-        raise OutputError(f"cannot write {setting.output}: {exc.strerror or exc}") from None
+        what = shown(setting.output)
+        raise OutputError(f"cannot write {what}: {exc.strerror or shown(str(exc))}") from None
     finally:
         stopper.disarm()
         session.close()
@@ -270,10 +328,15 @@ def _total(setting: RaySetting) -> int | None:
 
 
 def _spec(
-    setting: RaySetting, urls: list[str], session: RaySession, shape: OutputShape
+    setting: RaySetting,
+    urls: list[str],
+    session: RaySession,
+    shape: OutputShape,
+    files: PartFiles,
 ) -> WorkerSpec:
     """What every worker is given: the job, the endpoints' URLs, the pool's size (the job's
-    ``ray.workers`` or the cluster's CPUs), the stop flag, the output's typed columns."""
+    ``ray.workers`` or the cluster's CPUs), the stop flag, the output's typed columns, and
+    this run's part files when they go to object storage (the workers write them)."""
     job = setting.job
     return WorkerSpec(
         job=job,
@@ -282,6 +345,7 @@ def _spec(
         workers=max(1, job.ray.workers or session.cpus()),
         stop_flag=session.stop_flag() if setting.handle_signals else None,
         shape=shape,
+        parts=None if isinstance(setting.output, Path) else files,
     )
 
 
@@ -294,7 +358,7 @@ def _engine_line(spec: WorkerSpec, blocks: int, block_rows: int) -> str:
     )
 
 
-def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
+def _part_files(setting: RaySetting, shape: OutputShape, found: Rerun) -> PartFiles:
     """This run's part files, with the output's provenance and columns."""
     from batcher.output.provenance import PREFIX, provenance
     from batcher.output.rows import schema_for
@@ -302,10 +366,14 @@ def _part_files(setting: RaySetting, shape: OutputShape, run: int) -> PartFiles:
     # The input's hash is left out (empty): the driver does not read the input, which may be
     # gigabytes in a store; a local run's output has it.
     metadata = provenance(setting.job, Path(os.devnull))
-    metadata[PREFIX + "input"] = input_spec(setting.input_path)
+    metadata[PREFIX + "input"] = shown(input_spec(setting.input))
     schema = schema_for(shape)
     return PartFiles(
-        output=setting.output, run=run, stamp=new_stamp(run), metadata=metadata, schema=schema
+        output=setting.output,
+        run=found.run,
+        stamp=found.stamp,
+        metadata=metadata,
+        schema=schema,
     )
 
 
@@ -329,7 +397,8 @@ def _collect(
                 rejects.write(reject)
             _note_stop(done.stop, stats, progress, stopper)
             if done.records.num_rows:
-                files.write(n, done.records, done.hashes)
+                if isinstance(files.output, Path):  # a store's parts are the workers' to write
+                    files.write(n, done.records, done.hashes)
                 count_rows(done.records, stats)
                 sent += 1
             progress.advance(done.records.num_rows + len(done.rejects) + stats.skipped - before)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batcher.http.answers import is_retryable_failure
 from batcher.output import parts
 from batcher.output.resume import RetryErrors
+from batcher.storage import Location
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -25,14 +25,17 @@ class Rerun:
     found: parts.Scan
     known: dict[str, tuple[bool, str | None]]
     run: int
+    stamp: str  # the name stem of this run's parts (``parts.new_stamp``)
 
 
-def rerun(output: Path, *, restart: bool, retry_errors: RetryErrors) -> Rerun:
+def rerun(output: Location, *, restart: bool, retry_errors: RetryErrors) -> Rerun:
     """Ready the folder (``parts.prepare``) and read what is done in it for this run (under
-    the folder's lock)."""
+    a local folder's lock; in a store, the run's number is one more than the highest listed
+    now: see ``parts``)."""
     found = parts.prepare(output, restart=restart)
     known = {cid: (done(r, retry_errors), r.hash) for cid, r in found.records.items()}
-    return Rerun(found=found, known=known, run=parts.next_run(output))
+    run = parts.next_run(output)
+    return Rerun(found=found, known=known, run=run, stamp=parts.new_stamp(run))
 
 
 def done(record: parts.Record, retry_errors: RetryErrors) -> bool:
@@ -51,7 +54,7 @@ class PartFiles:
     each with the run's provenance, its number, the requests' hashes and the output's
     columns."""
 
-    output: Path
+    output: Location  # a local folder, or a store's prefix (``s3://bucket/out.parquet``)
     run: int
     stamp: str  # ``parts.new_stamp(run)``
     metadata: dict[str, str]
@@ -64,8 +67,17 @@ class PartFiles:
         parts.write_part(path, table, metadata, schema=self.schema)
 
 
-def settle(output: Path, *, resent: bool) -> Counter[str]:
+def settle(output: Location, *, resent: bool) -> Counter[str]:
     """The folder after a run: re-sent ids' old records dropped; its records by status."""
     if resent:  # their old records are still in the parts written before
         parts.compact(parts.scan(output))
     return parts.scan(output).counts()
+
+
+def strangers(output: Location, found: Rerun) -> list[str]:
+    """The names of parts another run wrote while this one ran (their run number as high as
+    this one's or higher, their stamp not this run's): two drivers on one output prefix,
+    which a store's lack of a lock lets happen."""
+    mine = f"part-{found.stamp}-"
+    names = [parts.part_name(p) for p in parts.list_parts(output)]
+    return [n for n in names if parts.order_key(n)[0] >= found.run and not n.startswith(mine)]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from batcher.engine.dispatch import Engine
     from batcher.output.shape import OutputShape
+    from batcher.ray.folder import PartFiles
 
 #: The status of the extra row a worker adds to a block it could not finish, with the reason
 #: in ``error_message`` (Ray drops empty blocks and their schema metadata, so a row it is).
@@ -57,6 +58,9 @@ class WorkerSpec:
     stop_flag: Any = None
     #: The output's typed columns (``output.shape``); ``None``: those of a plain job.
     shape: OutputShape | None = None
+    #: This run's part files when the output is in object storage: each worker writes its
+    #: blocks' parts there itself (``blocks.write_on_worker``). ``None``: the driver writes.
+    parts: PartFiles | None = None
 
 
 #: How often a worker asks the driver's stop flag whether to stop (seconds).
@@ -207,7 +211,16 @@ class BlockWorker:
         markers = block.filter(pc.invert(sending)).to_pylist()
         markers.append({"kind": SENT, "line": len(requests)})
         hashes = {row["custom_id"]: row["body_hash"] for row in rows}
-        return _with_markers(table, markers, hashes)
+        finished = _with_markers(table, markers, hashes)
+        if self._spec.parts is None:
+            return finished
+        from batcher.errors import OutputError
+        from batcher.ray.blocks import write_on_worker
+
+        try:
+            return write_on_worker(finished, self._spec.parts)
+        except OutputError as exc:  # named in the driver's error, without Ray's wrapping
+            raise RuntimeError(ERROR_MARK + str(exc)) from None
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
         """The engine's result sink (on the loop's thread): file the record with its block.

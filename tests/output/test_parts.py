@@ -4,13 +4,23 @@ in the order runs wrote them, whole parts only, one run at a time, each id's lat
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batcher.errors import ConfigError, OutputError
-from batcher.output.parts import compact, locked, new_stamp, part_path, prepare, scan, write_part
+from batcher.output.parts import (
+    compact,
+    locked,
+    new_stamp,
+    next_run,
+    part_path,
+    prepare,
+    scan,
+    write_part,
+)
 from batcher.output.rows import PLAIN, schema_for
 from batcher.output.writers import SCHEMA, parquet_parts, results_table
 from batcher.records import Result, Status
@@ -22,7 +32,7 @@ def result(cid: str, status: Status = "ok", code: int | None = 200) -> Result:
                   error_code=None if status == "ok" else "server_error")  # fmt: skip
 
 
-def write(folder: Path, stamp: str, *results: Result) -> Path:
+def write(folder: Path | str, stamp: str, *results: Result) -> Path | str:
     path = part_path(folder, stamp, 0)
     write_part(path, results_table(list(results)), None)
     return path
@@ -98,3 +108,40 @@ def test_one_run_at_a_time_per_folder(tmp_path: Path) -> None:
         assert info.value.field == "job.output"
     with locked(tmp_path):  # released with the first run
         pass
+
+
+def test_a_folder_in_a_bucket_is_its_objects_under_the_prefix(s3_bucket: str) -> None:
+    from tests.s3_server import S3_CANARY, exists, get, put
+
+    folder = f"s3://{s3_bucket}/runs/out.parquet"
+    assert prepare(folder, restart=False).records == {}  # nothing there yet: no error
+    assert next_run(folder) == 1
+    first = write(folder, new_stamp(1), result("a", "error", 503), result("b"))
+    put(f"{folder}/.part-000002-abcdef-00000.parquet.partial", b"PAR1")  # an upload cut short
+    put(f"s3://{s3_bucket}/runs/out.parquet.rejects.jsonl", b"{}\n")  # beside, not under
+    second = write(folder, new_stamp(2), result("a"))
+    assert next_run(folder) == 3  # one more than the highest run among the names listed
+    hidden = f"{folder}/.{str(second).rpartition('/')[2]}.partial"  # uploaded, copied, deleted
+    assert not exists(hidden) and get(str(second))[:4] == b"PAR1"
+
+    found = prepare(folder, restart=False)  # the duplicate kept once, the partial removed
+
+    assert not exists(f"{folder}/.part-000002-abcdef-00000.parquet.partial")
+    assert found.parts == [first, second] and not found.duplicated
+    assert {cid: r.status for cid, r in found.records.items()} == {"a": "ok", "b": "ok"}
+    assert pq.read_table(f"{s3_bucket}/runs/out.parquet", filesystem=_fs()).num_rows == 2
+    assert prepare(folder, restart=True).records == {} and next_run(folder) == 1
+    with locked(folder):  # no lock in a store: nothing held, nothing refused
+        pass
+    assert S3_CANARY not in folder
+
+
+def test_an_unreachable_bucket_is_named_without_its_credentials(s3_bucket: str) -> None:
+    with pytest.raises(ConfigError, match=r"^job\.output: the bucket of s3://no-such-bucket/o"):
+        prepare("s3://no-such-bucket/o.parquet", restart=False)
+
+
+def _fs() -> Any:
+    from batcher.storage import filesystem
+
+    return filesystem("s3://x")[0]

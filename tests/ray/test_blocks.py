@@ -20,7 +20,7 @@ from batcher.output.parts import Record, new_stamp, part_metadata, part_path, pr
 from batcher.output.resume import RetryErrors
 from batcher.output.writers import read_results, results_table
 from batcher.ray.blocks import count_rows, take_apart
-from batcher.ray.folder import done, rerun
+from batcher.ray.folder import done, rerun, strangers
 from batcher.ray.reading import (
     READ,
     REJECTED,
@@ -245,3 +245,51 @@ def test_the_read_task_opens_uris_parquet_through_a_template_and_gzip(tmp_path: 
     packed.write_bytes(gzip.compress(lines({"custom_id": "z", "prompt": "1"}).getvalue()))
     plan = ReadPlan(job=job_for(packed), files=[f"file://{packed}"], block_rows=10)
     assert kinds(list(request_tables(plan))) == [(SEND, "z", 1), (READ, None, 1)]
+
+
+def test_parts_another_driver_wrote_to_the_same_prefix_are_noticed(s3_bucket: str) -> None:
+    output = f"s3://{s3_bucket}/out.parquet"
+    before = part_path(output, new_stamp(1), 0)
+    write_part(before, results_table([result("a")]), None)
+    found = rerun(output, restart=False, retry_errors="none")
+    assert found.run == 2 and found.stamp.startswith("000002-")  # after the highest listed
+    write_part(part_path(output, found.stamp, 0), results_table([result("b")]), None)
+    assert strangers(output, found) == []  # its own parts and older runs' are not strangers
+    other = part_path(output, new_stamp(2), 3)  # a driver that listed the same parts
+    write_part(other, results_table([result("c")]), None)
+    assert strangers(output, found) == [other.rpartition("/")[2]]
+
+
+def test_a_worker_writes_its_block_as_a_part_and_sends_back_only_what_is_counted(
+    tmp_path: Path,
+) -> None:
+    from batcher.output.parts import order_key, scan
+    from batcher.output.rows import PLAIN, schema_for
+    from batcher.ray.blocks import write_on_worker
+    from batcher.ray.folder import PartFiles
+
+    said = {"choices": [{"message": {"role": "assistant", "content": "long answer"}}]}
+    answers = [result("a", line=7, body=said), result("b", line=8, body=said)]
+    markers: list[dict[str, Any]] = [
+        {"kind": REJECTED, "custom_id": "c", "line": 9, "reason": "no messages", "text": "{}"},
+        {"kind": SENT, "line": 2},
+    ]
+    block = _with_markers(results_table(answers), markers, {"a": "ha", "b": "hb"})
+    folder = tmp_path / "out.parquet"
+    folder.mkdir()
+    files = PartFiles(
+        output=folder, run=3, stamp=new_stamp(3), metadata={}, schema=schema_for(PLAIN)
+    )
+
+    slim = write_on_worker(block, files)
+
+    found = scan(folder)
+    assert [order_key(p)[:2] for p in found.parts] == [(3, 7)]  # named after its first line
+    assert {c: r.hash for c, r in found.records.items()} == {"a": "ha", "b": "hb"}
+    assert read_results(folder).__next__()["content"] == "long answer"
+    stats = RunStats()
+    done = take_apart(slim, stats)
+    assert done.records["content"].to_pylist() == [None, None]  # the answers stay in the part
+    assert done.rejects == [Reject(line=9, reason="no messages", text="{}", custom_id="c")]
+    count_rows(done.records, stats)
+    assert (stats.ok, stats.submitted, stats.rejected) == (2, 2, 1)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -37,6 +39,7 @@ from batcher.runner.wiring import endpoint_limits
 from batcher.sim.config import SimConfig
 from batcher.sim.serve import SimHandle, running_sim
 from tests.helpers import ROOT, batcher_cmd, write_input
+from tests.s3_server import S3_CANARY, create_bucket, exists, get, put
 
 # Ray Data's DataContext sets its own deprecated fields when it is first created (ray 2.60):
 # ignore deprecation warnings raised in that module only.
@@ -49,26 +52,22 @@ KEY_VAR, KEY = "BATCHER_TEST_RAY_KEY", "sk-test-" + "x" * 24
 
 
 @pytest.fixture(scope="module")
-def s3_env() -> Iterator[dict[str, str] | None]:
-    """An S3-compatible server on 127.0.0.1 (moto's, in a thread) and the standard variables
-    that point AWS clients at it; ``None`` without moto."""
+def s3_env(request: pytest.FixtureRequest) -> dict[str, str] | None:
+    """The standard variables that point AWS clients at the tests' S3-compatible server
+    (``s3_server``: moto's, on 127.0.0.1), with dummy keys whose secret is ``S3_CANARY``;
+    ``None`` without moto."""
     try:
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401
     except ImportError:
-        yield None
-        return
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-            "AWS_ACCESS_KEY_ID": "moto-test-id",
-            "AWS_SECRET_ACCESS_KEY": "moto-test-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    finally:
-        server.stop()
+        return None
+    from tests.s3_server import S3_CANARY
+
+    return {
+        "AWS_ENDPOINT_URL": request.getfixturevalue("s3_server"),
+        "AWS_ACCESS_KEY_ID": "AKIATESTBATCHER",
+        "AWS_SECRET_ACCESS_KEY": S3_CANARY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -410,8 +409,8 @@ def test_ray_engine_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     local_output = with_overrides(JobConfig(), output=str(tmp_path / "file.parquet"), **base)
     with pytest.raises(ConfigError, match=r"is a file"):
         run_job_on_ray(local_output)
-    in_a_store = with_overrides(JobConfig(), output="s3://bucket/o.parquet", **base)
-    with pytest.raises(ConfigError, match=r"^job\.output: .*copy the folder to s3://bucket/o"):
+    in_a_store = with_overrides(JobConfig(), output="s3://bucket/o.jsonl", **base)
+    with pytest.raises(ConfigError, match=r"^job\.output: the Ray engine writes Parquet"):
         run_job_on_ray(in_a_store)
     assert not Path("s3:").exists()  # no local folder made of the URI
 
@@ -776,23 +775,17 @@ def test_the_input_is_read_from_an_s3_bucket_by_the_workers(
 ) -> None:
     if s3_env is None:
         pytest.skip("moto is not installed")
-    import pyarrow.fs as pafs
-
     from batcher.ray.driver import run_job_on_ray
 
     for name, value in s3_env.items():  # the driver lists the files with the same variables
         monkeypatch.setenv(name, value)
-    endpoint = s3_env["AWS_ENDPOINT_URL"]
-    s3 = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
-    s3.create_dir("prompts")
+    bucket = create_bucket()
     for n, start in ((0, 0), (1, 12)):
         body = write_input(tmp_path / f"in-{n}.jsonl", 12, start=start).read_bytes()
-        with s3.open_output_stream(f"prompts/jobs/in-{n}.jsonl") as f:
-            f.write(body)
-    with s3.open_output_stream("prompts/jobs/notes.txt") as f:
-        f.write(b"not matched")
+        put(f"s3://{bucket}/jobs/in-{n}.jsonl", body)
+    put(f"s3://{bucket}/jobs/notes.txt", b"not matched")
     job = dataclasses.replace(
-        ray_job(tmp_path, sim.base_url), input=Path("s3://prompts/jobs/in-*.jsonl")
+        ray_job(tmp_path, sim.base_url), input=Path(f"s3://{bucket}/jobs/in-*.jsonl")
     )
 
     report = run_job_on_ray(job, stream=io.StringIO())
@@ -800,5 +793,64 @@ def test_the_input_is_read_from_an_s3_bucket_by_the_workers(
     assert report.exit_code == 0, report.summary
     assert output_ids(report.output) == [f"r{i:05d}" for i in range(24)]
     made = read_provenance(report.output)
-    assert made["input"] == "s3://prompts/jobs/in-*.jsonl"
+    assert made["input"] == f"s3://{bucket}/jobs/in-*.jsonl"
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(made)
+
+
+@pytest.mark.slow
+def test_parts_go_straight_to_a_bucket_and_a_rerun_resumes_from_them(
+    tmp_path: Path,
+    ray_instance: Any,
+    sim: SimHandle,
+    s3_env: dict[str, str] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if s3_env is None:
+        pytest.skip("moto is not installed")
+    from batcher.output.parts import RUN_KEY, order_key
+    from batcher.ray.driver import run_job_on_ray
+    from batcher.sim.answers import expected_content
+    from batcher.storage import filesystem
+
+    for name, value in s3_env.items():  # the driver's credentials, as the workers'
+        monkeypatch.setenv(name, value)
+    bucket = create_bucket()
+    source, out = f"s3://{bucket}/in/prompts.jsonl", f"s3://{bucket}/results/out.parquet"
+    local = ray_job(tmp_path, sim.base_url, n=30)
+    lines = Path(str(local.input)).read_bytes().splitlines(keepends=True)
+    put(source, b"".join(lines))
+    job = dataclasses.replace(local, input=source, output=out)
+
+    first = run_job_on_ray(job, stream=io.StringIO())
+    assert (first.stats.submitted, first.stats.rejected) == (30, 1), first.summary
+    assert out in first.summary and f"{out}.rejects.jsonl" in first.summary
+    assert b"not a list" in get(f"s3://{bucket}/results/out.parquet.rejects.jsonl")
+
+    again = run_job_on_ray(job, stream=io.StringIO())  # everything is there: nothing sent
+    assert (again.stats.submitted, again.stats.skipped) == (0, 30), again.summary
+
+    lines[4] = b'{"custom_id": "r00004", "prompt": "a new question"}\n'
+    put(source, b"".join(lines))
+    answered = sim.simulator.stats.answered_ok
+    changed = run_job_on_ray(job, stream=io.StringIO())
+    assert sim.simulator.stats.answered_ok - answered == 1
+    assert (changed.stats.submitted, changed.stats.resent, changed.stats.skipped) == (1, 1, 29)
+
+    fs, prefix = filesystem(out)
+    table = pq.read_table(prefix, filesystem=fs)  # the prefix read back as one dataset
+    ids = table["custom_id"].to_pylist()
+    assert sorted(ids) == [f"r{i:05d}" for i in range(30)]  # each id once
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a new question"}]}
+    row = table.filter(pc.equal(table["custom_id"], "r00004")).to_pylist()[0]
+    assert row["content"] == expected_content(body)  # the latest record won
+    parts = [i.path for i in fs.get_file_info(pafs.FileSelector(prefix)) if i.is_file]
+    assert not [p for p in parts if p.rpartition("/")[2].startswith(".")]  # no upload left
+    runs = {int(pq.read_schema(p, filesystem=fs).metadata[RUN_KEY.encode()]) for p in parts}
+    assert runs == {order_key(p.rpartition("/")[2])[0] for p in parts} == {1, 2}
+    for part in parts:  # written by the workers: numbered after their first line
+        lines_in = pq.read_table(part, filesystem=fs, columns=["line"])["line"].to_pylist()
+        assert order_key(part.rpartition("/")[2])[1] == min(lines_in)
+    for part in parts:  # the secret is in no part, nor in what the runs said
+        assert S3_CANARY.encode() not in get(f"s3://{part}")
+    assert not any(S3_CANARY in r.summary for r in (first, again, changed))
+    assert exists(out.replace("out.parquet", "out.parquet.rejects.jsonl"))
