@@ -81,7 +81,10 @@ class Reader:
     the counts (loading a token table costs 0.1-0.25 s and about 45 MB). With ``fields``,
     ``warn`` is called (in the reading thread) with a warning for each near-miss field name,
     the first time a line carries it (see ``field_names``). ``system`` (the job's) is put
-    first in every request that has no system message.
+    first in every request that has no system message. ``first_line`` and ``seen`` read a
+    later file of several as if joined to the earlier ones: its lines (and the ids made from
+    them) number on from ``first_line``, and its ids are checked against ``seen`` (the earlier
+    files' ids; its owner closes it).
     """
 
     def __init__(
@@ -95,8 +98,14 @@ class Reader:
         fields: FieldNames | None = None,
         warn: Callable[[str], object] | None = None,
         system: str | None = None,
+        first_line: int = 1,
+        seen: IdSet | None = None,
     ) -> None:
         self._stream = stream
+        # a later file of several read as one: its lines number on, its ids are checked
+        # against the earlier files' (``seen``, shared and closed by its owner)
+        self._first = first_line
+        self._own_seen = seen is None
         self._system = system
         self._fields = fields if warn is not None else None
         self._warn = warn
@@ -104,8 +113,8 @@ class Reader:
         self._defaults = dict(defaults or {})
         self._encoding = encoding
         self._variant = variant
-        self._seen = IdSet()
-        self.lines_read = 0
+        self._seen = IdSet() if seen is None else seen
+        self.lines_read = first_line - 1
         self.blank_lines = 0
 
     def count_from_now(self) -> None:
@@ -130,16 +139,17 @@ class Reader:
                         self._warn(message)
                 yield item
         finally:
-            self._seen.close()  # its temporary database, if it has one
+            if self._own_seen:
+                self._seen.close()  # its temporary database, if it has one
 
     def _items(self) -> Iterator[tuple[Request | Reject, bytes | None]]:
         """Each non-blank line parsed, with the line itself (for a duplicate's reject).
 
         A table's reader (``batcher.input.tabular``) yields its rows here instead, with
         ``None`` for the line (its reject text is the row's JSON)."""
-        for line_no, raw in enumerate(_checked(self._stream), start=1):
+        for line_no, raw in enumerate(_checked(self._stream), start=self._first):
             self.lines_read = line_no
-            if line_no == 1 and raw.startswith(_BOM):
+            if line_no == self._first and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             if not raw.strip():
                 self.blank_lines += 1

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from batcher.config import JobConfig, TemplateConfig, VariantConfig
     from batcher.input.field_names import FieldNames
+    from batcher.input.idset import IdSet
 
 Form = Literal["jsonl", "csv", "tsv", "parquet"]
 #: The table forms, by suffix (after a ``.gz``, if any).
@@ -136,8 +137,11 @@ def reader_for(
     count_tokens: bool = True,
     fields: FieldNames | None = None,
     warn: Callable[[str], object] | None = None,
+    first_line: int = 1,
+    seen: IdSet | None = None,
 ) -> Reader:
-    """The reader of ``stream`` (the job's input, or ``path``) for one pass (one ``variant``)."""
+    """The reader of ``stream`` (the job's input, or ``path``) for one pass (one ``variant``);
+    ``first_line`` and ``seen`` for a later file of several (``Reader``)."""
     path = job.input if path is None else path
     check_input(job, path)
     options: dict[str, Any] = {
@@ -147,6 +151,8 @@ def reader_for(
         "fields": fields,
         "warn": warn,
         "system": job.system,
+        "first_line": first_line,
+        "seen": seen,
     }
     if job.template is None:
         return Reader(stream, job.request, **options)
@@ -275,7 +281,7 @@ def _csv_reader(stream: IO[bytes], form: Form) -> Iterator[list[str]]:
 
 def _csv_rows(reader: TableReader) -> Iterator[_Row | Reject]:
     rows = _csv_reader(reader._stream, reader._form)
-    number = 0
+    number = reader._first - 1
     header: list[str] | None = None
     while True:
         try:
@@ -339,7 +345,7 @@ def _parquet_file(stream: IO[bytes]) -> Any:
 
 def _parquet_rows(reader: TableReader) -> Iterator[_Row | Reject]:
     parquet = _parquet_file(reader._stream)
-    number = 0
+    number = reader._first - 1
     batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
     while True:
         try:
@@ -359,9 +365,9 @@ def _parquet_rows(reader: TableReader) -> Iterator[_Row | Reject]:
 
 def _jsonl_rows(reader: TableReader) -> Iterator[_Row | Reject]:
     keys = reader._columns  # every row's keys, read ahead (else each row's own)
-    for number, raw in enumerate(_checked(reader._stream), start=1):
+    for number, raw in enumerate(_checked(reader._stream), start=reader._first):
         reader._note_row(number)
-        if number == 1 and raw.startswith(_BOM):
+        if number == reader._first and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if not raw.strip():
             reader.blank_lines += 1

@@ -4,8 +4,9 @@ local run, into request blocks for the actor pool.
 
 One read task goes through the files in the order of their sorted names, so a line's number
 runs on across files (the second file's first line follows the first file's last), a duplicate
-id is rejected wherever it is (a file's own reader finds those within it; an ``IdSet`` shared
-by the files those across them), and the first occurrence wins, as in a local run. The driver
+id is rejected wherever it is (the files' readers share one ``IdSet``), and the first
+occurrence wins, as in a local run: ids made from line or row numbers, and rejects' text (the
+line as it stands, a row as JSON), are those of the files joined into one. The driver
 only lists the files and parses none of them (with progress on, it counts a single local
 file's lines for the total, as a local run does), so its memory does not grow with the input
 and the first request does not wait for it to be read. One task parses about 30,000 lines a
@@ -19,9 +20,6 @@ dataset's target block size is one byte (``session.py``).
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import glob
 import io
 import re
 from collections.abc import Iterator, Mapping
@@ -29,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from batcher import jsonfast
+from batcher import jsonfast, storage
 from batcher.errors import ConfigError, InputError
 from batcher.input.idset import IdSet
 from batcher.input.sources import open_input
@@ -57,8 +55,6 @@ SEND = "send"
 #: recorded before and sent again (its request is in the block too); the lines read (``line``).
 REJECTED, SKIPPED, RESENT, READ = "rejected", "skipped", "resent", "read"
 MARKERS = (REJECTED, SKIPPED, RESENT, READ)
-
-_GLOB = frozenset("*?[")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,70 +92,39 @@ def is_uri(name: str) -> bool:
 
 def input_files(spec: str) -> list[str]:
     """The input's files, sorted: ``spec`` itself, or the files a glob in it matches (local
-    or in a store). Fails with an ``InputError`` naming ``spec`` when there are none."""
+    or in a store, ``storage.expand``). Fails with an ``InputError`` naming ``spec`` (a URI's
+    credentials redacted) when there are none."""
     if spec == "-":
         raise ConfigError(
             "job.input", "the Ray engine reads the input on its workers: give a file, not -"
         )
-    if is_uri(spec):
-        files = _uri_files(spec)
-    elif _GLOB & set(spec):
-        files = sorted(p for p in glob.glob(spec) if Path(p).is_file())
-    else:
-        if not Path(spec).is_file():
-            raise InputError(f"input file not found: {spec}")
-        files = [spec]
-    if not files:
-        raise InputError(f"no input file matches {spec}")
-    return files
-
-
-def _uri_files(spec: str) -> list[str]:
-    """The files a URI names (one, or those its glob matches), as URIs."""
-    import pyarrow.fs as pafs
-
-    scheme = spec.partition("://")[0]
-    parts = spec.split("/")
-    first_glob = next((i for i, p in enumerate(parts) if _GLOB & set(p)), None)
-    try:
-        if first_glob is None:
-            fs, path = pafs.FileSystem.from_uri(spec)
-            info = fs.get_file_info(path)
-            if info.type != pafs.FileType.File:
-                raise InputError(f"input file not found: {spec}")
-            return [spec]
-        base = "/".join(parts[:first_glob])
-        fs, base_path = pafs.FileSystem.from_uri(base)
-        pattern = base_path.rstrip("/") + "/" + "/".join(parts[first_glob:])
-        selector = pafs.FileSelector(base_path, recursive="**" in pattern)
-        infos = fs.get_file_info(selector)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot list input {spec}: {exc}") from None
-    prefix = base[: len(base) - len(base_path.rstrip("/"))] if base.endswith(base_path) else ""
-    matched = sorted(
-        i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)
-    )
-    if prefix:
-        return [prefix + p for p in matched]
-    return [f"{scheme}://{p.lstrip('/') if scheme != 'file' else p}" for p in matched]
+    where = storage.location(spec)
+    if isinstance(where, Path) and where.is_file():
+        return [spec]  # a file whose name holds ``[`` or ``*`` is read, not matched
+    files = storage.expand(where)
+    if len(files) == 1 and not storage.has_glob(where):
+        found = files[0]
+        missing = not found.is_file() if isinstance(found, Path) else not storage.exists(found)
+        if missing:
+            raise InputError(f"input file not found: {storage.shown(found)}")
+    return [str(f) for f in files]
 
 
 def open_file(name: str) -> IO[bytes]:
     """One input file opened for binary reading (a ``.gz`` file decompressed)."""
     if not is_uri(name):
         return open_input(Path(name))
-    import pyarrow.fs as pafs
-
     from batcher.input.tabular import input_form
 
+    fs, path = storage.filesystem(name)
     try:
-        fs, path = pafs.FileSystem.from_uri(name)
         if input_form(Path(path)) == "parquet":  # read by row groups: a seekable file
             return fs.open_input_file(path)  # type: ignore[no-any-return]
         stream = fs.open_input_stream(path)  # .gz: decompressed by suffix
         return cast(IO[bytes], io.BufferedReader(stream, buffer_size=1 << 20))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot open input {name}: {exc}") from None
+    except Exception as exc:
+        reason = storage.reason(exc, name)
+        raise InputError(f"cannot open input {storage.shown(name)}: {reason}") from None
 
 
 def read_blocks(batch: pa.Table, plan: ReadPlan) -> Iterator[pa.Table]:
@@ -184,44 +149,37 @@ def request_tables(plan: ReadPlan) -> Iterator[pa.Table]:
 
         known = ray.get(known)
     job, rows = plan.job, _Rows(plan.block_rows)
-    across = IdSet() if len(plan.files) > 1 else None  # ids seen in the files before
-    offset = 0
+    seen = IdSet()  # the ids of every file read so far
+    read = 0  # the lines (a table's rows) of the files read so far
     try:
         for name in plan.files:
             source = open_file(name)
             try:
-                reader = reader_for(job, source, path=Path(name), count_tokens=job.counts_tokens)
+                reader = reader_for(
+                    job, source, path=Path(name), count_tokens=job.counts_tokens,
+                    first_line=read + 1, seen=seen,
+                )  # fmt: skip
                 for item in reader:
-                    rows.add(_checked(item, offset, across, known))
+                    rows.add(_checked(item, known))
                     if rows.full():
                         yield rows.table()
-                offset += reader.lines_read
+                read = reader.lines_read
             finally:
                 source.close()
     finally:
-        if across is not None:
-            across.close()
-    rows.marker(READ, line=offset)
+        seen.close()
+    rows.marker(READ, line=read)
     yield rows.table()
 
 
 def _checked(
-    item: Request | Reject,
-    offset: int,
-    across: IdSet | None,
-    known: Mapping[str, tuple[bool, str | None]],
+    item: Request | Reject, known: Mapping[str, tuple[bool, str | None]]
 ) -> Request | Reject | tuple[str, Request | str]:
-    """An item with its line numbered across files: a request, a reject (also a duplicate of
-    an id in an earlier file), ``(SKIPPED, id)`` for an id done already, ``(RESENT, request)``
-    for one recorded before and sent again (an error retried, or its line changed)."""
+    """An item as the block holds it: a request, a reject, ``(SKIPPED, id)`` for an id done
+    already, ``(RESENT, request)`` for one recorded before and sent again (an error retried,
+    or its line changed)."""
     if isinstance(item, Reject):
-        return dataclasses.replace(item, line=item.line + offset) if offset else item
-    if offset:
-        item = dataclasses.replace(item, line=item.line + offset)
-    if across is not None and not across.add(item.custom_id):
-        text = jsonfast.dumps_text(item.input if item.input is not None else item.body)
-        reason = f"duplicate id {item.custom_id!r} (ids must be unique)"
-        return Reject(line=item.line, reason=reason, text=text, custom_id=item.custom_id)
+        return item
     entry = known.get(item.custom_id)
     if entry is None:
         return item

@@ -293,3 +293,59 @@ def test_a_worker_writes_its_block_as_a_part_and_sends_back_only_what_is_counted
     assert done.rejects == [Reject(line=9, reason="no messages", text="{}", custom_id="c")]
     count_rows(done.records, stats)
     assert (stats.ok, stats.submitted, stats.rejected) == (2, 2, 1)
+
+
+def test_ids_from_numbers_and_duplicates_run_on_across_a_globs_files(tmp_path: Path) -> None:
+    from batcher.config import TemplateConfig
+
+    (tmp_path / "1.jsonl").write_bytes(lines({"prompt": "a"}, {"prompt": "b"}).getvalue())
+    (tmp_path / "2.jsonl").write_bytes(lines({"prompt": "c"}, {"prompt": "d"}).getvalue())
+    files = input_files(str(tmp_path / "*.jsonl"))
+    plan = ReadPlan(job=job_for(tmp_path / "1.jsonl"), files=files, block_rows=10)
+    assert kinds(list(request_tables(plan))) == [
+        (SEND, "line-1", 1), (SEND, "line-2", 2), (SEND, "line-3", 3), (SEND, "line-4", 4),
+        (READ, None, 4),
+    ]  # fmt: skip
+
+    (tmp_path / "1.csv").write_text("q\none\ntwo\n")
+    (tmp_path / "2.csv").write_text("q\nthree\n\nfour\n")
+    job = dataclasses.replace(job_for(tmp_path / "1.csv"), template=TemplateConfig(user="{q}"))
+    plan = ReadPlan(job=job, files=input_files(str(tmp_path / "*.csv")), block_rows=10)
+    assert kinds(list(request_tables(plan))) == [
+        (SEND, "1", 1), (SEND, "2", 2), (SEND, "3", 3), (SEND, "4", 4), (READ, None, 4)
+    ]  # fmt: skip
+
+
+def test_a_duplicate_in_a_later_file_is_rejected_with_its_line_as_written(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b'{"custom_id": "x", "prompt": "1"}\n')
+    (tmp_path / "b.jsonl").write_bytes(b'{"prompt":"2",  "custom_id":"x"}\n')
+    job = dataclasses.replace(job_for(tmp_path / "a.jsonl"))
+    files = input_files(str(tmp_path / "*.jsonl"))
+    tables = list(request_tables(ReadPlan(job=job, files=files, block_rows=10)))
+    rejected = [r for t in tables for r in t.to_pylist() if r["kind"] == REJECTED]
+    assert [(r["custom_id"], r["line"], r["text"]) for r in rejected] == [
+        ("x", 2, '{"prompt":"2",  "custom_id":"x"}')
+    ]
+
+
+def test_input_errors_never_show_the_uris_credentials(s3_bucket: str, tmp_path: Path) -> None:
+    from batcher.errors import BatcherError
+
+    canary = "LEAKCANARY1"
+    for spec in (
+        f"s3://AKQ:{canary}@{s3_bucket}/missing.jsonl",
+        f"s3://AKQ:{canary}@{s3_bucket}/nothing/*.jsonl",
+        f"s3://AKQ:{canary}@no-such-bucket-here/*.jsonl",
+    ):
+        with pytest.raises(BatcherError) as caught:
+            input_files(spec)
+        assert canary not in str(caught.value) and "AKQ" not in str(caught.value)
+        assert s3_bucket in str(caught.value) or "no-such-bucket-here" in str(caught.value)
+    with pytest.raises(BatcherError) as caught:
+        job = job_for(tmp_path / "x.jsonl")
+        list(
+            request_tables(ReadPlan(job=job, files=[f"s3://AKQ:{canary}@nb/x.jsonl"], block_rows=1))
+        )
+    assert canary not in str(caught.value)
