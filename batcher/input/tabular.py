@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 from batcher import jsonfast
 from batcher.errors import ConfigError, InputError
@@ -467,17 +467,59 @@ def input_schema(job: JobConfig) -> pa.Schema | None:
     template (request lines have no row).
 
     CSV and TSV carry no types: every column is ``pa.string()``. Parquet gives its own schema.
+    A glob or a URI (the Ray engine's input, read on its workers) takes its first file's (in
+    sorted order, as they are read): a CSV's header or a Parquet file's footer, no rows.
     JSONL rows: the union of every row's keys (``input_columns``), each ``pa.string()``
     (other values as JSON text). Standard input unread (the Ray engine's) has none (``None``).
     """
     import pyarrow as pa
 
-    if job.template is None or not isinstance(job.input, Path) or str(job.input) == "-":
-        return None  # no template, no input, stdin, or a URI (a run reads its local copy)
-    if input_form(job.input) == "parquet":
-        return _parquet_schema(job.input)
-    names = input_columns(job.input) or []
+    if job.template is None or job.input is None or str(job.input) == "-":
+        return None  # no template, no input, or stdin
+    form = input_form(job.input)
+    if form == "jsonl":
+        if not isinstance(job.input, Path):
+            return None  # a URI's rows are not read ahead (each row holds its own keys)
+        names = input_columns(job.input) or []
+    else:
+        first = _first_file(job.input)
+        if form == "parquet":
+            return _parquet_schema(first) if isinstance(first, Path) else _remote_parquet(first)
+        names = _csv_header(first, form) if isinstance(first, Path) else _remote_header(first, form)
     return pa.schema([pa.field(name, pa.string()) for name in names])
+
+
+def _first_file(location: Path | str) -> Path | str:
+    """The input itself, or a glob's first match (``storage.expand`` sorts them)."""
+    from batcher import storage
+
+    if isinstance(location, Path) and (location.is_file() or not storage.has_glob(location)):
+        return location  # a file whose name holds ``[`` or ``*`` is read, not matched
+    return storage.expand(location)[0]
+
+
+def _remote_header(uri: str, form: Form) -> list[str]:
+    """A CSV or TSV object's header, read from its first bytes (a ``.gz`` decompressed)."""
+    import gzip
+
+    from batcher import storage
+
+    with storage.open_file(uri) as raw:
+        stream = gzip.GzipFile(fileobj=raw) if uri.split("?", 1)[0].endswith(".gz") else raw
+        try:
+            first = next(_csv_reader(cast(IO[bytes], stream), form), [])
+        except (csv.Error, OSError, EOFError, zlib.error) as exc:
+            raise InputError(f"cannot read the header of {storage.shown(uri)}: {exc}") from None
+    return _header(first)
+
+
+def _remote_parquet(uri: str) -> pa.Schema:
+    """A Parquet object's schema, from its footer (its rows are not read)."""
+    from batcher import storage
+
+    with storage.open_seekable(uri) as stream:
+        schema: pa.Schema = _parquet_file(stream).schema_arrow
+    return schema.remove_metadata()
 
 
 def count_rows(path: Path) -> int | None:

@@ -3,6 +3,7 @@ the ``input`` column's schema, the progress total, the job's system message."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import json
@@ -350,6 +351,32 @@ def test_input_schema_of_csv_is_its_header_as_strings(tmp_path: Path) -> None:
         [("id", pa.string()), ("question", pa.string()), ("gold", pa.string())]
     )
     assert input_schema(JobConfig(input=src)) is None  # no template: no rows
+
+
+def test_input_schema_of_a_glob_or_uri_is_its_first_files_without_reading_rows(
+    tmp_path: Path,
+) -> None:
+    from batcher.output.shape import output_shape
+
+    folder = tmp_path / "noid"
+    folder.mkdir()
+    write(folder / "b.csv", "question,other\nx,y\n")
+    write(folder / "a.csv", "question\nq\n")
+    job = job_for(folder / "*.csv")
+    assert input_schema(job) == pa.schema([("question", pa.string())])
+    assert output_shape(job) == output_shape(job_for(folder / "a.csv"))
+    (folder / "c.csv.gz").write_bytes(gzip.compress(b"question,more\nq,r\n"))
+    uri = dataclasses.replace(job_for(folder), input=f"file://{folder}/c.csv.gz")
+    assert input_schema(uri) == pa.schema([("question", pa.string()), ("more", pa.string())])
+
+    pq.write_table(pa.table({"question": ["q"], "n": [1]}), folder / "1.parquet")
+    pq.write_table(pa.table({"question": ["r"]}), folder / "2.parquet")
+    expected = pa.schema([("question", pa.string()), ("n", pa.int64())])
+    assert input_schema(job_for(folder / "*.parquet")) == expected
+    remote = dataclasses.replace(job_for(folder), input=f"file://{folder}/*.parquet")
+    assert input_schema(remote) == expected
+    with pytest.raises(InputError, match="no file matches"):
+        input_schema(job_for(folder / "*.tsv"))
 
 
 def test_jsonl_requests_without_a_template_are_read_as_before(tmp_path: Path) -> None:
