@@ -104,7 +104,11 @@ def input_files(spec: str) -> list[str]:
     files = storage.expand(where)
     if len(files) == 1 and not storage.has_glob(where):
         found = files[0]
-        missing = not found.is_file() if isinstance(found, Path) else not storage.exists(found)
+        missing = (
+            not found.is_file()
+            if isinstance(found, Path)
+            else not storage.exists(found, "job.input")
+        )
         if missing:
             raise InputError(f"input file not found: {storage.shown(found)}")
     return [str(f) for f in files]
