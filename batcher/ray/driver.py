@@ -55,7 +55,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -86,7 +86,7 @@ from batcher.runner.staging import output_work_path
 from batcher.runner.stats import RunStats
 from batcher.runner.wiring import base_urls
 from batcher.sim import sim_server
-from batcher.storage import Location, shown, upload
+from batcher.storage import Location, location, shown, upload
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -289,7 +289,8 @@ def _run(setting: RaySetting, found: Rerun) -> tuple[RunStats, str]:
             stopper.handling(setting.handle_signals),
             RejectsWriter(rejects_file) as rejects,
         ):
-            shape = output_shape(job)
+            # the input as storage names it (a URI's text, not a ``Path`` that folded its ``//``)
+            shape = output_shape(replace(job, input=location(input_spec(setting.input))))
             files = _part_files(setting, shape, found)
             spec = _spec(setting, urls, session, shape, files)
             known = session.put(found.known) if found.known else None

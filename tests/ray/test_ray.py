@@ -797,6 +797,38 @@ def test_the_input_is_read_from_an_s3_bucket_by_the_workers(
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(made)
 
 
+def test_a_glob_of_csv_objects_is_one_table_with_rows_numbered_on(
+    tmp_path: Path,
+    ray_instance: Any,
+    sim: SimHandle,
+    s3_env: dict[str, str] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The output's ``input`` type comes from the first object's header (the driver reads
+    no rows), and ids made from row numbers run on into the second object, as in a local run."""
+    if s3_env is None:
+        pytest.skip("moto is not installed")
+    from batcher.config import TemplateConfig
+    from batcher.ray.driver import run_job_on_ray
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    bucket = create_bucket()
+    put(f"s3://{bucket}/rows/1.csv", b"q\none\ntwo\n")
+    put(f"s3://{bucket}/rows/2.csv", b"q\nthree\nfour\n")
+    job = dataclasses.replace(
+        ray_job(tmp_path, sim.base_url),
+        input=Path(f"s3://{bucket}/rows/*.csv"),
+        template=TemplateConfig(user="Q: {q}"),
+    )
+
+    report = run_job_on_ray(job, stream=io.StringIO())
+
+    assert report.exit_code == 0, report.summary
+    rows = sorted((r["custom_id"], r["input"]["q"]) for r in read_results(report.output))
+    assert rows == [("1", "one"), ("2", "two"), ("3", "three"), ("4", "four")]
+
+
 @pytest.mark.slow
 def test_parts_go_straight_to_a_bucket_and_a_rerun_resumes_from_them(
     tmp_path: Path,
