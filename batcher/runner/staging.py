@@ -55,6 +55,7 @@ from batcher.storage import (
     has_glob,
     is_uri,
     note_origin,
+    reason,
     shown,
     upload,
 )
@@ -231,7 +232,7 @@ def _running(pid: int) -> bool:
 
 def _local_output(uri: str, *, restart: bool) -> Path:
     """The work-folder file a remote output is written to, with the state of an earlier
-    upload fetched when this machine has none."""
+    upload fetched when this machine has none or the upload is newer (``_upload_is_newer``)."""
     from batcher.output.journal import journal_path
 
     check_writable_place(uri)
@@ -271,8 +272,9 @@ def fetch_run_files(uri: str, local: Path) -> bool:
 def fetched_output(uri: str) -> Path:
     """The local file standing for the remote output ``uri`` for ``batcher status`` and
     ``report``: this machine's work folder when it holds the run's journal, else the run's
-    files uploaded beside ``uri``, downloaded to a fresh folder (removed by a later run once
-    this process is gone). Neither: an ``InputError`` saying so in one line."""
+    files uploaded beside ``uri``, downloaded to a fresh folder (``WORK/fetched``, removed by
+    a later ``status`` or ``report`` once this process is gone). Neither: an ``InputError``
+    saying so in one line."""
     from batcher.output.journal import journal_path
 
     local = output_work_path(uri)
@@ -325,8 +327,12 @@ def _remote_journal(uri: str) -> list[int] | None:
     import pyarrow.fs as pafs
 
     base, sep, query = uri.partition("?")
-    fs, path = filesystem(base + ".journal" + sep + query, "job.output")
-    info = fs.get_file_info(path)
+    journal = base + ".journal" + sep + query
+    fs, path = filesystem(journal, "job.output")
+    try:
+        info = fs.get_file_info(path)
+    except Exception as exc:
+        raise ConfigError("job.output", f"cannot reach {shown(uri)}: {reason(exc, uri)}") from None
     if info.type != pafs.FileType.File:
         return None
     return [int(info.size or 0), int(info.mtime_ns or 0)]
@@ -345,7 +351,7 @@ def _note_synced(local: Path, uri: str) -> None:
 
     try:
         remote = _remote_journal(uri)
-    except Exception:  # the note is a guard only: a store that cannot answer leaves none
+    except ConfigError:  # the note is a guard only: a store that cannot answer leaves none
         return
     note = {"remote": remote, "local": _local_size(journal_path(local))}
     _synced_path(local).write_text(json.dumps(note))
