@@ -180,7 +180,7 @@ def _report(args: argparse.Namespace) -> int:
     from batcher.output.report_html import write_html
     from batcher.output.report_text import format_report
 
-    report, series = build_report(args.output)
+    report, series = build_report(_local_output(args.output))
     if args.json:
         _show(json.dumps(report.as_dict(), indent=2))
     else:
@@ -189,6 +189,16 @@ def _report(args: argparse.Namespace) -> int:
         write_html(report, series, args.html)
         _say(f"batcher report: wrote {args.html}")
     return 0
+
+
+def _local_output(output: Path | str) -> Path:
+    """The local file ``status`` and ``report`` read for an output: itself, or for a URI
+    this machine's run of it, else its upload fetched to a fresh folder."""
+    if isinstance(output, Path):
+        return output
+    from batcher.runner.staging import fetched_output
+
+    return fetched_output(output)
 
 
 #: Seconds between two refreshes of ``batcher status --watch``.
@@ -207,10 +217,11 @@ def _status(args: argparse.Namespace) -> int:
     # on a terminal each refresh replaces the last; else they follow (JSON: one a line)
     clear = args.watch and not args.json and sys.stdout.isatty()
     gap = ""
-    reader = JournalReader(journal_path(args.output))  # refreshes read what was appended
+    output = _local_output(args.output)
+    reader = JournalReader(journal_path(output))  # refreshes read what was appended
     try:
         while True:
-            status = read_job_status(args.output, reader=reader)
+            status = read_job_status(output, reader=reader)
             if args.json:
                 text = json.dumps(status.as_dict(), indent=None if args.watch else 2)
             else:

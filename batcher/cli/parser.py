@@ -434,13 +434,9 @@ def _add_sim_batch_arguments(sim: argparse.ArgumentParser) -> None:
     )
 
 
-def _output_arg(text: str) -> Path:
-    """An output named on the command line; a URI is read from its work folder on this
-    machine (``runner.staging``: a remote output's run writes there first)."""
-    from batcher.storage import is_uri
+def _output_arg(text: str) -> Path | str:
+    """An output named on the command line: a path, or a URI's text (``cli.main`` finds its
+    local side, ``runner.staging.fetched_output``: errors there are one line)."""
+    from batcher.storage import location
 
-    if not is_uri(text):
-        return Path(text)
-    from batcher.runner.staging import output_work_path
-
-    return output_work_path(text)
+    return location(text)

@@ -29,6 +29,7 @@ from batcher.output.journal_facts import (
 )
 from batcher.runner.progress import format_duration
 from batcher.runner.status_file import read_status_file
+from batcher.storage import origin_of
 
 #: The state of a run whose process died without writing how it ended.
 DIED = "not running"
@@ -328,7 +329,7 @@ def format_status(status: JobStatus) -> str:
             who = e.custom_id + (f" ({e.variant})" if e.variant else "")
             lines.append(f"    {who}: {e.error_code or 'error'}: {e.message or ''}".rstrip())
     lines.extend(_batch_lines(status.batches, running=status.running))
-    lines.append(f"  output    {status.output}")
+    lines.append(f"  output    {origin_of(status.output)}")
     return "\n".join(lines)
 
 

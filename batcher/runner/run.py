@@ -54,6 +54,7 @@ from batcher.runner.wiring import (
     engine_settings,
     open_endpoints,
 )
+from batcher.storage import origin_of
 
 if TYPE_CHECKING:
     import httpx
@@ -197,7 +198,7 @@ async def _run_online(job: JobConfig, options: RunOptions, notices: Notices) -> 
                 source.close()
     rej = rejects_path(output) if rejected else None
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rej) if rej else None
+        stats, name=job.name, output=origin_of(output), rejects=str(rej) if rej else None
     )
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)

@@ -17,6 +17,12 @@ glob): what the local engine and batch mode read and write on this machine.
   another machine resumes where the last upload left off. At the end of the run the output is
   uploaded (the commit point: the object appears whole), then the journal (compacted by then
   when every request was recorded) and the other files.
+- **Which state a run resumes from**: each upload or download writes ``NAME.synced`` in the
+  work folder: the uploaded journal's size and modification time as the store reports them,
+  and the local journal's size then. When the uploaded journal no longer matches it (a run on
+  another machine uploaded since), the upload is taken (downloaded over the local state) if
+  the local journal has not grown since; if both moved on, the run is refused (exit 2) with
+  the two ways out: ``--restart``, or removing the work folder to take the upload.
 
 ``WORK`` is ``work/`` in batcher's cache folder (``disk_cache.cache_dir``), else
 ``batcher-work/`` in the system's temporary folder.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -37,15 +44,18 @@ from pathlib import Path
 from batcher.config import JobConfig
 from batcher.disk_cache import cache_dir
 from batcher.errors import ConfigError, InputError
+from batcher.output.formats import SUFFIXES
 from batcher.storage import (
     Location,
     check_writable_place,
     download,
     expand,
+    filesystem,
     forget_origin,
     has_glob,
     is_uri,
     note_origin,
+    reason,
     shown,
     upload,
 )
@@ -99,6 +109,7 @@ class Staging:
         for path in _run_files(local):
             if path.exists():
                 upload(path, base + path.name[len(local.name) :] + query)
+        _note_synced(local, self.remote_output)
         if local.exists():
             say(f"uploaded to {shown(self.remote_output)}")
 
@@ -125,6 +136,7 @@ def stage(job: JobConfig, *, restart: bool = False) -> Staging:
         )
     try:
         if isinstance(job.output, str):  # first: a missing bucket costs no input download
+            check_output_suffix(job.output)
             staging.remote_output = job.output
             staging.job = dataclasses.replace(
                 staging.job, output=_local_output(job.output, restart=restart)
@@ -220,21 +232,148 @@ def _running(pid: int) -> bool:
 
 def _local_output(uri: str, *, restart: bool) -> Path:
     """The work-folder file a remote output is written to, with the state of an earlier
-    upload fetched when this machine has none."""
+    upload fetched when this machine has none or the upload is newer (``_upload_is_newer``)."""
     from batcher.output.journal import journal_path
 
     check_writable_place(uri)
+    check_not_a_prefix(uri)
     local = output_work_path(uri)
     try:
         local.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError("job.output", f"cannot make {local.parent}: {exc.strerror}") from None
-    if restart or journal_path(local).exists():
+    if restart:
         return local  # this machine's state is the run's
+    if journal_path(local).exists():
+        if not _upload_is_newer(local, uri):
+            return local
+        for path in _run_files(local):  # the upload is the run's state: none of this one's
+            path.unlink(missing_ok=True)
+    fetch_run_files(uri, local)
+    _note_synced(local, uri)
+    return local
+
+
+def fetch_run_files(uri: str, local: Path) -> bool:
+    """Download the run's files uploaded beside ``uri`` over ``local``'s (the output only
+    when there is a journal); whether a journal or an output was found."""
+    from batcher.output.journal import journal_path
+
     base, sep, query = uri.partition("?")
     for path in _run_files(local):
         if path != local:
             download(base + path.name[len(local.name) :] + sep + query, path)
     if journal_path(local).exists():
         download(uri, local)
-    return local
+        return True
+    return download(uri, local)
+
+
+def fetched_output(uri: str) -> Path:
+    """The local file standing for the remote output ``uri`` for ``batcher status`` and
+    ``report``: this machine's work folder when it holds the run's journal, else the run's
+    files uploaded beside ``uri``, downloaded to a fresh folder (``WORK/fetched``, removed by
+    a later ``status`` or ``report`` once this process is gone). Neither: an ``InputError``
+    saying so in one line."""
+    from batcher.output.journal import journal_path
+
+    local = output_work_path(uri)
+    if journal_path(local).exists() or local.exists():
+        note_origin(local, uri)
+        return local
+    fetched = _fresh_folder("fetched") / local.name
+    if not fetch_run_files(uri, fetched):
+        raise InputError(
+            f"no run of {shown(uri)}: none on this machine, and no output or journal there"
+        )
+    note_origin(fetched, uri)
+    return fetched
+
+
+def check_output_suffix(uri: str) -> None:
+    """Refuse a remote output that is neither ``.jsonl`` nor ``.parquet``, naming the URI."""
+    name = uri.split("?", 1)[0].rstrip("/")
+    if not name.lower().endswith(SUFFIXES):
+        raise ConfigError(
+            "job.output",
+            f"{shown(uri)!r} must end in .jsonl (OpenAI Batch API lines) or .parquet",
+        )
+
+
+def check_not_a_prefix(uri: str) -> None:
+    """Refuse an output URI under which objects exist (``NAME/part-*``: the Ray engine's
+    output), as a local output that is a folder is refused."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, "job.output")
+    try:
+        kind = fs.get_file_info(path.rstrip("/")).type
+    except Exception:  # unreachable stores are reported by check_writable_place
+        return
+    if kind == pafs.FileType.Directory:
+        raise ConfigError(
+            "job.output",
+            f"{shown(uri)} is a folder (the Ray engine's output?): choose another output, "
+            "or run the job with --engine ray",
+        )
+
+
+def _synced_path(local: Path) -> Path:
+    return local.with_name(local.name + ".synced")
+
+
+def _remote_journal(uri: str) -> list[int] | None:
+    """The uploaded journal's size and modification time (ns), or ``None`` when absent."""
+    import pyarrow.fs as pafs
+
+    base, sep, query = uri.partition("?")
+    journal = base + ".journal" + sep + query
+    fs, path = filesystem(journal, "job.output")
+    try:
+        info = fs.get_file_info(path)
+    except Exception as exc:
+        raise ConfigError("job.output", f"cannot reach {shown(uri)}: {reason(exc, uri)}") from None
+    if info.type != pafs.FileType.File:
+        return None
+    return [int(info.size or 0), int(info.mtime_ns or 0)]
+
+
+def _local_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def _note_synced(local: Path, uri: str) -> None:
+    """Record what the local state and the upload were when they last matched."""
+    from batcher.output.journal import journal_path
+
+    try:
+        remote = _remote_journal(uri)
+    except ConfigError:  # the note is a guard only: a store that cannot answer leaves none
+        return
+    note = {"remote": remote, "local": _local_size(journal_path(local))}
+    _synced_path(local).write_text(json.dumps(note))
+
+
+def _upload_is_newer(local: Path, uri: str) -> bool:
+    """Whether another machine uploaded since this one last uploaded or downloaded; a
+    ``ConfigError`` when the local journal has moved on too (neither state holds the other)."""
+    from batcher.output.journal import journal_path
+
+    remote = _remote_journal(uri)
+    try:
+        note = json.loads(_synced_path(local).read_text())
+    except (OSError, ValueError):
+        note = None
+    if remote is None or (note is not None and note.get("remote") == remote):
+        return False
+    if note is not None and note.get("local") == _local_size(journal_path(local)):
+        return True
+    raise ConfigError(
+        "job.output",
+        f"{shown(uri)} was uploaded by another run since this machine's run of it "
+        f"({local.parent}) last met it: run with --restart to start over, or remove that "
+        "folder to resume from the upload",
+    )

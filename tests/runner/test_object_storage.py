@@ -255,3 +255,75 @@ def test_the_python_api_reads_and_writes_a_bucket(s3_bucket: str) -> None:
     assert result.exit_code == 0
     assert sorted(_ids(out)) == ["r000", "r001", "r002"]
     assert sorted(result.to_pandas()["custom_id"]) == ["r000", "r001", "r002"]
+
+
+def test_a_machine_whose_journal_is_stale_takes_the_newer_upload(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    out = f"s3://{s3_bucket}/out/shared.parquet"
+    args = ("run", "--input", f"s3://{s3_bucket}/in.jsonl", "--output", out, "--model", "m",
+            "--base-url", "sim", "--no-progress")  # fmt: skip
+    machine_a = {"BATCHER_CACHE_DIR": str(tmp_path / "a")}
+    machine_c = {"BATCHER_CACHE_DIR": str(tmp_path / "c")}
+    put(f"s3://{s3_bucket}/in.jsonl", _lines(3))
+    assert run_batcher(*args, env=machine_a).returncode == 0
+    put(f"s3://{s3_bucket}/in.jsonl", _lines(6))
+    other = run_batcher(*args, env=machine_c)  # resumes from A's upload, uploads 6
+    assert "3 skipped (done before), 0 re-sent, 3 new" in other.stderr, other.stderr
+    again = run_batcher(*args, env=machine_a)  # A's own journal holds 3: the upload is newer
+    assert again.returncode == 0, again.stderr
+    assert "6 skipped (done before), 0 re-sent, 0 new" in again.stderr, again.stderr
+    assert f"  output    {out}\n" in again.stderr  # the URI, not the work file
+    assert sorted(_ids(out)) == [f"r{i:03d}" for i in range(6)]
+    # a machine with no run of its own: status and report read the upload
+    machine_d = {"BATCHER_CACHE_DIR": str(tmp_path / "d")}
+    status = run_batcher("status", out, env=machine_d)
+    assert status.returncode == 0 and "requests  6 done: 6 ok" in status.stdout, status.stderr
+    assert f"output    {out}" in status.stdout and str(tmp_path) not in status.stdout
+    report = run_batcher("report", out, "--json", env=machine_d)
+    assert report.returncode == 0 and json.loads(report.stdout)["requests"] == 6
+
+
+def test_both_machines_moved_on_is_refused_exit_2_nothing_sent(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = f"s3://{s3_bucket}/out/both.parquet"
+    put(f"s3://{s3_bucket}/in.jsonl", _lines(2))
+    monkeypatch.setenv("BATCHER_CACHE_DIR", str(tmp_path / "a"))  # here and in the runs
+    with sim_process() as url:
+        args = ("run", "--input", f"s3://{s3_bucket}/in.jsonl", "--output", out,
+                "--model", "m", "--base-url", url, "--no-progress")  # fmt: skip
+        assert run_batcher(*args).returncode == 0
+        put(out + ".journal", get(out + ".journal") + b"\n")  # another machine's upload
+        with journal_path(output_work_path(out)).open("ab") as f:  # and this one's progress
+            f.write(b"\n")
+        sent = sim_stats(url)["requests_received"]
+        refused = run_batcher(*args)
+        assert sim_stats(url)["requests_received"] == sent
+    assert refused.returncode == 2
+    assert "--restart" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "expected"),
+    [
+        ("run", "x.parquet", "is a folder (the Ray engine's output?)"),
+        ("run", "o.csv", "must end in .jsonl"),
+        ("status", "none.parquet", "no run of"),
+    ],
+)
+def test_a_remote_output_refused_names_the_uri_exit_2_nothing_sent(
+    s3_bucket: str, command: str, name: str, expected: str
+) -> None:
+    put(f"s3://{s3_bucket}/x.parquet/part-00000.parquet", b"PAR1")  # a Ray engine's output
+    put(f"s3://{s3_bucket}/in.jsonl", _lines(2))
+    out = f"s3://{s3_bucket}/{name}"
+    with sim_process() as url:
+        args = ["--input", f"s3://{s3_bucket}/in.jsonl", "--output", out, "--model", "m",
+                "--base-url", url, "--no-progress"]  # fmt: skip
+        result = run_batcher("run", *args) if command == "run" else run_batcher(command, out)
+        assert sim_stats(url)["requests_received"] == 0
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and out in lines[0], result.stderr
+    assert not exists(out)
