@@ -155,11 +155,15 @@ def _type_of_values(values: list[Any]) -> pa.DataType:
     return JSON_TEXT
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, int):
-        return "integer"
+        # an enum value past int64 cannot be held by the integer column: JSON text keeps it
+        return "integer" if value in _INT64 else "other"
     if isinstance(value, float):
         return "number"
     return "string" if isinstance(value, str) else "other"

@@ -150,6 +150,13 @@ def test_absurd_nesting_becomes_json_text() -> None:
     assert t == JSON_TEXT and depth < 40
 
 
+def test_an_enum_of_integers_past_int64_is_json_text() -> None:
+    """Found by the property below: such a value would be null in an int64 column."""
+    t = arrow_type({"enum": [2**63]})
+    assert t == JSON_TEXT
+    assert fit(2**63, t) == str(2**63)
+
+
 @pytest.mark.parametrize(
     ("value", "type_", "expected"),
     [
