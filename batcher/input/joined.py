@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from batcher.errors import InputError
-from batcher.input.tabular import Form, input_form
+from batcher.input.table_files import Form, input_form
 from batcher.storage import Location, open_file, open_seekable, shown
 
 _BOM = b"\xef\xbb\xbf"

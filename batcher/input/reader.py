@@ -57,7 +57,7 @@ def load_first_encoding(path: Path, defaults: Mapping[str, Any], encoding: str |
     Does nothing for stdin, an unreadable input or a first line that is not a request: the
     tables then load with the first request, as they would anyway.
     """
-    from batcher.input.tabular import input_form
+    from batcher.input.table_files import input_form
 
     if str(path) == "-" or input_form(path) != "jsonl":
         return  # a table's first request is made from a template: it loads them then

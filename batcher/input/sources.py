@@ -37,7 +37,8 @@ def count_lines(path: Path) -> int | None:
     a file that cannot be read to the end (the reader reports that, with the line number).
     A Parquet file's rows come from its metadata: its data is not read.
     """
-    from batcher.input.tabular import count_rows, input_form
+    from batcher.input.columns import count_rows
+    from batcher.input.table_files import input_form
 
     if str(path) == "-":
         return None

@@ -9,26 +9,24 @@ in ``Request.input``. Its id is the ``id_column``'s value, else its 1-based row 
 Rows are streamed: CSV/TSV through the ``csv`` module (the header is the first row; data rows
 are numbered from 1, blank rows skipped), Parquet a batch of rows at a time
 (``ParquetFile.iter_batches``, never the whole file), JSONL rows a line at a time (numbered by
-line, as request lines are). ``input_schema`` is the Arrow type of the ``input`` column.
+line, as request lines are).
 
-The columns are known before anything is sent (``input_columns``): a CSV's header, a Parquet
-file's schema, and for JSONL rows the union of every row's keys in first-seen order (one
-parsing pass over the file, cached per file). A template naming a column the input does not
-have is a ``ConfigError`` then, instead of a reject on every row.
+The columns are known before anything is sent (``columns.input_columns``), so a template
+naming a column the input does not have is a ``ConfigError`` (``check_input``), instead of a
+reject on every row. A file's form and its low-level reading are in ``table_files``.
 """
 
 from __future__ import annotations
 
 import csv
-import stat
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from typing import IO, TYPE_CHECKING, Any
 
 from batcher import jsonfast
 from batcher.errors import ConfigError, InputError
+from batcher.input.columns import input_columns
 from batcher.input.reader import (
     _BOM,
     LineError,
@@ -40,39 +38,21 @@ from batcher.input.reader import (
     _text,
     request_of,
 )
+from batcher.input.table_files import (
+    PARQUET_BATCH_ROWS,
+    Form,
+    checked_header,
+    csv_reader,
+    input_form,
+    parquet_file,
+)
 from batcher.input.template import MissingColumn, parse_template, value_text
 from batcher.records import Reject, Request
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from batcher.config import JobConfig, TemplateConfig, VariantConfig
     from batcher.input.field_names import FieldNames
     from batcher.input.idset import IdSet
-
-Form = Literal["jsonl", "csv", "tsv", "parquet"]
-#: The table forms, by suffix (after a ``.gz``, if any).
-TABLE_SUFFIXES: dict[str, Form] = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
-#: Rows decoded at a time from a Parquet file: a few hundred KB of Python objects at most.
-PARQUET_BATCH_ROWS = 1024
-#: Bytes read at a time from a Parquet column chunk, so a large row group (pyarrow writes up
-#: to a million rows in one) is not read into memory whole.
-PARQUET_BUFFER_BYTES = 1 << 20
-
-
-def input_form(path: Path | str | None) -> Form:
-    """The input's form by its suffix: ``csv``, ``tsv``, ``parquet``, else ``jsonl`` (stdin too).
-    ``path`` may be an object-storage URI (text): its query aside."""
-    if path is None or str(path) == "-":
-        return "jsonl"
-    if isinstance(path, str):
-        path = Path(path.split("?", 1)[0])
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        if len(suffixes) > 1 and suffixes[-2] == ".parquet":
-            raise ConfigError("job.input", "a Parquet file is compressed inside: do not gzip it")
-        suffixes.pop()
-    return TABLE_SUFFIXES.get(suffixes[-1], "jsonl") if suffixes else "jsonl"
 
 
 def check_input(job: JobConfig, path: Path | str | None = None) -> None:
@@ -256,31 +236,9 @@ def _row_text(cells: Mapping[str, Any]) -> str:
 
 # --- CSV and TSV ---------------------------------------------------------------------------
 
-#: The longest CSV field read (the csv module's default, 128 KiB, is shorter than a document).
-CSV_FIELD_LIMIT = 2**31 - 1
-
-
-def _text_lines(stream: IO[bytes]) -> Iterator[str]:
-    """``stream``'s lines as text, line endings kept for the csv module (a leading BOM
-    dropped); invalid UTF-8 or an unreadable stream is an ``InputError`` naming the line."""
-    for number, raw in enumerate(_checked(stream), start=1):
-        line = raw.removeprefix(_BOM) if number == 1 else raw
-        try:
-            yield line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                f"invalid UTF-8 on line {number} of the input, at byte {exc.start + 1}"
-            ) from None
-
-
-def _csv_reader(stream: IO[bytes], form: Form) -> Iterator[list[str]]:
-    """The csv module's reader of ``stream``: commas, or tabs for TSV."""
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    return csv.reader(_text_lines(stream), delimiter="\t" if form == "tsv" else ",")
-
 
 def _csv_rows(reader: TableReader) -> Iterator[_Row | Reject]:
-    rows = _csv_reader(reader._stream, reader._form)
+    rows = csv_reader(reader._stream, reader._form)
     number = reader._first - 1
     header: list[str] | None = None
     while True:
@@ -292,7 +250,7 @@ def _csv_rows(reader: TableReader) -> Iterator[_Row | Reject]:
             where = "the header" if header is None else f"row {number}"
             raise InputError(f"cannot read the input after {where}: {exc}") from None
         if header is None:
-            header = _header(fields)
+            header = checked_header(fields)
             continue
         if not fields:
             reader.blank_lines += 1
@@ -311,40 +269,11 @@ def _csv_rows(reader: TableReader) -> Iterator[_Row | Reject]:
         yield _Row(number, cells, {name: cells.get(name) for name in header})
 
 
-def _header(fields: list[str]) -> list[str]:
-    seen: set[str] = set()
-    for name in fields:
-        if name in seen:
-            raise InputError(f"the input's header names column {name!r} twice")
-        seen.add(name)
-    return fields
-
-
-def _csv_header(path: Path, form: Form) -> list[str]:
-    from batcher.input.sources import open_input
-
-    with open_input(path) as stream:
-        try:
-            first = next(_csv_reader(stream, form), [])
-        except csv.Error as exc:
-            raise InputError(f"cannot read the input's header: {exc}") from None
-    return _header(first)
-
-
 # --- Parquet -------------------------------------------------------------------------------
 
 
-def _parquet_file(stream: IO[bytes]) -> Any:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(stream, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...
-        raise InputError(f"cannot read the input as Parquet: {exc}") from None
-
-
 def _parquet_rows(reader: TableReader) -> Iterator[_Row | Reject]:
-    parquet = _parquet_file(reader._stream)
+    parquet = parquet_file(reader._stream)
     number = reader._first - 1
     batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
     while True:
@@ -402,149 +331,4 @@ def _json_cell(value: Any) -> str | None:
     return jsonfast.dumps_text(value)
 
 
-def _json_keys(path: Path) -> list[str]:
-    """The union of the keys of every JSONL row of ``path``, in first-seen order (lines that
-    are no JSON object left out: the reader rejects them)."""
-    from batcher.input.sources import open_input
-
-    keys: dict[str, None] = {}
-    with open_input(path) as stream:
-        for raw in _checked(stream):
-            raw = raw.removeprefix(_BOM).rstrip(b"\r\n")
-            if raw.strip():
-                try:
-                    obj = jsonfast.loads_exact(raw)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(obj, dict):
-                    keys.update(dict.fromkeys(obj))
-    return list(keys)
-
-
-#: The columns of the files read ahead, by (path, size, modification time): a run asks for
-#: them several times (the check, each variant's reader, the output's type).
-_COLUMNS: dict[tuple[Path, int, int], list[str]] = {}
-
-
-def input_columns(path: Path) -> list[str] | None:
-    """The input's columns, known before its rows are read: a CSV's header, a Parquet file's
-    fields, the union of every JSONL row's keys (first-seen order); ``None`` for stdin, a
-    pipe or FIFO, or a JSONL file that cannot be read to its end."""
-    if str(path) == "-":
-        return None
-    form = input_form(path)
-    if form == "parquet":
-        return list(_parquet_schema(path).names)
-    if form != "jsonl":
-        return _csv_header(path, form)
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            return None  # a pipe or a FIFO: reading ahead would consume it
-        key = (path.resolve(), info.st_size, info.st_mtime_ns)
-        if key not in _COLUMNS:
-            if len(_COLUMNS) >= 8:
-                _COLUMNS.clear()
-            _COLUMNS[key] = _json_keys(path)
-    except (OSError, EOFError, zlib.error, InputError):
-        return None  # missing or unreadable to its end: the reader reports it, with the line
-    return list(_COLUMNS[key])
-
-
-def _parquet_schema(path: Path) -> pa.Schema:
-    from batcher.input.sources import open_input
-
-    with open_input(path) as stream:
-        schema: pa.Schema = _parquet_file(stream).schema_arrow
-    return schema.remove_metadata()
-
-
 # --- the input column's schema -------------------------------------------------------------
-
-
-def input_schema(job: JobConfig) -> pa.Schema | None:
-    """The Arrow schema of the ``input`` column (the rows' own columns); ``None`` without a
-    template (request lines have no row).
-
-    CSV and TSV carry no types: every column is ``pa.string()``. Parquet gives its own schema.
-    A glob or a URI (the Ray engine's input, read on its workers) takes its first file's (in
-    sorted order, as they are read): a CSV's header or a Parquet file's footer, no rows.
-    JSONL rows: the union of every row's keys (``input_columns``), each ``pa.string()``
-    (other values as JSON text). Standard input unread (the Ray engine's) has none (``None``).
-    """
-    import pyarrow as pa
-
-    if job.template is None or job.input is None or str(job.input) == "-":
-        return None  # no template, no input, or stdin
-    form = input_form(job.input)
-    if form == "jsonl":
-        if not isinstance(job.input, Path):
-            return None  # a URI's rows are not read ahead (each row holds its own keys)
-        names = input_columns(job.input) or []
-    else:
-        first = _first_file(job.input)
-        if form == "parquet":
-            return _parquet_schema(first) if isinstance(first, Path) else _remote_parquet(first)
-        names = _csv_header(first, form) if isinstance(first, Path) else _remote_header(first, form)
-    return pa.schema([pa.field(name, pa.string()) for name in names])
-
-
-def _first_file(location: Path | str) -> Path | str:
-    """The input itself, or a glob's first match (``storage.expand`` sorts them)."""
-    from batcher import storage
-
-    if isinstance(location, Path) and (location.is_file() or not storage.has_glob(location)):
-        return location  # a file whose name holds ``[`` or ``*`` is read, not matched
-    return storage.expand(location)[0]
-
-
-def _remote_header(uri: str, form: Form) -> list[str]:
-    """A CSV or TSV object's header, read from its first bytes (a ``.gz`` decompressed)."""
-    import gzip
-
-    from batcher import storage
-
-    with storage.open_file(uri) as raw:
-        stream = gzip.GzipFile(fileobj=raw) if uri.split("?", 1)[0].endswith(".gz") else raw
-        try:
-            first = next(_csv_reader(cast(IO[bytes], stream), form), [])
-        except (csv.Error, OSError, EOFError, zlib.error) as exc:
-            raise InputError(f"cannot read the header of {storage.shown(uri)}: {exc}") from None
-    return _header(first)
-
-
-def _remote_parquet(uri: str) -> pa.Schema:
-    """A Parquet object's schema, from its footer (its rows are not read)."""
-    from batcher import storage
-
-    with storage.open_seekable(uri) as stream:
-        schema: pa.Schema = _parquet_file(stream).schema_arrow
-    return schema.remove_metadata()
-
-
-def count_rows(path: Path) -> int | None:
-    """The rows of a table (the progress total): a Parquet file's from its metadata (no data
-    read), a CSV's by reading it through; ``None`` for request lines (``count_lines``)."""
-    form = input_form(path)
-    if form == "parquet":
-        from batcher.input.sources import open_input
-
-        try:
-            with open_input(path) as stream:
-                return int(_parquet_file(stream).metadata.num_rows)
-        except (OSError, InputError):
-            return None
-    if form in ("csv", "tsv"):
-        return _count_csv(path, form)
-    return None
-
-
-def _count_csv(path: Path, form: Form) -> int | None:
-    from batcher.input.sources import open_input
-
-    try:
-        with open_input(path) as stream:
-            rows = _csv_reader(stream, form)
-            return max(0, sum(1 for fields in rows if fields) - 1)  # the header aside
-    except (OSError, csv.Error, InputError):
-        return None

@@ -256,7 +256,8 @@ def small_input(path: Path) -> bool:
             return False
     except OSError:
         return False
-    from batcher.input.tabular import count_rows, input_form
+    from batcher.input.columns import count_rows
+    from batcher.input.table_files import input_form
 
     if input_form(path) != "parquet":
         return True

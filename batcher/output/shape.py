@@ -128,8 +128,9 @@ def output_shape(job: JobConfig) -> OutputShape:
     its request lines ask for (``line_formats``)."""
     from pathlib import Path
 
+    from batcher.input.columns import input_schema
     from batcher.input.line_formats import line_asks
-    from batcher.input.tabular import input_form, input_schema
+    from batcher.input.table_files import input_form
 
     asks: list[dict[str, Any]] = []
     path = job.input

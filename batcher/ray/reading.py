@@ -118,7 +118,7 @@ def open_file(name: str) -> IO[bytes]:
     """One input file opened for binary reading (a ``.gz`` file decompressed)."""
     if not is_uri(name):
         return open_input(Path(name))
-    from batcher.input.tabular import input_form
+    from batcher.input.table_files import input_form
 
     fs, path = storage.filesystem(name)
     try:

@@ -16,16 +16,11 @@ import pytest
 
 from batcher.config import JobConfig, TemplateConfig, VariantConfig
 from batcher.errors import ConfigError, InputError
+from batcher.input.columns import count_rows, input_schema
 from batcher.input.reader import Reader
 from batcher.input.sources import count_lines, open_input
-from batcher.input.tabular import (
-    TableReader,
-    check_input,
-    count_rows,
-    input_form,
-    input_schema,
-    reader_for,
-)
+from batcher.input.table_files import input_form
+from batcher.input.tabular import TableReader, check_input, reader_for
 from batcher.records import Reject, Request
 
 
