@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
+
+from batcher.sim.serve import tcp_listener
 
 #: An ASGI handler reduced to what these tests need: the request's JSON body in, an answer
 #: (status, JSON body, headers) out.
@@ -52,7 +53,7 @@ def json_app(handler: Handler) -> Callable[..., Awaitable[None]]:
 @contextlib.contextmanager
 def serving(app: Callable[..., Awaitable[None]]) -> Iterator[str]:
     """Serve ``app`` on a free loopback port for the ``with`` block; yields its ``/v1`` URL."""
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = tcp_listener("127.0.0.1", 0)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="off", ws="none", log_config=None,
