@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -167,3 +169,178 @@ def test_turning_streaming_on_does_not_change_the_hash() -> None:
     streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
     assert request_hash(streamed) == request_hash(body)
     assert request_hash({**body, "temperature": 0}) != request_hash(body)
+
+
+def records_on_disk(path: Path) -> list[str]:
+    """The ids of the whole records in the journal file (its header left out)."""
+    import json
+
+    lines = path.read_bytes().split(b"\n")[1:-1]
+    return [json.loads(line)["custom_id"] for line in lines]
+
+
+def counting_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the journal's ``os.write`` calls, from now on."""
+    sizes: list[int] = []
+    real = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        sizes.append(len(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return sizes
+
+
+def test_without_a_running_loop_each_record_is_written_as_it_is_appended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.journal"
+    with Journal(path) as j:
+        writes = counting_writes(monkeypatch)
+        for cid in ("a", "b", "c"):
+            j.append(result(cid), "h")
+            assert records_on_disk(path)[-1] == cid
+        assert len(writes) == 3
+
+
+def test_records_of_one_trip_round_the_loop_are_written_together_at_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.journal"
+
+    async def main() -> None:
+        with Journal(path) as j:
+            writes = counting_writes(monkeypatch)
+            for cid in ("a", "b", "c"):
+                j.append(result(cid), "h")
+            assert records_on_disk(path) == []  # in memory until the loop comes round
+            await asyncio.sleep(0)
+            assert records_on_disk(path) == ["a", "b", "c"]
+            assert len(writes) == 1
+            j.append(result("d"), "h")
+            await asyncio.sleep(0)
+            assert records_on_disk(path) == ["a", "b", "c", "d"]
+            assert len(writes) == 2
+
+    asyncio.run(main())
+
+
+def test_batched_records_keep_their_offsets(tmp_path: Path) -> None:
+    path = tmp_path / "j.journal"
+
+    async def main() -> None:
+        with Journal(path) as j:
+            j.append(result("a", cost_usd=1.0), "h", provisional=True)
+            j.append(result("b"), "h")
+            j.append(result("c", cost_usd=2.0), "h", provisional=True)
+            # read back before the loop came round: what waits is written first
+            assert [r.custom_id for r in j.results()] == ["a", "b", "c"]
+            for key in ("a", "c"):
+                (record,) = j.read_at([j.entries[key].offset])
+                assert record["custom_id"] == key
+            j.append(result("a", cost_usd=3.0), "h")  # replaces the provisional one
+            await asyncio.sleep(0)
+            assert [(r.custom_id, r.cost_usd) for r in j.results()] == [
+                ("b", None),
+                ("c", 2.0),
+                ("a", 3.0),
+            ]
+
+    asyncio.run(main())
+    with Journal(path) as again:
+        assert {k: again.entries[k].status for k in again.entries} == dict.fromkeys("abc", "ok")
+        for key, entry in again.entries.items():
+            (record,) = again.read_at([entry.offset])
+            assert record["custom_id"] == key
+
+
+def test_close_and_sync_write_what_waits(tmp_path: Path) -> None:
+    path = tmp_path / "j.journal"
+
+    async def main() -> None:
+        j = Journal(path)
+        j.append(result("a"), "h")
+        j.sync()
+        assert records_on_disk(path) == ["a"]
+        j.append(result("b"), "h")
+        j.close()  # the loop never came round
+        assert records_on_disk(path) == ["a", "b"]
+
+    asyncio.run(main())
+
+
+def test_many_records_in_one_trip_are_written_once_past_the_size_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batcher.output import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "FLUSH_BYTES", 2_000)
+    path = tmp_path / "j.journal"
+
+    async def main() -> None:
+        with Journal(path) as j:
+            writes = counting_writes(monkeypatch)
+            appended: list[str] = []
+            while not records_on_disk(path):  # none until they pass 2,000 bytes
+                appended.append(f"id{len(appended)}")
+                j.append(result(appended[-1]), "h")
+                assert len(appended) < 100
+            assert len(appended) > 1
+            assert records_on_disk(path) == appended
+            assert len(writes) == 1 and writes[0] >= 2_000
+            j.append(result("last"), "h")
+            assert records_on_disk(path) == appended
+            await asyncio.sleep(0)
+            assert records_on_disk(path) == [*appended, "last"]
+
+    asyncio.run(main())
+
+
+def failing_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def write(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def test_a_failed_write_at_the_loops_turn_is_raised_by_the_next_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.journal"
+
+    async def main() -> None:
+        with Journal(path) as j:
+            j.append(result("a"), "h")
+            failing_writes(monkeypatch)
+            j.append(result("b"), "h")  # its write, at the loop's turn, fails
+            await asyncio.sleep(0)
+            monkeypatch.undo()  # the disk has room again: what failed is not written
+            with pytest.raises(OSError, match="No space left"):
+                j.append(result("c"), "h")
+            with pytest.raises(OSError, match="No space left"):
+                j.append(result("d"), "h")  # nothing more is recorded
+            j.sync()  # said by the appends: the run stops on them, not here
+
+    asyncio.run(main())
+    assert records_on_disk(path) == []
+
+
+def test_a_failed_write_no_append_said_is_raised_by_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batcher.errors import OutputError
+
+    path = tmp_path / "j.journal"
+
+    async def main() -> None:
+        with Journal(path) as j:
+            j.append(result("a"), "h")
+            failing_writes(monkeypatch)
+            await asyncio.sleep(0)
+            monkeypatch.undo()
+            with pytest.raises(OutputError, match=r"cannot write journal .*No space left"):
+                j.sync()
+            j.sync()  # said once
+
+    asyncio.run(main())
