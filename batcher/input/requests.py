@@ -74,9 +74,10 @@ def field_problem(body: Mapping[str, Any]) -> tuple[str, str] | None:
 
     ``messages`` is checked only when present (defaults may omit it; lines may not).
     """
-    for name, (check, must) in _CHECKS.items():
-        if name in body and not check(body[name]):
-            return name, f"must be {must}, got {_short(body[name])}"
+    for name, value in body.items():  # a body's few fields: fewer lookups than the checks
+        checked = _CHECKS.get(name)
+        if checked is not None and not checked[0](value):
+            return _first_wrong_type(body)
     if "messages" in body:
         problem = messages_problem(body["messages"])
         if problem:
@@ -87,6 +88,14 @@ def field_problem(body: Mapping[str, Any]) -> tuple[str, str] | None:
     if options is not None and body.get("stream") is not True:
         return "stream_options", "is only allowed with stream: true (the API refuses it)"
     return None
+
+
+def _first_wrong_type(body: Mapping[str, Any]) -> tuple[str, str]:
+    """The first known field (in ``_CHECKS`` order) with a wrong type, of a body that has one."""
+    for name, (check, must) in _CHECKS.items():
+        if name in body and not check(body[name]):
+            return name, f"must be {must}, got {_short(body[name])}"
+    raise AssertionError("no field has a wrong type")
 
 
 def with_stream_usage(body: dict[str, Any]) -> dict[str, Any]:

@@ -150,3 +150,49 @@ def test_distinct_accepted_ids_stay_distinct_in_the_outputs(custom_ids: list[str
                     writer.write(result)
             back = [row["custom_id"] for row in read_results(path)]
             assert back == [r.custom_id for r in accepted]
+
+
+line_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats()
+    | st.text(alphabet=st.characters(exclude_categories=())),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@SETTINGS
+@given(line_values, st.sampled_from(["json", "cut", "nan"]))
+@example({"n": 12345678901234567890123}, "json")
+@example({"x": 1e999}, "json")
+@example({"x": "\ud800"}, "json")
+def test_a_lines_value_is_what_json_loads_reads(value: object, how: str) -> None:
+    """The reader's parse (orjson on the bytes where it can) gives ``json.loads``'s value, or
+    refuses the line with the standard library's message."""
+    from batcher.input.reader import LineError, _loads
+
+    text = json.dumps(value)  # NaN and Infinity as JSON's extensions; lone surrogates escaped
+    if how == "cut":
+        text = text[: len(text) // 2]
+    elif how == "nan":
+        text = f'{{"a": {text}, "b": NaN}}'
+    raw = text.encode()
+
+    def refuse(name: str) -> object:
+        raise ValueError(name)
+
+    try:
+        expected = json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as exc:
+        with pytest.raises(LineError, match=f"at column {exc.colno}$"):
+            _loads(text, raw)
+        return
+    except ValueError as exc:  # NaN, Infinity: refused where they are read
+        with pytest.raises(LineError, match=f"{exc} is not allowed"):
+            _loads(text, raw)
+        return
+    assert repr(_loads(text, raw)) == repr(expected)
