@@ -251,6 +251,7 @@ def parse_line(
             count=count,
             system=system,
             metadata=metadata,
+            messages_checked=True,  # by _body_of
         )
     except LineError as exc:
         return Reject(line=line_no, reason=str(exc), text=_text(raw), custom_id=custom_id)
@@ -268,14 +269,16 @@ def request_of(
     system: str | None = None,
     metadata: dict[str, Any] | None = None,
     row: dict[str, Any] | None = None,
+    messages_checked: bool = False,
 ) -> Request:
     """A line's (or a row's) request ``body`` checked and completed: the defaults under it,
     the job's ``system`` first when it has none, then the ``variant``; ``LineError`` when it
-    cannot be sent. ``row`` becomes ``Request.input``."""
+    cannot be sent. ``row`` becomes ``Request.input``; ``messages_checked``: the body's
+    ``messages`` were checked already (``messages_problem``), as a line's are."""
     body = merge_defaults(defaults, body)
     if "messages" not in body:
         raise LineError("no 'messages' (nor 'prompt')")
-    problem = field_problem(body)
+    problem = field_problem(body, messages=not messages_checked)
     if problem:
         raise LineError(f"{problem[0]}: {problem[1]}")
     if system:

@@ -69,16 +69,17 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def field_problem(body: Mapping[str, Any]) -> tuple[str, str] | None:
+def field_problem(body: Mapping[str, Any], *, messages: bool = True) -> tuple[str, str] | None:
     """Return ``(field, reason)`` for the first known field with a wrong type, else ``None``.
 
-    ``messages`` is checked only when present (defaults may omit it; lines may not).
+    ``messages`` is checked only when present (defaults may omit it; lines may not), and not
+    when ``messages`` is false (the caller checked it).
     """
     for name, value in body.items():  # a body's few fields: fewer lookups than the checks
         checked = _CHECKS.get(name)
         if checked is not None and not checked[0](value):
             return _first_wrong_type(body)
-    if "messages" in body:
+    if messages and "messages" in body:
         problem = messages_problem(body["messages"])
         if problem:
             return "messages", problem
