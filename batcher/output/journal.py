@@ -260,8 +260,6 @@ class Journal:
         loop runs in this thread)."""
         pending = self._pending
         if not pending:
-            # None without a running loop (``get_running_loop`` would raise, at every append
-            # of a plain caller)
             loop = asyncio._get_running_loop()
             if loop is None:
                 self._write(line)
