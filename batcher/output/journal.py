@@ -2,7 +2,7 @@
 
 One JSON line per finished request, in a file opened with ``O_APPEND``. Inside a running
 asyncio event loop the records appended during one trip round the loop are written together,
-with one ``writev``, when the loop comes round again (sooner once they pass ``FLUSH_BYTES``, and
+with one ``write``, when the loop comes round again (sooner once they pass ``FLUSH_BYTES``, and
 on ``sync``, ``close`` and before the journal is read back); without a running loop (plain
 code, the Batch API's collection, Ray workers) each record is written as it is appended.
 
@@ -275,7 +275,7 @@ class Journal:
 
     def flush(self) -> None:
         """Write the records waiting for the next trip round the event loop, with one
-        ``writev``. Raises ``OSError`` when it fails (then kept: ``append`` refuses, and
+        ``write``. Raises ``OSError`` when it fails (then kept: ``append`` refuses, and
         ``sync`` says so, what follows)."""
         pending = self._pending
         if not pending:
