@@ -55,8 +55,6 @@ _HEADER = {"batcher_journal": 1}
 #: bytes: a loop that appends many without yielding (a batch's results collected) keeps
 #: little in memory, and a ``kill -9`` loses little of it.
 FLUSH_BYTES = 256 * 1024
-#: The most buffers one ``writev`` takes.
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 def journal_path(output: Path) -> Path:
@@ -280,12 +278,10 @@ class Journal:
         pending = self._pending
         if not pending:
             return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
         self._pending, self._pending_bytes = [], 0
         try:
-            if len(pending) == 1:
-                self._write_all(pending[0])
-            else:
-                self._write_records(pending)
+            self._write_all(data)
         except OSError as exc:
             self._write_error = exc
             raise
@@ -400,17 +396,6 @@ class Journal:
             self._told(self.flush)
         self._write_all(data)
         self._size += len(data)
-
-    def _write_records(self, records: list[bytes]) -> None:
-        """Write ``records`` with one ``writev`` (up to ``_IOV_MAX`` at a time): joined first,
-        the buffer (tens of kB, freed at once) made glibc give the top of its heap back and
-        take it again at every flush, which cost more than the write."""
-        for start in range(0, len(records), _IOV_MAX):
-            chunk = records[start : start + _IOV_MAX]
-            written = os.writev(self._fd, chunk)
-            size = sum(map(len, chunk))
-            if written < size:  # a short write (a file size limit): the rest as ``write`` does
-                self._write_all(b"".join(chunk)[written:])
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)

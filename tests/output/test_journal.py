@@ -180,20 +180,15 @@ def records_on_disk(path: Path) -> list[str]:
 
 
 def counting_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sizes of the journal's ``os.write`` and ``os.writev`` calls, from now on."""
+    """The sizes of the journal's ``os.write`` calls, from now on."""
     sizes: list[int] = []
-    real_write, real_writev = os.write, os.writev
+    real = os.write
 
     def write(fd: int, data: bytes | memoryview) -> int:
         sizes.append(len(data))
-        return real_write(fd, data)
-
-    def writev(fd: int, buffers: list[bytes]) -> int:
-        sizes.append(sum(map(len, buffers)))
-        return real_writev(fd, buffers)
+        return real(fd, data)
 
     monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(os, "writev", writev)
     return sizes
 
 
@@ -303,11 +298,10 @@ def test_many_records_in_one_trip_are_written_once_past_the_size_bound(
 
 
 def failing_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    def write(fd: int, data: object) -> int:
+    def write(fd: int, data: bytes | memoryview) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(os, "writev", write)
 
 
 def test_a_failed_write_at_the_loops_turn_is_raised_by_the_next_append(
@@ -348,28 +342,5 @@ def test_a_failed_write_no_append_said_is_raised_by_sync(
             with pytest.raises(OutputError, match=r"cannot write journal .*No space left"):
                 j.sync()
             j.sync()  # said once
-
-    asyncio.run(main())
-
-
-def test_a_short_write_of_a_trips_records_is_finished(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "j.journal"
-    short: list[int] = []
-
-    def writev(fd: int, buffers: list[bytes]) -> int:  # as at a file size limit: a part
-        part = buffers[0][:10]
-        short.append(len(part))
-        return os.write(fd, part)
-
-    async def main() -> None:
-        with Journal(path) as j:
-            monkeypatch.setattr(os, "writev", writev)
-            for cid in ("a", "b", "c"):
-                j.append(result(cid), "h")
-            await asyncio.sleep(0)
-            assert short == [10]
-            assert records_on_disk(path) == ["a", "b", "c"]
 
     asyncio.run(main())
