@@ -1,9 +1,7 @@
 """What becomes of a finished request: journaled and counted, held back, or left for a re-run.
 
 Each result is journaled and counted synchronously (one ``append``, no ``await`` in between),
-so after a ``kill -9`` the requests sent and not recorded are those in flight and those
-answered in the event loop's current iteration (the journal writes a trip's records together
-when the loop comes round: ``output/journal.py``). Some are
+so after a ``kill -9`` at most ``concurrency`` requests were sent and not recorded. Some are
 not recorded, so the next run sends them: those cut short by a stop, those that met an
 endpoint that is down or set up wrong, and answers that stop the run (a refused key, an
 exhausted quota). An endpoint's first answers may be held back until they tell a wrong base

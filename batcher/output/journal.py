@@ -1,24 +1,15 @@
 """The crash-safe journal of finished requests (``OUTPUT.journal``): what resume reads.
 
-One JSON line per finished request, in a file opened with ``O_APPEND``. Inside a running
-asyncio event loop the records appended during one trip round the loop are written together,
-with one ``write``, when the loop comes round again (sooner once they pass ``FLUSH_BYTES``, and
-on ``sync``, ``close`` and before the journal is read back); without a running loop (plain
-code, the Batch API's collection, Ray workers) each record is written as it is appended.
+One JSON line per finished request, appended with a single ``write`` to a file opened with
+``O_APPEND`` before the request counts as done, so a ``kill -9`` loses at most the requests in
+flight. Durability policy: every append reaches the OS at once (it survives the process dying);
+``fsync`` runs at most once every ``fsync_every_s`` (1 s) and when the journal is closed, so a
+power loss can lose about the last second of answers, which a resumed run sends again.
 
-What a ``kill -9`` can lose: the requests in flight, and those whose answers were recorded in
-the event loop's current iteration (their records still in memory). A worker records its
-answer and may send its next request in the same iteration, so at most ``concurrency``
-requests in flight plus at most ``concurrency`` answered in that iteration: a resumed run sends
-them again. Nothing is recorded twice: a record written whole is never sent again, and a
-record cut short by a crash mid-write is cut off when the journal is opened (that request is
-sent again). Durability against a power loss: ``fsync`` runs at most once every
-``fsync_every_s`` (1 s) and when the journal is closed, so a power loss can lose about the
-last second of answers, which a resumed run sends again.
-
-A request may be journaled more than once (re-sent with ``--retry-errors`` or because its body
-changed): the last record of an id wins. In a job with variants a record is known by its id
-and its variant (``records.record_key``).
+A torn last line (the process died mid-write) is detected on open and cut off. A request may be
+journaled more than once (re-sent with ``--retry-errors`` or because its body changed): the
+last record of an id wins. In a job with variants a record is known by its id and its variant
+(``records.record_key``).
 
 Once a run has recorded every request and written its output, the journal is compacted
 (``compaction``): its records then hold what resume decides on and where in the output the
@@ -27,7 +18,6 @@ answer is (``kept_in``), and the header what every dropped record cost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -51,10 +41,6 @@ JOURNAL_SUFFIX = ".journal"
 #: The name older versions gave the journal; adopted (renamed) when a journal is opened.
 OLD_JOURNAL_SUFFIX = ".journal.jsonl"
 _HEADER = {"batcher_journal": 1}
-#: Records waiting for the next trip round the event loop are written at once past this many
-#: bytes: a loop that appends many without yielding (a batch's results collected) keeps
-#: little in memory, and a ``kill -9`` loses little of it.
-FLUSH_BYTES = 256 * 1024
 
 
 def journal_path(output: Path) -> Path:
@@ -177,14 +163,6 @@ class Journal:
         self._clock = clock
         self._last_sync = clock()
         self._dirty = False
-        # Records appended in this trip round the event loop, written by ``flush``.
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        # The loop a ``flush`` is scheduled on (``None``: none is).
-        self._flush_loop: asyncio.AbstractEventLoop | None = None
-        # A write of pending records that failed, and whether an append or ``sync`` said so.
-        self._write_error: OSError | None = None
-        self._error_told = False
         try:
             adopt_old_journal(path)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -208,7 +186,6 @@ class Journal:
                 os.ftruncate(self._fd, 0)
             self._load()
             self.spent_before = self.spent
-            #: The journal's size with the records not yet written: the next record's offset.
             self._size = os.fstat(self._fd).st_size
             if self._size == 0:
                 self._write(jsonfast.dumps(_HEADER) + b"\n")
@@ -227,22 +204,17 @@ class Journal:
             raise
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
-        """Record a finished request, written by the next trip round the event loop (at once
-        without a running loop): it survives the process dying from then on (see the module).
+        """Record a finished request durably enough to survive the process dying.
 
         A ``provisional`` record (an answer about to be re-asked) is kept in ``entries``, so
         the record that follows replaces it in ``results``; on resume its cost is not counted
-        twice (the final record's cost includes it). Raises ``OSError`` when the journal
-        cannot be written, this record's or an earlier one's write (nothing more is recorded).
+        twice (the final record's cost includes it).
         """
         if self._replaced:
             raise OutputError(f"journal {self.path} was compacted: nothing more can be recorded")
-        if self._write_error is not None:
-            self._error_told = True
-            raise OSError(self._write_error.errno, self._write_error.strerror)
         line = encode(result, body_hash, provisional=provisional)
         offset = self._size
-        self._add(line)
+        self._write(line)
         key = record_key(result.custom_id, result.variant)
         self._count_cost(key, result.cost_usd, provisional=provisional)
         if provisional or key in self.entries:  # a later record replaces this one
@@ -251,72 +223,10 @@ class Journal:
             )
         self._dirty = True
         if self._clock() - self._last_sync >= self._fsync_every_s:
-            self._sync()
-
-    def _add(self, line: bytes) -> None:
-        """Write ``line`` with the others of this trip round the event loop (at once when no
-        loop runs in this thread)."""
-        pending = self._pending
-        if not pending:
-            loop = asyncio._get_running_loop()
-            if loop is None:
-                self._write(line)
-                return
-            if self._flush_loop is not loop:
-                self._flush_loop = loop
-                loop.call_soon(self._flush_soon)
-        pending.append(line)
-        self._pending_bytes += len(line)
-        self._size += len(line)
-        if self._pending_bytes >= FLUSH_BYTES:
-            self._told(self.flush)
-
-    def flush(self) -> None:
-        """Write the records waiting for the next trip round the event loop, with one
-        ``write``. Raises ``OSError`` when it fails (then kept: ``append`` refuses, and
-        ``sync`` says so, what follows)."""
-        pending = self._pending
-        if not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        self._pending, self._pending_bytes = [], 0
-        try:
-            self._write_all(data)
-        except OSError as exc:
-            self._write_error = exc
-            raise
-
-    def _flush_soon(self) -> None:
-        """``flush``, as the event loop comes round: a failure waits for the next ``append``
-        or ``sync`` to raise it (the loop's exception handler would only print it)."""
-        self._flush_loop = None
-        with contextlib.suppress(OSError):
-            self.flush()
-
-    def _told(self, write: Callable[[], None]) -> None:
-        """Run ``write`` (which may ``flush``); its ``OSError`` counts as said to the caller."""
-        try:
-            write()
-        except OSError:
-            self._error_told = True
-            raise
+            self.sync()
 
     def sync(self) -> None:
-        """Write what waits and fsync the journal (the fsync at most every ``fsync_every_s``
-        when appending, and on close). Raises ``OutputError`` when records whose appends
-        returned could not be written and no append has said so since (the run must not end
-        as if they were recorded)."""
-        with contextlib.suppress(OSError):  # kept in _write_error: said below
-            self.flush()
-        error = self._write_error
-        if error is not None and not self._error_told:
-            self._error_told = True
-            raise OutputError(f"cannot write journal {self.path}: {error.strerror or error}")
-        self._sync()
-
-    def _sync(self) -> None:
-        """``flush`` and fsync: an ``OSError`` raised."""
-        self._told(self.flush)
+        """fsync the journal (called at most every ``fsync_every_s``, and on close)."""
         if self._dirty:
             os.fsync(self._fd)
             self._dirty = False
@@ -346,7 +256,6 @@ class Journal:
 
     def latest(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The offset and record of every id's latest record, in the order journaled."""
-        self._written_for_reading()
         with self.path.open("rb") as f:
             offset = 0
             for raw in f:
@@ -365,7 +274,6 @@ class Journal:
 
     def read_at(self, offsets: Iterable[int]) -> Iterator[dict[str, Any]]:
         """The records at ``offsets`` (from ``latest``), read back one by one."""
-        self._written_for_reading()
         with self.path.open("rb") as f:
             for offset in offsets:
                 f.seek(offset)
@@ -380,28 +288,12 @@ class Journal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _written_for_reading(self) -> None:
-        """Every record appended in the file, before the file is read back."""
-        if self._pending:
-            try:
-                self._told(self.flush)
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot write journal {self.path}: {exc.strerror or exc}"
-                ) from None
-
     def _write(self, data: bytes) -> None:
-        """Write ``data`` at once, after any records waiting (it follows them)."""
-        if self._pending:
-            self._told(self.flush)
-        self._write_all(data)
-        self._size += len(data)
-
-    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+        self._size += len(data)
 
     def _load(self) -> None:
         """Read the existing journal, if any; cut off a torn last line."""

@@ -35,18 +35,6 @@ def comparable(path: Path) -> dict[str, tuple[object, ...]]:
     return {r["custom_id"]: tuple(r[k] for k in keys) for r in rows}
 
 
-def settled_received(url: str) -> int:
-    """The simulator's ``requests_received`` once it stops changing: a killed client's last
-    bytes may still be on their way in."""
-    last = sim_stats(url)["requests_received"]
-    while True:
-        time.sleep(0.1)
-        now = sim_stats(url)["requests_received"]
-        if now == last:
-            return int(now)
-        last = now
-
-
 def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
     tmp_path: Path,
 ) -> None:
@@ -55,12 +43,8 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
     rng = random.Random(20261129)
     kills = 0
     recorded: list[int] = []  # requests in the journal after each kill
-    # Per killed run: requests the simulator received from it that its journal does not
-    # hold (the ones a resume sends again).
-    lost: list[int] = []
     with sim_process("--latency-ms", "40", "--latency-jitter-ms", "30") as url:
         for _ in range(4):
-            received_before = settled_received(url)
             proc = subprocess.Popen(
                 batcher_cmd(*run_args(src, out, url)),
                 cwd=ROOT,
@@ -76,14 +60,11 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
                     break
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.6))
-            killed = proc.poll() is None
-            if killed:
+            if proc.poll() is None:
                 proc.kill()  # SIGKILL: no handler runs, no flush, no output file
                 kills += 1
             proc.wait(timeout=30)
             recorded.append(journal.read_bytes().count(b"\n") - 1 if journal.exists() else 0)
-            if killed:
-                lost.append(settled_received(url) - received_before - (recorded[-1] - before))
         final = run_batcher(*run_args(src, out, url))
         received = sim_stats(url)["requests_received"]
         reference = run_batcher(*run_args(src, tmp_path / "ref.parquet", url))
@@ -96,11 +77,7 @@ def test_sigkill_at_random_points_then_resume_loses_and_duplicates_nothing(
     resumed, uninterrupted = comparable(out), comparable(tmp_path / "ref.parquet")
     assert sorted(resumed) == [f"r{i:05d}" for i in range(N)]
     assert resumed == uninterrupted
-    # What a kill loses (journal.py): the requests in flight (at most CONCURRENCY) and those
-    # answered in the event loop's current iteration (at most CONCURRENCY more).
-    assert all(0 <= n <= 2 * CONCURRENCY for n in lost), lost
-    # Everything sent again is what the kills lost: nothing recorded is sent twice.
-    assert received == N + sum(lost)
+    assert received <= N + CONCURRENCY * kills
     assert "skipped (done before)" in final.stderr
 
 
