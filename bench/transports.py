@@ -95,6 +95,16 @@ CLIENTS: tuple[ClientSpec, ...] = (
     ),
     ClientSpec("batcher-uvloop", "batcher's ChatClient on a uvloop event loop", "uvloop", True),
     ClientSpec(
+        "pyreqwest",
+        "raw pyreqwest (Rust reqwest/hyper on a tokio thread): ClientBuilder().max_connections(C)",
+        "pyreqwest",
+    ),
+    ClientSpec(
+        "rnet",
+        "raw rnet (Rust wreq/hyper on a tokio runtime): rnet.Client(pool_max_size=C)",
+        "rnet",
+    ),
+    ClientSpec(
         "openai",
         "openai.AsyncOpenAI(base_url=SIM), the SDK's defaults (its own httpx2 pool, "
         "max_retries=2); chat.completions.create(**body)",
@@ -134,6 +144,30 @@ async def _open_client(
                 return _ok_answer(response.status, await response.read())
 
         return lambda _worker: post_aiohttp
+
+    if name == "pyreqwest":
+        from pyreqwest.client import ClientBuilder
+
+        builder = ClientBuilder().max_connections(concurrency).follow_redirects(False)
+        native = await stack.enter_async_context(builder.build())
+
+        async def post_pyreqwest(body: dict[str, Any]) -> bool:
+            request = native.post(url).body_bytes(_encode(body)).headers(_JSON_HEADERS).build()
+            response = await request.send()  # the whole body is read before this returns
+            return _ok_answer(response.status, (await response.bytes()).to_bytes())
+
+        return lambda _worker: post_pyreqwest
+
+    if name == "rnet":
+        import rnet
+
+        rnet_client = rnet.Client(pool_max_size=concurrency, allow_redirects=False)
+
+        async def post_rnet(body: dict[str, Any]) -> bool:
+            response = await rnet_client.post(url, body=_encode(body), headers=_JSON_HEADERS)
+            return _ok_answer(response.status, await response.bytes())
+
+        return lambda _worker: post_rnet
 
     if name == "openai":
         import openai
@@ -238,6 +272,8 @@ _IMPORTS = {
     "batcher-uvloop": ("batcher.http.client", "aiohttp"),
     "httpx-aiohttp": ("httpx", "httpx_aiohttp"),
     "httpx-curl-cffi": ("httpx", "httpx_curl_cffi"),
+    "pyreqwest": ("pyreqwest.client",),
+    "rnet": ("rnet",),
 }
 
 
