@@ -5,7 +5,8 @@ own thread); Python sees one awaitable per request and one per body. Measured ag
 aiohttp's transport in bench/transports.py (figures in bench/README.md). Chosen with
 ``ChatClient(..., http="pyreqwest")``; needs the ``native`` extra.
 
-Behaves as ``AiohttpTransport`` does: no redirects followed, no cookies kept, one timeout over
+Behaves as ``AiohttpTransport`` does: no redirects followed, no cookies kept, no proxy taken
+from the environment, one timeout over
 the whole attempt (connecting, the status line, and the body or stream), and only the errors of
 ``batcher.http.transport``. pyreqwest reports a fault as a short message ("connection error")
 with its causes in ``details``; the causes are what the messages here are made of, and what
@@ -97,6 +98,9 @@ class ReqwestTransport:
             .timeout(timedelta(seconds=self._timeout_s))
             .connect_timeout(timedelta(seconds=self._connect_timeout_s))
             .follow_redirects(False)
+            # reqwest would send through HTTP(S)_PROXY from the environment, the key with it;
+            # aiohttp's transport ignores those, and so does this one.
+            .no_proxy()
             .default_cookie_store(False)
             .referer(False)
             .build()

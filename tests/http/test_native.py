@@ -55,11 +55,11 @@ def transport(timeout_s: float = 10) -> ReqwestTransport:
     )
 
 
-async def post_to(behaviour: hostile.Behaviour, **kw: Any) -> Any:
+async def post_to(behaviour: hostile.Behaviour, *, host: str = "127.0.0.1", **kw: Any) -> Any:
     """One ChatClient post to a hostile server; the attempt and what the server saw."""
     server = hostile.HostileServer(behaviour)
     with server.running():
-        async with native(server.base_url, **kw) as client:
+        async with native(f"http://{host}:{server.port}/v1", **kw) as client:
             attempt = await client.post(BODY)
     return attempt, server.seen
 
@@ -122,6 +122,19 @@ async def test_the_key_is_sent_once_as_a_header() -> None:
     assert request.method == "POST" and request.target == "/v1/chat/completions"
     assert json.loads(request.body) == BODY
     assert "cookie" not in request.headers
+
+
+async def test_no_proxy_is_taken_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = hostile.HostileServer(hostile.answer())
+    with proxy.running():
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.origin)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        # localhost, not 127.0.0.1: some clients never proxy a literal loopback address
+        attempt, seen = await post_to(hostile.answer(), host="localhost")
+    assert proxy.seen == []  # the key went to the endpoint only
+    assert attempt.ok and len(seen) == 1
 
 
 # --- answers -----------------------------------------------------------------------------------
