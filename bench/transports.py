@@ -95,6 +95,21 @@ CLIENTS: tuple[ClientSpec, ...] = (
     ),
     ClientSpec("batcher-uvloop", "batcher's ChatClient on a uvloop event loop", "uvloop", True),
     ClientSpec(
+        "pyreqwest",
+        "raw pyreqwest (Rust reqwest/hyper on a tokio thread): ClientBuilder().max_connections(C)",
+        "pyreqwest",
+    ),
+    ClientSpec(
+        "batcher-pyreqwest",
+        "batcher's ChatClient(http='pyreqwest'): batcher.http.native.ReqwestTransport",
+        "pyreqwest",
+    ),
+    ClientSpec(
+        "rnet",
+        "raw rnet (Rust wreq/hyper on a tokio runtime): rnet.Client(pool_max_size=C)",
+        "rnet",
+    ),
+    ClientSpec(
         "openai",
         "openai.AsyncOpenAI(base_url=SIM), the SDK's defaults (its own httpx2 pool, "
         "max_retries=2); chat.completions.create(**body)",
@@ -135,6 +150,30 @@ async def _open_client(
 
         return lambda _worker: post_aiohttp
 
+    if name == "pyreqwest":
+        from pyreqwest.client import ClientBuilder
+
+        builder = ClientBuilder().max_connections(concurrency).follow_redirects(False)
+        native = await stack.enter_async_context(builder.build())
+
+        async def post_pyreqwest(body: dict[str, Any]) -> bool:
+            request = native.post(url).body_bytes(_encode(body)).headers(_JSON_HEADERS).build()
+            response = await request.send()  # the whole body is read before this returns
+            return _ok_answer(response.status, (await response.bytes()).to_bytes())
+
+        return lambda _worker: post_pyreqwest
+
+    if name == "rnet":
+        import rnet
+
+        rnet_client = rnet.Client(pool_max_size=concurrency, allow_redirects=False)
+
+        async def post_rnet(body: dict[str, Any]) -> bool:
+            response = await rnet_client.post(url, body=_encode(body), headers=_JSON_HEADERS)
+            return _ok_answer(response.status, await response.bytes())
+
+        return lambda _worker: post_rnet
+
     if name == "openai":
         import openai
 
@@ -151,11 +190,12 @@ async def _open_client(
 
         return lambda _worker: post_openai
 
-    if name in ("batcher", "batcher-uvloop"):
+    if name in ("batcher", "batcher-uvloop", "batcher-pyreqwest"):
         from batcher.http.client import ChatClient
 
+        http = "pyreqwest" if name == "batcher-pyreqwest" else "aiohttp"
         chat = await stack.enter_async_context(
-            ChatClient(base_url, api_key=None, max_connections=concurrency)
+            ChatClient(base_url, api_key=None, max_connections=concurrency, http=http)
         )
 
         async def post_batcher(body: dict[str, Any]) -> bool:
@@ -238,6 +278,9 @@ _IMPORTS = {
     "batcher-uvloop": ("batcher.http.client", "aiohttp"),
     "httpx-aiohttp": ("httpx", "httpx_aiohttp"),
     "httpx-curl-cffi": ("httpx", "httpx_curl_cffi"),
+    "pyreqwest": ("pyreqwest.client",),
+    "batcher-pyreqwest": ("batcher.http.client", "batcher.http.native", "pyreqwest.client"),
+    "rnet": ("rnet",),
 }
 
 
@@ -260,6 +303,11 @@ def child_main(name: str, base_url: str, input_path: Path, concurrency: int) -> 
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     outcome.update(wall_s=wall, cpu_s=cpu, maxrss_mb=after.ru_maxrss / 1024, n=len(bodies))
+    if name == "pyreqwest":
+        # pyreqwest's runtime thread finishes closing its pool just after close() returns; an
+        # interpreter that exits meanwhile aborts (batcher.http.native.ReqwestTransport waits
+        # in aclose, inside its timed run). Waited here, after the clock.
+        time.sleep(0.05)
     print(json.dumps(outcome))
     return 0
 

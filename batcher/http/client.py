@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from batcher import jsonfast
@@ -37,14 +37,18 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: The error code of an answer over that cap; not retried (the same request would most likely
 #: bring the same answer, paid for again).
 TOO_LARGE = "response_too_large"
+#: The HTTP library requests go over: aiohttp (the default), or pyreqwest (Rust's reqwest, the
+#: ``native`` extra; ``batcher.http.native``).
+HttpLibrary = Literal["aiohttp", "pyreqwest"]
 
 
 class ChatClient:
     """A shared HTTP client for one endpoint.
 
-    By default requests go over aiohttp's pool directly (``transport.AiohttpTransport``); an
-    ``httpx`` transport may be given instead (``httpx.ASGITransport`` for the simulator
-    in-process, ``MockTransport`` in tests).
+    By default requests go over aiohttp's pool directly (``transport.AiohttpTransport``), or
+    over pyreqwest's with ``http="pyreqwest"`` (``native.ReqwestTransport``); an ``httpx``
+    transport may be given instead (``httpx.ASGITransport`` for the simulator in-process,
+    ``MockTransport`` in tests).
     """
 
     def __init__(
@@ -57,7 +61,10 @@ class ChatClient:
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        http: HttpLibrary = "aiohttp",
     ) -> None:
+        if transport is not None and http != "aiohttp":
+            raise ValueError("give either an httpx transport or http=..., not both")
         all_headers = {"content-type": "application/json", "accept": "application/json"}
         all_headers.update(headers or {})
         if api_key:
@@ -65,7 +72,16 @@ class ChatClient:
             all_headers["authorization"] = f"Bearer {api_key}"
         connect_timeout_s = min(timeout_s, 30.0)
         self._transport: Transport
-        if transport is None:
+        if http == "pyreqwest":
+            from batcher.http.native import ReqwestTransport
+
+            self._transport = ReqwestTransport(
+                headers=all_headers,
+                max_connections=max_connections,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+            )
+        elif transport is None:
             self._transport = AiohttpTransport(
                 headers=all_headers,
                 max_connections=max_connections,
