@@ -8,6 +8,7 @@ from any working directory; paths given as flags are relative to the working dir
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -43,7 +44,7 @@ _SECTIONS = {
 _ENDPOINT_KEYS = {f.name for f in dataclasses.fields(EndpointConfig)}
 #: The keys ``with_overrides`` accepts (one per ``batcher run`` flag that overrides the job).
 OVERRIDES = frozenset(
-    {"input", "output", "model", "base_url", "concurrency", "rpm", "tpm", "max_attempts",
+    {"input", "output", "model", "base_url", "http", "concurrency", "rpm", "tpm", "max_attempts",
      "timeout_s", "progress", "grace_s", "max_cost_usd", "validate_schema", "max_reasks",
      "engine", "ray_workers", "mode", "detach", "cancel", "template_user", "template_system",
      "id_column", "system", "max_tokens", "temperature", "params", "split_errors", "notify",
@@ -86,7 +87,7 @@ def job_from_dict(raw: Mapping[str, Any], *, base_dir: Path | None = None) -> Jo
     _no_unknown(job_t, job_keys, where="job")
     _no_unknown(batch_t, {f.name for f in dataclasses.fields(BatchConfig)}, where="batch")
     _no_unknown(ray_t, {f.name for f in dataclasses.fields(RayConfig)}, where="ray")
-    _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers"}, where="endpoint")
+    _no_unknown(endpoint_t, {"base_url", "api_key_env", "headers", "http"}, where="endpoint")
     endpoints = _endpoints(raw)
     if endpoints and endpoint_t:
         raise ConfigError("endpoints", "give either [endpoint] or [[endpoints]], not both")
@@ -175,6 +176,8 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         raise ConfigError(sorted(unknown)[0], "unknown override")
     if "base_url" in given and job.endpoints:
         raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
+    if "http" in given:
+        check_http(given["http"], "--http")
     if given.get("ray_workers") is not None and given.get("engine", job.engine) != "ray":
         raise ConfigError("--ray-workers", 'only with --engine ray (or [job] engine = "ray")')
     mode = given.get("mode", job.mode)
@@ -200,8 +203,13 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         mode=mode,
         ray=dataclasses.replace(job.ray, workers=given.get("ray_workers", job.ray.workers)),
         endpoint=dataclasses.replace(
-            job.endpoint, base_url=given.get("base_url", job.endpoint.base_url)
+            job.endpoint,
+            base_url=given.get("base_url", job.endpoint.base_url),
+            http=given.get("http", job.endpoint.http),
         ),
+        endpoints=tuple(dataclasses.replace(e, http=given["http"]) for e in job.endpoints)
+        if "http" in given
+        else job.endpoints,
         limits=dataclasses.replace(
             job.limits,
             **{k: given[k] for k in ("concurrency", "rpm", "tpm", "max_cost_usd") if k in given},
@@ -315,6 +323,8 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
     if table.get("concurrency") is not None:
         check_int(table["concurrency"], f"{where}.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
     base_url = _typed(table, "base_url", str, where)
+    http = _typed(table, "http", str, where, "aiohttp")
+    check_http(http, f"{where}.http")
     return EndpointConfig(
         name=_typed(table, "name", str, where, f"endpoint-{number}" if number else "default"),
         base_url=default_base_url() if base_url is None else base_url,
@@ -324,7 +334,22 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
         rpm=table.get("rpm"),
         tpm=table.get("tpm"),
         concurrency=table.get("concurrency"),
+        http=http,
     )
+
+
+#: The HTTP clients an endpoint may use (``EndpointConfig.http``).
+HTTP_CLIENTS = ("aiohttp", "pyreqwest")
+
+
+def check_http(name: str, where: str) -> None:
+    """Refuse an HTTP client batcher does not have, or one that is not installed."""
+    if name not in HTTP_CLIENTS:
+        raise ConfigError(where, f"must be one of {', '.join(HTTP_CLIENTS)}, got {name!r}")
+    if name == "pyreqwest" and importlib.util.find_spec("pyreqwest") is None:
+        raise ConfigError(
+            where, "pyreqwest is not installed: pip install 'batcher[native]' (or use aiohttp)"
+        )
 
 
 def _table(raw: Mapping[str, Any], name: str) -> dict[str, Any]:

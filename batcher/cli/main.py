@@ -94,6 +94,7 @@ def _job(args: argparse.Namespace) -> JobConfig:
         output=args.output,
         model=args.model,
         base_url=args.base_url,
+        http=getattr(args, "http", None),
         concurrency=args.concurrency,
         rpm=args.rpm,
         tpm=args.tpm,

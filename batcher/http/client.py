@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from batcher import jsonfast
@@ -40,6 +40,13 @@ TOO_LARGE = "response_too_large"
 #: The HTTP library requests go over: aiohttp (the default), or pyreqwest (Rust's reqwest, the
 #: ``native`` extra; ``batcher.http.native``).
 HttpLibrary = Literal["aiohttp", "pyreqwest"]
+
+
+def http_library(name: str) -> HttpLibrary:
+    """``name`` as an ``HttpLibrary`` (the job file has checked it: ``job_file.check_http``)."""
+    if name not in get_args(HttpLibrary):
+        raise ValueError(f"unknown HTTP client {name!r}")
+    return cast(HttpLibrary, name)
 
 
 class ChatClient:

@@ -21,7 +21,7 @@ from batcher.cost.pricing import Pricer, parse_pricing
 from batcher.engine.control import EngineSettings
 from batcher.engine.endpoints import Endpoint
 from batcher.engine.outage import Outage
-from batcher.http.client import ChatClient
+from batcher.http.client import ChatClient, http_library
 from batcher.limits.endpoint import Limits
 from batcher.limits.known_limits import Announced, KnownLimits
 from batcher.runner.checks import check_sim_available
@@ -108,6 +108,7 @@ async def open_endpoints(
             max_connections=limits.max_concurrency,
             transport=transport,
             max_response_bytes=job.limits.max_response_bytes,
+            http="aiohttp" if transport is not None else http_library(config.http),
         )
         await clients.enter_async_context(client)
         remember = None

@@ -1,0 +1,75 @@
+"""Choosing the HTTP client: ``--http`` and ``[endpoint] http``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batcher.cli.main import _job
+from batcher.cli.parser import build_parser
+from batcher.errors import ConfigError
+from batcher.job_file import load_job
+from batcher.sim.answers import expected_content
+from tests.helpers import run_batcher, sim_process, sim_stats
+
+pytest.importorskip("pyreqwest")
+
+
+def _lines(path: Path, n: int) -> list[dict[str, object]]:
+    bodies = [
+        {"custom_id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(b) + "\n" for b in bodies), encoding="utf-8")
+    return bodies
+
+
+def test_a_run_over_pyreqwest_answers_every_line_as_over_aiohttp(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    _lines(src, 30)
+    outputs = {}
+    with sim_process("--error-rate", "0.2", "--error-kinds", "500,429", "--seed", "5") as url:
+        for http in ("aiohttp", "pyreqwest"):
+            out = tmp_path / f"{http}.parquet"
+            proc = run_batcher(
+                "run", "-i", str(src), "-o", str(out), "-m", "sim-model", "--base-url", url,
+                "--http", http, "--no-progress", "-c", "8",
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            outputs[http] = {r["custom_id"]: r for r in pq.read_table(out).to_pylist()}
+        stats = sim_stats(url)
+    assert stats["answered_ok"] == 60  # every line answered once over each client
+    for http, rows in outputs.items():
+        assert sorted(rows) == sorted(f"r{i}" for i in range(30)), http
+        for cid, row in rows.items():
+            sent = {"model": "sim-model", "messages": [{"role": "user", "content": f"q{cid[1:]}"}]}
+            assert row["status"] == "ok", (http, row)
+            assert row["content"] == expected_content(sent), (http, cid)
+
+
+def test_the_flag_and_the_job_file_choose_the_client(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[endpoint]\nbase_url = "sim"\nhttp = "pyreqwest"\n', encoding="utf-8")
+    assert load_job(job).endpoint.http == "pyreqwest"
+    args = build_parser().parse_args(["run", str(job), "--http", "aiohttp"])
+    assert _job(args).endpoint.http == "aiohttp"
+    listed = tmp_path / "listed.toml"
+    listed.write_text(
+        '[[endpoints]]\nbase_url = "sim"\n[[endpoints]]\nbase_url = "sim"\nhttp = "aiohttp"\n',
+        encoding="utf-8",
+    )
+    args = build_parser().parse_args(["run", str(listed), "--http", "pyreqwest"])
+    assert {e.http for e in _job(args).endpoints} == {"pyreqwest"}
+
+
+def test_an_unknown_client_names_the_field(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[endpoint]\nbase_url = "sim"\nhttp = "curl"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_job(job)
+    assert caught.value.field == "endpoint.http"
+    proc = run_batcher("run", str(job), "-i", "x.jsonl", "-o", str(tmp_path / "o.parquet"))
+    assert proc.returncode == 2
+    assert "endpoint.http" in proc.stderr and "Traceback" not in proc.stderr
