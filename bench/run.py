@@ -85,6 +85,7 @@ class Peer:
     label: str
     child: str = ""  # transports.py --child NAME; "" for batcher run
     requires: str = ""  # a module that must be installed, else the peer is skipped
+    http: str = ""  # batcher run's --http, when not the default
 
 
 PEERS = (
@@ -92,10 +93,13 @@ PEERS = (
     Peer("httpx", "httpx (raw)", "httpx-default"),
     Peer("openai", "openai SDK", "openai", "openai"),
     Peer("batcher", "batcher run"),
+    Peer("batcher-pyreqwest", "batcher --http pyreqwest", requires="pyreqwest", http="pyreqwest"),
 )
 _BY_KEY = {peer.key: peer for peer in PEERS}
 BASELINE = _BY_KEY["aiohttp"]
 BATCHER = _BY_KEY["batcher"]
+#: The peers that are ``batcher run`` (checked against the targets).
+BATCHERS = tuple(peer for peer in PEERS if not peer.child)
 
 
 def peer_cmd(peer: Peer, base_url: str, input_path: Path, output: Path, c: int) -> list[str]:
@@ -109,15 +113,14 @@ def peer_cmd(peer: Peer, base_url: str, input_path: Path, output: Path, c: int) 
     return [
         sys.executable, "-m", "batcher", "run", "--input", str(input_path),
         "--output", str(output), "--model", "m", "--base-url", base_url,
-        "--concurrency", str(c), "--no-progress",
+        "--concurrency", str(c), "--no-progress", *(("--http", peer.http) if peer.http else ()),
     ]  # fmt: skip
 
 
-def check_output(output: Path, n: int) -> list[str]:
+def check_output(output: Path, n: int, label: str = BATCHER.label) -> list[str]:
     """Problems with batcher's Parquet output: it must hold N rows, all ``ok``."""
     import pyarrow.parquet as pq
 
-    label = BATCHER.label
     if not output.exists():
         return [f"{label}: no output file {output}"]
     statuses = pq.read_table(output, columns=["status"]).column("status").to_pylist()
@@ -147,7 +150,7 @@ def measure(
         problems = child_problems(peer.label, child, n, outcome=bool(peer.child))
         problems += check_sim_count(sim, n, peer.label)
         if not peer.child and not problems:
-            problems += check_output(output, n)
+            problems += check_output(output, n, peer.label)
     result = Measure(
         name=peer.label, n=n, wall_s=child.wall_s, cpu_s=child.cpu_s, maxrss_mb=child.maxrss_mb,
         sim_cpu_s=observed.sim_cpu_s, other_pct=observed.other_pct,
@@ -231,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             rounds[-1][peer.key] = result
                         log_run(round_no, args.repeat, result)
     ratios = wall_ratios(rounds)
-    _report(args, peers, runs, fixed, ratios)
+    _report(args, peers, runs, fixed, ratios, cpu_ratios(rounds))
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     if args.json:
@@ -239,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": {k: [vars(m) for m in v] for k, v in runs.items()},
             "one_line_input": {k: [vars(m) for m in v] for k, v in fixed.items()},
             "wall_per_request_vs_aiohttp": ratios,
+            "cpu_per_request_vs_aiohttp": cpu_ratios(rounds),
         }
         args.json.write_text(json.dumps(raw, indent=2) + "\n")
     return 1 if problems else 0
@@ -256,12 +260,25 @@ def wall_ratios(rounds: Sequence[dict[str, Measure]]) -> dict[str, list[float]]:
     return ratios
 
 
+def cpu_ratios(rounds: Sequence[dict[str, Measure]]) -> dict[str, list[float]]:
+    """Per peer, each round's CPU per request (whole process) over raw aiohttp's in that round."""
+    ratios: dict[str, list[float]] = {}
+    for measured in rounds:
+        base = measured.get(BASELINE.key)
+        if base is None:
+            continue
+        for key, m in measured.items():
+            ratios.setdefault(key, []).append((m.cpu_s / m.n) / (base.cpu_s / base.n))
+    return ratios
+
+
 def _report(
     args: argparse.Namespace,
     peers: Sequence[Peer],
     runs: dict[str, list[Measure]],
     fixed: dict[str, list[Measure]],
     ratios: dict[str, list[float]],
+    cpu: dict[str, list[float]],
 ) -> None:
     headers = list(HEADERS)
     headers.insert(headers.index("CPU µs/req") + 1, NET_CPU_HEADER)
@@ -291,12 +308,23 @@ def _report(
             for peer in peers
         )
     )
-    if BATCHER.key in runs:
-        print(_against_targets(args, runs[BATCHER.key], ratios.get(BATCHER.key, [])))
+    for peer in BATCHERS:
+        if peer.key in runs:
+            print(
+                _against_targets(
+                    args, peer, runs[peer.key], ratios.get(peer.key, []), cpu.get(peer.key, [])
+                )
+            )
 
 
-def _against_targets(args: argparse.Namespace, runs: Sequence[Measure], ratios: list[float]) -> str:
-    """One line: batcher run against its targets (vs raw aiohttp, vs ideal)."""
+def _against_targets(
+    args: argparse.Namespace,
+    peer: Peer,
+    runs: Sequence[Measure],
+    ratios: list[float],
+    cpu: list[float],
+) -> str:
+    """One line: a batcher peer against its targets (wall and CPU vs raw aiohttp, vs ideal)."""
 
     def verdict(value: float) -> str:
         return "met" if value <= TARGET else "missed"
@@ -309,11 +337,18 @@ def _against_targets(args: argparse.Namespace, runs: Sequence[Measure], ratios: 
             f"{value:.2f}× raw aiohttp's wall time in the same round [{each}] "
             f"(target ≤ {TARGET}: {verdict(value)})"
         )
+    if cpu:
+        each = ", ".join(f"{r:.2f}" for r in cpu)
+        value = median(cpu)
+        parts.append(
+            f"{value:.2f}× raw aiohttp's CPU a request in the same round [{each}] "
+            f"(target ≤ {TARGET}: {verdict(value)})"
+        )
     ideal = ideal_s(runs[0].n, args.latency_ms, args.concurrency)
     if ideal:
         value = median([m.wall_s for m in runs]) / ideal
         parts.append(f"{value:.2f}× ideal (target ≤ {TARGET}: {verdict(value)})")
-    return f"{BATCHER.label}: " + ("; ".join(parts) or "no ratio (no aiohttp run, no ideal)")
+    return f"{peer.label}: " + ("; ".join(parts) or "no ratio (no aiohttp run, no ideal)")
 
 
 if __name__ == "__main__":
