@@ -87,17 +87,18 @@ class LiveOutput:
         shape: Callable[[], OutputShape] | None = None,
         variants: Sequence[str] = (),
         split_errors: bool = False,
-        max_held: int = LIVE_OUTPUT_MAX_HELD_BYTES,
+        max_held: int | None = None,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
         a thread). ``row_group_size``: Parquet's, when not the writer's default. ``shape``
         makes the output's typed columns (``OutputShape``; called once, in the same thread;
         ``None``: the plain shape). ``variants`` (the job's, in order) set the rows' order;
         ``split_errors``: failures apart; ``max_held``: about the bytes of rows held back
-        before giving up (the output is then written from the journal at the end). Rows are
+        before giving up (the output is then written from the journal at the end; ``None``:
+        ``LIVE_OUTPUT_MAX_HELD_BYTES``). Rows are
         held until ``close`` unless ``follow`` gives the engine's watermark."""
         self._journal = journal
-        self._max_held = max_held
+        self._max_held = LIVE_OUTPUT_MAX_HELD_BYTES if max_held is None else max_held
         self._make_shape = shape
         self._shape: OutputShape | None = None
         self._order = InputOrder(variants)

@@ -195,6 +195,31 @@ def test_failures_split_off_are_in_order_and_the_compact_journal_points_at_them(
     assert jsonl(errors_path(again.output)) == errors
 
 
+def test_past_the_bound_of_held_rows_the_output_is_written_from_the_journal(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    at_close: list[tuple[int, bool]],
+    journal_read_back: list[str],
+) -> None:
+    # A bound of a few rows: the answers that come before an earlier line's pass it, the
+    # live output gives up, and the output is written (and the journal compacted) from the
+    # journal at the end, whole and in order.
+    monkeypatch.setattr(live_output, "HELD_ROWS_UNCOUNTED", 2)
+    monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_HELD_BYTES", 3_000)
+    n = 100
+    write_input(tmp_path / "in.jsonl", n)
+    config = SimConfig(latency_ms=1, latency_jitter_ms=20, error_rate=0.2, seed=4)
+    with running_sim(config) as sim:
+        report = run_job(job_for(tmp_path, sim.base_url, "o.parquet"), stream=io.StringIO())
+    assert report.exit_code == 0
+    [(held, failed)] = at_close
+    assert failed and held == 0
+    assert ids_of(list(read_results(report.output))) == [f"r{i:05d}" for i in range(n)]
+    assert journal_read_back  # written from the journal
+    assert is_compact(journal_path(report.output))
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def _result(line: int) -> Result:
     return Result(
         custom_id=f"r{line}", line=line, status="ok", model="m", attempts=1, latency_s=0.1,
