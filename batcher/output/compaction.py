@@ -100,14 +100,20 @@ class CompactJournal:
 
 
 def compact_record(result: Result, body_hash: str) -> dict[str, Any]:
-    """What a compact journal keeps of a result (``COMPACT_FIELDS`` and its variant), as
-    ``CompactJournal.add`` keeps of its full record."""
-    values = (result.custom_id, body_hash, result.status, result.status_code,
-              result.error_code, result.cost_usd, result.line, result.variant)  # fmt: skip
-    return {name: value for name, value in zip(_KEPT, values, strict=True) if value is not None}
-
-
-_KEPT = (*COMPACT_FIELDS, "variant")
+    """What a compact journal keeps of a result (``COMPACT_FIELDS`` and its variant, what is
+    not known left out), as ``CompactJournal.add`` keeps of its full record."""
+    record: dict[str, Any] = {"custom_id": result.custom_id, "hash": body_hash,
+                              "status": result.status}  # fmt: skip
+    if result.status_code is not None:
+        record["status_code"] = result.status_code
+    if result.error_code is not None:
+        record["error_code"] = result.error_code
+    if result.cost_usd is not None:
+        record["cost_usd"] = result.cost_usd
+    record["line"] = result.line
+    if result.variant is not None:
+        record["variant"] = result.variant
+    return record
 
 
 def check_answers_kept(journal: Journal, output: Path) -> None:

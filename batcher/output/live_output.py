@@ -36,12 +36,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batcher.output.compaction import CompactJournal, compact_record
 from batcher.output.journal import Journal, decode, kept_in
 from batcher.output.ordering import InputOrder, records_in_order
 from batcher.records import Result, record_key
 
 if TYPE_CHECKING:
-    from batcher.output.compaction import CompactJournal
     from batcher.output.shape import OutputShape
     from batcher.output.split import OutputFiles
     from batcher.runner.stats import RunStats
@@ -166,8 +166,6 @@ class LiveOutput:
     def _take(self, records: list[tuple[Result, str]]) -> None:
         """Convert records into rows and hold them (those waiting first), opening the writer
         with the first; then write the rows the watermark lets go."""
-        from batcher.output.compaction import compact_record
-
         try:
             if self._writer is None:
                 self._writer = self._open()
@@ -278,7 +276,6 @@ class LiveOutput:
     def _open(self) -> OutputFiles:
         """The writer, opened with the first record (the ``.partial`` file until ``close``),
         and the compact journal beside the journal (``JOURNAL.partial``)."""
-        from batcher.output.compaction import CompactJournal
         from batcher.output.rows import PLAIN
         from batcher.output.split import open_outputs
         from batcher.output.writers import DEFAULT_ROW_GROUP_SIZE
