@@ -85,11 +85,20 @@ def test_live_output_is_what_the_journal_gives(
     tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keep_full_journal(monkeypatch)
+    gave_up: list[bool] = []
+    real_close = LiveOutput.close
+
+    def watched(self: LiveOutput, *args: Any, **kwargs: Any) -> bool:
+        gave_up.append(self.failed)
+        return real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(LiveOutput, "close", watched)
     config = SimConfig(schema_error_rate=0.4, seed=3, latency_ms=5, latency_jitter_ms=10)
     with running_sim(config) as sim:
         job = structured_job(tmp_path, sim.base_url, "o" + suffix, 30)
         report = run_job(job, stream=io.StringIO())
     assert report.exit_code == 0
+    assert gave_up == [False]  # re-asked lines settle once their final record is in
     journaled = journal_path(report.output).read_text().splitlines()
     assert any('"provisional":true' in line for line in journaled)  # re-asks were journaled
     rows = list(read_results(report.output))
