@@ -130,6 +130,14 @@ def ids_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [row["custom_id"] for row in rows]
 
 
+def output_from_journal(monkeypatch: Any) -> None:
+    """Make runs write their output from the journal at the end, as a resumed run does (a
+    fresh run's is written as it goes: ``live_output``)."""
+    from batcher.runner import run
+
+    monkeypatch.setattr(run, "live_output_for", lambda *args, **kwargs: None)
+
+
 def keep_full_journal(monkeypatch: Any) -> None:
     """Leave a finished run's journal whole (never compacted): for tests that read or edit
     the full records a run journaled."""

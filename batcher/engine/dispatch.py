@@ -38,6 +38,7 @@ from batcher.engine.endpoints import Endpoint, Router
 from batcher.engine.reasks import Reasker
 from batcher.engine.recording import Recorder
 from batcher.engine.retry import Sleep
+from batcher.engine.watermark import LaneMark, Watermark
 from batcher.errors import InputError
 from batcher.input.idset import IdSet
 from batcher.input.requests import LateCounter
@@ -101,6 +102,8 @@ class Engine:
             else None
         )
         self._rejected_lines: IdSet | None = None
+        #: How far the input is settled (the live output writes the rows below it).
+        self.watermark = Watermark()
         self._signalled = False
         self._signal_scope = anyio.CancelScope()
 
@@ -161,6 +164,7 @@ class Engine:
             workers = sum(e.limits.max_concurrency for e in lane.endpoints)
         req_send, req_recv = anyio.create_memory_object_stream[Request](2 * workers)
         started = 0
+        mark = self.watermark.lane()
 
         def spawn() -> None:
             """One more worker, up to ``workers``: started as requests are read, so a short
@@ -168,15 +172,16 @@ class Engine:
             nonlocal started
             if started < workers:
                 started += 1
-                work.start_soon(self._work, req_recv.clone(), router)
+                work.start_soon(self._work, req_recv.clone(), router, mark)
                 if started == workers:
                     req_recv.close()
 
         async def read() -> None:
             try:
                 with self._control.read_scope():
-                    await self._read(lane.batches, req_send, spawn)
+                    await self._read(lane.batches, req_send, spawn, mark)
             finally:
+                mark.read_all()  # no more lines come from this lane
                 req_recv.close()  # the workers hold their own clones
 
         work.start_soon(read)
@@ -186,6 +191,7 @@ class Engine:
         batches: Iterator[list[Request | Reject]],
         send: MemoryObjectSendStream[Request],
         spawn: Callable[[], None],
+        mark: LaneMark,
     ) -> None:
         async with send:
             while not self._stopping.is_set():
@@ -202,12 +208,15 @@ class Engine:
                     return
                 for item in batch:
                     if isinstance(item, Reject):
+                        mark.passed(item.line)
                         if not self._reject(item):
                             return
                     elif self._plan and self._plan.decide(item.key, item.body_hash) == "skip":
+                        mark.passed(item.line)
                         self._stats.skipped += 1
                         self._progress.advance()
                     else:
+                        mark.dispatch(item.line)
                         spawn()
                         try:
                             try:
@@ -234,7 +243,9 @@ class Engine:
         self._progress.advance()
         return True
 
-    async def _work(self, recv: MemoryObjectReceiveStream[Request], router: Router) -> None:
+    async def _work(
+        self, recv: MemoryObjectReceiveStream[Request], router: Router, mark: LaneMark
+    ) -> None:
         ask, reasker, finish = self._asker.ask, self._reasker, self._recorder.finish
         async with recv:
             while (request := await _next_request(recv)) is not None:
@@ -247,6 +258,7 @@ class Engine:
                 if reasker is not None and result.status == "ok":
                     result, reasks = await reasker.check(request, result, router)
                 finish(request, result, router, reasks)
+                mark.settle(request.line)  # recorded, held back or left for a re-run
 
     async def _watch_signals(self) -> None:
         grace_s = self._settings.grace_s

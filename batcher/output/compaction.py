@@ -6,7 +6,8 @@ one record per request holding what resume decides on (id, variant, body hash, s
 code, error code, cost, line) and where its answer is: ``row``, its row in the output (or in
 ``OUTPUT.errors.jsonl``, ``in_errors``). A journal that already holds compact records is
 compacted again whenever an output is written from it, so its rows always point into the
-output beside it.
+output beside it. A run whose output is written as it goes (``live_output``) writes its compact
+journal as it goes too, a record per row written, and puts it in place at the end.
 
 A later run reads those answers back from the output when it writes the new one
 (``PreviousOutput``): the row a record points at, checked against its id and variant; a row
@@ -36,11 +37,15 @@ from batcher.records import Result, Usage, record_key
 COMPACT_FIELDS = (
     "custom_id", "hash", "status", "status_code", "error_code", "cost_usd", "line",
 )  # fmt: skip
+#: The header's width: written first, it is written again at ``commit`` with what the run
+#: spent (known only then when the journal is compacted as the run goes), in the same bytes.
+_HEADER_WIDTH = 128
 
 
 class CompactJournal:
     """A compact journal being written beside the full one (``JOURNAL.partial``), put in its
-    place by ``commit``; records are added in the output's order with their row."""
+    place by ``commit``; records are added in the output's order with their row (``add``, or
+    ``add_compact`` for one made by ``compact_record``)."""
 
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
@@ -48,8 +53,7 @@ class CompactJournal:
         self._rows = {"output": 0, "errors": 0}
         try:
             self._f: IO[bytes] = open(self.partial, "wb")  # noqa: SIM115 - closed in commit/abort
-            header = {"batcher_journal": 1, "compact": True, "spent_usd": journal.spent}
-            self._f.write(jsonfast.dumps(header) + b"\n")
+            self._f.write(self._header())
         except OSError as exc:
             raise OutputError(f"cannot write {self.partial}: {exc.strerror or exc}") from exc
 
@@ -59,6 +63,11 @@ class CompactJournal:
         # what is not known is left out (read back as None): a compact record stays short
         compact = {name: record[name] for name in (*COMPACT_FIELDS, "variant")
                    if record.get(name) is not None}  # fmt: skip
+        self.add_compact(compact, in_errors=in_errors)
+
+    def add_compact(self, compact: dict[str, Any], *, in_errors: bool) -> None:
+        """Keep a record made by ``compact_record`` (given its row here), written as the next
+        row of the output (or of the errors file)."""
         where = "errors" if in_errors else "output"
         compact["row"] = self._rows[where]
         self._rows[where] += 1
@@ -69,6 +78,8 @@ class CompactJournal:
     def commit(self) -> None:
         """Put the compact journal in the full one's place (fsynced first)."""
         try:
+            self._f.seek(0)
+            self._f.write(self._header())  # what every record cost, this run's included
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
@@ -82,6 +93,27 @@ class CompactJournal:
         with contextlib.suppress(OSError):
             self._f.close()
         self.partial.unlink(missing_ok=True)
+
+    def _header(self) -> bytes:
+        header = {"batcher_journal": 1, "compact": True, "spent_usd": self._journal.spent}
+        return jsonfast.dumps(header).ljust(_HEADER_WIDTH - 1) + b"\n"
+
+
+def compact_record(result: Result, body_hash: str) -> dict[str, Any]:
+    """What a compact journal keeps of a result (``COMPACT_FIELDS`` and its variant, what is
+    not known left out), as ``CompactJournal.add`` keeps of its full record."""
+    record: dict[str, Any] = {"custom_id": result.custom_id, "hash": body_hash,
+                              "status": result.status}  # fmt: skip
+    if result.status_code is not None:
+        record["status_code"] = result.status_code
+    if result.error_code is not None:
+        record["error_code"] = result.error_code
+    if result.cost_usd is not None:
+        record["cost_usd"] = result.cost_usd
+    record["line"] = result.line
+    if result.variant is not None:
+        record["variant"] = result.variant
+    return record
 
 
 def check_answers_kept(journal: Journal, output: Path) -> None:

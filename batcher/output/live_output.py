@@ -1,22 +1,27 @@
 """A run's output made from its journal: as the run goes (``LiveOutput``), for a run whose
-journal starts empty and whose input is a small file (``live_output_for``), else at the end
-(``write_output``).
+journal starts empty (``live_output_for``), else at the end (``write_output``).
 
 Such a run's output is exactly its journal's final records (``Journal.results``: a provisional
 record, made before a re-ask, is replaced by the final one), in input order (line, then the
-job's variants in their order: ``ordering.InputOrder``). So ``LiveOutput`` journals each record
-and hands the final ones to the output writer at once, which converts each into its row (Arrow
-columns for Parquet, the line's text for JSONL) and holds it: at close the rows are sorted into
-input order and written. What it holds is the output's rows, uncompressed, for an input of at
-most ``LIVE_OUTPUT_MAX_BYTES`` (and ``LIVE_OUTPUT_MAX_ROWS`` rows for Parquet), and never more
-than ``LIVE_OUTPUT_MAX_HELD_BYTES`` of them: past that it gives up, and the output is written
-from the journal at the end, as for a large input (an index of 16 bytes a record, no answer
-held). The end of the run only sorts, compresses and writes them,
-instead of reading the whole journal back and converting it then (about 30 µs a record, after
-the last answer). The rows are built while requests are out, when the process mostly waits.
-The writer's import and the input's hash (the provenance) are done in a thread, started by the
-first final record, never on the event loop: final records that come before they are done
-wait, in order, in memory.
+job's variants in their order: ``ordering.InputOrder``). ``LiveOutput`` journals each record and
+turns each final one into its row at once (Arrow's column values for Parquet, the line's text
+for JSONL), then holds it while an earlier line may still come: the engine's watermark
+(``engine.watermark``) says which lines are settled, and the rows below it are written in
+order, in row groups, as the run goes. Answers come nearly in input order, so about as many
+rows as there are requests in flight are held. The compact journal that replaces the journal
+at the end of a complete run (``compaction``) is written as the rows are, a record per row, and
+put in place at the end: the end of the run only writes the last rows and closes the files,
+where writing from the journal reads every record back and converts it (about 30 µs a record,
+after the last answer), and compacting reads the journal once more.
+
+Held rows have a bound (``LIVE_OUTPUT_MAX_HELD_BYTES``): one request stuck in long retries
+holds back every row after it. Past the bound, or when a record comes for a line whose place
+in the output was already written (a result held back and released late: ``setup_check``),
+the live output gives up, and the output is written from the journal at the end (an index of
+16 bytes a record, no answer held); a run that stops early, or has no watermark to follow, holds
+its rows and writes them at the end. The writer's import and the input's hash (the provenance)
+are done in a thread, started by the first final record, never on the event loop: final
+records that come before they are done wait, in order, in memory.
 
 A run that resumes a journal writes its output from the journal at the end
 (``write_output``), since earlier runs' records are merged in. So does a run whose live
@@ -25,11 +30,13 @@ output failed (a full disk, say): the journal holds everything either way.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from batcher.output.compaction import CompactJournal, compact_record
 from batcher.output.journal import Journal, decode, kept_in
 from batcher.output.ordering import InputOrder, records_in_order
 from batcher.records import Result, record_key
@@ -39,28 +46,36 @@ if TYPE_CHECKING:
     from batcher.output.split import OutputFiles
     from batcher.runner.stats import RunStats
 
-#: The largest input whose output a fresh run writes as it goes (see ``small_input``):
-#: about 35,000 short requests.
+#: The largest input whose output is written in small row groups (``SMALL_ROW_GROUP_SIZE``;
+#: see ``small_input``): about 35,000 short requests.
 LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
-#: The most rows a fresh run's Parquet input (counted from its footer) may have for its output
-#: to be written as it goes: a Parquet file of short rows holds far more rows in 8 MiB than
+#: The most rows a Parquet input (counted from its footer) may have for its output to be
+#: written in small row groups: a Parquet file of short rows holds far more rows in 8 MiB than
 #: JSONL requests do (a million one-column rows take ~5 MB).
 LIVE_OUTPUT_MAX_ROWS = 50_000
-#: The most bytes of rows an output written as it goes holds (Arrow buffers for Parquet, the
-#: lines for JSONL) before it gives up: the input's size does not bound its answers (12,000
-#: rows of 2,000-token answers come from a 73 KB CSV). Past it the rows are dropped and the
-#: output is written from the journal at the end, as for a large input: memory stays bounded,
-#: and only such a run's end is slower.
+#: About the most bytes of rows an output written as the run goes holds back (``writers.
+#: row_bytes``) before it gives up: one request stuck in retries holds back every row after it,
+#: and the input's size does not bound their answers (12,000 rows of 2,000-token answers come
+#: from a 73 KB CSV). Past it the rows are dropped and the output is written from the journal at
+#: the end: memory stays bounded, and only such a run's end is slower.
 LIVE_OUTPUT_MAX_HELD_BYTES = 64 * 2**20
-#: Parquet row groups of an output written as the run goes (from an input of at most
-#: ``LIVE_OUTPUT_MAX_BYTES``), instead of the writer's 5,000: the last row group is written
-#: after the last answer, so a smaller one ends the run sooner (5,000 rows took ~20 ms, 1,000
-#: ~5 ms), for a file ~5 % larger.
+#: Rows held back without counting their bytes: as many as a few pools in flight, of short
+#: answers. Past it they are counted each time their number grows by a quarter.
+HELD_ROWS_UNCOUNTED = 1_024
+#: Parquet row groups of a small input's output (at most ``LIVE_OUTPUT_MAX_BYTES``), instead
+#: of the writer's 5,000: the last row group is written after the last answer, so a smaller one
+#: ends the run sooner (5,000 rows took ~20 ms, 1,000 ~5 ms), for a file ~5 % larger. A large
+#: output keeps the writer's: each row group's footer metadata (~30 KB) is held until close.
 SMALL_ROW_GROUP_SIZE = 1_000
 
 
+def _nothing_settled() -> int:
+    return 0
+
+
 class LiveOutput:
-    """The engine's result sink: the journal first, then the output writer (final records)."""
+    """The engine's result sink: the journal first, then the output writer (final records),
+    in input order (see the module)."""
 
     def __init__(
         self,
@@ -72,16 +87,18 @@ class LiveOutput:
         shape: Callable[[], OutputShape] | None = None,
         variants: Sequence[str] = (),
         split_errors: bool = False,
-        max_held: int = LIVE_OUTPUT_MAX_HELD_BYTES,
+        max_held: int | None = None,
     ) -> None:
         """``metadata`` makes the output's provenance (it hashes the input: called once, in
         a thread). ``row_group_size``: Parquet's, when not the writer's default. ``shape``
         makes the output's typed columns (``OutputShape``; called once, in the same thread;
         ``None``: the plain shape). ``variants`` (the job's, in order) set the rows' order;
-        ``split_errors``: failures apart; ``max_held``: the bytes of rows held before giving
-        up (the output is then written from the journal at the end)."""
+        ``split_errors``: failures apart; ``max_held``: about the bytes of rows held back
+        before giving up (the output is then written from the journal at the end; ``None``:
+        ``LIVE_OUTPUT_MAX_HELD_BYTES``). Rows are
+        held until ``close`` unless ``follow`` gives the engine's watermark."""
         self._journal = journal
-        self._max_held = max_held
+        self._max_held = LIVE_OUTPUT_MAX_HELD_BYTES if max_held is None else max_held
         self._make_shape = shape
         self._shape: OutputShape | None = None
         self._order = InputOrder(variants)
@@ -93,9 +110,16 @@ class LiveOutput:
         self._preparing = threading.Lock()
         self._prepare_started = False
         self._prepare_failed = False
-        # Final records that came before the writer was ready: written when it opens.
-        self._waiting: list[Result] = []
+        # Final records that came before the writer was ready: taken when it opens.
+        self._waiting: list[tuple[Result, str]] = []
         self._writer: OutputFiles | None = None
+        self._compact: CompactJournal | None = None
+        self._low: Callable[[], int] = _nothing_settled
+        # Rows held back, a heap of (order key, arrival, (in errors file, row), compact record).
+        self._held: list[tuple[int, int, tuple[bool, Any], dict[str, Any]]] = []
+        self._arrived = 0
+        self._written = -1  # the order key of the last row written
+        self._count_at = HELD_ROWS_UNCOUNTED  # rows held when their bytes are next counted
         # Keys whose provisional record (an answer about to be re-asked) has no final record
         # yet: if the run ends with some (the re-ask was cancelled, or its record could not be
         # journaled), the journal's answer for them is the provisional one, which this output
@@ -105,8 +129,18 @@ class LiveOutput:
         self.ok = 0
         self.error = 0
 
+    def follow(self, low: Callable[[], int]) -> None:
+        """Write the rows of input lines below ``low()`` as the run goes: the first line whose
+        records may still come (``engine.watermark.Watermark.low``)."""
+        self._low = low
+
+    @property
+    def held_rows(self) -> int:
+        """Rows converted and held back, to be written in order."""
+        return len(self._held)
+
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
-        """Journal the record (an ``OSError`` there stops the run); then write a final one."""
+        """Journal the record (an ``OSError`` there stops the run); then take a final one."""
         try:
             self._journal.append(result, body_hash, provisional=provisional)
         except OSError:
@@ -124,47 +158,96 @@ class LiveOutput:
         if self._writer is None and self._metadata is None and not self._prepare_failed:
             # The writer's import and the input's hash are not done: never on the event loop;
             # the record waits for them.
-            self._waiting.append(result)
+            self._waiting.append((result, body_hash))
             self._prepare_in_thread()
             return
-        self._write([result])
+        self._take([(result, body_hash)])
 
-    def _write(self, results: list[Result]) -> None:
-        """Write records (those waiting first), opening the writer with the first."""
+    def _take(self, records: list[tuple[Result, str]]) -> None:
+        """Convert records into rows and hold them (those waiting first), opening the writer
+        with the first; then write the rows the watermark lets go."""
         try:
             if self._writer is None:
                 self._writer = self._open()
             if self._waiting:
-                results, self._waiting = self._waiting + results, []
-            for result in results:
-                self._writer.write(result)
+                records, self._waiting = self._waiting + records, []
+            order, held, writer = self._order, self._held, self._writer
+            for result, body_hash in records:
+                key = order.of(result)
+                if key < self._written:  # its place is written already: held back, late
+                    self._give_up()
+                    return
+                record = compact_record(result, body_hash)
+                heapq.heappush(held, (key, self._arrived, writer.row(result), record))
+                self._arrived += 1
                 if result.status == "ok":
                     self.ok += 1
                 else:
                     self.error += 1
+            self._write_below(order.first(self._low()))
         except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
             self._give_up()
             return
-        if self._writer.held_bytes > self._max_held:
-            self._give_up()  # too many answers to hold: written from the journal at the end
+        if len(held) >= self._count_at:
+            self._count_held()
 
-    def close(self, ending: Callable[[int, int], Mapping[str, str]] | None = None) -> bool:
+    def _write_below(self, bound: int) -> None:
+        """Write the held rows whose order key is below ``bound``, in order."""
+        held = self._held
+        if not held or held[0][0] >= bound:
+            return
+        assert self._writer is not None and self._compact is not None
+        write, add = self._writer.write_row, self._compact.add_compact
+        key = self._written
+        while held and held[0][0] < bound:
+            key, _, row, record = heapq.heappop(held)
+            write(row)
+            add(record, in_errors=row[0])
+        self._written = key
+        # fewer held: counted again once they are a quarter more than now
+        self._count_at = max(HELD_ROWS_UNCOUNTED, min(self._count_at, len(held) * 5 // 4))
+
+    def _count_held(self) -> None:
+        """Give up past the bound of held bytes; else count again a quarter of rows later."""
+        from batcher.output.writers import row_bytes
+
+        held = self._held
+        if sum([row_bytes(row) for _, _, (_, row), _ in held]) > self._max_held:
+            self._give_up()  # too many answers held back: written from the journal at the end
+            return
+        self._count_at = len(held) + max(len(held) // 4, 1)
+
+    def close(
+        self,
+        ending: Callable[[int, int], Mapping[str, str]] | None = None,
+        *,
+        compact: bool = False,
+    ) -> bool:
         """Finish the output (atomically, as ``write_output`` does); false if it could not be
         written as the run went, and must be written from the journal. ``ending`` gives the
-        metadata known only at the end from the output's ok and error counts."""
+        metadata known only at the end from the output's ok and error counts; ``compact``
+        (the run recorded every request): put the compact journal in the journal's place
+        (``compaction``), else drop it."""
         if self._unfinished:
             self._give_up()
         if self.failed:
             return False
-        if self._waiting:
-            self._write([])  # opens the writer; a failure gives up (written from the journal)
-            if self.failed:
-                return False
-        if self._writer is None:  # nothing was recorded: an output with no rows
-            self._writer = self._open()
+        self._take([])  # opens the writer (the records waiting taken), writes what is held
+        if not self.failed:
+            try:
+                self._write_below(1 << 126)  # above every key: the rest, in order
+            except Exception:
+                self._give_up()
+        if self.failed:
+            return False
+        assert self._writer is not None and self._compact is not None
         if ending is not None:
             self._writer.add_metadata(ending(self.ok, self.error))
         self._writer.close()  # raises OutputError if the file cannot be finished
+        if compact:
+            self._compact.commit()  # the output first: the compact records point into it
+        else:
+            self._compact.abort()
         return True
 
     def _prepare_quietly(self) -> None:
@@ -191,31 +274,40 @@ class LiveOutput:
             threading.Thread(target=self._prepare_quietly, daemon=True).start()
 
     def _open(self) -> OutputFiles:
-        """The writer, opened with the first record (the ``.partial`` file until ``close``)."""
+        """The writer, opened with the first record (the ``.partial`` file until ``close``),
+        and the compact journal beside the journal (``JOURNAL.partial``)."""
         from batcher.output.rows import PLAIN
         from batcher.output.split import open_outputs
         from batcher.output.writers import DEFAULT_ROW_GROUP_SIZE
 
         self._prepare()
-        return open_outputs(
+        writer = open_outputs(
             self._output,
             metadata=self._metadata,
             row_group_size=self._row_group_size or DEFAULT_ROW_GROUP_SIZE,
-            order=self._order.of,
             split_errors=self._split_errors,
             shape=self._shape or PLAIN,
         )
+        try:
+            self._compact = CompactJournal(self._journal)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
 
     def abort(self) -> None:
-        """Drop the unfinished output (the run failed); whatever was there before stays."""
+        """Drop the unfinished output and compact journal (the run failed); whatever was
+        there before stays."""
         if self._writer is not None:
             self._writer.abort()
+        if self._compact is not None:
+            self._compact.abort()
 
     def _give_up(self) -> None:
         """Stop writing as the run goes; the output is written from the journal at the end."""
         self.abort()
         self.failed = True
-        self._writer, self._waiting = None, []  # the rows it held are freed
+        self._writer, self._compact, self._waiting, self._held = None, None, [], []
 
 
 def live_output_for(
@@ -228,26 +320,25 @@ def live_output_for(
     variants: Sequence[str] = (),
     split_errors: bool = False,
 ) -> LiveOutput | None:
-    """The output written as the run goes, for a fresh journal and a small input file
-    (``small_input``); ``None``: written from the journal at the end (``write_output``)."""
-    if journal.entries or not small_input(input_path):
+    """The output written as the run goes, for a fresh journal (in small row groups for a
+    small input file: ``small_input``); ``None``: a resumed journal, whose output is written
+    from the journal at the end (``write_output``)."""
+    if journal.entries:
         return None
     return LiveOutput(
-        journal, output, metadata, row_group_size=SMALL_ROW_GROUP_SIZE, shape=shape,
-        variants=variants, split_errors=split_errors,
+        journal, output, metadata,
+        row_group_size=SMALL_ROW_GROUP_SIZE if small_input(input_path) else None,
+        shape=shape, variants=variants, split_errors=split_errors,
     )  # fmt: skip
 
 
 def small_input(path: Path) -> bool:
-    """Whether a fresh run writes its output as it goes: an input file of at most
-    ``LIVE_OUTPUT_MAX_BYTES`` and, for Parquet, of at most ``LIVE_OUTPUT_MAX_ROWS`` rows
-    (read from its footer); stdin's size is unknown: no.
+    """Whether an output is written in small row groups (``SMALL_ROW_GROUP_SIZE``): an input
+    file of at most ``LIVE_OUTPUT_MAX_BYTES`` and, for Parquet, of at most
+    ``LIVE_OUTPUT_MAX_ROWS`` rows (read from its footer); stdin's size is unknown: no.
 
-    Writing as the run goes keeps pyarrow (~35 MB) resident during the run, and the row
-    groups' buffers freed among the requests' objects fragment the heap: 110 MB peak at
-    100,000 requests and 129 MB at a million (bench/memory.py), where writing at the end
-    peaks at 98 and 105 MB. Past this size the flat memory wins; the end's conversion
-    (~30 µs a record) is then small next to the run it ends.
+    Each row group's footer metadata is held until the file closes (about 30 KB): small row
+    groups over a million rows would hold 30 MB of it.
     """
     if str(path) == "-":
         return False
@@ -277,7 +368,7 @@ def finish_output(
     split_errors: bool = False,
     ending: Callable[[RunStats], Mapping[str, str]] | None = None,
 ) -> None:
-    """Finish a run's output: the live one, else (none, or it failed) from the journal; then
+    """Finish a run's output: the live one, else (none, or it failed) from the journal; and
     compact the journal when the run recorded every request (``compaction``). ``shape``
     makes the output's typed columns (``None``: the plain shape); ``ending`` gives the
     metadata known only at the end (how the run ended) from the stats, once they hold the
@@ -288,9 +379,7 @@ def finish_output(
         stats.output_ok, stats.output_error = ok, error
         return {} if ending is None else ending(stats)
 
-    if live is not None and live.close(counted):
-        if complete:
-            compact_journal(journal, variants=variants, split_errors=split_errors)
+    if live is not None and live.close(counted, compact=complete):
         return
     write_output(
         journal, output, stats, metadata(), None if shape is None else shape(),
@@ -354,21 +443,3 @@ def write_output(
         previous.close()
     if compacting is not None:
         compacting.commit()
-
-
-def compact_journal(
-    journal: Journal, *, variants: Sequence[str] = (), split_errors: bool = False
-) -> None:
-    """Compact the journal of an output written as the run went (``LiveOutput``): its rows
-    are the journal's latest records in the same order."""
-    from batcher.output.compaction import CompactJournal
-
-    compacting = CompactJournal(journal)
-    try:
-        for record in records_in_order(journal, InputOrder(variants)):
-            failed = record.get("status") != "ok"
-            compacting.add(record, in_errors=split_errors and failed)
-    except BaseException:
-        compacting.abort()
-        raise
-    compacting.commit()

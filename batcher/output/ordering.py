@@ -39,6 +39,10 @@ class InputOrder:
         """The key of a result."""
         return self.key(result.line, result.variant)
 
+    def first(self, line: int) -> int:
+        """The lowest key of input line ``line``: every record of an earlier line is below."""
+        return line * self._width
+
 
 def records_in_order(journal: Journal, order: InputOrder) -> Iterator[dict[str, Any]]:
     """The journal's latest records in ``order``: an index of (key, offset) made in one pass,

@@ -8,10 +8,10 @@ no split) removes the errors file an earlier run left, so the two always come fr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from batcher.output.formats import errors_path
 from batcher.output.rows import PLAIN
@@ -29,14 +29,12 @@ class OutputFiles:
         errors: Path,
         *,
         split_errors: bool,
-        order: Callable[[Result], int] | None = None,
         shape: OutputShape = PLAIN,
     ) -> None:
         self._main = main
         self._shape = shape
         self._errors_path = errors
         self._split = split_errors
-        self._order = order
         self._errors: JsonlWriter | None = None
 
     @property
@@ -45,19 +43,32 @@ class OutputFiles:
         errors = 0 if self._errors is None else self._errors.rows_written
         return self._main.rows_written + errors
 
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of rows held in memory to be sorted at close (with ``order``; else 0)."""
-        return self._main.held_bytes + (0 if self._errors is None else self._errors.held_bytes)
-
     def write(self, result: Result) -> None:
         """Write a result to the output, or a failure to the errors file when split."""
         if not self._split or result.status == "ok":
             self._main.write(result)
             return
+        self._errors_writer().write(result)
+
+    def row(self, result: Result) -> tuple[bool, Any]:
+        """A result's row, converted, for ``write_row``: whether it goes to the errors file,
+        and its row there (``Writer.row``)."""
+        if not self._split or result.status == "ok":
+            return False, self._main.row(result)
+        return True, self._errors_writer().row(result)
+
+    def write_row(self, row: tuple[bool, Any]) -> None:
+        """Write a row made by ``row`` to its file."""
+        in_errors, values = row
+        if in_errors:
+            self._errors_writer().write_row(values)
+        else:
+            self._main.write_row(values)
+
+    def _errors_writer(self) -> JsonlWriter:
         if self._errors is None:
-            self._errors = JsonlWriter(self._errors_path, order=self._order, shape=self._shape)
-        self._errors.write(result)
+            self._errors = JsonlWriter(self._errors_path, shape=self._shape)
+        return self._errors
 
     def add_metadata(self, metadata: Mapping[str, str]) -> None:
         """Metadata known only at the end, in the output (the errors file is JSONL: none)."""
@@ -101,15 +112,10 @@ def open_outputs(
     *,
     metadata: Mapping[str, str] | None = None,
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    order: Callable[[Result], int] | None = None,
     split_errors: bool = False,
     shape: OutputShape = PLAIN,
 ) -> OutputFiles:
     """The writers of ``output`` (see ``writers.open_writer``) with ``shape``'s typed columns,
     failures apart when ``split_errors``."""
-    main = open_writer(
-        output, metadata=metadata, row_group_size=row_group_size, order=order, shape=shape
-    )
-    return OutputFiles(
-        main, errors_path(output), split_errors=split_errors, order=order, shape=shape
-    )
+    main = open_writer(output, metadata=metadata, row_group_size=row_group_size, shape=shape)
+    return OutputFiles(main, errors_path(output), split_errors=split_errors, shape=shape)

@@ -2,16 +2,17 @@
 
 Both writers stream: JSONL goes through a buffered file, Parquet keeps at most one row group of
 column lists in memory. Both write ``PATH.partial`` and ``os.replace`` it onto ``PATH`` on
-``close()``, so a reader never sees a half-written file. What a row holds, and
-``read_results``, which reads either format back, are in ``rows`` (re-exported here).
+``close()``, so a reader never sees a half-written file. A result becomes its row (``row``: the
+line's text, or the Parquet columns' values) apart from being written (``write_row``), so a
+caller may hold rows, converted, and write them in another order (``live_output``). What a row
+holds, and ``read_results``, which reads either format back, are in ``rows`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, Self
@@ -24,7 +25,6 @@ from batcher.output.formats import SUFFIXES as SUFFIXES
 from batcher.output.formats import Closing
 from batcher.output.formats import RejectsWriter as RejectsWriter
 from batcher.output.formats import output_format as output_format
-from batcher.output.ordering import sorted_by
 from batcher.output.rows import ENCODE, NAMES, PLAIN, row_values, schema_for, typed_values
 from batcher.output.rows import SCHEMA as SCHEMA
 from batcher.output.rows import batch_output_line as batch_output_line
@@ -43,6 +43,9 @@ DEFAULT_ROW_GROUP_SIZE = 5_000
 # Rows are held as Python objects only this many at a time, then as Arrow arrays until a row
 # group is full: a row group of Python rows takes about twice the memory.
 _CONVERT_EVERY = 250
+# About what a Parquet row's Python values take beyond their text's characters (tracemalloc:
+# ~1,000 bytes for a short answer's row, its ``choices`` list included).
+_ROW_OVERHEAD = 1_000
 
 # Dictionary encoding only where values repeat: on unique text (ids, answers, bodies) it is
 # tried on every page, then given up, which cost 10 % more CPU and 6 % more bytes.
@@ -64,13 +67,16 @@ class Writer(Protocol):
         """Results accepted by ``write`` so far."""
         ...
 
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of rows held in memory to be sorted at close (with ``order``; else 0)."""
-        ...
-
     def write(self, result: Result) -> None:
         """Append one result."""
+        ...
+
+    def row(self, result: Result) -> Any:
+        """A result's row, converted, for ``write_row`` (``row_bytes``: what it holds)."""
+        ...
+
+    def write_row(self, row: Any) -> None:
+        """Append a row made by ``row``."""
         ...
 
     def close(self) -> None:
@@ -148,27 +154,13 @@ class _AtomicFile(Closing):
 
 
 class JsonlWriter(_AtomicFile):
-    """Writes one compact OpenAI Batch API output line per result (UTF-8).
-
-    With ``order`` the lines are held until ``close`` and written sorted by it (stable)."""
+    """Writes one compact OpenAI Batch API output line per result (UTF-8)."""
 
     _f: IO[str]
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        shape: OutputShape = PLAIN,
-        order: Callable[[Result], int] | None = None,
-    ) -> None:
-        """Start ``PATH.partial``; ``shape.parsed`` says whether lines carry ``parsed``; with
-        ``order`` the lines are held and written sorted by it at close (stable)."""
+    def __init__(self, path: Path, *, shape: OutputShape = PLAIN) -> None:
+        """Start ``PATH.partial``; ``shape.parsed`` says whether lines carry ``parsed``."""
         self._parsed = shape.parsed is not None
-        self._order = order
-        self._held: list[str] = []
-        self._keys = array("q")
-        #: Characters of the lines held for ``order`` (about their bytes).
-        self.held_bytes = 0
         super().__init__(path)
 
     def _open(self) -> None:
@@ -185,14 +177,17 @@ class JsonlWriter(_AtomicFile):
         )
 
     def write(self, result: Result) -> None:
-        """Append the result's line to the buffered file (held, with ``order``)."""
-        line = ENCODE(batch_output_line(result, parsed=self._parsed)) + "\n"
-        if self._order is None:
-            self._f.write(line)
-        else:
-            self._held.append(line)
-            self._keys.append(self._order(result))
-            self.held_bytes += len(line)
+        """Append the result's line to the buffered file."""
+        self._f.write(ENCODE(batch_output_line(result, parsed=self._parsed)) + "\n")
+        self.rows_written += 1
+
+    def row(self, result: Result) -> str:
+        """The result's line, for ``write_row``."""
+        return ENCODE(batch_output_line(result, parsed=self._parsed)) + "\n"
+
+    def write_row(self, row: str) -> None:
+        """Append a line made by ``row``."""
+        self._f.write(row)
         self.rows_written += 1
 
     def add_metadata(self, metadata: Mapping[str, str]) -> None:
@@ -204,9 +199,6 @@ class JsonlWriter(_AtomicFile):
 
     def _finish(self) -> None:
         with self._f:
-            held, self._held, self.held_bytes = self._held, [], 0
-            for i in sorted_by(self._keys, array("q", range(len(held)))):
-                self._f.write(held[i])
             self._f.flush()
             os.fsync(self._f.fileno())  # the rename must not land before the data
 
@@ -225,14 +217,11 @@ class ParquetWriter(_AtomicFile):
         row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
         metadata: Mapping[str, str] | None = None,
         shape: OutputShape = PLAIN,
-        order: Callable[[Result], int] | None = None,
     ) -> None:
         """Start ``PATH.partial``; rows are buffered and written ``row_group_size`` at a time.
 
         ``metadata`` goes into the file's key-value metadata (provenance: job, version, input);
-        ``shape`` says which typed columns follow SCHEMA's (``messages`` always). With
-        ``order`` every row is held (as Arrow columns) until ``close``, then the rows are
-        written sorted by it (stable).
+        ``shape`` says which typed columns follow SCHEMA's (``messages`` always).
         """
         if row_group_size < 1:
             raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
@@ -243,11 +232,6 @@ class ParquetWriter(_AtomicFile):
         self._cols: list[list[Any]] = [[] for _ in schema]
         self._batches: list[pa.RecordBatch] = []
         self._buffered = 0  # rows in self._batches
-        self._order = order
-        self._keys = array("q")
-        #: Bytes of the Arrow buffers held for ``order`` (the rows not yet converted aside:
-        #: fewer than ``_CONVERT_EVERY``).
-        self.held_bytes = 0
         super().__init__(path)
 
     def _open(self) -> None:
@@ -261,15 +245,18 @@ class ParquetWriter(_AtomicFile):
 
     def write(self, result: Result) -> None:
         """Buffer the result's row; a full buffer is written out as a row group."""
-        values = (*row_values(result), *typed_values(result, self._shape))
-        for col, value in zip(self._cols, values, strict=True):
+        self.write_row((*row_values(result), *typed_values(result, self._shape)))
+
+    def row(self, result: Result) -> tuple[Any, ...]:
+        """The result's values in the file's column order, for ``write_row``."""
+        return (*row_values(result), *typed_values(result, self._shape))
+
+    def write_row(self, row: tuple[Any, ...]) -> None:
+        """Buffer a row made by ``row``; a full buffer is written out as a row group."""
+        for col, value in zip(self._cols, row, strict=True):
             col.append(value)
         self.rows_written += 1
-        if self._order is not None:
-            self._keys.append(self._order(result))
-            if len(self._cols[0]) >= _CONVERT_EVERY:
-                self._convert()  # held until close, to be sorted
-        elif len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
+        if len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
             self._convert()
             if self._buffered >= self.row_group_size:
                 self._write_group()
@@ -287,22 +274,11 @@ class ParquetWriter(_AtomicFile):
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
         self._batches.append(batch)
         self._buffered += len(arrays[0])
-        if self._order is not None:
-            self.held_bytes += batch.nbytes
 
     def _write_group(self) -> None:
         table = pa.Table.from_batches(self._batches, schema=self._schema)
-        self._batches, self._buffered, self.held_bytes = [], 0, 0
-        if self._order is not None:
-            self._write_sorted(table)
-            return
+        self._batches, self._buffered = [], 0
         self._write_table(table)
-
-    def _write_sorted(self, table: pa.Table) -> None:
-        """Write the held rows in order, a row group at a time: one group's copy at most."""
-        order = pa.array(list(sorted_by(self._keys, array("q", range(table.num_rows)))))
-        for start in range(0, table.num_rows, self.row_group_size):
-            self._write_table(table.take(order.slice(start, self.row_group_size)))
 
     def _write_table(self, table: pa.Table) -> None:
         try:
@@ -326,6 +302,14 @@ class ParquetWriter(_AtomicFile):
 
     def _release(self) -> None:
         self._pq.close()
+
+
+def row_bytes(row: str | tuple[Any, ...]) -> int:
+    """About the memory a row made by ``Writer.row`` holds: a line's characters, or a Parquet
+    row's text and its values' overhead."""
+    if isinstance(row, str):
+        return len(row)
+    return sum([len(v) for v in row if type(v) is str]) + _ROW_OVERHEAD
 
 
 def results_table(
@@ -403,16 +387,11 @@ def open_writer(
     row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
     metadata: Mapping[str, str] | None = None,
     shape: OutputShape = PLAIN,
-    order: Callable[[Result], int] | None = None,
 ) -> Writer:
     """Open the writer for ``path`` by its suffix; ``row_group_size`` and ``metadata`` apply to
     Parquet only (JSONL lines have no place for file-level metadata). ``shape``: the typed
-    columns (JSONL lines carry ``messages``, ``input`` and ``parsed`` in ``batcher``). With
-    ``order`` (a result's sort key: ``ordering.InputOrder``) the rows are held and written
-    sorted at close."""
+    columns (JSONL lines carry ``messages``, ``input`` and ``parsed`` in ``batcher``)."""
     suffix = output_format(path)
     if suffix == ".parquet":
-        return ParquetWriter(
-            path, row_group_size=row_group_size, metadata=metadata, shape=shape, order=order
-        )
-    return JsonlWriter(path, shape=shape, order=order)
+        return ParquetWriter(path, row_group_size=row_group_size, metadata=metadata, shape=shape)
+    return JsonlWriter(path, shape=shape)

@@ -140,9 +140,8 @@ async def arun_job(
     cannot work (its host does not resolve, or every answer is a 404: see ``setup_check``),
     with nothing recorded for the requests that met it. The options: see ``RunOptions``.
 
-    A run whose journal starts empty writes its output as it goes (``LiveOutput``) when its
-    input is a file of at most ``live_output.LIVE_OUTPUT_MAX_BYTES``; otherwise (a larger
-    input, stdin, a resumed journal) it writes the output from the journal at the end
+    A run whose journal starts empty writes its output, in input order, as it goes
+    (``LiveOutput``); a run that resumes a journal writes it from the journal at the end
     (``write_output``).
 
     A job with ``mode = "batch"`` goes through the Batch API instead
@@ -312,6 +311,8 @@ async def _run_async(
                     endpoints, engine_settings(job), sinks, pricer=setting.pricer, plan=plan,
                     budget=budget, on_token_limit=functools.partial(count_from_now, readers),
                 )  # fmt: skip
+                if live is not None:  # rows written in input order as the lines are settled
+                    live.follow(engine.watermark.low)
                 await _run_engine(setting, engine, lanes(readers, variants, endpoints), progress)
             rejected = rejects.count
     except OSError as exc:

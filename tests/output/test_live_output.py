@@ -49,7 +49,9 @@ def output_count(stats: RunStats) -> int:
     return stats.output_ok + stats.output_error
 
 
-def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobConfig:
+def structured_job(
+    tmp_path: Path, base_url: str, output: str, n: int, concurrency: int = 8
+) -> JobConfig:
     src = tmp_path / "in.jsonl"
     with src.open("w") as f:
         for i in range(n):
@@ -66,7 +68,7 @@ def structured_job(tmp_path: Path, base_url: str, output: str, n: int) -> JobCon
                     "json_schema": {"name": "city", "schema": SCHEMA},
                 },
             },
-            "limits": {"concurrency": 8},
+            "limits": {"concurrency": concurrency},
             "validate": {"json_schema": True, "max_reasks": 2},
         }
     )
@@ -83,11 +85,20 @@ def test_live_output_is_what_the_journal_gives(
     tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     keep_full_journal(monkeypatch)
+    gave_up: list[bool] = []
+    real_close = LiveOutput.close
+
+    def watched(self: LiveOutput, *args: Any, **kwargs: Any) -> bool:
+        gave_up.append(self.failed)
+        return real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(LiveOutput, "close", watched)
     config = SimConfig(schema_error_rate=0.4, seed=3, latency_ms=5, latency_jitter_ms=10)
     with running_sim(config) as sim:
         job = structured_job(tmp_path, sim.base_url, "o" + suffix, 30)
         report = run_job(job, stream=io.StringIO())
     assert report.exit_code == 0
+    assert gave_up == [False]  # re-asked lines settle once their final record is in
     journaled = journal_path(report.output).read_text().splitlines()
     assert any('"provisional":true' in line for line in journaled)  # re-asks were journaled
     rows = list(read_results(report.output))
@@ -210,29 +221,27 @@ def test_a_run_that_sends_nothing_ends_and_writes_an_empty_output(tmp_path: Path
     assert len(list(read_results(rejects_path(output)))) == 2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("limit", "live"), [(1 << 20, True), (100, False)])
-def test_a_run_writes_as_it_goes_only_below_the_size_limit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, live: bool
+@pytest.mark.parametrize("limit", [1 << 20, 100])
+def test_a_fresh_run_writes_as_it_goes_whatever_the_size_of_its_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
 ) -> None:
-    # Memory stays flat for large inputs: past LIVE_OUTPUT_MAX_BYTES a run (a library one as
-    # well as the CLI's) writes the output from the journal at the end.
-    made: list[object] = []
-    real_init = live_output.LiveOutput.__init__
-
-    def watched(self: live_output.LiveOutput, *args: Any, **kwargs: Any) -> None:
-        made.append(self)
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(live_output.LiveOutput, "__init__", watched)
+    # Past LIVE_OUTPUT_MAX_BYTES too, the rows are written as the lines are settled: when the
+    # output closes, only the last answers are held back (at most a pool of 4 in flight).
     monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_BYTES", limit)
-    with running_sim(SimConfig(latency_ms=2)) as sim:
-        job = structured_job(tmp_path, sim.base_url, "o.parquet", 12)
+    at_close: list[tuple[int, bool]] = []
+    real_close = LiveOutput.close
+
+    def watched(self: LiveOutput, *args: Any, **kwargs: Any) -> bool:
+        at_close.append((self.held_rows, self.failed))
+        return real_close(self, *args, **kwargs)
+
+    monkeypatch.setattr(LiveOutput, "close", watched)
+    with running_sim(SimConfig(latency_ms=2, latency_jitter_ms=6, seed=4)) as sim:
+        job = structured_job(tmp_path, sim.base_url, "o.parquet", 40, concurrency=4)
         report = run_job(job, stream=io.StringIO())
-    assert bool(made) is live
-    assert sorted(r["custom_id"] for r in read_results(report.output)) == sorted(
-        f"c{i}" for i in range(12)
-    )
+    [(held, failed)] = at_close
+    assert not failed and held <= 4
+    assert [r["custom_id"] for r in read_results(report.output)] == [f"c{i}" for i in range(40)]
 
 
 @pytest.mark.parametrize(("limit", "groups"), [(1 << 20, [5, 5, 2]), (100, [12])])
@@ -240,8 +249,8 @@ def test_a_small_input_is_written_in_small_row_groups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, groups: list[int]
 ) -> None:
     # The last row group is written after the last answer: a small one ends the run sooner.
-    # A large input is written from the journal at the end, with the writer's default, since
-    # each row group's footer metadata stays in memory.
+    # A large input keeps the writer's default, since each row group's footer metadata stays
+    # in memory until the file closes.
     monkeypatch.setattr(live_output, "SMALL_ROW_GROUP_SIZE", 5)
     monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_BYTES", limit)
     with running_sim(SimConfig(latency_ms=2)) as sim:
@@ -329,12 +338,14 @@ def _answer(line: int) -> Result:
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
 @pytest.mark.parametrize(("max_held", "live"), [(20_000, False), (1 << 30, True)])
-def test_a_live_output_gives_up_past_its_budget_and_the_output_stays_whole(
-    tmp_path: Path, suffix: str, max_held: int, live: bool
+def test_a_live_output_gives_up_past_its_bound_and_the_output_stays_whole(
+    tmp_path: Path, suffix: str, max_held: int, live: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Rows are held to be sorted at close: past the budget they are dropped (memory stays
-    # bounded however long the answers) and the output is written from the journal at the
-    # end, still complete and in input order.
+    # No line is settled (no watermark: as if the first request were stuck in its retries):
+    # every row is held back. Past the bound they are dropped (memory stays bounded however
+    # long the answers) and the output is written from the journal at the end, still
+    # complete and in input order.
+    monkeypatch.setattr(live_output, "HELD_ROWS_UNCOUNTED", 8)
     output = tmp_path / ("o" + suffix)
     lines = list(range(600, 0, -1))  # answers come in reverse input order
     stats = RunStats()
@@ -343,14 +354,13 @@ def test_a_live_output_gives_up_past_its_budget_and_the_output_stays_whole(
         held: list[int] = []
         for line in lines:
             out.append(_answer(line), "h")
-            if out._writer is not None:
-                held.append(out._writer.held_bytes)
+            held.append(out.held_rows)
         assert out.failed is not live
         if live:
-            assert max(held) > 20_000  # the budget above was indeed passed
-        else:
-            assert out._writer is None  # the held rows were let go
-            assert max(held) <= 20_000 + 260 * 1_000  # at most a batch of rows past it
+            assert max(held) == 600
+        else:  # counted from 8 rows, then at every quarter more: ~15 Parquet rows (~1,400
+            # bytes each) or ~40 JSONL lines (~500) pass the bound
+            assert max(held) <= 50 and held[-1] == 0  # the held rows were let go
         live_output.finish_output(journal, out, output, stats, dict)
     rows = list(read_results(output))
     assert [r["custom_id"] for r in rows] == [f"r{line}" for line in range(1, 601)]
@@ -359,19 +369,18 @@ def test_a_live_output_gives_up_past_its_budget_and_the_output_stays_whole(
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
-def test_writers_count_the_bytes_they_hold_to_sort(tmp_path: Path, suffix: str) -> None:
-    with writers.open_writer(tmp_path / ("o" + suffix), order=lambda r: -r.line) as w:
-        for line in range(1, 601):
-            w.write(_answer(line))
-        assert w.held_bytes > 600 * 200  # each row holds its 200-character answer
+def test_rows_made_apart_are_written_as_results_are(tmp_path: Path, suffix: str) -> None:
+    with writers.open_writer(tmp_path / ("o" + suffix)) as w:
+        rows = [w.row(_answer(line)) for line in range(1, 301)]
+        for row in reversed(rows):
+            w.write_row(row)
     with writers.open_writer(tmp_path / ("p" + suffix)) as w:
-        for line in range(1, 601):
+        for line in range(300, 0, -1):
             w.write(_answer(line))
-        assert w.held_bytes == 0  # written as they come: nothing held
-    assert [r["custom_id"] for r in read_results(tmp_path / ("o" + suffix))][:2] == [
-        "r600",
-        "r599",
-    ]
+    assert list(read_results(tmp_path / ("o" + suffix))) == list(
+        read_results(tmp_path / ("p" + suffix))
+    )
+    assert all(writers.row_bytes(row) > 400 for row in rows)  # the answer, twice for Parquet
 
 
 def _parquet_input(path: Path, rows: int) -> Path:
@@ -381,14 +390,12 @@ def _parquet_input(path: Path, rows: int) -> Path:
     return path
 
 
-def test_a_small_parquet_file_of_many_rows_is_not_written_as_it_goes(tmp_path: Path) -> None:
+def test_a_small_parquet_file_of_many_rows_keeps_the_writers_row_groups(tmp_path: Path) -> None:
     # A Parquet file's size says little of its rows: 100,000 short rows take a few hundred
-    # KB, far below the size limit, and their answers would all be held to be sorted.
+    # KB, far below the size limit, and small row groups' footers would be held until close.
     many = _parquet_input(tmp_path / "many.parquet", live_output.LIVE_OUTPUT_MAX_ROWS * 2)
     few = _parquet_input(tmp_path / "few.parquet", 1_000)
     assert many.stat().st_size < live_output.LIVE_OUTPUT_MAX_BYTES
     assert live_output.small_input(many) is False
     assert live_output.small_input(few) is True
-    with Journal(tmp_path / "o.parquet.journal") as journal:
-        assert live_output.live_output_for(journal, tmp_path / "o.parquet", many, dict) is None
-        assert live_output.live_output_for(journal, tmp_path / "o.parquet", few, dict)
+    assert live_output.small_input(Path("-")) is False  # stdin

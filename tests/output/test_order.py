@@ -14,7 +14,6 @@ import pyarrow.json as pj
 import pytest
 
 from batcher.job_file import job_from_dict
-from batcher.output import live_output
 from batcher.output.journal import Journal
 from batcher.output.live_output import LiveOutput, write_output
 from batcher.output.writers import read_results
@@ -23,7 +22,7 @@ from batcher.runner.run import run_job
 from batcher.runner.stats import RunStats
 from batcher.sim.config import SimConfig
 from batcher.sim.serve import running_sim
-from tests.helpers import jsonl, write_input
+from tests.helpers import jsonl, output_from_journal, write_input
 
 #: Declared out of alphabetical order: the output follows the job, not the names.
 VARIANTS = ["c", "a", "b"]
@@ -55,8 +54,8 @@ def test_a_sweep_of_three_variants_is_written_in_line_then_variant_order(
 ) -> None:
     n = 20
     write_input(tmp_path / "in.jsonl", n)
-    if not live:  # as a large input: the output written from the journal at the end
-        monkeypatch.setattr(live_output, "small_input", lambda path: False)
+    if not live:  # as for a resumed run: the output written from the journal at the end
+        output_from_journal(monkeypatch)
     config = SimConfig(latency_ms=2, latency_jitter_ms=20, seed=5)
     with running_sim(config) as sim:
         report = run_job(sweep_job(tmp_path, sim.base_url, "o" + suffix), stream=io.StringIO())

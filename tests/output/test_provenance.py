@@ -125,14 +125,14 @@ def _run_with_429s(tmp_path: Path, output: str, n: int) -> tuple[int, Path]:
 def test_output_records_how_its_run_ended(
     tmp_path: Path, output: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both ways an output is written (as the run goes, and from the journal at the end, here
-    for an input over the live size) record the end of the run in the file's metadata."""
+    """Both ways an output is written (as the run goes, and from the journal at the end, as
+    for a resumed run) record the end of the run in the file's metadata."""
     from datetime import datetime
 
-    from batcher.output import live_output
+    from tests.helpers import output_from_journal
 
     if output == "big.parquet":
-        monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_BYTES", 0)
+        output_from_journal(monkeypatch)
     code, path = _run_with_429s(tmp_path, output, 30)
     made = read_provenance(path)
     started = datetime.fromisoformat(made["started_at"])
