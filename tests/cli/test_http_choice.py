@@ -19,7 +19,7 @@ pytest.importorskip("pyreqwest")
 
 
 def _lines(path: Path, n: int) -> list[dict[str, object]]:
-    bodies = [
+    bodies: list[dict[str, object]] = [
         {"custom_id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(n)
     ]
     path.write_text("".join(json.dumps(b) + "\n" for b in bodies), encoding="utf-8")
