@@ -225,6 +225,11 @@ class Journal:
         if self._clock() - self._last_sync >= self._fsync_every_s:
             self.sync()
 
+    @property
+    def size(self) -> int:
+        """The journal's length in bytes: where the next record goes."""
+        return self._size
+
     def sync(self) -> None:
         """fsync the journal (called at most every ``fsync_every_s``, and on close)."""
         if self._dirty:

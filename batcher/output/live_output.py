@@ -21,7 +21,7 @@ the live output gives up, and the output is written from the journal at the end 
 16 bytes a record, no answer held); a run that stops early, or has no watermark to follow, holds
 its rows and writes them at the end. The writer's import and the input's hash (the provenance)
 are done in a thread, started by the first final record, never on the event loop: final
-records that come before they are done wait, in order, in memory.
+records that come before they are done wait, in order, in the journal (their offsets held).
 
 A run that resumes a journal writes its output from the journal at the end
 (``write_output``), since earlier runs' records are merged in. So does a run whose live
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,8 +111,10 @@ class LiveOutput:
         self._preparing = threading.Lock()
         self._prepare_started = False
         self._prepare_failed = False
-        # Final records that came before the writer was ready: taken when it opens.
-        self._waiting: list[tuple[Result, str]] = []
+        # Where in the journal the final records that came before the writer was ready are:
+        # read back and taken when it opens. Only their offsets are held (8 bytes each, not a
+        # Result of a few kB): a large input's hash keeps thousands of records waiting.
+        self._waiting = array("q")
         self._writer: OutputFiles | None = None
         self._compact: CompactJournal | None = None
         self._low: Callable[[], int] = _nothing_settled
@@ -141,6 +144,7 @@ class LiveOutput:
 
     def append(self, result: Result, body_hash: str, *, provisional: bool = False) -> None:
         """Journal the record (an ``OSError`` there stops the run); then take a final one."""
+        offset = self._journal.size
         try:
             self._journal.append(result, body_hash, provisional=provisional)
         except OSError:
@@ -157,11 +161,16 @@ class LiveOutput:
             return
         if self._writer is None and self._metadata is None and not self._prepare_failed:
             # The writer's import and the input's hash are not done: never on the event loop;
-            # the record waits for them.
-            self._waiting.append((result, body_hash))
+            # the record waits for them, in the journal.
+            self._waiting.append(offset)
             self._prepare_in_thread()
             return
         self._take([(result, body_hash)])
+
+    def _read_waiting(self) -> list[tuple[Result, str]]:
+        """The records that waited for the writer, read back from the journal (and forgotten)."""
+        offsets, self._waiting = self._waiting, array("q")
+        return [(decode(record), record["hash"]) for record in self._journal.read_at(offsets)]
 
     def _take(self, records: list[tuple[Result, str]]) -> None:
         """Convert records into rows and hold them (those waiting first), opening the writer
@@ -170,7 +179,7 @@ class LiveOutput:
             if self._writer is None:
                 self._writer = self._open()
             if self._waiting:
-                records, self._waiting = self._waiting + records, []
+                records = [*self._read_waiting(), *records]
             order, held, writer = self._order, self._held, self._writer
             for result, body_hash in records:
                 key = order.of(result)
@@ -307,7 +316,7 @@ class LiveOutput:
         """Stop writing as the run goes; the output is written from the journal at the end."""
         self.abort()
         self.failed = True
-        self._writer, self._compact, self._waiting, self._held = None, None, [], []
+        self._writer, self._compact, self._waiting, self._held = None, None, array("q"), []
 
 
 def live_output_for(
