@@ -54,15 +54,21 @@ LIVE_OUTPUT_MAX_BYTES = 8 * 2**20
 #: written in small row groups: a Parquet file of short rows holds far more rows in 8 MiB than
 #: JSONL requests do (a million one-column rows take ~5 MB).
 LIVE_OUTPUT_MAX_ROWS = 50_000
-#: About the most bytes of rows an output written as the run goes holds back (``writers.
-#: row_bytes``) before it gives up: one request stuck in retries holds back every row after it,
+#: About the most bytes of rows an output written as the run goes holds back (``held_weight``)
+#: before it gives up: one request stuck in retries holds back every row after it,
 #: and the input's size does not bound their answers (12,000 rows of 2,000-token answers come
 #: from a 73 KB CSV). Past it the rows are dropped and the output is written from the journal at
 #: the end: memory stays bounded, and only such a run's end is slower.
 LIVE_OUTPUT_MAX_HELD_BYTES = 64 * 2**20
-#: Rows held back without counting their bytes: as many as a few pools in flight, of short
-#: answers. Past it they are counted each time their number grows by a quarter.
-HELD_ROWS_UNCOUNTED = 1_024
+
+
+def held_weight(line_bytes: int) -> int:
+    """About the memory a held row takes, from its journal line's length: its text (answer,
+    prompt, input) as Python strings and values, about twice the line's bytes, plus the
+    objects' overhead."""
+    return 2 * line_bytes + 1024
+
+
 #: Parquet row groups of a small input's output (at most ``LIVE_OUTPUT_MAX_BYTES``), instead
 #: of the writer's 5,000: the last row group is written after the last answer, so a smaller one
 #: ends the run sooner (5,000 rows took ~20 ms, 1,000 ~5 ms), for a file ~5 % larger. A large
@@ -115,14 +121,16 @@ class LiveOutput:
         # read back and taken when it opens. Only their offsets are held (8 bytes each, not a
         # Result of a few kB): a large input's hash keeps thousands of records waiting.
         self._waiting = array("q")
+        self._waiting_bytes = array("q")  # their lines' lengths
         self._writer: OutputFiles | None = None
         self._compact: CompactJournal | None = None
         self._low: Callable[[], int] = _nothing_settled
         # Rows held back, a heap of (order key, arrival, (in errors file, row), compact record).
-        self._held: list[tuple[int, int, tuple[bool, Any], dict[str, Any]]] = []
+        # (order key, arrival, (in errors file, row), compact record, weight)
+        self._held: list[tuple[int, int, tuple[bool, Any], dict[str, Any], int]] = []
+        self._held_bytes = 0  # the held rows' weights (``held_weight``)
         self._arrived = 0
         self._written = -1  # the order key of the last row written
-        self._count_at = HELD_ROWS_UNCOUNTED  # rows held when their bytes are next counted
         # Keys whose provisional record (an answer about to be re-asked) has no final record
         # yet: if the run ends with some (the re-ask was cancelled, or its record could not be
         # journaled), the journal's answer for them is the provisional one, which this output
@@ -163,16 +171,20 @@ class LiveOutput:
             # The writer's import and the input's hash are not done: never on the event loop;
             # the record waits for them, in the journal.
             self._waiting.append(offset)
+            self._waiting_bytes.append(self._journal.size - offset)
             self._prepare_in_thread()
             return
-        self._take([(result, body_hash)])
+        self._take([(result, body_hash, self._journal.size - offset)])
 
-    def _read_waiting(self) -> list[tuple[Result, str]]:
-        """The records that waited for the writer, read back from the journal (and forgotten)."""
+    def _read_waiting(self) -> list[tuple[Result, str, int]]:
+        """The records that waited for the writer, read back from the journal (and forgotten),
+        each with its line's length."""
         offsets, self._waiting = self._waiting, array("q")
-        return [(decode(record), record["hash"]) for record in self._journal.read_at(offsets)]
+        sizes, self._waiting_bytes = self._waiting_bytes, array("q")
+        records = self._journal.read_at(offsets)
+        return [(decode(r), r["hash"], size) for r, size in zip(records, sizes, strict=True)]
 
-    def _take(self, records: list[tuple[Result, str]]) -> None:
+    def _take(self, records: list[tuple[Result, str, int]]) -> None:
         """Convert records into rows and hold them (those waiting first), opening the writer
         with the first; then write the rows the watermark lets go."""
         try:
@@ -181,14 +193,16 @@ class LiveOutput:
             if self._waiting:
                 records = [*self._read_waiting(), *records]
             order, held, writer = self._order, self._held, self._writer
-            for result, body_hash in records:
+            for result, body_hash, line_bytes in records:
                 key = order.of(result)
                 if key < self._written:  # its place is written already: held back, late
                     self._give_up()
                     return
                 record = compact_record(result, body_hash)
-                heapq.heappush(held, (key, self._arrived, writer.row(result), record))
+                weight = held_weight(line_bytes)
+                heapq.heappush(held, (key, self._arrived, writer.row(result), record, weight))
                 self._arrived += 1
+                self._held_bytes += weight
                 if result.status == "ok":
                     self.ok += 1
                 else:
@@ -197,8 +211,8 @@ class LiveOutput:
         except Exception:  # a full disk, or a value pyarrow refuses: not worth the run
             self._give_up()
             return
-        if len(held) >= self._count_at:
-            self._count_held()
+        if self._held_bytes > self._max_held:
+            self._give_up()  # too many answers held back: written from the journal at the end
 
     def _write_below(self, bound: int) -> None:
         """Write the held rows whose order key is below ``bound``, in order."""
@@ -209,22 +223,11 @@ class LiveOutput:
         write, add = self._writer.write_row, self._compact.add_compact
         key = self._written
         while held and held[0][0] < bound:
-            key, _, row, record = heapq.heappop(held)
+            key, _, row, record, weight = heapq.heappop(held)
             write(row)
             add(record, in_errors=row[0])
+            self._held_bytes -= weight
         self._written = key
-        # fewer held: counted again once they are a quarter more than now
-        self._count_at = max(HELD_ROWS_UNCOUNTED, min(self._count_at, len(held) * 5 // 4))
-
-    def _count_held(self) -> None:
-        """Give up past the bound of held bytes; else count again a quarter of rows later."""
-        from batcher.output.writers import row_bytes
-
-        held = self._held
-        if sum([row_bytes(row) for _, _, (_, row), _ in held]) > self._max_held:
-            self._give_up()  # too many answers held back: written from the journal at the end
-            return
-        self._count_at = len(held) + max(len(held) // 4, 1)
 
     def close(
         self,
@@ -317,6 +320,7 @@ class LiveOutput:
         self.abort()
         self.failed = True
         self._writer, self._compact, self._waiting, self._held = None, None, array("q"), []
+        self._waiting_bytes, self._held_bytes = array("q"), 0
 
 
 def live_output_for(

@@ -43,9 +43,6 @@ DEFAULT_ROW_GROUP_SIZE = 5_000
 # Rows are held as Python objects only this many at a time, then as Arrow arrays until a row
 # group is full: a row group of Python rows takes about twice the memory.
 _CONVERT_EVERY = 250
-# About what a Parquet row's Python values take beyond their text's characters (tracemalloc:
-# ~1,000 bytes for a short answer's row, its ``choices`` list included).
-_ROW_OVERHEAD = 1_000
 
 # Dictionary encoding only where values repeat: on unique text (ids, answers, bodies) it is
 # tried on every page, then given up, which cost 10 % more CPU and 6 % more bytes.
@@ -72,7 +69,7 @@ class Writer(Protocol):
         ...
 
     def row(self, result: Result) -> Any:
-        """A result's row, converted, for ``write_row`` (``row_bytes``: what it holds)."""
+        """A result's row, converted, for ``write_row``."""
         ...
 
     def write_row(self, row: Any) -> None:
@@ -302,14 +299,6 @@ class ParquetWriter(_AtomicFile):
 
     def _release(self) -> None:
         self._pq.close()
-
-
-def row_bytes(row: str | tuple[Any, ...]) -> int:
-    """About the memory a row made by ``Writer.row`` holds: a line's characters, or a Parquet
-    row's text and its values' overhead."""
-    if isinstance(row, str):
-        return len(row)
-    return sum([len(v) for v in row if type(v) is str]) + _ROW_OVERHEAD
 
 
 def results_table(

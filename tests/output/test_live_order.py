@@ -204,7 +204,6 @@ def test_past_the_bound_of_held_rows_the_output_is_written_from_the_journal(
     # A bound of a few rows: the answers that come before an earlier line's pass it, the
     # live output gives up, and the output is written (and the journal compacted) from the
     # journal at the end, whole and in order.
-    monkeypatch.setattr(live_output, "HELD_ROWS_UNCOUNTED", 2)
     monkeypatch.setattr(live_output, "LIVE_OUTPUT_MAX_HELD_BYTES", 3_000)
     n = 100
     write_input(tmp_path / "in.jsonl", n)

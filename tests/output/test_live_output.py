@@ -7,6 +7,7 @@ fails or whose live output fails must leave a whole output, or the previous one.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -345,7 +346,6 @@ def test_a_live_output_gives_up_past_its_bound_and_the_output_stays_whole(
     # every row is held back. Past the bound they are dropped (memory stays bounded however
     # long the answers) and the output is written from the journal at the end, still
     # complete and in input order.
-    monkeypatch.setattr(live_output, "HELD_ROWS_UNCOUNTED", 8)
     output = tmp_path / ("o" + suffix)
     lines = list(range(600, 0, -1))  # answers come in reverse input order
     stats = RunStats()
@@ -358,9 +358,8 @@ def test_a_live_output_gives_up_past_its_bound_and_the_output_stays_whole(
         assert out.failed is not live
         if live:
             assert max(held) == 600
-        else:  # counted from 8 rows, then at every quarter more: ~15 Parquet rows (~1,400
-            # bytes each) or ~40 JSONL lines (~500) pass the bound
-            assert max(held) <= 50 and held[-1] == 0  # the held rows were let go
+        else:  # weighed at every row, each over 1 KiB: fewer than 20 rows pass the bound
+            assert max(held) < 20_000 // 1024 and held[-1] == 0  # the held rows were let go
         live_output.finish_output(journal, out, output, stats, dict)
     rows = list(read_results(output))
     assert [r["custom_id"] for r in rows] == [f"r{line}" for line in range(1, 601)]
@@ -380,7 +379,25 @@ def test_rows_made_apart_are_written_as_results_are(tmp_path: Path, suffix: str)
     assert list(read_results(tmp_path / ("o" + suffix))) == list(
         read_results(tmp_path / ("p" + suffix))
     )
-    assert all(writers.row_bytes(row) > 400 for row in rows)  # the answer, twice for Parquet
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_long_prompts_count_towards_the_bound_of_held_rows(tmp_path: Path, suffix: str) -> None:
+    # Short answers to 34 kB prompts: what a held row takes is mostly its prompt (the
+    # ``messages`` column), which the bound must weigh, from the first row held.
+    output = tmp_path / ("o" + suffix)
+    prompt = [{"role": "user", "content": "x" * 34_000}]
+    with Journal(journal_path(output)) as journal:
+        out = LiveOutput(journal, output, dict, max_held=1 << 20)
+        held = []
+        for line in range(400, 0, -1):  # no line settles before the last: every row held
+            out.append(dataclasses.replace(_answer(line), messages=prompt), "h")
+            held.append(out.held_rows)
+        assert out.failed
+        assert max(held) <= (1 << 20) // 34_000  # ~30 rows of 34 kB, not hundreds
+        live_output.finish_output(journal, out, output, RunStats(), dict)
+    rows = list(read_results(output))
+    assert [r["custom_id"] for r in rows] == [f"r{line}" for line in range(1, 401)]
 
 
 def _parquet_input(path: Path, rows: int) -> Path:
