@@ -1,16 +1,17 @@
 """How far the run's input is settled: the first line whose records may still come.
 
 Each lane reads the input's lines in increasing order and dispatches its requests in that
-order; a worker settles a request once it is recorded or dropped (stopped, left for a re-run,
-the budget spent). A lane's low mark is its first request dispatched and not settled, else the
+order; a worker settles a request once it is recorded or left unrecorded for a re-run. A
+lane's low mark is its first request dispatched and not settled, else the
 next line it will read; the run's (``Watermark.low``) is the lowest over its lanes. No record
 of a line below it can come any more (but for results held back and released late:
 ``setup_check``), so the output may write those rows in input order as the run goes
 (``output.live_output``). Rejected and skipped lines are never dispatched: they only move the
 next line to read.
 
-A request cut off in flight (a stop's grace ran out) is never settled: the mark stays below
-it, which only holds rows back until the end of the run.
+A request cut off in flight (a stop's grace ran out), or taken by a worker that then stops
+(the run stopping, the budget spent), is never settled: the mark stays below it, which only
+holds rows back until the end of the run.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +15,7 @@ from batcher.errors import ConfigError
 from batcher.job_file import load_job
 from batcher.sim.answers import expected_content
 from tests.helpers import run_batcher, sim_process, sim_stats
+from tests.loopback import chat_answer, read_body, serving
 
 pytest.importorskip("pyreqwest")
 
@@ -73,3 +75,31 @@ def test_an_unknown_client_names_the_field(tmp_path: Path) -> None:
     proc = run_batcher("run", str(job), "-i", "x.jsonl", "-o", str(tmp_path / "o.parquet"))
     assert proc.returncode == 2
     assert "endpoint.http" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_chosen_client_is_the_one_that_sends(tmp_path: Path) -> None:
+    # The server sees who sends: aiohttp and pyreqwest each name themselves in User-Agent.
+    agents: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        agents.append(dict(scope["headers"]).get(b"user-agent", b"").decode())
+        raw = json.dumps(chat_answer("m", {"prompt_tokens": 1, "completion_tokens": 1})).encode()
+        head = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": raw})
+
+    src = tmp_path / "in.jsonl"
+    _lines(src, 3)
+    with serving(app) as url:
+        for http in ("pyreqwest", "aiohttp"):
+            out = tmp_path / f"{http}.jsonl"
+            proc = run_batcher(
+                "run", "-i", str(src), "-o", str(out), "-m", "m", "--base-url", url,
+                "--http", http, "--no-progress",
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            sent, agents[:] = list(agents), []
+            assert len(sent) == 3 and all(http in agent.lower() for agent in sent), sent
