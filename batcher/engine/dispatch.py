@@ -35,6 +35,7 @@ from batcher.engine.asking import Asker
 from batcher.engine.attempt import Sender
 from batcher.engine.control import EngineSettings, RunControl, Sinks
 from batcher.engine.endpoints import Endpoint, Router
+from batcher.engine.pool import WorkerPool, lending
 from batcher.engine.reasks import Reasker
 from batcher.engine.recording import Recorder
 from batcher.engine.retry import Sleep
@@ -92,7 +93,7 @@ class Engine:
         self._recorder = recorder = Recorder(sinks, control, endpoints)
         late_counter = LateCounter(settings.encoding, on_first=on_token_limit)
         sender = Sender(
-            self._router, settings.retry, recorder, control, budget, late_counter, sleep
+            self._router, settings.retry, recorder, control, budget, late_counter, lending(sleep)
         )
         self._asker = Asker(sender, control, pricer, budget, plan, settings.encoding)
         validate = settings.validate
@@ -163,25 +164,28 @@ class Engine:
             router = Router(lane.endpoints)
             workers = sum(e.limits.max_concurrency for e in lane.endpoints)
         req_send, req_recv = anyio.create_memory_object_stream[Request](2 * workers)
-        started = 0
         mark = self.watermark.lane()
+        reading = True
 
-        def spawn() -> None:
-            """One more worker, up to ``workers``: started as requests are read, so a short
-            input never pays for a large pool it cannot use."""
-            nonlocal started
-            if started < workers:
-                started += 1
-                work.start_soon(self._work, req_recv.clone(), router, mark)
-                if started == workers:
-                    req_recv.close()
+        def start() -> bool:
+            """Start a worker on a clone of the lane's stream, while the lane still reads (the
+            requests left in the stream go to the workers there are)."""
+            if reading:
+                work.start_soon(self._work, req_recv.clone(), router, mark, pool)
+            return reading
+
+        # Workers start as requests are read, so a short input never pays for a large pool it
+        # cannot use; one waiting out a retry's pause lends its place (``pool``).
+        pool = WorkerPool(workers, start)
 
         async def read() -> None:
+            nonlocal reading
             try:
                 with self._control.read_scope():
-                    await self._read(lane.batches, req_send, spawn, mark)
+                    await self._read(lane.batches, req_send, pool.grow, mark)
             finally:
                 mark.read_all()  # no more lines come from this lane
+                reading = False
                 req_recv.close()  # the workers hold their own clones
 
         work.start_soon(read)
@@ -244,15 +248,23 @@ class Engine:
         return True
 
     async def _work(
-        self, recv: MemoryObjectReceiveStream[Request], router: Router, mark: LaneMark
+        self,
+        recv: MemoryObjectReceiveStream[Request],
+        router: Router,
+        mark: LaneMark,
+        pool: WorkerPool,
     ) -> None:
         ask, reasker, finish = self._asker.ask, self._reasker, self._recorder.finish
+        pool.join()
         async with recv:
-            while (request := await _next_request(recv)) is not None:
-                if self._stopping.is_set():
-                    return  # not sent: it is left for the next run
+            while not pool.leave_if_surplus():
+                request = await _next_request(recv)
+                if request is None or self._stopping.is_set():
+                    pool.leave()
+                    return  # a request taken as the run stops is left for the next run
                 result = await ask(request, router)
                 if result is None:
+                    pool.leave()
                     return  # the budget is spent: this one and the rest wait for a re-run
                 reasks = 0
                 if reasker is not None and result.status == "ok":
