@@ -42,7 +42,7 @@ import functools
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,25 +250,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def wall_ratios(rounds: Sequence[dict[str, Measure]]) -> dict[str, list[float]]:
     """Per peer, each round's wall time per request over raw aiohttp's in that round."""
-    ratios: dict[str, list[float]] = {}
-    for measured in rounds:
-        base = measured.get(BASELINE.key)
-        if base is None:
-            continue
-        for key, m in measured.items():
-            ratios.setdefault(key, []).append((m.wall_s / m.n) / (base.wall_s / base.n))
-    return ratios
+    return _ratios(rounds, lambda m: m.wall_s)
 
 
 def cpu_ratios(rounds: Sequence[dict[str, Measure]]) -> dict[str, list[float]]:
     """Per peer, each round's CPU per request (whole process) over raw aiohttp's in that round."""
+    return _ratios(rounds, lambda m: m.cpu_s)
+
+
+def _ratios(
+    rounds: Sequence[dict[str, Measure]], figure: Callable[[Measure], float]
+) -> dict[str, list[float]]:
     ratios: dict[str, list[float]] = {}
     for measured in rounds:
         base = measured.get(BASELINE.key)
         if base is None:
             continue
         for key, m in measured.items():
-            ratios.setdefault(key, []).append((m.cpu_s / m.n) / (base.cpu_s / base.n))
+            ratios.setdefault(key, []).append((figure(m) / m.n) / (figure(base) / base.n))
     return ratios
 
 

@@ -25,7 +25,7 @@ from batcher import jsonfast
 from batcher.errors import InputError
 from batcher.input.idset import IdSet
 from batcher.input.sources import open_input
-from batcher.output.journal import request_hash
+from batcher.output.body_hash import request_hash
 from batcher.records import Reject, Request
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from batcher.output.journal import Journal, decode, encode, journal_path, request_hash
+from batcher.output.body_hash import request_hash
+from batcher.output.journal import Journal, decode, encode, journal_path
 from batcher.output.resume import ResumePlan
 from batcher.records import Result, Usage
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from batcher.output import journal
-from batcher.output.journal import request_hash
+from batcher.output import body_hash
+from batcher.output.body_hash import request_hash
 
 
 def reference_hash(body: Mapping[str, Any]) -> str:
@@ -72,7 +72,7 @@ def test_request_hash_is_the_standard_librarys(body: dict[str, Any]) -> None:
     ],
 )
 def test_ordinary_bodies_take_the_fast_form(body: dict[str, Any]) -> None:
-    fast = journal._fast_canonical(body)
+    fast = body_hash._fast_canonical(body)
     assert fast is not None
     assert (
         fast == json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -95,7 +95,7 @@ def test_ordinary_bodies_take_the_fast_form(body: dict[str, Any]) -> None:
 def test_what_orjson_could_write_otherwise_goes_to_the_standard_library(
     body: dict[str, Any],
 ) -> None:
-    assert journal._fast_canonical(body) is None
+    assert body_hash._fast_canonical(body) is None
     assert request_hash(body) == reference_hash(body)
 
 
