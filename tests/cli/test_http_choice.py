@@ -103,3 +103,20 @@ def test_the_chosen_client_is_the_one_that_sends(tmp_path: Path) -> None:
             assert proc.returncode == 0, proc.stderr
             sent, agents[:] = list(agents), []
             assert len(sent) == 3 and all(http in agent.lower() for agent in sent), sent
+
+
+def test_pyreqwest_missing_is_a_usage_error_with_the_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pyreqwest" else real(name)
+    )
+    job = tmp_path / "job.toml"
+    job.write_text('[endpoint]\nbase_url = "sim"\nhttp = "pyreqwest"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_job(job)
+    assert caught.value.field == "endpoint.http"
+    assert "pip install 'batcher[native]'" in caught.value.reason
