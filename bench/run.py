@@ -90,6 +90,7 @@ class Peer:
 
 PEERS = (
     Peer("aiohttp", "aiohttp (raw)", "aiohttp"),
+    Peer("aiohttp-durable", "aiohttp + journal + Parquet", "aiohttp-durable"),
     Peer("httpx", "httpx (raw)", "httpx-default"),
     Peer("openai", "openai SDK", "openai", "openai"),
     Peer("batcher", "batcher run"),

@@ -24,13 +24,18 @@ MAX_USAGE_TOKENS = 10**8
 #: request's size (its completion budget plus its prompt estimate).
 ABSURD_FACTOR = 10
 
-#: The figures checked: (where in ``usage``, the field's name in messages).
+#: The figures checked: (the table in ``usage`` that holds it, or ``None`` for ``usage``
+#: itself; the field; its path in messages).
 _FIELDS = (
-    ((), "prompt_tokens"),
-    ((), "completion_tokens"),
-    ((), "total_tokens"),
-    (("prompt_tokens_details",), "cached_tokens"),
-    (("completion_tokens_details",), "reasoning_tokens"),
+    (None, "prompt_tokens", "usage.prompt_tokens"),
+    (None, "completion_tokens", "usage.completion_tokens"),
+    (None, "total_tokens", "usage.total_tokens"),
+    ("prompt_tokens_details", "cached_tokens", "usage.prompt_tokens_details.cached_tokens"),
+    (
+        "completion_tokens_details",
+        "reasoning_tokens",
+        "usage.completion_tokens_details.reasoning_tokens",
+    ),
 )
 
 #: The prefix of ``error_message`` on a record whose usage was invalid.
@@ -42,14 +47,11 @@ def usage_problem(request: Request, usage: Any) -> str | None:
     if not isinstance(usage, dict):
         return None
     counts: dict[str, int] = {}
-    for path, name in _FIELDS:
-        table: Any = usage
-        for key in path:
-            table = table.get(key) if isinstance(table, dict) else None
+    for inside, name, where in _FIELDS:
+        table: Any = usage if inside is None else usage.get(inside)
         value = table.get(name) if isinstance(table, dict) else None
         if value is None:
             continue
-        where = ".".join(("usage", *path, name))
         if not isinstance(value, int) or isinstance(value, bool):
             return f"{where} is not a whole number: {_short(value)}"
         if value < 0:

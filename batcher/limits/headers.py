@@ -21,11 +21,24 @@ class RateHeaders:
     reset_s: float | None
 
 
+#: Each kind's three header names, made once (they are looked up in every answer).
+_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
 def parse_rate_headers(headers: Mapping[str, str], kind: str) -> RateHeaders | None:
-    """Read ``x-ratelimit-{limit,remaining,reset}-{kind}``; ``None`` if none is present."""
-    limit = parse_number(headers.get(f"x-ratelimit-limit-{kind}"))
-    remaining = parse_number(headers.get(f"x-ratelimit-remaining-{kind}"))
-    reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+    """Read ``x-ratelimit-{limit,remaining,reset}-{kind}`` (``kind``: ``"requests"`` or
+    ``"tokens"``); ``None`` if none is present."""
+    limit_name, remaining_name, reset_name = _NAMES[kind]
+    limit = parse_number(headers.get(limit_name))
+    remaining = parse_number(headers.get(remaining_name))
+    reset = parse_duration(headers.get(reset_name))
     if limit is None and remaining is None and reset is None:
         return None
     return RateHeaders(limit, remaining, reset)

@@ -226,7 +226,7 @@ class ParquetWriter(_AtomicFile):
         self._shape = shape
         schema = schema_for(shape)
         self._schema = schema.with_metadata(dict(metadata)) if metadata else schema
-        self._cols: list[list[Any]] = [[] for _ in schema]
+        self._rows: list[tuple[Any, ...]] = []  # rows not yet converted
         self._batches: list[pa.RecordBatch] = []
         self._buffered = 0  # rows in self._batches
         super().__init__(path)
@@ -250,10 +250,10 @@ class ParquetWriter(_AtomicFile):
 
     def write_row(self, row: tuple[Any, ...]) -> None:
         """Buffer a row made by ``row``; a full buffer is written out as a row group."""
-        for col, value in zip(self._cols, row, strict=True):
-            col.append(value)
+        rows = self._rows
+        rows.append(row)
         self.rows_written += 1
-        if len(self._cols[0]) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
+        if len(rows) >= min(_CONVERT_EVERY, self.row_group_size - self._buffered):
             self._convert()
             if self._buffered >= self.row_group_size:
                 self._write_group()
@@ -266,8 +266,11 @@ class ParquetWriter(_AtomicFile):
     def _convert(self) -> None:
         """Turn the buffered Python rows into an Arrow batch: about half the memory."""
         fields = self._schema
-        arrays = [_array(col, field.type) for col, field in zip(self._cols, fields, strict=True)]
-        self._cols = [[] for _ in fields]
+        # Rows to columns in one C-level transpose: cheaper than appending each value of each
+        # row to its column's list as the row comes.
+        columns = zip(*self._rows, strict=True)
+        arrays = [_array(list(col), field.type) for col, field in zip(columns, fields, strict=True)]
+        self._rows = []
         batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
         self._batches.append(batch)
         self._buffered += len(arrays[0])
@@ -285,7 +288,7 @@ class ParquetWriter(_AtomicFile):
 
     def _finish(self) -> None:
         try:
-            if self._cols[0]:
+            if self._rows:
                 self._convert()
             if self._batches:
                 self._write_group()
