@@ -13,15 +13,14 @@ Prints each run's wall time and the ratio of the medians to the clean run; check
 is in the output exactly once and `ok`. Beside each faulty run, a reference: the clean run's
 median plus the longest chain of retry-afters one request met (its attempts less one, times
 0.5 s): what a client that honours `retry-after` pays when that request was refused near the
-end. `--raw` runs a bare aiohttp loop beside batcher in every case (the same 128 in flight,
-every 429 retried after its `retry-after`, the answers written to Parquet at the end).
+end. `--raw` runs a bare aiohttp loop beside batcher in every case (`bench/_raw.py`: the same
+128 in flight, 12 attempts, every 429 retried after its `retry-after-ms`, the answers written to
+Parquet at the end).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import running_sim, write_jsonl
+from _raw import raw_cmd
 
 #: name -> the simulator's fault arguments
 CASES = {
@@ -51,7 +51,7 @@ def one_run(
     with running_sim(20, pin=False, extra_args=sim_args) as sim:
         started = time.monotonic()
         if raw:
-            cmd = [sys.executable, __file__, "--raw-child", sim.base_url, str(src), str(out)]
+            cmd = raw_cmd(sim.base_url, src, out)
         else:
             cmd = [sys.executable, "-m", "batcher", "run", "--input", str(src), "--output",
                    str(out), "--model", "gpt-4o-mini", "--base-url", sim.base_url,
@@ -74,50 +74,7 @@ def one_run(
     return wall, chain, "; ".join([line, *problems]) if problems else line
 
 
-async def raw_client(
-    base_url: str, lines: list[dict[str, object]], out: Path, concurrency: int = 128
-) -> None:
-    """A bare aiohttp loop: ``concurrency`` workers POST the lines; a 429 or 5xx is retried
-    after its ``retry-after-ms``/``retry-after`` (else 0.5 s), up to 12 attempts; the answers
-    are written to Parquet at the end."""
-    import aiohttp
-    import pyarrow as pa
-
-    queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
-    for line in lines:
-        queue.put_nowait(line)
-    rows: list[dict[str, object]] = []
-    url = base_url + "/chat/completions"
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        while not queue.empty():
-            line = queue.get_nowait()
-            body = {k: v for k, v in line.items() if k != "custom_id"}
-            for attempt in range(1, 13):
-                async with session.post(url, json=body) as response:
-                    data = await response.read()
-                    if response.status == 200:
-                        answer = json.loads(data)
-                        content = answer["choices"][0]["message"]["content"]
-                        rows.append({"custom_id": line["custom_id"], "status": "ok",
-                                     "attempts": attempt, "content": content})  # fmt: skip
-                        break
-                    wait = response.headers.get("retry-after-ms")
-                    await asyncio.sleep(float(wait) / 1000 if wait else 0.5)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows), out)
-
-
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--raw-child":
-        lines = [json.loads(line) for line in Path(sys.argv[3]).read_text().splitlines()]
-        asyncio.run(raw_client(sys.argv[2], lines, Path(sys.argv[4])))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5_000)
     parser.add_argument("--repeat", type=int, default=3)
