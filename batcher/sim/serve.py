@@ -38,6 +38,11 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     algorithm off only on accepted sockets whose protocol is ``IPPROTO_TCP``: on such a socket
     a response sent as a head and a body waits for the client's delayed ACK of the head,
     adding ~40 ms to every answer on a kept-alive connection after the first.
+
+    An IPv6 address listens on IPv6 only (``IPV6_V6ONLY``), as ``socket.create_server`` does
+    by default: ``--host ::`` takes what it names and no IPv4 port with it, on every system
+    alike (Linux would otherwise follow ``net.ipv6.bindv6only``, BSD and Windows are IPv6-only
+    by default). A local simulator has no need for both; ``--host 0.0.0.0`` serves IPv4.
     """
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
@@ -45,6 +50,8 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address[:2])
         sock.listen(socket.SOMAXCONN)
     except OSError:
