@@ -10,6 +10,7 @@ import math
 import os
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from batcher.config import (
     BASE_URL_ENV,
@@ -77,12 +78,25 @@ def validate(job: JobConfig) -> None:
                 f"{where}.base_url",
                 f'must start with http:// or https:// or be "sim", got {redact_url(url)!r}{source}',
             )
+        if url != SIM:
+            check_url_port(url, f"{where}.base_url")
     if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
         raise ConfigError("endpoints", "every endpoint needs a name of its own")
     check_request_fields(job.request, where="request")
     _check_variants(job)
     _check_notify(job)
     parse_pricing(job.pricing)  # the [sim] table is checked by the simulator, as it starts
+
+
+def check_url_port(url: str, where: str) -> None:
+    """Refuse a URL whose port is not a number 0..65535 (``http://host:70000/v1``): the HTTP
+    clients would fail every request on it, each in its own way."""
+    try:
+        _ = urlsplit(url).port  # reading it checks it
+    except ValueError:
+        raise ConfigError(
+            where, f"the port must be a number 0..65535, got {redact_url(url)!r}"
+        ) from None
 
 
 def _check_notify(job: JobConfig) -> None:

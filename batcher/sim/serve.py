@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +44,8 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     alike (Linux would otherwise follow ``net.ipv6.bindv6only``, BSD and Windows are IPv6-only
     by default). A local simulator has no need for both; ``--host 0.0.0.0`` serves IPv4.
     """
+    if not 0 <= port <= 65535:  # getaddrinfo would take it modulo 65536
+        raise ValueError(f"port must be 0..65535, got {port}")
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
     )[0]
@@ -98,17 +100,31 @@ def _uvicorn_config(sim: Simulator, log_level: str, **extra: Any) -> uvicorn.Con
     )
 
 
+def listening_url(host: str, sock: socket.socket) -> str:
+    """The base URL a listener serves at: ``host`` (an IPv6 address in brackets) with the
+    port it is bound to (the one the system chose for port 0)."""
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
 def serve(
-    config: SimConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"
+    config: SimConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "warning",
+    on_listening: Callable[[str], object] | None = None,
 ) -> None:
     """Serve the simulator with uvicorn until Ctrl+C (or SIGTERM); blocks.
 
     The socket is bound here, before uvicorn starts, so a port in use raises ``OSError``
-    instead of uvicorn's ``sys.exit``.
+    instead of uvicorn's ``sys.exit``; ``on_listening`` then gets its base URL.
     """
     sock = tcp_listener(host, port)
     server = uvicorn.Server(_uvicorn_config(Simulator(config), log_level))
     try:
+        if on_listening is not None:
+            on_listening(listening_url(host, sock))
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         # uvicorn has already shut down gracefully; it re-raises the captured SIGINT so that

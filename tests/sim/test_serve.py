@@ -65,3 +65,8 @@ def test_an_ipv6_address_listens_on_ipv6_only() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
             # a dual-stack listener would have accepted this IPv4 connection
             assert client.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_port_past_65535_is_refused_not_wrapped() -> None:
+    with pytest.raises(ValueError, match=r"0\.\.65535"):
+        tcp_listener("127.0.0.1", 65536)  # getaddrinfo alone would bind port 0
