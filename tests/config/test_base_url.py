@@ -73,6 +73,13 @@ def test_a_base_url_port_out_of_range_is_named(port: str) -> None:
     assert "0..65535" in str(info.value) and "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["http:///v1", "http://exa mple.com/v1", "https://:8080/v1"])
+def test_a_base_url_without_a_usable_host_is_named(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        job_from_dict({"endpoint": {"base_url": url}})
+    assert info.value.field == "endpoint.base_url" and "host" in info.value.reason
+
+
 def test_a_base_url_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 2)
     proc = run_batcher(
