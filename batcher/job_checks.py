@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from batcher.config import (
     BASE_URL_ENV,
@@ -25,6 +27,7 @@ from batcher.config import (
 from batcher.cost.pricing import parse_pricing
 from batcher.cost.tokens import ENCODINGS
 from batcher.errors import ConfigError
+from batcher.http.headers import BAD_VALUE, is_header_name, is_header_value
 from batcher.http.redact import redact_url
 from batcher.input.requests import check_request_fields
 
@@ -77,12 +80,46 @@ def validate(job: JobConfig) -> None:
                 f"{where}.base_url",
                 f'must start with http:// or https:// or be "sim", got {redact_url(url)!r}{source}',
             )
+        if url != SIM:
+            check_url_address(url, f"{where}.base_url")
+        check_headers(endpoint.headers, where)
     if job.endpoints and len({e.name for e in job.endpoints}) < len(job.endpoints):
         raise ConfigError("endpoints", "every endpoint needs a name of its own")
     check_request_fields(job.request, where="request")
     _check_variants(job)
     _check_notify(job)
     parse_pricing(job.pricing)  # the [sim] table is checked by the simulator, as it starts
+
+
+def check_headers(headers: object, where: str) -> None:
+    """An endpoint's ``headers``: string names and values that can be sent. A stray newline (a
+    value pasted with its line end) would fail every request; the value is not quoted: a
+    header may carry a key."""
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}.headers", "must be a table of string values")
+    for name, value in headers.items():
+        if not is_header_name(name):
+            raise ConfigError(f"{where}.headers", f"{name!r} is not a valid header name")
+        if not is_header_value(value):
+            raise ConfigError(f"{where}.headers.{name}", BAD_VALUE)
+
+
+def check_url_address(url: str, where: str) -> None:
+    """Refuse an http(s) URL with no host, a host with spaces in it, or a port that is not a
+    number 0..65535 (``http://host:70000/v1``): the HTTP clients would fail every request on
+    it, each in its own way."""
+    parts = urlsplit(url)
+    try:
+        _ = parts.port  # reading it checks it
+    except ValueError:
+        raise ConfigError(
+            where, f"the port must be a number 0..65535, got {redact_url(url)!r}"
+        ) from None
+    host = parts.hostname
+    if not host or not host.isprintable() or any(c.isspace() for c in host):
+        raise ConfigError(where, f"must name a host (no spaces), got {redact_url(url)!r}")
 
 
 def _check_notify(job: JobConfig) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ from batcher.config import (
 )
 from batcher.errors import ConfigError
 from batcher.input.requests import check_request_fields
-from batcher.job_checks import check_int, check_number, validate
+from batcher.job_checks import check_headers, check_int, check_number, validate
 from batcher.storage import is_uri, location
 
-#: An HTTP header name (RFC 9110's token).
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SECTIONS = {
     "job", "endpoint", "endpoints", "request", "limits", "retry", "validate", "sim", "pricing",
     "variants",
@@ -302,21 +299,7 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
     if number:
         _no_unknown(table, _ENDPOINT_KEYS, where=where)
     headers = table.get("headers", {})
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise ConfigError(f"{where}.headers", "must be a table of string values")
-    for name, value in headers.items():
-        # A stray newline (a value pasted with its line end) would fail every request; the
-        # value is not quoted: a header may carry a key.
-        if not _HEADER_NAME.fullmatch(name):
-            raise ConfigError(f"{where}.headers", f"{name!r} is not a valid header name")
-        if not value.isprintable() or value != value.strip():
-            raise ConfigError(
-                f"{where}.headers.{name}",
-                "the value contains control characters or surrounding whitespace (a stray "
-                "newline?); the value is not shown",
-            )
+    check_headers(headers, where)
     for name in ("weight", "rpm", "tpm"):
         if table.get(name) is not None:
             check_number(table[name], f"{where}.{name}", positive=True)

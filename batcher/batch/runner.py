@@ -56,6 +56,7 @@ from batcher.runner.checks import (
     check_not_the_input,
     check_output_writable,
     check_sim_available,
+    check_transport_choice,
 )
 from batcher.runner.progress import format_summary
 from batcher.runner.quiet_stream import quiet
@@ -120,6 +121,7 @@ async def arun_batch_job(
     timestamps and spacing (tests). Raises ``ConfigError`` before anything is sent when the
     job cannot run, and ``NotVisibleError`` (exit 2) when the key cannot see a journaled batch.
     """
+    check_transport_choice(job, transport)
     stream = quiet(stream or sys.stderr)
     started = time.monotonic()
     started_at = time.time()
@@ -131,6 +133,8 @@ async def arun_batch_job(
         raise ConfigError("job.mode", 'batch mode runs in this process: use engine "local"')
     check_sim_available(job, sim is not None)
     key = api_keys(job)[0]
+    if job.endpoint.http != "aiohttp":
+        print(_http_warning(job.endpoint.http), file=stream)
     pricer = build_pricer(job, batch=True)
     if job.limits.max_cost_usd is not None:
         await anyio.to_thread.run_sync(check_priced, job, pricer)
@@ -201,6 +205,16 @@ async def arun_batch_job(
     )
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rejects, summary=summary)
+
+
+def _http_warning(http: str) -> str:
+    """Why ``endpoint.http`` barely matters in batch mode: the Files and Batches API calls (a
+    few uploads and polls, not one request a line) go over batch mode's own client."""
+    return (
+        f"batcher: warning: endpoint.http = {http!r} applies only to requests sent online "
+        '(batch.unanswered = "online"): batch mode uploads, creates and polls its batches '
+        "over its own HTTP client (httpx)"
+    )
 
 
 async def _drive(

@@ -285,12 +285,12 @@ def _sim(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigError("sim", str(exc)) from None
-    print(
-        f"batcher sim: serving http://{args.host}:{args.port}/v1 (Ctrl+C to stop)",
-        file=sys.stderr,
-    )
+
+    def listening(url: str) -> None:
+        print(f"batcher sim: serving {url} (Ctrl+C to stop)", file=sys.stderr)
+
     try:
-        serve(config, host=args.host, port=args.port)
+        serve(config, host=args.host, port=args.port, on_listening=listening)
     except OSError as exc:
         raise ConfigError(
             "--port", f"cannot listen on {args.host}:{args.port}: {exc.strerror}"

@@ -52,6 +52,21 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+#: The highest TCP port number; a larger one would wrap around (70000 binds port 4464).
+MAX_PORT = 65535
+
+
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..{MAX_PORT}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -374,7 +389,7 @@ def _add_sim(sub: _Subparsers) -> None:
         "and Batches API (/v1/files, /v1/batches), GET /stats.",
     )
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--port", type=_port, default=8000, help="0..65535; 0: any free port")
     sim.add_argument("--latency-ms", type=_non_negative_float, default=0.0)
     sim.add_argument("--latency-jitter-ms", type=_non_negative_float, default=0.0)
     sim.add_argument("--rpm", type=_positive_int, help="requests-per-minute limit (429 beyond)")

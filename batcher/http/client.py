@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from batcher import jsonfast
 from batcher.http.answers import Attempt, broken_answer, classify, describe, transport_failure
+from batcher.http.headers import check_headers
 from batcher.http.redact import scrub
 from batcher.http.streaming import EVENT_STREAM, StreamError, StreamReader
 from batcher.http.transport import (
@@ -72,6 +73,8 @@ class ChatClient:
     ) -> None:
         if transport is not None and http != "aiohttp":
             raise ValueError("give either an httpx transport or http=..., not both")
+        # refused here, the same for every client (each would fail in its own way)
+        check_headers(headers or {})
         all_headers = {"content-type": "application/json", "accept": "application/json"}
         all_headers.update(headers or {})
         if api_key:

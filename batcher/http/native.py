@@ -48,8 +48,8 @@ _NO_SUCH_NAME = (
 _REFUSED = f"(os error {errno.ECONNREFUSED})"
 #: How long ``aclose`` leaves pyreqwest's runtime thread to finish closing (see there).
 _SETTLE_S = 0.05
-#: The cause that only repeats the URL (its query string included): left out of messages.
-_URL_CAUSE = "error sending request for url"
+#: The causes that only repeat the URL (its query string included): left out of messages.
+_URL_CAUSES = ("error sending request for url", "builder error for url")
 
 
 def available() -> bool:
@@ -87,9 +87,13 @@ class ReqwestTransport:
     def _open(self) -> Client:
         from pyreqwest.client import ClientBuilder
 
+        try:
+            builder = ClientBuilder().default_headers(self._headers)
+        except ValueError:
+            # pyreqwest quotes the header (the key, maybe); ChatClient refuses such headers first
+            raise ValueError("a header cannot be sent (not shown: it may hold a key)") from None
         self._client = (
-            ClientBuilder()
-            .default_headers(self._headers)
+            builder
             # max_connections bounds requests in flight, so it bounds connections in use;
             # the idle ones kept for reuse are bounded the same, as aiohttp's limit does.
             .max_connections(self._max_connections)
@@ -116,12 +120,17 @@ class ReqwestTransport:
             # No read-ahead: with it, pyreqwest reads the body's first 64 KiB before it gives
             # the status, so a body that breaks off would lose the status it came with.
             request = client.post(url).body_bytes(content).streamed_read_buffer_limit(0)
+        except ValueError as exc:  # a URL reqwest cannot parse: a port past 65535, a bad host
+            raise TransportError(_invalid_url(exc)) from exc
+        try:
             async with request.build_streamed() as response:
                 yield _ReqwestReply(response)
         except TransportError:
             raise
         except TimeoutError as exc:  # pyreqwest's timeouts are TimeoutErrors
             raise TransportTimeout(_timed_out(self._timeout_s, exc)) from exc
+        except rq.BuilderError as exc:  # a request reqwest will not send (a scheme not http)
+            raise TransportError(_invalid_url(exc)) from exc
         except rq.DecodeError as exc:  # a status line or headers that are not HTTP
             raise InvalidResponse(describe(exc)) from exc
         except rq.RequestError as exc:  # refused, reset, closed before the answer
@@ -192,7 +201,7 @@ def describe(exc: BaseException) -> str:
     message = getattr(exc, "message", None)  # str(exc) would be the repr of its args
     parts = [(message if isinstance(message, str) else str(exc)).strip()]
     for cause in _causes(exc):
-        if cause and not cause.startswith(_URL_CAUSE) and cause not in parts:
+        if cause and not cause.startswith(_URL_CAUSES) and cause not in parts:
             parts.append(cause)
     text = ": ".join(part for part in parts if part)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -207,6 +216,12 @@ def connect_failure(exc: BaseException) -> ConnectFailure | None:
         if cause.endswith(_NO_SUCH_NAME):
             return "dns"
     return None
+
+
+def _invalid_url(exc: BaseException) -> str:
+    """A URL the request cannot be built from: a ``connection_error``, as aiohttp's transport
+    reports the same URL (its ``InvalidUrlClientError`` and ``NonHttpUrlClientError``)."""
+    return f"invalid URL: {describe(exc)}"
 
 
 def _timed_out(timeout_s: float, exc: BaseException) -> str:

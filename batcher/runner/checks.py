@@ -83,6 +83,21 @@ def api_keys(job: JobConfig) -> list[str | None]:
     return keys
 
 
+def check_transport_choice(job: JobConfig, transport: object | None) -> None:
+    """Refuse an endpoint that names an HTTP client other than the default when a transport is
+    given as well (``batcher.run(..., transport=...)``): the transport replaces the HTTP
+    client, so one of the two choices would be silently ignored."""
+    if transport is None:
+        return
+    for i, endpoint in enumerate(job.all_endpoints):
+        if endpoint.http != "aiohttp":
+            raise ConfigError(
+                f"endpoints[{i}].http" if job.endpoints else "endpoint.http",
+                f"is {endpoint.http!r}, but a transport was given as well, and it replaces "
+                "the HTTP client: leave out one of the two",
+            )
+
+
 def worker_api_keys(job: JobConfig, found: Sequence[bool]) -> list[str | None]:
     """Each endpoint's API key as a Ray worker reads it, from its own environment: checked as
     ``api_keys`` does, and refused when one the driver ``found`` is not set here."""

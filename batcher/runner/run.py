@@ -35,7 +35,7 @@ from batcher.output.journal import Journal, journal_path
 from batcher.output.live_output import LiveOutput, finish_output, live_output_for
 from batcher.output.provenance import provenance
 from batcher.output.resume import ResumePlan, RetryErrors
-from batcher.runner.checks import base_url_field, check_local_job
+from batcher.runner.checks import base_url_field, check_local_job, check_transport_choice
 from batcher.runner.housekeeping import Housekeeping
 from batcher.runner.lanes import count_from_now, lanes, open_readers
 from batcher.runner.notify import Notices, notices_for
@@ -148,6 +148,7 @@ async def arun_job(
     (``batcher.batch.runner.arun_batch_job``): ``detach`` returns once every batch is created,
     ``cancel`` cancels the job's batches; both only in batch mode.
     """
+    check_transport_choice(job, transport)
     options = RunOptions(
         restart=restart, retry_errors=retry_errors, transport=transport,
         handle_signals=handle_signals, stream=stream, housekeeping=housekeeping, sim=sim,

@@ -108,7 +108,8 @@ async def open_endpoints(
             max_connections=limits.max_concurrency,
             transport=transport,
             max_response_bytes=job.limits.max_response_bytes,
-            http="aiohttp" if transport is not None else http_library(config.http),
+            # a transport with another client named is refused before: check_transport_choice
+            http=http_library(config.http),
         )
         await clients.enter_async_context(client)
         remember = None

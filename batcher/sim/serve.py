@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +38,22 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     algorithm off only on accepted sockets whose protocol is ``IPPROTO_TCP``: on such a socket
     a response sent as a head and a body waits for the client's delayed ACK of the head,
     adding ~40 ms to every answer on a kept-alive connection after the first.
+
+    An IPv6 address listens on IPv6 only (``IPV6_V6ONLY``), as ``socket.create_server`` does
+    by default: ``--host ::`` takes what it names and no IPv4 port with it, on every system
+    alike (Linux would otherwise follow ``net.ipv6.bindv6only``, BSD and Windows are IPv6-only
+    by default). A local simulator has no need for both; ``--host 0.0.0.0`` serves IPv4.
     """
+    if not 0 <= port <= 65535:  # getaddrinfo would take it modulo 65536
+        raise ValueError(f"port must be 0..65535, got {port}")
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address[:2])
         sock.listen(socket.SOMAXCONN)
     except OSError:
@@ -91,17 +100,31 @@ def _uvicorn_config(sim: Simulator, log_level: str, **extra: Any) -> uvicorn.Con
     )
 
 
+def listening_url(host: str, sock: socket.socket) -> str:
+    """The base URL a listener serves at: ``host`` (an IPv6 address in brackets) with the
+    port it is bound to (the one the system chose for port 0)."""
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
 def serve(
-    config: SimConfig, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"
+    config: SimConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "warning",
+    on_listening: Callable[[str], object] | None = None,
 ) -> None:
     """Serve the simulator with uvicorn until Ctrl+C (or SIGTERM); blocks.
 
     The socket is bound here, before uvicorn starts, so a port in use raises ``OSError``
-    instead of uvicorn's ``sys.exit``.
+    instead of uvicorn's ``sys.exit``; ``on_listening`` then gets its base URL.
     """
     sock = tcp_listener(host, port)
     server = uvicorn.Server(_uvicorn_config(Simulator(config), log_level))
     try:
+        if on_listening is not None:
+            on_listening(listening_url(host, sock))
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         # uvicorn has already shut down gracefully; it re-raises the captured SIGINT so that

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 
+import batcher
+from batcher.batch.runner import run_batch_job
 from batcher.cli.main import _job
 from batcher.cli.parser import build_parser
 from batcher.errors import ConfigError
 from batcher.job_file import load_job
 from batcher.sim.answers import expected_content
+from batcher.sim.batches import BatchSimConfig
+from tests.batch.batch_job import batch_job, clock_sleep
+from tests.batch_sim import KEY, batch_sim
 from tests.helpers import run_batcher, sim_process, sim_stats
 from tests.loopback import chat_answer, read_body, serving
 
@@ -120,3 +128,69 @@ def test_pyreqwest_missing_is_a_usage_error_with_the_install_hint(
         load_job(job)
     assert caught.value.field == "endpoint.http"
     assert "pip install 'batcher[native]'" in caught.value.reason
+
+
+def _counting_transport(sent: list[httpx.Request]) -> httpx.MockTransport:
+    """A transport that answers every request, keeping what it was sent."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(
+            200, json=chat_answer("m", {"prompt_tokens": 1, "completion_tokens": 1})
+        )
+
+    return httpx.MockTransport(answer)
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_a_transport_and_pyreqwest_named_together_are_a_usage_error(
+    tmp_path: Path, mode: str
+) -> None:
+    # the transport replaces the HTTP client: pyreqwest would be silently ignored
+    src = tmp_path / "in.jsonl"
+    _lines(src, 2)
+    out = tmp_path / "out.jsonl"
+    sent: list[httpx.Request] = []
+    job = {
+        "job": {"mode": mode},
+        "endpoint": {"base_url": "http://127.0.0.1:9/v1", "http": "pyreqwest"},
+    }
+    with pytest.raises(ConfigError) as caught:
+        batcher.run(job, input=src, output=out, model="m", transport=_counting_transport(sent))
+    assert caught.value.field == "endpoint.http" and caught.value.exit_code == 2
+    assert "transport" in caught.value.reason
+    assert sent == [] and not out.exists()
+    listed = {
+        "endpoints": [
+            {"base_url": "http://a:9/v1"},
+            {"base_url": "http://b:9/v1", "http": "pyreqwest"},
+        ]
+    }
+    with pytest.raises(ConfigError) as caught:
+        batcher.run(listed, input=src, output=out, model="m", transport=_counting_transport(sent))
+    assert caught.value.field == "endpoints[1].http"
+    # either alone is fine: the transport with the default client sends over the transport
+    job["job"] = {"mode": "online"}
+    job["endpoint"] = {"base_url": "http://127.0.0.1:9/v1"}
+    result = batcher.run(job, input=src, output=out, model="m", transport=_counting_transport(sent))
+    assert result.report.exit_code == 0 and len(sent) == 2
+
+
+def test_batch_mode_warns_once_that_pyreqwest_is_for_online_requests_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    warnings = {}
+    for http in ("aiohttp", "pyreqwest"):
+        folder = tmp_path / http
+        folder.mkdir()
+        with batch_sim(BatchSimConfig(validating_s=1, in_progress_s=1, finalizing_s=1)) as sim:
+            job = batch_job(sim, folder, 4, models=("sim-a",))
+            job = dataclasses.replace(job, endpoint=dataclasses.replace(job.endpoint, http=http))
+            out = io.StringIO()
+            report = run_batch_job(job, sleep=clock_sleep(sim), stream=out)
+        assert report.exit_code == 0, out.getvalue()
+        warnings[http] = [line for line in out.getvalue().splitlines() if "endpoint.http" in line]
+    assert warnings["aiohttp"] == []
+    (line,) = warnings["pyreqwest"]
+    assert "warning" in line and "own HTTP client" in line

@@ -63,6 +63,36 @@ def test_a_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "$OPENAI_BASE_URL" in str(info.value)
 
 
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_base_url_port_out_of_range_is_named(port: str) -> None:
+    # urllib refuses such a port as the request is built: a traceback, or every request failed
+    url = f"http://user:secret@127.0.0.1:{port}/v1"
+    with pytest.raises(ConfigError) as info:
+        job_from_dict({"endpoints": [{"base_url": LOCAL}, {"base_url": url}]})
+    assert info.value.field == "endpoints[1].base_url"
+    assert "0..65535" in str(info.value) and "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http:///v1", "http://exa mple.com/v1", "https://:8080/v1"])
+def test_a_base_url_without_a_usable_host_is_named(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        job_from_dict({"endpoint": {"base_url": url}})
+    assert info.value.field == "endpoint.base_url" and "host" in info.value.reason
+
+
+def test_a_base_url_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    src = write_input(tmp_path / "in.jsonl", 2)
+    proc = run_batcher(
+        "run", "-i", str(src), "-o", str(tmp_path / "out.jsonl"), "-m", "m",
+        "--base-url", "http://127.0.0.1:70000/v1", "--no-progress",
+        env={"OPENAI_API_KEY": "sk-test-not-real"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "endpoint.base_url" in proc.stderr and "0..65535" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_cli_sends_to_the_variable_unless_the_job_or_the_flag_says_otherwise(
     tmp_path: Path,

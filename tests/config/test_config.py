@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batcher.config import JobConfig
+from batcher.config import EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, load_job, with_overrides
 
@@ -99,6 +99,14 @@ def test_a_header_value_with_a_stray_newline_is_refused_without_showing_it(value
     }
     with pytest.raises(ConfigError) as info:
         job_from_dict(raw)
+    assert info.value.field == "endpoint.headers.api-key"
+    assert "sk-sec" not in str(info.value)
+
+
+def test_a_job_made_in_code_has_its_headers_checked_too() -> None:
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:1/v1", headers={"api-key": "sk-sec\n"})
+    with pytest.raises(ConfigError) as info:
+        with_overrides(JobConfig(endpoint=endpoint), model="m")
     assert info.value.field == "endpoint.headers.api-key"
     assert "sk-sec" not in str(info.value)
 

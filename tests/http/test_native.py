@@ -114,6 +114,19 @@ async def test_a_tls_error_carries_no_key() -> None:
     no_key_in(attempt)
 
 
+async def test_a_header_it_cannot_send_is_not_quoted() -> None:
+    # pyreqwest's own message quotes the value; ChatClient refuses such a header before this
+    bad = ReqwestTransport(
+        headers={"authorization": f"Bearer {CANARY}\n"},
+        max_connections=1,
+        timeout_s=5,
+        connect_timeout_s=5,
+    )
+    with pytest.raises(ValueError) as caught:
+        bad.open()
+    assert CANARY not in str(caught.value) and "Bearer" not in str(caught.value)
+
+
 async def test_the_key_is_sent_once_as_a_header() -> None:
     attempt, seen = await post_to(hostile.answer())
     assert attempt.ok and attempt.usage.total_tokens == 6
