@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
 from batcher.errors import ConfigError
@@ -78,9 +79,33 @@ def api_keys(job: JobConfig) -> list[str | None]:
     or none set); refused when it cannot be sent or when the default endpoint has none."""
     keys = []
     for i, endpoint in enumerate(job.all_endpoints):
-        field = f"endpoints[{i}].api_key_env" if job.endpoints else "endpoint.api_key_env"
-        keys.append(_api_key(endpoint, field))
+        where = f"endpoints[{i}]" if job.endpoints else "endpoint"
+        key = _api_key(endpoint, f"{where}.api_key_env")
+        _check_one_authorization(endpoint, key, f"{where}.base_url")
+        keys.append(key)
     return keys
+
+
+def _check_one_authorization(endpoint: EndpointConfig, key: str | None, field: str) -> None:
+    """Refuse credentials in the base URL (``https://user:password@host/v1``) beside an API key
+    or an ``Authorization`` header: both would be the request's Authorization header, which
+    aiohttp refuses on every request (one error record per line) and other clients resolve
+    each their own way."""
+    parts = urlsplit(endpoint.base_url)
+    if parts.username is None and parts.password is None:
+        return
+    if key is not None:
+        other = f"${endpoint.api_key_env} holds an API key"
+    elif any(name.lower() == "authorization" for name in endpoint.headers):
+        other = "an Authorization header is set"
+    else:
+        return
+    raise ConfigError(
+        field,
+        f"carries credentials (user:password@) and {other}: both would be sent as the "
+        "Authorization header; keep one (unset the variable, or set api_key_env to one that "
+        "is not set, to send the URL's credentials)",
+    )
 
 
 def check_transport_choice(job: JobConfig, transport: object | None) -> None:

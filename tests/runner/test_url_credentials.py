@@ -1,0 +1,94 @@
+"""Credentials in the base URL: sent as the request's Authorization when nothing else claims
+that header; beside an API key (or an Authorization header) a usage error before anything is
+sent, instead of an error record for every line."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import run_batcher, write_input
+from tests.loopback import chat_answer, read_body, serving
+
+
+class _Recorder:
+    """An ASGI app that answers every POST and keeps each request's Authorization header."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str | None] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        headers = dict(scope["headers"])
+        value = headers.get(b"authorization")
+        self.authorizations.append(None if value is None else value.decode())
+        raw = json.dumps(chat_answer("m", {"prompt_tokens": 1, "completion_tokens": 1})).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw})
+
+
+def _with_credentials(url: str) -> str:
+    return url.replace("http://", "http://alice:s3cret-pw@", 1)
+
+
+def test_url_credentials_beside_an_api_key_stop_before_sending(tmp_path: Path) -> None:
+    app = _Recorder()
+    src = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.parquet"
+    with serving(app) as url:
+        proc = run_batcher(
+            "run", "--input", str(src), "--output", str(out), "--model", "m",
+            "--base-url", _with_credentials(url), "--no-progress",
+            env={"OPENAI_API_KEY": "sk-test-url-creds"},
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "endpoint.base_url" in proc.stderr
+    assert "Authorization" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "s3cret-pw" not in proc.stderr + proc.stdout
+    assert "sk-test-url-creds" not in proc.stderr + proc.stdout
+    assert app.authorizations == []  # nothing sent
+    assert not out.exists()
+
+
+def test_url_credentials_beside_an_authorization_header_stop_before_sending(
+    tmp_path: Path,
+) -> None:
+    app = _Recorder()
+    src = write_input(tmp_path / "in.jsonl", 2)
+    with serving(app) as url:
+        job = tmp_path / "job.toml"
+        job.write_text(
+            f'[job]\ninput = "{src}"\noutput = "{tmp_path / "out.parquet"}"\n'
+            f'[endpoint]\nbase_url = "{_with_credentials(url)}"\n'
+            '[endpoint.headers]\nAuthorization = "Token abc"\n'
+            '[request]\nmodel = "m"\n'
+        )
+        proc = run_batcher("run", str(job), "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert "endpoint.base_url" in proc.stderr
+    assert app.authorizations == []
+
+
+def test_url_credentials_alone_are_sent_as_basic_authorization(tmp_path: Path) -> None:
+    app = _Recorder()
+    src = write_input(tmp_path / "in.jsonl", 2)
+    out = tmp_path / "out.parquet"
+    with serving(app) as url:
+        proc = run_batcher(
+            "run", "--input", str(src), "--output", str(out), "--model", "m",
+            "--base-url", _with_credentials(url), "--no-progress",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    expected = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
+    assert app.authorizations == [expected, expected]
