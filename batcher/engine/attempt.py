@@ -89,7 +89,10 @@ class Sender:
         charged, live = 0.0, True
         if last.retryable and self._retry.max_attempts > 1:
             try:
-                async for attempt in retry_policy(self._retry, sleep=self._sleep, first=last):
+                policy = retry_policy(
+                    self._retry, sleep=self._sleep, first=last, steady=router.steady
+                )
+                async for attempt in policy:
                     with attempt:
                         if self._budget is not None and maybe_billed(last):
                             charged += reserved

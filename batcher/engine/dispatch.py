@@ -176,7 +176,7 @@ class Engine:
 
         # Workers start as requests are read, so a short input never pays for a large pool it
         # cannot use; one waiting out a retry's pause lends its place (``pool``).
-        pool = WorkerPool(workers, start)
+        pool = WorkerPool(workers, start, steady=router.steady)
 
         async def read() -> None:
             nonlocal reading

@@ -20,6 +20,16 @@ from batcher.limits.endpoint import Limits
 
 #: How fast the failure rate follows new outcomes (an exponentially weighted average).
 FAILURE_SMOOTHING = 0.1
+#: The same for the failure share that tells sporadic failures from a failing server: slower
+#: (about the last 50 attempts), so a few failures close together do not swing it.
+SHARE_SMOOTHING = 0.02
+#: Below this share of failed attempts an endpoint is steady: its failures are sporadic (a
+#: request's bad luck, not the server's state). A steady lane's refused requests lend their
+#: workers while they wait (``pool``), and wait the first step of the backoff however often
+#: they failed (``retry``): the pool's load is the same either way, only the unlucky request
+#: is slower. Past it, both stop: waiting requests keep their places and back off
+#: exponentially, so the lane slows down with a server that fails much of what it gets.
+STEADY_BELOW = 0.25
 #: The least health an endpoint can have: a failing endpoint still gets the odd request,
 #: which is how the router notices it has recovered.
 MIN_HEALTH = 0.05
@@ -37,6 +47,7 @@ class Endpoint:
     outage: Outage
     weight: float = 1.0
     failure_rate: float = field(default=0.0)
+    failure_share: float = field(default=0.0)  # the same, slower: ``SHARE_SMOOTHING``
     assigned: int = 0  # attempts routed here and not over yet (waiting on limits included)
     #: Called once with the limits after the endpoint's first ok answer, to remember what
     #: the server announced (``known_limits``); ``None`` once called, or not wanted.
@@ -44,7 +55,9 @@ class Endpoint:
 
     def record(self, ok: bool) -> None:
         """Note an attempt's outcome (a server error or a failed connection is not ok)."""
-        self.failure_rate += FAILURE_SMOOTHING * ((0.0 if ok else 1.0) - self.failure_rate)
+        failed = 0.0 if ok else 1.0
+        self.failure_rate += FAILURE_SMOOTHING * (failed - self.failure_rate)
+        self.failure_share += SHARE_SMOOTHING * (failed - self.failure_share)
 
     def wait_s(self) -> float:
         """Seconds before this endpoint's limits let another request go (0 if now)."""
@@ -69,6 +82,11 @@ class Router:
     def all_exhausted(self) -> bool:
         """Every endpoint has been down for longer than its outage patience."""
         return all(e.outage.exhausted for e in self.endpoints)
+
+    def steady(self) -> bool:
+        """Whether some endpoint fails only sporadically (``STEADY_BELOW``): where the router
+        can send a retry to a server that answers most attempts."""
+        return any(e.failure_share < STEADY_BELOW for e in self.endpoints)
 
     def another_is_up(self, endpoint: Endpoint) -> bool:
         """Whether some other endpoint answered its last request (a failover target)."""

@@ -109,3 +109,28 @@ def test_endpoints_config_is_checked() -> None:
         job_from_dict({"endpoints": [{"name": "x", "base_url": "sim"}] * 2})
     with pytest.raises(ConfigError, match=r"endpoints\[0\]\.colour"):
         job_from_dict({"endpoints": [{"base_url": "sim", "colour": "red"}]})
+
+
+def test_a_router_is_steady_while_one_endpoint_fails_only_sporadically() -> None:
+    def endpoint(name: str) -> Endpoint:
+        return Endpoint(name=name, client=None, limits=Limits(concurrency=4),  # type: ignore[arg-type]
+                        outage=Outage(patience_s=1))  # fmt: skip
+
+    a, b = endpoint("a"), endpoint("b")
+    router = Router([a, b])
+    for i in range(400):  # a tenth of the attempts fail, spread out: steady
+        a.record(i % 10 != 0)
+        b.record(i % 10 != 0)
+    assert router.steady()
+    for _ in range(3):  # a few failures in a row do not swing it
+        a.record(False)
+    assert router.steady()
+    for _ in range(30):  # b fails everything: a still answers, so the lane is steady
+        b.record(False)
+    assert router.steady() and b.failure_share > 0.25
+    for _ in range(30):  # both fail everything: no longer
+        a.record(False)
+    assert not router.steady()
+    for _ in range(200):  # a recovers
+        a.record(True)
+    assert router.steady()

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pyarrow.parquet as pq
 
-from batcher.engine.pool import WorkerPool, lending
+from batcher.engine.pool import LEND_FACTOR, WorkerPool, lending
 from tests.helpers import run_batcher
 from tests.loopback import chat_answer, read_body, serving
 
@@ -60,7 +60,28 @@ def test_requests_go_on_while_refused_ones_wait_for_their_retry(tmp_path: Path) 
     assert [r["attempts"] for r in rows[:3]] == [2, 2, 1]
 
 
-def test_a_lane_lends_at_most_its_size_and_shrinks_back() -> None:
+def _waits_while_lending(pool: WorkerPool, waits: int) -> tuple[int, int]:
+    """``waits`` workers of ``pool`` each start a retry's wait at once: the pool's (running,
+    waiting) while they wait."""
+
+    async def main() -> tuple[int, int]:
+        sleep = lending(anyio.sleep)
+
+        async def long_wait() -> None:
+            pool.join()  # the pool is this task's (a context variable)
+            await sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(waits):
+                tg.start_soon(long_wait)
+            await anyio.sleep(0.01)
+            during = (pool.running, pool.waiting)
+        return during
+
+    return anyio.run(main)
+
+
+def test_a_lane_lends_at_most_its_factor_of_places_and_shrinks_back() -> None:
     started: list[int] = []
 
     def start() -> bool:
@@ -72,26 +93,24 @@ def test_a_lane_lends_at_most_its_size_and_shrinks_back() -> None:
     pool.grow()
     pool.grow()
     assert pool.running == 2 and len(started) == 2
-
-    async def main() -> list[tuple[int, int]]:
-        sleep = lending(anyio.sleep)
-        states: list[tuple[int, int]] = []
-
-        async def long_wait() -> None:
-            pool.join()  # the pool is this task's (a context variable)
-            await sleep(0.05)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(3):  # a third wait finds both places lent: it holds its own
-                tg.start_soon(long_wait)
-            await anyio.sleep(0.01)
-            states.append((pool.running, pool.waiting))
-        states.append((pool.running, pool.waiting))
-        return states
-
-    during, after = anyio.run(main)
-    assert during == (4, 2)  # two places lent (the size), two workers started for them
-    assert after[1] == 0
+    lent = LEND_FACTOR * 2
+    # one wait more than may lend: that one holds its own place
+    during = _waits_while_lending(pool, lent + 1)
+    assert during == (2 + lent, lent)  # every lent place taken by a new worker
+    assert pool.waiting == 0
     # the places came back: the lane is over its size until workers leave
-    assert pool.leave_if_surplus() and pool.leave_if_surplus()
+    for _ in range(lent):
+        assert pool.leave_if_surplus()
     assert not pool.leave_if_surplus() and pool.running == 2
+
+
+def test_a_lane_whose_endpoints_fail_often_lends_nothing() -> None:
+    steady = True
+    pool = WorkerPool(2, lambda: True, steady=lambda: steady)
+    pool.grow()
+    pool.grow()
+    assert _waits_while_lending(pool, 2) == (4, 2)  # steady: both places lent
+    while pool.leave_if_surplus():
+        pass
+    steady = False
+    assert _waits_while_lending(pool, 2) == (2, 0)  # the waits keep their places

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 
 from batcher.config import RetryConfig
@@ -89,3 +92,61 @@ async def test_policy_after_a_first_attempt_made_outside_it_is_the_same_policy(
     # the backoff continues from the second attempt: caps 2, 4, 8, 8 (not 1, 2, 4, 8)
     caps = [min(8.0, 2.0**i) for i in range(1, max_attempts - 1)]
     assert all(0 <= w <= cap for w, cap in zip(sleep.waits[1:], caps, strict=True))
+
+
+async def _waits(config: RetryConfig, steady: Callable[[], bool]) -> list[float]:
+    """The waits of a request that fails every attempt, after a first attempt outside the
+    policy (as the engine makes it)."""
+    sleep = Recorder()
+    try:
+        async for attempt in retry_policy(config, sleep=sleep, first=failing(), steady=steady):
+            with attempt:
+                raise RetryableAttempt(failing())
+    except RetryableAttempt:
+        pass
+    return sleep.waits
+
+
+@pytest.mark.anyio
+async def test_while_failures_are_sporadic_the_backoff_stays_at_its_first_step() -> None:
+    random.seed(3)
+    config = RetryConfig(max_attempts=12, backoff_initial_s=1.0, backoff_max_s=60.0)
+    steady = await _waits(config, lambda: True)
+    assert len(steady) == 11 and all(0 <= w <= 1.0 for w in steady)
+    random.seed(3)
+    failing_server = await _waits(config, lambda: False)
+    assert len(failing_server) == 11
+    assert max(failing_server) > 8.0  # caps 2, 4, 8, ... 60: the backoff grows as before
+
+
+@pytest.mark.anyio
+async def test_the_backoff_grows_again_once_the_endpoint_is_no_longer_steady() -> None:
+    random.seed(5)
+    config = RetryConfig(max_attempts=12, backoff_initial_s=1.0, backoff_max_s=60.0)
+    asked = 0
+
+    def steady() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked <= 5  # steady for the first five waits
+
+    waits = await _waits(config, steady)
+    assert all(w <= 1.0 for w in waits[:5])
+    assert max(waits[5:]) > 8.0
+
+
+@pytest.mark.anyio
+async def test_a_server_retry_after_is_honoured_when_steady_too() -> None:
+    sleep = Recorder()
+    calls = 0
+    try:
+        async for attempt in retry_policy(
+            RetryConfig(max_attempts=3), sleep=sleep, first=failing(retry_after=5.0),
+            steady=lambda: True,
+        ):  # fmt: skip
+            with attempt:
+                calls += 1
+                raise RetryableAttempt(failing(retry_after=7.0))
+    except RetryableAttempt:
+        pass
+    assert sleep.waits == [5.0, 7.0]
