@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -298,12 +297,17 @@ def test_run_in_a_notebook_stops_at_an_interrupt(tmp_path: Path) -> None:
     write_input(tmp_path / "in.jsonl", 40)
     calls: list[str] = []
     interrupted = threading.Event()
+    main = threading.main_thread().ident
+    assert main is not None
 
     async def slow(request: httpx.Request) -> httpx.Response:
         calls.append(json.loads(request.content)["messages"][-1]["content"])
         if len(calls) == 3:
             interrupted.set()
-            os.kill(os.getpid(), signal.SIGINT)  # what the stop button does
+            # What the stop button does: SIGINT, taken by the thread that runs the cell's
+            # loop (sent to it, not to the process: the kernel may hand a process's signal to
+            # any of its threads, and only the main thread's wait is interrupted).
+            signal.pthread_kill(main, signal.SIGINT)
         await asyncio.sleep(0.2)
         return Counting()(request)
 
