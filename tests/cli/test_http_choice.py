@@ -40,7 +40,8 @@ def test_a_run_over_pyreqwest_answers_every_line_as_over_aiohttp(tmp_path: Path)
     src = tmp_path / "in.jsonl"
     _lines(src, 30)
     outputs = {}
-    with sim_process("--error-rate", "0.2", "--error-kinds", "500,429", "--seed", "5") as url:
+    faults = ("--error-rate", "0.2", "--error-kinds", "500,429", "--fault-retry-after", "0.05")
+    with sim_process(*faults, "--seed", "5") as url:
         for http in ("aiohttp", "pyreqwest"):
             out = tmp_path / f"{http}.parquet"
             proc = run_batcher(

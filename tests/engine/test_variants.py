@@ -316,12 +316,17 @@ def test_run_in_a_notebook_stops_at_an_interrupt(tmp_path: Path) -> None:
         job["limits"] = {"concurrency": 2}
         batcher.run(job, transport=httpx.MockTransport(slow))
 
+    # Python's own SIGINT handler, installed again at the system level: a library imported by
+    # other tests may have put its C handler in its place (Python's record of the handler
+    # would not show it), and this test is of batcher, not of them.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     loop = asyncio.new_event_loop()
     try:
         with pytest.raises(KeyboardInterrupt):
             loop.run_until_complete(cell())
     finally:
         loop.close()
+        signal.signal(signal.SIGINT, previous)
     assert interrupted.is_set()
     sent = len(calls)
     time.sleep(0.5)  # were the run still going, two more requests would go out by now
