@@ -107,19 +107,47 @@ def check_headers(headers: object, where: str) -> None:
 
 
 def check_url_address(url: str, where: str) -> None:
-    """Refuse an http(s) URL with no host, a host with spaces in it, or a port that is not a
-    number 0..65535 (``http://host:70000/v1``): the HTTP clients would fail every request on
-    it, each in its own way."""
-    parts = urlsplit(url)
+    """Refuse an http(s) URL that cannot be parsed (``http://[::1/v1``), with no host, a host
+    no resolver can be asked for (spaces, ``%``, an empty label as in ``a..b``, a broken
+    ``xn--`` label), or a port that is not a number 1..65535 (``http://host:70000/v1``): the
+    HTTP clients would fail every request on it, each in its own way (one of them after
+    waiting out an outage's patience)."""
     try:
-        _ = parts.port  # reading it checks it
+        parts = urlsplit(url)
+        port = parts.port  # reading it checks it
     except ValueError:
         raise ConfigError(
-            where, f"the port must be a number 0..65535, got {redact_url(url)!r}"
+            where, f"is not a URL with a host and a port 1..65535: {redact_url(url)!r}"
         ) from None
+    if port == 0:
+        raise ConfigError(where, f"the port must be a number 1..65535, got {redact_url(url)!r}")
     host = parts.hostname
-    if not host or not host.isprintable() or any(c.isspace() for c in host):
-        raise ConfigError(where, f"must name a host (no spaces), got {redact_url(url)!r}")
+    if not host or not host.isprintable() or any(c.isspace() for c in host) or _bad_host(host):
+        raise ConfigError(
+            where,
+            f"must name a host (no spaces, no empty or broken labels), got {redact_url(url)!r}",
+        )
+
+
+def _bad_host(host: str) -> bool:
+    """A name no resolver can be asked for: ``%`` in it, an empty or overlong label, or an
+    ``xn--`` label that is no punycode. IPv6 literals (with ``:``) are left to the clients."""
+    if ":" in host:
+        return False
+    if "%" in host:
+        return True
+    try:
+        labels = host.rstrip(".").encode("idna").decode("ascii").split(".")
+    except UnicodeError:  # an empty label (a..b, .a), one over 63 characters
+        return True
+    for label in labels:
+        if label.lower().startswith("xn--"):
+            try:
+                if not label[4:].encode("ascii").decode("punycode"):
+                    return True
+            except UnicodeError:
+                return True
+    return False
 
 
 def _check_notify(job: JobConfig) -> None:

@@ -35,7 +35,7 @@ from batcher.engine.asking import Asker
 from batcher.engine.attempt import Sender
 from batcher.engine.control import EngineSettings, RunControl, Sinks
 from batcher.engine.endpoints import Endpoint, Router
-from batcher.engine.pool import WorkerPool, lending
+from batcher.engine.pool import BUDGET_LEND_FACTOR, LEND_FACTOR, WorkerPool, lending
 from batcher.engine.reasks import Reasker
 from batcher.engine.recording import Recorder
 from batcher.engine.retry import Sleep
@@ -96,6 +96,7 @@ class Engine:
             self._router, settings.retry, recorder, control, budget, late_counter, lending(sleep)
         )
         self._asker = Asker(sender, control, pricer, budget, plan, settings.encoding)
+        self._budget = budget
         validate = settings.validate
         self._reasker = (
             Reasker(validate, self._asker, recorder, control)
@@ -176,7 +177,8 @@ class Engine:
 
         # Workers start as requests are read, so a short input never pays for a large pool it
         # cannot use; one waiting out a retry's pause lends its place (``pool``).
-        pool = WorkerPool(workers, start, steady=router.steady)
+        lend_factor = LEND_FACTOR if self._budget is None else BUDGET_LEND_FACTOR
+        pool = WorkerPool(workers, start, steady=router.steady, lend_factor=lend_factor)
 
         async def read() -> None:
             nonlocal reading

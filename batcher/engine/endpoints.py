@@ -84,9 +84,13 @@ class Router:
         return all(e.outage.exhausted for e in self.endpoints)
 
     def steady(self) -> bool:
-        """Whether some endpoint fails only sporadically (``STEADY_BELOW``): where the router
-        can send a retry to a server that answers most attempts."""
-        return any(e.failure_share < STEADY_BELOW for e in self.endpoints)
+        """Whether some endpoint that takes requests (not down) fails only sporadically
+        (``STEADY_BELOW``): where the router can send a retry to a server that answers most
+        attempts. An endpoint that is down gets no attempts, so its share says nothing of now."""
+        return any(
+            e.failure_share < STEADY_BELOW and not e.outage.active and not e.outage.exhausted
+            for e in self.endpoints
+        )
 
     def another_is_up(self, endpoint: Endpoint) -> bool:
         """Whether some other endpoint answered its last request (a failover target)."""

@@ -30,6 +30,11 @@ from batcher.engine.retry import Sleep
 #: size waiting at 20 ms a request (4,000 requests a second, 128 in flight).
 LEND_FACTOR = 4
 
+#: Under ``--max-cost``: each waiting request keeps its worst-case reservation, so more of
+#: them waiting at once would stop a run with a cap near its need sooner (its budget held,
+#: not spent); there a lane lends at most its size.
+BUDGET_LEND_FACTOR = 1
+
 #: The pool of the worker the current task is (none outside a worker).
 _CURRENT: ContextVar[WorkerPool | None] = ContextVar("batcher_worker_pool", default=None)
 
@@ -39,20 +44,27 @@ class WorkerPool:
     ``steady``: whether the lane's endpoints fail only sporadically (places are lent only
     then)."""
 
-    __slots__ = ("_start", "_steady", "running", "size", "waiting")
+    __slots__ = ("_max_lent", "_start", "_steady", "running", "size", "waiting")
 
     def __init__(
-        self, size: int, start: Callable[[], bool], steady: Callable[[], bool] = lambda: True
+        self,
+        size: int,
+        start: Callable[[], bool],
+        steady: Callable[[], bool] = lambda: True,
+        *,
+        lend_factor: int = LEND_FACTOR,
     ) -> None:
+        """``lend_factor``: places lent at most, in multiples of ``size``."""
         self.size = size
         self._start = start
         self._steady = steady
+        self._max_lent = lend_factor * size
         self.running = 0
         self.waiting = 0  # workers waiting out a retry's pause, their places lent
 
     def may_lend(self) -> bool:
         """Whether a worker that starts a wait now lends its place."""
-        return self.waiting < LEND_FACTOR * self.size and self._steady()
+        return self.waiting < self._max_lent and self._steady()
 
     def grow(self) -> None:
         """One more worker, up to ``size`` working (the waiting ones not counted)."""

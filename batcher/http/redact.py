@@ -34,8 +34,11 @@ def redact_url(url: str | None) -> str:
     """
     if not url:
         return ""
-    parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # one that cannot be parsed (``http://[::1/v1``)
+        parts = None
+    if parts is None or not parts.scheme or not parts.netloc:
         # not an absolute URL (a mistyped one, or "sim"): the same rules, by hand
         head, sep, query = url.partition("?")
         if "@" in head:

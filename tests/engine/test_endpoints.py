@@ -134,3 +134,21 @@ def test_a_router_is_steady_while_one_endpoint_fails_only_sporadically() -> None
     for _ in range(200):  # a recovers
         a.record(True)
     assert router.steady()
+
+
+def test_an_endpoint_that_is_down_does_not_keep_a_router_steady() -> None:
+    # b went down with a low share (it gets no attempts now, so its share stays); a takes
+    # every request and fails them: the lane is not steady
+    a = Endpoint(name="a", client=None, limits=Limits(concurrency=4),  # type: ignore[arg-type]
+                 outage=Outage(patience_s=60))  # fmt: skip
+    b = Endpoint(name="b", client=None, limits=Limits(concurrency=4),  # type: ignore[arg-type]
+                 outage=Outage(patience_s=60))  # fmt: skip
+    router = Router([a, b])
+    for _ in range(5):
+        b.record(False)
+        b.outage.failed()
+    assert b.outage.active and b.failure_share < 0.25
+    for _ in range(50):
+        a.record(False)
+    assert router.choose() is a
+    assert not router.steady()

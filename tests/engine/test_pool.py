@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pyarrow.parquet as pq
 
-from batcher.engine.pool import LEND_FACTOR, WorkerPool, lending
+from batcher.engine.pool import BUDGET_LEND_FACTOR, LEND_FACTOR, WorkerPool, lending
 from tests.helpers import run_batcher
 from tests.loopback import chat_answer, read_body, serving
 
@@ -102,6 +102,14 @@ def test_a_lane_lends_at_most_its_factor_of_places_and_shrinks_back() -> None:
     for _ in range(lent):
         assert pool.leave_if_surplus()
     assert not pool.leave_if_surplus() and pool.running == 2
+
+
+def test_a_lane_under_a_budget_lends_at_most_its_size() -> None:
+    # each waiting request keeps its --max-cost reservation: at most the lane's size of them
+    pool = WorkerPool(2, lambda: True, lend_factor=BUDGET_LEND_FACTOR)
+    pool.grow()
+    pool.grow()
+    assert _waits_while_lending(pool, 3) == (4, 2)
 
 
 def test_a_lane_whose_endpoints_fail_often_lends_nothing() -> None:
