@@ -9,8 +9,9 @@ over one endpoint whose ``ChatClient`` posts to an in-memory transport: the body
 and the answer (the simulator's, with its headers) parsed and classified as over a socket, but
 no socket, no HTTP library and no server are involved. ``--sink live`` (the default) records
 into a fresh journal and live Parquet output as a run does; ``--sink none`` keeps the results
-in a list. What batcher adds above an HTTP library, measured without its noise: changes to the
-engine, the records or the output can be compared here to a few percent.
+in a list. What batcher adds above an HTTP library, measured without its noise. Rounds of one
+process agree within a few percent, separate processes within about 10 %: compare a change
+by alternating runs of both and taking medians, and trust only differences above that.
 """
 
 from __future__ import annotations
