@@ -330,20 +330,14 @@ def _against_targets(
         return "met" if value <= TARGET else "missed"
 
     parts = []
-    if ratios:
-        each = ", ".join(f"{r:.2f}" for r in ratios)
-        value = median(ratios)
-        parts.append(
-            f"{value:.2f}× raw aiohttp's wall time in the same round [{each}] "
-            f"(target ≤ {TARGET}: {verdict(value)})"
-        )
-    if cpu:
-        each = ", ".join(f"{r:.2f}" for r in cpu)
-        value = median(cpu)
-        parts.append(
-            f"{value:.2f}× raw aiohttp's CPU a request in the same round [{each}] "
-            f"(target ≤ {TARGET}: {verdict(value)})"
-        )
+    for what, figures in (("wall time", ratios), ("CPU a request", cpu)):
+        if figures:
+            each = ", ".join(f"{r:.2f}" for r in figures)
+            value = median(figures)
+            parts.append(
+                f"{value:.2f}× raw aiohttp's {what} in the same round [{each}] "
+                f"(target ≤ {TARGET}: {verdict(value)})"
+            )
     ideal = ideal_s(runs[0].n, args.latency_ms, args.concurrency)
     if ideal:
         value = median([m.wall_s for m in runs]) / ideal

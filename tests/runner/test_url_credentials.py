@@ -41,16 +41,24 @@ def _with_credentials(url: str) -> str:
     return url.replace("http://", "http://alice:s3cret-pw@", 1)
 
 
-def test_url_credentials_beside_an_api_key_stop_before_sending(tmp_path: Path) -> None:
-    app = _Recorder()
-    src = write_input(tmp_path / "in.jsonl", 3)
+def _run_with_credentials(
+    tmp_path: Path, app: _Recorder, lines: int, env: dict[str, str] | None = None
+) -> tuple[Any, Path]:
+    """``batcher run`` of ``lines`` lines against ``app`` through a base URL with credentials;
+    the finished process and the output path."""
+    src = write_input(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.parquet"
     with serving(app) as url:
         proc = run_batcher(
             "run", "--input", str(src), "--output", str(out), "--model", "m",
-            "--base-url", _with_credentials(url), "--no-progress",
-            env={"OPENAI_API_KEY": "sk-test-url-creds"},
+            "--base-url", _with_credentials(url), "--no-progress", env=env,
         )  # fmt: skip
+    return proc, out
+
+
+def test_url_credentials_beside_an_api_key_stop_before_sending(tmp_path: Path) -> None:
+    app = _Recorder()
+    proc, out = _run_with_credentials(tmp_path, app, 3, {"OPENAI_API_KEY": "sk-test-url-creds"})
     assert proc.returncode == 2, proc.stderr
     assert "endpoint.base_url" in proc.stderr
     assert "Authorization" in proc.stderr
@@ -82,13 +90,7 @@ def test_url_credentials_beside_an_authorization_header_stop_before_sending(
 
 def test_url_credentials_alone_are_sent_as_basic_authorization(tmp_path: Path) -> None:
     app = _Recorder()
-    src = write_input(tmp_path / "in.jsonl", 2)
-    out = tmp_path / "out.parquet"
-    with serving(app) as url:
-        proc = run_batcher(
-            "run", "--input", str(src), "--output", str(out), "--model", "m",
-            "--base-url", _with_credentials(url), "--no-progress",
-        )  # fmt: skip
+    proc, _ = _run_with_credentials(tmp_path, app, 2)
     assert proc.returncode == 0, proc.stderr
     expected = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
     assert app.authorizations == [expected, expected]
