@@ -14,11 +14,13 @@ import anyio
 import anyio.lowlevel
 
 from batcher.config import RetryConfig
-from batcher.cost.pricing import Pricer
+from batcher.cost.budget import Budget
+from batcher.cost.pricing import Price, Pricer
 from batcher.engine.control import EngineSettings, Sinks
 from batcher.engine.dispatch import Engine
 from batcher.engine.endpoints import Endpoint
 from batcher.engine.outage import Outage
+from batcher.engine.retry import Sleep
 from batcher.http.client import ChatClient
 from batcher.limits.endpoint import Limits
 from batcher.records import Reject, Request
@@ -50,23 +52,32 @@ def _app(fails: Any) -> Any:
     return app
 
 
-def _run(base_url: str, n: int) -> tuple[Collected, list[float]]:
-    """``n`` requests through an engine of 4 workers; the results and every retry's wait."""
+def _run(
+    base_url: str, n: int, *, budget: Budget | None = None, sleep: Sleep | None = None
+) -> tuple[Collected, list[float]]:
+    """``n`` requests through an engine of 4 workers; the results and every retry's wait
+    (``sleep``: the waits' own, after they are noted)."""
     sink, stats = Collected(), RunStats()
     progress = Progress(stats, total=None, enabled=False, stream=io.StringIO())
     sinks = Sinks(results=sink, rejects=sink, stats=stats, progress=progress)
     waits: list[float] = []
 
-    async def sleep(seconds: float) -> None:
+    async def noted(seconds: float) -> None:
         waits.append(seconds)
-        await anyio.lowlevel.checkpoint()
+        await (sleep or _no_wait)(seconds)
 
     requests: list[Request | Reject] = [
         Request(
             custom_id=f"r{i}",
             line=i + 1,
-            body={"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
+            body={
+                "model": "m",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": f"q{i}"}],
+            },
             body_hash=f"h{i}",
+            prompt_tokens=8,
+            completion_budget=8,
         )
         for i in range(n)
     ]
@@ -76,11 +87,47 @@ def _run(base_url: str, n: int) -> tuple[Collected, list[float]]:
             endpoint = Endpoint(name="e", client=client, limits=Limits(concurrency=4),
                                 outage=Outage(patience_s=5))  # fmt: skip
             settings = EngineSettings(retry=CONFIG, grace_s=1)
-            engine = Engine([endpoint], settings, sinks, pricer=Pricer(), sleep=sleep)
+            pricer = Pricer({"m": Price(input=1.0, output=1.0, cached=1.0, source="test")})
+            engine = Engine([endpoint], settings, sinks, pricer=pricer, budget=budget, sleep=noted)
             await engine.run(iter([requests]))
 
     anyio.run(main)
     return sink, waits
+
+
+async def _no_wait(seconds: float) -> None:
+    await anyio.lowlevel.checkpoint()
+
+
+def _most_waiting_at_once(budget: Budget | None) -> int:
+    """The most requests waiting for a retry at once, of 200 through 4 workers where one in
+    eight fails its first attempt (a steady server: waiting requests lend their places)."""
+    waiting = most = 0
+
+    async def sleep(seconds: float) -> None:
+        nonlocal waiting, most
+        waiting += 1
+        most = max(most, waiting)
+        try:
+            await anyio.sleep(0.2)  # long enough for the others to go on meanwhile
+        finally:
+            waiting -= 1
+
+    with serving(_app(lambda q, count: int(q[1:]) % 8 == 0 and count == 1)) as url:
+        sink, waits = _run(url, 200, budget=budget, sleep=sleep)
+    results = [r for r, provisional in sink.results if not provisional]
+    assert len(results) == 200 and all(r.status == "ok" for r in results)
+    assert len(waits) == 25
+    return most
+
+
+def test_under_a_budget_a_lane_lends_at_most_its_own_size() -> None:
+    random.seed(11)
+    # Each waiting request keeps its worst-case reservation: lending four times the pool
+    # would hold that much more of the cap in requests that are not being sent. With a
+    # budget, the 4 workers and the 4 places they lend may all be waiting; without, more.
+    assert _most_waiting_at_once(None) > 8
+    assert _most_waiting_at_once(Budget(100.0)) <= 8
 
 
 def test_a_request_unlucky_on_a_steady_server_waits_the_first_step_each_time() -> None:
