@@ -110,7 +110,7 @@ class RetryConfig:
 
     max_attempts: int = 6
     timeout_s: float = 600.0
-    backoff_initial_s: float = 1.0
+    backoff_initial_s: float = 0.5
     backoff_max_s: float = 60.0
     outage_patience_s: float = 1800.0
 

@@ -120,6 +120,16 @@ async def test_while_failures_are_sporadic_the_backoff_stays_at_its_first_step()
 
 
 @pytest.mark.anyio
+async def test_by_default_a_sporadic_failure_is_retried_within_half_a_second() -> None:
+    # The openai SDK's first retry comes after at most 0.5 s; so does batcher's by default,
+    # however often the request failed while the endpoint is steady.
+    random.seed(7)
+    waits = await _waits(RetryConfig(max_attempts=12), lambda: True)
+    assert len(waits) == 11 and all(0 <= w <= 0.5 for w in waits)
+    assert max(waits) > 0.25  # full jitter over the whole first step
+
+
+@pytest.mark.anyio
 async def test_the_backoff_grows_again_once_the_endpoint_is_no_longer_steady() -> None:
     random.seed(5)
     config = RetryConfig(max_attempts=12, backoff_initial_s=1.0, backoff_max_s=60.0)
