@@ -12,7 +12,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -67,7 +69,9 @@ def render(page: Path, *, width: int = 1400, height: int = 900) -> Rendered:
     if browser is None:
         raise RuntimeError("no chromium on this machine")
     port = free_port()
-    with tempfile.TemporaryDirectory() as profile:
+    # a helper of the browser may still write to the profile while it is removed: a profile
+    # left in the temporary folder, rather than a test failed after its assertions passed
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [
                 browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -78,16 +82,29 @@ def render(page: Path, *, width: int = 1400, height: int = 900) -> Rendered:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: ended whole, with its helpers
         )  # fmt: skip
         try:
             return anyio.run(_render, port, page.resolve().as_uri(), width, height)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
+
+
+def _stop(browser: subprocess.Popen[bytes]) -> None:
+    """End the browser, then whatever of its process group outlived it (renderers, the crash
+    handler), which would go on writing to the profile."""
+    _signal_group(browser.pid, signal.SIGTERM)
+    try:
+        browser.wait(10)
+    except subprocess.TimeoutExpired:
+        browser.kill()
+        browser.wait()
+    _signal_group(browser.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
 
 
 async def _render(port: int, url: str, width: int, height: int) -> Rendered:

@@ -18,6 +18,8 @@ from batcher.sim.config import SimConfig
 from tests.helpers import write_input
 
 N = 12
+#: the module on one xdist worker: its output is written once, not once a worker
+pytestmark = pytest.mark.xdist_group("dataframes")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,10 @@ from batcher.output.rows import read_results
 from tests.helpers import run_batcher
 from tests.llama_server import MODEL_ALIAS, N_CTX, WEATHER_TOOL, llama_server
 
-pytestmark = pytest.mark.realserver
+pytestmark = [
+    pytest.mark.realserver,
+    pytest.mark.xdist_group("realserver"),  # on one xdist worker: one model server, not two
+]
 
 
 def run_over(

@@ -41,9 +41,13 @@ from batcher.sim.serve import SimHandle, running_sim
 from tests.helpers import ROOT, batcher_cmd, write_input
 from tests.s3_server import S3_CANARY, create_bucket, exists, get, put
 
-# Ray Data's DataContext sets its own deprecated fields when it is first created (ray 2.60):
-# ignore deprecation warnings raised in that module only.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+pytestmark = [
+    # Ray Data's DataContext sets its own deprecated fields when it is first created (ray
+    # 2.60): ignore deprecation warnings raised in that module only.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+    # the whole module on one xdist worker: one Ray instance (~1 GB, 2 CPUs) for the suite
+    pytest.mark.xdist_group("ray"),
+]
 
 N = 240
 #: The key the CLI test's job names: in the environment the Ray instance starts with, as a key
