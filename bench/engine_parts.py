@@ -133,8 +133,9 @@ def limiter() -> Iterator[None]:
 
 @contextmanager
 def counting() -> Iterator[None]:
-    """The run's statistics (all but the count of answers, which the round checks) and the
-    progress bar's count."""
+    """The run's statistics and the progress bar's count.
+
+    All but the count of answers, which the round checks."""
     from batcher.records import Result
     from batcher.runner.progress import Progress
     from batcher.runner.stats import RunStats
@@ -159,6 +160,39 @@ def usage_check() -> Iterator[None]:
 
 
 @contextmanager
+def attempt() -> Iterator[None]:
+    """Routing, limits, meters, retries, outage and setup checks around the POST.
+
+    What the answer tells the limits too; the POST itself is kept."""
+    from batcher.engine.attempt import Sender, Sent
+
+    async def posted(self: Sender, request: Any, router: Any, reserved: float = 0.0) -> Sent:
+        endpoint = router.endpoints[0]
+        return Sent(await endpoint.client.post(request.body), 1, endpoint.name)
+
+    with _replaced(Sender, "send", posted):
+        yield
+
+
+@contextmanager
+def ask() -> Iterator[None]:
+    """``attempt``, and pricing, the usage check, the budget and the count of requests sent.
+
+    The POST and the record are kept."""
+    import time
+
+    from batcher.engine.asking import Asker, result_of
+
+    async def posted(self: Asker, request: Any, router: Any, *, first: bool = True) -> Any:
+        endpoint = router.endpoints[0]
+        last = await endpoint.client.post(request.body)
+        return result_of(request, last, 1, time.time(), endpoint.name, model=None, cost=None)
+
+    with _replaced(Asker, "ask", posted):
+        yield
+
+
+@contextmanager
 def collector() -> Iterator[None]:
     """Python's cyclic garbage collector (at the thresholds the ``batcher`` command sets)."""
     gc.disable()
@@ -177,6 +211,8 @@ PARTS: dict[str, Patch] = {
     "limiter": limiter,
     "counting": counting,
     "usage-check": usage_check,
+    "attempt": attempt,
+    "ask": ask,
     "collector": collector,
 }
 
