@@ -101,6 +101,17 @@ def test_cli_refuses_bad_html_targets_and_fractions(output: Path, tmp_path: Path
     assert est.returncode == 2 and "between 0 and 1" in est.stderr
 
 
+def test_a_report_of_an_input_file_is_refused_naming_its_first_line(tmp_path: Path) -> None:
+    """Input lines (prompts, request bodies) are not answers: ``batcher report`` on the input
+    by mistake is one error line, not a report of every line as an ``ok`` answer."""
+    given = tmp_path / "prompts.jsonl"
+    given.write_text('{"custom_id": "a", "prompt": "hi"}\n', encoding="utf-8")
+    proc = run_batcher("report", str(given))
+    assert proc.returncode == 2, proc.stdout
+    assert "prompts.jsonl:1: not a batch output line" in proc.stderr
+    assert "'response'" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
 def test_a_report_counts_the_failures_split_off_beside_the_output(
     tmp_path: Path, suffix: str
