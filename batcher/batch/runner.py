@@ -38,7 +38,7 @@ from batcher.batch.collect import follow
 from batcher.batch.online import pending, send_online
 from batcher.batch.prepare import read_all
 from batcher.batch.results import answer_of
-from batcher.batch.state import ChunkState, StateJournal, state_path
+from batcher.batch.state import ChunkState, StateJournal, check_cancellable, state_path
 from batcher.batch.submit import BatchRun, Live, submit
 from batcher.config import JobConfig
 from batcher.cost.budget import check_priced
@@ -132,6 +132,8 @@ async def arun_batch_job(
     if job.engine == "ray":
         raise ConfigError("job.mode", 'batch mode runs in this process: use engine "local"')
     check_sim_available(job, sim is not None)
+    if cancel:
+        check_cancellable(output)
     key = api_keys(job)[0]
     if job.endpoint.http != "aiohttp":
         print(_http_warning(job.endpoint.http), file=stream)
