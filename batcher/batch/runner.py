@@ -58,7 +58,7 @@ from batcher.runner.checks import (
     check_sim_available,
     check_transport_choice,
 )
-from batcher.runner.progress import format_summary
+from batcher.runner.progress import format_summary, split_off
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats, run_ending
@@ -203,8 +203,9 @@ async def arun_batch_job(
         )
     rejects = rejects_path(output) if stats.rejected else None
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None
-    )
+        stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None,
+        failed=split_off(job, output),
+    )  # fmt: skip
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rejects, summary=summary)
 
