@@ -22,12 +22,26 @@ def open_input(path: Path) -> IO[bytes]:
         return sys.stdin.buffer
     try:
         if path.suffix == ".gz":
-            return cast(IO[bytes], gzip.open(path, "rb"))
+            return _gzip_checked(path)
         return path.open("rb")
     except FileNotFoundError:
         raise InputError(f"input file not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
+
+
+def _gzip_checked(path: Path) -> IO[bytes]:
+    """``path`` opened through gzip, its header and first block read now: a ``.gz`` that is
+    not gzip is an ``InputError`` before anything is sent, not a stop after line 0."""
+    stream = gzip.open(path, "rb")  # noqa: SIM115 (returned open, for the caller to close)
+    try:
+        stream.peek(1)
+    except (OSError, EOFError, zlib.error) as exc:
+        stream.close()
+        if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+            raise
+        raise InputError(f"cannot read input {path}: not a gzip file ({exc})") from None
+    return cast(IO[bytes], stream)
 
 
 def count_lines(path: Path) -> int | None:

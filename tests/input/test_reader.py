@@ -13,6 +13,7 @@ from batcher.errors import InputError
 from batcher.input.reader import Reader, load_first_encoding, parse_line
 from batcher.input.sources import count_lines, open_input
 from batcher.records import Reject, Request
+from tests.helpers import run_batcher
 
 DEFAULTS = {"model": "m-default", "temperature": 0.5}
 
@@ -205,6 +206,31 @@ def test_gzip_and_counting(tmp_path: Path) -> None:
     with open_input(path) as stream:
         items = list(Reader(stream, DEFAULTS))
     assert [i.custom_id for i in items] == ["line-1", "line-3"]
+
+
+@pytest.mark.parametrize("content", [b"x", b'{"prompt": "plain text, not gzip"}\n'])
+def test_a_gz_input_that_is_not_gzip_is_refused_when_opened(tmp_path: Path, content: bytes) -> None:
+    """Not a stop "after line 0" once the run has begun (exit 3: resume), but an input error
+    before anything is sent (exit 2)."""
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"in\.jsonl\.gz: not a gzip file"):
+        open_input(path)
+    empty = tmp_path / "empty.jsonl.gz"
+    empty.write_bytes(gzip.compress(b""))
+    with open_input(empty) as stream:
+        assert stream.read() == b""
+
+
+def test_a_gz_input_that_is_not_gzip_is_exit_2_with_nothing_written(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(b'{"prompt": "hi"}\n')
+    out = tmp_path / "o.parquet"
+    args = ["-i", str(path), "-o", str(out), "-m", "m", "--base-url", "sim", "--no-progress"]
+    proc = run_batcher("run", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("not a gzip file (Not a gzipped file (b'{\"'))")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl.gz"]
 
 
 def test_missing_input_is_an_input_error(tmp_path: Path) -> None:
