@@ -184,12 +184,13 @@ def _report(args: argparse.Namespace) -> int:
     from batcher.output.report_text import format_report
 
     report, series = build_report(_local_output(args.output))
+    if args.html:  # first: a page that cannot be written is the one error line, exit 2
+        write_html(report, series, args.html)
     if args.json:
         _show(json.dumps(report.as_dict(), indent=2))
     else:
         _show(format_report(report))
     if args.html:
-        write_html(report, series, args.html)
         _say(f"batcher report: wrote {args.html}")
     return 0
 
