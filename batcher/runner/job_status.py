@@ -27,7 +27,7 @@ from batcher.output.journal_facts import (
     journal_facts,
     output_facts,
 )
-from batcher.runner.progress import format_duration
+from batcher.runner.progress import format_duration, spent_cap
 from batcher.runner.status_file import read_status_file
 from batcher.storage import origin_of
 
@@ -117,6 +117,8 @@ class JobStatus:
             )
             if self.info.get("exit_code") == 2:  # refused by its job or endpoint: as it was
                 return f"fix what stopped it ({self.info.get('stop_reason')}), then {again}"
+            if spent_cap(self.info.get("stop_reason")):
+                return again.replace(" again:", " again with a higher --max-cost:", 1)
             return again
         return None
 

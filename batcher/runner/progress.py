@@ -280,6 +280,8 @@ def format_summary(
     if s.stopped_early:
         head = f"batcher: {name} stopped early after {format_duration(s.wall_s)} ({s.stop_reason})"
         tail = "  resume    run the same command again to continue"
+        if spent_cap(s.stop_reason):  # the same cap would stop it again at once
+            tail = "  resume    run the same command again with a higher --max-cost to continue"
     else:
         head = f"batcher: {name} finished in {format_duration(s.wall_s)}"
         tail = ""
@@ -333,6 +335,12 @@ def format_summary(
     if tail:
         lines.append(tail)
     return "\n".join(lines)
+
+
+def spent_cap(reason: str | None) -> bool:
+    """Whether a run stopped because its ``--max-cost`` was reached: it goes on only under a
+    higher one (earlier runs' spending counts)."""
+    return reason is not None and reason.startswith("--max-cost") and " reached" in reason
 
 
 def split_off(job: JobConfig, output: Path) -> str | None:

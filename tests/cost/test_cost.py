@@ -202,6 +202,10 @@ def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
     assert "--max-cost $0.0005 reached" in proc.stderr
     spent = sum(r["cost_usd"] or 0.0 for r in read_results(out))
     assert 0 < spent <= 0.0005
+    # the same command would stop again at once: the way on is a higher cap
+    assert "again with a higher --max-cost to continue" in proc.stderr.splitlines()[-1]
+    status = run_batcher("status", str(out))
+    assert "run the same batcher run command again with a higher --max-cost" in status.stdout
 
 
 def test_max_cost_needs_a_completion_limit_to_bound_answers(tmp_path: Path) -> None:

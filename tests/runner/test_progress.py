@@ -53,6 +53,21 @@ def test_summary_counts_statuses_tokens_and_error_classes() -> None:
     assert "rejects   o.parquet.rejects.jsonl" in text
 
 
+@pytest.mark.parametrize(
+    ("reason", "tail"),
+    [
+        ("--max-cost $1 reached: $0.9990 spent", "again with a higher --max-cost to continue"),
+        ("interrupted by SIGINT", "run the same command again to continue"),
+        ("the endpoint refused the API key (401)", "run the same command again to continue"),
+    ],
+)
+def test_a_stopped_run_says_how_to_go_on(reason: str, tail: str) -> None:
+    stats = RunStats()
+    stats.stopped_early, stats.stop_reason = True, reason
+    text = format_summary(stats, name="t", output="o.parquet", rejects=None)
+    assert text.splitlines()[-1].endswith(tail)
+
+
 @pytest.mark.parametrize("mode", ["online", "batch"])
 def test_a_split_errors_summary_says_where_the_failed_requests_went(
     tmp_path: Path, mode: str
