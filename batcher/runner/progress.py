@@ -279,9 +279,7 @@ def format_summary(
     s = stats
     if s.stopped_early:
         head = f"batcher: {name} stopped early after {format_duration(s.wall_s)} ({s.stop_reason})"
-        tail = "  resume    run the same command again to continue"
-        if spent_cap(s.stop_reason):  # the same cap would stop it again at once
-            tail = "  resume    run the same command again with a higher --max-cost to continue"
+        tail = f"  resume    run the same command again{how_to_go_on(s.stop_reason)} to continue"
     else:
         head = f"batcher: {name} finished in {format_duration(s.wall_s)}"
         tail = ""
@@ -337,10 +335,18 @@ def format_summary(
     return "\n".join(lines)
 
 
-def spent_cap(reason: str | None) -> bool:
-    """Whether a run stopped because its ``--max-cost`` was reached: it goes on only under a
-    higher one (earlier runs' spending counts)."""
-    return reason is not None and reason.startswith("--max-cost") and " reached" in reason
+def how_to_go_on(reason: str | None) -> str:
+    """What the command that stopped for ``reason`` needs to go on, as words after "run the
+    same command again": the same command would stop again at once after a spent
+    ``--max-cost`` (earlier runs' spending counts), a ``--detach`` or a ``--cancel``."""
+    reason = reason or ""
+    if reason.startswith("--max-cost") and " reached" in reason:
+        return " with a higher --max-cost"
+    if reason.startswith("detached:"):
+        return " without --detach"
+    if reason.startswith("cancelled "):
+        return " without --cancel"
+    return ""
 
 
 def split_off(job: JobConfig, output: Path) -> str | None:

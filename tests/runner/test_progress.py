@@ -59,6 +59,8 @@ def test_summary_counts_statuses_tokens_and_error_classes() -> None:
         ("--max-cost $1 reached: $0.9990 spent", "again with a higher --max-cost to continue"),
         ("interrupted by SIGINT", "run the same command again to continue"),
         ("the endpoint refused the API key (401)", "run the same command again to continue"),
+        ("detached: 2 batch(es) submitted; ...", "again without --detach to continue"),
+        ("cancelled 2 batch(es); run again to ...", "again without --cancel to continue"),
     ],
 )
 def test_a_stopped_run_says_how_to_go_on(reason: str, tail: str) -> None:
