@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from batcher.errors import InputError
 from batcher.input.reader import Reader, load_first_encoding, parse_line
 from batcher.input.sources import count_lines, open_input
 from batcher.records import Reject, Request
-from tests.helpers import run_batcher
+from tests.helpers import batcher_cmd, run_batcher
 
 DEFAULTS = {"model": "m-default", "temperature": 0.5}
 
@@ -231,6 +232,30 @@ def test_a_gz_input_that_is_not_gzip_is_exit_2_with_nothing_written(tmp_path: Pa
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().endswith("not a gzip file (Not a gzipped file (b'{\"'))")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl.gz"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_utf16_input_is_one_error_not_every_line_rejected(tmp_path: Path, encoding: str) -> None:
+    """Windows PowerShell's ``>`` writes UTF-16 with a byte-order mark: each line was
+    rejected as invalid UTF-8 (exit 1); it is one input error before anything is sent."""
+    text = '{"prompt": "hi"}\n'
+    path = tmp_path / "in.jsonl"
+    bom = {"utf-16": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}[encoding]
+    path.write_bytes(bom + text.encode(encoding))
+    with pytest.raises(InputError, match=r"in\.jsonl is UTF-16 .*: save it as UTF-8"):
+        open_input(path)
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(InputError, match="is UTF-16"):
+        open_input(packed)
+    out = tmp_path / "o.parquet"
+    args = ["-i", "-", "-o", str(out), "-m", "m", "--base-url", "sim", "--no-progress"]
+    proc = subprocess.run(
+        batcher_cmd("run", *args), input=path.read_bytes(), capture_output=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert b"error: input (standard input) is UTF-16" in proc.stderr and not out.exists()
 
 
 def test_missing_input_is_an_input_error(tmp_path: Path) -> None:
