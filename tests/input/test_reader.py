@@ -154,7 +154,10 @@ def test_uncounted_lines_keep_their_completion_budget() -> None:
         (b'{"prompt": "x", "stream": 1}', "stream: must be true or false"),
         (b'{"prompt": ""}', "prompt must be a non-empty string"),
         (b'{"prompt": "x", "metadata": 3}', "metadata must be an object"),
-        (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string"),
+        (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string or an integer, got a"),
+        # integer ids are taken as text: a fractional one is named, not "got a number"
+        (b'{"custom_id": 1.5, "prompt": "x"}', "custom_id must be a string or an integer, got 1.5"),
+        (b'{"id": 1e3, "prompt": "x"}', "id must be a string or an integer, got 1000.0"),
         (b'{"body": {"messages": [{"role": "user"}]}, "method": "GET"}', "method must be POST"),
         (b'{"body": {"messages": [{"role": "user"}]}, "url": "/v1/embeddings"}', "not supported"),
         (b'{"body": [], "url": "/v1/chat/completions"}', "body must be an object"),
