@@ -173,6 +173,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         raise ConfigError(sorted(unknown)[0], "unknown override")
     if "base_url" in given and job.endpoints:
         raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
+    _refuse_limits_no_endpoint_takes(job, given)
     if "http" in given:
         check_http(given["http"], "--http")
     if given.get("ray_workers") is not None and given.get("engine", job.engine) != "ray":
@@ -228,6 +229,20 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     )
     validate(job)
     return job
+
+
+def _refuse_limits_no_endpoint_takes(job: JobConfig, given: Mapping[str, Any]) -> None:
+    """Refuse ``--concurrency``, ``--rpm`` or ``--tpm`` when every ``[[endpoints]]`` entry
+    sets its own: the flag sets ``[limits]``, which only endpoints without their own take, so
+    it would change nothing."""
+    for name in ("concurrency", "rpm", "tpm"):
+        taken = any(getattr(e, name) is None for e in job.endpoints)
+        if name in given and job.endpoints and not taken:
+            raise ConfigError(
+                f"--{name}",
+                f"every [[endpoints]] entry sets its own {name}, which wins over the job's: "
+                "set it there",
+            )
 
 
 def _notify_over(notify: NotifyConfig, given: Mapping[str, Any]) -> NotifyConfig:

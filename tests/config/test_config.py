@@ -120,3 +120,19 @@ def test_a_header_name_that_is_not_a_token_is_refused(name: str) -> None:
     with pytest.raises(ConfigError) as info:
         job_from_dict(raw)
     assert info.value.field == "endpoint.headers"
+
+
+@pytest.mark.parametrize("name", ["concurrency", "rpm", "tpm"])
+def test_a_limit_flag_every_endpoint_overrides_is_refused_not_ignored(name: str) -> None:
+    """``batcher.run("jobs/sweep.toml", concurrency=32)`` ran at the endpoints' own
+    concurrency: the flag sets [limits], which an endpoint with its own value never takes."""
+    own = {"name": "a", "base_url": "sim", name: 5}
+    job = job_from_dict({"endpoints": [own, own | {"name": "b"}], "request": {"model": "m"}})
+    with pytest.raises(ConfigError) as caught:
+        with_overrides(job, **{name: 7})
+    assert caught.value.field == f"--{name}" and "set it there" in caught.value.reason
+    # an endpoint without its own takes the flag: accepted
+    mixed = job_from_dict(
+        {"endpoints": [own, {"name": "b", "base_url": "sim"}], "request": {"model": "m"}}
+    )
+    assert getattr(with_overrides(mixed, **{name: 7}).limits, name) == 7
