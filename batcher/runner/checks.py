@@ -47,7 +47,8 @@ def check_output_writable(output: Path) -> None:
     output_format(output)
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
-        raise ConfigError("job.output", f"folder {folder} does not exist")
+        missing = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ConfigError("job.output", f"folder {folder} {missing}")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".batcher-check-"):
             pass
