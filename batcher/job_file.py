@@ -54,6 +54,7 @@ def load_job(path: str | os.PathLike[str]) -> JobConfig:
     import tomllib  # here: a run given by flags alone does without it (4 ms at start-up)
 
     path = Path(path)
+    _refuse_data_as_job(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -157,6 +158,21 @@ def _notify(table: Mapping[str, Any]) -> NotifyConfig:
             "notify.urls", 'must be a list of Apprise URLs, e.g. ["json://host/path"]'
         )
     return NotifyConfig(urls=tuple(urls), stall_s=table.get("stall_s", NotifyConfig.stall_s))
+
+
+#: Suffixes of inputs and outputs: a file named with one is data, never a job file.
+_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".tsv", ".csv.gz", ".tsv.gz", ".parquet")
+
+
+def _refuse_data_as_job(path: Path) -> None:
+    """An input or output given where the job file goes (``batcher run prompts.jsonl``) is
+    named as such, not parsed as TOML ("Invalid statement (at line 1, column 1)")."""
+    if path.name.lower().endswith(_DATA_SUFFIXES):
+        raise ConfigError(
+            "job",
+            f"{path} is data, not a job file (TOML): give an input with --input (a job "
+            "file is optional when --input, --output and --model are given)",
+        )
 
 
 def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:

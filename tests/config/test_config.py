@@ -9,6 +9,7 @@ import pytest
 from batcher.config import EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, load_job, with_overrides
+from tests.helpers import run_batcher
 
 ROOT = Path(__file__).parents[2]
 
@@ -77,6 +78,18 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_job(write_job(tmp_path, "[job\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_job(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("name", ["prompts.jsonl", "in.JSONL.gz", "questions.csv", "t.parquet"])
+def test_an_input_given_as_the_job_is_named_as_data(tmp_path: Path, name: str) -> None:
+    """``batcher run prompts.jsonl`` (no --input) said "not valid TOML: Invalid statement"."""
+    data = tmp_path / name
+    data.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(ConfigError, match=r"is data, not a job file .*--input") as info:
+        load_job(data)
+    assert info.value.field == "job"
+    proc = run_batcher("run", str(data))
+    assert proc.returncode == 2 and "is data, not a job file" in proc.stderr
 
 
 def test_bad_override_is_checked_too() -> None:
