@@ -3,6 +3,9 @@ with the variants of a sweep side by side."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from batcher.output.formats import rejects_path
 from batcher.output.report import Report, VariantRow
 
 
@@ -23,6 +26,11 @@ def format_report(report: Report) -> str:
         f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
         f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
     ]
+    if report.rejected:
+        lines.append(
+            f"  rejects   {report.rejected:,} input lines rejected "
+            f"({rejects_path(Path(report.path))}: each with its line number and reason)"
+        )
     if report.rate_limited is not None:
         lines.append(f"  429s      {report.rate_limited:,} answers (a rate limit or a busy server)")
     if report.ttft_p50_s is not None:

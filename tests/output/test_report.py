@@ -101,6 +101,22 @@ def test_cli_refuses_bad_html_targets_and_fractions(output: Path, tmp_path: Path
     assert est.returncode == 2 and "between 0 and 1" in est.stderr
 
 
+def test_a_report_counts_the_lines_the_run_rejected(tmp_path: Path) -> None:
+    """The summary said "8 lines rejected" and exit code 1; the report said 3 ok, 0 error
+    and nothing of the rejects: "the same figures" as the summary."""
+    out = tmp_path / "messy.parquet"
+    run = run_batcher(
+        "run", "-i", "sample_data/messy.jsonl", "-o", str(out), "-m", "m", "--base-url", "sim",
+        "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 1 and "8 lines rejected" in run.stderr, run.stderr
+    text = run_batcher("report", str(out)).stdout
+    assert f"rejects   8 input lines rejected ({out}.rejects.jsonl" in text
+    assert json.loads(run_batcher("report", str(out), "--json").stdout)["rejected"] == 8
+    (tmp_path / "messy.parquet.rejects.jsonl").unlink()  # as a run that rejects nothing leaves
+    assert "rejects" not in run_batcher("report", str(out)).stdout
+
+
 def test_a_report_of_an_input_file_is_refused_naming_its_first_line(tmp_path: Path) -> None:
     """Input lines (prompts, request bodies) are not answers: ``batcher report`` on the input
     by mistake is one error line, not a report of every line as an ``ok`` answer."""
