@@ -259,6 +259,9 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         )
     report.samples = _samples_in_order(samples, list(report.variants))
     _how_it_ended(report, source, first_start, last_end)
+    if report.left_out and not (source.state or "").startswith("running"):
+        # the run that wrote the output finished; the same command is refused until it is back
+        report.state = "its output is gone (put it back, or run with --restart to send again)"
     series = {"latency_s": latencies, "finished_at": finished, "ok": oks, "cost_usd": costs}
     return report, series
 

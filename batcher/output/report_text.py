@@ -12,7 +12,9 @@ from batcher.output.report import Report, VariantRow
 def format_report(report: Report) -> str:
     """The report as text (the same figures as a run's summary)."""
     lines = [f"batcher report: {report.path}"]
-    if report.source == "journal":
+    if report.source == "journal" and report.left_out:
+        lines[0] += " (its output is gone: what its journal still holds)"
+    elif report.source == "journal":
         lines[0] += " (not written yet: what its journal holds so far)"
     lines.append(f"  run       {_run_line(report)}")
     if report.left_out:
