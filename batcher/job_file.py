@@ -54,6 +54,7 @@ def load_job(path: str | os.PathLike[str]) -> JobConfig:
     import tomllib  # here: a run given by flags alone does without it (4 ms at start-up)
 
     path = Path(path)
+    _refuse_data_as_job(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -159,6 +160,21 @@ def _notify(table: Mapping[str, Any]) -> NotifyConfig:
     return NotifyConfig(urls=tuple(urls), stall_s=table.get("stall_s", NotifyConfig.stall_s))
 
 
+#: Suffixes of inputs and outputs: a file named with one is data, never a job file.
+_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv", ".tsv", ".csv.gz", ".tsv.gz", ".parquet")
+
+
+def _refuse_data_as_job(path: Path) -> None:
+    """An input or output given where the job file goes (``batcher run prompts.jsonl``) is
+    named as such, not parsed as TOML ("Invalid statement (at line 1, column 1)")."""
+    if path.name.lower().endswith(_DATA_SUFFIXES):
+        raise ConfigError(
+            "job",
+            f"{path} is data, not a job file (TOML): give an input with --input (a job "
+            "file is optional when --input, --output and --model are given)",
+        )
+
+
 def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     """Apply command-line flags (``None`` means "not given") over a job, then validate.
 
@@ -173,6 +189,7 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
         raise ConfigError(sorted(unknown)[0], "unknown override")
     if "base_url" in given and job.endpoints:
         raise ConfigError("--base-url", "the job lists [[endpoints]]: set base_url there")
+    _refuse_limits_no_endpoint_takes(job, given)
     if "http" in given:
         check_http(given["http"], "--http")
     if given.get("ray_workers") is not None and given.get("engine", job.engine) != "ray":
@@ -228,6 +245,20 @@ def with_overrides(job: JobConfig, **flags: Any) -> JobConfig:
     )
     validate(job)
     return job
+
+
+def _refuse_limits_no_endpoint_takes(job: JobConfig, given: Mapping[str, Any]) -> None:
+    """Refuse ``--concurrency``, ``--rpm`` or ``--tpm`` when every ``[[endpoints]]`` entry
+    sets its own: the flag sets ``[limits]``, which only endpoints without their own take, so
+    it would change nothing."""
+    for name in ("concurrency", "rpm", "tpm"):
+        taken = any(getattr(e, name) is None for e in job.endpoints)
+        if name in given and job.endpoints and not taken:
+            raise ConfigError(
+                f"--{name}",
+                f"every [[endpoints]] entry sets its own {name}, which wins over the job's: "
+                "set it there",
+            )
 
 
 def _notify_over(notify: NotifyConfig, given: Mapping[str, Any]) -> NotifyConfig:

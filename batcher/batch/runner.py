@@ -38,7 +38,7 @@ from batcher.batch.collect import follow
 from batcher.batch.online import pending, send_online
 from batcher.batch.prepare import read_all
 from batcher.batch.results import answer_of
-from batcher.batch.state import ChunkState, StateJournal, state_path
+from batcher.batch.state import ChunkState, StateJournal, check_cancellable, state_path
 from batcher.batch.submit import BatchRun, Live, submit
 from batcher.config import JobConfig
 from batcher.cost.budget import check_priced
@@ -58,7 +58,7 @@ from batcher.runner.checks import (
     check_sim_available,
     check_transport_choice,
 )
-from batcher.runner.progress import format_summary
+from batcher.runner.progress import format_summary, split_off
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats, run_ending
@@ -132,6 +132,8 @@ async def arun_batch_job(
     if job.engine == "ray":
         raise ConfigError("job.mode", 'batch mode runs in this process: use engine "local"')
     check_sim_available(job, sim is not None)
+    if cancel:
+        check_cancellable(output)
     key = api_keys(job)[0]
     if job.endpoint.http != "aiohttp":
         print(_http_warning(job.endpoint.http), file=stream)
@@ -201,8 +203,9 @@ async def arun_batch_job(
         )
     rejects = rejects_path(output) if stats.rejected else None
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None
-    )
+        stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None,
+        failed=split_off(job, output),
+    )  # fmt: skip
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rejects, summary=summary)
 

@@ -214,6 +214,18 @@ def forget_states(output: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def check_cancellable(output: Path) -> None:
+    """Refuse ``--cancel`` (``ConfigError``, before anything is sent or the run's status is
+    touched) when the chunk-state journal beside ``output`` shows no batch that may still
+    run: there is nothing to cancel, and a finished job is left as it ended."""
+    if not any(s.in_flight for s in read_states(state_path(output)).values()):
+        raise ConfigError(
+            "--cancel",
+            f"no batch of {output.name} is running: nothing to cancel "
+            "(batcher status OUTPUT shows how the job stands)",
+        )
+
+
 def latest_states(path: Path) -> dict[str, tuple[ChunkState, int]]:
     """The latest state of each chunk in the journal at ``path`` with its number of requests,
     read line by line with the members left out (memory grows with the chunks, not their

@@ -7,6 +7,8 @@ The parser is ``batcher.cli.parser``; what the command tunes in its own process 
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,12 +184,13 @@ def _report(args: argparse.Namespace) -> int:
     from batcher.output.report_text import format_report
 
     report, series = build_report(_local_output(args.output))
+    if args.html:  # first: a page that cannot be written is the one error line, exit 2
+        write_html(report, series, args.html)
     if args.json:
         _show(json.dumps(report.as_dict(), indent=2))
     else:
         _show(format_report(report))
     if args.html:
-        write_html(report, series, args.html)
         _say(f"batcher report: wrote {args.html}")
     return 0
 
@@ -292,7 +295,11 @@ def _sim(args: argparse.Namespace) -> int:
     try:
         serve(config, host=args.host, port=args.port, on_listening=listening)
     except OSError as exc:
+        # a port in use or not allowed is the port's fault; an address that does not resolve
+        # or is not this machine's is the host's
+        host_at_fault = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
         raise ConfigError(
-            "--port", f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            "--host" if host_at_fault else "--port",
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror}",
         ) from None
     return 0

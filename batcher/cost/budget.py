@@ -101,7 +101,7 @@ class Budget:
         if not (body.get("max_tokens") or body.get("max_completion_tokens")):
             self.misconfigured = True
             return (
-                "--max-cost needs max_tokens (or max_completion_tokens) on every request, to "
+                "--max-cost: needs max_tokens (or max_completion_tokens) on every request, to "
                 "bound what an answer can cost; set it in the job's [request] or on the lines"
             )
         counted = request.prompt_tokens

@@ -86,9 +86,13 @@ def estimate(
         from batcher.errors import ConfigError
 
         raise ConfigError("job.input", "no input file (set it in the job or pass --input)")
-    check_input(job)  # before anything is read
+    stdin = str(job.input) == "-"
+    if not stdin:
+        check_input(job)  # before anything is read
     staging = stage(replace(job, output=None))  # the output is not written
     try:
+        if stdin:  # copied to a file of its form (--input-format) first, as a run does
+            check_input(staging.job)
         return _estimate(staging.job, sample=sample, low_fraction=low_fraction, latency_s=latency_s)
     finally:
         staging.close()

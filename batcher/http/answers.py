@@ -6,16 +6,17 @@ server asked for), made from a status, headers and body (``classify``) or from a
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batcher import jsonfast
-from batcher.http.redact import redact_url, url_origin
+from batcher.http.redact import redact_url, scrub_json, url_origin
 from batcher.http.transport import ConnectFailure
 from batcher.records import Usage
 
@@ -203,6 +204,20 @@ def broken_answer(status: int, message: str, start: float) -> Attempt:
         error_code="invalid_response",
         error_message=f"the answer ({status}) broke off: {message}",
     )
+
+
+def without_secrets(attempt: Attempt, secrets: Sequence[str]) -> Attempt:
+    """``attempt`` with each of ``secrets`` replaced in its error message and body: an HTTP
+    library may quote the URL, and a server the key it was sent (a gateway's 401 that names
+    it); neither may reach a record, a log or the summary."""
+    message = attempt.error_message
+    clean = None if message is None else scrub_json(message, secrets)
+    body = attempt.body
+    if isinstance(body, str | dict | list):
+        body = scrub_json(body, secrets)
+    if clean == message and body == attempt.body:
+        return attempt
+    return dataclasses.replace(attempt, error_message=clean, body=body)
 
 
 def describe(exc: BaseException) -> str:

@@ -8,16 +8,22 @@ wait.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 from batcher import jsonfast
-from batcher.http.answers import Attempt, broken_answer, classify, describe, transport_failure
+from batcher.http.answers import (
+    Attempt,
+    broken_answer,
+    classify,
+    describe,
+    transport_failure,
+    without_secrets,
+)
 from batcher.http.headers import check_headers
-from batcher.http.redact import scrub
+from batcher.http.redact import client_secrets
 from batcher.http.streaming import EVENT_STREAM, StreamError, StreamReader
 from batcher.http.transport import (
     AiohttpTransport,
@@ -107,6 +113,7 @@ class ChatClient:
             )
         self._timeout_s = timeout_s
         self._base_url = base_url
+        self._secrets = client_secrets(base_url, api_key, headers)
         self._url = chat_completions_url(base_url)
         self._max_bytes = max_response_bytes
 
@@ -144,10 +151,8 @@ class ChatClient:
             # Exception, so it still propagates.
             attempt = transport_failure("invalid_response", describe(exc), start)
         if attempt.error_message is not None:
-            # An HTTP library may quote the URL, credentials in its query string included.
-            message = scrub(attempt.error_message, self._base_url)
-            if message != attempt.error_message:
-                attempt = dataclasses.replace(attempt, error_message=message)
+            # An HTTP library may quote the URL (its query's credentials), a server the key.
+            attempt = without_secrets(attempt, self._secrets)
         return attempt
 
     @property

@@ -14,6 +14,8 @@ of names known to be harmless (``api-version``), since a secret's name cannot be
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
 #: What stands in for a redacted value.
@@ -92,6 +94,35 @@ def scrub(text: str, url: str | None) -> str:
     for secret in secrets_in(url):
         text = text.replace(secret, REDACTED)
     return text
+
+
+def client_secrets(
+    url: str | None, api_key: str | None, headers: Mapping[str, str] | None
+) -> list[str]:
+    """Every credential a client sends: the base URL's, the API key, and the values of
+    headers named like one (``Authorization``, ``api-key``, ``X-Auth-Token``...); longest
+    first, as ``secrets_in`` gives them."""
+    found = set(secrets_in(url))
+    if api_key:
+        found.add(api_key)
+    for name, value in (headers or {}).items():
+        if any(word in name.lower() for word in ("auth", "key", "token", "secret")):
+            found.add(value.removeprefix("Bearer ").strip())
+    return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def scrub_json(value: Any, secrets: Sequence[str]) -> Any:
+    """``value`` (text, or JSON made of dicts and lists) with each of ``secrets`` replaced in
+    every string, keys included: for an error answer that quotes what it was sent."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {scrub_json(k, secrets): scrub_json(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_json(item, secrets) for item in value]
+    return value
 
 
 def _redact_query(query: str) -> str:

@@ -349,7 +349,9 @@ def _custom_id(obj: Mapping[str, Any], line_no: int) -> str:
         if key in obj and obj[key] is not None:
             value = obj[key]
             if isinstance(value, bool) or not isinstance(value, str | int):
-                raise LineError(f"{key} must be a string, got {_json_kind(value)}")
+                # integers are taken (as their text): say so, and show a number that is not one
+                got = repr(value) if isinstance(value, float) else _json_kind(value)
+                raise LineError(f"{key} must be a string or an integer, got {got}")
             value = str(value)
             if not value:
                 raise LineError(f"{key} must not be empty")

@@ -21,13 +21,53 @@ def open_input(path: Path) -> IO[bytes]:
     if str(path) == "-":
         return sys.stdin.buffer
     try:
-        if path.suffix == ".gz":
-            return cast(IO[bytes], gzip.open(path, "rb"))
-        return path.open("rb")
+        stream = _gzip_checked(path) if path.suffix == ".gz" else path.open("rb")
     except FileNotFoundError:
         raise InputError(f"input file not found: {path}") from None
     except OSError as exc:
         raise InputError(f"cannot open input {path}: {exc.strerror or exc}") from None
+    if path.is_file():  # not a pipe: a peek there would wait for its writer
+        _refuse_utf16(path, stream)
+    return stream
+
+
+#: The byte-order marks a UTF-16 file starts with (Windows PowerShell's ``>`` writes one).
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _refuse_utf16(path: Path, stream: IO[bytes]) -> None:
+    """A UTF-16 file is one ``InputError`` before anything is sent, not every line rejected
+    as invalid UTF-8."""
+    peek = getattr(stream, "peek", None)
+    try:
+        head = peek(2)[:2] if peek is not None else b""
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable: the reader says so, with the line
+    if head in _UTF16_BOMS:
+        from batcher.storage import origin_of  # standard input's copy is named as "-"
+
+        stream.close()
+        shown = origin_of(path)
+        raise InputError(
+            f"input {'(standard input)' if shown == '-' else shown} is UTF-16 (it starts with "
+            "a UTF-16 byte-order mark): save it as UTF-8"
+        )
+
+
+def _gzip_checked(path: Path) -> IO[bytes]:
+    """``path`` opened through gzip, its header and first block read now: a ``.gz`` that is
+    not gzip is an ``InputError`` before anything is sent, not a stop after line 0."""
+    stream = gzip.open(path, "rb")  # noqa: SIM115 (returned open, for the caller to close)
+    if not path.is_file():  # a pipe: a peek would wait for its writer
+        return cast(IO[bytes], stream)
+    try:
+        stream.peek(1)
+    except (OSError, EOFError, zlib.error) as exc:
+        stream.close()
+        if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+            raise
+        raise InputError(f"cannot read input {path}: not a gzip file ({exc})") from None
+    return cast(IO[bytes], stream)
 
 
 def count_lines(path: Path) -> int | None:

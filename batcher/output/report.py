@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from batcher.output.formats import errors_path
+from batcher.output.formats import errors_path, rejects_path
 from batcher.output.journal import JOURNAL_SUFFIX
 from batcher.output.provenance import read_provenance
 from batcher.output.report_source import JournalRows, Source, report_source, source_rows
@@ -139,6 +139,7 @@ class Report:
     error_samples: dict[str, list[str]] = field(default_factory=dict)  # class -> messages
     samples: list[Sample] = field(default_factory=list)
     attempts: int = 0
+    rejected: int = 0  # input lines the last run rejected (OUTPUT.rejects.jsonl), not requests
     left_out: int = 0  # requests of a compacted journal whose output row is gone
     provenance: dict[str, str] = field(default_factory=dict)
 
@@ -155,6 +156,16 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
     errors = errors_path(Path(path))
     if errors.is_file() and errors != Path(path):
         yield from read_results(errors)
+
+
+def _rejected_lines(output: Path) -> int:
+    """The lines of the rejects file beside ``output`` (each run rewrites it, or removes it
+    when it rejects nothing): what the run's summary counted as rejected."""
+    try:
+        with rejects_path(output).open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:  # none: nothing rejected
+        return 0
 
 
 def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
@@ -223,6 +234,7 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
             oks.append(1.0 if status == "ok" else 0.0)
             costs.append(math.nan if cost is None else cost)  # unknown is not $0
     report.left_out = rows.left_out if isinstance(rows, JournalRows) else 0
+    report.rejected = _rejected_lines(Path(path))
     ordered = sorted(latencies)
     report.latency_p50_s = _percentile(ordered, 50)
     report.latency_p90_s = _percentile(ordered, 90)
@@ -247,6 +259,9 @@ def build_report(path: Path) -> tuple[Report, dict[str, array[float]]]:
         )
     report.samples = _samples_in_order(samples, list(report.variants))
     _how_it_ended(report, source, first_start, last_end)
+    if report.left_out and not (source.state or "").startswith("running"):
+        # the run that wrote the output finished; the same command is refused until it is back
+        report.state = "its output is gone (put it back, or run with --restart to send again)"
     series = {"latency_s": latencies, "finished_at": finished, "ok": oks, "cost_usd": costs}
     return report, series
 

@@ -124,7 +124,7 @@ def _header(report: Report) -> str:
         ("ended (UTC)", _utc(report.ended_at)),
         ("last run (UTC)", _last_run(report)),
         ("input", made.get("input") or "-"),
-        ("output", report.path + (" (not written yet: from its journal)" if journal else "")),
+        ("output", report.path + _from_journal(report) if journal else report.path),
         ("models", models),
     ]  # fmt: skip
     meta = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in rows)
@@ -297,3 +297,10 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s"
+
+
+def _from_journal(report: Report) -> str:
+    """Why the page was made from the journal: no output yet, or the output gone."""
+    if report.left_out:
+        return " (gone: from its journal)"
+    return " (not written yet: from its journal)"

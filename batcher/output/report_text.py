@@ -3,13 +3,18 @@ with the variants of a sweep side by side."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from batcher.output.formats import rejects_path
 from batcher.output.report import Report, VariantRow
 
 
 def format_report(report: Report) -> str:
     """The report as text (the same figures as a run's summary)."""
     lines = [f"batcher report: {report.path}"]
-    if report.source == "journal":
+    if report.source == "journal" and report.left_out:
+        lines[0] += " (its output is gone: what its journal still holds)"
+    elif report.source == "journal":
         lines[0] += " (not written yet: what its journal holds so far)"
     lines.append(f"  run       {_run_line(report)}")
     if report.left_out:
@@ -23,6 +28,11 @@ def format_report(report: Report) -> str:
         f"p99 {_s(report.latency_p99_s)} (ok answers, last attempt)",
         f"  speed     {report.requests_per_s:,.1f} requests/s over {report.wall_s:,.1f} s",
     ]
+    if report.rejected:
+        lines.append(
+            f"  rejects   {report.rejected:,} input lines rejected "
+            f"({rejects_path(Path(report.path))}: each with its line number and reason)"
+        )
     if report.rate_limited is not None:
         lines.append(f"  429s      {report.rate_limited:,} answers (a rate limit or a busy server)")
     if report.ttft_p50_s is not None:

@@ -414,6 +414,9 @@ def read_results(path: Path) -> Iterator[dict[str, Any]]:
 
 def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
     """The Parquet-shaped dict for one batch output line (the inverse of batch_output_line)."""
+    if "response" not in obj and "error" not in obj and "batcher" not in obj:
+        # every output line has both keys (one null): this is another file, an input perhaps
+        raise ValueError("it has neither 'response' nor 'error'")
     resp = obj.get("response")
     resp = resp if isinstance(resp, dict) else {}
     err = obj.get("error")

@@ -47,7 +47,8 @@ def check_output_writable(output: Path) -> None:
     output_format(output)
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
-        raise ConfigError("job.output", f"folder {folder} does not exist")
+        missing = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ConfigError("job.output", f"folder {folder} {missing}")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".batcher-check-"):
             pass
@@ -82,8 +83,21 @@ def api_keys(job: JobConfig) -> list[str | None]:
         where = f"endpoints[{i}]" if job.endpoints else "endpoint"
         key = _api_key(endpoint, f"{where}.api_key_env")
         _check_one_authorization(endpoint, key, f"{where}.base_url")
+        _check_header_beside_key(endpoint, key, f"{where}.headers")
         keys.append(key)
     return keys
+
+
+def _check_header_beside_key(endpoint: EndpointConfig, key: str | None, field: str) -> None:
+    """Refuse an ``Authorization`` header beside an API key: each client would send both
+    (``Bearer KEY`` too), and the server would pick one its own way."""
+    if key is not None and any(name.lower() == "authorization" for name in endpoint.headers):
+        raise ConfigError(
+            field,
+            f"an Authorization header is set and ${endpoint.api_key_env} holds an API key: "
+            "both would be sent as the Authorization header; keep one (to send the header, "
+            "unset the variable, or set api_key_env to one that is not set)",
+        )
 
 
 def _check_one_authorization(endpoint: EndpointConfig, key: str | None, field: str) -> None:

@@ -27,7 +27,7 @@ from batcher.output.journal_facts import (
     journal_facts,
     output_facts,
 )
-from batcher.runner.progress import format_duration
+from batcher.runner.progress import format_duration, how_to_go_on
 from batcher.runner.status_file import read_status_file
 from batcher.storage import origin_of
 
@@ -117,7 +117,8 @@ class JobStatus:
             )
             if self.info.get("exit_code") == 2:  # refused by its job or endpoint: as it was
                 return f"fix what stopped it ({self.info.get('stop_reason')}), then {again}"
-            return again
+            how = how_to_go_on(self.info.get("stop_reason"))
+            return again.replace(" again:", f" again{how}:", 1)
         return None
 
     def as_dict(self) -> dict[str, Any]:

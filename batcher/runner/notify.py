@@ -281,9 +281,12 @@ class Notices:
         return Notice("stalled", f"batcher: {self._name} stalled", "\n".join(lines), "warning")
 
     def _resume(self, reason: str) -> str:
+        from batcher.runner.progress import how_to_go_on
+
         command = self._command or "run the same job again (it resumes from its journal)"
-        if "--max-cost" in reason:
-            command += "  (with a higher --max-cost)"
+        how = how_to_go_on(reason)  # a spent cap, a --detach, a --cancel: the same stops again
+        if how:
+            command += f"  ({how.strip()})"
         if self._command and "--notify" in self._command:
             command += "  (the --notify URLs are not shown: give them again)"
         return command

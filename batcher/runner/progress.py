@@ -23,6 +23,7 @@ from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats
 
 if TYPE_CHECKING:
+    from batcher.config import JobConfig
     from batcher.engine.endpoints import Endpoint
 
 #: Seconds between log lines while requests finish (no terminal, or --no-progress).
@@ -264,14 +265,21 @@ def utc_stamp(seconds: float) -> str:
 
 
 def format_summary(
-    stats: RunStats, *, name: str, output: str, rejects: str | None, engine: str | None = None
+    stats: RunStats,
+    *,
+    name: str,
+    output: str,
+    rejects: str | None,
+    engine: str | None = None,
+    failed: str | None = None,
 ) -> str:
     """The one-screen summary printed at the end of every run; ``engine``: how the work was
-    spread (the Ray engine's line), when there is more to say than a local run."""
+    spread (the Ray engine's line), when there is more to say than a local run; ``failed``:
+    where the failed requests went when they are split off the output (``split_errors``)."""
     s = stats
     if s.stopped_early:
         head = f"batcher: {name} stopped early after {format_duration(s.wall_s)} ({s.stop_reason})"
-        tail = "  resume    run the same command again to continue"
+        tail = f"  resume    run the same command again{how_to_go_on(s.stop_reason)} to continue"
     else:
         head = f"batcher: {name} finished in {format_duration(s.wall_s)}"
         tail = ""
@@ -318,11 +326,36 @@ def format_summary(
     if engine:
         lines.append(f"  engine    {engine}")
     lines.append(f"  output    {output}")
+    if failed:
+        lines.append(f"  failed    {failed}")
     if rejects:
         lines.append(f"  rejects   {rejects}")
     if tail:
         lines.append(tail)
     return "\n".join(lines)
+
+
+def how_to_go_on(reason: str | None) -> str:
+    """What the command that stopped for ``reason`` needs to go on, as words after "run the
+    same command again": the same command would stop again at once after a spent
+    ``--max-cost`` (earlier runs' spending counts), a ``--detach`` or a ``--cancel``."""
+    reason = reason or ""
+    if reason.startswith("--max-cost") and " reached" in reason:
+        return " with a higher --max-cost"
+    if reason.startswith("detached:"):
+        return " without --detach"
+    if reason.startswith("cancelled "):
+        return " without --cancel"
+    return ""
+
+
+def split_off(job: JobConfig, output: Path) -> str | None:
+    """The file a ``split_errors`` job's failed requests went to (``OUTPUT.errors.jsonl``),
+    for the summary: the output alone does not hold them. ``None`` when none was written."""
+    from batcher.output.formats import errors_path
+
+    path = errors_path(output)
+    return str(path) if job.split_errors and path.exists() else None
 
 
 def _variant_rows(s: RunStats) -> list[str]:

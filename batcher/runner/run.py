@@ -40,7 +40,7 @@ from batcher.runner.housekeeping import Housekeeping
 from batcher.runner.lanes import count_from_now, lanes, open_readers
 from batcher.runner.notify import Notices, notices_for
 from batcher.runner.options import RunOptions
-from batcher.runner.progress import Progress, format_summary, progress_for
+from batcher.runner.progress import Progress, format_summary, progress_for, split_off
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.staging import stage
 from batcher.runner.stats import RunStats, count_the_run, run_ending, run_warnings
@@ -198,8 +198,9 @@ async def _run_online(job: JobConfig, options: RunOptions, notices: Notices) -> 
                 source.close()
     rej = rejects_path(output) if rejected else None
     summary = format_summary(
-        stats, name=job.name, output=origin_of(output), rejects=str(rej) if rej else None
-    )
+        stats, name=job.name, output=origin_of(output), rejects=str(rej) if rej else None,
+        failed=split_off(job, output),
+    )  # fmt: skip
     print(summary, file=stream, flush=True)
     return RunReport(stats=stats, output=output, rejects=rej, summary=summary)
 

@@ -14,9 +14,12 @@ def sim_server(settings: Mapping[str, Any]) -> Iterator[str]:
     the ``batcher`` command and the Ray workers give it). The server is imported only here,
     when a job asks for it. Settings it cannot take are a ``ConfigError`` naming ``sim``."""
     from batcher.errors import ConfigError
-    from batcher.sim.config import SimConfig
+    from batcher.sim.config import SimConfig, unknown_setting
     from batcher.sim.serve import running_sim
 
+    unknown = unknown_setting(settings)
+    if unknown is not None:
+        raise ConfigError(*unknown)
     try:
         config = SimConfig(**settings)
     except (TypeError, ValueError) as exc:

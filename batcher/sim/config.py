@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from batcher.sim.faults import FAULT_KINDS, is_int
@@ -94,3 +94,27 @@ class SimConfig:
             raise ValueError(f"batch: {exc}") from None
         except ValueError as exc:
             raise ValueError(f"batch: {exc}") from None
+
+
+def unknown_setting(settings: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first key of a ``[sim]`` table (``[sim.batch]`` included) that no simulator
+    setting has: its dotted name and why (the names it could be); ``None`` when every key is
+    one."""
+    from batcher.sim.batches import BatchSimConfig
+
+    for key in settings:
+        if key not in _NAMES:
+            return f"sim.{key}", f"unknown key (expected one of: {', '.join(sorted(_NAMES))})"
+    batch = settings.get("batch")
+    if isinstance(batch, Mapping):
+        known = {f.name for f in fields(BatchSimConfig)}
+        for key in batch:
+            if key not in known:
+                return (
+                    f"sim.batch.{key}",
+                    f"unknown key (expected one of: {', '.join(sorted(known))})",
+                )
+    return None
+
+
+_NAMES = frozenset(f.name for f in fields(SimConfig))

@@ -204,3 +204,24 @@ def test_a_batch_job_refused_because_its_output_is_gone_leaves_the_status_file(
         with pytest.raises(ConfigError, match="is gone"):
             run_batch_job(job, sleep=clock_sleep(sim), stream=text())
     assert read_status_file(first.output) == before
+
+
+def test_cancel_with_no_batch_running_is_refused_and_leaves_the_finished_job_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """A finished job's ``--cancel`` was exit 3 with "cancelled 0 batch(es); run again to
+    collect", and its status file then said stopped, to be resumed."""
+    from batcher.runner.status_file import read_status_file
+
+    with batch_sim(FAST) as sim:
+        job = batch_job(sim, tmp_path, 8)
+        with pytest.raises(ConfigError, match=r"no batch of out\.parquet is running") as never:
+            run_batch_job(job, cancel=True, stream=text())  # nothing submitted yet
+        assert never.value.field == "--cancel" and created(sim) == 0
+        first = run_batch_job(job, sleep=clock_sleep(sim), stream=text())
+        assert first.exit_code == 0, first.summary
+        before = read_status_file(first.output)
+        with pytest.raises(ConfigError, match="nothing to cancel"):
+            run_batch_job(job, cancel=True, stream=text())
+        assert created(sim) == 2
+    assert read_status_file(first.output) == before

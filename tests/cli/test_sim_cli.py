@@ -21,6 +21,16 @@ def test_a_port_out_of_range_is_a_usage_error(port: str) -> None:
     assert "Traceback" not in proc.stderr and "serving" not in proc.stderr
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "192.0.2.1"])
+def test_a_host_that_cannot_be_listened_on_is_named_not_the_port(host: str) -> None:
+    # 999.1.1.1 does not resolve; 192.0.2.1 (a documentation address) is not this machine's
+    proc = run_batcher("sim", "--host", host, "--port", "0", timeout=30)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"batcher: error: --host: cannot listen on {host}:0"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_port_zero_prints_the_port_it_got() -> None:
     proc = subprocess.Popen(
         batcher_cmd("sim", "--port", "0"),

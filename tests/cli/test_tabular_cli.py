@@ -210,6 +210,17 @@ def test_standard_input_is_read_like_a_file_of_its_declared_form(tmp_path: Path)
     assert not list(tmp_path.glob("x.parquet*"))
 
 
+def test_estimate_reads_a_table_on_standard_input_as_run_does() -> None:
+    """It said "a table on standard input needs the local engine: save it to a file"."""
+    table = "id,question,gold\nq1,What is 2+2?,4\nq2,Red or blue?,red\n"
+    common = ["estimate", "-i", "-", "--input-format", "csv", "-m", "gpt-4o-mini", "--json"]
+    proc = run_batcher(*common, "--template-user", "Q: {question}", stdin=table)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["requests"] == 2
+    wrong = run_batcher(*common, "--template-user", "Q: {nope}", stdin=table)
+    assert wrong.returncode == 2 and "template.user: no column 'nope'" in wrong.stderr
+
+
 def test_the_shipped_dataset_job_answers_every_question(tmp_path: Path) -> None:
     import dataclasses
 

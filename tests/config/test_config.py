@@ -9,6 +9,7 @@ import pytest
 from batcher.config import EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict, load_job, with_overrides
+from tests.helpers import run_batcher
 
 ROOT = Path(__file__).parents[2]
 
@@ -79,6 +80,18 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_job(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("name", ["prompts.jsonl", "in.JSONL.gz", "questions.csv", "t.parquet"])
+def test_an_input_given_as_the_job_is_named_as_data(tmp_path: Path, name: str) -> None:
+    """``batcher run prompts.jsonl`` (no --input) said "not valid TOML: Invalid statement"."""
+    data = tmp_path / name
+    data.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(ConfigError, match=r"is data, not a job file .*--input") as info:
+        load_job(data)
+    assert info.value.field == "job"
+    proc = run_batcher("run", str(data))
+    assert proc.returncode == 2 and "is data, not a job file" in proc.stderr
+
+
 def test_bad_override_is_checked_too() -> None:
     with pytest.raises(ConfigError) as info:
         with_overrides(JobConfig(), base_url="localhost:8000")
@@ -120,3 +133,19 @@ def test_a_header_name_that_is_not_a_token_is_refused(name: str) -> None:
     with pytest.raises(ConfigError) as info:
         job_from_dict(raw)
     assert info.value.field == "endpoint.headers"
+
+
+@pytest.mark.parametrize("name", ["concurrency", "rpm", "tpm"])
+def test_a_limit_flag_every_endpoint_overrides_is_refused_not_ignored(name: str) -> None:
+    """``batcher.run("jobs/sweep.toml", concurrency=32)`` ran at the endpoints' own
+    concurrency: the flag sets [limits], which an endpoint with its own value never takes."""
+    own = {"name": "a", "base_url": "sim", name: 5}
+    job = job_from_dict({"endpoints": [own, own | {"name": "b"}], "request": {"model": "m"}})
+    with pytest.raises(ConfigError) as caught:
+        with_overrides(job, **{name: 7})
+    assert caught.value.field == f"--{name}" and "set it there" in caught.value.reason
+    # an endpoint without its own takes the flag: accepted
+    mixed = job_from_dict(
+        {"endpoints": [own, {"name": "b", "base_url": "sim"}], "request": {"model": "m"}}
+    )
+    assert getattr(with_overrides(mixed, **{name: 7}).limits, name) == 7

@@ -18,7 +18,7 @@ from batcher.output.writers import read_results
 from batcher.records import Usage
 from batcher.runner.run import run_job
 from batcher.sim.app import Simulator
-from tests.helpers import write_input
+from tests.helpers import run_batcher, write_input
 
 #: The least answer that is kept as ok: one choice, with its message.
 ANSWER = {
@@ -202,6 +202,10 @@ def test_cli_max_cost_stops_the_demo_and_reports_it(tmp_path: Path) -> None:
     assert "--max-cost $0.0005 reached" in proc.stderr
     spent = sum(r["cost_usd"] or 0.0 for r in read_results(out))
     assert 0 < spent <= 0.0005
+    # the same command would stop again at once: the way on is a higher cap
+    assert "again with a higher --max-cost to continue" in proc.stderr.splitlines()[-1]
+    status = run_batcher("status", str(out))
+    assert "run the same batcher run command again with a higher --max-cost" in status.stdout
 
 
 def test_max_cost_needs_a_completion_limit_to_bound_answers(tmp_path: Path) -> None:
@@ -219,7 +223,20 @@ def test_max_cost_needs_a_completion_limit_to_bound_answers(tmp_path: Path) -> N
     # stops the run (one was sent: stopped early, not a configuration error)
     report = run_job(capped, transport=httpx.ASGITransport(app=sim), stream=io.StringIO())
     assert report.exit_code == 3
-    assert "--max-cost needs max_tokens" in report.summary
+    assert "--max-cost: needs max_tokens" in report.summary
+
+
+def test_max_cost_without_a_completion_limit_says_so_once_when_nothing_was_sent(
+    tmp_path: Path,
+) -> None:
+    """The field is named once: not ``--max-cost: --max-cost needs max_tokens``."""
+    src = write_input(tmp_path / "in.jsonl", 2)  # the first line has no max_tokens
+    out = tmp_path / "o.jsonl"
+    args = ["run", "-i", str(src), "-o", str(out), "-m", "gpt-4o-mini", "--base-url", "sim"]
+    proc = run_batcher(*args, "--max-cost", "1", "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert "batcher: error: --max-cost: needs max_tokens" in proc.stderr
+    assert "--max-cost: --max-cost" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_prompt_bound_counts_tools_schemas_and_images() -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from batcher.cost.pricing import Pricer
 from batcher.errors import ConfigError
 from batcher.http.client import chat_completions_url
-from batcher.http.redact import redact_url, scheme_only, scrub, url_origin
+from batcher.http.redact import redact_url, scheme_only, scrub, scrub_json, url_origin
 from batcher.job_file import job_from_dict
+from tests.helpers import run_batcher, write_job
+from tests.loopback import chat_answer, json_app, serving
 
 SECRET = "s3cr3t-k9-not-a-real-key"
 
@@ -84,3 +89,41 @@ def test_a_pricer_keeps_no_credentials_of_its_endpoint() -> None:
 )
 def test_scheme_only_keeps_nothing_but_the_scheme(url: str, shown: str) -> None:
     assert scheme_only(url) == shown
+
+
+def test_a_server_quoting_the_key_leaves_it_in_no_output_log_or_status(tmp_path: Path) -> None:
+    """A gateway whose 401/400 body names the key it was sent (or a custom header's token):
+    the error records, the summary, the journal, the status file and the output hold ***."""
+    key, token = "sk-QUOTED-KEY-0123456789", "tok-QUOTED-HEADER-42"
+
+    async def quoting(body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if body["messages"][0]["content"] == "bad":
+            said = f"Incorrect API key provided: {key} (and X-Auth-Token {token})"
+            return 400, {"error": {"message": said, "code": "invalid_api_key", key: token}}, {}
+        return 200, chat_answer(body["model"], {"prompt_tokens": 1, "completion_tokens": 1}), {}
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "bad"}\n{"prompt": "fine"}\n')
+    for output in ("out.jsonl", "out.parquet"):
+        with serving(json_app(quoting)) as url:
+            job = write_job(
+                tmp_path / "job.toml",
+                f'[job]\ninput = "in.jsonl"\noutput = "{output}"\n'
+                f'[endpoint]\nbase_url = "{url}"\nheaders = {{ "X-Auth-Token" = "{token}" }}\n'
+                '[request]\nmodel = "m"\n[pricing.m]\ninput = 1\noutput = 1\n',
+            )
+            keep_going = run_batcher("run", str(job), "--no-progress", env={"OPENAI_API_KEY": key})
+        assert keep_going.returncode == 1, keep_going.stderr
+        assert "invalid_api_key" in keep_going.stderr
+        files = [p for p in tmp_path.iterdir() if p.is_file() and p.name != "job.toml"]
+        written = b"".join(p.read_bytes() for p in files)
+        assert b"Incorrect API key provided: ***" in written or output.endswith("parquet")
+        for text in (keep_going.stdout + keep_going.stderr, written.decode("utf-8", "replace")):
+            assert key not in text and token not in text
+        shown = run_batcher("status", str(tmp_path / output))
+        assert "Incorrect API key provided: ***" in shown.stdout, shown.stdout
+        assert key not in shown.stdout and token not in shown.stdout
+
+
+def test_scrub_json_replaces_secrets_in_keys_values_and_lists() -> None:
+    value = {"a": [f"x{SECRET}y", 3, None], SECRET: {"b": SECRET}}
+    assert scrub_json(value, [SECRET]) == {"a": ["x***y", 3, None], "***": {"b": "***"}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from batcher.errors import InputError
 from batcher.input.reader import Reader, load_first_encoding, parse_line
 from batcher.input.sources import count_lines, open_input
 from batcher.records import Reject, Request
+from tests.helpers import batcher_cmd, run_batcher
 
 DEFAULTS = {"model": "m-default", "temperature": 0.5}
 
@@ -152,7 +154,10 @@ def test_uncounted_lines_keep_their_completion_budget() -> None:
         (b'{"prompt": "x", "stream": 1}', "stream: must be true or false"),
         (b'{"prompt": ""}', "prompt must be a non-empty string"),
         (b'{"prompt": "x", "metadata": 3}', "metadata must be an object"),
-        (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string"),
+        (b'{"custom_id": true, "prompt": "x"}', "custom_id must be a string or an integer, got a"),
+        # integer ids are taken as text: a fractional one is named, not "got a number"
+        (b'{"custom_id": 1.5, "prompt": "x"}', "custom_id must be a string or an integer, got 1.5"),
+        (b'{"id": 1e3, "prompt": "x"}', "id must be a string or an integer, got 1000.0"),
         (b'{"body": {"messages": [{"role": "user"}]}, "method": "GET"}', "method must be POST"),
         (b'{"body": {"messages": [{"role": "user"}]}, "url": "/v1/embeddings"}', "not supported"),
         (b'{"body": [], "url": "/v1/chat/completions"}', "body must be an object"),
@@ -205,6 +210,55 @@ def test_gzip_and_counting(tmp_path: Path) -> None:
     with open_input(path) as stream:
         items = list(Reader(stream, DEFAULTS))
     assert [i.custom_id for i in items] == ["line-1", "line-3"]
+
+
+@pytest.mark.parametrize("content", [b"x", b'{"prompt": "plain text, not gzip"}\n'])
+def test_a_gz_input_that_is_not_gzip_is_refused_when_opened(tmp_path: Path, content: bytes) -> None:
+    """Not a stop "after line 0" once the run has begun (exit 3: resume), but an input error
+    before anything is sent (exit 2)."""
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"in\.jsonl\.gz: not a gzip file"):
+        open_input(path)
+    empty = tmp_path / "empty.jsonl.gz"
+    empty.write_bytes(gzip.compress(b""))
+    with open_input(empty) as stream:
+        assert stream.read() == b""
+
+
+def test_a_gz_input_that_is_not_gzip_is_exit_2_with_nothing_written(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(b'{"prompt": "hi"}\n')
+    out = tmp_path / "o.parquet"
+    args = ["-i", str(path), "-o", str(out), "-m", "m", "--base-url", "sim", "--no-progress"]
+    proc = run_batcher("run", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("not a gzip file (Not a gzipped file (b'{\"'))")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl.gz"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_utf16_input_is_one_error_not_every_line_rejected(tmp_path: Path, encoding: str) -> None:
+    """Windows PowerShell's ``>`` writes UTF-16 with a byte-order mark: each line was
+    rejected as invalid UTF-8 (exit 1); it is one input error before anything is sent."""
+    text = '{"prompt": "hi"}\n'
+    path = tmp_path / "in.jsonl"
+    bom = {"utf-16": b"", "utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}[encoding]
+    path.write_bytes(bom + text.encode(encoding))
+    with pytest.raises(InputError, match=r"in\.jsonl is UTF-16 .*: save it as UTF-8"):
+        open_input(path)
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(InputError, match="is UTF-16"):
+        open_input(packed)
+    out = tmp_path / "o.parquet"
+    args = ["-i", "-", "-o", str(out), "-m", "m", "--base-url", "sim", "--no-progress"]
+    proc = subprocess.run(
+        batcher_cmd("run", *args), input=path.read_bytes(), capture_output=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert b"error: input (standard input) is UTF-16" in proc.stderr and not out.exists()
 
 
 def test_missing_input_is_an_input_error(tmp_path: Path) -> None:

@@ -96,9 +96,36 @@ def test_cli_report_json(output: Path) -> None:
 def test_cli_refuses_bad_html_targets_and_fractions(output: Path, tmp_path: Path) -> None:
     proc = run_batcher("report", str(output), "--html", str(tmp_path / "no" / "r.html"))
     assert proc.returncode == 2 and "--html: cannot write" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # no report, then an error
     est = run_batcher("estimate", "--input", str(output), "--low-fraction", "3")
     assert est.returncode == 2 and "between 0 and 1" in est.stderr
+
+
+def test_a_report_counts_the_lines_the_run_rejected(tmp_path: Path) -> None:
+    """The summary said "8 lines rejected" and exit code 1; the report said 3 ok, 0 error
+    and nothing of the rejects: "the same figures" as the summary."""
+    out = tmp_path / "messy.parquet"
+    run = run_batcher(
+        "run", "-i", "sample_data/messy.jsonl", "-o", str(out), "-m", "m", "--base-url", "sim",
+        "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 1 and "8 lines rejected" in run.stderr, run.stderr
+    text = run_batcher("report", str(out)).stdout
+    assert f"rejects   8 input lines rejected ({out}.rejects.jsonl" in text
+    assert json.loads(run_batcher("report", str(out), "--json").stdout)["rejected"] == 8
+    (tmp_path / "messy.parquet.rejects.jsonl").unlink()  # as a run that rejects nothing leaves
+    assert "rejects" not in run_batcher("report", str(out)).stdout
+
+
+def test_a_report_of_an_input_file_is_refused_naming_its_first_line(tmp_path: Path) -> None:
+    """Input lines (prompts, request bodies) are not answers: ``batcher report`` on the input
+    by mistake is one error line, not a report of every line as an ``ok`` answer."""
+    given = tmp_path / "prompts.jsonl"
+    given.write_text('{"custom_id": "a", "prompt": "hi"}\n', encoding="utf-8")
+    proc = run_batcher("report", str(given))
+    assert proc.returncode == 2, proc.stdout
+    assert "prompts.jsonl:1: not a batch output line" in proc.stderr
+    assert "'response'" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "parquet"])

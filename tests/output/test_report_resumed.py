@@ -90,10 +90,13 @@ def test_report_of_a_resumed_run_reads_compact_records_from_the_output(tmp_path:
     first.output.unlink()  # and the output gone
     report, _ = build_report(first.output)
     assert report.source == "journal" and report.state is not None
-    assert report.state.startswith("not finished")
+    # not "the same command resumes it": a run is refused until the output is back
+    assert report.state.startswith("its output is gone (put it back, or run with --restart")
     assert (report.requests, report.ok, report.left_out) == (3, 3, 20)
     assert set(report.groups) == {"m"} and report.usage_missing == 0
-    assert "20 requests answered before are left out" in format_report(report)
+    text = format_report(report)
+    assert "20 requests answered before are left out" in text
+    assert text.splitlines()[0].endswith("(its output is gone: what its journal still holds)")
 
 
 def test_the_header_spans_every_answer_and_names_the_last_run(tmp_path: Path) -> None:

@@ -243,7 +243,7 @@ def test_reading_a_folder_of_parts_and_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"must end in \.jsonl"):
         list(read_results(tmp_path / "out.csv"))
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"custom_id": "a"}\n[1]\n', encoding="utf-8")
+    bad.write_text('{"custom_id": "a", "response": null, "error": null}\n[1]\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad.jsonl:2: not a batch output line"):
         list(read_results(bad))
 

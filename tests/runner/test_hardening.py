@@ -133,6 +133,18 @@ def test_output_that_is_the_input_is_refused(tmp_path: Path) -> None:
     assert src.read_text().count("\n") == 1
 
 
+def test_an_output_folder_that_is_a_file_is_named_as_one(tmp_path: Path) -> None:
+    """Not "folder ... does not exist" when it does, as a file."""
+    from batcher.runner.checks import check_output_writable
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"afile is a file, not a folder$") as info:
+        check_output_writable(tmp_path / "afile" / "o.parquet")
+    assert info.value.field == "job.output"
+    with pytest.raises(ConfigError, match=r"nope does not exist$"):
+        check_output_writable(tmp_path / "nope" / "o.parquet")
+
+
 def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path) -> None:
     src = write_input(tmp_path / "in.jsonl", 1)
     held = Journal(journal_path(tmp_path / "o.jsonl"))  # another run holds the journal

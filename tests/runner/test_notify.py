@@ -229,6 +229,23 @@ def test_the_budget_is_told_once_at_80_percent(monkeypatch: pytest.MonkeyPatch) 
     assert "spent 80% of --max-cost" in sent[0].title and "$8.0000 of $10" in sent[0].body
 
 
+@pytest.mark.parametrize(
+    ("reason", "added"),
+    [
+        ("--max-cost $1 reached: $0.9990 spent", "  (with a higher --max-cost)"),
+        ("detached: 2 batch(es) submitted; run ...", "  (without --detach)"),
+        ("cancelled 2 batch(es); run again to ...", "  (without --cancel)"),
+        # a cap that cannot work is no spent cap: a higher one would not help
+        ("--max-cost: needs max_tokens (or max_completion_tokens) ...", ""),
+        ("interrupted by SIGINT", ""),
+    ],
+)
+def test_the_resume_command_says_what_the_same_command_lacks(reason: str, added: str) -> None:
+    command = "batcher run job.toml --mode batch"
+    notices = Notices(NotifyConfig(), name="n", stream=io.StringIO(), command=command)
+    assert notices._resume(reason) == command + added
+
+
 def test_without_urls_nothing_is_started() -> None:
     notices = Notices(NotifyConfig(), name="n", stream=io.StringIO())
     notices.follow(RunStats(), Budget(1.0), None)

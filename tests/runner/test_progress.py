@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,50 @@ def test_summary_counts_statuses_tokens_and_error_classes() -> None:
     assert "1.5 requests/s; 5 attempts (2 retries)" in text
     assert "http_400 ×1" in text
     assert "rejects   o.parquet.rejects.jsonl" in text
+
+
+@pytest.mark.parametrize(
+    ("reason", "tail"),
+    [
+        ("--max-cost $1 reached: $0.9990 spent", "again with a higher --max-cost to continue"),
+        ("interrupted by SIGINT", "run the same command again to continue"),
+        ("the endpoint refused the API key (401)", "run the same command again to continue"),
+        ("detached: 2 batch(es) submitted; ...", "again without --detach to continue"),
+        ("cancelled 2 batch(es); run again to ...", "again without --cancel to continue"),
+    ],
+)
+def test_a_stopped_run_says_how_to_go_on(reason: str, tail: str) -> None:
+    stats = RunStats()
+    stats.stopped_early, stats.stop_reason = True, reason
+    text = format_summary(stats, name="t", output="o.parquet", rejects=None)
+    assert text.splitlines()[-1].endswith(tail)
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_a_split_errors_summary_says_where_the_failed_requests_went(
+    tmp_path: Path, mode: str
+) -> None:
+    """The output holds only the successes: the summary names the file the errors went to."""
+    from batcher.api import run
+
+    src = write_input(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "o.parquet"
+    job: dict[str, Any] = {
+        "job": {"input": str(src), "output": str(out), "split_errors": True, "mode": mode},
+        "endpoint": {"base_url": "sim"},
+        "request": {"model": "m"},
+        "batch": {"poll_s": 0.05},
+        "sim": {"error_rate": 0.5, "error_kinds": ["400"], "seed": 3,
+                "batch": {"validating_s": 0.05, "in_progress_s": 0.05, "finalizing_s": 0.05,
+                          "error_rate": 0.5, "error_kinds": ["400"]}},
+    }  # fmt: skip
+    failed = run(job, load=False).report
+    assert 0 < failed.stats.error < 6, failed.summary
+    assert f"  failed    {out}.errors.jsonl" in failed.summary.splitlines()
+    job["sim"] = {}
+    job["job"]["output"] = str(tmp_path / "clean.parquet")
+    clean = run(job, load=False).report
+    assert clean.stats.error == 0 and "failed" not in clean.summary
 
 
 def test_the_summary_lays_out_a_sweeps_variants_in_rows_that_fit_80_columns() -> None:

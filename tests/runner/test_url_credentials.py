@@ -94,3 +94,25 @@ def test_url_credentials_alone_are_sent_as_basic_authorization(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     expected = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
     assert app.authorizations == [expected, expected]
+
+
+def test_an_authorization_header_beside_an_api_key_stops_before_sending(tmp_path: Path) -> None:
+    """Both were sent (two Authorization headers, the server picking one); the header alone
+    is sent as it is."""
+    app = _Recorder()
+    src = write_input(tmp_path / "in.jsonl", 2)
+    out = tmp_path / "out.parquet"
+    with serving(app) as url:
+        job = tmp_path / "job.toml"
+        job.write_text(
+            f'[job]\ninput = "{src}"\noutput = "{out}"\n[endpoint]\nbase_url = "{url}"\n'
+            '[endpoint.headers]\nAuthorization = "Token abc-header"\n[request]\nmodel = "m"\n'
+        )
+        both = run_batcher("run", str(job), "--no-progress", env={"OPENAI_API_KEY": "sk-env-9"})
+        assert both.returncode == 2, both.stderr
+        assert "endpoint.headers: an Authorization header is set and $OPENAI_API_KEY" in both.stderr
+        assert "sk-env-9" not in both.stderr and "abc-header" not in both.stderr
+        assert app.authorizations == [] and not out.exists()
+        alone = run_batcher("run", str(job), "--no-progress")
+    assert alone.returncode == 0, alone.stderr
+    assert app.authorizations == ["Token abc-header", "Token abc-header"]

@@ -69,6 +69,35 @@ def test_a_sim_table_the_simulator_refuses_is_a_config_error_before_the_journal(
     assert not journal_path(out).exists() and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("table", "field", "names"),
+    [
+        ({"latency": 5}, "sim.latency", "latency_ms"),
+        ({"batch": {"validating": 1}}, "sim.batch.validating", "validating_s"),
+    ],
+)
+def test_a_misspelt_sim_key_is_named_with_the_keys_it_could_be(
+    tmp_path: Path, table: dict[str, Any], field: str, names: str
+) -> None:
+    """Not Python's ``SimConfig.__init__() got an unexpected keyword argument``."""
+    src = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "o.jsonl"
+    job = job_from_dict(
+        {
+            "job": {"input": str(src), "output": str(out), "progress": False},
+            "endpoint": {"base_url": "sim"},
+            "request": {"model": "m"},
+            "sim": table,
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        run_job(job, stream=io.StringIO(), sim=sim_server)
+    assert caught.value.field == field
+    assert "unknown key" in caught.value.reason and names in caught.value.reason
+    assert "__init__" not in str(caught.value)
+    assert not journal_path(out).exists() and not out.exists()
+
+
 def test_a_run_builds_one_pricer_for_its_check_and_its_requests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
