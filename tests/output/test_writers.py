@@ -338,7 +338,8 @@ def test_interrupted_write_keeps_the_previous_output(tmp_path: Path, writer: Any
 
 
 def test_read_results_bad_input(tmp_path: Path) -> None:
-    (tmp_path / "bad.jsonl").write_text('{"custom_id": "a"}\n{oops\n', encoding="utf-8")
+    line = '{"custom_id": "a", "response": null, "error": null}'
+    (tmp_path / "bad.jsonl").write_text(f"{line}\n{{oops\n", encoding="utf-8")
     with pytest.raises(InputError, match=":2:"):
         list(read_results(tmp_path / "bad.jsonl"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
