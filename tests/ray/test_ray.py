@@ -79,6 +79,9 @@ def ray_instance(s3_env: dict[str, str] | None) -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as env:
         env.setenv(KEY_VAR, KEY)  # only while Ray starts: its workers inherit it
+        # Ray starts its workers at nice 15: beside the other test worker's processes (at 0)
+        # they got a few percent of a core, and a run made no progress for minutes.
+        env.setenv("RAY_worker_niceness", "0")
         for name, value in (s3_env or {}).items():  # as a store's credentials on the nodes
             env.setenv(name, value)
         ray.init(
