@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import EndpointConfig, JobConfig, VariantConfig
+from batcher.cost.money import usd
 from batcher.cost.pricing import BATCH_DISCOUNT, Pricer
 from batcher.input.sources import open_input
 from batcher.input.tabular import check_input, reader_for
@@ -285,6 +286,10 @@ def _sampled_completion(sample: Path) -> float | None:
     return total / count if count else None
 
 
+def _dollars(low: float, high: float) -> str:
+    return f"{usd(low, grouped=True)} to {usd(high, grouped=True)}"
+
+
 def format_estimate(est: Estimate, *, name: str) -> str:
     """The human-readable estimate."""
     lines = [
@@ -295,16 +300,16 @@ def format_estimate(est: Estimate, *, name: str) -> str:
         f"(low: {est.low_basis}; high: every max_tokens used, 256 where none is set)",
     ]
     if est.cost_low_usd is not None and est.cost_high_usd is not None:
-        lines.append(f"  cost           ${est.cost_low_usd:,.4f} to ${est.cost_high_usd:,.4f}")
+        lines.append(f"  cost           {_dollars(est.cost_low_usd, est.cost_high_usd)}")
     if est.batch_cost_low_usd is not None and est.batch_cost_high_usd is not None:
         lines.append(
-            f"  batch cost     ${est.batch_cost_low_usd:,.4f} to "
-            f"${est.batch_cost_high_usd:,.4f} (Batch API price: --mode batch)"
+            f"  batch cost     {_dollars(est.batch_cost_low_usd, est.batch_cost_high_usd)} "
+            "(Batch API price: --mode batch)"
         )
     for model, m in sorted(est.by_model.items()):
         cost = (
-            f"${m.cost_low_usd:,.4f} to ${m.cost_high_usd:,.4f}"
-            if m.cost_low_usd is not None
+            _dollars(m.cost_low_usd, m.cost_high_usd)
+            if m.cost_low_usd is not None and m.cost_high_usd is not None
             else "no known price"
         )
         lines.append(
@@ -312,7 +317,7 @@ def format_estimate(est: Estimate, *, name: str) -> str:
         )
     for name, v in est.by_variant.items():
         cost = (
-            f"${v.cost_low_usd:,.4f} to ${v.cost_high_usd:,.4f}"
+            _dollars(v.cost_low_usd, v.cost_high_usd)
             if v.cost_low_usd is not None and v.cost_high_usd is not None
             else "no known price"
         )

@@ -16,6 +16,7 @@ from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
+from batcher.cost.money import usd
 from batcher.output.report import Report
 from batcher.output.report_charts import COST_APART, Charts, cost_apart, latency_histogram
 from batcher.output.report_text import format_report, left_out_note
@@ -274,7 +275,7 @@ def _table(head: tuple[str, ...], rows: Sequence[Sequence[str]], kinds: str) -> 
 def _usd(total: float | None, unpriced: int) -> str:
     if total is None:
         return "unknown"
-    return f"${total:,.4f}" + (f" (+{unpriced:,} unpriced)" if unpriced else "")
+    return usd(total, grouped=True) + (f" (+{unpriced:,} unpriced)" if unpriced else "")
 
 
 def _s(value: float | None) -> str:

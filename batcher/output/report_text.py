@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from batcher.cost.money import usd
 from batcher.output.formats import rejects_path
 from batcher.output.report import Report, VariantRow
 
@@ -55,7 +56,7 @@ def format_report(report: Report) -> str:
     lines.append("  by model and status:")
     for model, statuses in sorted(report.groups.items()):
         for status, g in sorted(statuses.items()):
-            cost = "cost unknown" if g.cost_usd is None else f"${g.cost_usd:,.4f}"
+            cost = "cost unknown" if g.cost_usd is None else usd(g.cost_usd, grouped=True)
             cost += f" ({g.unpriced:,} unpriced)" if g.unpriced and g.cost_usd is not None else ""
             if g.prompt_tokens is None:
                 tokens = "tokens unknown (no usage)"
@@ -109,7 +110,11 @@ def _variant_table(variants: dict[str, VariantRow]) -> list[str]:
               "p50", "p90", "finish reasons"]  # fmt: skip
     rows = [header]
     for name, v in variants.items():
-        cost = "?" if v.cost_usd is None else f"${v.cost_usd:,.4f}" + ("+?" if v.unpriced else "")
+        cost = (
+            "?"
+            if v.cost_usd is None
+            else usd(v.cost_usd, grouped=True) + ("+?" if v.unpriced else "")
+        )
         reasons = ", ".join(f"{r} {n:,}" for r, n in v.finish_reasons.items()) or "-"
         unknown = "+?" if v.usage_missing else ""
         rows.append([
@@ -134,9 +139,10 @@ def _cost(total: float | None, unpriced: int) -> str:
         )
     if unpriced:
         return (
-            f"at least ${total:,.4f}; {unpriced:,} ok answers unpriced (no known price or no usage)"
+            f"at least {usd(total, grouped=True)}; {unpriced:,} ok answers unpriced "
+            "(no known price or no usage)"
         )
-    return f"${total:,.4f}"
+    return usd(total, grouped=True)
 
 
 def _tokens(report: Report) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batcher.cost.money import usd
 from batcher.errors import InputError
 from batcher.output.journal import journal_path, lock_holder
 from batcher.output.journal_facts import (
@@ -312,7 +313,7 @@ def format_status(status: JobStatus) -> str:
             "compacted journal points into is gone"
         )
     if f.priced or f.unpriced:
-        cost = f"${f.cost_usd:.4f}" if f.priced else "unknown"
+        cost = usd(f.cost_usd) if f.priced else "unknown"
         if f.unpriced:
             cost += f"; {f.unpriced:,} answers unpriced"
         lines.append(f"  cost      {cost}")

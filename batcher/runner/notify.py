@@ -34,6 +34,7 @@ from urllib.parse import unquote
 
 import anyio
 
+from batcher.cost.money import usd
 from batcher.errors import BatcherError, ConfigError
 from batcher.http.redact import REDACTED, redact_url, scheme_only
 from batcher.storage import is_uri, origin_of
@@ -263,7 +264,7 @@ class Notices:
     def _budget_notice(self, stats: RunStats, budget: Budget) -> Notice:
         share = budget.spent / budget.cap
         body = (
-            f"spent     ${budget.spent:.4f} of ${budget.cap:g} (earlier runs of this output "
+            f"spent     {usd(budget.spent)} of ${budget.cap:g} (earlier runs of this output "
             f"included)\n{self._counts(stats)}"
         )
         title = f"batcher: {self._name} has spent {share:.0%} of --max-cost"

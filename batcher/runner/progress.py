@@ -18,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 
+from batcher.cost.money import usd
 from batcher.input.sources import count_lines
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats
@@ -233,7 +234,7 @@ class Progress:
     def _cost(self) -> str:
         s = self._stats
         if s.cost_by_model:
-            return f"${sum(s.cost_by_model.values()):.4f}" + ("+?" if s.unpriced else "")
+            return usd(sum(s.cost_by_model.values())) + ("+?" if s.unpriced else "")
         return "$?" if s.unpriced else "$0"
 
     def _write_log_line(self, now: float) -> None:
@@ -390,9 +391,9 @@ def format_cost(s: RunStats) -> str:
         return (
             f"unknown: none of the {s.unpriced:,} answers has a price (no known price or no usage)"
         )
-    parts = ", ".join(f"{m} ${c:.4f}" for m, c in sorted(s.cost_by_model.items()))
+    parts = ", ".join(f"{m} {usd(c)}" for m, c in sorted(s.cost_by_model.items()))
     total = sum(s.cost_by_model.values())
-    text = f"${total:.4f} ({parts})"
+    text = f"{usd(total)} ({parts})"
     if s.unpriced:
         text = f"at least {text}; {s.unpriced:,} answers unpriced (no known price or no usage)"
     return text

@@ -126,3 +126,12 @@ def test_fewer_choices_than_n_asked_are_counted(tmp_path: Path, choices: int, fe
         assert f"  choices   {few} answers had fewer choices" in format_report(report)
     else:
         assert "  choices  " not in result.summary and warning not in result.log
+
+
+def test_a_cost_below_a_hundredth_of_a_cent_is_shown_not_rounded_to_zero(tmp_path: Path) -> None:
+    # gpt-4o-mini: 6 answers of 10 prompt and 5 completion tokens cost $0.000027 in all
+    result = run(tmp_path, Server(with_usage=6))
+    assert result.stats.cost_usd == pytest.approx(0.000027)
+    assert "  cost      $0.000027 (gpt-4o-mini $0.000027)" in result.summary
+    report, _ = build_report(result.output)
+    assert "$0.000027" in format_report(report) and "$0.0000 " not in format_report(report)
