@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batcher.cli.parser import build_parser
+from batcher.cli.parser import parse_command_line
 from batcher.errors import BatcherError
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None, *, tuning: ProcessTuning | None = No
     """Parse ``argv`` (the process's arguments by default), run the command, return its exit
     code. The ``batcher`` command itself is ``console_main``, which passes its process's
     ``tuning`` (none by default: ``main`` changes nothing process-wide)."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         if args.command == "run":
             from batcher.runner.notify import RESUME_COMMAND, resume_command

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -206,7 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_status(sub)
     _add_sim(sub)
+    for command in sub.choices.values():
+        # which subcommand's usage an unknown flag is reported with (``parse_command_line``)
+        command.set_defaults(command_parser=command)
     return parser
+
+
+def parse_command_line(argv: Sequence[str] | None) -> argparse.Namespace:
+    """``argv`` parsed; an unknown flag is reported by its subcommand (``batcher run: error:
+    unrecognized arguments: --bogus`` under run's usage line, exit 2), not by ``batcher``."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _add_run(sub: _Subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batcher.cli.main import sim_batch_settings
-from batcher.cli.parser import build_parser
+from batcher.cli.parser import build_parser, parse_command_line
 from batcher.sim.config import SimConfig
 
 
@@ -29,3 +29,16 @@ def test_a_simulated_error_rate_past_one_is_refused() -> None:
     args = build_parser().parse_args(["sim", "--batch-error-rate", "2"])
     with pytest.raises(ValueError, match="error_rate"):
         SimConfig(batch=sim_batch_settings(args))
+
+
+@pytest.mark.parametrize("command", ["run", "report out.parquet", "estimate", "status out.parquet"])
+def test_an_unknown_flag_is_reported_by_its_subcommand(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        parse_command_line([*command.split(), "--bogus"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    name = command.split()[0]
+    assert f"usage: batcher {name} " in err
+    assert f"batcher {name}: error: unrecognized arguments: --bogus" in err
