@@ -33,6 +33,11 @@ class InputError(BatcherError):
     """The input as a whole cannot be read (missing file, unreadable gzip)."""
 
 
+#: How an ``InputError`` raised mid-read begins (then the last line read and the cause): the
+#: run's stop reason, which says how to go on (``runner.progress.how_to_go_on``).
+INPUT_UNREADABLE = "cannot read the input after line"
+
+
 class OutputError(BatcherError):
     """The output, rejects or journal file cannot be written (checks before sending raise
     ``ConfigError`` instead)."""

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from batcher import jsonfast
-from batcher.errors import InputError
+from batcher.errors import INPUT_UNREADABLE, InputError
 from batcher.input.idset import IdSet
 from batcher.input.sources import open_input
 from batcher.output.body_hash import request_hash
@@ -204,7 +204,7 @@ def _checked(stream: IO[bytes]) -> Iterator[bytes]:
         except StopIteration:
             return
         except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz, say
-            raise InputError(f"cannot read the input after line {count}: {exc}") from None
+            raise InputError(f"{INPUT_UNREADABLE} {count}: {exc}") from None
         count += 1
         yield raw
 

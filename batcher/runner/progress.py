@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 
 from batcher.cost.money import usd
+from batcher.errors import INPUT_UNREADABLE
 from batcher.input.sources import count_lines
 from batcher.runner.quiet_stream import quiet
 from batcher.runner.stats import RunStats
@@ -339,7 +340,8 @@ def format_summary(
 def how_to_go_on(reason: str | None) -> str:
     """What the command that stopped for ``reason`` needs to go on, as words after "run the
     same command again": the same command would stop again at once after a spent
-    ``--max-cost`` (earlier runs' spending counts), a ``--detach`` or a ``--cancel``."""
+    ``--max-cost`` (earlier runs' spending counts), a ``--detach`` or a ``--cancel``, and at
+    the same line of an input that could not be read (a truncated ``.gz``)."""
     reason = reason or ""
     if reason.startswith("--max-cost") and " reached" in reason:
         return " with a higher --max-cost"
@@ -347,6 +349,8 @@ def how_to_go_on(reason: str | None) -> str:
         return " without --detach"
     if reason.startswith("cancelled "):
         return " without --cancel"
+    if reason.startswith(INPUT_UNREADABLE):  # a damaged file would stop at the same line
+        return " once the input can be read past that line"
     return ""
 
 

@@ -61,6 +61,11 @@ def test_summary_counts_statuses_tokens_and_error_classes() -> None:
         ("the endpoint refused the API key (401)", "run the same command again to continue"),
         ("detached: 2 batch(es) submitted; ...", "again without --detach to continue"),
         ("cancelled 2 batch(es); run again to ...", "again without --cancel to continue"),
+        (
+            "cannot read the input after line 1480: Compressed file ended before the "
+            "end-of-stream marker was reached",
+            "again once the input can be read past that line to continue",
+        ),
     ],
 )
 def test_a_stopped_run_says_how_to_go_on(reason: str, tail: str) -> None:
