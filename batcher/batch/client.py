@@ -25,7 +25,7 @@ from batcher.engine.retry import RetryableAttempt, Sleep, retry_policy
 from batcher.errors import BatcherError
 from batcher.http.answers import Attempt, classify, retry_after_s
 from batcher.http.client import check_api_key
-from batcher.http.redact import redact_url, scrub
+from batcher.http.redact import client_secrets, redact_url, scrub_json
 
 T = TypeVar("T")
 #: The endpoint batcher's batches serve.
@@ -67,7 +67,7 @@ class BatchClient:
         if api_key:
             check_api_key(api_key)
             all_headers["authorization"] = f"Bearer {api_key}"
-        self._key = api_key or ""
+        self._secrets = client_secrets(base_url, api_key, headers)
         self._base = base_url
         self._retry = retry or RetryConfig()
         self._sleep = sleep
@@ -288,10 +288,9 @@ class BatchClient:
         raise BatchAPIError(f"{what}: {message}")
 
     def _clean(self, text: str) -> str:
-        """``text`` without the key or the base URL's secrets."""
-        if len(self._key) >= 4:
-            text = text.replace(self._key, "***")
-        return scrub(text, self._base).replace(self._base, redact_url(self._base))
+        """``text`` without the credentials sent (the key, the headers', the base URL's)."""
+        text = scrub_json(text, self._secrets)
+        return text.replace(self._base, redact_url(self._base))
 
 
 _PURPOSE = {"purpose": "batch"}

@@ -13,18 +13,29 @@ of names known to be harmless (``api-version``), since a secret's name cannot be
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
 
 #: What stands in for a redacted value.
 REDACTED = "***"
 #: Query parameters whose values are kept (lower-case): versions, never credentials.
 HARMLESS_QUERY_NAMES = frozenset({"api-version", "api_version", "apiversion", "version"})
+#: Request headers whose values are no credentials (lower-case): the rest are searched for in
+#: error messages as secrets.
+HARMLESS_HEADERS = frozenset(
+    {"accept", "accept-encoding", "accept-language", "content-type", "user-agent",
+     "openai-beta", "openai-organization", "openai-project", "x-stainless-lang"}
+)  # fmt: skip
 #: Secrets shorter than this are not searched for in free text (a value like ``1`` would
 #: blank out every digit of a message; so short a value is no credential).
 _MIN_SECRET = 4
+#: An API key or header value shorter than this is taken for a placeholder, not a credential.
+_MIN_CREDENTIAL = 8
+#: How clients encode a Basic authorization's user and password (aiohttp: latin-1; others UTF-8).
+_BASIC = ("utf-8", "latin-1")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}")
 
 
@@ -99,16 +110,32 @@ def scrub(text: str, url: str | None) -> str:
 def client_secrets(
     url: str | None, api_key: str | None, headers: Mapping[str, str] | None
 ) -> list[str]:
-    """Every credential a client sends: the base URL's, the API key, and the values of
-    headers named like one (``Authorization``, ``api-key``, ``X-Auth-Token``...); longest
-    first, as ``secrets_in`` gives them."""
+    """Every credential a client sends, longest first (as ``secrets_in`` gives them): the base
+    URL's, and the Basic authorization its user info is sent as; the API key; and the value of
+    every header but the harmless ones (``HARMLESS_HEADERS``: as for the query, a secret's
+    name cannot be guessed), whole and without its scheme (``Basic``, ``Token``, ``bearer``).
+    An API key or header value shorter than ``_MIN_CREDENTIAL`` is a placeholder (``EMPTY``,
+    ``none``), not searched for: it would blank out words of every message."""
     found = set(secrets_in(url))
-    if api_key:
-        found.add(api_key)
+    found |= _basic_authorization(url)
+    credentials = [api_key or ""]
     for name, value in (headers or {}).items():
-        if any(word in name.lower() for word in ("auth", "key", "token", "secret")):
-            found.add(value.removeprefix("Bearer ").strip())
+        if name.lower() not in HARMLESS_HEADERS:
+            credentials += [value.strip(), value.strip().partition(" ")[2].strip()]
+    found |= {c for c in credentials if len(c) >= _MIN_CREDENTIAL}
     return sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True)
+
+
+def _basic_authorization(url: str | None) -> set[str]:
+    """The base64 token a URL's user info is sent as (``Authorization: Basic ...``)."""
+    if not url:
+        return set()
+    netloc = urlsplit(url).netloc
+    if "@" not in netloc:
+        return set()
+    user, _, password = netloc.rpartition("@")[0].partition(":")
+    pair = f"{unquote(user)}:{unquote(password)}"
+    return {base64.b64encode(pair.encode(code, "replace")).decode("ascii") for code in _BASIC}
 
 
 def scrub_json(value: Any, secrets: Sequence[str]) -> Any:

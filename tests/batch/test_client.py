@@ -191,6 +191,21 @@ async def test_a_server_quoting_the_key_does_not_put_it_in_the_error() -> None:
     assert sleeps.waits == []
 
 
+async def test_a_server_quoting_a_credential_header_does_not_put_it_in_the_error() -> None:
+    token = "xauth-secret-999"
+
+    async def refuse(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return 401, {"error": {"message": f"bad X-Auth-Token {token}", "code": "denied"}}, {}
+
+    with serving(json_app(refuse)) as url:
+        api = BatchClient(url, api_key=None, headers={"X-Auth-Token": token}, retry=FAST)
+        async with api:
+            with pytest.raises(BatchAPIError) as caught:
+                await api.retrieve("batch_abc")
+    assert token not in str(caught.value)
+    assert "bad X-Auth-Token ***" in str(caught.value)
+
+
 async def test_the_base_urls_query_is_kept_on_every_call() -> None:
     seen: list[tuple[str, str]] = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,14 @@ import pytest
 from batcher.cost.pricing import Pricer
 from batcher.errors import ConfigError
 from batcher.http.client import chat_completions_url
-from batcher.http.redact import redact_url, scheme_only, scrub, scrub_json, url_origin
+from batcher.http.redact import (
+    client_secrets,
+    redact_url,
+    scheme_only,
+    scrub,
+    scrub_json,
+    url_origin,
+)
 from batcher.job_file import job_from_dict
 from tests.helpers import run_batcher, write_job
 from tests.loopback import chat_answer, json_app, serving
@@ -122,6 +130,39 @@ def test_a_server_quoting_the_key_leaves_it_in_no_output_log_or_status(tmp_path:
         shown = run_batcher("status", str(tmp_path / output))
         assert "Incorrect API key provided: ***" in shown.stdout, shown.stdout
         assert key not in shown.stdout and token not in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("headers", "quoted"),
+    [
+        ({"Authorization": "Basic dXNlcjpzZWNyZXQtcGFzcw=="}, "dXNlcjpzZWNyZXQtcGFzcw=="),
+        ({"Authorization": "bearer lower-case-bearer-token"}, "lower-case-bearer-token"),
+        ({"Authorization": "Token tok-0123456789"}, "tok-0123456789"),
+        ({"Cookie": "session=cookie-secret-123"}, "session=cookie-secret-123"),
+        ({"X-Password": "hunter2-but-long"}, "hunter2-but-long"),
+    ],
+)
+def test_a_credential_in_any_header_is_a_secret_whole_and_without_its_scheme(
+    headers: dict[str, str], quoted: str
+) -> None:
+    secrets = client_secrets("http://h/v1", None, headers)
+    assert scrub_json(f"bad token {quoted}", secrets) == "bad token ***"
+
+
+def test_url_credentials_are_secrets_as_the_basic_authorization_they_are_sent_as() -> None:
+    # what aiohttp, httpx and pyreqwest send for http://user:s%C3%A9cret-pass@h/v1
+    secrets = client_secrets("http://user:s%C3%A9cret-pass@h/v1", None, None)
+    for encoding in ("utf-8", "latin-1"):
+        token = base64.b64encode("user:s\u00e9cret-pass".encode(encoding)).decode()
+        assert scrub_json(f"Basic {token} refused", secrets) == "Basic *** refused"
+
+
+def test_placeholders_and_harmless_headers_are_not_scrubbed_from_messages() -> None:
+    # ``OPENAI_API_KEY=EMPTY`` (vLLM's placeholder) must not blank out "EMPTY" everywhere
+    secrets = client_secrets("http://h/v1", "EMPTY", {"Content-Type": "application/json"})
+    assert scrub_json("messages: EMPTY list; application/json expected", secrets) == (
+        "messages: EMPTY list; application/json expected"
+    )
 
 
 def test_scrub_json_replaces_secrets_in_keys_values_and_lists() -> None:
