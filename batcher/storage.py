@@ -271,6 +271,17 @@ def upload(source: Path, uri: str, field: str = "job.output") -> None:
         ) from None
 
 
+def remove(uri: str, field: str = "job.output") -> None:
+    """Delete the object ``uri`` if there is one. A failure is an ``OutputError``."""
+    if not exists(uri, field):
+        return
+    fs, path = filesystem(uri, field)
+    try:
+        fs.delete_file(path)
+    except Exception as exc:
+        raise OutputError(f"cannot delete {shown(uri)}: {_reason(exc, uri)}") from None
+
+
 def reason(exc: BaseException, uri: str) -> str:
     """A store's error as a short reason, without the URI's credentials."""
     if isinstance(exc, FileNotFoundError):

@@ -56,6 +56,7 @@ from batcher.storage import (
     is_uri,
     note_origin,
     reason,
+    remove,
     shown,
     upload,
 )
@@ -86,6 +87,14 @@ def _run_files(output: Path) -> list[Path]:
             state_path(output)]  # fmt: skip
 
 
+def _side_files(output: Path) -> list[Path]:
+    """The files beside an output that a run removes when it has nothing to put in them (no
+    line rejected, no request failed): their remote copies go with them."""
+    from batcher.output.formats import errors_path, rejects_path
+
+    return [errors_path(output), rejects_path(output)]
+
+
 @dataclass
 class Staging:
     """A job made local (``job``), and what is owed to object storage at its end."""
@@ -107,8 +116,11 @@ class Staging:
             query = "?" + query
         local = self.job.output
         for path in _run_files(local):
+            uri = base + path.name[len(local.name) :] + query
             if path.exists():
-                upload(path, base + path.name[len(local.name) :] + query)
+                upload(path, uri)
+            elif path in _side_files(local):
+                remove(uri)  # an earlier run's, that this run no longer has: stale
         _note_synced(local, self.remote_output)
         if local.exists():
             say(f"uploaded to {shown(self.remote_output)}")

@@ -327,3 +327,21 @@ def test_a_remote_output_refused_names_the_uri_exit_2_nothing_sent(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and out in lines[0], result.stderr
     assert not exists(out)
+
+
+def test_a_rejects_file_an_earlier_run_uploaded_goes_when_the_next_run_has_none(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    # A line rejected, then fixed: the output's rejects file on the bucket is the earlier
+    # run's, stale (a report from another machine would count it): it is removed.
+    src = f"s3://{s3_bucket}/in/fixed.jsonl"
+    put(src, _lines(3) + b'{"custom_id": "bad", "messages": "not a list"}\n')
+    out = f"s3://{s3_bucket}/out/fixed.jsonl"
+    job = _job(tmp_path, src, out)
+    first = run_batcher("run", str(job))
+    assert first.returncode == 1, first.stderr  # the rejected line
+    assert exists(out + ".rejects.jsonl")
+    put(src, _lines(3) + b'{"custom_id": "bad", "prompt": "now a question"}\n')
+    second = run_batcher("run", str(job))
+    assert second.returncode == 0, second.stderr
+    assert exists(out) and not exists(out + ".rejects.jsonl")
