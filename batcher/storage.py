@@ -55,6 +55,16 @@ def origin_of(location: Location) -> str:
     return shown(location)
 
 
+def origin_beside(output: Path, side: Path) -> str:
+    """Where ``side``, a file beside the local ``output`` (its rejects, its errors), is for
+    the user: beside the remote output ``output`` stands in for, if any (where the run
+    uploads it), else ``side`` itself."""
+    if output not in _ORIGINS:
+        return str(side)
+    base, sep, query = _ORIGINS[output].partition("?")
+    return f"{base}{side.name[len(output.name) :]}{sep}{query}"
+
+
 def is_uri(text: object) -> bool:
     """Whether ``text`` is an object-storage URI (``scheme://...``), not a local path."""
     return isinstance(text, str) and _URI.match(text) is not None

@@ -64,6 +64,7 @@ from batcher.runner.run import RunReport
 from batcher.runner.stats import RunStats, run_ending
 from batcher.runner.status_file import RunStatus
 from batcher.runner.wiring import SimServer, base_urls, build_budget, build_pricer
+from batcher.storage import origin_beside, origin_of
 
 if TYPE_CHECKING:
     import httpx
@@ -203,7 +204,8 @@ async def arun_batch_job(
         )
     rejects = rejects_path(output) if stats.rejected else None
     summary = format_summary(
-        stats, name=job.name, output=str(output), rejects=str(rejects) if rejects else None,
+        stats, name=job.name, output=origin_of(output),
+        rejects=origin_beside(output, rejects) if rejects else None,
         failed=split_off(job, output),
     )  # fmt: skip
     print(summary, file=stream, flush=True)

@@ -355,12 +355,14 @@ def how_to_go_on(reason: str | None) -> str:
 
 
 def split_off(job: JobConfig, output: Path) -> str | None:
-    """The file a ``split_errors`` job's failed requests went to (``OUTPUT.errors.jsonl``),
-    for the summary: the output alone does not hold them. ``None`` when none was written."""
+    """The file a ``split_errors`` job's failed requests went to (``OUTPUT.errors.jsonl``,
+    beside the remote output a local one stands in for), for the summary: the output alone
+    does not hold them. ``None`` when none was written."""
     from batcher.output.formats import errors_path
+    from batcher.storage import origin_beside
 
     path = errors_path(output)
-    return str(path) if job.split_errors and path.exists() else None
+    return origin_beside(output, path) if job.split_errors and path.exists() else None
 
 
 def _variant_rows(s: RunStats) -> list[str]:

@@ -54,7 +54,7 @@ from batcher.runner.wiring import (
     engine_settings,
     open_endpoints,
 )
-from batcher.storage import origin_of
+from batcher.storage import origin_beside, origin_of
 
 if TYPE_CHECKING:
     import httpx
@@ -198,7 +198,8 @@ async def _run_online(job: JobConfig, options: RunOptions, notices: Notices) -> 
                 source.close()
     rej = rejects_path(output) if rejected else None
     summary = format_summary(
-        stats, name=job.name, output=origin_of(output), rejects=str(rej) if rej else None,
+        stats, name=job.name, output=origin_of(output),
+        rejects=origin_beside(output, rej) if rej else None,
         failed=split_off(job, output),
     )  # fmt: skip
     print(summary, file=stream, flush=True)

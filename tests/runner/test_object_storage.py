@@ -345,3 +345,21 @@ def test_a_rejects_file_an_earlier_run_uploaded_goes_when_the_next_run_has_none(
     second = run_batcher("run", str(job))
     assert second.returncode == 0, second.stderr
     assert exists(out) and not exists(out + ".rejects.jsonl")
+
+
+def test_the_summary_names_the_side_files_where_they_were_uploaded(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    # failed requests split off and a rejected line: the summary names them beside the
+    # bucket's output, not in the local work folder the run used
+    src = f"s3://{s3_bucket}/in/split.jsonl"
+    put(src, _lines(8) + b'{"custom_id": "bad", "messages": "not a list"}\n')
+    out = f"s3://{s3_bucket}/out/split.jsonl"
+    job = _job(tmp_path, src, out)
+    text = job.read_text().replace("progress = false", "progress = false\nsplit_errors = true")
+    job.write_text(text + 'error_rate = 0.5\nerror_kinds = ["400"]\nseed = 3\n')
+    done = run_batcher("run", str(job))
+    assert done.returncode == 1, done.stderr
+    assert f"  failed    {out}.errors.jsonl" in done.stderr, done.stderr
+    assert f"  rejects   {out}.rejects.jsonl" in done.stderr
+    assert exists(out + ".errors.jsonl") and exists(out + ".rejects.jsonl")
