@@ -3,7 +3,7 @@
 From Python (a notebook, say)::
 
     import batcher
-    result = batcher.run("jobs/sweep.toml", concurrency=32)   # or: await batcher.arun(...)
+    result = batcher.run("jobs/sweep.toml", max_attempts=3)   # or: await batcher.arun(...)
     result.table            # the output as a pyarrow.Table (None for a large output)
     print(result.summary)
 

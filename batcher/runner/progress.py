@@ -341,7 +341,8 @@ def how_to_go_on(reason: str | None) -> str:
     """What the command that stopped for ``reason`` needs to go on, as words after "run the
     same command again": the same command would stop again at once after a spent
     ``--max-cost`` (earlier runs' spending counts), a ``--detach`` or a ``--cancel``, and at
-    the same line of an input that could not be read (a truncated ``.gz``)."""
+    the same line of an input that could not be read (a truncated ``.gz``) or of a request
+    ``--max-cost`` cannot bound (no ``max_tokens``, a model with no price)."""
     reason = reason or ""
     if reason.startswith("--max-cost") and " reached" in reason:
         return " with a higher --max-cost"
@@ -351,6 +352,10 @@ def how_to_go_on(reason: str | None) -> str:
         return " without --cancel"
     if reason.startswith(INPUT_UNREADABLE):  # a damaged file would stop at the same line
         return " once the input can be read past that line"
+    if reason.startswith("--max-cost: needs max_tokens"):  # the same line would stop it
+        return " once every request has max_tokens"
+    if reason.startswith("--max-cost: no price known"):
+        return " once every model has a price"
     return ""
 
 

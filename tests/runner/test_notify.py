@@ -235,8 +235,11 @@ def test_the_budget_is_told_once_at_80_percent(monkeypatch: pytest.MonkeyPatch) 
         ("--max-cost $1 reached: $0.9990 spent", "  (with a higher --max-cost)"),
         ("detached: 2 batch(es) submitted; run ...", "  (without --detach)"),
         ("cancelled 2 batch(es); run again to ...", "  (without --cancel)"),
-        # a cap that cannot work is no spent cap: a higher one would not help
-        ("--max-cost: needs max_tokens (or max_completion_tokens) ...", ""),
+        # a cap that cannot work is no spent cap: a higher one would not help, max_tokens would
+        (
+            "--max-cost: needs max_tokens (or max_completion_tokens) ...",
+            "  (once every request has max_tokens)",
+        ),
         ("interrupted by SIGINT", ""),
     ],
 )

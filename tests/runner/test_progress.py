@@ -66,6 +66,14 @@ def test_summary_counts_statuses_tokens_and_error_classes() -> None:
             "end-of-stream marker was reached",
             "again once the input can be read past that line to continue",
         ),
+        (
+            "--max-cost: needs max_tokens (or max_completion_tokens) on every request, ...",
+            "again once every request has max_tokens to continue",
+        ),
+        (
+            "--max-cost: no price known for model 'x', so its cost cannot be capped; ...",
+            "again once every model has a price to continue",
+        ),
     ],
 )
 def test_a_stopped_run_says_how_to_go_on(reason: str, tail: str) -> None:
