@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from batcher.cost.money import usd
 from batcher.errors import ConfigError
 from batcher.input.requests import estimate_prompt_tokens, prompt_bound
 
@@ -82,8 +83,8 @@ class Budget:
             else ("billed for more tokens than its bound")
         )
         return (
-            f"--max-cost ${self.cap:g}: an answer cost ${actual:.4f}, more than the "
-            f"${reserved:.4f} reserved for it ({by}); no new requests, so the cap holds "
+            f"--max-cost ${self.cap:g}: an answer cost {usd(actual)}, more than the "
+            f"{usd(reserved)} reserved for it ({by}); no new requests, so the cap holds "
             "within those in flight"
         )
 
@@ -110,8 +111,8 @@ class Budget:
         worst = price.worst_case(prompt_bound(body, counted), request.completion_budget)
         if not self.try_reserve(worst):
             return (
-                f"--max-cost ${self.cap:g} reached: ${self.spent:.4f} spent, "
-                f"${self.reserved:.4f} reserved by requests in flight, next would reserve "
-                f"${worst:.4f}"
+                f"--max-cost ${self.cap:g} reached: {usd(self.spent)} spent, "
+                f"{usd(self.reserved)} reserved by requests in flight, next would reserve "
+                f"{usd(worst)}"
             )
         return worst

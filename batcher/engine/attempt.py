@@ -18,6 +18,7 @@ import anyio
 
 from batcher.config import RetryConfig
 from batcher.cost.budget import Budget
+from batcher.cost.money import usd
 from batcher.engine.control import RunControl
 from batcher.engine.endpoints import NEGLIGIBLE_WAIT_S, Endpoint, Router
 from batcher.engine.outcomes import UNREACHABLE
@@ -115,7 +116,7 @@ class Sender:
         if self._budget.try_reserve(reserved):
             return True
         self._control.stop(
-            f"--max-cost ${self._budget.cap:g} reached: ${self._budget.spent:.4f} spent, "
+            f"--max-cost ${self._budget.cap:g} reached: {usd(self._budget.spent)} spent, "
             "answers that could not be used counted at their worst case (they may have "
             "been billed)"
         )
