@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.llama_server
-from batcher.output.rows import read_results
+from batcher.output.reading import read_results
 from tests.llama_server import MODEL_ALIAS, N_CTX, WEATHER_TOOL, llama_server
 
 ROOT = Path(__file__).resolve().parent.parent

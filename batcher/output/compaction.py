@@ -244,7 +244,7 @@ class _JsonlRows(_Rows):
         self._next = 0  # the row the next line read is
 
     def row(self, n: int) -> dict[str, Any] | None:
-        from batcher.output.rows import row_from_line
+        from batcher.output.reading import row_from_line
 
         if self._f is None or n < self._next:
             self.close()
@@ -260,7 +260,7 @@ class _JsonlRows(_Rows):
         return None
 
     def keys(self) -> Iterator[str]:
-        from batcher.output.rows import row_from_line
+        from batcher.output.reading import row_from_line
 
         with self._path.open("rb") as f:
             for raw in f:

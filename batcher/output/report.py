@@ -22,8 +22,8 @@ from typing import Any
 from batcher.output.formats import errors_path, rejects_path
 from batcher.output.journal import JOURNAL_SUFFIX
 from batcher.output.provenance import read_provenance
+from batcher.output.reading import read_results
 from batcher.output.report_source import JournalRows, Source, report_source, source_rows
-from batcher.output.rows import read_results
 from batcher.runner.status_file import read_status_file
 
 _TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")

@@ -21,7 +21,8 @@ from batcher.output.compaction import PreviousOutput
 from batcher.output.formats import errors_path
 from batcher.output.journal import JOURNAL_SUFFIX, decode, journal_path, kept_in, lock_holder
 from batcher.output.journal_facts import appended_since_compacted
-from batcher.output.rows import parquet_row, read_results
+from batcher.output.reading import read_results
+from batcher.output.rows import parquet_row
 from batcher.records import record_key
 
 

@@ -1,6 +1,5 @@
-"""Results as output rows, and rows read back: the fixed Parquet ``SCHEMA``, the Batch API JSONL
-line of a result, and ``read_results``, which reads either format back into the same dicts (the
-Parquet column names) for ``batcher report``, resume tools and the round-trip tests.
+"""Results as output rows: the fixed Parquet ``SCHEMA``, a result's column values and the Batch
+API JSONL line of a result (``reading.py`` reads either format back into the same dicts).
 
 The writers (``writers.py``) put these rows into files; this module has no file state.
 """
@@ -9,19 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import attrgetter
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batcher import jsonfast
-from batcher.errors import InputError
-from batcher.output.formats import output_format
 from batcher.output.shape import OutputShape, tool_calls_type
 from batcher.output.typed import fit, utf8
 from batcher.records import Result, Usage
@@ -68,7 +62,7 @@ def schema_for(shape: OutputShape) -> pa.Schema:
     return pa.schema([*SCHEMA, *shape.fields()])
 
 
-_USAGE_KEYS = NAMES[5:10]  # prompt_tokens .. reasoning_tokens, the Usage fields
+USAGE_KEYS = NAMES[5:10]  # prompt_tokens .. reasoning_tokens, the Usage fields
 
 # Compact, non-ASCII as is; default=str keeps odd values (Decimal, bytes...) from raising.
 ENCODE = jsonfast.dumps_text
@@ -76,7 +70,7 @@ _EPOCH = datetime(1970, 1, 1)  # naive: isoformat() + "Z" is cheaper than an awa
 _EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
 _MIN_US = round((datetime(1, 1, 2) - _EPOCH).total_seconds()) * 1_000_000
 _MAX_US = round((datetime(9999, 12, 30) - _EPOCH).total_seconds()) * 1_000_000
-_NO_USAGE = (None, None, None, None, None)
+NO_USAGE = (None, None, None, None, None)
 
 
 def _us(ts: float) -> int | None:
@@ -107,14 +101,14 @@ def _finite(x: float | None) -> float | None:
     return x if x is None or math.isfinite(x) else None
 
 
-def _text(value: Any) -> str | None:
+def text_value(value: Any) -> str | None:
     """A string column value: strings as they are, anything else as JSON text."""
     if value is None or isinstance(value, str):
         return value
     return ENCODE(value)
 
 
-def _first_choice(body: Any) -> tuple[str | None, str | None]:
+def first_choice(body: Any) -> tuple[str | None, str | None]:
     """``(content, finish_reason)`` of the first choice; ``(None, None)`` for odd bodies."""
     if not isinstance(body, dict):
         return None, None
@@ -123,11 +117,11 @@ def _first_choice(body: Any) -> tuple[str | None, str | None]:
         return None, None
     choice = choices[0]
     message = choice.get("message")
-    content = _text(message.get("content")) if isinstance(message, dict) else None
-    return content, _text(choice.get("finish_reason"))
+    content = text_value(message.get("content")) if isinstance(message, dict) else None
+    return content, text_value(choice.get("finish_reason"))
 
 
-def _choices(body: Any) -> list[dict[str, Any]] | None:
+def choices_rows(body: Any) -> list[dict[str, Any]] | None:
     """Every choice of an answer as a row of the ``choices`` column; ``None`` for odd bodies."""
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         return None
@@ -143,20 +137,20 @@ def _choices(body: Any) -> list[dict[str, Any]] | None:
             {
                 "index": index if isinstance(index, int) and not isinstance(index, bool)
                 else position,
-                "content": _text(message.get("content")),
-                "finish_reason": _text(choice.get("finish_reason")),
-                "refusal": _text(message.get("refusal")),
+                "content": text_value(message.get("content")),
+                "finish_reason": text_value(choice.get("finish_reason")),
+                "refusal": text_value(message.get("refusal")),
                 "tool_calls": None if calls is None else ENCODE(calls),
             }
         )  # fmt: skip
     return rows
 
 
-_USAGE_OF = attrgetter(*_USAGE_KEYS)  # Usage's fields are named like the columns
+_USAGE_OF = attrgetter(*USAGE_KEYS)  # Usage's fields are named like the columns
 
 
-def _usage_tuple(usage: Usage | None) -> tuple[int | None, ...]:
-    return _NO_USAGE if usage is None else _USAGE_OF(usage)
+def usage_tuple(usage: Usage | None) -> tuple[int | None, ...]:
+    return NO_USAGE if usage is None else _USAGE_OF(usage)
 
 
 def _has_response(r: Result) -> bool:
@@ -252,7 +246,7 @@ def batch_output_line(result: Result, *, parsed: bool = False) -> dict[str, Any]
         extra["parsed"] = parsed_value(r.body)
     if r.usage != Usage.from_body(r.body):
         u = r.usage
-        extra["usage"] = None if u is None else dict(zip(_USAGE_KEYS, _usage_tuple(u), strict=True))
+        extra["usage"] = None if u is None else dict(zip(USAGE_KEYS, usage_tuple(u), strict=True))
     response, error = _response_and_error(r, extra)
     return {
         "id": "batch_req_" + digest,
@@ -277,13 +271,13 @@ def messages_rows(messages: Any) -> list[dict[str, str | None]] | None:
 
 
 def _utf8_text(value: Any) -> str | None:
-    text = _text(value)
+    text = text_value(value)
     return None if text is None else utf8(text)
 
 
 def parsed_value(body: Any) -> Any:
     """The first choice's content parsed as JSON; ``None`` if there is none or it is not JSON."""
-    content, _ = _first_choice(body)
+    content, _ = first_choice(body)
     if content is None:
         return None
     try:
@@ -333,7 +327,7 @@ def typed_values(r: Result, shape: OutputShape) -> tuple[Any, ...]:
 
 def row_values(r: Result) -> tuple[Any, ...]:
     """One row in SCHEMA order, timestamps as integer microseconds (cheapest for pyarrow)."""
-    content, finish = _first_choice(r.body)
+    content, finish = first_choice(r.body)
     body = r.body
     return (
         r.custom_id,
@@ -341,7 +335,7 @@ def row_values(r: Result) -> tuple[Any, ...]:
         r.model,
         content,
         finish,
-        *_usage_tuple(r.usage),
+        *usage_tuple(r.usage),
         _finite(r.cost_usd),
         r.attempts,
         _finite(r.latency_s),
@@ -350,11 +344,11 @@ def row_values(r: Result) -> tuple[Any, ...]:
         r.error_message,
         r.request_id,
         None if r.metadata is None else ENCODE(r.metadata),
-        None if body is None else _text(body),
+        None if body is None else text_value(body),
         _us(r.started_at),
         _us(r.finished_at),
         r.line,
-        _choices(body),
+        choices_rows(body),
         _finite(r.ttft_s),
         r.schema_valid,
         r.schema_error,
@@ -377,127 +371,3 @@ def parquet_row(result: Result, shape: OutputShape = PLAIN) -> dict[str, Any]:
     row["started_at"] = _to_dt(row["started_at"])
     row["finished_at"] = _to_dt(row["finished_at"])
     return row
-
-
-def parquet_parts(folder: Path) -> list[Path]:
-    """The finished part files of a Parquet output folder (the Ray engine's), in name order."""
-    return sorted(p for p in Path(folder).glob("*.parquet") if p.is_file())
-
-
-def read_results(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield one dict per result (Parquet column names, SCHEMA order, then the typed columns
-    the file has: ``messages``, and ``input``, ``parsed``, ``tool_calls`` where written) from
-    either format.
-
-    JSONL lines without a ``batcher`` object (files from OpenAI's Batch API or vLLM) are read
-    too, with the fields they lack set to ``None`` and the status derived from the answer.
-    A ``.parquet`` folder (the Ray engine's output) is read part file by part file.
-    """
-    path = Path(path)
-    try:
-        if output_format(path) == ".parquet":
-            for part in parquet_parts(path) if path.is_dir() else [path]:
-                for batch in pq.ParquetFile(part).iter_batches():
-                    yield from batch.to_pylist()
-            return
-        # newline="\n": only LF ends a line; U+2028, U+0085 etc. may appear raw inside strings.
-        with path.open(encoding="utf-8", newline="\n") as f:
-            for n, text in enumerate(f, 1):
-                if text.strip():
-                    try:
-                        yield _row_from_line(jsonfast.loads_exact(text))
-                    except (ValueError, TypeError, AttributeError) as exc:
-                        raise InputError(f"{path}:{n}: not a batch output line ({exc})") from exc
-    except (OSError, pa.ArrowException) as exc:  # missing file, or not a Parquet file
-        raise InputError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
-
-
-def _row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
-    """The Parquet-shaped dict for one batch output line (the inverse of batch_output_line)."""
-    if "response" not in obj and "error" not in obj and "batcher" not in obj:
-        # every output line has both keys (one null): this is another file, an input perhaps
-        raise ValueError("it has neither 'response' nor 'error'")
-    resp = obj.get("response")
-    resp = resp if isinstance(resp, dict) else {}
-    err = obj.get("error")
-    b = obj.get("batcher")
-    body = resp.get("body")
-    status_code = resp.get("status_code")
-    if isinstance(err, dict):
-        error_code, error_message = err.get("code"), err.get("message")
-    else:  # vLLM writes the error inline as a string
-        error_code, error_message = None, err
-    custom_id = obj.get("custom_id")
-    request_id = resp.get("request_id")
-    if isinstance(b, dict):
-        if not resp:  # an answer without a usable body: its status and id are batcher's
-            status_code, request_id = b.get("status_code"), b.get("request_id")
-        status = b.get("status")
-        model = b.get("model")
-        body = _body_of(b.get("response_body"), body, error_message)
-        if "error_code" in b:  # batcher's own; ``error`` holds the Batch API's view
-            error_code, error_message = b.get("error_code"), b.get("error_message")
-        custom_id = b.get("line_id", custom_id)
-    else:
-        failed = err is not None or (isinstance(status_code, int) and status_code >= 400)
-        status = "error" if failed else "ok"
-        model = body.get("model") if isinstance(body, dict) else None
-        b = {}
-    if "usage" in b:
-        u = b["usage"]
-        usage = tuple(u.get(k) for k in _USAGE_KEYS) if isinstance(u, dict) else _NO_USAGE
-    else:
-        usage = _usage_tuple(Usage.from_body(body))
-    content, finish = _first_choice(body)
-    meta = b.get("metadata")
-    started, finished = b.get("started_at"), b.get("finished_at")
-    values = (
-        custom_id,
-        status,
-        model,
-        content,
-        finish,
-        *usage,
-        b.get("cost_usd"),
-        b.get("attempts"),
-        b.get("latency_s"),
-        status_code,
-        error_code,
-        error_message,
-        request_id,
-        None if meta is None else ENCODE(meta),
-        None if body is None else _text(body),
-        None if started is None else datetime.fromisoformat(started),
-        None if finished is None else datetime.fromisoformat(finished),
-        b.get("line"),
-        _choices(body),
-        b.get("ttft_s"),
-        b.get("schema_valid"),
-        b.get("schema_error"),
-        b.get("endpoint"),
-        b.get("variant"),
-        b.get("choices_asked"),
-        b.get("batch_id"),
-    )
-    row = dict(zip(NAMES, values, strict=True))
-    row["messages"] = messages_rows(b.get("messages"))
-    for key in ("input", "parsed"):
-        if key in b:
-            row[key] = b[key]
-    return row
-
-
-def row_from_line(obj: dict[str, Any]) -> dict[str, Any]:
-    """The Parquet-shaped dict of one parsed batch output line (as ``read_results`` gives)."""
-    return _row_from_line(obj)
-
-
-def _body_of(where: Any, body: Any, error_message: Any) -> Any:
-    """The answer's body of a line whose ``batcher.response_body`` says where it went."""
-    if where == "none":
-        return None
-    if where == "text":
-        return error_message
-    if where == "json" and isinstance(error_message, str):
-        return jsonfast.loads_exact(error_message)
-    return body

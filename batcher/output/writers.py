@@ -25,12 +25,12 @@ from batcher.output.formats import SUFFIXES as SUFFIXES
 from batcher.output.formats import Closing
 from batcher.output.formats import RejectsWriter as RejectsWriter
 from batcher.output.formats import output_format as output_format
+from batcher.output.reading import parquet_parts as parquet_parts
+from batcher.output.reading import read_results as read_results
 from batcher.output.rows import ENCODE, NAMES, PLAIN, row_values, schema_for, typed_values
 from batcher.output.rows import SCHEMA as SCHEMA
 from batcher.output.rows import batch_output_line as batch_output_line
-from batcher.output.rows import parquet_parts as parquet_parts
 from batcher.output.rows import parquet_row as parquet_row
-from batcher.output.rows import read_results as read_results
 from batcher.output.shape import OutputShape
 from batcher.output.typed import cast, column, fit
 from batcher.records import Result

@@ -221,7 +221,7 @@ def _facts_of_output(output: Path) -> JournalFacts:
     """An output's facts (and its split-off errors', when there is such a file)."""
     from itertools import chain
 
-    from batcher.output.rows import read_results
+    from batcher.output.reading import read_results
 
     errors = output.with_name(output.name + ".errors.jsonl")
     parts = [read_results(output)] if output.exists() else []

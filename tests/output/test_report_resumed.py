@@ -14,10 +14,10 @@ import httpx
 from batcher.job_file import job_from_dict
 from batcher.output.journal import Journal, journal_path
 from batcher.output.provenance import run_record
+from batcher.output.reading import read_results
 from batcher.output.report import build_report
 from batcher.output.report_html import render_html
 from batcher.output.report_text import format_report
-from batcher.output.rows import read_results
 from batcher.output.writers import open_writer
 from batcher.records import Result, Usage
 from batcher.runner.run import RunReport, run_job

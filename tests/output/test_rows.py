@@ -15,15 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batcher.errors import ConfigError, InputError
+from batcher.output.reading import parquet_parts, read_results, row_from_line
 from batcher.output.rows import (
     ENCODE,
     NAMES,
     SCHEMA,
     batch_output_line,
-    parquet_parts,
     parquet_row,
-    read_results,
-    row_from_line,
     row_values,
 )
 from batcher.records import Result, Usage

@@ -16,7 +16,7 @@ from batcher.errors import ConfigError
 from batcher.job_file import job_from_dict
 from batcher.output.journal import Journal, journal_path
 from batcher.output.journal_facts import JournalReader, journal_facts
-from batcher.output.rows import read_results
+from batcher.output.reading import read_results
 from batcher.records import Result, Usage
 from batcher.runner.job_status import format_status, read_job_status
 from batcher.runner.run import RunReport, run_job
