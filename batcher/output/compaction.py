@@ -151,7 +151,7 @@ class PreviousOutput:
         return result_of_row(self.row(record))
 
     def row(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """The output row (as ``rows.read_results`` gives it) a compact ``record`` points at.
+        """The output row (as ``reading.read_results`` gives it) a compact ``record`` points at.
         Raises ``OutputError`` when the file is gone, unreadable or does not hold it."""
         where = kept_in(record) or "output"
         rows = self._files.get(where)
