@@ -329,15 +329,21 @@ def test_a_remote_output_refused_names_the_uri_exit_2_nothing_sent(
     assert not exists(out)
 
 
+def _bucket_job(tmp_path: Path, bucket: str, name: str, n: int) -> tuple[str, str, Path]:
+    """An input of ``n`` lines and a line the reader rejects, on the bucket; the output beside
+    it; the job between them: ``(input URI, output URI, job file)``."""
+    src = f"s3://{bucket}/in/{name}.jsonl"
+    put(src, _lines(n) + b'{"custom_id": "bad", "messages": "not a list"}\n')
+    out = f"s3://{bucket}/out/{name}.jsonl"
+    return src, out, _job(tmp_path, src, out)
+
+
 def test_a_rejects_file_an_earlier_run_uploaded_goes_when_the_next_run_has_none(
     tmp_path: Path, s3_bucket: str
 ) -> None:
     # A line rejected, then fixed: the output's rejects file on the bucket is the earlier
     # run's, stale (a report from another machine would count it): it is removed.
-    src = f"s3://{s3_bucket}/in/fixed.jsonl"
-    put(src, _lines(3) + b'{"custom_id": "bad", "messages": "not a list"}\n')
-    out = f"s3://{s3_bucket}/out/fixed.jsonl"
-    job = _job(tmp_path, src, out)
+    src, out, job = _bucket_job(tmp_path, s3_bucket, "fixed", 3)
     first = run_batcher("run", str(job))
     assert first.returncode == 1, first.stderr  # the rejected line
     assert exists(out + ".rejects.jsonl")
@@ -352,10 +358,7 @@ def test_the_summary_names_the_side_files_where_they_were_uploaded(
 ) -> None:
     # failed requests split off and a rejected line: the summary names them beside the
     # bucket's output, not in the local work folder the run used
-    src = f"s3://{s3_bucket}/in/split.jsonl"
-    put(src, _lines(8) + b'{"custom_id": "bad", "messages": "not a list"}\n')
-    out = f"s3://{s3_bucket}/out/split.jsonl"
-    job = _job(tmp_path, src, out)
+    _, out, job = _bucket_job(tmp_path, s3_bucket, "split", 8)
     text = job.read_text().replace("progress = false", "progress = false\nsplit_errors = true")
     job.write_text(text + 'error_rate = 0.5\nerror_kinds = ["400"]\nseed = 3\n')
     done = run_batcher("run", str(job))

@@ -50,9 +50,9 @@ def test_a_sim_endpoint_without_a_simulator_is_a_config_error_and_nothing_is_sen
     assert sent == [] and not journal_path(out).exists() and not out.exists()
 
 
-def test_a_sim_table_the_simulator_refuses_is_a_config_error_before_the_journal(
-    tmp_path: Path,
-) -> None:
+def _refused_sim_table(tmp_path: Path, table: dict[str, Any]) -> ConfigError:
+    """The error of a run over the simulator with ``table`` as its ``[sim]``, after checking
+    that it left no journal and no output."""
     src = write_input(tmp_path / "in.jsonl", 3)
     out = tmp_path / "o.jsonl"
     job = job_from_dict(
@@ -60,13 +60,19 @@ def test_a_sim_table_the_simulator_refuses_is_a_config_error_before_the_journal(
             "job": {"input": str(src), "output": str(out), "progress": False},
             "endpoint": {"base_url": "sim"},
             "request": {"model": "m"},
-            "sim": {"error_rate": 2},
+            "sim": table,
         }
     )
     with pytest.raises(ConfigError) as caught:
         run_job(job, stream=io.StringIO(), sim=sim_server)
-    assert caught.value.field == "sim"
     assert not journal_path(out).exists() and not out.exists()
+    return caught.value
+
+
+def test_a_sim_table_the_simulator_refuses_is_a_config_error_before_the_journal(
+    tmp_path: Path,
+) -> None:
+    assert _refused_sim_table(tmp_path, {"error_rate": 2}).field == "sim"
 
 
 @pytest.mark.parametrize(
@@ -80,22 +86,10 @@ def test_a_misspelt_sim_key_is_named_with_the_keys_it_could_be(
     tmp_path: Path, table: dict[str, Any], field: str, names: str
 ) -> None:
     """Not Python's ``SimConfig.__init__() got an unexpected keyword argument``."""
-    src = write_input(tmp_path / "in.jsonl", 3)
-    out = tmp_path / "o.jsonl"
-    job = job_from_dict(
-        {
-            "job": {"input": str(src), "output": str(out), "progress": False},
-            "endpoint": {"base_url": "sim"},
-            "request": {"model": "m"},
-            "sim": table,
-        }
-    )
-    with pytest.raises(ConfigError) as caught:
-        run_job(job, stream=io.StringIO(), sim=sim_server)
-    assert caught.value.field == field
-    assert "unknown key" in caught.value.reason and names in caught.value.reason
-    assert "__init__" not in str(caught.value)
-    assert not journal_path(out).exists() and not out.exists()
+    error = _refused_sim_table(tmp_path, table)
+    assert error.field == field
+    assert "unknown key" in error.reason and names in error.reason
+    assert "__init__" not in str(error)
 
 
 def test_a_run_builds_one_pricer_for_its_check_and_its_requests(
