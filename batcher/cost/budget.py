@@ -28,10 +28,17 @@ if TYPE_CHECKING:
     from batcher.records import Request
 
 
+#: How the stop reasons of a request ``--max-cost`` cannot bound begin: a model with no price,
+#: no completion limit (``runner.progress.how_to_go_on`` says what the next run needs).
+_NO_PRICE = "no price known for model"
+UNPRICED = f"--max-cost: {_NO_PRICE}"
+NO_COMPLETION_LIMIT = "--max-cost: needs max_tokens"
+
+
 def unpriced_problem(model: object) -> str:
     """Why ``--max-cost`` cannot run requests to ``model``, and how to give it a price."""
     return (
-        f"no price known for model {model!r}, so its cost cannot be capped; add "
+        f"{_NO_PRICE} {model!r}, so its cost cannot be capped; add "
         f'[pricing."{model}"] input = ..., output = ... (USD per million tokens) to the job'
     )
 
@@ -102,7 +109,7 @@ class Budget:
         if not (body.get("max_tokens") or body.get("max_completion_tokens")):
             self.misconfigured = True
             return (
-                "--max-cost: needs max_tokens (or max_completion_tokens) on every request, to "
+                f"{NO_COMPLETION_LIMIT} (or max_completion_tokens) on every request, to "
                 "bound what an answer can cost; set it in the job's [request] or on the lines"
             )
         counted = request.prompt_tokens

@@ -352,9 +352,11 @@ def how_to_go_on(reason: str | None) -> str:
         return " without --cancel"
     if reason.startswith(INPUT_UNREADABLE):  # a damaged file would stop at the same line
         return " once the input can be read past that line"
-    if reason.startswith("--max-cost: needs max_tokens"):  # the same line would stop it
+    from batcher.cost.budget import NO_COMPLETION_LIMIT, UNPRICED
+
+    if reason.startswith(NO_COMPLETION_LIMIT):  # the same line would stop it again
         return " once every request has max_tokens"
-    if reason.startswith("--max-cost: no price known"):
+    if reason.startswith(UNPRICED):
         return " once every model has a price"
     return ""
 
