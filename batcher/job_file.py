@@ -353,7 +353,7 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
 
 
 #: The HTTP clients an endpoint may use (``EndpointConfig.http``).
-HTTP_CLIENTS = ("aiohttp", "pyreqwest")
+HTTP_CLIENTS = ("aiohttp", "pyreqwest", "httptools")
 
 
 def check_http(name: str, where: str) -> None:

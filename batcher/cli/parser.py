@@ -110,7 +110,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--http",
-        choices=("aiohttp", "pyreqwest"),
+        choices=("aiohttp", "pyreqwest", "httptools"),
         help="the HTTP client (default aiohttp; pyreqwest needs the native extra and costs "
         "less CPU a request)",
     )

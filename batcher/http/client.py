@@ -46,7 +46,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 TOO_LARGE = "response_too_large"
 #: The HTTP library requests go over: aiohttp (the default), or pyreqwest (Rust's reqwest, the
 #: ``native`` extra; ``batcher.http.native``).
-HttpLibrary = Literal["aiohttp", "pyreqwest"]
+HttpLibrary = Literal["aiohttp", "pyreqwest", "httptools"]
 
 
 def http_library(name: str) -> HttpLibrary:
@@ -92,6 +92,15 @@ class ChatClient:
             from batcher.http.native import ReqwestTransport
 
             self._transport = ReqwestTransport(
+                headers=all_headers,
+                max_connections=max_connections,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+            )
+        elif http == "httptools":
+            from batcher.http.h1 import H1Transport
+
+            self._transport = H1Transport(
                 headers=all_headers,
                 max_connections=max_connections,
                 timeout_s=timeout_s,

@@ -1,0 +1,513 @@
+"""A lean HTTP/1.1 transport: keep-alive connections on asyncio protocols, httptools' parser.
+
+A request is one ``write`` of prepared bytes (the request line and the fixed headers are built
+once per URL) and one future resolved by the parser's callbacks: about half the CPU a request
+of aiohttp's ``ClientSession``, whose request and response objects, tracing hooks and timers
+are most of what a batch run spends in HTTP on a fast server (figures in bench/README.md). The
+parsing is httptools' (llhttp, the parser Node.js and aiohttp use; also what serves the
+simulator); what is here is the pool and the exchange.
+
+It keeps ``AiohttpTransport``'s promises: at most ``max_connections`` connections, idle ones
+kept for reuse, no redirects followed, no cookies kept, no proxy taken from the environment,
+``gzip``/``deflate`` answers decoded as they arrive, one timeout over the whole attempt
+(waiting for a connection, connecting, the status line and the body or stream), credentials in
+the URL sent as Basic auth, and only the errors of ``batcher.http.transport``. A connection is
+reused only after an answer read to its end that the server lets stay open; any other
+(cancelled, cut off, timed out, not read to the end) is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import unquote, urlsplit
+
+import httptools
+
+from batcher.http.transport import (
+    BodyError,
+    InvalidResponse,
+    Reply,
+    TransportError,
+    TransportTimeout,
+    connect_failure,
+)
+
+#: The largest piece a compressed body is decoded into at a time: a gzip bomb grows by at most
+#: this much before the client's size cap sees it.
+_DECODED_PIECE = 256 * 1024
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: RFC 8305's recommended wait before trying the next address of a host.
+_HAPPY_EYEBALLS_S = 0.25
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a URL's requests go and the bytes every request to it starts with."""
+
+    origin: tuple[str, str, int]  # scheme, host, port
+    head: bytes  # request line and headers, up to "content-length: "
+
+
+class H1Transport:
+    """HTTP/1.1 over at most ``max_connections`` keep-alive connections (all origins)."""
+
+    def __init__(
+        self,
+        *,
+        headers: Mapping[str, str],
+        max_connections: int,
+        timeout_s: float,
+        connect_timeout_s: float,
+    ) -> None:
+        try:
+            self._headers = {name.lower(): value.encode("latin-1") for name, value in headers.items()}
+        except UnicodeEncodeError:
+            raise ValueError("a header cannot be sent (not shown: it may hold a key)") from None
+        self._max_connections = max_connections
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._targets: dict[str, _Target] = {}
+        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._open_count = 0  # connections made and not yet closed, idle ones included
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    def open(self) -> None:
+        pass  # nothing to make ahead: connections are made on first use
+
+    def post(self, url: str, content: bytes) -> _Exchange:
+        target = self._targets.get(url)
+        if target is None:
+            target = self._targets[url] = self._target(url)
+        return _Exchange(self, target, content)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+        self._idle.clear()
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    async def _connection(self, target: _Target, deadline: float) -> _Connection:
+        """An idle connection to ``target``'s origin, or a new one once the pool has room."""
+        while True:
+            idle = self._idle.get(target.origin)
+            while idle:
+                connection = idle.pop()
+                if connection.reusable:
+                    return connection
+                self._forget(connection)
+            if self._open_count < self._max_connections or self._close_an_idle_one():
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            finally:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+        self._open_count += 1
+        try:
+            return await self._connect(target, deadline)
+        except BaseException:
+            self._open_count -= 1
+            self._wake_one()
+            raise
+
+    async def _connect(self, target: _Target, deadline: float) -> _Connection:
+        scheme, host, port = target.origin
+        loop = asyncio.get_running_loop()
+        context = None
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
+        connect_by = min(deadline, loop.time() + self._connect_timeout_s)
+        try:
+            async with asyncio.timeout_at(connect_by):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(target.origin),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context else None,
+                    happy_eyeballs_delay=_HAPPY_EYEBALLS_S,
+                )
+        except TimeoutError as exc:
+            waited = min(self._timeout_s, self._connect_timeout_s)
+            raise TransportTimeout(f"could not connect to {host}:{port} within {waited:g} s") from exc
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        """Take back ``connection`` after an exchange: kept if it can carry another."""
+        if connection.reusable and not self._closed:
+            self._idle.setdefault(connection.origin, deque()).append(connection)
+        else:
+            connection.close()
+            self._open_count -= 1
+        self._wake_one()
+
+    def _forget(self, connection: _Connection) -> None:
+        connection.close()
+        self._open_count -= 1
+
+    def _close_an_idle_one(self) -> bool:
+        """Make room for a connection to another origin by closing an idle one."""
+        for idle in self._idle.values():
+            if idle:
+                self._forget(idle.popleft())
+                return True
+        return False
+
+    def _wake_one(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _target(self, url: str) -> _Target:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        try:
+            port = parts.port or _DEFAULT_PORTS.get(scheme)
+        except ValueError as exc:  # a port that is not a number, or past 65535
+            raise TransportError(f"invalid URL: {exc}") from None
+        if scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
+            raise TransportError("invalid URL: not an http:// or https:// URL with a host")
+        host = parts.hostname.encode("idna").decode("ascii")
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"host": f"{shown}:{parts.port}" if parts.port else shown}
+        headers.update(self._headers)
+        headers.setdefault("accept-encoding", b"gzip, deflate")
+        if parts.username is not None and "authorization" not in headers:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            headers["authorization"] = b"Basic " + base64.b64encode(pair.encode())
+        lines = [f"POST {path} HTTP/1.1".encode()]
+        for name, value in headers.items():
+            lines.append(name.encode("latin-1") + b": " + (value if isinstance(value, bytes) else value.encode()))
+        lines.append(b"content-length: ")
+        return _Target((scheme, host, port), b"\r\n".join(lines))
+
+
+class _Exchange:
+    """``async with transport.post(url, content) as reply``: one request and its answer."""
+
+    __slots__ = ("_connection", "_content", "_target", "_transport", "_timer")
+
+    def __init__(self, transport: H1Transport, target: _Target, content: bytes) -> None:
+        self._transport = transport
+        self._target = target
+        self._content = content
+        self._connection: _Connection | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> _Reply:
+        transport = self._transport
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + transport._timeout_s
+        try:
+            connection = await transport._connection(self._target, deadline)
+        except TimeoutError as exc:  # no room in the pool in time
+            raise TransportTimeout(_timed_out(transport._timeout_s)) from exc
+        except OSError as exc:  # refused, no such host, TLS refused (SSLError is an OSError)
+            raise TransportError(_describe(exc), connect_failure=connect_failure(exc)) from exc
+        self._connection = connection
+        self._timer = loop.call_at(deadline, connection.time_out, transport._timeout_s)
+        content = self._content
+        try:
+            connection.send(b"%b%d\r\n\r\n%b" % (self._target.head, len(content), content))
+            await connection.head()
+        except BaseException:
+            await self.__aexit__(None, None, None)  # not called when __aenter__ raises
+            raise
+        return _Reply(connection)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        connection = self._connection
+        if connection is not None:
+            self._connection = None
+            self._transport._release(connection)
+
+
+class _Reply:
+    """The answer on a connection; its body is read through ``read`` or ``chunks``."""
+
+    __slots__ = ("_connection", "_headers", "_status")
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        # kept here: they stay the answer's once the connection carries the next request
+        self._status = connection.status
+        self._headers = connection.headers
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    async def read(self) -> bytes:
+        if _decoder(self._headers.get("content-encoding")) is None:
+            return await self._connection.body()
+        return b"".join([piece async for piece in self.chunks()])
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        decoder = _decoder(self._headers.get("content-encoding"))
+        while (chunk := await connection.next_chunk()) is not None:
+            if decoder is None:
+                yield chunk
+                continue
+            for piece in _decoded(decoder, chunk):
+                yield piece
+        if decoder is not None:
+            try:
+                rest = decoder.flush()
+            except zlib.error as exc:
+                raise BodyError(f"the body is not the encoding it claims: {exc}") from exc
+            if not decoder.eof:
+                raise BodyError("the compressed body ends before its end of stream")
+            if rest:
+                yield rest
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: sends a request, parses its answer, tells its waiter."""
+
+    def __init__(self, origin: tuple[str, str, int]) -> None:
+        self.origin = origin
+        self.status = 0
+        self.headers: _Headers = _Headers()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._parts: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._has_head = False
+        self._complete = False
+        self._until_close = False  # a body with neither a length nor chunks: it ends at close
+        self._error: TransportError | None = None  # the answer cannot be had: raised to readers
+        self._closing = False  # the server closes the connection after this answer
+        self._busy = False
+
+    @property
+    def reusable(self) -> bool:
+        """Whether another request can go over this connection."""
+        return (
+            self._transport is not None
+            and self._error is None
+            and not self._closing
+            and not self._busy
+        )
+
+    # -- the exchange (client side) ----------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._busy = True
+        self.status, self.headers = 0, _Headers()
+        self._has_head = self._complete = self._until_close = False
+        self._transport.write(data)
+
+    async def head(self) -> None:
+        """Wait for the status line and headers."""
+        while not self._has_head:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def body(self) -> bytes:
+        """Wait for the whole body."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                parts, self._parts = self._parts, []
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            await self._wait()
+
+    async def next_chunk(self) -> bytes | None:
+        """What has come of the body since the last call (waiting for some); None at its end."""
+        while True:
+            if self._parts:
+                parts, self._parts = self._parts, []
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return None
+            await self._wait()
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def time_out(self, timeout_s: float) -> None:
+        self._fail(TransportTimeout(_timed_out(timeout_s)))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _fail(self, error: TransportError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
+        self._wake()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self._busy:
+            self._fail(InvalidResponse("the server sent data without a request"))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            kind = BodyError if self._has_head else InvalidResponse
+            self._fail(kind(f"not a valid HTTP answer: {exc}"))
+
+    def eof_received(self) -> bool:
+        if self._busy and self._has_head and self._until_close and not self._complete:
+            self.on_message_complete()  # the body was "everything until the connection closes"
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._busy and not self._complete:
+            reason = f": {_describe(exc)}" if exc else ""
+            if self._has_head:
+                self._fail(BodyError(f"the connection closed before the body's end{reason}"))
+            else:
+                self._fail(TransportError(f"the server closed the connection{reason}"))
+
+    # -- httptools' callbacks ----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        raw, self._raw_headers = self._raw_headers, []
+        if 100 <= status < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        self.status = status
+        self.headers = _Headers.of(raw)
+        self._until_close = (
+            "content-length" not in self.headers and "transfer-encoding" not in self.headers
+        )
+        self._has_head = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._parts.append(body)
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self._has_head:
+            return  # the end of an interim answer
+        self._complete = True
+        self._busy = False
+        if not self._parser.should_keep_alive() or self._until_close:
+            self._closing = True
+        self._wake()
+
+
+class _Headers(dict[str, str]):
+    """Response headers by lower-case name (repeated ones joined by commas), looked up in any
+    case."""
+
+    @classmethod
+    def of(cls, raw: list[tuple[bytes, bytes]]) -> _Headers:
+        headers = cls()
+        for name_bytes, value_bytes in raw:
+            name, value = name_bytes.decode("latin-1").lower(), value_bytes.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return headers
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name.lower() if isinstance(name, str) else name)
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+
+def _decoder(encoding: str | None) -> zlib._Decompress | None:
+    """A decoder for a ``Content-Encoding`` (None for none); ``BodyError`` for one not sent
+    for (only ``gzip`` and ``deflate`` are asked for)."""
+    if encoding is None:
+        return None
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return None
+    if name in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header
+    raise _UnknownEncoding(name)
+
+
+def _decoded(decoder: zlib._Decompress, chunk: bytes) -> Iterator[bytes]:
+    """``chunk`` decoded in pieces of at most ``_DECODED_PIECE`` bytes."""
+    try:
+        piece = decoder.decompress(chunk, _DECODED_PIECE)
+        while piece:
+            yield piece
+            piece = decoder.decompress(decoder.unconsumed_tail, _DECODED_PIECE)
+    except zlib.error as exc:
+        raise BodyError(f"the body is not the encoding it claims: {exc}") from exc
+
+
+class _UnknownEncoding(BodyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the body's Content-Encoding {name!r} was not asked for")
+
+
+def _timed_out(timeout_s: float) -> str:
+    return f"no answer within {timeout_s:g} s"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+__all__ = ["H1Transport"]
