@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import (
+    DEFAULT_HTTP_CLIENT,
     MAX_CONCURRENCY,
     BatchConfig,
     EndpointConfig,
@@ -337,7 +338,7 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
     if table.get("concurrency") is not None:
         check_int(table["concurrency"], f"{where}.concurrency", minimum=1, maximum=MAX_CONCURRENCY)
     base_url = _typed(table, "base_url", str, where)
-    http = _typed(table, "http", str, where, "aiohttp")
+    http = _typed(table, "http", str, where, DEFAULT_HTTP_CLIENT)
     check_http(http, f"{where}.http")
     return EndpointConfig(
         name=_typed(table, "name", str, where, f"endpoint-{number}" if number else "default"),
@@ -353,7 +354,7 @@ def _endpoint(table: dict[str, Any], where: str, number: int = 0) -> EndpointCon
 
 
 #: The HTTP clients an endpoint may use (``EndpointConfig.http``).
-HTTP_CLIENTS = ("aiohttp", "pyreqwest", "httptools")
+HTTP_CLIENTS = ("httptools", "aiohttp", "pyreqwest")
 
 
 def check_http(name: str, where: str) -> None:
@@ -362,7 +363,7 @@ def check_http(name: str, where: str) -> None:
         raise ConfigError(where, f"must be one of {', '.join(HTTP_CLIENTS)}, got {name!r}")
     if name == "pyreqwest" and importlib.util.find_spec("pyreqwest") is None:
         raise ConfigError(
-            where, "pyreqwest is not installed: pip install 'batcher[native]' (or use aiohttp)"
+            where, "pyreqwest is not installed: pip install 'batcher[native]' (or leave http out)"
         )
 
 

@@ -95,7 +95,7 @@ PEERS = (
     Peer("openai", "openai SDK", "openai", "openai"),
     Peer("batcher", "batcher run"),
     Peer("batcher-pyreqwest", "batcher --http pyreqwest", requires="pyreqwest", http="pyreqwest"),
-    Peer("batcher-httptools", "batcher --http httptools", http="httptools"),
+    Peer("batcher-aiohttp", "batcher --http aiohttp", http="aiohttp"),
 )
 _BY_KEY = {peer.key: peer for peer in PEERS}
 BASELINE = _BY_KEY["aiohttp"]

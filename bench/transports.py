@@ -87,7 +87,12 @@ CLIENTS: tuple[ClientSpec, ...] = (
         "httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport(limits=C))",
         "httpx_aiohttp",
     ),
-    ClientSpec("batcher", "batcher.http.client.ChatClient(max_connections=C), default transport"),
+    ClientSpec(
+        "batcher",
+        "batcher.http.client.ChatClient(max_connections=C), the default transport "
+        "(batcher.http.h1: keep-alive HTTP/1.1 on asyncio protocols and httptools)",
+    ),
+    ClientSpec("batcher-aiohttp", "batcher's ChatClient(http='aiohttp'): AiohttpTransport"),
     ClientSpec(
         "httpx-sharded",
         f"{_SHARDS} httpx.AsyncClient pools of C/{_SHARDS} connections, worker i uses pool i % "
@@ -198,10 +203,12 @@ async def _open_client(
 
         return lambda _worker: post_openai
 
-    if name in ("batcher", "batcher-uvloop", "batcher-pyreqwest"):
-        from batcher.http.client import ChatClient
+    if name in ("batcher", "batcher-aiohttp", "batcher-uvloop", "batcher-pyreqwest"):
+        from batcher.http.client import ChatClient, HttpLibrary
 
-        http = "pyreqwest" if name == "batcher-pyreqwest" else "aiohttp"
+        http: HttpLibrary | None = None
+        if name != "batcher":
+            http = "pyreqwest" if name == "batcher-pyreqwest" else "aiohttp"
         chat = await stack.enter_async_context(
             ChatClient(base_url, api_key=None, max_connections=concurrency, http=http)
         )
@@ -345,7 +352,8 @@ _IMPORTS = {
     "aiohttp": ("aiohttp",),
     "aiohttp-durable": ("aiohttp", "orjson", "pyarrow.parquet"),
     "openai": ("openai",),
-    "batcher": ("batcher.http.client", "aiohttp"),
+    "batcher": ("batcher.http.client",),
+    "batcher-aiohttp": ("batcher.http.client", "aiohttp"),
     "batcher-uvloop": ("batcher.http.client", "aiohttp"),
     "httpx-aiohttp": ("httpx", "httpx_aiohttp"),
     "httpx-curl-cffi": ("httpx", "httpx_curl_cffi"),

@@ -40,7 +40,7 @@ from batcher.batch.prepare import read_all
 from batcher.batch.results import answer_of
 from batcher.batch.state import ChunkState, StateJournal, check_cancellable, state_path
 from batcher.batch.submit import BatchRun, Live, submit
-from batcher.config import JobConfig
+from batcher.config import DEFAULT_HTTP_CLIENT, JobConfig
 from batcher.cost.budget import check_priced
 from batcher.engine.retry import Sleep
 from batcher.errors import ConfigError
@@ -136,7 +136,7 @@ async def arun_batch_job(
     if cancel:
         check_cancellable(output)
     key = api_keys(job)[0]
-    if job.endpoint.http != "aiohttp":
+    if job.endpoint.http != DEFAULT_HTTP_CLIENT:
         print(_http_warning(job.endpoint.http), file=stream)
     pricer = build_pricer(job, batch=True)
     if job.limits.max_cost_usd is not None:

@@ -22,6 +22,7 @@ from batcher.http.answers import (
     transport_failure,
     without_secrets,
 )
+from batcher.http.h1 import H1Transport
 from batcher.http.headers import check_headers
 from batcher.http.redact import client_secrets
 from batcher.http.streaming import EVENT_STREAM, StreamError, StreamReader
@@ -44,9 +45,12 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: The error code of an answer over that cap; not retried (the same request would most likely
 #: bring the same answer, paid for again).
 TOO_LARGE = "response_too_large"
-#: The HTTP library requests go over: aiohttp (the default), or pyreqwest (Rust's reqwest, the
-#: ``native`` extra; ``batcher.http.native``).
-HttpLibrary = Literal["aiohttp", "pyreqwest", "httptools"]
+#: The HTTP client requests go over: batcher's own on httptools' parser (the default,
+#: ``batcher.http.h1``), aiohttp's, or pyreqwest (Rust's reqwest, the ``native`` extra;
+#: ``batcher.http.native``).
+HttpLibrary = Literal["httptools", "aiohttp", "pyreqwest"]
+#: The one used unless another is chosen.
+DEFAULT_HTTP: HttpLibrary = "httptools"
 
 
 def http_library(name: str) -> HttpLibrary:
@@ -59,8 +63,9 @@ def http_library(name: str) -> HttpLibrary:
 class ChatClient:
     """A shared HTTP client for one endpoint.
 
-    By default requests go over aiohttp's pool directly (``transport.AiohttpTransport``), or
-    over pyreqwest's with ``http="pyreqwest"`` (``native.ReqwestTransport``); an ``httpx``
+    By default requests go over batcher's own keep-alive HTTP/1.1 pool (``h1.H1Transport``),
+    over aiohttp's with ``http="aiohttp"`` (``transport.AiohttpTransport``) or over
+    pyreqwest's with ``http="pyreqwest"`` (``native.ReqwestTransport``); an ``httpx``
     transport may be given instead (``httpx.ASGITransport`` for the simulator in-process,
     ``MockTransport`` in tests).
     """
@@ -75,9 +80,9 @@ class ChatClient:
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        http: HttpLibrary = "aiohttp",
+        http: HttpLibrary | None = None,
     ) -> None:
-        if transport is not None and http != "aiohttp":
+        if transport is not None and http is not None:
             raise ValueError("give either an httpx transport or http=..., not both")
         # refused here, the same for every client (each would fail in its own way)
         check_headers(headers or {})
@@ -97,17 +102,15 @@ class ChatClient:
                 timeout_s=timeout_s,
                 connect_timeout_s=connect_timeout_s,
             )
-        elif http == "httptools":
-            from batcher.http.h1 import H1Transport
-
-            self._transport = H1Transport(
+        elif http == "aiohttp":
+            self._transport = AiohttpTransport(
                 headers=all_headers,
                 max_connections=max_connections,
                 timeout_s=timeout_s,
                 connect_timeout_s=connect_timeout_s,
             )
         elif transport is None:
-            self._transport = AiohttpTransport(
+            self._transport = H1Transport(
                 headers=all_headers,
                 max_connections=max_connections,
                 timeout_s=timeout_s,

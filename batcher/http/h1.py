@@ -30,10 +30,10 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
+from batcher import __version__
 from batcher.http.transport import (
     BodyError,
     InvalidResponse,
-    Reply,
     TransportError,
     TransportTimeout,
     connect_failure,
@@ -67,7 +67,9 @@ class H1Transport:
         connect_timeout_s: float,
     ) -> None:
         try:
-            self._headers = {name.lower(): value.encode("latin-1") for name, value in headers.items()}
+            self._headers = {
+                name.lower(): value.encode("latin-1") for name, value in headers.items()
+            }
         except UnicodeEncodeError:
             raise ValueError("a header cannot be sent (not shown: it may hold a key)") from None
         self._max_connections = max_connections
@@ -146,7 +148,8 @@ class H1Transport:
                 )
         except TimeoutError as exc:
             waited = min(self._timeout_s, self._connect_timeout_s)
-            raise TransportTimeout(f"could not connect to {host}:{port} within {waited:g} s") from exc
+            message = f"could not connect to {host}:{port} within {waited:g} s"
+            raise TransportTimeout(message) from exc
         return connection
 
     def _release(self, connection: _Connection) -> None:
@@ -189,15 +192,16 @@ class H1Transport:
         host = parts.hostname.encode("idna").decode("ascii")
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = {"host": f"{shown}:{parts.port}" if parts.port else shown}
+        headers = {"host": (f"{shown}:{parts.port}" if parts.port else shown).encode()}
         headers.update(self._headers)
         headers.setdefault("accept-encoding", b"gzip, deflate")
+        headers.setdefault("user-agent", f"batcher/{__version__}".encode())
         if parts.username is not None and "authorization" not in headers:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             headers["authorization"] = b"Basic " + base64.b64encode(pair.encode())
         lines = [f"POST {path} HTTP/1.1".encode()]
         for name, value in headers.items():
-            lines.append(name.encode("latin-1") + b": " + (value if isinstance(value, bytes) else value.encode()))
+            lines.append(name.encode("latin-1") + b": " + value)
         lines.append(b"content-length: ")
         return _Target((scheme, host, port), b"\r\n".join(lines))
 
@@ -205,7 +209,7 @@ class H1Transport:
 class _Exchange:
     """``async with transport.post(url, content) as reply``: one request and its answer."""
 
-    __slots__ = ("_connection", "_content", "_target", "_transport", "_timer")
+    __slots__ = ("_connection", "_content", "_target", "_timer", "_transport")
 
     def __init__(self, transport: H1Transport, target: _Target, content: bytes) -> None:
         self._transport = transport

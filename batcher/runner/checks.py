@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from batcher.config import DEFAULT_BASE_URL, EndpointConfig, JobConfig
+from batcher.config import DEFAULT_BASE_URL, DEFAULT_HTTP_CLIENT, EndpointConfig, JobConfig
 from batcher.errors import ConfigError
 from batcher.http.client import check_api_key
 from batcher.input.tabular import check_input
@@ -129,7 +129,7 @@ def check_transport_choice(job: JobConfig, transport: object | None) -> None:
     if transport is None:
         return
     for i, endpoint in enumerate(job.all_endpoints):
-        if endpoint.http != "aiohttp":
+        if endpoint.http != DEFAULT_HTTP_CLIENT:
             raise ConfigError(
                 f"endpoints[{i}].http" if job.endpoints else "endpoint.http",
                 f"is {endpoint.http!r}, but a transport was given as well, and it replaces "

@@ -109,7 +109,7 @@ async def open_endpoints(
             transport=transport,
             max_response_bytes=job.limits.max_response_bytes,
             # a transport with another client named is refused before: check_transport_choice
-            http=http_library(config.http),
+            http=None if transport is not None else http_library(config.http),
         )
         await clients.enter_async_context(client)
         remember = None

@@ -36,13 +36,13 @@ def _lines(path: Path, n: int) -> list[dict[str, object]]:
     return bodies
 
 
-def test_a_run_over_pyreqwest_answers_every_line_as_over_aiohttp(tmp_path: Path) -> None:
+def test_a_run_answers_every_line_the_same_over_each_client(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     _lines(src, 30)
     outputs = {}
     faults = ("--error-rate", "0.2", "--error-kinds", "500,429", "--fault-retry-after", "0.05")
     with sim_process(*faults, "--seed", "5") as url:
-        for http in ("aiohttp", "pyreqwest"):
+        for http in ("httptools", "aiohttp", "pyreqwest"):
             out = tmp_path / f"{http}.parquet"
             proc = run_batcher(
                 "run", "-i", str(src), "-o", str(out), "-m", "sim-model", "--base-url", url,
@@ -51,7 +51,7 @@ def test_a_run_over_pyreqwest_answers_every_line_as_over_aiohttp(tmp_path: Path)
             assert proc.returncode == 0, proc.stderr
             outputs[http] = {r["custom_id"]: r for r in pq.read_table(out).to_pylist()}
         stats = sim_stats(url)
-    assert stats["answered_ok"] == 60  # every line answered once over each client
+    assert stats["answered_ok"] == 90  # every line answered once over each client
     for http, rows in outputs.items():
         assert sorted(rows) == sorted(f"r{i}" for i in range(30)), http
         for cid, row in rows.items():
@@ -87,7 +87,8 @@ def test_an_unknown_client_names_the_field(tmp_path: Path) -> None:
 
 
 def test_the_chosen_client_is_the_one_that_sends(tmp_path: Path) -> None:
-    # The server sees who sends: aiohttp and pyreqwest each name themselves in User-Agent.
+    # The server sees who sends: each client names itself in User-Agent (batcher's own
+    # transport as batcher).
     agents: list[str] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -103,7 +104,11 @@ def test_the_chosen_client_is_the_one_that_sends(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     _lines(src, 3)
     with serving(app) as url:
-        for http in ("pyreqwest", "aiohttp"):
+        for http, agent_says in (
+            ("pyreqwest", "pyreqwest"),
+            ("aiohttp", "aiohttp"),
+            ("httptools", "batcher/"),
+        ):
             out = tmp_path / f"{http}.jsonl"
             proc = run_batcher(
                 "run", "-i", str(src), "-o", str(out), "-m", "m", "--base-url", url,
@@ -111,7 +116,7 @@ def test_the_chosen_client_is_the_one_that_sends(tmp_path: Path) -> None:
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr
             sent, agents[:] = list(agents), []
-            assert len(sent) == 3 and all(http in agent.lower() for agent in sent), sent
+            assert len(sent) == 3 and all(agent_says in agent.lower() for agent in sent), sent
 
 
 def test_pyreqwest_missing_is_a_usage_error_with_the_install_hint(
@@ -177,12 +182,12 @@ def test_a_transport_and_pyreqwest_named_together_are_a_usage_error(
     assert result.report.exit_code == 0 and len(sent) == 2
 
 
-def test_batch_mode_warns_once_that_pyreqwest_is_for_online_requests_only(
+def test_batch_mode_warns_once_that_another_client_is_for_online_requests_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     warnings = {}
-    for http in ("aiohttp", "pyreqwest"):
+    for http in ("httptools", "pyreqwest"):
         folder = tmp_path / http
         folder.mkdir()
         with batch_sim(BatchSimConfig(validating_s=1, in_progress_s=1, finalizing_s=1)) as sim:
@@ -192,6 +197,6 @@ def test_batch_mode_warns_once_that_pyreqwest_is_for_online_requests_only(
             report = run_batch_job(job, sleep=clock_sleep(sim), stream=out)
         assert report.exit_code == 0, out.getvalue()
         warnings[http] = [line for line in out.getvalue().splitlines() if "endpoint.http" in line]
-    assert warnings["aiohttp"] == []
+    assert warnings["httptools"] == []  # the default
     (line,) = warnings["pyreqwest"]
     assert "warning" in line and "own HTTP client" in line

@@ -38,9 +38,14 @@ def run_against(
     request: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     retry: dict[str, Any] | None = None,
+    over: str | None = None,
 ) -> tuple[RunReport, list[dict[str, Any]], str]:
-    """Run ``n`` lines against ``base_url`` in this process; the report, the records and what
-    the run printed."""
+    """Run ``n`` lines against ``base_url`` in this process (``over`` one of ``TRANSPORTS``);
+    the report, the records and what the run printed."""
+    if over in ("httptools", "aiohttp"):
+        endpoint = {**(endpoint or {}), "http": over}
+    elif over is not None:
+        transport = transport_of(over)
     src = write_input(tmp_path / "in.jsonl", n)
     job = job_from_dict(
         {
@@ -60,8 +65,8 @@ def run_against(
 
 
 def transport_of(over: str) -> httpx.AsyncBaseTransport | None:
-    """The transport named: batcher's default (aiohttp, direct), plain httpx, or httpx over
-    aiohttp (``httpx-aiohttp``, as a library user may pass)."""
+    """The httpx transport named: plain httpx, or httpx over aiohttp (``httpx-aiohttp``, as a
+    library user may pass)."""
     if over == "httpx":
         return httpx.AsyncHTTPTransport()
     if over == "httpx-aiohttp":
@@ -71,7 +76,8 @@ def transport_of(over: str) -> httpx.AsyncBaseTransport | None:
     return None
 
 
-TRANSPORTS = ["aiohttp", "httpx", "httpx-aiohttp"]
+#: batcher's own clients (``endpoint.http``: the default, and aiohttp), and httpx transports.
+TRANSPORTS = ["httptools", "aiohttp", "httpx", "httpx-aiohttp"]
 
 
 def outcomes(rows: list[dict[str, Any]]) -> set[tuple[Any, ...]]:
@@ -91,12 +97,8 @@ def test_a_redirect_is_not_followed_and_carries_nothing_elsewhere(
         target = f"{recorder.origin}/v1/chat/completions?token=leak-me"
         server = hostile.HostileServer(hostile.redirect(status, target))
         with server.running():
-            transport = transport_of(over)
             report, rows, _ = run_against(
-                tmp_path,
-                server.base_url,
-                transport=transport,
-                endpoint={"headers": {"api-key": CANARY}},
+                tmp_path, server.base_url, over=over, endpoint={"headers": {"api-key": CANARY}}
             )
     assert recorder.seen == []  # no request, no header, no key reached the other origin
     assert [s.method for s in server.seen] == ["POST", "POST"]  # one attempt each: not retried
@@ -131,15 +133,17 @@ def test_the_query_string_stays_after_the_path(tmp_path: Path) -> None:
     assert report.exit_code == 0 and outcomes(rows) == {("ok", 200, None, 1)}
 
 
-def test_a_key_in_the_query_is_in_no_record_journal_or_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("http", ["httptools", "aiohttp"])
+def test_a_key_in_the_query_is_in_no_record_journal_or_message(tmp_path: Path, http: str) -> None:
     # A status line that is not HTTP: aiohttp's error quotes the whole URL, query included.
     server = hostile.HostileServer(hostile.raw_bytes(b"HTTP/1.1 abc nonsense\r\n\r\n"))
     with server.running():
         url = f"{server.origin}/v1?api-version=2024-06-01&api-key={CANARY}"
-        report, rows, printed = run_against(tmp_path, url)
+        report, rows, printed = run_against(tmp_path, url, over=http)
     assert {s.target.endswith(f"api-key={CANARY}") for s in server.seen} == {True}
     assert {r["error_code"] for r in rows} == {"invalid_response"}
-    assert "api-version=2024-06-01" in rows[0]["error_message"]  # the URL, redacted, is there
+    if http == "aiohttp":
+        assert "api-version=2024-06-01" in rows[0]["error_message"]  # the URL, redacted
     assert report.exit_code == 1
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.name != "in.jsonl":
@@ -152,8 +156,8 @@ def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Pat
     src = write_input(tmp_path / "in.jsonl", 4)
     # a rejected line, first (read before the run stops): the rejects file is written too
     src.write_text("not json\n" + src.read_text(encoding="utf-8"), encoding="utf-8")
-    # The first answer is not HTTP (an error record whose message quotes the URL), the next
-    # refuses the key: the run stops early (exit 3) and keeps its journal for a re-run.
+    # The first answer is not HTTP (an error record whose message quotes the URL, over
+    # aiohttp), the next refuses the key: the run stops early (exit 3) and keeps its journal.
     refused = {"error": {"code": "invalid_api_key", "message": "bad key"}}
     server = hostile.HostileServer(
         hostile.in_turn(hostile.raw_bytes(b"HTTP/1.1 abc\r\n\r\n"), hostile.answer(401, refused))
@@ -163,7 +167,7 @@ def test_a_key_in_the_query_is_in_nothing_the_cli_prints_or_writes(tmp_path: Pat
         job = write_job(
             tmp_path / "job.toml",
             f'[job]\ninput = "in.jsonl"\noutput = "o.parquet"\n[endpoint]\nbase_url = "{url}"\n'
-            '[request]\nmodel = "gpt-4o-mini"\n[limits]\nconcurrency = 1\n'
+            'http = "aiohttp"\n[request]\nmodel = "gpt-4o-mini"\n[limits]\nconcurrency = 1\n'
             "[retry]\nmax_attempts = 1\n",
         )
         proc = run_batcher("run", str(job), "--no-progress")
@@ -232,9 +236,7 @@ def test_a_body_that_is_not_the_gzip_it_claims_is_an_answer_error_not_an_outage(
 ) -> None:
     server = hostile.HostileServer(hostile.answer(200, GOOD, headers={"Content-Encoding": "gzip"}))
     with server.running():
-        report, rows, printed = run_against(
-            tmp_path, server.base_url, n=3, transport=transport_of(over)
-        )
+        report, rows, printed = run_against(tmp_path, server.base_url, n=3, over=over)
     assert outcomes(rows) == {("error", 200, "invalid_response", ATTEMPTS)}
     assert "could not be read" in rows[0]["error_message"]
     assert "unreachable" not in printed  # an endpoint that answers is not down
@@ -282,9 +284,7 @@ SMALL_CAP = {"max_response_bytes": 1 << 20}
 def test_a_gzip_bomb_stops_at_the_size_cap(tmp_path: Path, over: str) -> None:
     server = hostile.HostileServer(hostile.gzip_bomb(50 << 20))
     with server.running():
-        report, rows, _ = run_against(
-            tmp_path, server.base_url, limits=SMALL_CAP, transport=transport_of(over)
-        )
+        report, rows, _ = run_against(tmp_path, server.base_url, limits=SMALL_CAP, over=over)
     assert outcomes(rows) == {("error", 200, "response_too_large", 1)}  # not retried
     assert "limits.max_response_bytes" in rows[0]["error_message"]
     assert report.exit_code == 1

@@ -1,0 +1,540 @@
+"""batcher's own HTTP/1.1 transport (``batcher.http.h1``, the default) over real loopback sockets.
+
+The promises every transport keeps (errors mapped to the transport's own, no redirect followed,
+one timeout over the whole attempt, bodies that break off or lie are ``BodyError``s, streams read
+as they come, headers in any case, gzip decoded, the size cap kept, no key in any message), and
+what a pool of its own must get right: connections reused only when an answer was read to its
+end and the server lets them stay open, no more of them than allowed, a cancelled request's
+connection closed and its place given back, interim answers skipped, chunked and until-close
+bodies read whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from batcher.http.client import ChatClient
+from batcher.http.h1 import H1Transport
+from batcher.http.transport import BodyError, InvalidResponse, TransportError, TransportTimeout
+from batcher.sim.config import SimConfig
+from batcher.sim.serve import running_sim
+from tests import hostile
+from tests.helpers import free_port
+from tests.loopback import read_body, serving
+
+pytestmark = pytest.mark.anyio
+
+CANARY = "sk-canary-h1-5b0e-not-a-real-key"
+BODY: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+GOOD = json.dumps(hostile.GOOD_ANSWER).encode()
+#: The .invalid top-level domain never resolves (RFC 2606): no request leaves this machine.
+NOWHERE = "http://does-not-exist.invalid/v1"
+
+
+def client_for(base_url: str, **kw: Any) -> ChatClient:
+    """A ChatClient over the default transport, with a key to look for in messages."""
+    kw.setdefault("timeout_s", 10)
+    return ChatClient(base_url, api_key=CANARY, **kw)
+
+
+def transport(timeout_s: float = 10, max_connections: int = 4) -> H1Transport:
+    headers = {"authorization": f"Bearer {CANARY}", "content-type": "application/json"}
+    return H1Transport(
+        headers=headers,
+        max_connections=max_connections,
+        timeout_s=timeout_s,
+        connect_timeout_s=timeout_s,
+    )
+
+
+async def post_to(behaviour: hostile.Behaviour, **kw: Any) -> Any:
+    """One ChatClient post to a hostile server; the attempt and what the server saw."""
+    server = hostile.HostileServer(behaviour)
+    with server.running():
+        async with client_for(server.base_url, **kw) as client:
+            attempt = await client.post(BODY)
+    return attempt, server.seen
+
+
+def no_key_in(attempt: Any) -> None:
+    text = f"{attempt.error_message} {attempt!r}"
+    assert CANARY not in text and "Bearer" not in text
+
+
+def kept_open(status: int = 200, body: bytes = GOOD, **headers: str) -> bytes:
+    """An answer that lets the connection stay open (no ``Connection: close``)."""
+    lines = [f"HTTP/1.1 {status} X", f"Content-Length: {len(body)}"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+CLOSE = "close"
+
+
+class KeepAliveServer:
+    """Answers every request on a connection in turn (``answers`` gives the bytes of the n-th
+    request on that connection, or None to close it unanswered, or the bytes and ``CLOSE`` to
+    close it right after them); counts connections and requests."""
+
+    def __init__(self, answers: Any) -> None:
+        self.answers = answers
+        self.connections = 0
+        self.requests = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._stop = threading.Event()
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[KeepAliveServer]:
+        thread = threading.Thread(target=self._accept, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join(timeout=5)
+            self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(10)
+            buffer = b""
+            for turn in range(1 << 20):
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                self.requests += 1
+                answer = self.answers(turn)
+                if answer is None:
+                    return
+                if isinstance(answer, tuple):
+                    conn.sendall(answer[0])
+                    return
+                conn.sendall(answer)
+
+
+# --- connecting --------------------------------------------------------------------------------
+
+
+async def test_a_refused_port_and_a_missing_host_are_told_apart() -> None:
+    async with client_for(f"http://127.0.0.1:{free_port()}/v1") as client:
+        refused = await client.post(BODY)
+    async with client_for(NOWHERE) as client:
+        missing = await client.post(BODY)
+    assert (refused.error_code, refused.connect_failure) == ("connection_error", "refused")
+    assert (missing.error_code, missing.connect_failure) == ("connection_error", "dns")
+    assert refused.retryable and refused.status_code is None
+    no_key_in(refused)
+    no_key_in(missing)
+
+
+async def test_a_tls_error_carries_no_key() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+
+    def answer() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as conn:
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    async with client_for(f"https://127.0.0.1:{listener.getsockname()[1]}/v1") as client:
+        attempt = await client.post(BODY)
+    thread.join(timeout=5)
+    listener.close()
+    assert attempt.error_code == "connection_error" and attempt.status_code is None
+    assert "SSL" in (attempt.error_message or "")
+    no_key_in(attempt)
+
+
+async def test_a_header_it_cannot_send_is_not_quoted() -> None:
+    with pytest.raises(ValueError) as caught:
+        H1Transport(
+            headers={"authorization": f"Bearer {CANARY}\u2028"},
+            max_connections=1,
+            timeout_s=5,
+            connect_timeout_s=5,
+        )
+    assert CANARY not in str(caught.value) and "Bearer" not in str(caught.value)
+
+
+async def test_a_url_it_cannot_send_to_is_a_connection_error() -> None:
+    async with client_for("http://127.0.0.1:99999/v1") as client:
+        attempt = await client.post(BODY)
+    assert attempt.error_code == "connection_error" and "invalid URL" in attempt.error_message
+
+
+async def test_the_request_is_sent_as_http_1_1_with_the_key_once() -> None:
+    server = hostile.HostileServer(hostile.answer())
+    with server.running():
+        async with client_for(f"{server.base_url}?api-version=2") as client:
+            attempt = await client.post(BODY)
+    assert attempt.ok and attempt.usage.total_tokens == 6
+    (request,) = server.seen
+    assert request.method == "POST" and request.target == "/v1/chat/completions?api-version=2"
+    assert request.headers["authorization"] == f"Bearer {CANARY}"
+    assert request.headers["host"] == f"127.0.0.1:{server.port}"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["accept-encoding"] == "gzip, deflate"
+    assert request.headers["user-agent"] == "batcher/0.1.0"
+    assert json.loads(request.body) == BODY
+    assert "cookie" not in request.headers
+
+
+async def test_credentials_in_the_url_are_sent_as_basic_auth() -> None:
+    server = hostile.HostileServer(hostile.answer())
+    with server.running():
+        url = f"http://ann:p%40ss@127.0.0.1:{server.port}/v1"
+        async with ChatClient(url, api_key=None, timeout_s=10) as client:
+            attempt = await client.post(BODY)
+    assert attempt.ok
+    (request,) = server.seen
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"ann:p@ss").decode()
+    assert request.headers["host"] == f"127.0.0.1:{server.port}"
+
+
+async def test_no_proxy_is_taken_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = hostile.HostileServer(hostile.answer())
+    with proxy.running():
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.origin)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        server = hostile.HostileServer(hostile.answer())
+        with server.running():
+            async with client_for(f"http://localhost:{server.port}/v1") as client:
+                attempt = await client.post(BODY)
+    assert proxy.seen == []  # the key went to the endpoint only
+    assert attempt.ok and len(server.seen) == 1
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+async def test_a_redirect_is_an_answer_and_is_not_followed() -> None:
+    recorder = hostile.HostileServer(hostile.answer())
+    with recorder.running():
+        target = f"{recorder.origin}/v1/chat/completions"
+        attempt, seen = await post_to(hostile.redirect(307, target))
+    assert recorder.seen == [] and len(seen) == 1
+    assert (attempt.status_code, attempt.error_code) == (307, "redirect")
+
+
+async def test_headers_are_found_in_any_case_and_repeated_ones_joined() -> None:
+    headers = {"X-Request-ID": "req-7", "Retry-After": "3", "X-RateLimit-Limit-Requests": "60"}
+    attempt, _ = await post_to(hostile.answer(429, {"error": {"message": "slow"}}, headers=headers))
+    assert attempt.status_code == 429 and attempt.retryable
+    assert attempt.request_id == "req-7" and attempt.retry_after == 3.0
+    assert attempt.headers["x-ratelimit-limit-requests"] == "60"
+    assert attempt.headers["X-RATELIMIT-LIMIT-REQUESTS"] == "60"
+    assert "Retry-After" in attempt.headers
+    twice = b"HTTP/1.1 200 OK\r\nVia: a\r\nVia: b\r\nContent-Length: 2\r\n\r\n{}"
+    server = hostile.HostileServer(hostile.raw_bytes(twice))
+    with server.running():
+        t = transport()
+        async with t.post(f"{server.base_url}/chat/completions", b"{}") as reply:
+            assert reply.headers["via"] == "a, b" and await reply.read() == b"{}"
+        await t.aclose()
+
+
+@pytest.mark.parametrize("wbits", [31, 15], ids=["gzip", "deflate"])
+async def test_a_compressed_body_is_decoded(wbits: int) -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    packed = packer.compress(GOOD) + packer.flush()
+    encoding = "gzip" if wbits == 31 else "deflate"
+    behaviour = hostile.answer(200, packed, headers={"Content-Encoding": encoding})
+    attempt, _ = await post_to(behaviour)
+    assert attempt.ok and attempt.body == hostile.GOOD_ANSWER
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding"), [(b"not gzip", "gzip"), (GOOD, "br"), (zlib.compress(GOOD)[:20], "gzip")]
+)
+async def test_a_body_that_is_not_its_encoding_is_a_broken_answer(
+    body: bytes, encoding: str
+) -> None:
+    behaviour = hostile.answer(200, body, headers={"Content-Encoding": encoding})
+    attempt, _ = await post_to(behaviour)
+    assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
+    assert attempt.retryable
+
+
+async def test_a_status_line_that_is_not_http_is_an_invalid_response() -> None:
+    server = hostile.HostileServer(hostile.raw_bytes(b"HTTP/1.1 abc nonsense\r\n\r\n"))
+    with server.running():
+        async with client_for(f"{server.base_url}?api-version=1&api-key={CANARY}") as client:
+            attempt = await client.post(BODY)
+        t = transport()
+        with pytest.raises(InvalidResponse):
+            async with t.post(f"{server.base_url}/chat/completions", b"{}"):
+                pass
+        await t.aclose()
+    assert attempt.error_code == "invalid_response" and attempt.status_code is None
+    no_key_in(attempt)
+
+
+async def test_interim_answers_are_skipped() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    server = hostile.HostileServer(hostile.raw_bytes(interim + kept_open()))
+    with server.running():
+        async with client_for(server.base_url) as client:
+            attempt = await client.post(BODY)
+    assert attempt.ok and attempt.status_code == 200 and "link" not in attempt.headers
+
+
+async def test_a_chunked_body_and_one_that_ends_at_close_are_read_whole() -> None:
+    pieces = [GOOD[:10], GOOD[10:100], GOOD[100:]]
+    chunked = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    by_chunks = head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked
+    until_close = head + b"Connection: close\r\n\r\n" + GOOD
+    for raw in (by_chunks, until_close):
+        attempt, _ = await post_to(hostile.raw_bytes(raw))
+        assert attempt.ok and attempt.body == hostile.GOOD_ANSWER
+
+
+# --- bodies: cut off, too long, too slow, too large, streamed ----------------------------------
+
+
+async def test_a_body_that_breaks_off_is_a_body_error() -> None:
+    server = hostile.HostileServer(hostile.truncated(GOOD, sent=20))
+    with server.running():
+        t = transport()
+        async with t.post(f"{server.base_url}/chat/completions", b"{}") as reply:
+            assert reply.status == 200
+            with pytest.raises(BodyError, match="closed before the body's end"):
+                await reply.read()
+        await t.aclose()
+    attempt, _ = await post_to(hostile.truncated(GOOD, sent=20))
+    assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
+    assert attempt.retryable
+
+
+async def test_a_body_longer_than_its_content_length_is_a_broken_answer() -> None:
+    attempt, _ = await post_to(
+        hostile.answer(200, GOOD + b"trailing junk", content_length=len(GOOD))
+    )
+    assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
+
+
+async def test_the_timeout_covers_a_body_that_trickles() -> None:
+    body = GOOD[:100]  # would take 20 s at a byte every 0.2 s
+    attempt, _ = await post_to(hostile.trickle(body, every_s=0.2), timeout_s=0.5)
+    assert attempt.error_code == "timeout" and attempt.retryable
+    assert "no answer within 0.5 s" in (attempt.error_message or "")
+
+
+async def test_the_timeout_covers_waiting_for_the_status_line() -> None:
+    def silent(seen: hostile.Seen, conn: socket.socket) -> None:
+        time.sleep(3)
+
+    server = hostile.HostileServer(silent)
+    started = time.monotonic()
+    with server.running(), pytest.raises(TransportTimeout, match=r"within 0\.3 s"):
+        async with transport(timeout_s=0.3).post(f"{server.base_url}/chat/completions", b"{}"):
+            pass
+    assert time.monotonic() - started < 2.5
+
+
+async def test_the_size_cap_holds_for_a_gzip_bomb_and_an_announced_length() -> None:
+    bomb, _ = await post_to(hostile.gzip_bomb(4 << 20), max_response_bytes=1 << 20)
+    assert (bomb.status_code, bomb.error_code, bomb.retryable) == (200, "response_too_large", False)
+    big = json.dumps({**hostile.GOOD_ANSWER, "pad": "x" * 5000}).encode()
+    large, _ = await post_to(hostile.answer(200, big), max_response_bytes=4096)
+    assert (large.error_code, large.retryable) == ("response_too_large", False)
+    fits, _ = await post_to(hostile.answer(200, big), max_response_bytes=len(big))
+    assert fits.ok
+
+
+async def test_a_streamed_answer_is_read_as_it_comes_and_equals_the_plain_one() -> None:
+    config = SimConfig(latency_ms=5, stream_chunk_ms=2, max_completion_tokens=12)
+    with running_sim(config) as sim:
+        t = transport()
+        content = json.dumps({**BODY, "stream": True}).encode()
+        async with t.post(f"{sim.base_url}/chat/completions", content) as reply:
+            assert "text/event-stream" in reply.headers["Content-Type"]
+            pieces = [piece async for piece in reply.chunks()]
+        await t.aclose()
+        async with client_for(sim.base_url) as client:
+            plain = await client.post(BODY)
+            usage = {"include_usage": True}
+            streamed = await client.post({**BODY, "stream": True, "stream_options": usage})
+    assert len(pieces) > 3  # one event a word, as the server sent them
+    assert b"".join(pieces).rstrip().endswith(b"data: [DONE]")
+    assert plain.ok and streamed.ok and streamed.ttft_s is not None
+    plain.body.pop("created"), streamed.body.pop("created")
+    assert streamed.body == plain.body
+
+
+async def test_a_stream_cut_off_is_a_retryable_error() -> None:
+    def cut(seen: hostile.Seen, conn: socket.socket) -> None:
+        conn.sendall(hostile.head(200, {"Content-Type": "text/event-stream"}))
+        conn.sendall(b'data: {"id": "x", "choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n')
+
+    attempt, _ = await post_to(cut, timeout_s=5)
+    assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
+    assert attempt.retryable
+
+
+# --- the pool ----------------------------------------------------------------------------------
+
+
+async def test_a_connection_is_reused_and_an_answers_headers_stay_its_own() -> None:
+    with KeepAliveServer(lambda turn: kept_open(x_turn=str(turn))).running() as server:
+        async with client_for(server.base_url) as client:
+            attempts = [await client.post(BODY) for _ in range(5)]
+    assert [a.headers["x-turn"] for a in attempts] == ["0", "1", "2", "3", "4"]
+    assert (server.connections, server.requests) == (1, 5)
+
+
+async def test_a_connection_the_server_closes_is_not_reused() -> None:
+    # "Connection: close" on each answer; and a server that closes without saying so
+    said = KeepAliveServer(lambda turn: kept_open(connection="close") if turn == 0 else None)
+    with said.running():
+        async with client_for(said.base_url) as client:
+            attempts = [await client.post(BODY) for _ in range(3)]
+    assert all(a.ok for a in attempts) and said.connections == 3
+
+    silent = KeepAliveServer(lambda turn: (kept_open(), CLOSE))
+    with silent.running():
+        async with client_for(silent.base_url) as client:
+            first = await client.post(BODY)
+            await anyio.sleep(0.2)  # the server has hung up on the idle connection by now
+            second = await client.post(BODY)
+    assert first.ok and second.ok and silent.connections == 2
+
+    # A server that closes a kept-alive connection as the next request arrives: that request
+    # got no answer and the engine retries it; the connection is not used again.
+    abrupt = KeepAliveServer(lambda turn: None if turn else kept_open())
+    with abrupt.running():
+        async with client_for(abrupt.base_url) as client:
+            attempts = [await client.post(BODY) for _ in range(3)]
+    assert [(a.ok, a.error_code) for a in attempts] == [
+        (True, None),
+        (False, "connection_error"),
+        (True, None),
+    ]
+    assert attempts[1].retryable and attempts[1].connect_failure is None
+
+
+async def test_connections_are_kept_alive_and_no_more_than_the_pool_allows() -> None:
+    peers: list[tuple[str, int]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        peers.append(tuple(scope["client"]))
+        await anyio.sleep(0.002)
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": GOOD})
+
+    results: list[bool] = []
+    with serving(app) as base_url:
+        async with client_for(base_url, max_connections=4) as client:
+
+            async def worker() -> None:
+                for _ in range(25):
+                    results.append((await client.post(BODY)).ok)
+
+            async with anyio.create_task_group() as group:
+                for _ in range(8):  # more workers than connections: they wait their turn
+                    group.start_soon(worker)
+    assert results == [True] * 200 and len(peers) == 200
+    assert 1 <= len(set(peers)) <= 4  # 200 answers over at most 4 connections
+
+
+async def test_a_cancelled_request_closes_its_connection_and_gives_back_its_place() -> None:
+    hung = threading.Event()
+
+    def behaviour(seen: hostile.Seen, conn: socket.socket) -> None:
+        if seen.body == b'"slow"':
+            hung.wait(5)  # holds the request until the test ends
+            return
+        conn.sendall(hostile.head(200, {"Content-Length": str(len(GOOD))}) + GOOD)
+
+    server = hostile.HostileServer(behaviour)
+    with server.running():
+        t = transport(max_connections=1)
+        url = f"{server.base_url}/chat/completions"
+        with anyio.move_on_after(0.3) as scope:
+            async with t.post(url, b'"slow"'):
+                pass
+        assert scope.cancelled_caught
+        with anyio.fail_after(3):  # the one place in the pool is free again
+            async with t.post(url, b'"fast"') as reply:
+                assert reply.status == 200 and await reply.read() == GOOD
+        hung.set()
+        await t.aclose()
+    assert [s.body for s in server.seen] == [b'"slow"', b'"fast"']
+
+
+async def test_waiting_for_a_place_in_the_pool_counts_toward_the_timeout() -> None:
+    hung = threading.Event()
+
+    def silent(seen: hostile.Seen, conn: socket.socket) -> None:
+        hung.wait(5)
+
+    server = hostile.HostileServer(silent)
+    with server.running():
+        t = transport(timeout_s=0.3, max_connections=1)
+        url = f"{server.base_url}/chat/completions"
+
+        async def post() -> str:
+            try:
+                async with t.post(url, b"{}"):
+                    return "answered"
+            except TransportTimeout as exc:
+                return str(exc)
+
+        async with anyio.create_task_group() as group:
+            outcomes: list[str] = []
+
+            async def one() -> None:
+                outcomes.append(await post())
+
+            group.start_soon(one)
+            group.start_soon(one)
+        hung.set()
+        await t.aclose()
+    assert outcomes == ["no answer within 0.3 s"] * 2
+    assert len(server.seen) == 1  # the second never got a connection
+
+
+async def test_the_transport_raises_only_its_own_errors() -> None:
+    t = transport()
+    with pytest.raises(TransportError) as caught:
+        async with t.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}"):
+            pass
+    await t.aclose()
+    assert caught.value.connect_failure == "refused"
+    assert type(caught.value) is TransportError
