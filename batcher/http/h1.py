@@ -28,16 +28,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
-import httptools
-
 from batcher import __version__
-from batcher.http.transport import (
-    BodyError,
-    InvalidResponse,
-    TransportError,
-    TransportTimeout,
-    connect_failure,
-)
+from batcher.http.h1_connection import H1Connection, describe, timed_out
+from batcher.http.transport import BodyError, TransportError, TransportTimeout, connect_failure
 
 #: The largest piece a compressed body is decoded into at a time: a gzip bomb grows by at most
 #: this much before the client's size cap sees it.
@@ -76,7 +69,7 @@ class H1Transport:
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._targets: dict[str, _Target] = {}
-        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], deque[H1Connection]] = {}
         self._open_count = 0  # connections made and not yet closed, idle ones included
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._ssl: ssl.SSLContext | None = None
@@ -100,7 +93,7 @@ class H1Transport:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    async def _connection(self, target: _Target, deadline: float) -> _Connection:
+    async def _connection(self, target: _Target, deadline: float) -> H1Connection:
         """An idle connection to ``target``'s origin, or a new one once the pool has room."""
         while True:
             idle = self._idle.get(target.origin)
@@ -127,7 +120,7 @@ class H1Transport:
             self._wake_one()
             raise
 
-    async def _connect(self, target: _Target, deadline: float) -> _Connection:
+    async def _connect(self, target: _Target, deadline: float) -> H1Connection:
         scheme, host, port = target.origin
         loop = asyncio.get_running_loop()
         context = None
@@ -139,7 +132,7 @@ class H1Transport:
         try:
             async with asyncio.timeout_at(connect_by):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(target.origin),
+                    lambda: H1Connection(target.origin),
                     host,
                     port,
                     ssl=context,
@@ -152,7 +145,7 @@ class H1Transport:
             raise TransportTimeout(message) from exc
         return connection
 
-    def _release(self, connection: _Connection) -> None:
+    def _release(self, connection: H1Connection) -> None:
         """Take back ``connection`` after an exchange: kept if it can carry another."""
         if connection.reusable and not self._closed:
             self._idle.setdefault(connection.origin, deque()).append(connection)
@@ -161,7 +154,7 @@ class H1Transport:
             self._open_count -= 1
         self._wake_one()
 
-    def _forget(self, connection: _Connection) -> None:
+    def _forget(self, connection: H1Connection) -> None:
         connection.close()
         self._open_count -= 1
 
@@ -215,7 +208,7 @@ class _Exchange:
         self._transport = transport
         self._target = target
         self._content = content
-        self._connection: _Connection | None = None
+        self._connection: H1Connection | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> _Reply:
@@ -225,9 +218,9 @@ class _Exchange:
         try:
             connection = await transport._connection(self._target, deadline)
         except TimeoutError as exc:  # no room in the pool in time
-            raise TransportTimeout(_timed_out(transport._timeout_s)) from exc
+            raise TransportTimeout(timed_out(transport._timeout_s)) from exc
         except OSError as exc:  # refused, no such host, TLS refused (SSLError is an OSError)
-            raise TransportError(_describe(exc), connect_failure=connect_failure(exc)) from exc
+            raise TransportError(describe(exc), connect_failure=connect_failure(exc)) from exc
         self._connection = connection
         self._timer = loop.call_at(deadline, connection.time_out, transport._timeout_s)
         content = self._content
@@ -258,7 +251,7 @@ class _Reply:
 
     __slots__ = ("_connection", "_headers", "_status")
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: H1Connection) -> None:
         self._connection = connection
         # kept here: they stay the answer's once the connection carries the next request
         self._status = connection.status
@@ -297,185 +290,6 @@ class _Reply:
                 yield rest
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection: sends a request, parses its answer, tells its waiter."""
-
-    def __init__(self, origin: tuple[str, str, int]) -> None:
-        self.origin = origin
-        self.status = 0
-        self.headers: _Headers = _Headers()
-        self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._parts: list[bytes] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self._has_head = False
-        self._complete = False
-        self._until_close = False  # a body with neither a length nor chunks: it ends at close
-        self._error: TransportError | None = None  # the answer cannot be had: raised to readers
-        self._closing = False  # the server closes the connection after this answer
-        self._busy = False
-
-    @property
-    def reusable(self) -> bool:
-        """Whether another request can go over this connection."""
-        return (
-            self._transport is not None
-            and self._error is None
-            and not self._closing
-            and not self._busy
-        )
-
-    # -- the exchange (client side) ----------------------------------------------------------
-
-    def send(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._busy = True
-        self.status, self.headers = 0, _Headers()
-        self._has_head = self._complete = self._until_close = False
-        self._transport.write(data)
-
-    async def head(self) -> None:
-        """Wait for the status line and headers."""
-        while not self._has_head:
-            if self._error is not None:
-                raise self._error
-            await self._wait()
-
-    async def body(self) -> bytes:
-        """Wait for the whole body."""
-        while True:
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                parts, self._parts = self._parts, []
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-            await self._wait()
-
-    async def next_chunk(self) -> bytes | None:
-        """What has come of the body since the last call (waiting for some); None at its end."""
-        while True:
-            if self._parts:
-                parts, self._parts = self._parts, []
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-            if self._error is not None:
-                raise self._error
-            if self._complete:
-                return None
-            await self._wait()
-
-    async def _wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def time_out(self, timeout_s: float) -> None:
-        self._fail(TransportTimeout(_timed_out(timeout_s)))
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-
-    def _fail(self, error: TransportError) -> None:
-        if self._error is None:
-            self._error = error
-        if self._transport is not None:
-            self._transport.abort()
-            self._transport = None
-        self._wake()
-
-    # -- asyncio.Protocol --------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if not self._busy:
-            self._fail(InvalidResponse("the server sent data without a request"))
-            return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            kind = BodyError if self._has_head else InvalidResponse
-            self._fail(kind(f"not a valid HTTP answer: {exc}"))
-
-    def eof_received(self) -> bool:
-        if self._busy and self._has_head and self._until_close and not self._complete:
-            self.on_message_complete()  # the body was "everything until the connection closes"
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        if self._busy and not self._complete:
-            reason = f": {_describe(exc)}" if exc else ""
-            if self._has_head:
-                self._fail(BodyError(f"the connection closed before the body's end{reason}"))
-            else:
-                self._fail(TransportError(f"the server closed the connection{reason}"))
-
-    # -- httptools' callbacks ----------------------------------------------------------------
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        raw, self._raw_headers = self._raw_headers, []
-        if 100 <= status < 200:
-            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-        self.status = status
-        self.headers = _Headers.of(raw)
-        self._until_close = (
-            "content-length" not in self.headers and "transfer-encoding" not in self.headers
-        )
-        self._has_head = True
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        self._parts.append(body)
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if not self._has_head:
-            return  # the end of an interim answer
-        self._complete = True
-        self._busy = False
-        if not self._parser.should_keep_alive() or self._until_close:
-            self._closing = True
-        self._wake()
-
-
-class _Headers(dict[str, str]):
-    """Response headers by lower-case name (repeated ones joined by commas), looked up in any
-    case."""
-
-    @classmethod
-    def of(cls, raw: list[tuple[bytes, bytes]]) -> _Headers:
-        headers = cls()
-        for name_bytes, value_bytes in raw:
-            name, value = name_bytes.decode("latin-1").lower(), value_bytes.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return headers
-
-    def __getitem__(self, name: str) -> str:
-        return super().__getitem__(name.lower())
-
-    def __contains__(self, name: object) -> bool:
-        return super().__contains__(name.lower() if isinstance(name, str) else name)
-
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return super().get(name.lower(), default)
-
-
 def _decoder(encoding: str | None) -> zlib._Decompress | None:
     """A decoder for a ``Content-Encoding`` (None for none); ``BodyError`` for one not sent
     for (only ``gzip`` and ``deflate`` are asked for)."""
@@ -503,15 +317,6 @@ def _decoded(decoder: zlib._Decompress, chunk: bytes) -> Iterator[bytes]:
 class _UnknownEncoding(BodyError):
     def __init__(self, name: str) -> None:
         super().__init__(f"the body's Content-Encoding {name!r} was not asked for")
-
-
-def _timed_out(timeout_s: float) -> str:
-    return f"no answer within {timeout_s:g} s"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 __all__ = ["H1Transport"]
