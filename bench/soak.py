@@ -2,6 +2,7 @@
 
     python bench/soak.py                  # N = 20,000, 3 rounds, medians
     python bench/soak.py --n 2000 --repeat 1 --raw
+    python bench/soak.py --http aiohttp   # batcher over another HTTP client
 
 Each round runs `batcher run` (JSONL in, Parquet out, 128 in flight, `--timeout 2`,
 `--max-attempts 12`) twice against a fresh simulator process (20 ms latency): once fault-free,
@@ -87,6 +88,7 @@ class Run:
 
     wall_s: float
     stats: dict[str, Any]
+    sim_cpu_s: float = 0.0  # the simulator's CPU over the run: near the wall, it was the limit
     attempts: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -101,7 +103,9 @@ def sim_args(faults: bool) -> list[str]:
     return args
 
 
-def one_run(src: Path, out: Path, n: int, *, faults: bool, raw: bool) -> Run:
+def one_run(
+    src: Path, out: Path, n: int, *, faults: bool, raw: bool, http: str | None = None
+) -> Run:
     """Run batcher (or, with ``raw``, the bare aiohttp loop) once against a fresh simulator."""
     with running_sim(LATENCY_MS, pin=False, extra_args=sim_args(faults)) as sim:
         if raw:
@@ -112,10 +116,12 @@ def one_run(src: Path, out: Path, n: int, *, faults: bool, raw: bool) -> Run:
                    str(out), "--model", "gpt-4o-mini", "--base-url", sim.base_url,
                    "--concurrency", str(CONCURRENCY), "--timeout", str(TIMEOUT_S),
                    "--max-attempts", str(MAX_ATTEMPTS), "--no-progress", "--restart"]  # fmt: skip
+            cmd += ["--http", http] if http else []
+        sim_before = sim.cpu_s()
         started = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.monotonic() - started
-        run = Run(wall_s=wall, stats=sim.stats())
+        run = Run(wall_s=wall, stats=sim.stats(), sim_cpu_s=sim.cpu_s() - sim_before)
     if proc.returncode != 0:
         run.problems.append(f"exit {proc.returncode}: {proc.stderr[-500:]}")
         return run
@@ -263,6 +269,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--raw", action="store_true", help="a bare aiohttp loop beside batcher")
+    parser.add_argument("--http", help="batcher run's HTTP client (default: its default)")
     args = parser.parse_args()
     names = ["clean", "clean raw", "faulty", "faulty raw"] if args.raw else ["clean", "faulty"]
     runs: dict[str, list[Run]] = {name: [] for name in names}
@@ -274,14 +281,15 @@ def main() -> int:
             for name in names:
                 faulty = name.startswith("faulty")
                 run = one_run(src, Path(tmp) / "out.parquet", args.n, faults=faulty,
-                              raw=name.endswith(" raw"))  # fmt: skip
+                              raw=name.endswith(" raw"), http=args.http)  # fmt: skip
                 mismatch = replay_problems(run.stats, floor.met if faulty else [""] * args.n)
                 if mismatch:
                     run.problems.append("not the replayed faults: " + "; ".join(mismatch))
                 runs[name].append(run)
                 failed += bool(run.problems)
                 chain = f"most attempts {max(run.attempts)}" if run.attempts else "no output"
-                note = "; ".join([f"{run.stats['requests_received']:,} attempts", chain,
+                busy = f"simulator busy {run.sim_cpu_s / run.wall_s:.0%}"
+                note = "; ".join([f"{run.stats['requests_received']:,} attempts", chain, busy,
                                   *run.problems])  # fmt: skip
                 print(f"round {round_no + 1} {name:10} {run.wall_s:6.2f} s  {note}", flush=True)
     print(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
 import zlib
 from collections import deque
@@ -27,6 +28,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
+
+import aiohappyeyeballs
 
 from batcher import __version__
 from batcher.http.h1_connection import H1Connection, describe, timed_out
@@ -131,13 +134,18 @@ class H1Transport:
         connect_by = min(deadline, loop.time() + self._connect_timeout_s)
         try:
             async with asyncio.timeout_at(connect_by):
+                addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                # aiohappyeyeballs (aiohttp's) keeps the errno when every address refuses, as
+                # localhost's ::1 and 127.0.0.1 do while a server starts; asyncio's own
+                # create_connection drops it, and with it the "nothing listens yet" wait.
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, happy_eyeballs_delay=_HAPPY_EYEBALLS_S
+                )
                 _, connection = await loop.create_connection(
                     lambda: H1Connection(target.origin),
-                    host,
-                    port,
+                    sock=sock,
                     ssl=context,
                     server_hostname=host if context else None,
-                    happy_eyeballs_delay=_HAPPY_EYEBALLS_S,
                 )
         except TimeoutError as exc:
             waited = min(self._timeout_s, self._connect_timeout_s)

@@ -17,6 +17,7 @@ since following one would send the key and the endpoint's headers wherever it po
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -296,6 +297,8 @@ def connect_failure(exc: BaseException) -> ConnectFailure | None:
             return "dns" if current.errno in _NO_SUCH_NAME else None
         if isinstance(current, ConnectionRefusedError):
             return "refused"
+        if isinstance(current, OSError) and current.errno == errno.ECONNREFUSED:
+            return "refused"  # every address of a name refused (aiohappyeyeballs' OSError)
         inner = getattr(current, "os_error", None)  # aiohttp's ClientConnectorError
         if isinstance(inner, BaseException) and inner is not current:
             current = inner

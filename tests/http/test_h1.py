@@ -11,6 +11,7 @@ bodies read whole.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -154,6 +155,30 @@ async def test_a_refused_port_and_a_missing_host_are_told_apart() -> None:
     assert refused.retryable and refused.status_code is None
     no_key_in(refused)
     no_key_in(missing)
+
+
+async def test_a_name_whose_every_address_refuses_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # localhost is ::1 and 127.0.0.1 on many machines: both refuse while a server starts. Here
+    # it is one address, so the resolver answers two loopback addresses for it (the one stand-in
+    # in this module: the connections to them are real, and refused).
+    port = free_port()
+    loop = asyncio.get_running_loop()
+    both = [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+    ]
+
+    async def two_addresses(host: str, *args: Any, **kw: Any) -> list[Any]:
+        return both if host == "localhost" else await real(host, *args, **kw)
+
+    real = loop.getaddrinfo
+    monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+    async with client_for(f"http://localhost:{port}/v1") as client:
+        attempt = await client.post(BODY)
+    assert (attempt.error_code, attempt.connect_failure) == ("connection_error", "refused")
+    assert "127.0.0.1" in attempt.error_message and "127.0.0.2" in attempt.error_message
 
 
 async def test_a_tls_error_carries_no_key() -> None:
