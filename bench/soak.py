@@ -3,6 +3,7 @@
     python bench/soak.py                  # N = 20,000, 3 rounds, medians
     python bench/soak.py --n 2000 --repeat 1 --raw
     python bench/soak.py --http aiohttp   # batcher over another HTTP client
+    python bench/soak.py --backoff 0.01   # with (almost) no backoff: how near the floor
 
 Each round runs `batcher run` (JSONL in, Parquet out, 128 in flight, `--timeout 2`,
 `--max-attempts 12`) twice against a fresh simulator process (20 ms latency): once fault-free,
@@ -104,7 +105,14 @@ def sim_args(faults: bool) -> list[str]:
 
 
 def one_run(
-    src: Path, out: Path, n: int, *, faults: bool, raw: bool, http: str | None = None
+    src: Path,
+    out: Path,
+    n: int,
+    *,
+    faults: bool,
+    raw: bool,
+    http: str | None = None,
+    backoff_s: float | None = None,
 ) -> Run:
     """Run batcher (or, with ``raw``, the bare aiohttp loop) once against a fresh simulator."""
     with running_sim(LATENCY_MS, pin=False, extra_args=sim_args(faults)) as sim:
@@ -117,6 +125,10 @@ def one_run(
                    "--concurrency", str(CONCURRENCY), "--timeout", str(TIMEOUT_S),
                    "--max-attempts", str(MAX_ATTEMPTS), "--no-progress", "--restart"]  # fmt: skip
             cmd += ["--http", http] if http else []
+            if backoff_s is not None:  # no flag for it: a job file with only that setting
+                job = out.with_suffix(".toml")
+                job.write_text(f"[retry]\nbackoff_initial_s = {backoff_s}\n", encoding="utf-8")
+                cmd[4:4] = [str(job)]
         sim_before = sim.cpu_s()
         started = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -270,6 +282,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--raw", action="store_true", help="a bare aiohttp loop beside batcher")
     parser.add_argument("--http", help="batcher run's HTTP client (default: its default)")
+    parser.add_argument(
+        "--backoff", type=float, help="batcher run's retry.backoff_initial_s (default 0.5)"
+    )
     args = parser.parse_args()
     names = ["clean", "clean raw", "faulty", "faulty raw"] if args.raw else ["clean", "faulty"]
     runs: dict[str, list[Run]] = {name: [] for name in names}
@@ -281,7 +296,8 @@ def main() -> int:
             for name in names:
                 faulty = name.startswith("faulty")
                 run = one_run(src, Path(tmp) / "out.parquet", args.n, faults=faulty,
-                              raw=name.endswith(" raw"), http=args.http)  # fmt: skip
+                              raw=name.endswith(" raw"), http=args.http,
+                              backoff_s=args.backoff)  # fmt: skip
                 mismatch = replay_problems(run.stats, floor.met if faulty else [""] * args.n)
                 if mismatch:
                     run.problems.append("not the replayed faults: " + "; ".join(mismatch))
