@@ -27,9 +27,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohappyeyeballs
+import idna
 
 from batcher import __version__
 from batcher.http.h1_connection import H1Connection, describe, timed_out
@@ -39,6 +40,10 @@ from batcher.http.transport import BodyError, TransportError, TransportTimeout, 
 #: this much before the client's size cap sees it.
 _DECODED_PIECE = 256 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: What stays as it is in a request's path and query (RFC 3986's sub-delims, ":" and "@", and
+#: "%" so that escapes already there are not escaped twice).
+_PATH_SAFE = "/%:@!$&'()*+,;=~"
+_QUERY_SAFE = _PATH_SAFE + "?"
 #: RFC 8305's recommended wait before trying the next address of a host.
 _HAPPY_EYEBALLS_S = 0.25
 
@@ -112,6 +117,10 @@ class H1Transport:
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving (timed out, cancelled): pass it on
+                raise
             finally:
                 if waiter in self._waiting:
                     self._waiting.remove(waiter)
@@ -190,9 +199,12 @@ class H1Transport:
             raise TransportError(f"invalid URL: {exc}") from None
         if scheme not in _DEFAULT_PORTS or not parts.hostname or port is None:
             raise TransportError("invalid URL: not an http:// or https:// URL with a host")
-        host = parts.hostname.encode("idna").decode("ascii")
+        host = _ascii_host(parts.hostname)
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # spaces and non-ASCII percent-encoded, escapes already there kept (as yarl does)
+        path = quote(parts.path or "/", safe=_PATH_SAFE)
+        if parts.query:
+            path += "?" + quote(parts.query, safe=_QUERY_SAFE)
         headers = {"host": (f"{shown}:{parts.port}" if parts.port else shown).encode()}
         headers.update(self._headers)
         headers.setdefault("accept-encoding", b"gzip, deflate")
@@ -205,6 +217,18 @@ class H1Transport:
             lines.append(name.encode("latin-1") + b": " + value)
         lines.append(b"content-length: ")
         return _Target((scheme, host, port), b"\r\n".join(lines))
+
+
+def _ascii_host(host: str) -> str:
+    """``host`` as sent: an internationalised name in its IDNA 2008 form (UTS 46, as browsers
+    and yarl map it: ``straße`` stays ``xn--strae-oqa``, not the ``strasse`` of Python's own
+    codec, another domain)."""
+    if host.isascii():
+        return host
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise TransportError(f"invalid URL: the host name cannot be encoded ({exc})") from None
 
 
 class _Exchange:
@@ -274,57 +298,75 @@ class _Reply:
         return self._headers
 
     async def read(self) -> bytes:
-        if _decoder(self._headers.get("content-encoding")) is None:
+        if _Decoder.of(self._headers.get("content-encoding")) is None:
             return await self._connection.body()
         return b"".join([piece async for piece in self.chunks()])
 
     async def chunks(self) -> AsyncIterator[bytes]:
         connection = self._connection
-        decoder = _decoder(self._headers.get("content-encoding"))
+        decoder = _Decoder.of(self._headers.get("content-encoding"))
         while (chunk := await connection.next_chunk()) is not None:
             if decoder is None:
                 yield chunk
                 continue
-            for piece in _decoded(decoder, chunk):
+            for piece in decoder.feed(chunk):
                 yield piece
-        if decoder is not None:
-            try:
-                rest = decoder.flush()
-            except zlib.error as exc:
-                raise BodyError(f"the body is not the encoding it claims: {exc}") from exc
-            if not decoder.eof:
-                raise BodyError("the compressed body ends before its end of stream")
-            if rest:
-                yield rest
+        if decoder is not None and (rest := decoder.finish()):
+            yield rest
 
 
-def _decoder(encoding: str | None) -> zlib._Decompress | None:
-    """A decoder for a ``Content-Encoding`` (None for none); ``BodyError`` for one not sent
-    for (only ``gzip`` and ``deflate`` are asked for)."""
-    if encoding is None:
-        return None
-    name = encoding.strip().lower()
-    if name in ("", "identity"):
-        return None
-    if name in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header
-    raise _UnknownEncoding(name)
+class _Decoder:
+    """A compressed body (``gzip`` or ``deflate``, the ones asked for) decoded as it comes,
+    in pieces of at most ``_DECODED_PIECE`` bytes."""
 
-
-def _decoded(decoder: zlib._Decompress, chunk: bytes) -> Iterator[bytes]:
-    """``chunk`` decoded in pieces of at most ``_DECODED_PIECE`` bytes."""
-    try:
-        piece = decoder.decompress(chunk, _DECODED_PIECE)
-        while piece:
-            yield piece
-            piece = decoder.decompress(decoder.unconsumed_tail, _DECODED_PIECE)
-    except zlib.error as exc:
-        raise BodyError(f"the body is not the encoding it claims: {exc}") from exc
-
-
-class _UnknownEncoding(BodyError):
     def __init__(self, name: str) -> None:
-        super().__init__(f"the body's Content-Encoding {name!r} was not asked for")
+        self._name = name
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header
+        self._fed = False
+
+    @classmethod
+    def of(cls, encoding: str | None) -> _Decoder | None:
+        """The decoder for a ``Content-Encoding`` (None for none); ``BodyError`` for one not
+        asked for."""
+        name = (encoding or "").strip().lower()
+        if name in ("", "identity"):
+            return None
+        if name in ("gzip", "x-gzip", "deflate"):
+            return cls(name)
+        raise BodyError(f"the body's Content-Encoding {name!r} was not asked for")
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        try:
+            if not self._fed and self._name == "deflate":
+                chunk = self._sniff_raw_deflate(chunk)
+            self._fed = True
+            piece = self._zlib.decompress(chunk, _DECODED_PIECE)
+            while piece:
+                yield piece
+                piece = self._zlib.decompress(self._zlib.unconsumed_tail, _DECODED_PIECE)
+        except zlib.error as exc:
+            raise BodyError(f"the body is not the {self._name} it claims: {exc}") from exc
+
+    def finish(self) -> bytes:
+        """What is left once the body has ended; ``BodyError`` if it ended early."""
+        if not self._fed:
+            return b""  # an empty body (a 204, an empty 429) needs no decoding
+        try:
+            rest = self._zlib.flush()
+        except zlib.error as exc:
+            raise BodyError(f"the body is not the {self._name} it claims: {exc}") from exc
+        if not self._zlib.eof:
+            raise BodyError(f"the {self._name} body ends before its end of stream")
+        return rest
+
+    def _sniff_raw_deflate(self, chunk: bytes) -> bytes:
+        """``deflate`` as sent without its zlib header (as some servers do, and aiohttp
+        accepts): decoded raw instead."""
+        try:
+            zlib.decompressobj(zlib.MAX_WBITS | 32).decompress(chunk[:2])
+        except zlib.error:
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        return chunk
 
 
 __all__ = ["H1Transport"]

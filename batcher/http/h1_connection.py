@@ -43,6 +43,7 @@ class H1Connection(asyncio.Protocol):
             and self._error is None
             and not self._closing
             and not self._busy
+            and not self._parts  # an answer not read to its end
         )
 
     # -- the exchange (client side) ----------------------------------------------------------
@@ -51,6 +52,7 @@ class H1Connection(asyncio.Protocol):
         """Write a whole request; the answer's state starts afresh."""
         assert self._transport is not None
         self._busy = True
+        self._parts, self._raw_headers = [], []
         self.status, self.headers = 0, ResponseHeaders()
         self._has_head = self._complete = self._until_close = False
         self._transport.write(data)
@@ -126,6 +128,8 @@ class H1Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # a 101 to a POST: not an answer batcher can read
+            self._fail(InvalidResponse(f"the server switched protocols ({self.status})"))
         except httptools.HttpParserError as exc:
             kind = BodyError if self._has_head else InvalidResponse
             self._fail(kind(f"not a valid HTTP answer: {exc}"))
@@ -146,12 +150,21 @@ class H1Connection(asyncio.Protocol):
 
     # -- httptools' callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # bytes past an answer's end: the answer they follow cannot be trusted either
+            raise _AfterTheEnd
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        if not self._has_head:  # after the head, a chunked body's trailers: not kept
+            self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         raw, self._raw_headers = self._raw_headers, []
+        if status == 101:
+            self.status = status  # switching protocols: feed_data raises HttpParserUpgrade next
+            return
         if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
         self.status = status
@@ -174,6 +187,10 @@ class H1Connection(asyncio.Protocol):
         if not self._parser.should_keep_alive() or self._until_close:
             self._closing = True
         self._wake()
+
+
+class _AfterTheEnd(Exception):
+    """Raised from the parser's callback (httptools wraps it in an ``HttpParserError``)."""
 
 
 class ResponseHeaders(dict[str, str]):

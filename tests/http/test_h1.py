@@ -563,3 +563,138 @@ async def test_the_transport_raises_only_its_own_errors() -> None:
     await t.aclose()
     assert caught.value.connect_failure == "refused"
     assert type(caught.value) is TransportError
+
+
+# --- what an answer brings must stay with it ---------------------------------------------------
+
+
+def chunked(body: bytes, *, trailer: str = "", **headers: str) -> bytes:
+    """A chunked answer that lets the connection stay open, with an optional trailer."""
+    lines = ["HTTP/1.1 200 OK", "Transfer-Encoding: chunked", "Content-Type: application/json"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    end = f"0\r\n{trailer}\r\n\r\n" if trailer else "0\r\n\r\n"
+    return (
+        ("\r\n".join(lines) + "\r\n\r\n").encode()
+        + b"%x\r\n%b\r\n" % (len(body), body)
+        + (end.encode())
+    )
+
+
+async def test_a_chunked_answers_trailers_stay_out_of_the_next_answers_headers() -> None:
+    def answers(turn: int) -> bytes:
+        trailer = "X-Ratelimit-Remaining-Requests: 0"
+        return chunked(GOOD, trailer=trailer, x_request_id=f"req-{turn}")
+
+    with KeepAliveServer(answers).running() as server:
+        async with client_for(server.base_url) as client:
+            attempts = [await client.post(BODY) for _ in range(3)]
+    assert [a.request_id for a in attempts] == ["req-0", "req-1", "req-2"]
+    assert all("x-ratelimit-remaining-requests" not in a.headers for a in attempts)
+    assert server.connections == 1
+
+
+async def test_an_empty_compressed_body_is_an_empty_body() -> None:
+    # a 429 with nothing in it: its retry-after must still be heard
+    headers = {"Content-Encoding": "gzip", "Retry-After": "7"}
+    attempt, _ = await post_to(hostile.answer(429, b"", headers=headers))
+    assert (attempt.status_code, attempt.error_code, attempt.retry_after) == (429, "http_429", 7.0)
+
+
+async def test_deflate_without_its_zlib_header_is_decoded() -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate, as some send
+    raw = packer.compress(GOOD) + packer.flush()
+    attempt, _ = await post_to(hostile.answer(200, raw, headers={"Content-Encoding": "deflate"}))
+    assert attempt.ok and attempt.body == hostile.GOOD_ANSWER
+
+
+async def test_a_second_answer_sent_after_an_answer_breaks_it() -> None:
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: 1\r\n\r\nEXTRA"
+    server = KeepAliveServer(lambda turn: kept_open() + stray)
+    with server.running():
+        async with client_for(server.base_url) as client:
+            first = await client.post(BODY)
+            second = await client.post(BODY)
+    assert (first.status_code, first.error_code) == (200, "invalid_response")
+    assert first.retryable and "x-stray" not in (first.headers or {})
+    assert second.status_code == 200 and server.connections == 2  # the first was not reused
+
+
+async def test_an_answer_left_unread_is_not_read_as_the_next_ones() -> None:
+    answers = [json.dumps({"answer": n}).encode() for n in range(2)]
+    server = KeepAliveServer(lambda turn: kept_open(body=answers[server.requests - 1]))
+    with server.running():
+        t = transport()
+        url = f"{server.base_url}/chat/completions"
+        async with t.post(url, b"{}") as reply:
+            assert reply.status == 200  # and its body never read
+        async with t.post(url, b"{}") as reply:
+            second = await reply.read()
+        await t.aclose()
+    assert second == answers[1] and server.connections == 2
+
+
+async def test_the_path_and_query_are_percent_encoded_once() -> None:
+    server = hostile.HostileServer(hostile.answer())
+    with server.running():
+        url = f"{server.origin}/v1/my deployment/d\u00e9ploiement/a%2Fb?api-version=2024 01&x=%41"
+        async with client_for(url) as client:
+            attempt = await client.post(BODY)
+    assert attempt.ok
+    assert server.seen[0].target == (
+        "/v1/my%20deployment/d%C3%A9ploiement/a%2Fb/chat/completions?api-version=2024%2001&x=%41"
+    )
+
+
+def test_an_international_host_name_is_sent_in_its_idna_2008_form() -> None:
+    t = transport()
+    target = t.post("http://stra\u00dfe.example/v1/chat/completions", b"{}")._target
+    assert target.origin == ("http", "xn--strae-oqa.example", 80)
+    assert b"\r\nhost: xn--strae-oqa.example\r\n" in target.head
+
+
+async def test_a_host_name_that_cannot_be_encoded_is_a_connection_error() -> None:
+    too_long = "\u00e9" * 70  # a label past 63 characters once encoded
+    async with client_for(f"http://{too_long}.example/v1") as client:
+        attempt = await client.post(BODY)
+    assert attempt.error_code == "connection_error" and "invalid URL" in attempt.error_message
+
+
+async def test_a_switch_of_protocols_is_an_invalid_response_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    switch = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    attempt, _ = await post_to(hostile.raw_bytes(switch + b"\x81\x05hello"))
+    assert attempt.error_code == "invalid_response" and "101" in attempt.error_message
+    assert "Fatal error" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_place_in_the_pool_given_to_a_request_that_leaves_goes_to_the_next() -> None:
+    def slow(seen: hostile.Seen, conn: socket.socket) -> None:
+        time.sleep(0.2)
+        conn.sendall(hostile.head(200, {"Content-Length": str(len(GOOD))}) + GOOD)
+
+    server = hostile.HostileServer(slow)
+    with server.running():
+        t = transport(timeout_s=5, max_connections=1)
+        url = f"{server.base_url}/chat/completions"
+        tasks: dict[str, asyncio.Task[bytes]] = {}
+
+        async def post(name: str) -> bytes:
+            async with t.post(url, b"{}") as reply:
+                body = await reply.read()
+            if name == "first":
+                # the first's place is now "second"'s, which leaves before it can take it
+                tasks["second"].cancel()
+            return body
+
+        tasks["first"] = asyncio.create_task(post("first"))
+        await asyncio.sleep(0.05)
+        tasks["second"] = asyncio.create_task(post("second"))
+        await asyncio.sleep(0.05)
+        tasks["third"] = asyncio.create_task(post("third"))
+        with anyio.fail_after(3):  # without the place passed on: the third waits out its 5 s
+            third = await tasks["third"]
+        assert await tasks["first"] == GOOD and tasks["second"].cancelled() and third == GOOD
+        await t.aclose()
