@@ -363,7 +363,9 @@ def check_http(name: str, where: str) -> None:
         raise ConfigError(where, f"must be one of {', '.join(HTTP_CLIENTS)}, got {name!r}")
     if name == "pyreqwest" and importlib.util.find_spec("pyreqwest") is None:
         raise ConfigError(
-            where, "pyreqwest is not installed: pip install 'batcher[native]' (or leave http out)"
+            where,
+            "pyreqwest is not installed: pip install 'batcher[native]' (or leave out http for "
+            "the default, httptools)",
         )
 
 

@@ -207,7 +207,7 @@ async def _open_client(
         from batcher.http.client import ChatClient, HttpLibrary
 
         http: HttpLibrary | None = None
-        if name != "batcher":
+        if name in ("batcher-aiohttp", "batcher-pyreqwest"):
             http = "pyreqwest" if name == "batcher-pyreqwest" else "aiohttp"
         chat = await stack.enter_async_context(
             ChatClient(base_url, api_key=None, max_connections=concurrency, http=http)
@@ -354,7 +354,7 @@ _IMPORTS = {
     "openai": ("openai",),
     "batcher": ("batcher.http.client",),
     "batcher-aiohttp": ("batcher.http.client", "aiohttp"),
-    "batcher-uvloop": ("batcher.http.client", "aiohttp"),
+    "batcher-uvloop": ("batcher.http.client",),
     "httpx-aiohttp": ("httpx", "httpx_aiohttp"),
     "httpx-curl-cffi": ("httpx", "httpx_curl_cffi"),
     "pyreqwest": ("pyreqwest.client",),

@@ -110,7 +110,7 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--http",
-        choices=("aiohttp", "pyreqwest", "httptools"),
+        choices=("httptools", "aiohttp", "pyreqwest"),
         help="the HTTP client (default httptools: batcher's own, the least CPU a request; "
         "pyreqwest needs the native extra)",
     )

@@ -49,8 +49,6 @@ TOO_LARGE = "response_too_large"
 #: ``batcher.http.h1``), aiohttp's, or pyreqwest (Rust's reqwest, the ``native`` extra;
 #: ``batcher.http.native``).
 HttpLibrary = Literal["httptools", "aiohttp", "pyreqwest"]
-#: The one used unless another is chosen.
-DEFAULT_HTTP: HttpLibrary = "httptools"
 
 
 def http_library(name: str) -> HttpLibrary:

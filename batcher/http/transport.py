@@ -1,17 +1,18 @@
 """The HTTP layer under ``ChatClient``: POST bytes, get a status, headers and a body back.
 
-Two transports share one small interface, so the client's logic (status mapping, streaming,
-retries) is the same over both:
+The transports share one small interface, so the client's logic (status mapping, streaming,
+retries) is the same over each: ``h1.H1Transport`` (the default: batcher's own keep-alive
+HTTP/1.1 client), ``native.ReqwestTransport`` (pyreqwest, opt-in), and these two:
 
-* ``AiohttpTransport`` (the default): aiohttp's connection pool, used directly. At hundreds of
-  requests in flight httpx's own pool slows to a crawl (encode/httpx#3215), and httpx's layer
-  over an aiohttp transport still costs about as much CPU as aiohttp itself (figures in
-  bench/README.md), so the hot path has no httpx in it.
+* ``AiohttpTransport`` (``http = "aiohttp"``): aiohttp's connection pool, used directly. At
+  hundreds of requests in flight httpx's own pool slows to a crawl (encode/httpx#3215), and
+  httpx's layer over an aiohttp transport still costs about as much CPU as aiohttp itself
+  (figures in bench/README.md), so no hot path has httpx in it.
 * ``HttpxTransport``: any ``httpx.AsyncBaseTransport`` (``ASGITransport`` to run against the
   simulator in-process, ``MockTransport`` in tests, or a custom one a library user passes).
 
 Transports raise only the errors below; everything else a server can do is an answer.
-Neither follows redirects: a 3xx is an answer (``answers.classify`` makes it an error record),
+None follows redirects: a 3xx is an answer (``answers.classify`` makes it an error record),
 since following one would send the key and the endpoint's headers wherever it points.
 """
 

@@ -138,7 +138,9 @@ async def test_aiohttps_server_answers_plain_and_streamed_requests_over_kept_con
     assert [a.body for a in plain] == [hostile.GOOD_ANSWER] * 120
     assert all(a.ok and a.body["choices"][0]["message"]["content"] == "one two three"
                for a in streamed)  # fmt: skip
-    assert plain_peers <= 6 and len(peers) - plain_peers <= 3  # over kept connections
+    # Plain answers over kept connections. A stream's connection is kept only when the body's
+    # last chunk came by the time [DONE] was read, which depends on timing: not counted.
+    assert plain_peers <= 6
 
 
 @pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])
