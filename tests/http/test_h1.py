@@ -1,12 +1,12 @@
 """batcher's own HTTP/1.1 transport (``batcher.http.h1``, the default) over real loopback sockets.
 
-The promises every transport keeps (errors mapped to the transport's own, no redirect followed,
-one timeout over the whole attempt, bodies that break off or lie are ``BodyError``s, streams read
-as they come, headers in any case, gzip decoded, the size cap kept, no key in any message), and
-what a pool of its own must get right: connections reused only when an answer was read to its
-end and the server lets them stay open, no more of them than allowed, a cancelled request's
-connection closed and its place given back, interim answers skipped, chunked and until-close
-bodies read whole.
+The promises every client keeps are tested for it in ``test_transports.py``; here, what a pool
+and a parser of its own must get right: the request as sent (HTTP/1.1, its headers, the path
+percent-encoded, the host in IDNA 2008, Basic auth from the URL), connections reused only when
+an answer was read to its end and the server lets them stay open, no more of them than
+allowed, a cancelled request's connection closed and its place given back, interim answers
+skipped, chunked and until-close bodies read whole, and nothing of one answer (trailers, a
+stray second answer, an unread body) leaking into the next.
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ import pytest
 
 from batcher.http.client import ChatClient
 from batcher.http.h1 import H1Transport
-from batcher.http.transport import BodyError, InvalidResponse, TransportError, TransportTimeout
-from batcher.sim.config import SimConfig
-from batcher.sim.serve import running_sim
+from batcher.http.transport import TransportTimeout
 from tests import hostile
 from tests.helpers import free_port
-from tests.loopback import read_body, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -145,18 +142,6 @@ class KeepAliveServer:
 # --- connecting --------------------------------------------------------------------------------
 
 
-async def test_a_refused_port_and_a_missing_host_are_told_apart() -> None:
-    async with client_for(f"http://127.0.0.1:{free_port()}/v1") as client:
-        refused = await client.post(BODY)
-    async with client_for(NOWHERE) as client:
-        missing = await client.post(BODY)
-    assert (refused.error_code, refused.connect_failure) == ("connection_error", "refused")
-    assert (missing.error_code, missing.connect_failure) == ("connection_error", "dns")
-    assert refused.retryable and refused.status_code is None
-    no_key_in(refused)
-    no_key_in(missing)
-
-
 async def test_a_name_whose_every_address_refuses_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -179,25 +164,6 @@ async def test_a_name_whose_every_address_refuses_is_refused(
         attempt = await client.post(BODY)
     assert (attempt.error_code, attempt.connect_failure) == ("connection_error", "refused")
     assert "127.0.0.1" in (message := attempt.error_message or "") and "127.0.0.2" in message
-
-
-async def test_a_tls_error_carries_no_key() -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(5)
-
-    def answer() -> None:
-        with contextlib.suppress(OSError), listener.accept()[0] as conn:
-            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    async with client_for(f"https://127.0.0.1:{listener.getsockname()[1]}/v1") as client:
-        attempt = await client.post(BODY)
-    thread.join(timeout=5)
-    listener.close()
-    assert attempt.error_code == "connection_error" and attempt.status_code is None
-    assert "SSL" in (attempt.error_message or "")
-    no_key_in(attempt)
 
 
 async def test_a_header_it_cannot_send_is_not_quoted() -> None:
@@ -248,31 +214,7 @@ async def test_credentials_in_the_url_are_sent_as_basic_auth() -> None:
     assert request.headers["host"] == f"127.0.0.1:{server.port}"
 
 
-async def test_no_proxy_is_taken_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    proxy = hostile.HostileServer(hostile.answer())
-    with proxy.running():
-        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-            monkeypatch.setenv(name, proxy.origin)
-        for name in ("NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        server = hostile.HostileServer(hostile.answer())
-        with server.running():
-            async with client_for(f"http://localhost:{server.port}/v1") as client:
-                attempt = await client.post(BODY)
-    assert proxy.seen == []  # the key went to the endpoint only
-    assert attempt.ok and len(server.seen) == 1
-
-
 # --- answers -----------------------------------------------------------------------------------
-
-
-async def test_a_redirect_is_an_answer_and_is_not_followed() -> None:
-    recorder = hostile.HostileServer(hostile.answer())
-    with recorder.running():
-        target = f"{recorder.origin}/v1/chat/completions"
-        attempt, seen = await post_to(hostile.redirect(307, target))
-    assert recorder.seen == [] and len(seen) == 1
-    assert (attempt.status_code, attempt.error_code) == (307, "redirect")
 
 
 async def test_headers_are_found_in_any_case_and_repeated_ones_joined() -> None:
@@ -314,20 +256,6 @@ async def test_a_body_that_is_not_its_encoding_is_a_broken_answer(
     assert attempt.retryable
 
 
-async def test_a_status_line_that_is_not_http_is_an_invalid_response() -> None:
-    server = hostile.HostileServer(hostile.raw_bytes(b"HTTP/1.1 abc nonsense\r\n\r\n"))
-    with server.running():
-        async with client_for(f"{server.base_url}?api-version=1&api-key={CANARY}") as client:
-            attempt = await client.post(BODY)
-        t = transport()
-        with pytest.raises(InvalidResponse):
-            async with t.post(f"{server.base_url}/chat/completions", b"{}"):
-                pass
-        await t.aclose()
-    assert attempt.error_code == "invalid_response" and attempt.status_code is None
-    no_key_in(attempt)
-
-
 async def test_interim_answers_are_skipped() -> None:
     interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
     server = hostile.HostileServer(hostile.raw_bytes(interim + kept_open()))
@@ -348,21 +276,7 @@ async def test_a_chunked_body_and_one_that_ends_at_close_are_read_whole() -> Non
         assert attempt.ok and attempt.body == hostile.GOOD_ANSWER
 
 
-# --- bodies: cut off, too long, too slow, too large, streamed ----------------------------------
-
-
-async def test_a_body_that_breaks_off_is_a_body_error() -> None:
-    server = hostile.HostileServer(hostile.truncated(GOOD, sent=20))
-    with server.running():
-        t = transport()
-        async with t.post(f"{server.base_url}/chat/completions", b"{}") as reply:
-            assert reply.status == 200
-            with pytest.raises(BodyError, match="closed before the body's end"):
-                await reply.read()
-        await t.aclose()
-    attempt, _ = await post_to(hostile.truncated(GOOD, sent=20))
-    assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
-    assert attempt.retryable
+# --- bodies ------------------------------------------------------------------------------------
 
 
 async def test_a_body_longer_than_its_content_length_is_a_broken_answer() -> None:
@@ -370,65 +284,6 @@ async def test_a_body_longer_than_its_content_length_is_a_broken_answer() -> Non
         hostile.answer(200, GOOD + b"trailing junk", content_length=len(GOOD))
     )
     assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
-
-
-async def test_the_timeout_covers_a_body_that_trickles() -> None:
-    body = GOOD[:100]  # would take 20 s at a byte every 0.2 s
-    attempt, _ = await post_to(hostile.trickle(body, every_s=0.2), timeout_s=0.5)
-    assert attempt.error_code == "timeout" and attempt.retryable
-    assert "no answer within 0.5 s" in (attempt.error_message or "")
-
-
-async def test_the_timeout_covers_waiting_for_the_status_line() -> None:
-    def silent(seen: hostile.Seen, conn: socket.socket) -> None:
-        time.sleep(3)
-
-    server = hostile.HostileServer(silent)
-    started = time.monotonic()
-    with server.running(), pytest.raises(TransportTimeout, match=r"within 0\.3 s"):
-        async with transport(timeout_s=0.3).post(f"{server.base_url}/chat/completions", b"{}"):
-            pass
-    assert time.monotonic() - started < 2.5
-
-
-async def test_the_size_cap_holds_for_a_gzip_bomb_and_an_announced_length() -> None:
-    bomb, _ = await post_to(hostile.gzip_bomb(4 << 20), max_response_bytes=1 << 20)
-    assert (bomb.status_code, bomb.error_code, bomb.retryable) == (200, "response_too_large", False)
-    big = json.dumps({**hostile.GOOD_ANSWER, "pad": "x" * 5000}).encode()
-    large, _ = await post_to(hostile.answer(200, big), max_response_bytes=4096)
-    assert (large.error_code, large.retryable) == ("response_too_large", False)
-    fits, _ = await post_to(hostile.answer(200, big), max_response_bytes=len(big))
-    assert fits.ok
-
-
-async def test_a_streamed_answer_is_read_as_it_comes_and_equals_the_plain_one() -> None:
-    config = SimConfig(latency_ms=5, stream_chunk_ms=2, max_completion_tokens=12)
-    with running_sim(config) as sim:
-        t = transport()
-        content = json.dumps({**BODY, "stream": True}).encode()
-        async with t.post(f"{sim.base_url}/chat/completions", content) as reply:
-            assert "text/event-stream" in reply.headers["Content-Type"]
-            pieces = [piece async for piece in reply.chunks()]
-        await t.aclose()
-        async with client_for(sim.base_url) as client:
-            plain = await client.post(BODY)
-            usage = {"include_usage": True}
-            streamed = await client.post({**BODY, "stream": True, "stream_options": usage})
-    assert len(pieces) > 3  # one event a word, as the server sent them
-    assert b"".join(pieces).rstrip().endswith(b"data: [DONE]")
-    assert plain.ok and streamed.ok and streamed.ttft_s is not None
-    plain.body.pop("created"), streamed.body.pop("created")
-    assert streamed.body == plain.body
-
-
-async def test_a_stream_cut_off_is_a_retryable_error() -> None:
-    def cut(seen: hostile.Seen, conn: socket.socket) -> None:
-        conn.sendall(hostile.head(200, {"Content-Type": "text/event-stream"}))
-        conn.sendall(b'data: {"id": "x", "choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n')
-
-    attempt, _ = await post_to(cut, timeout_s=5)
-    assert (attempt.status_code, attempt.error_code) == (200, "invalid_response")
-    assert attempt.retryable
 
 
 # --- the pool ----------------------------------------------------------------------------------
@@ -470,34 +325,6 @@ async def test_a_connection_the_server_closes_is_not_reused() -> None:
         (True, None),
     ]
     assert attempts[1].retryable and attempts[1].connect_failure is None
-
-
-async def test_connections_are_kept_alive_and_no_more_than_the_pool_allows() -> None:
-    peers: list[tuple[str, int]] = []
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await read_body(receive)
-        peers.append(tuple(scope["client"]))
-        await anyio.sleep(0.002)
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": GOOD})
-
-    results: list[bool] = []
-    with serving(app) as base_url:
-        async with client_for(base_url, max_connections=4) as client:
-
-            async def worker() -> None:
-                for _ in range(25):
-                    results.append((await client.post(BODY)).ok)
-
-            async with anyio.create_task_group() as group:
-                for _ in range(8):  # more workers than connections: they wait their turn
-                    group.start_soon(worker)
-    assert results == [True] * 200 and len(peers) == 200
-    assert 1 <= len(set(peers)) <= 4  # 200 answers over at most 4 connections
 
 
 async def test_a_cancelled_request_closes_its_connection_and_gives_back_its_place() -> None:
@@ -555,16 +382,6 @@ async def test_waiting_for_a_place_in_the_pool_counts_toward_the_timeout() -> No
         await t.aclose()
     assert outcomes == ["no answer within 0.3 s"] * 2
     assert len(server.seen) == 1  # the second never got a connection
-
-
-async def test_the_transport_raises_only_its_own_errors() -> None:
-    t = transport()
-    with pytest.raises(TransportError) as caught:
-        async with t.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}"):
-            pass
-    await t.aclose()
-    assert caught.value.connect_failure == "refused"
-    assert type(caught.value) is TransportError
 
 
 # --- what an answer brings must stay with it ---------------------------------------------------
